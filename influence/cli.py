@@ -1,0 +1,47 @@
+"""Shared pieces of the command-line scripts: logging set-up and the entry wrapper.
+
+Scripts stay thin: they build an ``argparse`` parser, then call :func:`run_main` with a function
+that does the job. Library code never prints; it logs through ``logging`` and shows progress
+through tqdm.
+"""
+import logging
+import os
+import sys
+
+from influence.errors import UserError
+
+EXIT_USAGE = 2
+
+
+def quiet_tensorflow():
+    """Silence TensorFlow's C++ start-up chatter (must run before TensorFlow is imported)."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def setup_logging(verbose=False):
+    """Plain messages on stderr, the way a command-line tool speaks."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(message)s",
+        stream=sys.stderr,
+        force=True,
+    )
+    for noisy in ("tensorflow", "absl", "h5py", "matplotlib", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def run_main(job, args):
+    """Run ``job(args)``; a :class:`UserError` becomes one line on stderr and exit code 2.
+
+    Ctrl-C exits with 130 and a short line; anything else is a bug and keeps its traceback.
+    Returns the process exit code (``job``'s return value, or 0).
+    """
+    try:
+        code = job(args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted: nothing half-written was left under a final name", file=sys.stderr)
+        return 130
+    return 0 if code is None else int(code)

@@ -1,0 +1,511 @@
+"""The ``.npz`` archive format: a streaming writer and the train / test readers.
+
+Archives are ordinary numpy ``.npz`` files (uncompressed zip, zip64 allowed), readable with
+``np.load(path, allow_pickle=False)``.
+
+``train.npz`` (batches ``b = 0, 1, 2, ...``, all full except the last)::
+
+    train_x_{b}      uint8  (N, H, W, 3)   images
+    train_y_{b}      int64  (N, 1)         class index
+    train_files_{b}  <U     (N,)           path relative to the train folder
+    meta_size        int64  (2,)           [H, W]
+
+``test.npz`` (one group per test folder, named by the folder's basename)::
+
+    test_{folder}_x      uint8  (N, H, W, 3)
+    test_{folder}_y      int64  (N, 1)
+    test_{folder}_files  <U     (N,)
+    meta_size            int64  (2,)
+
+Archives written by the original tool are read too: no ``_files`` keys (files become ``""``), no
+``meta_size`` (shape taken from the first image array), ``y`` of any integer type.
+"""
+import io
+import os
+import re
+import shutil
+import struct
+import tempfile
+import zipfile
+
+import numpy as np
+
+from influence.errors import UserError
+
+_TRAIN_KEY = re.compile(r"^train_(x|y|files)_(\d+)$")
+_TEST_KEY = re.compile(r"^test_(.+)_(x|y|files)$")
+_COPY_CHUNK = 8 << 20
+
+
+# --------------------------------------------------------------------------------------------
+# writing
+
+
+class _Stream:
+    """Rows appended to a temporary raw file; on close they become one ``.npy`` zip member."""
+
+    def __init__(self, writer, key, dtype, row_shape):
+        self._writer = writer
+        self.key = key
+        self.dtype = np.dtype(dtype)
+        self.row_shape = tuple(int(s) for s in row_shape)
+        self.count = 0
+        fd, self._raw_path = tempfile.mkstemp(prefix=f".{key}.", suffix=".raw.partial",
+                                              dir=writer.folder)
+        self._raw = os.fdopen(fd, "wb")
+        self.closed = False
+
+    def append(self, rows):
+        """Append ``rows`` of shape ``(n, *row_shape)`` (a single row of ``row_shape`` works too)."""
+        rows = np.asarray(rows, dtype=self.dtype)
+        if rows.shape == self.row_shape:
+            rows = rows[None]
+        if rows.shape[1:] != self.row_shape:
+            raise ValueError(f"{self.key}: rows of shape {rows.shape[1:]}, expected {self.row_shape}")
+        self._raw.write(np.ascontiguousarray(rows).tobytes())
+        self.count += rows.shape[0]
+
+    def close(self):
+        """Write the ``.npy`` header with the final count, then the rows, into the archive."""
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            self._raw.close()
+            header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False,
+                      "shape": (self.count, *self.row_shape)}
+            with self._writer._zip.open(self.key + ".npy", "w", force_zip64=True) as member:
+                if _needs_v2(header):
+                    np.lib.format.write_array_header_2_0(member, header)
+                else:
+                    np.lib.format.write_array_header_1_0(member, header)
+                with open(self._raw_path, "rb") as raw:
+                    shutil.copyfileobj(raw, member, _COPY_CHUNK)
+        finally:
+            self._discard()
+            self._writer._streams.discard(self)
+
+    def _discard(self):
+        if not self._raw.closed:
+            self._raw.close()
+        if os.path.exists(self._raw_path):
+            os.unlink(self._raw_path)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.close()
+        else:
+            self.closed = True
+            self._discard()
+            self._writer._streams.discard(self)
+        return False
+
+
+def _needs_v2(header):
+    buf = io.BytesIO()
+    try:
+        np.lib.format.write_array_header_1_0(buf, header)
+        return False
+    except ValueError:
+        return True
+
+
+class ArchiveWriter:
+    """Write an ``.npz`` archive member by member, atomically.
+
+    The archive is built under a temporary name in the same folder (``.<name>.partial``) and
+    renamed to ``path`` only when the ``with`` block ends without an exception; on any exception
+    (Ctrl-C included) the temporary file is deleted. Memory does not grow with the data: each
+    :meth:`add` writes one array, each :meth:`stream` spools rows through a temporary file.
+
+    >>> with ArchiveWriter("test.npz") as w:
+    ...     with w.stream("test_orig_x", np.uint8, (224, 224, 3)) as s:
+    ...         s.append(batch)            # (n, 224, 224, 3), any number of times
+    ...     w.add("test_orig_y", labels)
+    """
+
+    def __init__(self, path):
+        self.path = os.path.abspath(os.fspath(path))
+        self.folder = os.path.dirname(self.path)
+        self.tmp_path = os.path.join(self.folder, f".{os.path.basename(self.path)}.partial")
+        self._zip = None
+        self._streams = set()
+        self._keys = set()
+
+    def __enter__(self):
+        os.makedirs(self.folder, exist_ok=True)
+        self._zip = zipfile.ZipFile(self.tmp_path, "w", zipfile.ZIP_STORED, allowZip64=True)
+        return self
+
+    def _check_key(self, key):
+        if key in self._keys:
+            raise ValueError(f"duplicate archive key {key!r}")
+        self._keys.add(key)
+
+    def add(self, key, array):
+        """Write a whole array as member ``key`` (no pickles: object arrays are refused)."""
+        self._check_key(key)
+        array = np.asanyarray(array)
+        with self._zip.open(key + ".npy", "w", force_zip64=True) as member:
+            np.lib.format.write_array(member, array, allow_pickle=False)
+
+    def stream(self, key, dtype, row_shape):
+        """Open a member written row block by row block; returns an object with ``append(rows)``
+        and ``close()`` (also a context manager). The member is finalised when closed."""
+        self._check_key(key)
+        stream = _Stream(self, key, dtype, row_shape)
+        self._streams.add(stream)
+        return stream
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            try:
+                for stream in list(self._streams):
+                    stream.close()
+                self._zip.close()
+                os.replace(self.tmp_path, self.path)
+            except BaseException:
+                self._abort()
+                raise
+        else:
+            self._abort()
+        return False
+
+    def _abort(self):
+        for stream in list(self._streams):
+            stream.closed = True
+            stream._discard()
+        self._streams.clear()
+        try:
+            if self._zip is not None:
+                self._zip.close()
+        except Exception:
+            pass
+        if os.path.exists(self.tmp_path):
+            os.unlink(self.tmp_path)
+
+
+# --------------------------------------------------------------------------------------------
+# reading
+
+
+def _open_npz(path, what, hint):
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no such {what} archive; {hint}")
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise UserError(f"{path}: not a valid {what} archive ({exc})") from None
+
+
+def _member_header(npz, key):
+    """``(shape, fortran_order, dtype)`` of member ``key`` without reading its data."""
+    with npz.zip.open(key + ".npy") as fh:
+        version = np.lib.format.read_magic(fh)
+        if version == (1, 0):
+            return np.lib.format.read_array_header_1_0(fh)
+        return np.lib.format.read_array_header_2_0(fh)
+
+
+def _stored_data_offset(path, info):
+    """Byte offset of the ``.npy`` data of a stored (uncompressed) zip member, or ``None``."""
+    if info.compress_type != zipfile.ZIP_STORED:
+        return None
+    with open(path, "rb") as fh:
+        fh.seek(info.header_offset)
+        local = fh.read(30)
+        if len(local) != 30 or local[:4] != b"PK\x03\x04":
+            return None
+        name_len, extra_len = struct.unpack("<HH", local[26:30])
+        start = info.header_offset + 30 + name_len + extra_len
+        fh.seek(start)
+        version = np.lib.format.read_magic(fh)
+        if version == (1, 0):
+            np.lib.format.read_array_header_1_0(fh)
+        else:
+            np.lib.format.read_array_header_2_0(fh)
+        return fh.tell()
+
+
+def _files_or_blank(npz, key, n):
+    if key in npz.files:
+        files = npz[key]
+        return files.astype(str)
+    return np.full(n, "", dtype="<U1")
+
+
+def _as_labels(y):
+    y = np.asarray(y)
+    if not np.issubdtype(y.dtype, np.integer):
+        raise ValueError(f"labels of dtype {y.dtype}")
+    return y.reshape(-1).astype(np.int64)
+
+
+class TrainArchive:
+    """Read-only view of ``train.npz``.
+
+    ``batches``      sorted list of batch ids (ints)
+    ``image_shape``  ``(H, W, 3)``
+    ``len(a)``       number of images; archive order is batch by batch, ascending ids
+
+    Images are uint8 ``(N, H, W, 3)``, labels int64 ``(N,)``, files str ``(N,)`` (paths relative
+    to the train folder; ``""`` for archives of the original tool).
+    """
+
+    def __init__(self, path):
+        self.path = os.fspath(path)
+        self._npz = _open_npz(self.path, "train", "run prepare_data.py first")
+        try:
+            self._index_members()
+        except UserError:
+            self.close()
+            raise
+        except (ValueError, KeyError, OSError, zipfile.BadZipFile) as exc:
+            self.close()
+            raise UserError(f"{self.path}: not a valid train archive ({exc})") from None
+        self._labels = None
+        self._mmap = None
+        self._views = None
+        self._cache = (None, None)
+
+    def _index_members(self):
+        found = {}
+        for key in self._npz.files:
+            m = _TRAIN_KEY.match(key)
+            if m:
+                found.setdefault(int(m.group(2)), set()).add(m.group(1))
+        batches = sorted(b for b, kinds in found.items() if {"x", "y"} <= kinds)
+        if not batches or len(batches) != len(found):
+            raise UserError(f"{self.path}: not a valid train archive "
+                            "(needs train_x_<b> and train_y_<b> for every batch)")
+        self.batches = batches
+        lengths = []
+        shape = None
+        for b in batches:
+            xshape, fortran, dtype = _member_header(self._npz, f"train_x_{b}")
+            yshape, _, ydtype = _member_header(self._npz, f"train_y_{b}")
+            if len(xshape) != 4 or xshape[3] != 3 or dtype != np.uint8 or fortran:
+                raise UserError(f"{self.path}: train_x_{b} is {dtype} {xshape}, expected "
+                                "uint8 (N, H, W, 3)")
+            if int(np.prod(yshape)) != xshape[0] or not np.issubdtype(ydtype, np.integer):
+                raise UserError(f"{self.path}: train_y_{b} {ydtype} {yshape} does not match "
+                                f"train_x_{b} {xshape}")
+            if shape is not None and xshape[1:] != shape:
+                raise UserError(f"{self.path}: batches have different image sizes")
+            shape = xshape[1:]
+            lengths.append(xshape[0])
+        if "meta_size" in self._npz.files:
+            h, w = (int(v) for v in self._npz["meta_size"])
+            if (h, w) != tuple(shape[:2]):
+                raise UserError(f"{self.path}: meta_size {h}x{w} does not match the images")
+        self.image_shape = tuple(int(s) for s in shape)
+        self._lengths = {b: n for b, n in zip(batches, lengths)}
+        self._starts = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        self._pos = {b: i for i, b in enumerate(batches)}
+
+    # -- sizes and keys
+    def __len__(self):
+        return int(self._starts[-1])
+
+    def batch_len(self, b):
+        """Number of images in batch ``b``."""
+        return self._lengths[int(b)]
+
+    def keys(self, b):
+        """Image keys ``"{b}_{i}"`` of batch ``b``, in order."""
+        b = int(b)
+        return [f"{b}_{i}" for i in range(self.batch_len(b))]
+
+    # -- whole batches
+    def read_batch(self, b):
+        """``(x uint8 (N, H, W, 3), y int64 (N,), files str (N,))`` of batch ``b``."""
+        b = int(b)
+        if b not in self._lengths:
+            raise KeyError(f"no batch {b} in {self.path}")
+        x = self._npz[f"train_x_{b}"]
+        y = _as_labels(self._npz[f"train_y_{b}"])
+        files = _files_or_blank(self._npz, f"train_files_{b}", len(x))
+        return x, y, files
+
+    def iter_batches(self):
+        """Yield ``(b, x, y, files)`` for every batch, in archive order."""
+        for b in self.batches:
+            yield (b, *self.read_batch(b))
+
+    def labels(self):
+        """All labels, int64 ``(len,)``, in archive order."""
+        if self._labels is None:
+            parts = [_as_labels(self._npz[f"train_y_{b}"]) for b in self.batches]
+            self._labels = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+        return self._labels
+
+    def files(self):
+        """All file paths, str ``(len,)``, in archive order."""
+        parts = [_files_or_blank(self._npz, f"train_files_{b}", self.batch_len(b))
+                 for b in self.batches]
+        return np.concatenate(parts)
+
+    # -- random access
+    def _batch_views(self):
+        """One memory map of the whole file; a view per stored train_x member (None if not)."""
+        if self._views is None:
+            views = {}
+            infos = {i.filename: i for i in self._npz.zip.infolist()}
+            offsets = {b: _stored_data_offset(self.path, infos[f"train_x_{b}.npy"])
+                       for b in self.batches}
+            if any(o is not None for o in offsets.values()):
+                self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r")
+            for b, off in offsets.items():
+                if off is None:
+                    views[b] = None
+                else:
+                    views[b] = np.ndarray((self._lengths[b], *self.image_shape), np.uint8,
+                                          buffer=self._mmap, offset=off)
+            self._views = views
+        return self._views
+
+    def _batch_x(self, b):
+        view = self._batch_views()[b]
+        if view is not None:
+            return view
+        if self._cache[0] != b:  # compressed member: keep the last batch read
+            self._cache = (b, self._npz[f"train_x_{b}"])
+        return self._cache[1]
+
+    def take(self, indices):
+        """Images and labels at global ``indices`` (archive order): ``(x uint8 (k, H, W, 3),
+        y int64 (k,))``, in the order given. Reads only those rows (memory-mapped)."""
+        indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+        n = len(self)
+        if indices.size and (indices.min() < -n or indices.max() >= n):
+            raise IndexError(f"index out of range for {n} images")
+        indices = np.where(indices < 0, indices + n, indices)
+        x = np.empty((indices.size, *self.image_shape), np.uint8)
+        pos = np.searchsorted(self._starts, indices, side="right") - 1
+        for p in np.unique(pos):
+            sel = np.nonzero(pos == p)[0]
+            b = self.batches[int(p)]
+            local = indices[sel] - self._starts[p]
+            x[sel] = self._batch_x(b)[local]
+        return x, self.labels()[indices]
+
+    def lookup(self, key):
+        """``(image uint8 (H, W, 3), label int, file str)`` for a key ``"{batch}_{index}"``."""
+        try:
+            b, i = (int(v) for v in str(key).split("_"))
+            if b not in self._lengths or not 0 <= i < self._lengths[b]:
+                raise ValueError
+        except ValueError:
+            raise KeyError(f"no image {key!r} in {self.path}") from None
+        image = np.array(self._batch_x(b)[i])
+        label = int(self.labels()[self._starts[self._pos[b]] + i])
+        key_files = f"train_files_{b}"
+        file = str(self._npz[key_files][i]) if key_files in self._npz.files else ""
+        return image, label, file
+
+    # -- lifetime
+    def close(self):
+        """Release the file and the memory map."""
+        self._views = None
+        self._mmap = None
+        self._cache = (None, None)
+        if getattr(self, "_npz", None) is not None:
+            self._npz.close()
+            self._npz = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+    def __repr__(self):
+        return (f"TrainArchive({self.path!r}: {len(self)} images in {len(self.batches)} "
+                f"batches, {self.image_shape})")
+
+
+class TestArchive:
+    """Read-only view of ``test.npz``.
+
+    ``folders``      test folder names in file order
+    ``image_shape``  ``(H, W, 3)``
+    :meth:`read` returns ``(x uint8 (N, H, W, 3), y int64 (N,), files str (N,))``.
+    """
+
+    __test__ = False  # not a pytest test class
+
+    def __init__(self, path):
+        self.path = os.fspath(path)
+        self._npz = _open_npz(self.path, "test", "run prepare_data.py or prepare_only_test.py first")
+        try:
+            self._index_members()
+        except UserError:
+            self.close()
+            raise
+        except (ValueError, KeyError, OSError, zipfile.BadZipFile) as exc:
+            self.close()
+            raise UserError(f"{self.path}: not a valid test archive ({exc})") from None
+
+    def _index_members(self):
+        folders, kinds = [], {}
+        for key in self._npz.files:
+            m = _TEST_KEY.match(key)
+            if m:
+                name = m.group(1)
+                if name not in kinds:
+                    folders.append(name)
+                    kinds[name] = set()
+                kinds[name].add(m.group(2))
+        bad = [f for f in folders if not {"x", "y"} <= kinds[f]]
+        if not folders or bad:
+            raise UserError(f"{self.path}: not a valid test archive "
+                            "(needs test_<folder>_x and test_<folder>_y)")
+        shape = None
+        for f in folders:
+            xshape, _, dtype = _member_header(self._npz, f"test_{f}_x")
+            if len(xshape) != 4 or xshape[3] != 3 or dtype != np.uint8:
+                raise UserError(f"{self.path}: test_{f}_x is {dtype} {xshape}, expected "
+                                "uint8 (N, H, W, 3)")
+            shape = shape or xshape[1:]
+        if "meta_size" in self._npz.files:
+            shape = (*(int(v) for v in self._npz["meta_size"]), 3)
+        self.folders = folders
+        self.image_shape = tuple(int(s) for s in shape)
+
+    def read(self, folder):
+        """``(x uint8 (N, H, W, 3), y int64 (N,), files str (N,))`` of one test folder."""
+        if folder not in self.folders:
+            raise UserError(f"no test folder {folder!r} in {self.path}; available: "
+                            + ", ".join(self.folders))
+        x = self._npz[f"test_{folder}_x"]
+        y = _as_labels(self._npz[f"test_{folder}_y"])
+        if len(y) != len(x):
+            raise UserError(f"{self.path}: test_{folder}_y does not match test_{folder}_x")
+        return x, y, _files_or_blank(self._npz, f"test_{folder}_files", len(x))
+
+    def __len__(self):
+        return sum(_member_header(self._npz, f"test_{f}_x")[0][0] for f in self.folders)
+
+    def close(self):
+        """Release the file."""
+        if getattr(self, "_npz", None) is not None:
+            self._npz.close()
+            self._npz = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+    def __repr__(self):
+        return f"TestArchive({self.path!r}: folders {self.folders}, {self.image_shape})"
+
+
+__all__ = ["ArchiveWriter", "TrainArchive", "TestArchive"]

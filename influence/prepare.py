@@ -1,0 +1,346 @@
+"""The jobs behind ``prepare_data.py`` and ``prepare_only_test.py``.
+
+``prepare_data``: image folders -> ``train.npz``, ``test.npz`` and ``labels.json`` in ``--out``.
+``prepare_only_test``: test folders -> ``test.npz``, reusing ``labels.json`` (and the image size
+of ``train.npz``) from an earlier ``prepare_data`` run when present.
+
+Images are decoded in a process pool and streamed into the archives batch by batch, so memory
+stays flat however many images there are. Unreadable files are skipped with a warning. Outputs
+appear under their final names only when everything succeeded.
+"""
+import argparse
+import logging
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from influence.archives import ArchiveWriter, TrainArchive
+from influence.classes import ClassMap, test_subfolder_index
+from influence.errors import UserError
+from influence.images import Decoder, default_workers, list_files, list_subfolders, require_folder
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SIZE = 224
+DEFAULT_BATCH = 200
+DEFAULT_SEED = 282
+MAX_SIZE = 16384
+TRAIN_NAME, TEST_NAME, LABELS_NAME = "train.npz", "test.npz", "labels.json"
+
+
+# --------------------------------------------------------------------------------------------
+# command line
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line on stderr (exit code 2), like a UserError."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def _add_common(parser):
+    parser.add_argument("--size", nargs="+", metavar="N",
+                        help=f"resize images to N x N, or to H W (default {DEFAULT_SIZE})")
+    parser.add_argument("--out", default=".", metavar="DIR",
+                        help="folder for the archives and labels.json (default: .)")
+    parser.add_argument("--workers", default=None, metavar="K",
+                        help="decoding processes (default: number of CPUs)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="more log messages")
+
+
+def build_prepare_data_parser():
+    """Parser of ``prepare_data.py`` (the original tool's -tr/-ts/-bs kept)."""
+    p = _Parser(prog="prepare_data.py",
+                description="Pack image folders into train.npz / test.npz archives.")
+    p.add_argument("-tr", "--train", required=True, metavar="DIR",
+                   help="train folder: one subfolder per class (ImageNet wnids or any names)")
+    p.add_argument("-ts", "--test", nargs="+", default=[], metavar="DIR",
+                   help="test folders, each with subfolders named by class index (0..999) or "
+                        "by train class name")
+    p.add_argument("-bs", "--batch-size", default=str(DEFAULT_BATCH), metavar="N",
+                   help=f"images per train archive batch (default {DEFAULT_BATCH})")
+    p.add_argument("--seed", default=str(DEFAULT_SEED), metavar="S",
+                   help=f"seed of the train shuffle (default {DEFAULT_SEED})")
+    _add_common(p)
+    return p
+
+
+def build_prepare_only_test_parser():
+    """Parser of ``prepare_only_test.py``."""
+    p = _Parser(prog="prepare_only_test.py",
+                description="Pack test folders into test.npz, reusing labels.json if present.")
+    p.add_argument("-ts", "--test", nargs="+", required=True, metavar="DIR",
+                   help="test folders, each with subfolders named by class index (0..999) or "
+                        "by train class name (needs labels.json)")
+    p.add_argument("--labels", default=None, metavar="PATH",
+                   help="labels.json of the train set (default: OUT/labels.json if present)")
+    p.add_argument("-bs", "--batch-size", default=str(DEFAULT_BATCH), metavar="N",
+                   help=f"images decoded per block (default {DEFAULT_BATCH})")
+    _add_common(p)
+    return p
+
+
+def _int_arg(flag, value, minimum, maximum=None):
+    try:
+        number = int(str(value).strip())
+    except ValueError:
+        raise UserError(f"{flag} must be an integer, got {value!r}") from None
+    if number < minimum or (maximum is not None and number > maximum):
+        bound = f">= {minimum}" if maximum is None else f"between {minimum} and {maximum}"
+        raise UserError(f"{flag} must be {bound}, got {number}")
+    return number
+
+
+def parse_size(values):
+    """``None`` -> ``None``; ``["224"]`` -> ``(224, 224)``; ``["120", "160"]`` -> ``(120, 160)``."""
+    if values is None:
+        return None
+    if isinstance(values, (str, int)):
+        values = [values]
+    if len(values) not in (1, 2):
+        raise UserError(f"--size takes one number (square) or two (H W), got {len(values)}")
+    sizes = [_int_arg("--size", v, 1, MAX_SIZE) for v in values]
+    return (sizes[0], sizes[0]) if len(sizes) == 1 else (sizes[0], sizes[1])
+
+
+def _workers(value):
+    return default_workers() if value is None else _int_arg("--workers", value, 1, 256)
+
+
+def _out_folder(path):
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"--out {path!r} is not a folder")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create --out folder {path!r}: {exc.strerror}") from None
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# packing
+
+
+@dataclass
+class Stats:
+    """Counts for the summary line."""
+    train: int = 0
+    batches: int = 0
+    test: dict = field(default_factory=dict)
+    skipped: int = 0
+
+
+@dataclass
+class TestFolder:
+    """A validated test folder: its archive name and ``{subfolder: class index}``."""
+    path: str
+    name: str
+    indices: dict
+
+    __test__ = False
+
+
+def _warn_skip(root, rel, reason, stats):
+    stats.skipped += 1
+    log.warning("skipping %s: %s", os.path.join(root, rel), reason)
+
+
+def pack_train(writer, root, classmap, size, batch_size, seed, decoder, stats):
+    """Shuffle the train files with ``seed`` and write full batches ``train_{x,y,files}_{b}``."""
+    subfolders = classmap.names()
+    entries = list_files(root, subfolders, desc="parsing train")
+    if not entries:
+        raise UserError(f"no files in the class subfolders of train folder {root!r}")
+    order = np.random.default_rng(seed).permutation(len(entries))
+    height, width = size
+    buf_x = np.empty((batch_size, height, width, 3), np.uint8)
+    buf_y, buf_f = [], []
+
+    def flush():
+        n = len(buf_y)
+        writer.add(f"train_x_{stats.batches}", buf_x[:n])
+        writer.add(f"train_y_{stats.batches}", np.asarray(buf_y, np.int64).reshape(n, 1))
+        writer.add(f"train_files_{stats.batches}", np.asarray(buf_f, dtype=str))
+        stats.batches += 1
+        stats.train += n
+        buf_y.clear()
+        buf_f.clear()
+
+    with tqdm(total=len(entries), desc="packing train", unit="img", smoothing=0.1) as bar:
+        for start in range(0, len(entries), batch_size):
+            block = [entries[i] for i in order[start:start + batch_size]]
+            results = decoder.decode([os.path.join(root, rel) for _, rel in block])
+            for (sub, rel), (arr, err) in zip(block, results):
+                bar.update(1)
+                if arr is None:
+                    _warn_skip(root, rel, err, stats)
+                    continue
+                buf_x[len(buf_y)] = arr
+                buf_y.append(classmap.index_of(sub))
+                buf_f.append(rel)
+                if len(buf_y) == batch_size:
+                    flush()
+        if buf_y:
+            flush()
+    if stats.train == 0:
+        raise UserError(f"no readable images in train folder {root!r}")
+    writer.add("meta_size", np.asarray(size, np.int64))
+
+
+def check_test_folders(paths, classmap):
+    """Validate test folders before anything is written; returns a list of :class:`TestFolder`."""
+    folders, seen = [], {}
+    for path in paths:
+        require_folder(path, "test folder")
+        name = os.path.basename(os.path.normpath(os.path.abspath(path)))
+        if name in seen:
+            raise UserError(f"test folders {seen[name]!r} and {path!r} have the same name "
+                            f"{name!r}; archive keys need distinct names")
+        seen[name] = path
+        subs = list_subfolders(path, "test folder")
+        if not subs:
+            raise UserError(f"test folder {path!r} has no class subfolders "
+                            "(name them by class index 0, 1, ... or by train class name)")
+        indices = {s: test_subfolder_index(classmap, s) for s in subs}
+        folders.append(TestFolder(path, name, indices))
+    return folders
+
+
+def pack_test(writer, folder, size, block_size, decoder, stats):
+    """Write ``test_{name}_x`` (streamed), ``test_{name}_y`` and ``test_{name}_files``."""
+    entries = list_files(folder.path, sorted(folder.indices), desc=f"parsing {folder.name}")
+    ys, files = [], []
+    with writer.stream(f"test_{folder.name}_x", np.uint8, (*size, 3)) as xs, \
+            tqdm(total=len(entries), desc=f"packing {folder.name}", unit="img") as bar:
+        for start in range(0, len(entries), block_size):
+            block = entries[start:start + block_size]
+            results = decoder.decode([os.path.join(folder.path, rel) for _, rel in block])
+            rows = []
+            for (sub, rel), (arr, err) in zip(block, results):
+                bar.update(1)
+                if arr is None:
+                    _warn_skip(folder.path, rel, err, stats)
+                    continue
+                rows.append(arr)
+                ys.append(folder.indices[sub])
+                files.append(rel)
+            if rows:
+                xs.append(np.stack(rows))
+    if not ys:
+        log.warning("test folder %s has no readable images", folder.path)
+    writer.add(f"test_{folder.name}_y", np.asarray(ys, np.int64).reshape(len(ys), 1))
+    writer.add(f"test_{folder.name}_files", np.asarray(files, dtype=str).reshape(len(files)))
+    stats.test[folder.name] = len(ys)
+
+
+def write_test_archive(path, folders, size, block_size, decoder, stats):
+    """All test folders into one archive at ``path`` (atomic)."""
+    with ArchiveWriter(path) as writer:
+        for folder in folders:
+            pack_test(writer, folder, size, block_size, decoder, stats)
+        writer.add("meta_size", np.asarray(size, np.int64))
+
+
+def _mb(path):
+    return os.path.getsize(path) / 1e6
+
+
+def _summary(stats, classmap, out, wrote):
+    parts = []
+    if stats.batches:
+        parts.append(f"{stats.train} train images in {stats.batches} "
+                     f"batch{'es' if stats.batches != 1 else ''}")
+    if stats.test:
+        total = sum(stats.test.values())
+        detail = ", ".join(f"{k} {v}" for k, v in stats.test.items())
+        parts.append(f"{total} test images ({detail})")
+    parts.append(f"{stats.skipped} skipped")
+    if classmap is not None:
+        parts.append(f"{len(classmap)} classes ({classmap.kind})")
+    sizes = ", ".join(f"{name} {_mb(os.path.join(out, name)):.1f} MB" for name in wrote)
+    log.info("done: %s; %s in %s", ", ".join(parts), sizes, out)
+
+
+def _io_guard(func, *args):
+    try:
+        return func(*args)
+    except OSError as exc:
+        if exc.strerror is None:
+            raise
+        raise UserError(f"cannot write archive: {exc.strerror} ({exc.filename or ''})") from None
+
+
+# --------------------------------------------------------------------------------------------
+# jobs
+
+
+def prepare_data(args):
+    """Job of ``prepare_data.py``: train folder (+ test folders) -> archives + labels.json."""
+    size = parse_size(args.size) or (DEFAULT_SIZE, DEFAULT_SIZE)
+    batch_size = _int_arg("-bs/--batch-size", args.batch_size, 1, 1 << 20)
+    seed = _int_arg("--seed", args.seed, 0)
+    workers = _workers(args.workers)
+    classmap = ClassMap.from_train_folder_names(list_subfolders(args.train, "train folder"))
+    tests = check_test_folders(args.test, classmap)
+    out = _out_folder(args.out)
+    log.info("train folder %s: %d classes (%s); size %dx%d, batch %d, seed %d, %d worker%s",
+             args.train, len(classmap), classmap.kind, size[0], size[1], batch_size, seed,
+             workers, "s" if workers != 1 else "")
+    stats = Stats()
+    with logging_redirect_tqdm(), Decoder(size, workers) as decoder:
+        def work():
+            with ArchiveWriter(os.path.join(out, TRAIN_NAME)) as train_writer:
+                pack_train(train_writer, args.train, classmap, size, batch_size, seed,
+                           decoder, stats)
+                if tests:  # the train archive is renamed only after the test one is complete
+                    write_test_archive(os.path.join(out, TEST_NAME), tests, size, batch_size,
+                                       decoder, stats)
+            classmap.save(os.path.join(out, LABELS_NAME))
+        _io_guard(work)
+    wrote = [TRAIN_NAME] + ([TEST_NAME] if tests else [])
+    _summary(stats, classmap, out, wrote)
+    return 0
+
+
+def prepare_only_test(args):
+    """Job of ``prepare_only_test.py``: test folders -> test.npz, reusing labels.json."""
+    size = parse_size(args.size)
+    block = _int_arg("-bs/--batch-size", args.batch_size, 1, 1 << 20)
+    workers = _workers(args.workers)
+    out = args.out
+    labels_path = args.labels or os.path.join(out, LABELS_NAME)
+    if args.labels or os.path.isfile(labels_path):
+        classmap = ClassMap.load(labels_path)
+        log.info("classes from %s: %d (%s)", labels_path, len(classmap), classmap.kind)
+    else:
+        classmap = None
+        log.info("no %s: test subfolders must be class indices", labels_path)
+    if size is None:
+        train_path = os.path.join(out, TRAIN_NAME)
+        if os.path.isfile(train_path):
+            with TrainArchive(train_path) as train:
+                size = train.image_shape[:2]
+            log.info("image size %dx%d from %s", size[0], size[1], train_path)
+        else:
+            size = (DEFAULT_SIZE, DEFAULT_SIZE)
+    tests = check_test_folders(args.test, classmap)
+    out = _out_folder(out)
+    stats = Stats()
+    with logging_redirect_tqdm(), Decoder(size, workers) as decoder:
+        _io_guard(write_test_archive, os.path.join(out, TEST_NAME), tests, size, block,
+                  decoder, stats)
+    _summary(stats, classmap, out, [TEST_NAME])
+    return 0
+
+
+def main(parser_factory, job, argv=None):
+    """Entry of the scripts: parse, set up logging, run the job; returns the exit code."""
+    from influence.cli import run_main, setup_logging
+
+    args = parser_factory().parse_args(argv)
+    setup_logging(getattr(args, "verbose", False))
+    return run_main(job, args)

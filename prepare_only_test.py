@@ -1,0 +1,14 @@
+#!/usr/bin/env python
+"""Pack test folders into test.npz, reusing labels.json from an earlier prepare_data.py run.
+
+    python prepare_only_test.py -ts orig wb styled texture
+"""
+import sys
+
+from influence.cli import quiet_tensorflow
+
+if __name__ == "__main__":
+    quiet_tensorflow()
+    from influence.prepare import build_prepare_only_test_parser, main, prepare_only_test
+
+    sys.exit(main(build_prepare_only_test_parser, prepare_only_test))

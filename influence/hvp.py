@@ -1,0 +1,161 @@
+"""Losses, gradients and Hessian-vector products of a :class:`~influence.models.Classifier`.
+
+Notation (see DESIGN.md): ``L(z; θ)`` is the per-image cross-entropy from logits, ``Ω(θ)`` the
+model's weight regularisation, ``R(θ) = mean_i L(z_i) + Ω``. A *vector* over the selected
+parameters is a tuple of tensors shaped like ``classifier.variables`` ("a Vec").
+
+All heavy functions are ``tf.function``s with fixed input signatures, so they trace once.
+"""
+import numpy as np
+import tensorflow as tf
+
+
+# ----------------------------------------------------------------------------- Vec helpers
+
+def vec_dot(a, b):
+    """Σ a·b over all parts, as a float64 Python number."""
+    return float(sum(tf.reduce_sum(tf.cast(x, tf.float64) * tf.cast(y, tf.float64)) for x, y in zip(a, b)))
+
+
+def vec_norm(a):
+    return float(np.sqrt(max(vec_dot(a, a), 0.0)))
+
+
+def vec_axpy(alpha, x, y):
+    """alpha·x + y."""
+    return tuple(alpha * xi + yi for xi, yi in zip(x, y))
+
+
+def vec_scale(alpha, x):
+    return tuple(alpha * xi for xi in x)
+
+
+def vec_to_numpy(v):
+    """Vec -> float64 array (P,)."""
+    return np.concatenate([np.asarray(t, dtype=np.float64).ravel() for t in v])
+
+
+def numpy_to_vec(flat, like):
+    """float array (P,) -> Vec shaped and typed like ``like`` (a list of variables or tensors)."""
+    out, at = [], 0
+    for ref in like:
+        shape = tuple(ref.shape)
+        size = int(np.prod(shape))
+        out.append(tf.constant(np.asarray(flat[at:at + size]).reshape(shape), dtype=ref.dtype))
+        at += size
+    return tuple(out)
+
+
+def vec_stack(vecs):
+    """list of T Vecs -> Vec whose parts have a leading axis T."""
+    return tuple(tf.stack(parts) for parts in zip(*vecs))
+
+
+def vec_unstack(stacked):
+    """inverse of :func:`vec_stack`."""
+    t = int(stacked[0].shape[0])
+    return [tuple(part[i] for part in stacked) for i in range(t)]
+
+
+# ----------------------------------------------------------------------------- derivatives
+
+class Derivatives:
+    """Compiled derivative routines of one classifier, over its selected variables.
+
+    Images enter as uint8 (N, H, W, C) and labels as int64 (N,); preprocessing happens inside.
+    """
+
+    def __init__(self, classifier, image_shape):
+        self.clf = classifier
+        self.image_shape = tuple(image_shape)
+        self.variables = classifier.variables
+        dtype = classifier.dtype
+        x_spec = tf.TensorSpec((None,) + self.image_shape, tf.uint8)
+        y_spec = tf.TensorSpec((None,), tf.int64)
+        vec_spec = tuple(tf.TensorSpec(v.shape, dtype) for v in self.variables)
+        scalar = tf.TensorSpec((), dtype)
+        self.predict = tf.function(self._predict, input_signature=[x_spec])
+        self.losses = tf.function(self._losses, input_signature=[x_spec, y_spec])
+        self.gradient = tf.function(self._gradient, input_signature=[x_spec, y_spec])
+        self.hvp = tf.function(self._hvp, input_signature=[x_spec, y_spec, vec_spec, scalar, scalar])
+        self.jvp_losses = tf.function(self._jvp_losses, input_signature=[x_spec, y_spec, vec_spec])
+        self.dtype = dtype
+
+    def _primals(self):
+        return [v.value for v in self.variables]
+
+    def _logits(self, x):
+        return self.clf.logits(tf.cast(self.clf.preprocess(x), self.clf.dtype))
+
+    def per_example_loss(self, logits, y):
+        """Cross-entropy from logits, (N, K), (N,) -> (N,)."""
+        return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=logits)
+
+    def regularization(self):
+        """Ω over the selected variables (Keras weight regularisers), a scalar."""
+        terms = [v.regularizer(v.value) for v in self.variables if getattr(v, "regularizer", None) is not None]
+        if not terms:
+            return tf.constant(0.0, self.clf.dtype)
+        return tf.cast(tf.add_n(terms), self.clf.dtype)
+
+    def _predict(self, x):
+        """(N,H,W,C) uint8 -> softmax probabilities (N, K)."""
+        return tf.nn.softmax(self._logits(x))
+
+    def _losses(self, x, y):
+        """(N,) per-image losses."""
+        return self.per_example_loss(self._logits(x), y)
+
+    def _gradient(self, x, y):
+        """∇ Σ_i L(z_i) over the batch (no Ω) -> Vec. For one test image pass N = 1."""
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(self._losses(x, y))
+        return tuple(tape.gradient(loss, self._primals()))
+
+    def _hvp(self, x, y, v, data_weight, reg_weight):
+        """∇²(data_weight·Σ_i L(z_i) + reg_weight·Ω) v, forward-over-reverse -> Vec."""
+        primals = self._primals()
+        with tf.autodiff.ForwardAccumulator(primals, list(v)) as acc:
+            with tf.GradientTape() as tape:
+                obj = data_weight * tf.reduce_sum(self._losses(x, y)) + reg_weight * self.regularization()
+            grads = tape.gradient(obj, primals)
+        out = acc.jvp(grads, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        return tuple(out)
+
+    def _jvp_losses(self, x, y, v):
+        """[∇L(z_i)·v]_i, the directional derivative of the per-image losses -> (N,)."""
+        with tf.autodiff.ForwardAccumulator(self._primals(), list(v)) as acc:
+            losses = self._losses(x, y)
+        return acc.jvp(losses, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+
+
+class TrainingObjective:
+    """HVPs of ``R(θ) = mean_i L(z_i) + Ω`` over a training archive, whole or by minibatch.
+
+    ``archive`` is a :class:`influence.archives.TrainArchive`; ``chunk`` bounds the images per call.
+    """
+
+    def __init__(self, derivs, archive, chunk=256):
+        self.d = derivs
+        self.archive = archive
+        self.n = len(archive)
+        self.chunk = int(chunk)
+        self.dtype = derivs.dtype
+
+    def _scalar(self, value):
+        return tf.constant(value, self.dtype)
+
+    def hvp_full(self, v, indices=None):
+        """(H + 0)·v with H = ∇²R over all training images (or over ``indices`` as the data term)."""
+        idx = np.arange(self.n) if indices is None else np.asarray(indices)
+        total = None
+        weight = self._scalar(1.0 / len(idx))
+        for start in range(0, len(idx), self.chunk):
+            x, y = self.archive.take(idx[start:start + self.chunk])
+            part = self.d.hvp(x, y.astype(np.int64), v, weight, self._scalar(1.0 if start == 0 else 0.0))
+            total = part if total is None else tuple(a + b for a, b in zip(total, part))
+        return total
+
+    def hvp_minibatch(self, v, x, y):
+        """H̃ v for one minibatch: ∇²(mean over the batch of L + Ω) v."""
+        return self.d.hvp(x, y, v, self._scalar(1.0 / len(y)), self._scalar(1.0))

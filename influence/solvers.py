@@ -1,0 +1,265 @@
+"""Inverse-Hessian-vector products: ``solve(V) -> [(H + λI)⁻¹ v for v in V]``.
+
+Three solvers plug in behind one method, :meth:`InverseHVP.solve`:
+
+* :class:`ExactSolver` -- dense ``H`` from one HVP per parameter over the whole training set, then
+  ``numpy.linalg.solve`` in float64 (small models; the reference the others are checked against);
+* :class:`CGSolver` -- conjugate gradient on whole-training-set HVPs;
+* :class:`LissaSolver` -- the stochastic recursion of Agarwal et al. used by Koh & Liang::
+
+      h_0 = v;   h_j = v + h_{j-1} − (H̃_j h_{j-1} + λ h_{j-1}) / s;   result = mean_r h_T / s
+
+  where ``H̃_j`` is the Hessian of ``mean L + Ω`` on ``b`` images drawn uniformly from the whole
+  training archive, ``s`` the scale, ``T`` the depth, ``r`` the repeats. The fixed point is
+  ``(H + λI)⁻¹ v``; it converges when ``s > λ_max(H + λI)`` and ``H + λI`` is positive definite.
+"""
+import logging
+import math
+
+import numpy as np
+import tensorflow as tf
+from tqdm.auto import tqdm
+
+from influence.errors import UserError
+from influence.hvp import numpy_to_vec, vec_axpy, vec_dot, vec_norm, vec_scale, vec_to_numpy
+
+log = logging.getLogger(__name__)
+
+
+class InverseHVP:
+    """Base class: ``solve(vectors) -> list`` of Vecs, ``(H + λI)⁻¹ v`` for each ``v``."""
+
+    name = "base"
+
+    def __init__(self, objective, damping):
+        if damping < 0:
+            raise UserError(f"--damping must be >= 0, got {damping}")
+        self.obj = objective
+        self.damping = float(damping)
+        self.info = {"solver": self.name, "damping": self.damping}
+
+    def solve(self, vectors):  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def apply(self, v):
+        """(H + λI) v over the whole training set."""
+        return vec_axpy(self.damping, v, self.obj.hvp_full(v))
+
+
+# ----------------------------------------------------------------------------- exact
+
+class ExactSolver(InverseHVP):
+    """Dense ``H + λI`` (float64), built once; refuses models with more than ``max_params``."""
+
+    name = "exact"
+
+    def __init__(self, objective, damping, max_params=10_000, progress=True):
+        super().__init__(objective, damping)
+        self.max_params = int(max_params)
+        self.progress = progress
+        self._matrix = None
+
+    def matrix(self):
+        """(P, P) float64 ``H + λI``, symmetrised."""
+        if self._matrix is None:
+            like = self.obj.d.variables
+            p = int(sum(int(np.prod(v.shape)) for v in like))
+            if p > self.max_params:
+                raise UserError(
+                    f"--solver exact needs a dense {p}x{p} Hessian: {p} parameters is above the limit of "
+                    f"{self.max_params} (raise --max-exact-params, choose fewer with --params, or use cg/lissa)"
+                )
+            h = np.zeros((p, p))
+            eye = np.eye(p)
+            for k in tqdm(range(p), desc="exact Hessian", unit="col", disable=not self.progress, leave=False):
+                h[:, k] = vec_to_numpy(self.obj.hvp_full(numpy_to_vec(eye[k], like)))
+            h = 0.5 * (h + h.T) + self.damping * np.eye(p)
+            w = np.linalg.eigvalsh(h)
+            self.info.update(lambda_min=float(w[0]), lambda_max=float(w[-1]), num_params=p)
+            if w[0] <= 0:
+                log.warning("H + λI is not positive definite (smallest eigenvalue %.3g): raise --damping", w[0])
+            self._matrix = h
+        return self._matrix
+
+    def solve(self, vectors):
+        a = self.matrix()
+        like = self.obj.d.variables
+        rhs = np.stack([vec_to_numpy(v) for v in vectors], axis=1)
+        sol = np.linalg.solve(a, rhs)
+        return [numpy_to_vec(sol[:, i], like) for i in range(sol.shape[1])]
+
+
+# ----------------------------------------------------------------------------- conjugate gradient
+
+class CGSolver(InverseHVP):
+    """Conjugate gradient on ``(H + λI) x = v`` with whole-training-set HVPs.
+
+    Stops when ``‖r‖ ≤ tol·‖v‖`` or after ``maxiter`` iterations (with a warning).
+    """
+
+    name = "cg"
+
+    def __init__(self, objective, damping, tol=1e-6, maxiter=200, progress=True):
+        super().__init__(objective, damping)
+        self.tol = float(tol)
+        self.maxiter = int(maxiter)
+        self.progress = progress
+        self.info.update(tol=self.tol, maxiter=self.maxiter, iterations=[])
+
+    def solve(self, vectors):
+        return [self._solve_one(v) for v in vectors]
+
+    def _solve_one(self, v):
+        x = vec_scale(0.0, v)
+        r = tuple(v)
+        p = tuple(v)
+        rr = vec_dot(r, r)
+        target = self.tol * math.sqrt(rr)
+        bar = tqdm(total=self.maxiter, desc="cg", unit="it", disable=not self.progress, leave=False)
+        it = 0
+        while it < self.maxiter and math.sqrt(rr) > target:
+            ap = self.apply(p)
+            pap = vec_dot(p, ap)
+            if pap <= 0:
+                raise UserError(
+                    "cg met negative curvature: H + λI is not positive definite here; raise --damping"
+                )
+            alpha = rr / pap
+            x = vec_axpy(alpha, p, x)
+            r = vec_axpy(-alpha, ap, r)
+            rr_new = vec_dot(r, r)
+            p = vec_axpy(rr_new / rr, p, r)
+            rr = rr_new
+            it += 1
+            bar.update(1)
+            bar.set_postfix(residual=f"{math.sqrt(rr) / max(target / self.tol, 1e-300):.2e}")
+        bar.close()
+        if math.sqrt(rr) > target:
+            log.warning("cg stopped after %d iterations at relative residual %.2e (--cg-tol %.0e)",
+                        it, math.sqrt(rr) * self.tol / max(target, 1e-300), self.tol)
+        self.info["iterations"].append(it)
+        return x
+
+
+# ----------------------------------------------------------------------------- lambda_max
+
+def power_iteration(matvec, like, iters=100, tol=1e-4, seed=0):
+    """Dominant eigenvalue (largest |μ|, signed) of the symmetric operator ``matvec`` on Vecs.
+
+    Returns ``(mu, iterations)``; stops when the Rayleigh quotient changes by less than ``tol``
+    relatively.
+    """
+    rng = np.random.default_rng(seed)
+    p = int(sum(int(np.prod(v.shape)) for v in like))
+    v = numpy_to_vec(rng.standard_normal(p), like)
+    v = vec_scale(1.0 / vec_norm(v), v)
+    mu = 0.0
+    for i in range(1, iters + 1):
+        w = matvec(v)
+        new_mu = vec_dot(v, w)
+        norm = vec_norm(w)
+        if not np.isfinite(norm) or norm == 0:
+            return new_mu, i
+        v = vec_scale(1.0 / norm, w)
+        if i > 1 and abs(new_mu - mu) <= tol * abs(new_mu):
+            return new_mu, i
+        mu = new_mu
+    return mu, iters
+
+
+def estimate_lambda_max(objective, damping, sample=1024, iters=100, tol=1e-4, seed=0):
+    """λ_max(H + λI) by power iteration on HVPs over ``sample`` training images (all when fewer)."""
+    rng = np.random.default_rng(seed)
+    n = objective.n
+    idx = np.sort(rng.choice(n, size=min(sample, n), replace=False))
+    mu, it = power_iteration(lambda v: objective.hvp_full(v, idx), objective.d.variables, iters, tol, seed)
+    return abs(mu) + damping, it
+
+
+# ----------------------------------------------------------------------------- LiSSA
+
+class LissaSolver(InverseHVP):
+    """LiSSA (see the module docstring). ``scale=None`` means 1.1 × estimated λ_max(H + λI)."""
+
+    name = "lissa"
+
+    def __init__(self, objective, damping, depth=1000, batch=10, repeats=1, scale=None, seed=0,
+                 lambda_sample=1024, progress=True):
+        super().__init__(objective, damping)
+        if depth < 1 or batch < 1 or repeats < 1:
+            raise UserError("LiSSA needs -i/--iter >= 1, -b/--bsize >= 1 and --repeats >= 1")
+        self.depth, self.batch, self.repeats = int(depth), int(batch), int(repeats)
+        self.rng = np.random.default_rng(seed)
+        self.progress = progress
+        if scale is None:
+            lam, it = estimate_lambda_max(objective, self.damping, sample=lambda_sample, seed=seed)
+            scale = 1.1 * lam
+            self.info.update(lambda_max=lam, lambda_iterations=it)
+            log.info("LiSSA scale: auto = 1.1 x λ_max(H + λI) = 1.1 x %.4g = %.4g (power iteration, %d steps)",
+                     lam, scale, it)
+        if scale <= 0:
+            raise UserError(f"--scale must be > 0, got {scale}")
+        self.scale = float(scale)
+        self.info.update(scale=self.scale, depth=self.depth, batch=self.batch, repeats=self.repeats)
+        d = objective.d
+        x_spec = tf.TensorSpec((None,) + d.image_shape, tf.uint8)
+        y_spec = tf.TensorSpec((None,), tf.int64)
+        vec_spec = tuple(tf.TensorSpec(v.shape, d.dtype) for v in d.variables)
+        self._step = tf.function(self._step_fn, input_signature=[x_spec, y_spec, vec_spec, vec_spec])
+
+    def _step_fn(self, x, y, v, h):
+        """One recursion step; returns (h_new, ‖h_new‖²)."""
+        d = self.obj.d
+        dtype = d.dtype
+        hv = d._hvp(x, y, h, tf.cast(1.0 / tf.cast(tf.shape(y)[0], tf.float64), dtype), tf.constant(1.0, dtype))
+        inv_s = tf.constant(1.0 / self.scale, dtype)
+        lam = tf.constant(self.damping, dtype)
+        new = tuple(vi + hi - (hvi + lam * hi) * inv_s for vi, hi, hvi in zip(v, h, hv))
+        sq = tf.add_n([tf.reduce_sum(tf.square(tf.cast(t, tf.float64))) for t in new])
+        return new, sq
+
+    def solve(self, vectors):
+        vectors = list(vectors)
+        norms_v = [vec_norm(v) for v in vectors]
+        # ‖h_j‖ ≤ ‖v‖·s/λ when the recursion converges; far beyond that it is diverging.
+        limit = 100.0 * (self.scale / self.damping if self.damping > 0 else 1e6)
+        total = [vec_scale(0.0, v) for v in vectors]
+        n = self.obj.n
+        for rep in range(self.repeats):
+            h = list(vectors)
+            desc = "LiSSA" if self.repeats == 1 else f"LiSSA {rep + 1}/{self.repeats}"
+            bar = tqdm(range(self.depth), desc=f"{desc} ({len(vectors)} vec)", unit="it",
+                       disable=not self.progress, leave=False)
+            for j in bar:
+                x, y = self.obj.archive.take(np.sort(self.rng.integers(0, n, self.batch)))
+                y = y.astype(np.int64)
+                worst = 0.0
+                for t, v in enumerate(vectors):
+                    h[t], sq = self._step(x, y, v, h[t])
+                    ratio = math.sqrt(float(sq)) / max(norms_v[t], 1e-300)
+                    if not np.isfinite(ratio) or ratio > limit:
+                        bar.close()
+                        raise UserError(
+                            f"LiSSA diverged at step {j + 1} (‖h‖/‖v‖ = {ratio:.3g}): use a larger --scale "
+                            f"(now {self.scale:.4g}) or a larger --damping (now {self.damping:g})"
+                        )
+                    worst = max(worst, ratio)
+                if j % 10 == 0 or j == self.depth - 1:
+                    bar.set_postfix(norm=f"{worst / self.scale:.3g}")
+            bar.close()
+            for t in range(len(vectors)):
+                total[t] = vec_axpy(1.0 / self.scale, h[t], total[t])
+        return [vec_scale(1.0 / self.repeats, s) for s in total]
+
+
+def make_solver(name, objective, damping, *, depth=1000, batch=10, repeats=1, scale=None, seed=0,
+                cg_tol=1e-6, cg_maxiter=200, max_exact_params=10_000, progress=True):
+    """Build the solver chosen by ``--solver``."""
+    if name == "exact":
+        return ExactSolver(objective, damping, max_params=max_exact_params, progress=progress)
+    if name == "cg":
+        return CGSolver(objective, damping, tol=cg_tol, maxiter=cg_maxiter, progress=progress)
+    if name == "lissa":
+        return LissaSolver(objective, damping, depth=depth, batch=batch, repeats=repeats, scale=scale,
+                           seed=seed, progress=progress)
+    raise UserError(f"unknown --solver {name!r}: choose lissa, cg or exact")

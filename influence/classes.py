@@ -198,3 +198,6 @@ def test_subfolder_index(classmap, subfolder_name):
     listed = ", ".join(shown[:10]) + (", ..." if len(shown) > 10 else "")
     raise UserError(f"test subfolder {subfolder_name!r} is neither a class index (0, 1, ...) "
                     f"nor a train class name ({listed})")
+
+
+test_subfolder_index.__test__ = False  # a library function, not a pytest test

@@ -57,7 +57,7 @@ def list_files(root, subfolders, desc="parsing"):
     Shows a tqdm bar counting subfolders.
     """
     found = []
-    bar = tqdm(subfolders, desc=desc, unit="folder")
+    bar = tqdm(subfolders, desc=desc, unit="folder", delay=0.5)
     for sub in bar:
         bar.set_postfix(files=len(found), refresh=False)
         top = os.path.join(root, sub)

@@ -149,12 +149,16 @@ def _warn_skip(root, rel, reason, stats):
     log.warning("skipping %s: %s", os.path.join(root, rel), reason)
 
 
-def pack_train(writer, root, classmap, size, batch_size, seed, decoder, stats):
-    """Shuffle the train files with ``seed`` and write full batches ``train_{x,y,files}_{b}``."""
-    subfolders = classmap.names()
-    entries = list_files(root, subfolders, desc="parsing train")
+def list_train_files(root, classmap):
+    """Sorted ``(class folder, relative path)`` pairs of the train folder (UserError if none)."""
+    entries = list_files(root, classmap.names(), desc="parsing train")
     if not entries:
         raise UserError(f"no files in the class subfolders of train folder {root!r}")
+    return entries
+
+
+def pack_train(writer, root, entries, classmap, size, batch_size, seed, decoder, stats):
+    """Shuffle ``entries`` with ``seed`` and write full batches ``train_{x,y,files}_{b}``."""
     order = np.random.default_rng(seed).permutation(len(entries))
     height, width = size
     buf_x = np.empty((batch_size, height, width, 3), np.uint8)
@@ -287,14 +291,15 @@ def prepare_data(args):
     classmap = ClassMap.from_train_folder_names(list_subfolders(args.train, "train folder"))
     tests = check_test_folders(args.test, classmap)
     out = _out_folder(args.out)
-    log.info("train folder %s: %d classes (%s); size %dx%d, batch %d, seed %d, %d worker%s",
-             args.train, len(classmap), classmap.kind, size[0], size[1], batch_size, seed,
+    entries = list_train_files(args.train, classmap)
+    log.info("train folder %s: %d files in %d classes (%s); size %dx%d, batch %d, seed %d, %d worker%s",
+             args.train, len(entries), len(classmap), classmap.kind, size[0], size[1], batch_size, seed,
              workers, "s" if workers != 1 else "")
     stats = Stats()
     with logging_redirect_tqdm(), Decoder(size, workers) as decoder:
         def work():
             with ArchiveWriter(os.path.join(out, TRAIN_NAME)) as train_writer:
-                pack_train(train_writer, args.train, classmap, size, batch_size, seed,
+                pack_train(train_writer, args.train, entries, classmap, size, batch_size, seed,
                            decoder, stats)
                 if tests:  # the train archive is renamed only after the test one is complete
                     write_test_archive(os.path.join(out, TEST_NAME), tests, size, batch_size,

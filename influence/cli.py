@@ -4,6 +4,7 @@ Scripts stay thin: they build an ``argparse`` parser, then call :func:`run_main`
 that does the job. Library code never prints; it logs through ``logging`` and shows progress
 through tqdm.
 """
+import argparse
 import logging
 import os
 import sys
@@ -45,3 +46,17 @@ def run_main(job, args):
         print("interrupted: nothing half-written was left under a final name", file=sys.stderr)
         return 130
     return 0 if code is None else int(code)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line on stderr (exit code 2), like a UserError."""
+
+    def error(self, message):
+        self.exit(EXIT_USAGE, f"error: {message} (see {self.prog} --help)\n")
+
+
+def main(parser_factory, job, argv=None):
+    """Entry of the scripts: parse, set up logging, run the job; returns the exit code."""
+    args = parser_factory().parse_args(argv)
+    setup_logging(getattr(args, "verbose", False))
+    return run_main(job, args)

@@ -8,7 +8,6 @@ Images are decoded in a process pool and streamed into the archives batch by bat
 stays flat however many images there are. Unreadable files are skipped with a warning. Outputs
 appear under their final names only when everything succeeded.
 """
-import argparse
 import logging
 import os
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from influence.archives import ArchiveWriter, TrainArchive
+from influence.cli import Parser
 from influence.classes import ClassMap, test_subfolder_index
 from influence.errors import UserError
 from influence.images import Decoder, default_workers, list_files, list_subfolders, require_folder
@@ -35,13 +35,6 @@ TRAIN_NAME, TEST_NAME, LABELS_NAME = "train.npz", "test.npz", "labels.json"
 # command line
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage mistake is one line on stderr (exit code 2), like a UserError."""
-
-    def error(self, message):
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
-
-
 def _add_common(parser):
     parser.add_argument("--size", nargs="+", metavar="N",
                         help=f"resize images to N x N, or to H W (default {DEFAULT_SIZE})")
@@ -54,7 +47,7 @@ def _add_common(parser):
 
 def build_prepare_data_parser():
     """Parser of ``prepare_data.py`` (the original tool's -tr/-ts/-bs kept)."""
-    p = _Parser(prog="prepare_data.py",
+    p = Parser(prog="prepare_data.py",
                 description="Pack image folders into train.npz / test.npz archives.")
     p.add_argument("-tr", "--train", required=True, metavar="DIR",
                    help="train folder: one subfolder per class (ImageNet wnids or any names)")
@@ -71,7 +64,7 @@ def build_prepare_data_parser():
 
 def build_prepare_only_test_parser():
     """Parser of ``prepare_only_test.py``."""
-    p = _Parser(prog="prepare_only_test.py",
+    p = Parser(prog="prepare_only_test.py",
                 description="Pack test folders into test.npz, reusing labels.json if present.")
     p.add_argument("-ts", "--test", nargs="+", required=True, metavar="DIR",
                    help="test folders, each with subfolders named by class index (0..999) or "
@@ -340,12 +333,3 @@ def prepare_only_test(args):
                   decoder, stats)
     _summary(stats, classmap, out, [TEST_NAME])
     return 0
-
-
-def main(parser_factory, job, argv=None):
-    """Entry of the scripts: parse, set up logging, run the job; returns the exit code."""
-    from influence.cli import run_main, setup_logging
-
-    args = parser_factory().parse_args(argv)
-    setup_logging(getattr(args, "verbose", False))
-    return run_main(job, args)

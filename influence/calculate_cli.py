@@ -1,0 +1,70 @@
+"""Command line of ``calculate.py`` (the original's -i/-b/-sf kept, long options added)."""
+from influence.cli import Parser
+from influence.engine import Settings
+from influence.report import FIGURE_FORMATS
+
+D = Settings()
+
+
+def build_parser():
+    p = Parser(prog="calculate.py",
+               description="For every test image, score every training image by its influence "
+                           "(score = grad L_test . (H + damping I)^-1 grad L_train; positive = useful, "
+                           "negative = harmful) and write the top images, CSVs and score dicts.")
+    io = p.add_argument_group("data and outputs")
+    io.add_argument("--data", default=D.data, metavar="DIR",
+                    help="folder with train.npz, test.npz and labels.json from prepare_data.py (default: .)")
+    io.add_argument("--out", default=D.out, metavar="DIR", help=f"output folder (default: {D.out})")
+    io.add_argument("--folders", nargs="+", metavar="NAME", help="only these test folders (default: all)")
+    io.add_argument("--limit", type=int, default=D.limit, metavar="N",
+                    help="at most N test images per label and folder (default: all)")
+    io.add_argument("-sf", "--save-format", default=D.save_format, choices=FIGURE_FORMATS,
+                    help=f"figure format (default: {D.save_format})")
+    io.add_argument("--top", type=int, default=D.top, metavar="K",
+                    help=f"training images per harmful/useful figure and CSV (default: {D.top})")
+    io.add_argument("--overwrite", action="store_true",
+                    help="redo test images whose outputs exist (default: skip them, so a rerun resumes)")
+
+    m = p.add_argument_group("model")
+    m.add_argument("--model", default=D.model,
+                   help="keras.applications name (vgg16, resnet50, ...) or a .keras/.h5 file (default: vgg16)")
+    m.add_argument("--weights", default=D.weights, metavar="imagenet|none|PATH",
+                   help="weights of a keras.applications model: imagenet (downloaded once by Keras), "
+                        "a local weights file for offline machines, or none (random) (default: imagenet)")
+    m.add_argument("--preprocess", default=D.preprocess, choices=("auto", "none", "caffe", "tf", "torch", "unit"),
+                   help="input transform: auto = the application's own, none for a model file (default: auto)")
+    m.add_argument("--params", default=D.params, metavar="all|last:N|NAMES",
+                   help="parameters the influence is taken over: all, the last N layers with weights, "
+                        "or comma-separated layer names (default: all)")
+
+    s = p.add_argument_group("inverse Hessian-vector product")
+    s.add_argument("--solver", default=D.solver, choices=("lissa", "cg", "exact"),
+                   help="lissa (stochastic, any size), cg (conjugate gradient on the whole training set), "
+                        "exact (dense Hessian, small models) (default: lissa)")
+    s.add_argument("--damping", type=float, default=D.damping, metavar="LAMBDA",
+                   help=f"solve (H + LAMBDA I) x = v (default: {D.damping})")
+    s.add_argument("-i", "--iter", type=int, default=D.iter, metavar="T", help=f"LiSSA recursion depth (default: {D.iter})")
+    s.add_argument("-b", "--bsize", type=int, default=D.bsize, metavar="B",
+                   help=f"LiSSA minibatch, drawn uniformly from the whole training archive (default: {D.bsize})")
+    s.add_argument("--repeats", type=int, default=D.repeats, metavar="R", help="LiSSA runs averaged (default: 1)")
+    s.add_argument("--scale", default=D.scale, metavar="auto|S",
+                   help="LiSSA scale; auto = 1.1 x lambda_max(H + LAMBDA I) by power iteration (default: auto)")
+    s.add_argument("--cg-tol", type=float, default=D.cg_tol, help=f"cg relative residual (default: {D.cg_tol:g})")
+    s.add_argument("--cg-maxiter", type=int, default=D.cg_maxiter, help=f"cg iteration cap (default: {D.cg_maxiter})")
+    s.add_argument("--max-exact-params", type=int, default=D.max_exact_params,
+                   help=f"refuse --solver exact above this many parameters (default: {D.max_exact_params})")
+    s.add_argument("--seed", type=int, default=D.seed, help="seed of the LiSSA minibatches and power iteration")
+
+    r = p.add_argument_group("resources")
+    r.add_argument("--memory-budget", type=float, default=D.memory_budget, metavar="GB",
+                   help=f"bound for inverse-HVPs held at once and scoring activations (default: {D.memory_budget:g})")
+    r.add_argument("--score-batch", type=int, default=D.score_batch, metavar="N",
+                   help=f"training images per scoring step, at most (default: {D.score_batch})")
+    p.add_argument("-v", "--verbose", action="store_true", help="more log messages")
+    return p
+
+
+def job(args):
+    from influence.engine import Settings, calculate
+
+    return calculate(Settings.from_args(args))

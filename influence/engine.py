@@ -123,7 +123,7 @@ def class_namer(classmap, num_classes):
 def check_resume(out, settings):
     """Refuse to mix results computed with different math settings in one --out folder."""
     path = Path(out) / RUN_FILE
-    if settings.overwrite or not path.exists():
+    if settings.overwrite or not path.exists() or not any(Path(out).rglob("*_scores.npy")):
         return
     try:
         old = json.loads(path.read_text())["settings"]

@@ -65,6 +65,9 @@ def build_parser():
 
 
 def job(args):
+    from influence.cli import import_tensorflow_quietly
     from influence.engine import Settings, calculate
+
+    import_tensorflow_quietly()
 
     return calculate(Settings.from_args(args))

@@ -48,12 +48,14 @@ def build_parser():
                    help=f"LiSSA minibatch, drawn uniformly from the whole training archive (default: {D.bsize})")
     s.add_argument("--repeats", type=int, default=D.repeats, metavar="R", help="LiSSA runs averaged (default: 1)")
     s.add_argument("--scale", default=D.scale, metavar="auto|S",
-                   help="LiSSA scale; auto = 1.1 x lambda_max(H + LAMBDA I) by power iteration (default: auto)")
-    s.add_argument("--cg-tol", type=float, default=D.cg_tol, help=f"cg relative residual (default: {D.cg_tol:g})")
-    s.add_argument("--cg-maxiter", type=int, default=D.cg_maxiter, help=f"cg iteration cap (default: {D.cg_maxiter})")
-    s.add_argument("--max-exact-params", type=int, default=D.max_exact_params,
+                   help="LiSSA scale; auto = 1.1 x lambda_max(H + LAMBDA I) by power iteration, the largest of "
+                        "the whole-sample and minibatch estimates (default: auto)")
+    s.add_argument("--cg-tol", type=float, default=D.cg_tol, metavar="TOL", help=f"cg relative residual (default: {D.cg_tol:g})")
+    s.add_argument("--cg-maxiter", type=int, default=D.cg_maxiter, metavar="N", help=f"cg iteration cap (default: {D.cg_maxiter})")
+    s.add_argument("--max-exact-params", type=int, default=D.max_exact_params, metavar="P",
                    help=f"refuse --solver exact above this many parameters (default: {D.max_exact_params})")
-    s.add_argument("--seed", type=int, default=D.seed, help="seed of the LiSSA minibatches and power iteration")
+    s.add_argument("--seed", type=int, default=D.seed, metavar="N",
+                   help="seed of the LiSSA minibatches and power iteration (default: 0)")
 
     r = p.add_argument_group("resources")
     r.add_argument("--memory-budget", type=float, default=D.memory_budget, metavar="GB",

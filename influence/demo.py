@@ -169,7 +169,9 @@ def main(argv=None):
                         "(default: demo)")
     parser.add_argument("--quick", action="store_true", help="fewer training images and epochs")
     args = parser.parse_args(argv)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from influence.cli import import_tensorflow_quietly
+
+    import_tensorflow_quietly()
     root = args.root.rstrip("/") or "."
     n_train, epochs = (500, 8) if args.quick else (1500, 30)
 
@@ -193,13 +195,31 @@ def main(argv=None):
     if code != 0:
         return code
     out = Path(root) / "calc_output"
-    figures = sorted((out / "orig").rglob("*.png"))
-    print(f"\ndone: figures and scores are under {out}/ (one folder per test folder)")
-    for path in figures[:3]:
-        print(f"  {path}")
-    if len(figures) > 3:
-        print(f"  ... and {len(figures) - 3} more under {out / 'orig'}/")
+    print(f"\ndone: figures and scores are under {out}/ (one folder per test folder, one per class)")
+    for name in TEST_FOLDERS:
+        wrong = _misclassified(out / name / f"{name}_preds.csv")
+        if wrong:
+            print(f"  {name}: {len(wrong)} misclassified; look first at:")
+            for label, n, pred in wrong[:2]:
+                print(f"    {out / name / label / f'harmful_{n}.png'}   (true {label}, predicted {pred})")
+    print(f"  every test image: {out}/<folder>/<class>/harmful_<n>.png and useful_<n>.png")
     return 0
+
+
+def _misclassified(preds_csv):
+    """[(label, n, prediction)] of the wrong predictions in a ``<folder>_preds.csv``; n counts per label."""
+    import csv
+
+    if not preds_csv.exists():
+        return []
+    seen, wrong = {}, []
+    with open(preds_csv, newline="") as fh:
+        for row in csv.DictReader(fh):
+            n = seen.get(row["label"], 0)
+            seen[row["label"]] = n + 1
+            if row["label"] != row["prediction"]:
+                wrong.append((row["label"], n, row["prediction"]))
+    return wrong
 
 
 if __name__ == "__main__":

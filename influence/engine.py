@@ -308,7 +308,7 @@ def _calculate(settings):
                              n, files[i] or f"#{i}", namer(int(y[i])), namer(int(preds[i])), 100 * confs[i],
                              keys[int(np.argmin(scores))], float(scores.min()),
                              keys[int(np.argmax(scores))], float(scores.max()))
-                    log.info("       wrote %s", ", ".join(str(p) for p in written))
+                    log.info("       wrote %s/: %s", label_dir, " ".join(p.name for p in written))
                     record.data["counts"]["test_images_done"] += 1
                 record.add_time("writing_s", timer() - t1)
             record.save(solver_info=solver.info)

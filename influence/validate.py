@@ -1,0 +1,594 @@
+"""Leave-one-out check of the scores (Koh & Liang 2017, Figure 2): ``python -m influence.validate``.
+
+For a few held-out digits ("test images") we score every training image, take the ``--top`` most
+influential ones (largest ``|score|``) plus ``--random`` others, retrain without each of them, and
+compare the *predicted* change of the test loss with the *actual* one.
+
+Sign and scale (DESIGN.md): ``score(i, t) = ∇L(z_t)ᵀ (H + λI)⁻¹ ∇L(z_i)``, so removing ``z_i``
+changes the loss of test image ``t`` by about ``+score / n``. That is the first-order change when the
+image's weight in ``R(θ) = (1/n) Σ_j L(z_j) + Ω(θ)`` goes from ``1/n`` to ``0`` (upweighting by
+``ε = −1/n``). The retraining here uses exactly that objective, ``(1/n) Σ_{j≠i} L(z_j) + Ω``. A mean
+over the ``n − 1`` remaining images would also weaken ``Ω`` relative to the data by ``(n−1)/n``; at a
+regularised optimum that moves every retrained model the same way and adds (to first order) the
+same ``s_tᵀ∇Ω(θ̂)/(n−1)`` (``s_t = (H+λI)⁻¹∇L(z_t)``) to every actual change of test image ``t``. It
+is logged, not mixed in.
+
+Panels (``--panels``):
+
+* ``convex`` -- softmax regression (Flatten → Dense(10) logits, float64, L2 on kernel and bias; the
+  bias term is regularised too, so that the softmax's shift invariance leaves no flat direction) on
+  the 8×8 digits, fitted to its optimum by Newton's method, scored with ``--solver exact``, retrained
+  without each image to the optimum by Newton iterations from a warm start;
+* ``lissa`` -- the same model and retrained optima, scored with LiSSA (scale auto);
+* ``cnn`` -- the small CNN of :mod:`influence.demo` (float32), trained with its own recipe; the
+  "retraining" is a fixed recipe from the trained weights (``K`` full-batch gradient steps with step
+  ``η = 1/λ_max``) and the actual change is measured against the SAME recipe on the full training set,
+  so whatever the recipe does anyway (the trained CNN is not at an optimum) cancels. ``K`` gradient
+  steps move a direction of curvature ``h`` by ``(1 − (1 − ηh)^K)/h`` instead of ``1/h``, which is
+  capped at ``ηK``: the recipe cannot follow curvature below about ``1/(ηK)``, which acts like a
+  damping. ``--cnn-damping auto`` uses exactly ``λ = 1/(ηK) = λ_max/K``.
+
+Test images are the held-out digits with the largest loss under the trained model (where the
+question "which training images did this" is asked; their gradients are large enough for the
+actual changes to stand out of the arithmetic noise).
+
+The command prints one line per panel (Pearson, Spearman, settings, seconds) and writes a scatter
+figure (predicted on x, actual on y, the diagonal, r in the title). Exit code 1 when a panel misses
+its goal (convex 0.99, lissa 0.95, cnn 0.86).
+"""
+import argparse
+import dataclasses
+import logging
+import math
+import sys
+import time
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+PANELS = ("convex", "lissa", "cnn")
+GOALS = {"convex": 0.99, "lissa": 0.95, "cnn": 0.86}
+
+
+# ----------------------------------------------------------------------------- statistics
+
+def pearson(a, b):
+    """Pearson correlation of two 1-D arrays (nan when either is constant)."""
+    a = np.asarray(a, dtype=np.float64) - np.mean(a)
+    b = np.asarray(b, dtype=np.float64) - np.mean(b)
+    den = math.sqrt(float(np.dot(a, a)) * float(np.dot(b, b)))
+    return float(np.dot(a, b) / den) if den > 0 else float("nan")
+
+
+def rankdata(a):
+    """Ranks 1..N of a 1-D array, ties getting the mean of their ranks (like scipy's 'average')."""
+    a = np.asarray(a)
+    order = np.argsort(a, kind="mergesort")
+    sorted_a = a[order]
+    # start of each run of equal values
+    new = np.concatenate([[True], sorted_a[1:] != sorted_a[:-1]])
+    run_id = np.cumsum(new) - 1
+    starts = np.flatnonzero(new)
+    ends = np.concatenate([starts[1:], [len(a)]])
+    mean_rank = (starts + ends - 1) / 2.0 + 1.0  # ranks starts+1 .. ends, averaged
+    ranks = np.empty(len(a), dtype=np.float64)
+    ranks[order] = mean_rank[run_id]
+    return ranks
+
+
+def spearman(a, b):
+    """Spearman rank correlation: Pearson of the (tie-averaged) ranks."""
+    return pearson(rankdata(a), rankdata(b))
+
+
+# ----------------------------------------------------------------------------- data
+
+class ArrayArchive:
+    """In-memory training images with the ``len`` / ``take`` interface of a TrainArchive."""
+
+    def __init__(self, x, y):
+        self.x = np.asarray(x)
+        self.y = np.asarray(y, dtype=np.int64)
+
+    def __len__(self):
+        return len(self.y)
+
+    def take(self, indices):
+        idx = np.asarray(indices)
+        return self.x[idx], self.y[idx]
+
+
+def digit_arrays(size, channels, n_train, seed=0, resample="nearest"):
+    """Bundled digits as uint8 (N, size, size, channels): ``(x_train, y_train, x_held, y_held)``."""
+    from influence import digits
+
+    images, target = digits.load_digits()
+    train_idx, held_idx = digits.split(target, seed=seed, n_test=len(target) - n_train)
+    rgb = digits.to_rgb(images, size, resample=resample)[..., :channels]
+    return rgb[train_idx], target[train_idx], rgb[held_idx], target[held_idx]
+
+
+# ----------------------------------------------------------------------------- problems
+
+class Problem:
+    """A trained model with its data, the engine around it, and leave-one-out retraining.
+
+    Subclasses set ``self.model`` (Keras, logits out), ``self.clf``, the arrays, and implement
+    :meth:`_retrain` (-> test losses after retraining without image ``i``).
+    ``self.base_losses`` are the test losses the actual changes are measured from.
+    """
+
+    name = "problem"
+
+    def _setup_engine(self, image_shape, chunk):
+        import tensorflow as tf
+
+        from influence.hvp import Derivatives, TrainingObjective
+        from influence.scoring import Scorer
+
+        self.archive = ArrayArchive(self.x_train, self.y_train)
+        self.n = len(self.archive)
+        self.derivs = Derivatives(self.clf, image_shape)
+        self.objective = TrainingObjective(self.derivs, self.archive, chunk=chunk)
+        self.scorer = Scorer(self.derivs)
+        self.chunk = chunk
+        dtype = self.clf.dtype
+        self.variables = list(self.model.trainable_variables)
+        x_spec = tf.TensorSpec((None,) + tuple(image_shape), tf.uint8)
+        y_spec = tf.TensorSpec((None,), tf.int64)
+        w_spec = tf.TensorSpec((None,), dtype)
+        self._loss_fn = tf.function(self._losses_graph, input_signature=[x_spec, y_spec])
+        self._grad_fn = tf.function(self._weighted_gradient_graph, input_signature=[x_spec, y_spec, w_spec])
+        self._retrained = {}
+
+    # independent of the engine: the Keras model's own forward pass and regularisers
+    def _losses_graph(self, x, y):
+        import tensorflow as tf
+
+        logits = self.model(tf.cast(self.clf.preprocess(x), self.clf.dtype), training=False)
+        return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=logits)
+
+    def _weighted_gradient_graph(self, x, y, w):
+        """∇[Σ_j w_j L(z_j) + Ω] over the model's trainable variables -> list of tensors."""
+        import tensorflow as tf
+
+        values = [v.value for v in self.variables]
+        with tf.GradientTape() as tape:
+            tape.watch(values)
+            obj = tf.reduce_sum(w * self._losses_graph(x, y))
+            for v in self.variables:
+                if getattr(v, "regularizer", None) is not None:
+                    obj = obj + tf.cast(v.regularizer(v.value), obj.dtype)
+        return tape.gradient(obj, values)
+
+    def weights(self, drop=None):
+        """Per-image weights of the training objective: 1/n each, 0 for the dropped image."""
+        w = np.full(self.n, 1.0 / self.n, dtype=self.clf.dtype.as_numpy_dtype)
+        if drop is not None:
+            w[drop] = 0.0
+        return w
+
+    def get_theta(self):
+        return [np.array(v.numpy()) for v in self.variables]
+
+    def set_theta(self, theta):
+        for v, t in zip(self.variables, theta):
+            v.assign(t)
+
+    def test_losses(self):
+        return self._loss_fn(self.x_test, self.y_test).numpy().astype(np.float64)
+
+    def pick_tests(self, count):
+        """The ``count`` held-out images with the largest loss under the trained model."""
+        losses = self._loss_fn(self.x_held, self.y_held).numpy()
+        order = np.argsort(-losses, kind="mergesort")[:count]
+        self.test_ids = order
+        self.x_test, self.y_test = self.x_held[order], self.y_held[order]
+        log.info("%s: test images = held-out #%s, losses %s", self.name, order.tolist(),
+                 np.array2string(losses[order], precision=3))
+
+    def actual_change(self, i):
+        """Change of every test image's loss when training image ``i`` is left out (cached)."""
+        if i not in self._retrained:
+            theta = self.get_theta()
+            try:
+                self._retrained[i] = self._retrain(i) - self.base_losses
+            finally:
+                self.set_theta(theta)
+        return self._retrained[i]
+
+    def scores(self, solver):
+        """(T, n) scores of every training image for every test image, and the s_t vectors."""
+        x_t, y_t = self.x_test, self.y_test
+        grads = [self.derivs.gradient(x_t[k:k + 1], y_t[k:k + 1]) for k in range(len(y_t))]
+        s = solver.solve(grads)
+        parts = []
+        for start in range(0, self.n, self.chunk):
+            x, y = self.archive.take(np.arange(start, min(start + self.chunk, self.n)))
+            parts.append(self.scorer.shares_for(x, y, s).sum(axis=-1))
+        return np.concatenate(parts, axis=1), s
+
+    def regulariser_offset(self, s):
+        """s_tᵀ∇Ω(θ̂)/(n−1) per test image: what a mean over n−1 images would add (module doc)."""
+        from influence.hvp import vec_to_numpy
+
+        w0 = np.zeros(self.n, dtype=self.clf.dtype.as_numpy_dtype)
+        g_omega = np.concatenate([np.asarray(g, dtype=np.float64).ravel()
+                                  for g in self._grad_fn(self.x_train[:1], self.y_train[:1], w0[:1])])
+        return np.array([float(vec_to_numpy(v) @ g_omega) for v in s]) / (self.n - 1)
+
+
+class ConvexProblem(Problem):
+    """Softmax regression with L2, float64, fitted to its optimum by Newton's method."""
+
+    name = "convex"
+
+    def __init__(self, l2=1e-3, n_train=1500, size=8, tests=3, seed=0, grad_tol=1e-11):
+        import keras
+
+        from influence.models import Classifier, make_preprocess, select_params
+
+        self.l2 = float(l2)
+        self.grad_tol = float(grad_tol)
+        self.x_train, self.y_train, self.x_held, self.y_held = digit_arrays(size, 1, n_train, seed)
+        reg = keras.regularizers.L2(self.l2)
+        self.model = keras.Sequential([
+            keras.Input((size, size, 1), dtype="float64"),
+            keras.layers.Flatten(dtype="float64"),
+            keras.layers.Dense(10, dtype="float64", kernel_regularizer=reg, bias_regularizer=reg, name="softmax"),
+        ], name="softmax_regression")
+        self.model.layers[-1].kernel.assign(np.zeros((size * size, 10)))
+        self.clf = Classifier(self.model, make_preprocess("unit"), select_params(self.model, "all"),
+                              description="softmax regression")
+        self._setup_engine((size, size, 1), chunk=4096)
+        # features exactly as the model sees them (float32 x/255, then float64) plus a 1 for the bias
+        feats = np.asarray(self.clf.preprocess(self.x_train), dtype=np.float64).reshape(self.n, -1)
+        self.features = np.concatenate([feats, np.ones((self.n, 1))], axis=1)
+        start = time.perf_counter()
+        iters, gnorm = self._fit()
+        self.fit_info = {"newton_iterations": iters, "grad_norm": gnorm, "seconds": time.perf_counter() - start}
+        log.info("convex: softmax regression (%d parameters, L2 %g on kernel and bias) fitted by Newton in %d "
+                 "iterations, ‖∇R‖ = %.2e", self.clf.num_params, self.l2, iters, gnorm)
+        self.theta_hat = self.get_theta()
+        self._h_inv = np.linalg.inv(self.hessian(self.weights()))
+        self.pick_tests(tests)
+        self.base_losses = self.test_losses()
+
+    # --- flat parameter layout: Dense kernel (F, K) row-major then bias (K,) == features×classes
+    def _flat(self, parts):
+        return np.concatenate([np.asarray(p, dtype=np.float64).ravel() for p in parts])
+
+    def _unflat(self, flat):
+        k = self.variables[0].shape
+        return [flat[:k[0] * k[1]].reshape(k), flat[k[0] * k[1]:]]
+
+    def gradient(self, w):
+        return self._flat(self._grad_fn(self.x_train, self.y_train, w))
+
+    def objective_value(self, w):
+        losses = self._loss_fn(self.x_train, self.y_train).numpy()
+        reg = sum(float(v.regularizer(v.value)) for v in self.variables)
+        return float(np.dot(w, losses)) + reg
+
+    def hessian(self, w):
+        """Dense ∇²[Σ w_j L_j + Ω] at the current weights, by hand (numpy), for Newton steps."""
+        logits = self.model(np.asarray(self.clf.preprocess(self.x_train), dtype=np.float64)).numpy()
+        p = np.exp(logits - logits.max(axis=1, keepdims=True))
+        p /= p.sum(axis=1, keepdims=True)
+        a = w[:, None, None] * (p[:, :, None] * np.eye(p.shape[1])[None] - p[:, :, None] * p[:, None, :])
+        f = self.features
+        n_f, n_k = f.shape[1], p.shape[1]
+        h = np.empty((n_f, n_k, n_f, n_k))
+        for k in range(n_k):
+            for m in range(k, n_k):
+                block = (f * a[:, k, m, None]).T @ f
+                h[:, k, :, m] = block
+                h[:, m, :, k] = block.T
+        dim = n_f * n_k
+        return h.reshape(dim, dim) + 2.0 * self.l2 * np.eye(dim)
+
+    def _fit(self, max_iter=50):
+        """Newton with backtracking from zero weights, to ‖∇R‖ ≤ grad_tol."""
+        w = self.weights()
+        theta = self._flat(self.get_theta())
+        g = self.gradient(w)
+        value = self.objective_value(w)
+        for it in range(1, max_iter + 1):
+            step = np.linalg.solve(self.hessian(w), g)
+            t = 1.0
+            while True:
+                self.set_theta(self._unflat(theta - t * step))
+                new_value = self.objective_value(w)
+                if new_value <= value - 1e-4 * t * float(g @ step) or t < 1e-6:
+                    break
+                t *= 0.5
+            theta, value = theta - t * step, new_value
+            g = self.gradient(w)
+            if np.linalg.norm(g) <= self.grad_tol:
+                return it, float(np.linalg.norm(g))
+        log.warning("convex: Newton stopped after %d iterations at ‖∇R‖ = %.2e", max_iter, np.linalg.norm(g))
+        return max_iter, float(np.linalg.norm(g))
+
+    def _retrain(self, i, max_iter=50):
+        """Optimum of (1/n) Σ_{j≠i} L_j + Ω from θ̂: Newton-type steps with the inverse Hessian
+        at θ̂ (the optimum only depends on the gradient being zero)."""
+        w = self.weights(drop=i)
+        theta = self._flat(self.theta_hat)
+        for _ in range(max_iter):
+            self.set_theta(self._unflat(theta))
+            g = self.gradient(w)
+            if np.linalg.norm(g) <= self.grad_tol:
+                break
+            theta = theta - self._h_inv @ g
+        else:
+            log.warning("convex: retraining without #%d stopped at ‖∇R‖ = %.2e", i, np.linalg.norm(g))
+        return self.test_losses()
+
+
+class CNNProblem(Problem):
+    """The demo CNN (float32), trained by :func:`influence.demo.train_model`; the retraining recipe
+    is ``steps`` full-batch gradient steps of size ``1/λ_max`` from the trained weights."""
+
+    name = "cnn"
+
+    def __init__(self, n_train=500, epochs=30, steps=30, tests=3, seed=0):
+        from influence import demo
+        from influence.models import Classifier, make_preprocess, select_params
+        from influence.solvers import estimate_lambda_max
+
+        self.x_train, self.y_train, self.x_held, self.y_held = digit_arrays(demo.SIZE, 3, n_train, seed,
+                                                                            resample="bilinear")
+        start = time.perf_counter()
+        self.model, seconds = demo.train_model(self.x_train, self.y_train, epochs=epochs, seed=seed)
+        self.clf = Classifier(self.model, make_preprocess("unit"), select_params(self.model, "all"),
+                              description="demo CNN")
+        self._setup_engine((demo.SIZE, demo.SIZE, 3), chunk=512)
+        self.lambda_max, _ = estimate_lambda_max(self.objective, 0.0, sample=self.n, seed=seed)
+        self.lr = 1.0 / self.lambda_max
+        self.steps = int(steps)
+        self.theta_hat = self.get_theta()
+        g = np.sqrt(sum(float(np.sum(np.square(t))) for t in self._grad_fn(self.x_train, self.y_train,
+                                                                           self.weights())))
+        self.fit_info = {"train_seconds": seconds, "epochs": epochs, "grad_norm": g, "lambda_max": self.lambda_max}
+        log.info("cnn: demo CNN (%d parameters) trained on %d images for %d epochs in %.1f s; ‖∇R‖ = %.2e "
+                 "(not an optimum); λ_max(H) ≈ %.4g; recipe = %d full-batch steps of size 1/λ_max",
+                 self.clf.num_params, self.n, epochs, seconds, g, self.lambda_max, self.steps)
+        self.pick_tests(tests)
+        self.base_losses = self._recipe(self.weights())
+        self.noise = np.abs(self._recipe(self.weights()) - self.base_losses)
+        self.set_theta(self.theta_hat)
+        self.setup_seconds = time.perf_counter() - start
+        log.info("cnn: the recipe on the full set moved the test losses by %s; repeating it differs by %.2g",
+                 np.array2string(self.base_losses - self.test_losses_at(self.theta_hat), precision=4),
+                 float(self.noise.max()))
+
+    def test_losses_at(self, theta):
+        self.set_theta(theta)
+        return self.test_losses()
+
+    def _recipe(self, w):
+        import tensorflow as tf
+
+        self.set_theta(self.theta_hat)
+        w = tf.constant(w)
+        for _ in range(self.steps):
+            grads = self._grad_fn(self.x_train, self.y_train, w)
+            for v, g in zip(self.variables, grads):
+                v.assign_sub(self.lr * g)
+        return self.test_losses()
+
+    def _retrain(self, i):
+        return self._recipe(self.weights(drop=i))
+
+
+# ----------------------------------------------------------------------------- one panel
+
+@dataclasses.dataclass
+class PanelResult:
+    name: str
+    settings: str
+    predicted: np.ndarray   # score / n
+    actual: np.ndarray      # retrained test loss − base test loss
+    test: np.ndarray        # which test image (0..T-1)
+    train: np.ndarray       # which training image was removed
+    kind: np.ndarray        # "top" or "random"
+    seconds: float
+    pearson: float = float("nan")
+    spearman: float = float("nan")
+    goal: float = float("nan")
+
+    def __post_init__(self):
+        self.pearson = pearson(self.predicted, self.actual)
+        self.spearman = spearman(self.predicted, self.actual)
+        self.goal = GOALS.get(self.name, float("nan"))
+
+    @property
+    def ok(self):
+        return bool(self.pearson >= self.goal)
+
+
+def choose_removals(scores, top, random, rng):
+    """Training indices: the ``top`` largest |score| and ``random`` others (seeded)."""
+    order = np.argsort(-np.abs(scores), kind="mergesort")
+    chosen = order[:top]
+    rest = order[top:]
+    extra = rng.choice(rest, size=min(random, len(rest)), replace=False) if random > 0 else np.array([], int)
+    return np.concatenate([chosen, extra]).astype(np.int64), ["top"] * len(chosen) + ["random"] * len(extra)
+
+
+def run_panel(name, problem, solver, top, random, seed=0, settings=""):
+    """Score, retrain without the chosen images, and compare. Returns a :class:`PanelResult`."""
+    start = time.perf_counter()
+    scores, s = problem.scores(solver)
+    rng = np.random.default_rng(seed)
+    rows = []
+    for t in range(scores.shape[0]):
+        idx, kinds = choose_removals(scores[t], top, random, rng)
+        for i, kind in zip(idx, kinds):
+            rows.append((t, int(i), kind, scores[t, i] / problem.n))
+    for k, (t, i, kind, pred) in enumerate(rows):
+        problem.actual_change(i)
+        if (k + 1) % 10 == 0 or k + 1 == len(rows):
+            log.info("%s: retrained %d/%d", name, k + 1, len(rows))
+    actual = np.array([problem.actual_change(i)[t] for t, i, _, _ in rows])
+    result = PanelResult(
+        name=name, settings=settings,
+        predicted=np.array([r[3] for r in rows]), actual=actual,
+        test=np.array([r[0] for r in rows]), train=np.array([r[1] for r in rows]),
+        kind=np.array([r[2] for r in rows]), seconds=time.perf_counter() - start,
+    )
+    offset = problem.regulariser_offset(s)
+    spread = float(np.std(result.predicted)) or 1.0
+    log.info("%s: a mean over n-1 images would add %s to the actual changes (%.2g%% of the spread of the "
+             "predictions); not used", name, np.array2string(offset, precision=3),
+             100 * float(np.max(np.abs(offset))) / spread)
+    for t in range(scores.shape[0]):
+        m = result.test == t
+        log.info("%s: test #%d: Pearson %.3f over %d removals", name, t, pearson(result.predicted[m],
+                                                                                  result.actual[m]), int(m.sum()))
+    rnd = result.kind == "random"
+    if rnd.sum() >= 3:
+        log.info("%s: random removals only: Pearson %.3f, median |actual| %.2g", name,
+                 pearson(result.predicted[rnd], result.actual[rnd]), float(np.median(np.abs(result.actual[rnd]))))
+    log.info("%s: Pearson %.4f, Spearman %.4f over %d removals (%.1f s)", name, result.pearson,
+             result.spearman, len(rows), result.seconds)
+    return result
+
+
+# ----------------------------------------------------------------------------- figure
+
+def plot(results, path):
+    """Koh & Liang Fig. 2 style: one scatter per panel, predicted on x, actual on y, the diagonal."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(4.6 * len(results), 5.2), squeeze=False)
+    for ax, r in zip(axes[0], results):
+        colours = plt.get_cmap("tab10")
+        for t in np.unique(r.test):
+            for kind, marker in (("top", "o"), ("random", "x")):
+                m = (r.test == t) & (r.kind == kind)
+                if m.any():
+                    ax.scatter(r.predicted[m], r.actual[m], s=22, marker=marker, color=colours(int(t) % 10),
+                               alpha=0.8, linewidths=1.2,
+                               label=f"test {t}, {kind}" if len(np.unique(r.test)) <= 4 else None)
+        lo = float(min(r.predicted.min(), r.actual.min()))
+        hi = float(max(r.predicted.max(), r.actual.max()))
+        pad = 0.05 * (hi - lo or 1.0)
+        ax.plot([lo - pad, hi + pad], [lo - pad, hi + pad], color="0.4", lw=1, ls="--", zorder=0)
+        ax.set_xlim(lo - pad, hi + pad)
+        ax.set_ylim(lo - pad, hi + pad)
+        ax.set_aspect("equal")
+        ax.ticklabel_format(style="sci", scilimits=(-2, 2))
+        ax.set_title(f"{r.name}: {r.settings}\nPearson r = {r.pearson:.3f}, Spearman ρ = {r.spearman:.3f}",
+                     fontsize=9)
+        ax.set_xlabel("predicted Δ test loss (score / n)")
+        ax.set_ylabel("actual Δ test loss (retrained without z_i)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="upper left")
+    fig.suptitle("leave-one-out: predicted vs retrained\n(o: top |score|, x: random)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- command
+
+def build_parser():
+    from influence.cli import Parser
+
+    p = Parser(prog="python -m influence.validate", description=__doc__,
+               formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--panels", default="convex,lissa,cnn", help="comma-separated: convex, lissa, cnn")
+    p.add_argument("--tests", type=int, default=None, help="test images per panel (default 3; quick 2)")
+    p.add_argument("--top", type=int, default=None, help="most influential removals per test image (default 10)")
+    p.add_argument("--random", type=int, default=None, help="random removals per test image (default 5)")
+    p.add_argument("--out", default="validate.png", help="figure file (default validate.png)")
+    p.add_argument("--quick", action="store_true", help="fewer images and steps (a fast look)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lissa-depth", type=int, default=None, help="LiSSA depth (default 3000; quick 1500)")
+    p.add_argument("--lissa-batch", type=int, default=100, help="LiSSA minibatch (default 100)")
+    p.add_argument("--cnn-train", type=int, default=None, help="CNN training images (default 500; quick 300)")
+    p.add_argument("--cnn-steps", type=int, default=30, help="full-batch steps of the CNN retraining recipe")
+    p.add_argument("--cnn-damping", default="auto", help="damping for the CNN: a number or auto (= λ_max/steps)")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def validate(args):
+    """Run the chosen panels; returns the list of :class:`PanelResult`."""
+    from influence.errors import UserError
+    from influence.solvers import make_solver
+
+    panels = [p.strip() for p in args.panels.split(",") if p.strip()]
+    bad = [p for p in panels if p not in PANELS]
+    if bad or not panels:
+        raise UserError(f"--panels: unknown {', '.join(bad) or '(none)'}; choose from {', '.join(PANELS)}")
+    quick = args.quick
+    tests = args.tests if args.tests is not None else (2 if quick else 3)
+    top = args.top if args.top is not None else (8 if quick else 10)
+    rand = args.random if args.random is not None else (4 if quick else 5)
+    if tests < 1 or top < 0 or rand < 0 or top + rand < 2:
+        raise UserError("--tests must be >= 1 and --top + --random >= 2")
+    results = []
+    convex = None
+    if "convex" in panels or "lissa" in panels:
+        convex = ConvexProblem(tests=tests, seed=args.seed)
+    if "convex" in panels:
+        solver = make_solver("exact", convex.objective, 0.0, progress=False)
+        res = run_panel("convex", convex, solver, top, rand, args.seed,
+                        settings=f"exact, λ=0, n={convex.n}")
+        log.info("convex: exact solver λ_min %.3g, λ_max %.3g", solver.info["lambda_min"], solver.info["lambda_max"])
+        results.append(res)
+    if "lissa" in panels:
+        depth = args.lissa_depth or (1500 if quick else 3000)
+        solver = make_solver("lissa", convex.objective, 0.0, depth=depth, batch=args.lissa_batch, seed=args.seed,
+                             progress=False)
+        res = run_panel("lissa", convex, solver, top, rand, args.seed,
+                        settings=f"lissa T={depth} b={args.lissa_batch} s={solver.scale:.3g}, λ=0")
+        results.append(res)
+    if "cnn" in panels:
+        n_train = args.cnn_train or (300 if quick else 500)
+        steps = args.cnn_steps
+        cnn = CNNProblem(n_train=n_train, epochs=15 if quick else 30, steps=steps, tests=tests, seed=args.seed)
+        if str(args.cnn_damping).lower() == "auto":
+            damping = cnn.lambda_max / steps
+        else:
+            try:
+                damping = float(args.cnn_damping)
+            except ValueError:
+                raise UserError(f"--cnn-damping must be a number or auto, got {args.cnn_damping!r}") from None
+        solver = make_solver("cg", cnn.objective, damping, cg_tol=1e-5, progress=False)
+        res = run_panel("cnn", cnn, solver, top, rand, args.seed,
+                        settings=f"cg λ={damping:.3g}, n={cnn.n}, {steps} GD steps")
+        log.info("cnn: cg iterations %s; recipe noise %.2g vs median |actual| %.2g", solver.info["iterations"],
+                 float(cnn.noise.max()), float(np.median(np.abs(res.actual))))
+        results.append(res)
+    return results
+
+
+def _job(args):
+    start = time.perf_counter()
+    results = validate(args)
+    plot(results, args.out)
+    print(f"{'panel':8} {'Pearson':>8} {'Spearman':>9} {'goal':>5} {'points':>6} {'seconds':>8}  settings")
+    for r in results:
+        mark = "" if r.ok else "  MISSED"
+        print(f"{r.name:8} {r.pearson:8.4f} {r.spearman:9.4f} {r.goal:5.2f} {len(r.actual):6d} "
+              f"{r.seconds:8.1f}  {r.settings}{mark}")
+    print(f"figure: {args.out}   total {time.perf_counter() - start:.0f} s")
+    return 0 if all(r.ok for r in results) else 1
+
+
+def main(argv=None):
+    from influence import cli
+
+    cli.quiet_tensorflow()
+    return cli.main(build_parser, _job, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

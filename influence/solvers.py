@@ -234,9 +234,10 @@ class LissaSolver(InverseHVP):
         dtype = d.dtype
         hv = d._hvp(x, y, h, tf.cast(1.0 / tf.cast(tf.shape(y)[0], tf.float64), dtype), tf.constant(1.0, dtype))
         inv_s = tf.constant(1.0 / self.scale, dtype)
-        lam = tf.constant(self.damping, dtype)
-        new = tuple(vi + hi - (hvi + lam * hi) * inv_s for vi, hi, hvi in zip(v, h, hv))
-        sq = tf.add_n([tf.reduce_sum(tf.square(tf.cast(t, tf.float64))) for t in new])
+        keep = tf.constant(1.0 - self.damping / self.scale, dtype)
+        new = tuple(vi + keep * hi - inv_s * hvi for vi, hi, hvi in zip(v, h, hv))
+        # the norm only feeds the progress bar and the divergence check: no float64 copies
+        sq = tf.cast(tf.add_n([2.0 * tf.nn.l2_loss(t) for t in new]), tf.float64)
         return new, sq
 
     def solve(self, vectors):

@@ -245,7 +245,41 @@ def _as_labels(y):
     return y.reshape(-1).astype(np.int64)
 
 
-class TrainArchive:
+class _NpzArchive:
+    """Opening, validating and closing one ``.npz`` archive; subclasses index its members."""
+
+    KIND, HINT = "", ""
+
+    def __init__(self, path):
+        self.path = os.fspath(path)
+        self._npz = _open_npz(self.path, self.KIND, self.HINT)
+        try:
+            self._index_members()
+        except UserError:
+            self.close()
+            raise
+        except (ValueError, KeyError, OSError, zipfile.BadZipFile) as exc:
+            self.close()
+            raise UserError(f"{self.path}: not a valid {self.KIND} archive ({exc})") from None
+
+    def _index_members(self):  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def close(self):
+        """Release the file."""
+        if getattr(self, "_npz", None) is not None:
+            self._npz.close()
+            self._npz = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+
+class TrainArchive(_NpzArchive):
     """Read-only view of ``train.npz``.
 
     ``batches``      sorted list of batch ids (ints)
@@ -256,17 +290,10 @@ class TrainArchive:
     to the train folder; ``""`` for archives of the original tool).
     """
 
+    KIND, HINT = "train", "run prepare_data.py first"
+
     def __init__(self, path):
-        self.path = os.fspath(path)
-        self._npz = _open_npz(self.path, "train", "run prepare_data.py first")
-        try:
-            self._index_members()
-        except UserError:
-            self.close()
-            raise
-        except (ValueError, KeyError, OSError, zipfile.BadZipFile) as exc:
-            self.close()
-            raise UserError(f"{self.path}: not a valid train archive ({exc})") from None
+        super().__init__(path)
         self._labels = None
         self._mmap = None
         self._views = None
@@ -413,23 +440,14 @@ class TrainArchive:
         self._views = None
         self._mmap = None
         self._cache = (None, None)
-        if getattr(self, "_npz", None) is not None:
-            self._npz.close()
-            self._npz = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-        return False
+        super().close()
 
     def __repr__(self):
         return (f"TrainArchive({self.path!r}: {len(self)} images in {len(self.batches)} "
                 f"batches, {self.image_shape})")
 
 
-class TestArchive:
+class TestArchive(_NpzArchive):
     """Read-only view of ``test.npz``.
 
     ``folders``      test folder names in file order
@@ -439,17 +457,7 @@ class TestArchive:
 
     __test__ = False  # not a pytest test class
 
-    def __init__(self, path):
-        self.path = os.fspath(path)
-        self._npz = _open_npz(self.path, "test", "run prepare_data.py or prepare_only_test.py first")
-        try:
-            self._index_members()
-        except UserError:
-            self.close()
-            raise
-        except (ValueError, KeyError, OSError, zipfile.BadZipFile) as exc:
-            self.close()
-            raise UserError(f"{self.path}: not a valid test archive ({exc})") from None
+    KIND, HINT = "test", "run prepare_data.py or prepare_only_test.py first"
 
     def _index_members(self):
         folders, kinds = [], {}
@@ -490,19 +498,6 @@ class TestArchive:
 
     def __len__(self):
         return sum(_member_header(self._npz, f"test_{f}_x")[0][0] for f in self.folders)
-
-    def close(self):
-        """Release the file."""
-        if getattr(self, "_npz", None) is not None:
-            self._npz.close()
-            self._npz = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-        return False
 
     def __repr__(self):
         return f"TestArchive({self.path!r}: folders {self.folders}, {self.image_shape})"

@@ -12,6 +12,7 @@ Steps, as a user would take them:
 import argparse
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -191,6 +192,10 @@ def main(argv=None):
     model.save(model_path)
     print(f"saved {model_path}")
 
+    old_results = Path(root) / "calc_output"
+    if old_results.exists():  # scores of an earlier model would otherwise be resumed, not redone
+        print(f"removing the results of an earlier demo run: {old_results}/")
+        shutil.rmtree(old_results)
     code = run_scripts(root)
     if code != 0:
         return code

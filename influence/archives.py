@@ -485,11 +485,19 @@ class TestArchive(_NpzArchive):
         self.folders = folders
         self.image_shape = tuple(int(s) for s in shape)
 
-    def read(self, folder):
-        """``(x uint8 (N, H, W, 3), y int64 (N,), files str (N,))`` of one test folder."""
+    def _check_folder(self, folder):
         if folder not in self.folders:
             raise UserError(f"no test folder {folder!r} in {self.path}; available: "
                             + ", ".join(self.folders))
+
+    def labels(self, folder):
+        """int64 (N,) labels of one test folder, without reading its images."""
+        self._check_folder(folder)
+        return _as_labels(self._npz[f"test_{folder}_y"])
+
+    def read(self, folder):
+        """``(x uint8 (N, H, W, 3), y int64 (N,), files str (N,))`` of one test folder."""
+        self._check_folder(folder)
         x = self._npz[f"test_{folder}_x"]
         y = _as_labels(self._npz[f"test_{folder}_y"])
         if len(y) != len(x):

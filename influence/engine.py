@@ -105,7 +105,7 @@ def check_compatible(clf, train, test, folders):
     if top >= k:
         raise UserError(f"train label {top} does not exist in a model with {k} outputs")
     for f in folders:
-        y = test.read(f)[1]
+        y = test.labels(f)
         if len(y) and int(y.max()) >= k:
             raise UserError(f"test folder {f}: label {int(y.max())} does not exist in a model with {k} outputs")
 

@@ -51,12 +51,6 @@ def vec_stack(vecs):
     return tuple(tf.stack(parts) for parts in zip(*vecs))
 
 
-def vec_unstack(stacked):
-    """inverse of :func:`vec_stack`."""
-    t = int(stacked[0].shape[0])
-    return [tuple(part[i] for part in stacked) for i in range(t)]
-
-
 # ----------------------------------------------------------------------------- derivatives
 
 class Derivatives:
@@ -70,9 +64,10 @@ class Derivatives:
         self.image_shape = tuple(image_shape)
         self.variables = classifier.variables
         dtype = classifier.dtype
-        x_spec = tf.TensorSpec((None,) + self.image_shape, tf.uint8)
-        y_spec = tf.TensorSpec((None,), tf.int64)
-        vec_spec = tuple(tf.TensorSpec(v.shape, dtype) for v in self.variables)
+        # input signatures, shared with the solvers and the scorer so every function traces once
+        self.x_spec = x_spec = tf.TensorSpec((None,) + self.image_shape, tf.uint8)
+        self.y_spec = y_spec = tf.TensorSpec((None,), tf.int64)
+        self.vec_spec = vec_spec = tuple(tf.TensorSpec(v.shape, dtype) for v in self.variables)
         scalar = tf.TensorSpec((), dtype)
         self.predict = tf.function(self._predict, input_signature=[x_spec])
         self.losses = tf.function(self._losses, input_signature=[x_spec, y_spec])
@@ -85,7 +80,7 @@ class Derivatives:
         return [v.value for v in self.variables]
 
     def _logits(self, x):
-        return self.clf.logits(tf.cast(self.clf.preprocess(x), self.clf.dtype))
+        return self.clf.image_logits(x)
 
     def per_example_loss(self, logits, y):
         """Cross-entropy from logits, (N, K), (N,) -> (N,)."""

@@ -235,6 +235,10 @@ class Classifier:
         return self.graph is not None
 
     # forward ---------------------------------------------------------------------------------
+    def image_logits(self, x, tap=None):
+        """Logits of raw images: uint8 (N, H, W, C) -> (N, K), preprocessing included."""
+        return self.logits(tf.cast(self.preprocess(x), self.dtype), tap=tap)
+
     def logits(self, x, tap=None):
         if tap is None or self.graph is None:
             return self.model(x, training=False)
@@ -269,5 +273,4 @@ def load_classifier(model="vgg16", weights="imagenet", preprocess="auto", params
     if mode == "auto" and app_fn is None:
         mode = "none"
     clf = Classifier(keras_model, make_preprocess(mode, app_fn), groups, description=f"{model} ({softmax_note})")
-    clf.preprocess_mode = mode if mode != "auto" else f"auto ({app_fn.__module__.rsplit('.', 1)[-1]})"
     return clf

@@ -96,11 +96,9 @@ class Scorer:
         for g in clf.groups:
             self._slices.append(slice(at, at + len(g.variables)))
             at += len(g.variables)
-        x_spec = tf.TensorSpec((None,) + derivs.image_shape, tf.uint8)
-        y_spec = tf.TensorSpec((None,), tf.int64)
-        vec_spec = tuple(tf.TensorSpec((None,) + tuple(v.shape), derivs.dtype) for v in derivs.variables)
+        stacked_spec = tuple(tf.TensorSpec((None,) + tuple(s.shape), s.dtype) for s in derivs.vec_spec)
         fn = self._shares_fn if self.split else self._totals_fn
-        self._compiled = tf.function(fn, input_signature=[x_spec, y_spec, vec_spec])
+        self._compiled = tf.function(fn, input_signature=[derivs.x_spec, derivs.y_spec, stacked_spec])
 
     def shares(self, x, y, stacked):
         """(T, N, L) float array; with a non-functional model L = 1 (the total only)."""
@@ -119,7 +117,7 @@ class Scorer:
     def _shares_fn(self, x, y, stacked):
         with tf.GradientTape(persistent=False) as tape:
             tap = _Tap(tape, self._kinds)
-            logits = self.clf.logits(tf.cast(self.clf.preprocess(x), self.clf.dtype), tap=tap)
+            logits = self.clf.image_logits(x, tap=tap)
             loss = tf.reduce_sum(self.d.per_example_loss(logits, y))
         outs = [r[3] for r in tap.records]
         deltas = tape.gradient(loss, outs, unconnected_gradients=tf.UnconnectedGradients.ZERO)

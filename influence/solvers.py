@@ -204,10 +204,7 @@ class LissaSolver(InverseHVP):
         self.scale = float(scale)
         self.info.update(scale=self.scale, depth=self.depth, batch=self.batch, repeats=self.repeats)
         d = objective.d
-        x_spec = tf.TensorSpec((None,) + d.image_shape, tf.uint8)
-        y_spec = tf.TensorSpec((None,), tf.int64)
-        vec_spec = tuple(tf.TensorSpec(v.shape, d.dtype) for v in d.variables)
-        self._step = tf.function(self._step_fn, input_signature=[x_spec, y_spec, vec_spec, vec_spec])
+        self._step = tf.function(self._step_fn, input_signature=[d.x_spec, d.y_spec, d.vec_spec, d.vec_spec])
 
     def _minibatch_lambda_max(self, seed, batches=4):
         """Largest λ_max(H̃ + λI) over a few random minibatches of size b.

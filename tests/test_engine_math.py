@@ -161,3 +161,32 @@ def test_lambda_max_matches_eigh(tiny):
     assert lam == pytest.approx(abs(dominant) + DAMPING, rel=1e-3)
     mu, _ = power_iteration(lambda v: to_vec(H @ vec_to_numpy(v), tiny["d"]), tiny["d"].variables, iters=500, tol=1e-10)
     assert mu == pytest.approx(dominant, rel=1e-4)
+
+
+def test_subclassed_model_scores_totals_without_split(tmp_path):
+    """A model that is not functional cannot be tapped: scores are the total only, still exact."""
+    import keras
+
+    class Net(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.flat = keras.layers.Flatten(dtype="float64")
+            self.hidden = keras.layers.Dense(5, activation="tanh", dtype="float64")
+            self.out = keras.layers.Dense(4, dtype="float64")
+
+        def call(self, x):
+            return self.out(self.hidden(self.flat(x)))
+
+    from influence.models import Classifier, make_preprocess, select_params
+
+    model = Net()
+    model(np.zeros((1,) + IMAGE))
+    clf = Classifier(model, make_preprocess("unit"), select_params(model, "all"))
+    d = Derivatives(clf, IMAGE)
+    scorer = Scorer(d)
+    assert not scorer.split
+    x, y = random_data(9)
+    S = np.random.default_rng(5).standard_normal((2, clf.num_params))
+    shares = scorer.shares_for(x, y, [to_vec(s, d) for s in S])
+    assert shares.shape == (2, 9, 1)
+    np.testing.assert_allclose(shares[..., 0], S @ per_example_gradients(d, x, y).T, rtol=1e-9, atol=1e-9)

@@ -182,10 +182,9 @@ def activation_size(clf):
 
 def score_archive(scorer, train, vecs, score_batch, progress_desc="scoring"):
     """Shares of every training image: float32 (T, N, L), in archive order."""
-    t = len(vecs)
-    out = np.empty((t, len(train), len(scorer.layer_names) if scorer.split else 1), np.float32)
     from influence.hvp import vec_stack
 
+    out = np.empty((len(vecs), len(train), len(scorer.layer_names) if scorer.split else 1), np.float32)
     stacked = vec_stack(vecs)
     at = 0
     with tqdm(total=len(train), desc=progress_desc, unit="img", leave=False) as bar:
@@ -255,10 +254,9 @@ def _calculate(settings):
         x, y, files = test.read(folder)
         folder_dir = Path(settings.out) / folder
         log.info("== test folder %s: %d images, %d labels", folder, len(y), len(np.unique(y)))
-        probs = np.concatenate([derivs.predict(x[s:s + 256]).numpy() for s in range(0, len(y), 256)]) \
-            if len(y) else np.zeros((0, clf.num_classes))
-        preds = probs.argmax(axis=1) if len(y) else np.zeros(0, int)
-        confs = probs.max(axis=1) if len(y) else np.zeros(0)
+        probs = np.concatenate([np.zeros((0, clf.num_classes))] +
+                               [derivs.predict(x[s:s + 256]).numpy() for s in range(0, len(y), 256)])
+        preds, confs = probs.argmax(axis=1), probs.max(axis=1)
         write_predictions_csv(folder_dir / f"{folder}_preds.csv", files, y, preds, confs, namer)
         log.info("   accuracy %.1f%% -> %s", 100.0 * float(np.mean(preds == y)) if len(y) else 0.0,
                  folder_dir / f"{folder}_preds.csv")

@@ -91,6 +91,7 @@ class Scorer:
         self.layer_names = [g.name for g in clf.groups]
         self.split = clf.supports_tap
         self._kinds = {id(g.layer): _linear_kind(g.layer) for g in clf.groups}
+        self._group_of = {id(g.layer): i for i, g in enumerate(clf.groups)}
         # the position of each group's variables inside the flat variable list
         self._slices, at = [], 0
         for g in clf.groups:
@@ -123,7 +124,7 @@ class Scorer:
         deltas = tape.gradient(loss, outs, unconnected_gradients=tf.UnconnectedGradients.ZERO)
         per_layer = {}
         for (layer, kind, x_l, _), delta in zip(tap.records, deltas):
-            g_index = next(i for i, g in enumerate(self.clf.groups) if g.layer is layer)
+            g_index = self._group_of[id(layer)]
             tangents = stacked[self._slices[g_index]]
             if kind is not None:
                 share = self._linear_share(layer, kind, x_l, delta, tangents)

@@ -30,6 +30,11 @@ def vec_scale(alpha, x):
     return tuple(alpha * xi for xi in x)
 
 
+def vec_size(like):
+    """Number of scalars in a Vec (or a list of variables): P."""
+    return int(sum(int(np.prod(t.shape)) for t in like))
+
+
 def vec_to_numpy(v):
     """Vec -> float64 array (P,)."""
     return np.concatenate([np.asarray(t, dtype=np.float64).ravel() for t in v])

@@ -12,10 +12,10 @@ import os
 from dataclasses import dataclass, field
 
 import keras
-import numpy as np
 import tensorflow as tf
 
 from influence.errors import UserError
+from influence.hvp import vec_size
 
 log = logging.getLogger(__name__)
 
@@ -228,7 +228,7 @@ class Classifier:
 
     @property
     def num_params(self):
-        return int(sum(int(np.prod(v.shape)) for v in self.variables))
+        return vec_size(self.variables)
 
     @property
     def supports_tap(self):

@@ -21,7 +21,7 @@ import tensorflow as tf
 from tqdm.auto import tqdm
 
 from influence.errors import UserError
-from influence.hvp import numpy_to_vec, vec_axpy, vec_dot, vec_norm, vec_scale, vec_to_numpy
+from influence.hvp import numpy_to_vec, vec_axpy, vec_dot, vec_norm, vec_scale, vec_size, vec_to_numpy
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ class ExactSolver(InverseHVP):
         """(P, P) float64 ``H + λI``, symmetrised."""
         if self._matrix is None:
             like = self.obj.d.variables
-            p = int(sum(int(np.prod(v.shape)) for v in like))
+            p = vec_size(like)
             if p > self.max_params:
                 raise UserError(
                     f"--solver exact needs a dense {p}x{p} Hessian: {p} parameters is above the limit of "
@@ -114,7 +114,8 @@ class CGSolver(InverseHVP):
         r = tuple(v)
         p = tuple(v)
         rr = vec_dot(r, r)
-        target = self.tol * math.sqrt(rr)
+        norm_v = max(math.sqrt(rr), 1e-300)
+        target = self.tol * norm_v
         bar = tqdm(total=self.maxiter, desc="cg", unit="it", disable=not self.progress, leave=False)
         it = 0
         while it < self.maxiter and math.sqrt(rr) > target:
@@ -132,11 +133,11 @@ class CGSolver(InverseHVP):
             rr = rr_new
             it += 1
             bar.update(1)
-            bar.set_postfix(residual=f"{math.sqrt(rr) / max(target / self.tol, 1e-300):.2e}")
+            bar.set_postfix(residual=f"{math.sqrt(rr) / norm_v:.2e}")
         bar.close()
         if math.sqrt(rr) > target:
             log.warning("cg stopped after %d iterations at relative residual %.2e (--cg-tol %.0e)",
-                        it, math.sqrt(rr) * self.tol / max(target, 1e-300), self.tol)
+                        it, math.sqrt(rr) / norm_v, self.tol)
         self.info["iterations"].append(it)
         return x
 
@@ -150,8 +151,7 @@ def power_iteration(matvec, like, iters=100, tol=1e-4, seed=0):
     relatively.
     """
     rng = np.random.default_rng(seed)
-    p = int(sum(int(np.prod(v.shape)) for v in like))
-    v = numpy_to_vec(rng.standard_normal(p), like)
+    v = numpy_to_vec(rng.standard_normal(vec_size(like)), like)
     v = vec_scale(1.0 / vec_norm(v), v)
     mu = 0.0
     for i in range(1, iters + 1):

@@ -115,9 +115,10 @@ class Derivatives:
     def _hvp(self, x, y, v, data_weight, reg_weight):
         """∇²(data_weight·Σ_i L(z_i) + reg_weight·Ω) v -> Vec, as ∇(∇obj · v) (reverse over reverse).
 
-        Measured faster than forward-over-reverse here (BENCHMARKS.md): the forward accumulator
-        carries a zero tangent for the input images through every conv, and max-pooling's
-        forward-mode derivative (MaxPoolGradGrad) has no fast CPU kernel. Demo CNN: 45 -> 33 ms.
+        Never slower than forward-over-reverse here (BENCHMARKS.md): on a loaded machine it won
+        (demo CNN 45 -> 33 ms: forward mode carries a zero tangent for the input images through
+        every conv, and MaxPoolGradGrad has no fast CPU kernel); on a quiet one the two tie
+        (24-25 ms at batch 256). XLA doubled it (48 ms).
         """
         primals = self._primals()
         zero = tf.UnconnectedGradients.ZERO

@@ -132,7 +132,7 @@ def engine_bench(section, clf, x, y, lissa_x, lissa_y, repeats, t_many=8, orig_i
 
     from influence.hvp import Derivatives, vec_stack
     from influence.scoring import Scorer
-    from influence.solvers import LissaSolver
+    from influence.curvature.lissa import LissaSolver
 
     derivs = Derivatives(clf, x.shape[1:])
     n = len(y)
@@ -158,7 +158,7 @@ def engine_bench(section, clf, x, y, lissa_x, lissa_y, repeats, t_many=8, orig_i
 
     # one LiSSA iteration, as calculate.py runs it: compiled step on the -b minibatch
     b = len(lissa_y)
-    solver = LissaSolver(_Objective(derivs, n), 0.01, depth=1, batch=b, scale=100.0, progress=False)
+    solver = LissaSolver(_Objective(derivs, n), 0.01, iter=1, bsize=b, scale=100.0, progress=False)
     h = rand_vec()
     step = timeit(lambda: solver._step(lissa_x, lissa_y, v, h), repeats, min_time=min_time)
     if b == n:

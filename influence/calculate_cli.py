@@ -1,5 +1,5 @@
 """Command line of ``calculate.py`` (the original's -i/-b/-sf kept, long options added)."""
-from influence.cli import Parser
+from influence.cli import Parser, import_tensorflow_quietly
 from influence.engine import Settings
 from influence.report import FIGURE_FORMATS
 
@@ -7,6 +7,9 @@ D = Settings()
 
 
 def build_parser():
+    import_tensorflow_quietly()  # the --solver registry imports the methods, and they import TensorFlow
+    from influence.curvature import method_help, method_names
+
     p = Parser(prog="calculate.py",
                description="For every test image, score every training image by its influence "
                            "(score = grad L_test . (H + damping I)^-1 grad L_train; positive = useful, "
@@ -38,9 +41,8 @@ def build_parser():
                         "or comma-separated layer names (default: all)")
 
     s = p.add_argument_group("inverse Hessian-vector product")
-    s.add_argument("--solver", default=D.solver, choices=("lissa", "cg", "exact"),
-                   help="lissa (stochastic, any size), cg (conjugate gradient on the whole training set), "
-                        "exact (dense Hessian, small models) (default: lissa)")
+    s.add_argument("--solver", default=D.solver, choices=method_names(),
+                   help=f"{method_help()} (default: {D.solver})")
     s.add_argument("--damping", type=float, default=D.damping, metavar="LAMBDA",
                    help=f"solve (H + LAMBDA I) x = v (default: {D.damping})")
     s.add_argument("-i", "--iter", type=int, default=D.iter, metavar="T", help=f"LiSSA recursion depth (default: {D.iter})")

@@ -225,7 +225,7 @@ def _calculate(settings):
     from influence.hvp import Derivatives, TrainingObjective
     from influence.models import load_classifier
     from influence.scoring import Scorer
-    from influence.solvers import make_solver
+    from influence.curvature import make_solver
 
     clf = load_classifier(settings.model, settings.weights, settings.preprocess, settings.params)
     check_compatible(clf, train, test, folders)
@@ -275,10 +275,11 @@ def _calculate(settings):
                 continue
             if solver is None:
                 t1 = timer()
-                solver = make_solver(settings.solver, objective, settings.damping, depth=settings.iter,
-                                     batch=settings.bsize, repeats=settings.repeats, scale=scale,
+                solver = make_solver(settings.solver, objective, settings.damping, iter=settings.iter,
+                                     bsize=settings.bsize, repeats=settings.repeats, scale=scale,
                                      seed=settings.seed, cg_tol=settings.cg_tol, cg_maxiter=settings.cg_maxiter,
                                      max_exact_params=settings.max_exact_params)
+                solver.fit()
                 record.add_time("solver_setup_s", timer() - t1)
             for start in range(0, len(todo), max_vecs):
                 chunk = todo[start:start + max_vecs]

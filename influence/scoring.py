@@ -11,70 +11,22 @@ up to the full directional derivative. Layers whose output is linear in their we
 activation (Dense, Conv*) are handled in one call for all T test images: the T tangent kernels are
 stacked along the output channels, so the cost per extra test image is about one layer forward.
 Other layers (BatchNorm, ...) fall back to a forward-mode JVP of the layer per test image.
+
+Two routes for a Dense/Conv layer, chosen per layer by cost (docs/DESIGN.md, "Scoring"):
+
+* tangent route: the T tangent kernels stacked along the output channels, one layer forward of
+  the fixed input per test vector: ``T·P·K·C`` per image (P output positions, K = kernel inputs,
+  C = output channels);
+* per-image-gradient route: ``G_n = Σ_p a_{n,p} δ_{n,p}ᵀ`` formed once (``P·K·C``), then contracted
+  with all T vectors (``T·K·C``: the parameter count, the floor).
+
+The gradient route is cheaper whenever ``(T - 1)(P - 1) > 1``: every conv layer once T ≥ 2, never
+a Dense layer on flat input (P = 1). Each route gives the same numbers (tests check it).
 """
-import keras
-import numpy as np
 import tensorflow as tf
 
 from influence.hvp import vec_stack
-
-
-def _linear_kind(layer):
-    """'dense', 'conv' or None: whether ``layer`` computes act(linear(x; W) + b) we can redo by hand."""
-    if getattr(layer, "lora_enabled", False) or getattr(layer, "quantization_mode", None):
-        return None
-    names = {id(v) for v in layer.trainable_weights}
-    kernel = getattr(layer, "kernel", None)
-    bias = getattr(layer, "bias", None)
-    if kernel is None or id(kernel) not in names:
-        return None
-    if bias is not None and id(bias) not in names:
-        return None
-    if len(layer.trainable_weights) != (1 if bias is None else 2):
-        return None
-    if type(layer) is keras.layers.Dense:
-        return "dense"
-    from keras.src.layers.convolutional.base_conv import BaseConv
-
-    if isinstance(layer, BaseConv) and getattr(layer, "groups", 1) == 1 \
-            and getattr(layer, "data_format", "channels_last") == "channels_last" \
-            and type(layer).__name__ in ("Conv1D", "Conv2D", "Conv3D"):
-        return "conv"
-    return None
-
-
-class _Tap:
-    """Takes over the call of each selected layer during the forward pass and records what the
-    per-layer split needs: the layer input (held fixed) and the watched output tensor."""
-
-    def __init__(self, tape, kinds):
-        self.tape = tape
-        self.kinds = kinds
-        self.records = []  # (layer, kind, x, out)
-
-    def __call__(self, layer, args, kwargs):
-        kind = self.kinds[id(layer)]
-        if kind is not None:
-            z = self._linear(layer, kind, args[0], layer.kernel, layer.bias)
-            self.tape.watch(z)
-            self.records.append((layer, kind, tf.stop_gradient(args[0]), z))
-            act = layer.activation
-            return z if act is None else act(z)
-        out = layer(*args, **kwargs)
-        self.tape.watch(out)
-        fixed = tuple(tf.stop_gradient(a) if tf.is_tensor(a) else a for a in args)
-        self.records.append((layer, None, (fixed, kwargs), out))
-        return out
-
-    @staticmethod
-    def _linear(layer, kind, x, kernel, bias):
-        if kind == "dense":
-            z = tf.tensordot(x, kernel, axes=[[x.shape.rank - 1], [0]])
-        else:
-            z = layer.convolution_op(x, kernel)
-        if bias is not None:
-            z = z + bias
-        return z
+from influence.taps import Tap, linear, linear_kind, patch_support, per_image_weight_grads
 
 
 class Scorer:
@@ -90,7 +42,7 @@ class Scorer:
         self.clf = clf
         self.layer_names = [g.name for g in clf.groups]
         self.split = clf.supports_tap
-        self._kinds = {id(g.layer): _linear_kind(g.layer) for g in clf.groups}
+        self._kinds = {id(g.layer): linear_kind(g.layer) for g in clf.groups}
         self._group_of = {id(g.layer): i for i, g in enumerate(clf.groups)}
         # the position of each group's variables inside the flat variable list
         self._slices, at = [], 0
@@ -98,12 +50,22 @@ class Scorer:
             self._slices.append(slice(at, at + len(g.variables)))
             at += len(g.variables)
         stacked_spec = tuple(tf.TensorSpec((None,) + tuple(s.shape), s.dtype) for s in derivs.vec_spec)
-        fn = self._shares_fn if self.split else self._totals_fn
-        self._compiled = tf.function(fn, input_signature=[derivs.x_spec, derivs.y_spec, stacked_spec])
+        signature = [derivs.x_spec, derivs.y_spec, stacked_spec]
+        if self.split:
+            # one compiled variant per route policy: T = 1 (tangent everywhere) and T >= 2
+            self._compiled = {many: tf.function(lambda x, y, s, many=many: self._shares_fn(x, y, s, many),
+                                                input_signature=signature) for many in (False, True)}
+        else:
+            total = tf.function(self._totals_fn, input_signature=signature)
+            self._compiled = {False: total, True: total}
+        #: (layer name, route) pairs chosen at the last trace, for the log and the tests
+        self.routes = {}
 
     def shares(self, x, y, stacked):
         """(T, N, L) float array; with a non-functional model L = 1 (the total only)."""
-        return self._compiled(x, y, tuple(stacked)).numpy()
+        stacked = tuple(stacked)
+        many = int(stacked[0].shape[0]) >= 2
+        return self._compiled[many](x, y, stacked).numpy()
 
     def shares_for(self, x, y, vecs):
         return self.shares(x, y, vec_stack(vecs))
@@ -115,9 +77,9 @@ class Scorer:
                         fn_output_signature=tf.TensorSpec((None,), self.d.dtype))
         return tf.reshape(out, [t, -1, 1])
 
-    def _shares_fn(self, x, y, stacked):
+    def _shares_fn(self, x, y, stacked, many=False):
         with tf.GradientTape(persistent=False) as tape:
-            tap = _Tap(tape, self._kinds)
+            tap = Tap(tape, self._kinds)
             logits = self.clf.image_logits(x, tap=tap)
             loss = tf.reduce_sum(self.d.per_example_loss(logits, y))
         outs = [r[3] for r in tap.records]
@@ -126,15 +88,47 @@ class Scorer:
         for (layer, kind, x_l, _), delta in zip(tap.records, deltas):
             g_index = self._group_of[id(layer)]
             tangents = stacked[self._slices[g_index]]
-            if kind is not None:
+            if kind is not None and many and self._gradient_route_pays(layer, kind, delta):
+                self.routes[layer.name] = "gradient"
+                share = self._gradient_share(layer, kind, x_l, delta, tangents)
+            elif kind is not None:
+                self.routes[layer.name] = "tangent"
                 share = self._linear_share(layer, kind, x_l, delta, tangents)
             else:
+                self.routes[layer.name] = "jvp"
                 share = self._generic_share(layer, x_l, delta, tangents)
             per_layer[g_index] = share if g_index not in per_layer else per_layer[g_index] + share
         t = tf.shape(stacked[0])[0]
         n = tf.shape(y)[0]
         cols = [per_layer.get(i, tf.zeros([t, n], self.d.dtype)) for i in range(len(self.clf.groups))]
         return tf.stack(cols, axis=-1)
+
+    @staticmethod
+    def _gradient_route_pays(layer, kind, delta):
+        """Per-image gradients beat the tangent route when (T-1)(P-1) > 1: here T >= 2, so P >= 3
+        output positions (read from the backward signal's static shape)."""
+        if not patch_support(layer, kind) or delta.shape.rank is None:
+            return False
+        dims = delta.shape[1:-1]
+        if any(d is None for d in dims):
+            return False
+        positions = 1
+        for d in dims:
+            positions *= int(d)
+        return positions >= 3
+
+    @staticmethod
+    def _gradient_share(layer, kind, x, delta, tangents):
+        """(T, N): ⟨G_n, ΔW_t⟩ + ⟨Σ_p δ_{n,p}, Δb_t⟩ from per-image weight gradients G_n (N, K, C)."""
+        g = per_image_weight_grads(layer, kind, x, delta)
+        n = tf.shape(g)[0]
+        dw = tangents[0]
+        t = tf.shape(dw)[0]
+        share = tf.matmul(tf.reshape(dw, [t, -1]), tf.reshape(g, [n, -1]), transpose_b=True)   # (T, N)
+        if len(tangents) > 1:
+            d_sum = tf.reduce_sum(delta, axis=list(range(1, delta.shape.rank - 1)))  # (N, C_out)
+            share = share + tf.matmul(tangents[1], d_sum, transpose_b=True)
+        return share
 
     @staticmethod
     def _linear_share(layer, kind, x, delta, tangents):
@@ -151,7 +145,7 @@ class Scorer:
         perm = list(range(1, rank - 1)) + [0, rank - 1]
         k = tf.transpose(dw, perm)
         k = tf.reshape(k, tf.concat([tf.shape(k)[:-2], [t * c_out]], axis=0))
-        z = _Tap._linear(layer, kind, x, k, None)                       # (N, ..., T*C_out)
+        z = linear(layer, kind, x, k, None)                       # (N, ..., T*C_out)
         z = tf.reshape(z, tf.concat([tf.shape(z)[:-1], [t, c_out]], axis=0))  # (N, ..., T, C_out)
         prod = z * tf.expand_dims(delta, -2)
         axes = list(range(1, prod.shape.rank - 2)) + [prod.shape.rank - 1]

@@ -335,7 +335,7 @@ class CNNProblem(Problem):
     def __init__(self, n_train=500, epochs=30, steps=30, tests=3, seed=0):
         from influence import demo
         from influence.models import Classifier, make_preprocess, select_params
-        from influence.solvers import estimate_lambda_max
+        from influence.curvature.lissa import estimate_lambda_max
 
         self.x_train, self.y_train, self.x_held, self.y_held = digit_arrays(demo.SIZE, 3, n_train, seed,
                                                                             resample="bilinear")
@@ -521,7 +521,7 @@ def build_parser():
 def validate(args):
     """Run the chosen panels; returns the list of :class:`PanelResult`."""
     from influence.errors import UserError
-    from influence.solvers import make_solver
+    from influence.curvature import make_solver
 
     panels = [p.strip() for p in args.panels.split(",") if p.strip()]
     bad = [p for p in panels if p not in PANELS]
@@ -545,7 +545,7 @@ def validate(args):
         results.append(res)
     if "lissa" in panels:
         depth = args.lissa_depth or (1500 if quick else 3000)
-        solver = make_solver("lissa", convex.objective, 0.0, depth=depth, batch=args.lissa_batch, seed=args.seed,
+        solver = make_solver("lissa", convex.objective, 0.0, iter=depth, bsize=args.lissa_batch, seed=args.seed,
                              progress=False)
         res = run_panel("lissa", convex, solver, top, rand, args.seed,
                         settings=f"lissa T={depth} b={args.lissa_batch} s={solver.scale:.3g}, λ=0")

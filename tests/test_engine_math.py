@@ -9,7 +9,9 @@ from influence.engine import score_archive
 from influence.errors import UserError
 from influence.hvp import Derivatives, vec_to_numpy
 from influence.scoring import Scorer
-from influence.solvers import CGSolver, ExactSolver, LissaSolver, estimate_lambda_max, power_iteration
+from influence.curvature.cg import CGSolver
+from influence.curvature.exact import ExactSolver
+from influence.curvature.lissa import LissaSolver, estimate_lambda_max, power_iteration
 
 DAMPING = 0.05
 
@@ -106,7 +108,7 @@ def test_exact_solver_matches_numpy_solve(tiny):
 
 
 def test_exact_solver_refuses_too_many_parameters(tiny):
-    solver = ExactSolver(tiny["obj"], DAMPING, max_params=10, progress=False)
+    solver = ExactSolver(tiny["obj"], DAMPING, max_exact_params=10, progress=False)
     with pytest.raises(UserError, match="above the limit"):
         solver.solve([to_vec(np.ones(tiny["P"]), tiny["d"])])
 
@@ -122,7 +124,7 @@ def _convex_setup(tmp_path):
 def test_cg_matches_numpy_solve(tmp_path):
     d, obj, H, lam = _convex_setup(tmp_path)
     v = np.random.default_rng(2).standard_normal(H.shape[0])
-    got = vec_to_numpy(CGSolver(obj, lam, tol=1e-10, maxiter=500, progress=False).solve([to_vec(v, d)])[0])
+    got = vec_to_numpy(CGSolver(obj, lam, cg_tol=1e-10, cg_maxiter=500, progress=False).solve([to_vec(v, d)])[0])
     want = np.linalg.solve(H + lam * np.eye(H.shape[0]), v)
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7 * np.abs(want).max())
 
@@ -134,13 +136,14 @@ def test_lissa_converges_to_numpy_solve(tmp_path):
     v = np.random.default_rng(4).standard_normal(H.shape[0])
     want = np.linalg.solve(A, v)
     # full batch (b = n): LiSSA is then the deterministic Neumann series, error (1 - λ_min/s)^T
-    solver = LissaSolver(obj, lam, depth=400, batch=len(obj.archive) * 4, scale=None, seed=0, progress=False)
+    solver = LissaSolver(obj, lam, iter=400, bsize=len(obj.archive) * 4, scale=None, seed=0, progress=False)
+    solver.fit()
     assert solver.info["lambda_max"] == pytest.approx(np.linalg.eigvalsh(A)[-1], rel=0.01)
     assert solver.scale >= 1.1 * solver.info["lambda_max"]
     got = vec_to_numpy(solver.solve([to_vec(v, d)])[0])
     assert np.linalg.norm(got - want) / np.linalg.norm(want) < 0.02
     # stochastic minibatches: unbiased, close after averaging repeats
-    sto = LissaSolver(obj, lam, depth=200, batch=8, repeats=4, scale=solver.scale, seed=1, progress=False)
+    sto = LissaSolver(obj, lam, iter=200, bsize=8, repeats=4, scale=solver.scale, seed=1, progress=False)
     got = vec_to_numpy(sto.solve([to_vec(v, d)])[0])
     assert np.linalg.norm(got - want) / np.linalg.norm(want) < 0.15
 
@@ -148,7 +151,7 @@ def test_lissa_converges_to_numpy_solve(tmp_path):
 def test_lissa_divergence_is_a_clear_error(tmp_path):
     d, obj, H, lam = _convex_setup(tmp_path)
     tiny_scale = 0.05 * np.linalg.eigvalsh(H)[-1]
-    solver = LissaSolver(obj, lam, depth=500, batch=40, scale=tiny_scale, progress=False)
+    solver = LissaSolver(obj, lam, iter=500, bsize=40, scale=tiny_scale, progress=False)
     with pytest.raises(UserError, match="diverged.*larger --damping.*larger --scale"):
         solver.solve([to_vec(np.ones(H.shape[0]), d)])
 

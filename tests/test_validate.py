@@ -21,7 +21,7 @@ def convex():
 def test_convex_model_is_at_its_optimum(convex):
     assert convex.fit_info["grad_norm"] < 1e-10
     # the engine's dense Hessian agrees with the hand-written one used for the Newton steps
-    from influence.solvers import make_solver
+    from influence.curvature import make_solver
 
     h_engine = make_solver("exact", convex.objective, 0.0, progress=False).matrix()
     h_hand = convex.hessian(convex.weights())
@@ -29,7 +29,7 @@ def test_convex_model_is_at_its_optimum(convex):
 
 
 def test_leave_one_out_exact(convex):
-    from influence.solvers import make_solver
+    from influence.curvature import make_solver
 
     solver = make_solver("exact", convex.objective, 0.0, progress=False)
     res = validate.run_panel("convex", convex, solver, top=5, random=3, seed=0)

@@ -1,0 +1,49 @@
+"""Inverse-Hessian-vector products behind one interface: ``solve(V) -> [(H + λI)⁻¹ v for v in V]``.
+
+Every method is one module; defining its class registers it (:mod:`influence.curvature.base`).
+``--solver``'s choices and help come from :data:`REGISTRY`:
+
+* ``exact``  -- dense ``H``, float64 (small models; the reference);
+* ``cg``     -- conjugate gradient on whole-training-set HVPs;
+* ``lissa``  -- the stochastic recursion of Koh & Liang;
+* ``kfac`` / ``ekfac`` -- Kronecker-factored (eigenvalue-corrected) Fisher, fitted once;
+* ``pcg``    -- conjugate gradient preconditioned by EK-FAC (exact answer, few HVPs).
+
+Training-set work (a fitted state) is cached by :mod:`influence.curvature.cache`.
+"""
+import inspect
+
+from influence.curvature import cg, exact, lissa  # noqa: F401  (registers the methods)
+from influence.curvature.base import REGISTRY, InverseHVP, stable_seed  # noqa: F401
+from influence.errors import UserError
+
+for _optional in ("ekfac", "pcg"):
+    try:
+        __import__(f"influence.curvature.{_optional}")
+    except ModuleNotFoundError as _exc:  # a method module not written yet
+        if _exc.name != f"influence.curvature.{_optional}":
+            raise
+
+
+def method_names():
+    """The registered ``--solver`` values, in registration order."""
+    return list(REGISTRY)
+
+
+def method_help():
+    """``name: summary`` for every method, for ``--solver``'s help."""
+    return "; ".join(f"{name} = {cls.summary}" for name, cls in REGISTRY.items())
+
+
+def make_solver(name, objective, damping, progress=True, **options):
+    """Build the ``--solver`` method ``name``; ``options`` not taken by that method are ignored.
+
+    ``options`` use calculate.py's setting names (``iter``, ``bsize``, ``repeats``, ``scale``, ``seed``,
+    ``cg_tol``, ``cg_maxiter``, ``max_exact_params``, ``fisher``, ...).
+    """
+    cls = REGISTRY.get(name)
+    if cls is None:
+        raise UserError(f"unknown --solver {name!r}: choose one of {', '.join(REGISTRY)}")
+    accepted = inspect.signature(cls.__init__).parameters
+    kwargs = {k: v for k, v in options.items() if k in accepted}
+    return cls(objective, damping, progress=progress, **kwargs)

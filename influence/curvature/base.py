@@ -1,0 +1,90 @@
+"""The one interface every inverse-HVP method implements, and the registry that lists them.
+
+A method is a subclass of :class:`InverseHVP` with a ``name``; defining the class registers it
+(``__init_subclass__``), so adding a method touches one module and this base never imports its
+subclasses. ``influence.curvature`` imports every method module and builds ``--solver`` from
+:data:`REGISTRY`.
+
+Life of a solver (docs/DESIGN.md, "Curvature")::
+
+    solver = cls(objective, damping, **options)
+    solver.fit()                  # training-set work, done once ...
+    state = solver.state()        # ... and cached (influence.curvature.cache) ...
+    solver.load_state(state)      # ... or loaded instead of fit() on a rerun
+    solver.solve(vectors, ids)    # (H + λI)⁻¹ v for each test vector
+"""
+import zlib
+
+from influence.errors import UserError
+from influence.hvp import vec_axpy
+
+#: name -> class of every registered method, in definition order
+REGISTRY = {}
+
+
+class InverseHVP:
+    """Base class: ``solve(vectors, ids) -> list`` of Vecs, ``(H + λI)⁻¹ v`` for each ``v``.
+
+    Class attributes of a method:
+      name: the ``--solver`` value (registers the class).
+      summary: one line for ``--solver``'s help.
+      cache_name: which cache entry holds its fitted state (methods sharing a fit share it).
+    """
+
+    name = None
+    summary = ""
+    cache_name = None
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        name = cls.__dict__.get("name")
+        if name:
+            if cls.__dict__.get("cache_name") is None:
+                cls.cache_name = name
+            REGISTRY[name] = cls
+
+    def __init__(self, objective, damping, progress=True):
+        if damping < 0:
+            raise UserError(f"--damping must be >= 0, got {damping}")
+        self.obj = objective
+        self.damping = float(damping)
+        self.progress = progress
+        self.info = {"solver": self.name, "damping": self.damping}
+
+    # --- training-set work (cached) ----------------------------------------------------------------
+    def cache_key(self):
+        """Settings (beyond the model, --params and the training archive) the fitted state depends on."""
+        return {}
+
+    def fit(self):
+        """Learn what the method needs from the training set (nothing by default)."""
+
+    def state(self):
+        """The fitted state as ``{name: numpy array}`` (plus JSON-able ``info``), or None: nothing to cache."""
+        return None
+
+    def load_state(self, arrays):
+        """Take a state from :meth:`state` instead of calling :meth:`fit`."""
+
+    # --- per test image --------------------------------------------------------------------------
+    def solve(self, vectors, ids=None):  # pragma: no cover - interface
+        """``[(H + λI)⁻¹ v for v in vectors]``; ``ids`` name each vector (seeds of stochastic methods)."""
+        raise NotImplementedError
+
+    def apply(self, v):
+        """(H + λI) v over the whole training set."""
+        return vec_axpy(self.damping, v, self.obj.hvp_full(v))
+
+
+def stable_seed(seed, ident):
+    """A list of ints for ``numpy.random.default_rng`` from the run seed and a vector's id.
+
+    ``ident`` is any tuple of str/int (test folder, label, index): the stream of a test image is
+    the same whichever other images are in the run, so results do not depend on --folders,
+    --limit, --memory-budget or a resume.
+    """
+    parts = ident if isinstance(ident, (tuple, list)) else (ident,)
+    out = [int(seed) & 0xFFFFFFFF]
+    for p in parts:
+        out.append(zlib.crc32(p.encode()) if isinstance(p, str) else int(p) & 0xFFFFFFFF)
+    return out

@@ -1,0 +1,80 @@
+"""``--solver exact``: the dense ``H`` from one HVP per parameter, solved in float64 (small models)."""
+import logging
+
+import numpy as np
+
+from influence.curvature.base import InverseHVP
+from influence.errors import UserError
+from influence.hvp import numpy_to_vec, vec_size, vec_to_numpy
+from influence.progress import progress as progress_bar
+
+log = logging.getLogger(__name__)
+
+
+class ExactSolver(InverseHVP):
+    """Dense ``H`` (float64) built once over the whole training set; refuses more than ``max_params``.
+
+    The cached state is ``H`` without damping, so a rerun with another ``--damping`` reuses it.
+    """
+
+    name = "exact"
+    summary = "dense Hessian solved in float64 (small models, the reference)"
+
+    def __init__(self, objective, damping, max_exact_params=10_000, progress=True):
+        super().__init__(objective, damping, progress)
+        self.max_params = int(max_exact_params)
+        self._hessian = None
+        self._matrix = None
+
+    def _check_size(self):
+        p = vec_size(self.obj.d.variables)
+        if p > self.max_params:
+            raise UserError(
+                f"--solver exact needs a dense {p}x{p} Hessian: {p} parameters is above the limit of "
+                f"{self.max_params} (raise --max-exact-params, choose fewer with --params, or use ekfac/cg/lissa)"
+            )
+        return p
+
+    def fit(self):
+        p = self._check_size()
+        like = self.obj.d.variables
+        h = np.zeros((p, p))
+        eye = np.eye(p)
+        for k in progress_bar(range(p), desc="exact Hessian", unit="col", disable=not self.progress):
+            h[:, k] = vec_to_numpy(self.obj.hvp_full(numpy_to_vec(eye[k], like)))
+        self._set_hessian(0.5 * (h + h.T))
+
+    def state(self):
+        return {"hessian": self._hessian}
+
+    def load_state(self, arrays):
+        p = self._check_size()
+        h = np.asarray(arrays["hessian"], dtype=np.float64)
+        if h.shape != (p, p):
+            raise ValueError(f"cached Hessian is {h.shape}, expected {(p, p)}")
+        self._set_hessian(h)
+
+    def _set_hessian(self, h):
+        self._hessian = h
+        a = h + self.damping * np.eye(len(h))
+        w = np.linalg.eigvalsh(a)
+        self.info.update(lambda_min=float(w[0]), lambda_max=float(w[-1]), num_params=len(h))
+        if w[0] <= 0:
+            log.warning("H + λI is not positive definite (smallest eigenvalue %.3g): raise --damping", w[0])
+        self._matrix = a
+
+    def matrix(self):
+        """(P, P) float64 ``H + λI``, symmetrised (fits on first use)."""
+        if self._matrix is None:
+            self.fit()
+        return self._matrix
+
+    def solve(self, vectors, ids=None):
+        vectors = list(vectors)
+        if not vectors:
+            return []
+        a = self.matrix()
+        like = self.obj.d.variables
+        rhs = np.stack([vec_to_numpy(v) for v in vectors], axis=1)
+        sol = np.linalg.solve(a, rhs)
+        return [numpy_to_vec(sol[:, i], like) for i in range(sol.shape[1])]

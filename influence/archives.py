@@ -265,8 +265,10 @@ class _NpzArchive:
     def _index_members(self):  # pragma: no cover - interface
         raise NotImplementedError
 
-    def fingerprint(self):
+    def fingerprint(self, prefix=""):
         """A hex digest of the archive's contents (not its path or modification time).
+
+        ``prefix``: only the members whose name starts with it (``"test_orig_"``: one test folder).
 
         Built from every member's name, size and CRC-32 as the zip directory stores them: the
         writer computed each CRC from the member's bytes, so any change of pixels, labels or file
@@ -276,6 +278,8 @@ class _NpzArchive:
 
         digest = hashlib.sha256()
         for info in sorted(self._npz.zip.infolist(), key=lambda i: i.filename):
+            if not info.filename.startswith(prefix):
+                continue
             digest.update(f"{info.filename}\0{info.file_size}\0{info.CRC:08x}\n".encode())
         return digest.hexdigest()[:16]
 

@@ -56,12 +56,22 @@ def build_parser():
     s.add_argument("--cg-maxiter", type=int, default=D.cg_maxiter, metavar="N", help=f"cg iteration cap (default: {D.cg_maxiter})")
     s.add_argument("--max-exact-params", type=int, default=D.max_exact_params, metavar="P",
                    help=f"refuse --solver exact above this many parameters (default: {D.max_exact_params})")
+    s.add_argument("--fisher", default=D.fisher, choices=("sampled", "empirical"),
+                   help="kfac/ekfac/pcg: labels of the Fisher: sampled from the model's own prediction, or the "
+                        "true labels (default: sampled)")
+    s.add_argument("--ekfac-max-block", type=int, default=D.ekfac_max_block, metavar="D",
+                   help="kfac/ekfac/pcg: split Kronecker factors larger than D x D into diagonal blocks, bounding "
+                        f"memory and eigendecomposition time (VGG16's fc1 has 25 088 inputs) (default: {D.ekfac_max_block})")
+    s.add_argument("--cache", default=D.cache, metavar="DIR",
+                   help="curvature cache: training-set work (EK-FAC factors, LiSSA scale, exact Hessian) saved once "
+                        "and reused while the model, --params and train.npz are unchanged (default: OUT/curvature)")
     s.add_argument("--seed", type=int, default=D.seed, metavar="N",
                    help="seed of the LiSSA minibatches and power iteration (default: 0)")
 
     r = p.add_argument_group("resources")
     r.add_argument("--memory-budget", type=float, default=D.memory_budget, metavar="GB",
-                   help=f"bound for inverse-HVPs held at once and scoring activations (default: {D.memory_budget:g})")
+                   help="bound for everything a run holds: inverse-HVPs scored together, one scoring or HVP call, "
+                        f"curvature factors (default: {D.memory_budget:g})")
     r.add_argument("--score-batch", type=int, default=D.score_batch, metavar="N",
                    help=f"training images per scoring step, at most (default: {D.score_batch})")
     p.add_argument("-v", "--verbose", action="store_true", help="more log messages")

@@ -212,7 +212,7 @@ def main(argv=None):
 
 
 def _misclassified(preds_csv):
-    """[(label, n, prediction)] of the wrong predictions in a ``<folder>_preds.csv``; n counts per label."""
+    """[(label, n, prediction)] of the wrong predictions in a ``<folder>_preds.csv``; n counts per label from 1."""
     import csv
 
     if not preds_csv.exists():
@@ -220,8 +220,8 @@ def _misclassified(preds_csv):
     seen, wrong = {}, []
     with open(preds_csv, newline="") as fh:
         for row in csv.DictReader(fh):
-            n = seen.get(row["label"], 0)
-            seen[row["label"]] = n + 1
+            n = seen.get(row["label"], 0) + 1
+            seen[row["label"]] = n
             if row["label"] != row["prediction"]:
                 wrong.append((row["label"], n, row["prediction"]))
     return wrong

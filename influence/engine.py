@@ -1,9 +1,18 @@
 """The ``calculate.py`` job: for every test image, score every training image and write the outputs.
 
-Order of work, per test folder and per label: the test images of one label share the work -- their
-gradients, then their inverse-HVPs (one solver call), then ONE pass over the training archive that
-scores all of them at once (chunked by ``--memory-budget``).
+Order of work (docs/DESIGN.md, "The calculate job"):
+
+1. checks: archives, model, labels, resume (settings and archive fingerprints in run.json);
+2. predictions of every test folder (``<folder>_preds.csv``) and the list of test images to do;
+3. curvature: the solver's training-set work, loaded from the curvature cache or fitted and saved;
+4. the test images of ALL folders and labels in as few groups as ``--memory-budget`` allows: per
+   group their gradients, their inverse-HVPs, then ONE pass over the training archive scoring the
+   whole group, then the output files of each image.
+
+Numbers do not depend on the grouping: every solver treats each test vector on its own (LiSSA's
+random stream is seeded by the test image's folder, label and number).
 """
+import errno
 import dataclasses
 import json
 import logging
@@ -13,13 +22,13 @@ import time
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from influence import __version__
 from influence.archives import TestArchive, TrainArchive
 from influence.classes import ClassMap, imagenet_classes
 from influence.errors import UserError
+from influence.progress import progress
 from influence.report import atomic_write, outputs_complete, write_predictions_csv, write_test_outputs
 
 log = logging.getLogger(__name__)
@@ -27,7 +36,7 @@ log = logging.getLogger(__name__)
 RUN_FILE = "run.json"
 #: settings that change the numbers: a resumed run must agree on them
 MATH_SETTINGS = ("model", "weights", "preprocess", "params", "solver", "damping", "scale", "iter", "bsize",
-                 "repeats", "seed", "cg_tol", "cg_maxiter")
+                 "repeats", "seed", "cg_tol", "cg_maxiter", "fisher", "ekfac_max_block")
 
 
 @dataclasses.dataclass
@@ -49,6 +58,9 @@ class Settings:
     seed: int = 0
     cg_tol: float = 1e-6
     cg_maxiter: int = 200
+    fisher: str = "sampled"
+    ekfac_max_block: int = 4096
+    cache: str = None
     max_exact_params: int = 10_000
     top: int = 5
     save_format: str = "pdf"
@@ -96,18 +108,28 @@ def check_compatible(clf, train, test, folders):
     """Image size = model input size; every label < number of outputs."""
     want = clf.input_shape
     have = tuple(train.image_shape)
+    if len(want) == 3 and want[2] is not None and want[2] != have[2]:
+        raise UserError(f"the model takes {want[2]}-channel images but the archives hold {have[2]}-channel (RGB) "
+                        f"images: give a model with {have[2]} input channels")
     if len(want) != 3 or any(w is not None and w != h for w, h in zip(want, have)):
         shown = "x".join("?" if w is None else str(w) for w in want)
         raise UserError(f"the archives hold {have[0]}x{have[1]}x{have[2]} images but the model takes {shown}: "
                         f"run prepare_data.py again with --size {want[0]} {want[1]}")
     k = clf.num_classes
-    top = int(train.labels().max())
-    if top >= k:
-        raise UserError(f"train label {top} does not exist in a model with {k} outputs")
+    _check_labels("train", train.labels(), k)
     for f in folders:
-        y = test.labels(f)
-        if len(y) and int(y.max()) >= k:
-            raise UserError(f"test folder {f}: label {int(y.max())} does not exist in a model with {k} outputs")
+        _check_labels(f"test folder {f}", test.labels(f), k)
+
+
+def _check_labels(what, y, k):
+    """Every label in 0..k-1, before any work (a GPU would turn a bad one into silent NaN)."""
+    if not len(y):
+        return
+    lo, hi = int(y.min()), int(y.max())
+    if lo < 0:
+        raise UserError(f"{what}: label {lo} is negative; labels are class indices 0..{k - 1}")
+    if hi >= k:
+        raise UserError(f"{what}: label {hi} does not exist in a model with {k} outputs (0..{k - 1})")
 
 
 def class_namer(classmap, num_classes):
@@ -120,21 +142,52 @@ def class_namer(classmap, num_classes):
     return str
 
 
-def check_resume(out, settings):
-    """Refuse to mix results computed with different math settings in one --out folder."""
+def data_fingerprints(train, test):
+    """Content fingerprints: ``{"train": hex, "test": {folder: hex}}`` (see TrainArchive.fingerprint)."""
+    return {"train": train.fingerprint(),
+            "test": {f: test.fingerprint(prefix=f"test_{f}_") for f in test.folders}}
+
+
+def previous_run(out):
+    """The ``run.json`` of an earlier run into ``out`` as a dict, or None."""
     path = Path(out) / RUN_FILE
-    if settings.overwrite or not path.exists() or not any(Path(out).rglob("*_scores.npy")):
-        return
+    if not path.exists():
+        return None
     try:
-        old = json.loads(path.read_text())["settings"]
-    except (ValueError, KeyError, OSError):
+        return json.loads(path.read_text())
+    except (ValueError, OSError):
+        return None
+
+
+def check_resume(out, settings, fingerprints=None):
+    """Refuse to mix results of other math settings or other archives in one --out folder.
+
+    ``fingerprints``: :func:`data_fingerprints` of this run. The training archive must be the
+    same; a test folder that already has results must be the same (new folders are fine).
+    """
+    old_run = previous_run(out)
+    if settings.overwrite or old_run is None or not any(Path(out).rglob("*_scores.npy")):
         return
+    old = old_run.get("settings", {})
     mine = dataclasses.asdict(settings)
     diff = [k for k in MATH_SETTINGS if k in old and str(old[k]) != str(mine[k])]
     if diff:
         changes = ", ".join(f"{k} {old[k]} -> {mine[k]}" for k in diff)
         raise UserError(f"{out} holds results computed with other settings ({changes}): "
                         f"use another --out, or --overwrite to redo them")
+    old_fp = old_run.get("fingerprints")
+    if not fingerprints or not old_fp:
+        return
+    if old_fp.get("train") != fingerprints["train"]:
+        raise UserError(f"{out} holds results computed on another training archive (train.npz changed: "
+                        f"{old_fp.get('train')} -> {fingerprints['train']}): use another --out, or --overwrite "
+                        f"to redo them")
+    for folder, digest in fingerprints["test"].items():
+        before = old_fp.get("test", {}).get(folder)
+        if before is not None and before != digest and (Path(out) / folder).is_dir():
+            raise UserError(f"{out} holds results for test folder {folder} computed on other test images "
+                            f"(test.npz changed: {before} -> {digest}): use another --out, or --overwrite "
+                            f"to redo them")
 
 
 # ----------------------------------------------------------------------------- run record
@@ -167,27 +220,83 @@ class RunRecord:
             Path(tmp).write_text(json.dumps(self.data, indent=2, default=str))
 
 
-# ----------------------------------------------------------------------------- scoring pass
 
-def activation_size(clf):
-    """Rough number of floats per image that the scorer keeps per test vector (for chunking)."""
-    total = 0
+# ----------------------------------------------------------------------------- memory plan
+
+def layer_shapes(clf):
+    """Per selected layer ``(positions P, kernel inputs K, output channels C, activation floats)``.
+
+    Read from the Keras graph; a layer whose shapes are unknown counts as 100 000 floats of
+    activations and no patches.
+    """
+    out = []
     for g in clf.groups:
         try:
-            total += int(np.prod([d for d in g.layer.output.shape[1:] if d is not None]))
+            shape = [d for d in g.layer.output.shape[1:]]
+            act = int(np.prod([d for d in shape if d is not None]))
+            positions = int(np.prod([d for d in shape[:-1] if d is not None])) if len(shape) > 1 else 1
         except (AttributeError, ValueError, TypeError):
-            total += 100_000
-    return max(total, 1)
+            act, positions = 100_000, 1
+        kernel = getattr(g.layer, "kernel", None)
+        if kernel is not None and len(kernel.shape) >= 2:
+            k, c = int(np.prod(kernel.shape[:-1])), int(kernel.shape[-1])
+        else:
+            k, c = 0, 0
+        out.append((positions, k, c, max(act, 1)))
+    return out
 
 
-def score_archive(scorer, train, vecs, score_batch, progress_desc="scoring"):
-    """Shares of every training image: float32 (T, N, L), in archive order."""
+@dataclasses.dataclass
+class MemoryPlan:
+    """How a run splits its work to stay within ``--memory-budget`` (docs/DESIGN.md, "Memory").
+
+    ``vectors``: test images whose inverse-HVPs are held (and scored) at once; ``score_batch``:
+    training images per scoring call; ``chunk``: training images per HVP / curvature-fitting call.
+    """
+
+    vectors: int
+    score_batch: int
+    chunk: int
+    bytes_per_vector: int
+
+
+def plan_memory(clf, settings, n_test):
+    """Split ``--memory-budget`` (GB): half for the held inverse-HVPs, half for one scoring/HVP call.
+
+    A held test vector costs its inverse-HVP plus its stacked copy (2 P floats). A scoring call
+    costs, per training image, the activations and backward signals (4 floats per activation), the
+    conv patches and per-image gradients of the gradient route, and the tangent route's T outputs.
+    """
+    itemsize = np.dtype(clf.dtype.as_numpy_dtype).itemsize
+    budget = settings.memory_budget * 2**30
+    per_vector = 2 * clf.num_params * itemsize
+    vectors = int(max(1, min(max(n_test, 1), (budget / 2) // per_vector)))
+    shapes = layer_shapes(clf)
+    act = sum(a for _, _, _, a in shapes)
+    patches = sum(p * k + k * c for p, k, c, _ in shapes if p >= 3)
+    tangent = sum(p * c for p, k, c, _ in shapes if p < 3)
+    per_image_score = itemsize * (4 * act + patches + vectors * tangent)
+    per_image_hvp = itemsize * (8 * act + patches)
+    score_batch = int(max(1, min(settings.score_batch, (budget / 2) // per_image_score)))
+    chunk = int(max(1, min(256, settings.score_batch, (budget / 2) // per_image_hvp)))
+    return MemoryPlan(vectors, score_batch, chunk, per_vector)
+
+
+# ----------------------------------------------------------------------------- scoring pass
+
+def score_archive(scorer, train, stacked, score_batch, progress_desc="scoring"):
+    """Shares of every training image: float32 (T, N, L), in archive order.
+
+    ``stacked``: a Vec whose parts have a leading axis T (or a list of T Vecs).
+    """
     from influence.hvp import vec_stack
 
-    out = np.empty((len(vecs), len(train), len(scorer.layer_names) if scorer.split else 1), np.float32)
-    stacked = vec_stack(vecs)
+    if isinstance(stacked, list):
+        stacked = vec_stack(stacked)
+    t = int(stacked[0].shape[0])
+    out = np.empty((t, len(train), len(scorer.layer_names) if scorer.split else 1), np.float32)
     at = 0
-    with tqdm(total=len(train), desc=progress_desc, unit="img", leave=False) as bar:
+    with progress(total=len(train), desc=progress_desc, unit="img") as bar:
         for _, x, y, _ in train.iter_batches():
             for s in range(0, len(y), score_batch):
                 xc, yc = x[s:s + score_batch], y[s:s + score_batch].astype(np.int64)
@@ -199,33 +308,88 @@ def score_archive(scorer, train, vecs, score_batch, progress_desc="scoring"):
 
 # ----------------------------------------------------------------------------- the job
 
+@dataclasses.dataclass
+class TestItem:
+    """One test image to score: ``n`` counts from 1 within its (folder, label), as the original did."""
+
+    __test__ = False
+
+    folder: str
+    label: int
+    n: int
+    index: int           # position in the folder's arrays
+
+    @property
+    def ident(self):
+        return (self.folder, self.label, self.n)
+
+
+_WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS)
+
+
 def calculate(settings):
     """Run the whole job (see the module docstring). Returns the exit code."""
     with logging_redirect_tqdm():
-        return _calculate(settings)
+        try:
+            return _calculate(settings)
+        except OSError as exc:
+            if exc.errno not in _WRITE_ERRORS:
+                raise
+            where = exc.filename or settings.out
+            raise UserError(f"cannot write {where}: {exc.strerror}; free some space or choose another --out "
+                            f"(finished test images are kept: a rerun resumes)") from None
 
 
-def _calculate(settings):
-    timer = time.perf_counter
+def _check_settings(settings):
     if settings.top < 1:
         raise UserError("--top must be at least 1")
     if settings.memory_budget <= 0:
         raise UserError("--memory-budget must be > 0 (GB)")
     if settings.score_batch < 1:
         raise UserError("--score-batch must be at least 1")
-    scale = settings.scale_value()
+    if settings.limit < 0:
+        raise UserError(f"--limit must be >= 0 (0 = all test images), got {settings.limit}")
+    if settings.ekfac_max_block < 2:
+        raise UserError(f"--ekfac-max-block must be at least 2, got {settings.ekfac_max_block}")
+    return settings.scale_value()
+
+
+def list_test_items(test, folders, settings):
+    """Every test image of the run in folder, label, number order, and those still to do."""
+    items, todo = [], []
+    for folder in folders:
+        y = test.labels(folder)
+        for label in np.unique(y):
+            members = np.nonzero(y == label)[0]
+            if settings.limit:
+                members = members[:settings.limit]
+            label_dir = Path(settings.out) / folder / str(int(label))
+            for n, i in enumerate(members, start=1):
+                item = TestItem(folder, int(label), n, int(i))
+                items.append(item)
+                if settings.overwrite or not outputs_complete(label_dir, n, settings.save_format):
+                    todo.append(item)
+    return items, todo
+
+
+def _calculate(settings):
+    timer = time.perf_counter
+    scale = _check_settings(settings)
     train, test, classmap = open_archives(settings)
     folders = settings.folders or list(test.folders)
     unknown = [f for f in folders if f not in test.folders]
     if unknown:
         raise UserError(f"no test folder {', '.join(unknown)} in {test.path}; it has: {', '.join(test.folders)}")
-    check_resume(settings.out, settings)
+    fingerprints = data_fingerprints(train, test)
+    check_resume(settings.out, settings, fingerprints)
+    old_run = previous_run(settings.out) if not settings.overwrite else None
 
     t0 = timer()
-    from influence.hvp import Derivatives, TrainingObjective
+    from influence.curvature import make_solver
+    from influence.curvature.cache import CurvatureCache, curvature_key
+    from influence.hvp import Derivatives, TrainingObjective, vec_stack
     from influence.models import load_classifier
     from influence.scoring import Scorer
-    from influence.curvature import make_solver
 
     clf = load_classifier(settings.model, settings.weights, settings.preprocess, settings.params)
     check_compatible(clf, train, test, folders)
@@ -233,87 +397,108 @@ def _calculate(settings):
     record.add_time("load_model_s", timer() - t0)
     log.info("model %s: %d parameters over %d layers (--params %s); %d training images in %s",
              settings.model, clf.num_params, len(clf.groups), settings.params, len(train), train.path)
+    items, todo = list_test_items(test, folders, settings)
+    plan = plan_memory(clf, settings, len(todo))
     derivs = Derivatives(clf, train.image_shape)
-    objective = TrainingObjective(derivs, train, chunk=min(settings.score_batch, 256))
+    objective = TrainingObjective(derivs, train, chunk=plan.chunk)
     scorer = Scorer(derivs)
     if not scorer.split:
         log.warning("the model is not functional/sequential: scores have no per-layer split (total only)")
     layer_names = scorer.layer_names if scorer.split else ["all"]
     namer = class_namer(classmap, clf.num_classes)
-    itemsize = np.dtype(derivs.dtype.as_numpy_dtype).itemsize
-    budget = settings.memory_budget * 2**30
-    max_vecs = max(1, int(budget // (4 * clf.num_params * itemsize)))
-    score_batch = int(min(settings.score_batch,
-                          max(1, budget // (4 * activation_size(clf) * itemsize * max(1, min(max_vecs, 8))))))
     keys = [k for b in train.batches for k in train.keys(b)]
     train_files, train_labels = train.files(), train.labels()
-    solver = None
-    record.save(num_params=clf.num_params, layers=layer_names, train_images=len(train))
+    solver_info = (old_run or {}).get("solver_info")
+    record.save(num_params=clf.num_params, layers=layer_names, train_images=len(train), fingerprints=fingerprints,
+                memory_plan=dataclasses.asdict(plan), solver_info=solver_info)
 
+    # predictions of every folder; the images of folders with work left stay in memory
+    images, preds, confs, files = {}, {}, {}, {}
     for folder in folders:
-        x, y, files = test.read(folder)
-        folder_dir = Path(settings.out) / folder
-        log.info("== test folder %s: %d images, %d labels", folder, len(y), len(np.unique(y)))
+        x, y, f = test.read(folder)
         probs = np.concatenate([np.zeros((0, clf.num_classes))] +
                                [derivs.predict(x[s:s + 256]).numpy() for s in range(0, len(y), 256)])
-        preds, confs = probs.argmax(axis=1), probs.max(axis=1)
-        write_predictions_csv(folder_dir / f"{folder}_preds.csv", files, y, preds, confs, namer)
-        log.info("   accuracy %.1f%% -> %s", 100.0 * float(np.mean(preds == y)) if len(y) else 0.0,
-                 folder_dir / f"{folder}_preds.csv")
-        for label in np.unique(y):
-            members = np.nonzero(y == label)[0]
-            if settings.limit:
-                members = members[:settings.limit]
-            label_dir = folder_dir / str(int(label))
-            todo = [n for n in range(len(members))
-                    if settings.overwrite or not outputs_complete(label_dir, n, settings.save_format)]
-            skipped = len(members) - len(todo)
-            record.data["counts"]["test_images_skipped"] += skipped
-            log.info("-- %s / class %d (%s): %d test image(s)%s", folder, label, namer(int(label)), len(members),
-                     f", {skipped} already done" if skipped else "")
-            if not todo:
-                continue
-            if solver is None:
-                t1 = timer()
-                solver = make_solver(settings.solver, objective, settings.damping, iter=settings.iter,
-                                     bsize=settings.bsize, repeats=settings.repeats, scale=scale,
-                                     seed=settings.seed, cg_tol=settings.cg_tol, cg_maxiter=settings.cg_maxiter,
-                                     max_exact_params=settings.max_exact_params)
-                solver.fit()
-                record.add_time("solver_setup_s", timer() - t1)
-            for start in range(0, len(todo), max_vecs):
-                chunk = todo[start:start + max_vecs]
-                idx = members[chunk]
-                t1 = timer()
-                grads = [derivs.gradient(x[i:i + 1], y[i:i + 1].astype(np.int64)) for i in idx]
-                record.add_time("test_gradients_s", timer() - t1)
-                t1 = timer()
-                ihvps = solver.solve(grads)
-                record.add_time("inverse_hvp_s", timer() - t1)
-                t1 = timer()
-                shares = score_archive(scorer, train, ihvps, score_batch,
-                                       progress_desc=f"scoring {folder}/{int(label)} x{len(chunk)}")
-                record.add_time("scoring_s", timer() - t1)
-                t1 = timer()
-                for j, (n, i) in enumerate(zip(chunk, idx)):
-                    scores = shares[j].sum(axis=1)
-                    written = write_test_outputs(
-                        label_dir, n, scores=scores, shares=shares[j], layer_names=layer_names, keys=keys,
-                        train_files=train_files, train_labels=train_labels, class_name=namer,
-                        fetch_image=lambda gi: train.take([gi])[0][0], test_image=x[i], test_label=int(y[i]),
-                        test_pred=int(preds[i]), test_conf=float(confs[i]), test_file=str(files[i]),
-                        top=settings.top, fmt=settings.save_format)
-                    log.info("   [%d] %s: true %s, predicted %s (%.1f%%); most harmful %s (%.3g), most useful %s (%.3g)",
-                             n, files[i] or f"#{i}", namer(int(y[i])), namer(int(preds[i])), 100 * confs[i],
-                             keys[int(np.argmin(scores))], float(scores.min()),
-                             keys[int(np.argmax(scores))], float(scores.max()))
-                    log.info("       wrote %s/: %s", label_dir, " ".join(p.name for p in written))
-                    record.data["counts"]["test_images_done"] += 1
-                record.add_time("writing_s", timer() - t1)
-            record.save(solver_info=solver.info)
-    record.data["timings"]["total_s"] = round(timer() - t0, 3)
-    record.save(status="complete", finished=time.strftime("%Y-%m-%d %H:%M:%S"),
-                solver_info=solver.info if solver else None)
+        preds[folder], confs[folder], files[folder] = probs.argmax(axis=1), probs.max(axis=1), f
+        csv_path = Path(settings.out) / folder / f"{folder}_preds.csv"
+        write_predictions_csv(csv_path, f, y, preds[folder], confs[folder], namer)
+        n_items = sum(1 for it in items if it.folder == folder)
+        n_todo = sum(1 for it in todo if it.folder == folder)
+        log.info("== test folder %s: %d images, %d labels, accuracy %.1f%%; %d to score%s -> %s", folder, len(y),
+                 len(np.unique(y)), 100.0 * float(np.mean(preds[folder] == y)) if len(y) else 0.0, n_todo,
+                 f" ({n_items - n_todo} already done)" if n_items > n_todo else "", csv_path)
+        if n_todo:
+            images[folder] = (np.asarray(x), y)
+    record.data["counts"]["test_images_skipped"] = len(items) - len(todo)
+    if not todo:
+        return _finish(record, t0, solver_info)
+
+    # curvature: fitted once, cached
+    t1 = timer()
+    solver = make_solver(settings.solver, objective, settings.damping, iter=settings.iter, bsize=settings.bsize,
+                         repeats=settings.repeats, scale=scale, seed=settings.seed, cg_tol=settings.cg_tol,
+                         cg_maxiter=settings.cg_maxiter, max_exact_params=settings.max_exact_params,
+                         fisher=settings.fisher, ekfac_max_block=settings.ekfac_max_block,
+                         memory_budget=settings.memory_budget)
+    cache = CurvatureCache(settings.cache or Path(settings.out) / "curvature")
+    key = curvature_key(clf, train, model=settings.model, preprocess=settings.preprocess, solver=solver)
+    loaded = cache.load(solver, key)
+    if not loaded:
+        solver.fit()
+        cache.save(solver, key)
+    record.add_time("curvature_s", timer() - t1)
+    record.data["curvature"] = {"cache": str(cache.path(solver)), "loaded": loaded}
+    record.save(solver_info=solver.info)
+    log.info("scoring %d test image(s) in %d group(s) of at most %d (--memory-budget %g GB); %d training images "
+             "per scoring step", len(todo), -(-len(todo) // plan.vectors), plan.vectors, settings.memory_budget,
+             plan.score_batch)
+
+    for start in range(0, len(todo), plan.vectors):
+        group = todo[start:start + plan.vectors]
+        t1 = timer()
+        grads = [derivs.gradient(images[it.folder][0][it.index:it.index + 1],
+                                 images[it.folder][1][it.index:it.index + 1].astype(np.int64)) for it in group]
+        record.add_time("test_gradients_s", timer() - t1)
+        t1 = timer()
+        stacked = vec_stack(solver.solve(grads, ids=[it.ident for it in group]))
+        del grads
+        record.add_time("inverse_hvp_s", timer() - t1)
+        t1 = timer()
+        shares = score_archive(scorer, train, stacked, plan.score_batch,
+                               progress_desc=f"scoring {len(group)} test image(s)")
+        del stacked
+        record.add_time("scoring_s", timer() - t1)
+        t1 = timer()
+        for j, it in enumerate(group):
+            _write_item(settings, it, shares[j], images, preds, confs, files, layer_names, keys, train_files,
+                        train_labels, namer, train)
+            record.data["counts"]["test_images_done"] += 1
+        record.add_time("writing_s", timer() - t1)
+        record.save(solver_info=solver.info)
+    return _finish(record, t0, solver.info)
+
+
+def _write_item(settings, it, shares, images, preds, confs, files, layer_names, keys, train_files, train_labels,
+                namer, train):
+    x, y = images[it.folder]
+    i = it.index
+    label_dir = Path(settings.out) / it.folder / str(it.label)
+    scores = shares.sum(axis=1)
+    written = write_test_outputs(
+        label_dir, it.n, scores=scores, shares=shares, layer_names=layer_names, keys=keys,
+        train_files=train_files, train_labels=train_labels, class_name=namer,
+        fetch_image=lambda gi: train.take([gi])[0][0], test_image=x[i], test_label=int(y[i]),
+        test_pred=int(preds[it.folder][i]), test_conf=float(confs[it.folder][i]),
+        test_file=str(files[it.folder][i]), top=settings.top, fmt=settings.save_format)
+    log.info("   %s/%d [%d] %s: true %s, predicted %s (%.1f%%); most harmful %s (%.3g), most useful %s (%.3g)",
+             it.folder, it.label, it.n, files[it.folder][i] or f"#{i}", namer(int(y[i])),
+             namer(int(preds[it.folder][i])), 100 * confs[it.folder][i], keys[int(np.argmin(scores))],
+             float(scores.min()), keys[int(np.argmax(scores))], float(scores.max()))
+    log.info("       wrote %s/: %s", label_dir, " ".join(p.name for p in written))
+
+
+def _finish(record, t0, solver_info):
+    record.data["timings"]["total_s"] = round(time.perf_counter() - t0, 3)
+    record.save(status="complete", finished=time.strftime("%Y-%m-%d %H:%M:%S"), solver_info=solver_info)
     done = record.data["counts"]
     log.info("done: %d test image(s) scored, %d already complete; settings and timings in %s",
              done["test_images_done"], done["test_images_skipped"], record.path)

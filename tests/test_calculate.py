@@ -68,9 +68,9 @@ def test_end_to_end_outputs_and_numbers(project):
     assert r.returncode == 0, r.stderr
     out = project / "out"
     # console: per folder, per class, per test image with the paths written
-    assert "== test folder orig" in r.stderr and "-- orig / class 2" in r.stderr and "wrote" in r.stderr
+    assert "== test folder orig" in r.stderr and "orig/2 [2]" in r.stderr and "wrote" in r.stderr
     assert (out / "orig" / "orig_preds.csv").exists() and (out / "wb" / "wb_preds.csv").exists()
-    for folder, label, n in [("orig", 0, 0), ("orig", 0, 1), ("orig", 2, 1), ("wb", 1, 0)]:
+    for folder, label, n in [("orig", 0, 1), ("orig", 0, 2), ("orig", 2, 2), ("wb", 1, 1)]:
         d = out / folder / str(label)
         for name in (f"harmful_{n}.png", f"useful_{n}.png", f"harmful_{n}.csv", f"useful_{n}.csv",
                      f"{n}.npy", f"{n}_scores.npy"):
@@ -92,15 +92,15 @@ def test_end_to_end_outputs_and_numbers(project):
     d = Derivatives(clf, train.image_shape)
     H = dense_hessian(d, x_tr, y_tr.astype(np.int64)).astype(np.float64)
     G_tr = per_example_gradients(d, x_tr, y_tr.astype(np.int64))
-    i = int(np.nonzero(y_te == 2)[0][1])                      # the 2nd test image of class 2 -> n = 1
+    i = int(np.nonzero(y_te == 2)[0][1])                      # the 2nd test image of class 2 -> n = 2
     g = per_example_gradients(d, x_te[i:i + 1], y_te[i:i + 1].astype(np.int64))[0]
     want = G_tr @ np.linalg.solve(H + 0.1 * np.eye(len(g)), g)
-    got = np.load(out / "orig" / "2" / "1_scores.npy", allow_pickle=False)
+    got = np.load(out / "orig" / "2" / "2_scores.npy", allow_pickle=False)
     assert got.dtype == np.float32 and got.shape == (len(train),)
     np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-3 * np.abs(want).max())
 
     # the original's dict: "{batch}_{index}" -> {layer: share, "total": score}, shares summing to the total
-    table = np.load(out / "orig" / "2" / "1.npy", allow_pickle=True).item()
+    table = np.load(out / "orig" / "2" / "2.npy", allow_pickle=True).item()
     assert len(table) == len(train)
     keys = [k for b in train.batches for k in train.keys(b)]
     for k, total in zip(keys, got):
@@ -109,10 +109,10 @@ def test_end_to_end_outputs_and_numbers(project):
         assert entry["conv"] + entry["dense"] == pytest.approx(entry["total"], rel=1e-4, abs=1e-6)
         assert entry["total"] == pytest.approx(float(total), rel=1e-6, abs=1e-7)
     # the CSVs: most negative first in harmful, most positive first in useful
-    with open(out / "orig" / "2" / "harmful_1.csv") as fh:
+    with open(out / "orig" / "2" / "harmful_2.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert [r["key"] for r in rows] == [keys[j] for j in np.argsort(got, kind="stable")[:3]]
-    with open(out / "orig" / "2" / "useful_1.csv") as fh:
+    with open(out / "orig" / "2" / "useful_2.csv") as fh:
         top = next(csv.DictReader(fh))
     assert float(top["score"]) == pytest.approx(float(got.max()), rel=1e-5)
     image, label, file = train.lookup(top["key"])
@@ -123,16 +123,16 @@ def test_rerun_skips_finished_images_and_redoes_missing_ones(project):
     args = (*EXACT, "--out", "resume", "--folders", "orig")
     assert calc(project, *args).returncode == 0
     d = project / "resume" / "orig" / "2"
-    keep = (d / "0_scores.npy").stat().st_mtime_ns
-    os.remove(d / "useful_1.png")                       # as if the run had stopped inside image 1
+    keep = (d / "1_scores.npy").stat().st_mtime_ns
+    os.remove(d / "useful_2.png")                       # as if the run had stopped inside image 2
     r = calc(project, *args)
     assert r.returncode == 0, r.stderr
-    assert "1 already done" in r.stderr                 # image 0 of class 2 skipped, image 1 redone
-    assert (d / "useful_1.png").exists() and (d / "0_scores.npy").stat().st_mtime_ns == keep
+    assert "(3 already done)" in r.stderr               # image 1 of class 2 (and class 0) skipped, image 2 redone
+    assert (d / "useful_2.png").exists() and (d / "1_scores.npy").stat().st_mtime_ns == keep
     run = json.loads((project / "resume" / "run.json").read_text())
     assert run["counts"] == {"test_images_done": 1, "test_images_skipped": 3}
     r = calc(project, *args, "--overwrite")
-    assert r.returncode == 0 and (d / "0_scores.npy").stat().st_mtime_ns != keep
+    assert r.returncode == 0 and (d / "1_scores.npy").stat().st_mtime_ns != keep
     # other math settings in the same --out folder are refused
     one_line_error(calc(project, "--solver", "exact", "--damping", "0.5", "-sf", "png", "--out", "resume",
                         "--folders", "orig"), "other settings", "damping 0.1 -> 0.5")
@@ -168,9 +168,9 @@ def test_lissa_and_cg_run_through_the_script(project):
     r = calc(project, "--solver", "cg", "--damping", "0.1", "-sf", "pdf", "--out", "cg", "--folders", "wb",
              "--params", "dense")
     assert r.returncode == 0, r.stderr
-    table = np.load(project / "cg" / "wb" / "1" / "0.npy", allow_pickle=True).item()
+    table = np.load(project / "cg" / "wb" / "1" / "1.npy", allow_pickle=True).item()
     assert set(next(iter(table.values()))) == {"dense", "total"}
-    assert (project / "cg" / "wb" / "1" / "harmful_0.pdf").read_bytes()[:4] == b"%PDF"
+    assert (project / "cg" / "wb" / "1" / "harmful_1.pdf").read_bytes()[:4] == b"%PDF"
 
 
 def test_errors_through_the_script_are_one_line_with_exit_code_2(project, tmp_path):
@@ -235,7 +235,7 @@ def test_vgg16_smoke_two_images(tmp_path):
                        cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     assert "RANDOM weights" in r.stderr
-    table = np.load(tmp_path / "calc_output" / "orig" / "0" / "0.npy", allow_pickle=True).item()
+    table = np.load(tmp_path / "calc_output" / "orig" / "0" / "1.npy", allow_pickle=True).item()
     assert set(table) == {"0_0", "0_1"} and set(table["0_0"]) == {"predictions", "total"}
     with open(tmp_path / "calc_output" / "orig" / "orig_preds.csv") as fh:
         row = next(csv.DictReader(fh))

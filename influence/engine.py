@@ -142,10 +142,15 @@ def class_namer(classmap, num_classes):
     return str
 
 
-def data_fingerprints(train, test):
-    """Content fingerprints: ``{"train": hex, "test": {folder: hex}}`` (see TrainArchive.fingerprint)."""
-    return {"train": train.fingerprint(),
-            "test": {f: test.fingerprint(prefix=f"test_{f}_") for f in test.folders}}
+def data_fingerprints(train, test, folders, previous=None):
+    """Content fingerprints: ``{"train": hex, "test": {folder: hex}}`` (see TrainArchive.fingerprint).
+
+    Only ``folders`` (this run's) are fingerprinted anew; the other folders keep the digests in
+    ``previous`` (an earlier run.json's), which describe the results they hold.
+    """
+    tests = dict((previous or {}).get("test", {}))
+    tests.update({f: test.fingerprint(prefix=f"test_{f}_") for f in folders})
+    return {"train": train.fingerprint(), "test": tests}
 
 
 def previous_run(out):
@@ -380,9 +385,9 @@ def _calculate(settings):
     unknown = [f for f in folders if f not in test.folders]
     if unknown:
         raise UserError(f"no test folder {', '.join(unknown)} in {test.path}; it has: {', '.join(test.folders)}")
-    fingerprints = data_fingerprints(train, test)
-    check_resume(settings.out, settings, fingerprints)
     old_run = previous_run(settings.out) if not settings.overwrite else None
+    fingerprints = data_fingerprints(train, test, folders, (old_run or {}).get("fingerprints"))
+    check_resume(settings.out, settings, fingerprints)
 
     t0 = timer()
     from influence.curvature import make_solver

@@ -1,0 +1,174 @@
+"""The calculate job in-process: grouping, the curvature cache, resume safety and write failures."""
+import errno
+import json
+import logging
+
+import numpy as np
+import pytest
+
+from engine_helpers import random_data, tiny_model, write_test_archive, write_train_archive
+from influence import engine
+from influence.engine import Settings, calculate
+from influence.errors import UserError
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """data/ with train.npz (24 images), test.npz (folders a: 5 images, b: 3) and model.keras."""
+    root = tmp_path_factory.mktemp("pipeline")
+    x, y = random_data(24, seed=3)
+    write_train_archive(root / "train.npz", x, y, batch=10)
+    xa, ya = random_data(5, seed=4)
+    xb, yb = random_data(3, seed=5)
+    write_test_archive(root / "test.npz", {"a": (xa, ya), "b": (xb, yb)})
+    tiny_model(seed=1, dtype="float64", batchnorm=False).save(root / "model.keras")
+    return root
+
+
+def settings(data, out, **kw):
+    base = dict(data=str(data), out=str(out), model=str(data / "model.keras"), preprocess="unit", solver="exact",
+                damping=0.05, save_format="png", top=2)
+    base.update(kw)
+    return Settings(**base)
+
+
+def scores_of(out):
+    """{relative path: scores} of every ``<n>_scores.npy`` under ``out``."""
+    return {str(p.relative_to(out)): np.load(p) for p in sorted(out.rglob("*_scores.npy"))}
+
+
+def test_lissa_numbers_do_not_depend_on_grouping_folders_or_limit(data, tmp_path):
+    lissa = dict(solver="lissa", iter=30, bsize=4, params="dense", damping=0.3)
+    calculate(settings(data, tmp_path / "full", **lissa))
+    calculate(settings(data, tmp_path / "small", memory_budget=1e-6, folders=["b"], **lissa))
+    calculate(settings(data, tmp_path / "limited", limit=1, **lissa))
+    full, small, limited = (scores_of(tmp_path / d) for d in ("full", "small", "limited"))
+    assert small and set(small) < set(full) and set(limited) < set(full)
+    for part in (small, limited):
+        for name, value in part.items():
+            np.testing.assert_array_equal(value, full[name], err_msg=name)
+    run = json.loads((tmp_path / "small" / "run.json").read_text())
+    assert run["memory_plan"]["vectors"] == 1            # the tiny budget scored one image per group
+
+
+def test_curvature_cache_is_reused_and_invalidated(data, tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    cache = tmp_path / "cache"
+    calculate(settings(data, tmp_path / "one", cache=str(cache)))
+    assert (cache / "exact.npz").is_file()
+    caplog.clear()
+    calculate(settings(data, tmp_path / "two", cache=str(cache), damping=0.2))  # damping is applied after the cache
+    assert "curvature cache: loaded" in caplog.text
+    fresh = tmp_path / "fresh"
+    calculate(settings(data, fresh, damping=0.2))
+    for name, value in scores_of(fresh).items():
+        np.testing.assert_allclose(scores_of(tmp_path / "two")[name], value, rtol=1e-6)
+
+    caplog.clear()
+    calculate(settings(data, tmp_path / "three", cache=str(cache), params="dense"))
+    assert "--params changed" in caplog.text and "refitting" in caplog.text
+
+    # another training archive (same path, other contents) invalidates it
+    other = tmp_path / "other"
+    other.mkdir()
+    for name in ("test.npz", "model.keras"):
+        (other / name).write_bytes((data / name).read_bytes())
+    x, y = random_data(24, seed=9)
+    write_train_archive(other / "train.npz", x, y, batch=10)
+    same_model = str(data / "model.keras")
+    calculate(settings(other, tmp_path / "four", cache=str(cache), model=same_model))
+    caplog.clear()
+    calculate(settings(other, tmp_path / "five", cache=str(cache), model=same_model))
+    assert "curvature cache: loaded" in caplog.text
+    caplog.clear()
+    calculate(settings(data, tmp_path / "six", cache=str(cache)))
+    assert "the training archive changed" in caplog.text
+
+    # a corrupt cache file is refitted, never trusted
+    (cache / "exact.npz").write_bytes(b"PK\x03\x04 garbage")
+    caplog.clear()
+    calculate(settings(data, tmp_path / "seven", cache=str(cache)))
+    assert "unreadable" in caplog.text
+    for name, value in scores_of(tmp_path / "seven").items():
+        np.testing.assert_allclose(value, scores_of(tmp_path / "one")[name], rtol=1e-6)
+
+
+def test_resume_refuses_another_training_archive(data, tmp_path):
+    calculate(settings(data, tmp_path / "out", folders=["b"]))
+    other = tmp_path / "other"
+    other.mkdir()
+    for name in ("test.npz", "model.keras"):
+        (other / name).write_bytes((data / name).read_bytes())
+    x, y = random_data(24, seed=11)
+    write_train_archive(other / "train.npz", x, y, batch=10)
+    same_model = str(data / "model.keras")
+    with pytest.raises(UserError, match="another training archive"):
+        calculate(settings(other, tmp_path / "out", folders=["b"], model=same_model))
+    # a test folder whose images changed is refused too; a new folder is fine
+    xb, yb = random_data(3, seed=12)
+    xa, ya = random_data(5, seed=4)
+    write_test_archive(other / "test.npz", {"a": (xa, ya), "b": (xb, yb)})
+    write_train_archive(other / "train.npz", *random_data(24, seed=3), batch=10)
+    with pytest.raises(UserError, match="test folder b computed on other test images"):
+        calculate(settings(other, tmp_path / "out", folders=["b"], model=same_model))
+    calculate(settings(other, tmp_path / "out", folders=["a"], model=same_model))
+
+
+def test_resumed_run_keeps_solver_facts(data, tmp_path):
+    calculate(settings(data, tmp_path / "out", folders=["b"]))
+    first = json.loads((tmp_path / "out" / "run.json").read_text())["solver_info"]
+    calculate(settings(data, tmp_path / "out", folders=["b"]))
+    again = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert first and again["solver_info"] == first and again["counts"]["test_images_done"] == 0
+
+
+def test_negative_labels_are_refused_before_any_work(data, tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "model.keras").write_bytes((data / "model.keras").read_bytes())
+    (bad / "train.npz").write_bytes((data / "train.npz").read_bytes())
+    x, y = random_data(2, seed=1)
+    write_test_archive(bad / "test.npz", {"a": (x, np.array([0, -1]))})
+    with pytest.raises(UserError, match="label -1 is negative"):
+        calculate(settings(bad, tmp_path / "out"))
+    assert not (tmp_path / "out" / "a").exists()
+
+
+@pytest.mark.parametrize("limit", [-1])
+def test_negative_limit_is_an_error(data, tmp_path, limit):
+    with pytest.raises(UserError, match="--limit must be >= 0"):
+        calculate(settings(data, tmp_path / "out", limit=limit))
+
+
+def test_disk_full_is_one_line_and_a_rerun_resumes(data, tmp_path, monkeypatch):
+    real = engine.write_test_outputs
+    calls = {"n": 0}
+
+    def failing(folder_dir, n, **kw):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", str(folder_dir / f"{n}.npy"))
+        return real(folder_dir, n, **kw)
+
+    monkeypatch.setattr(engine, "write_test_outputs", failing)
+    with pytest.raises(UserError, match="No space left on device.*a rerun resumes"):
+        calculate(settings(data, tmp_path / "out", folders=["b"]))
+    monkeypatch.setattr(engine, "write_test_outputs", real)
+    assert not [p for p in (tmp_path / "out").rglob("*") if ".tmp" in p.name]
+    calculate(settings(data, tmp_path / "out", folders=["b"]))
+    run = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert run["counts"] == {"test_images_done": 2, "test_images_skipped": 1}
+
+
+def test_grayscale_model_gets_a_channel_message(data, tmp_path):
+    import keras
+
+    gray = tmp_path / "gray"
+    gray.mkdir()
+    for name in ("train.npz", "test.npz"):
+        (gray / name).write_bytes((data / name).read_bytes())
+    keras.Sequential([keras.Input((6, 6, 1)), keras.layers.Flatten(),
+                      keras.layers.Dense(4, activation="softmax")]).save(gray / "model.keras")
+    with pytest.raises(UserError, match="1-channel images but the archives hold 3-channel") as err:
+        calculate(settings(gray, tmp_path / "out"))
+    assert "--size" not in str(err.value)

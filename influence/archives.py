@@ -9,6 +9,7 @@ Archives are ordinary numpy ``.npz`` files (uncompressed zip, zip64 allowed), re
     train_y_{b}      int64  (N, 1)         class index
     train_files_{b}  <U     (N,)           path relative to the train folder
     meta_size        int64  (2,)           [H, W]
+    meta_classes     <U16   ()             digest of the class map (ClassMap.digest)
 
 ``test.npz`` (one group per test folder, named by the folder's basename)::
 
@@ -16,9 +17,17 @@ Archives are ordinary numpy ``.npz`` files (uncompressed zip, zip64 allowed), re
     test_{folder}_y      int64  (N, 1)
     test_{folder}_files  <U     (N,)
     meta_size            int64  (2,)
+    meta_classes         <U16   ()      the class map the labels refer to (absent: not known)
+
+A test folder name must be a plain name (no ``/`` or ``\\``, not ``.``, ``..`` or empty): result
+folders are named after it, so an archive with any other name is refused when opened.
 
 Archives written by the original tool are read too: no ``_files`` keys (files become ``""``), no
-``meta_size`` (shape taken from the first image array), ``y`` of any integer type.
+``meta_size`` (shape taken from the first image array), no ``meta_classes`` (no class check),
+``y`` of any integer type, and images of any integer type (the original wrote int16) as long as
+every value is in 0..255. Such images are converted to uint8 when read, and the range is checked
+on what is read (a batch, the rows of :meth:`TrainArchive.take`, a test folder): checking it at
+open would mean reading the whole archive. uint8 archives are memory-mapped with no conversion.
 """
 import io
 import os
@@ -116,7 +125,7 @@ def _needs_v2(header):
 class ArchiveWriter:
     """Write an ``.npz`` archive member by member, atomically.
 
-    The archive is built under a temporary name in the same folder (``.<name>.partial``) and
+    The archive is built under a temporary name in the same folder (``.<name>.<pid>.<random>.partial``) and
     renamed to ``path`` only when the ``with`` block ends without an exception; on any exception
     (Ctrl-C included) the temporary file is deleted. Memory does not grow with the data: each
     :meth:`add` writes one array, each :meth:`stream` spools rows through a temporary file.
@@ -130,7 +139,9 @@ class ArchiveWriter:
     def __init__(self, path):
         self.path = os.path.abspath(os.fspath(path))
         self.folder = os.path.dirname(self.path)
-        self.tmp_path = os.path.join(self.folder, f".{os.path.basename(self.path)}.partial")
+        # unique per writer (pid + random), so two runs never write into one temporary file
+        self.tmp_path = os.path.join(
+            self.folder, f".{os.path.basename(self.path)}.{os.getpid()}.{os.urandom(4).hex()}.partial")
         self._zip = None
         self._streams = set()
         self._keys = set()
@@ -238,6 +249,46 @@ def _files_or_blank(npz, key, n):
     return np.full(n, "", dtype="<U1")
 
 
+def _check_pixel_header(path, key, shape, dtype, fortran):
+    """UserError unless member ``key`` is integer images ``(N, H, W, 3)`` in C order."""
+    if (len(shape) != 4 or shape[3] != 3 or fortran or not np.issubdtype(dtype, np.integer)
+            or dtype.itemsize > 8):
+        raise UserError(f"{path}: {key} is {dtype} {shape}, expected uint8 (N, H, W, 3) "
+                        "(or int16 as the original tool wrote, values 0..255)")
+
+
+def as_pixels(x, where):
+    """Integer images of any dtype -> uint8, same shape; ``x`` itself when already uint8.
+
+    Raises :class:`UserError` (naming ``where``) when a value lies outside 0..255: such an
+    archive does not hold 8-bit images, and wrapping them round would silently change them.
+    """
+    if x.dtype == np.uint8:
+        return x
+    if x.size:
+        low, high = int(x.min()), int(x.max())
+        if low < 0 or high > 255:
+            raise UserError(f"{where}: pixel values {low}..{high} are outside 0..255; "
+                            "only 8-bit images can be read (run prepare_data.py again)")
+    return x.astype(np.uint8)
+
+
+def is_plain_name(name):
+    """True if ``name`` can name one folder: not empty, not ``.`` or ``..``, no ``/``, ``\\`` or NUL."""
+    name = str(name)
+    return bool(name) and name not in (".", "..") and not any(c in name for c in "/\\\0")
+
+
+def _meta_classes(npz, path):
+    """The ``meta_classes`` digest of an archive, or ``None`` when it has none."""
+    if "meta_classes" not in npz.files:
+        return None
+    value = npz["meta_classes"]
+    if value.dtype.kind != "U" or value.shape != ():
+        raise UserError(f"{path}: meta_classes is {value.dtype} {value.shape}, expected a string")
+    return str(value)
+
+
 def _as_labels(y):
     y = np.asarray(y)
     if not np.issubdtype(y.dtype, np.integer):
@@ -254,6 +305,8 @@ class _NpzArchive:
         self.path = os.fspath(path)
         self._npz = _open_npz(self.path, self.KIND, self.HINT)
         try:
+            #: digest of the class map the labels refer to (``meta_classes``), or None
+            self.classes_digest = _meta_classes(self._npz, self.path)
             self._index_members()
         except UserError:
             self.close()
@@ -304,8 +357,10 @@ class TrainArchive(_NpzArchive):
     ``image_shape``  ``(H, W, 3)``
     ``len(a)``       number of images; archive order is batch by batch, ascending ids
 
-    Images are uint8 ``(N, H, W, 3)``, labels int64 ``(N,)``, files str ``(N,)`` (paths relative
+    Images are uint8 ``(N, H, W, 3)`` (int16 archives of the original tool are converted on
+    read, see the module docstring), labels int64 ``(N,)``, files str ``(N,)`` (paths relative
     to the train folder; ``""`` for archives of the original tool).
+    ``classes_digest``: the ``meta_classes`` member, or None.
     """
 
     KIND, HINT = "train", "run prepare_data.py first"
@@ -330,12 +385,12 @@ class TrainArchive(_NpzArchive):
         self.batches = batches
         lengths = []
         shape = None
+        self._dtypes = {}
         for b in batches:
             xshape, fortran, dtype = _member_header(self._npz, f"train_x_{b}")
             yshape, _, ydtype = _member_header(self._npz, f"train_y_{b}")
-            if len(xshape) != 4 or xshape[3] != 3 or dtype != np.uint8 or fortran:
-                raise UserError(f"{self.path}: train_x_{b} is {dtype} {xshape}, expected "
-                                "uint8 (N, H, W, 3)")
+            _check_pixel_header(self.path, f"train_x_{b}", xshape, dtype, fortran)
+            self._dtypes[b] = dtype
             if int(np.prod(yshape)) != xshape[0] or not np.issubdtype(ydtype, np.integer):
                 raise UserError(f"{self.path}: train_y_{b} {ydtype} {yshape} does not match "
                                 f"train_x_{b} {xshape}")
@@ -371,7 +426,7 @@ class TrainArchive(_NpzArchive):
         b = int(b)
         if b not in self._lengths:
             raise KeyError(f"no batch {b} in {self.path}")
-        x = self._npz[f"train_x_{b}"]
+        x = as_pixels(self._npz[f"train_x_{b}"], f"{self.path}: train_x_{b}")
         y = _as_labels(self._npz[f"train_y_{b}"])
         files = _files_or_blank(self._npz, f"train_files_{b}", len(x))
         return x, y, files
@@ -396,7 +451,8 @@ class TrainArchive(_NpzArchive):
 
     # -- random access
     def _batch_views(self):
-        """One memory map of the whole file; a view per stored train_x member (None if not)."""
+        """One memory map of the whole file; a view per stored train_x member (None if not),
+        of the member's own dtype (int16 views are converted by the callers, row by row)."""
         if self._views is None:
             views = {}
             infos = {i.filename: i for i in self._npz.zip.infolist()}
@@ -408,7 +464,7 @@ class TrainArchive(_NpzArchive):
                 if off is None:
                     views[b] = None
                 else:
-                    views[b] = np.ndarray((self._lengths[b], *self.image_shape), np.uint8,
+                    views[b] = np.ndarray((self._lengths[b], *self.image_shape), self._dtypes[b],
                                           buffer=self._mmap, offset=off)
             self._views = views
         return self._views
@@ -435,7 +491,7 @@ class TrainArchive(_NpzArchive):
             sel = np.nonzero(pos == p)[0]
             b = self.batches[int(p)]
             local = indices[sel] - self._starts[p]
-            x[sel] = self._batch_x(b)[local]
+            x[sel] = as_pixels(self._batch_x(b)[local], f"{self.path}: train_x_{b}")
         return x, self.labels()[indices]
 
     def lookup(self, key):
@@ -446,7 +502,7 @@ class TrainArchive(_NpzArchive):
                 raise ValueError
         except ValueError:
             raise KeyError(f"no image {key!r} in {self.path}") from None
-        image = np.array(self._batch_x(b)[i])
+        image = np.array(as_pixels(self._batch_x(b)[i], f"{self.path}: train_x_{b}"))
         label = int(self.labels()[self._starts[self._pos[b]] + i])
         key_files = f"train_files_{b}"
         file = str(self._npz[key_files][i]) if key_files in self._npz.files else ""
@@ -468,8 +524,9 @@ class TrainArchive(_NpzArchive):
 class TestArchive(_NpzArchive):
     """Read-only view of ``test.npz``.
 
-    ``folders``      test folder names in file order
-    ``image_shape``  ``(H, W, 3)``
+    ``folders``         test folder names in file order (plain names: checked at open)
+    ``image_shape``     ``(H, W, 3)``
+    ``classes_digest``  the ``meta_classes`` member, or None
     :meth:`read` returns ``(x uint8 (N, H, W, 3), y int64 (N,), files str (N,))``.
     """
 
@@ -491,12 +548,14 @@ class TestArchive(_NpzArchive):
         if not folders or bad:
             raise UserError(f"{self.path}: not a valid test archive "
                             "(needs test_<folder>_x and test_<folder>_y)")
+        unsafe = [f for f in folders if not is_plain_name(f)]
+        if unsafe:
+            raise UserError(f"{self.path}: test folder name {unsafe[0]!r} is not a plain folder "
+                            "name (no / or \\, not . or ..); refusing this archive")
         shape = None
         for f in folders:
-            xshape, _, dtype = _member_header(self._npz, f"test_{f}_x")
-            if len(xshape) != 4 or xshape[3] != 3 or dtype != np.uint8:
-                raise UserError(f"{self.path}: test_{f}_x is {dtype} {xshape}, expected "
-                                "uint8 (N, H, W, 3)")
+            xshape, fortran, dtype = _member_header(self._npz, f"test_{f}_x")
+            _check_pixel_header(self.path, f"test_{f}_x", xshape, dtype, fortran)
             shape = shape or xshape[1:]
         if "meta_size" in self._npz.files:
             shape = (*(int(v) for v in self._npz["meta_size"]), 3)
@@ -516,7 +575,7 @@ class TestArchive(_NpzArchive):
     def read(self, folder):
         """``(x uint8 (N, H, W, 3), y int64 (N,), files str (N,))`` of one test folder."""
         self._check_folder(folder)
-        x = self._npz[f"test_{folder}_x"]
+        x = as_pixels(self._npz[f"test_{folder}_x"], f"{self.path}: test_{folder}_x")
         y = _as_labels(self._npz[f"test_{folder}_y"])
         if len(y) != len(x):
             raise UserError(f"{self.path}: test_{folder}_y does not match test_{folder}_x")
@@ -529,4 +588,36 @@ class TestArchive(_NpzArchive):
         return f"TestArchive({self.path!r}: folders {self.folders}, {self.image_shape})"
 
 
-__all__ = ["ArchiveWriter", "TrainArchive", "TestArchive"]
+# --------------------------------------------------------------------------------------------
+# consistency
+
+
+def check_same_classes(train, test, classmap=None):
+    """Raise :class:`UserError` when the archives' labels refer to different class maps.
+
+    ``train``: a :class:`TrainArchive`; ``test``: a :class:`TestArchive`; ``classmap``: the
+    :class:`~influence.classes.ClassMap` of ``labels.json``, or None. Compares the
+    ``meta_classes`` digests (and ``classmap.digest()``). A side without a digest (archives of the
+    original tool or of older versions) is not checked. The message names the command that fixes
+    it: ``prepare_only_test.py`` for a stale ``test.npz``, ``prepare_data.py`` when ``train.npz``
+    and ``labels.json`` disagree. Returns None.
+    """
+    out = os.path.dirname(os.path.abspath(test.path))
+    wanted = train.classes_digest
+    if classmap is not None:
+        labels = classmap.digest()
+        if wanted is not None and wanted != labels:
+            train_out = os.path.dirname(os.path.abspath(train.path))
+            raise UserError(f"{train.path} (classes {wanted}) and labels.json (classes {labels}) "
+                            f"come from different prepare_data.py runs; run prepare_data.py -tr "
+                            f"<train folder> -ts <test folders> --out {train_out} again")
+        wanted = labels
+    if wanted is not None and test.classes_digest is not None and test.classes_digest != wanted:
+        raise UserError(f"{test.path} was packed for other classes (classes {test.classes_digest}) "
+                        f"than {train.path} (classes {wanted}): its label numbers mean other "
+                        f"classes now; rebuild it with prepare_only_test.py -ts <test folders: "
+                        f"{' '.join(test.folders)}> --out {out}")
+
+
+__all__ = ["ArchiveWriter", "TrainArchive", "TestArchive", "as_pixels", "check_same_classes",
+           "is_plain_name"]

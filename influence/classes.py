@@ -8,17 +8,25 @@ Two kinds of map:
   trained on ImageNet (VGG16 etc.). :meth:`ClassMap.human` knows all 1000 human names.
 * ``folders``: any other set of folder names. A class's index is its position among the sorted
   folder names -- except when every name is a non-negative integer (``0``, ``1``, ... ``10``):
-  then the index is that integer, so that ``10`` does not sort before ``2`` and test subfolders
-  named by index mean the same class.
+  then the class order decides (``order``):
+
+  - ``numeric`` (the default): the index is the integer itself, so that ``10`` does not sort
+    before ``2`` and test subfolders named by index mean the same class;
+  - ``keras``: the index is the position among the names sorted as text (``0``, ``1``, ``10``,
+    ``2``, ...), as Keras' ``image_dataset_from_directory`` numbers class folders.
+
+  :func:`order_conflicts` lists the classes on which the two orders disagree.
 
 ``labels.json``::
 
     {"kind": "imagenet" | "folders",
+     "digest": "<16 hex digits, see ClassMap.digest>",
      "classes": [{"index": 0, "name": "n01440764", "human": "tench"}, ...]}
 
 lists only the classes present in the train folder, sorted by index.
 """
 import functools
+import hashlib
 import json
 import os
 import re
@@ -28,6 +36,7 @@ from influence.errors import UserError
 _WNID = re.compile(r"^n\d{8}$")
 _INDEX = re.compile(r"^\d+$")
 KINDS = ("imagenet", "folders")
+ORDERS = ("numeric", "keras")
 
 
 @functools.lru_cache(maxsize=1)
@@ -68,11 +77,14 @@ class ClassMap:
             raise ValueError("class indices and names must be unique")
 
     @classmethod
-    def from_train_folder_names(cls, names):
+    def from_train_folder_names(cls, names, order="numeric"):
         """Class map for the given train subfolder names (see the module docstring for the rules).
 
+        ``order`` (``"numeric"`` or ``"keras"``) only matters when every name is an integer.
         Raises :class:`UserError` for an empty or duplicated list.
         """
+        if order not in ORDERS:
+            raise ValueError(f"unknown class order {order!r}")
         names = [str(n) for n in names]
         if not names:
             raise UserError("the train folder has no class subfolders")
@@ -82,7 +94,7 @@ class ClassMap:
             table = imagenet_classes()
             idx = _imagenet_index()
             return cls("imagenet", [(idx[n], n, table[idx[n]][1]) for n in names])
-        if all(_INDEX.match(n) for n in names):
+        if all(_INDEX.match(n) for n in names) and order == "numeric":
             values = [int(n) for n in names]
             if len(set(values)) != len(values):
                 raise UserError(f"class folders name the same index twice: {sorted(names)}")
@@ -137,10 +149,26 @@ class ClassMap:
     def __repr__(self):
         return f"ClassMap(kind={self.kind!r}, {len(self)} classes)"
 
+    def digest(self):
+        """16 hex digits that change whenever a label number comes to mean another class.
+
+        Kind ``folders``: a SHA-256 of the ordered ``index, name`` list. Kind ``imagenet``: labels
+        are the canonical ImageNet indices whatever classes the train folder holds, so the digest
+        is that of the whole 1000-class table (adding an ImageNet class changes no label's meaning).
+        Archives record it as ``meta_classes``; see :func:`influence.archives.check_same_classes`.
+        """
+        if self.kind == "imagenet":
+            rows = [(i, w) for i, (w, _) in enumerate(imagenet_classes())]
+        else:
+            rows = [(i, n) for i, (n, _) in sorted(self._by_index.items())]
+        text = self.kind + "\n" + "".join(f"{i}\t{n}\n" for i, n in rows)
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
     def to_dict(self):
         """The ``labels.json`` content as a dict."""
         return {
             "kind": self.kind,
+            "digest": self.digest(),
             "classes": [{"index": i, "name": n, "human": h}
                         for i, (n, h) in sorted(self._by_index.items())],
         }
@@ -149,7 +177,7 @@ class ClassMap:
         """Write ``labels.json`` atomically (temporary name in the same folder, then rename)."""
         path = os.fspath(path)
         tmp = os.path.join(os.path.dirname(os.path.abspath(path)),
-                           f".{os.path.basename(path)}.partial")
+                           f".{os.path.basename(path)}.{os.getpid()}.{os.urandom(4).hex()}.partial")
         try:
             with open(tmp, "w", encoding="utf-8") as fh:
                 json.dump(self.to_dict(), fh, indent=1, ensure_ascii=False)
@@ -175,16 +203,35 @@ class ClassMap:
             raise UserError(f"{path}: not a valid labels.json ({exc})") from None
 
 
+def order_conflicts(names):
+    """Classes whose index differs between ``--class-order numeric`` and ``keras``.
+
+    ``names``: train subfolder names. Returns a list of ``(name, numeric index, keras index)``
+    sorted by numeric index; empty unless every name is an integer and some integer differs
+    from its position in text order (``10`` before ``2``, or names not starting at ``0``).
+    """
+    names = [str(n) for n in names]
+    if not names or not all(_INDEX.match(n) for n in names):
+        return []
+    keras = {n: i for i, n in enumerate(sorted(names))}
+    return sorted(((n, int(n), keras[n]) for n in names if int(n) != keras[n]),
+                  key=lambda row: row[1])
+
+
 def test_subfolder_index(classmap, subfolder_name):
     """Class index of a test subfolder.
 
-    A train class name gives that class's index; otherwise an integer name (``0``...``999``)
-    gives that index. ``classmap`` may be ``None`` (no ``labels.json``): then only integer names
-    are accepted. Anything else raises :class:`UserError` naming the folder and what is accepted.
+    A train class name gives that class's index; an ImageNet wnid gives its canonical index when
+    the class map is of kind ``imagenet`` (even a class absent from the train folder) or when there
+    is no class map; otherwise an integer name (``0``...``999``) gives that index. ``classmap`` may
+    be ``None`` (no ``labels.json``). Anything else raises :class:`UserError` naming the folder and
+    what is accepted.
     """
     name = os.path.basename(os.path.normpath(str(subfolder_name)))
     if classmap is not None and name in classmap:
         return classmap.index_of(name)
+    if (classmap is None or classmap.kind == "imagenet") and is_imagenet_wnid(name):
+        return _imagenet_index()[name]
     if _INDEX.match(name):
         index = int(name)
         if classmap is not None and classmap.kind == "imagenet" and index >= len(imagenet_classes()):
@@ -193,7 +240,7 @@ def test_subfolder_index(classmap, subfolder_name):
         return index
     if classmap is None:
         raise UserError(f"test subfolder {subfolder_name!r} is not a class index; without a "
-                        "labels.json test subfolders must be named 0, 1, 2, ...")
+                        "labels.json test subfolders must be named 0, 1, 2, ... (or by ImageNet wnid)")
     shown = classmap.names()
     listed = ", ".join(shown[:10]) + (", ..." if len(shown) > 10 else "")
     raise UserError(f"test subfolder {subfolder_name!r} is neither a class index (0, 1, ...) "

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 from influence import digits
+from influence.progress import progress
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -70,7 +70,7 @@ def _write_pngs(folder, rgb, labels, ids, desc):
     _clear_image_folder(folder)
     for c in range(digits.N_CLASSES):
         (folder / str(c)).mkdir(parents=True, exist_ok=True)
-    for img, label, i in tqdm(list(zip(rgb, labels, ids)), desc=desc, leave=False, unit="img"):
+    for img, label, i in progress(list(zip(rgb, labels, ids)), desc=desc, leave=False, unit="img"):
         Image.fromarray(img).save(folder / str(int(label)) / f"{int(i):04d}.png")
 
 

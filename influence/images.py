@@ -2,22 +2,36 @@
 
 Every image becomes ``uint8 (H, W, 3)`` RGB: grayscale, palette, RGBA, CMYK and 16-bit images are
 converted (16-bit values are scaled to 8 bits, not clipped) and the result is resized to
-``(W, H)`` with bilinear filtering, as the original tool did. A file PIL cannot read (corrupt,
-truncated, empty, not an image) raises :class:`BadImage`; callers skip it with a warning.
+``(W, H)``. The resampling filter defaults to nearest neighbour, as the original tool's Keras
+``load_img(path, target_size=...)`` did (its ``interpolation="nearest"`` default); ``bilinear``,
+``bicubic`` and ``lanczos`` are the other choices (:data:`RESAMPLE`). A file PIL cannot read
+(corrupt, truncated, empty, not an image) raises :class:`BadImage`; callers skip it with a warning.
 """
 import logging
 import multiprocessing
 import os
 import signal
+import time
 import warnings
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 from influence.errors import UserError
+from influence.progress import progress
 
 log = logging.getLogger(__name__)
+
+#: ``--resample`` names -> PIL filters; the first is the default (Keras ``load_img``'s)
+RESAMPLE = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+DEFAULT_RESAMPLE = "nearest"
+#: seconds a folder walk runs before its progress bar appears
+PARSE_DELAY = 0.5
 
 
 class BadImage(Exception):
@@ -54,19 +68,32 @@ def list_files(root, subfolders, desc="parsing"):
     """All visible files under ``root/<subfolder>`` (recursively), as sorted relative paths.
 
     Returns a list of ``(subfolder, relative_path)`` pairs, relative to ``root``, sorted by path.
-    Shows a tqdm bar counting subfolders.
+    A progress bar counting subfolders appears only once the walk has taken ``PARSE_DELAY``
+    seconds: a quick walk leaves no lines in a log (:class:`~influence.progress.PlainProgress`
+    has no ``delay`` of its own).
     """
     found = []
-    bar = tqdm(subfolders, desc=desc, unit="folder", delay=0.5)
-    for sub in bar:
-        bar.set_postfix(files=len(found), refresh=False)
-        top = os.path.join(root, sub)
-        for dirpath, dirnames, filenames in os.walk(top):
-            dirnames[:] = sorted(d for d in dirnames if _visible(d))
-            for name in filenames:
-                if _visible(name):
-                    rel = os.path.relpath(os.path.join(dirpath, name), root)
-                    found.append((sub, rel))
+    subfolders = list(subfolders)
+    bar = None
+    start = time.monotonic()
+    try:
+        for k, sub in enumerate(subfolders):
+            if bar is None and time.monotonic() - start >= PARSE_DELAY:
+                bar = progress(total=len(subfolders), desc=desc, unit="folder")
+                bar.update(k)
+            top = os.path.join(root, sub)
+            for dirpath, dirnames, filenames in os.walk(top):
+                dirnames[:] = sorted(d for d in dirnames if _visible(d))
+                for name in filenames:
+                    if _visible(name):
+                        rel = os.path.relpath(os.path.join(dirpath, name), root)
+                        found.append((sub, rel))
+            if bar is not None:
+                bar.set_postfix(files=len(found), refresh=False)
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
     found.sort(key=lambda item: item[1])
     return found
 
@@ -89,12 +116,15 @@ def _to_rgb(img):
     return img.convert("RGB")
 
 
-def decode_image(path, size):
+def decode_image(path, size, resample=DEFAULT_RESAMPLE):
     """Read ``path`` and return ``uint8 (H, W, 3)`` with ``size = (H, W)``.
 
+    ``resample``: a :data:`RESAMPLE` name, the filter used when the image is not ``(H, W)``
+    already (converted to RGB first, then resized, as Keras ``load_img`` does).
     Raises :class:`BadImage` (with a short reason) for anything PIL cannot read.
     """
     height, width = size
+    method = RESAMPLE[resample]
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -102,7 +132,7 @@ def decode_image(path, size):
                 img.load()
                 rgb = _to_rgb(img)
                 if rgb.size != (width, height):
-                    rgb = rgb.resize((width, height), Image.BILINEAR)
+                    rgb = rgb.resize((width, height), method)
                 arr = np.asarray(rgb, dtype=np.uint8)
     except BadImage:
         raise
@@ -116,10 +146,10 @@ def decode_image(path, size):
 
 
 def _decode_task(task):
-    """Worker entry: ``(path, size)`` -> ``(array or None, error or None)``."""
-    path, size = task
+    """Worker entry: ``(path, size, resample)`` -> ``(array or None, error or None)``."""
+    path, size, resample = task
     try:
-        return decode_image(path, size), None
+        return decode_image(path, size, resample), None
     except BadImage as exc:
         return None, str(exc)
 
@@ -133,9 +163,13 @@ class Decoder:
 
     Use as a context manager; :meth:`decode` yields ``(array or None, error or None)`` per path.
     Workers ignore Ctrl-C: the parent handles it and the pool is terminated on exit.
+    ``resample``: a :data:`RESAMPLE` name (default nearest, as the original tool).
     """
 
-    def __init__(self, size, workers=1):
+    def __init__(self, size, workers=1, resample=DEFAULT_RESAMPLE):
+        if resample not in RESAMPLE:
+            raise ValueError(f"unknown resampling filter {resample!r}")
+        self.resample = resample
         self.size = tuple(size)
         self.workers = max(1, int(workers))
         self._pool = None
@@ -157,7 +191,7 @@ class Decoder:
 
     def decode(self, paths):
         """Yield ``(array, None)`` or ``(None, reason)`` for each path, in order."""
-        tasks = [(p, self.size) for p in paths]
+        tasks = [(p, self.size, self.resample) for p in paths]
         if self._pool is None:
             for task in tasks:
                 yield _decode_task(task)

@@ -6,21 +6,26 @@ of ``train.npz``) from an earlier ``prepare_data`` run when present.
 
 Images are decoded in a process pool and streamed into the archives batch by batch, so memory
 stays flat however many images there are. Unreadable files are skipped with a warning. Outputs
-appear under their final names only when everything succeeded.
+appear under their final names only when everything succeeded, and only one run at a time writes
+into one ``--out`` folder (:func:`influence.locking.folder_lock`). Both archives record the class
+map's digest (``meta_classes``) so that a ``test.npz`` packed for other classes is caught.
 """
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
-from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from influence.archives import ArchiveWriter, TrainArchive
+from influence.archives import ArchiveWriter, TestArchive, TrainArchive, is_plain_name
 from influence.cli import Parser
-from influence.classes import ClassMap, test_subfolder_index
+from influence.classes import ORDERS, ClassMap, order_conflicts, test_subfolder_index
 from influence.errors import UserError
-from influence.images import Decoder, default_workers, list_files, list_subfolders, require_folder
+from influence.images import (DEFAULT_RESAMPLE, RESAMPLE, Decoder, default_workers, list_files,
+                              list_subfolders, require_folder)
+from influence.locking import folder_lock
+from influence.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +34,10 @@ DEFAULT_BATCH = 200
 DEFAULT_SEED = 282
 MAX_SIZE = 16384
 TRAIN_NAME, TEST_NAME, LABELS_NAME = "train.npz", "test.npz", "labels.json"
+# temporaries of this module's writers (ArchiveWriter, its streams, ClassMap.save), also the
+# older ``.<name>.partial`` form: removed under the folder lock when a killed run left them
+_LEFTOVER = re.compile(r"^\.(train\.npz|test\.npz|labels\.json)(\.\d+\.[0-9a-f]+)?\.partial$"
+                       r"|^\.(train|test)_.+\.raw\.partial$")
 
 
 # --------------------------------------------------------------------------------------------
@@ -42,6 +51,9 @@ def _add_common(parser):
                         help="folder for the archives and labels.json (default: .)")
     parser.add_argument("--workers", default=None, metavar="K",
                         help="decoding processes (default: number of CPUs)")
+    parser.add_argument("--resample", default=DEFAULT_RESAMPLE, choices=list(RESAMPLE),
+                        help="resizing filter (default: nearest, as the original tool's Keras "
+                             "load_img)")
     parser.add_argument("-v", "--verbose", action="store_true", help="more log messages")
 
 
@@ -58,6 +70,10 @@ def build_prepare_data_parser():
                    help=f"images per train archive batch (default {DEFAULT_BATCH})")
     p.add_argument("--seed", default=str(DEFAULT_SEED), metavar="S",
                    help=f"seed of the train shuffle (default {DEFAULT_SEED})")
+    p.add_argument("--class-order", default="numeric", choices=ORDERS,
+                   help="classes named by integers: numeric = the integer is the index (default); "
+                        "keras = position in text order (10 before 2), as Keras' "
+                        "image_dataset_from_directory")
     _add_common(p)
     return p
 
@@ -102,6 +118,27 @@ def parse_size(values):
 
 def _workers(value):
     return default_workers() if value is None else _int_arg("--workers", value, 1, 256)
+
+
+def check_class_order(names, order):
+    """Log how integer class folder names are numbered when the two orders disagree.
+
+    ``names``: train subfolder names; ``order``: ``numeric`` (warns) or ``keras`` (informs).
+    """
+    conflicts = order_conflicts(names)
+    if not conflicts:
+        return
+    conflicts = sorted(conflicts, key=lambda row: row[2])  # text order: 10 comes first
+    shown = ", ".join(f"{n} -> {k}" for n, _, k in conflicts[:4])
+    more = f", and {len(conflicts) - 4} more" if len(conflicts) > 4 else ""
+    if order == "numeric":
+        log.warning("class folders are integers: each one's index is its value (--class-order "
+                    "numeric), but Keras' image_dataset_from_directory numbers them in text order "
+                    "(folder -> Keras index: %s%s); if your model was trained that way, run "
+                    "again with --class-order keras", shown, more)
+    else:
+        log.info("--class-order keras: class folders numbered in text order (folder -> index: "
+                 "%s%s)", shown, more)
 
 
 def _out_folder(path):
@@ -151,10 +188,12 @@ def list_train_files(root, classmap):
 
 
 def pack_train(writer, root, entries, classmap, size, batch_size, seed, decoder, stats):
-    """Shuffle ``entries`` with ``seed`` and write full batches ``train_{x,y,files}_{b}``."""
+    """Shuffle ``entries`` with ``seed`` and write full batches ``train_{x,y,files}_{b}``, then
+    ``meta_size`` and ``meta_classes``. The image buffer is ``uint8 (min(batch_size, len(entries)),
+    H, W, 3)``: a batch size beyond the image count costs nothing."""
     order = np.random.default_rng(seed).permutation(len(entries))
     height, width = size
-    buf_x = np.empty((batch_size, height, width, 3), np.uint8)
+    buf_x = np.empty((min(batch_size, len(entries)), height, width, 3), np.uint8)
     buf_y, buf_f = [], []
 
     def flush():
@@ -167,7 +206,7 @@ def pack_train(writer, root, entries, classmap, size, batch_size, seed, decoder,
         buf_y.clear()
         buf_f.clear()
 
-    with tqdm(total=len(entries), desc="packing train", unit="img", smoothing=0.1) as bar:
+    with progress(total=len(entries), desc="packing train", unit="img", smoothing=0.1) as bar:
         for start in range(0, len(entries), batch_size):
             block = [entries[i] for i in order[start:start + batch_size]]
             results = decoder.decode([os.path.join(root, rel) for _, rel in block])
@@ -186,6 +225,7 @@ def pack_train(writer, root, entries, classmap, size, batch_size, seed, decoder,
     if stats.train == 0:
         raise UserError(f"no readable images in train folder {root!r}")
     writer.add("meta_size", np.asarray(size, np.int64))
+    writer.add("meta_classes", np.asarray(classmap.digest()))
 
 
 def check_test_folders(paths, classmap):
@@ -194,6 +234,8 @@ def check_test_folders(paths, classmap):
     for path in paths:
         require_folder(path, "test folder")
         name = os.path.basename(os.path.normpath(os.path.abspath(path)))
+        if not is_plain_name(name):  # basenames always are; results are written under this name
+            raise UserError(f"test folder {path!r}: {name!r} cannot name a result folder")
         if name in seen:
             raise UserError(f"test folders {seen[name]!r} and {path!r} have the same name "
                             f"{name!r}; archive keys need distinct names")
@@ -212,7 +254,7 @@ def pack_test(writer, folder, size, block_size, decoder, stats):
     entries = list_files(folder.path, sorted(folder.indices), desc=f"parsing {folder.name}")
     ys, files = [], []
     with writer.stream(f"test_{folder.name}_x", np.uint8, (*size, 3)) as xs, \
-            tqdm(total=len(entries), desc=f"packing {folder.name}", unit="img") as bar:
+            progress(total=len(entries), desc=f"packing {folder.name}", unit="img") as bar:
         for start in range(0, len(entries), block_size):
             block = entries[start:start + block_size]
             results = decoder.decode([os.path.join(folder.path, rel) for _, rel in block])
@@ -234,12 +276,49 @@ def pack_test(writer, folder, size, block_size, decoder, stats):
     stats.test[folder.name] = len(ys)
 
 
-def write_test_archive(path, folders, size, block_size, decoder, stats):
-    """All test folders into one archive at ``path`` (atomic)."""
+def write_test_archive(path, folders, size, block_size, decoder, stats, classmap=None):
+    """All test folders into one archive at ``path`` (atomic); ``meta_classes`` records
+    ``classmap.digest()`` when the labels came from a class map (not when ``classmap`` is None)."""
     with ArchiveWriter(path) as writer:
         for folder in folders:
             pack_test(writer, folder, size, block_size, decoder, stats)
         writer.add("meta_size", np.asarray(size, np.int64))
+        if classmap is not None:
+            writer.add("meta_classes", np.asarray(classmap.digest()))
+
+
+def remove_leftovers(out):
+    """Delete temporaries that a killed run of this module left in ``out`` (call under the
+    folder lock: no other run can be writing them). Returns how many were removed."""
+    removed = 0
+    for entry in os.scandir(out):
+        if entry.is_file(follow_symlinks=False) and _LEFTOVER.match(entry.name):
+            try:
+                os.unlink(entry.path)
+                removed += 1
+            except FileNotFoundError:
+                pass
+    if removed:
+        log.info("removed %d temporary file%s left in %s by an interrupted run", removed,
+                 "s" if removed != 1 else "", out)
+    return removed
+
+
+def warn_stale_test(out, classmap):
+    """Warn when ``out``'s existing test.npz (not rewritten by this run) was packed for another
+    class map than ``classmap``; says how to rebuild it."""
+    path = os.path.join(out, TEST_NAME)
+    if not os.path.isfile(path):
+        return
+    try:
+        with TestArchive(path) as test:
+            digest, folders = test.classes_digest, test.folders
+    except UserError:
+        return  # calculate.py reports an unreadable test.npz itself
+    if digest is not None and digest != classmap.digest():
+        log.warning("%s was packed for other classes than this train folder: its label numbers "
+                    "now mean other classes; rebuild it with prepare_only_test.py -ts <test "
+                    "folders: %s> --out %s", path, " ".join(folders), out)
 
 
 def _mb(path):
@@ -281,24 +360,30 @@ def prepare_data(args):
     batch_size = _int_arg("-bs/--batch-size", args.batch_size, 1, 1 << 20)
     seed = _int_arg("--seed", args.seed, 0)
     workers = _workers(args.workers)
-    classmap = ClassMap.from_train_folder_names(list_subfolders(args.train, "train folder"))
+    names = list_subfolders(args.train, "train folder")
+    classmap = ClassMap.from_train_folder_names(names, args.class_order)
+    check_class_order(names, args.class_order)
     tests = check_test_folders(args.test, classmap)
     out = _out_folder(args.out)
-    entries = list_train_files(args.train, classmap)
-    log.info("train folder %s: %d files in %d classes (%s); size %dx%d, batch %d, seed %d, %d worker%s",
-             args.train, len(entries), len(classmap), classmap.kind, size[0], size[1], batch_size, seed,
-             workers, "s" if workers != 1 else "")
-    stats = Stats()
-    with logging_redirect_tqdm(), Decoder(size, workers) as decoder:
-        def work():
-            with ArchiveWriter(os.path.join(out, TRAIN_NAME)) as train_writer:
-                pack_train(train_writer, args.train, entries, classmap, size, batch_size, seed,
-                           decoder, stats)
-                if tests:  # the train archive is renamed only after the test one is complete
-                    write_test_archive(os.path.join(out, TEST_NAME), tests, size, batch_size,
-                                       decoder, stats)
-            classmap.save(os.path.join(out, LABELS_NAME))
-        _io_guard(work)
+    with folder_lock(out, "prepare_data.py"):
+        remove_leftovers(out)
+        entries = list_train_files(args.train, classmap)
+        log.info("train folder %s: %d files in %d classes (%s); size %dx%d, batch %d, seed %d, "
+                 "%d worker%s", args.train, len(entries), len(classmap), classmap.kind, size[0],
+                 size[1], batch_size, seed, workers, "s" if workers != 1 else "")
+        stats = Stats()
+        with logging_redirect_tqdm(), Decoder(size, workers, args.resample) as decoder:
+            def work():
+                with ArchiveWriter(os.path.join(out, TRAIN_NAME)) as train_writer:
+                    pack_train(train_writer, args.train, entries, classmap, size, batch_size,
+                               seed, decoder, stats)
+                    if tests:  # the train archive is renamed only after the test one is complete
+                        write_test_archive(os.path.join(out, TEST_NAME), tests, size, batch_size,
+                                           decoder, stats, classmap)
+                classmap.save(os.path.join(out, LABELS_NAME))
+            _io_guard(work)
+        if not tests:
+            warn_stale_test(out, classmap)
     wrote = [TRAIN_NAME] + ([TEST_NAME] if tests else [])
     _summary(stats, classmap, out, wrote)
     return 0
@@ -328,8 +413,10 @@ def prepare_only_test(args):
     tests = check_test_folders(args.test, classmap)
     out = _out_folder(out)
     stats = Stats()
-    with logging_redirect_tqdm(), Decoder(size, workers) as decoder:
-        _io_guard(write_test_archive, os.path.join(out, TEST_NAME), tests, size, block,
-                  decoder, stats)
+    with folder_lock(out, "prepare_only_test.py"):
+        remove_leftovers(out)
+        with logging_redirect_tqdm(), Decoder(size, workers, args.resample) as decoder:
+            _io_guard(write_test_archive, os.path.join(out, TEST_NAME), tests, size, block,
+                      decoder, stats, classmap)
     _summary(stats, classmap, out, [TEST_NAME])
     return 0

@@ -6,8 +6,8 @@ import zipfile
 import numpy as np
 import pytest
 
-from influence.archives import ArchiveWriter, TestArchive, TrainArchive
-from influence.classes import ClassMap, imagenet_classes, test_subfolder_index
+from influence.archives import ArchiveWriter, TestArchive, TrainArchive, check_same_classes
+from influence.classes import ClassMap, imagenet_classes, order_conflicts, test_subfolder_index
 from influence.errors import UserError
 
 
@@ -175,6 +175,105 @@ def test_original_format_archives_are_readable(tmp_path):
         assert y.tolist() == [5, 6] and y.dtype == np.int64 and files.tolist() == ["", ""]
 
 
+def test_int16_archives_of_the_original_are_read_as_uint8(tmp_path):
+    # the original wrote img_to_array(dtype=int16) pixels
+    rng = np.random.default_rng(4)
+    x0 = rng.integers(0, 256, (3, 5, 4, 3)).astype(np.int16)
+    x1 = rng.integers(0, 256, (2, 5, 4, 3)).astype(np.int16)
+    x0[0, 0, 0] = [0, 255, 128]
+    y0, y1 = np.array([[1], [2], [3]]), np.array([[4], [5]])
+    for saver, name in ((np.savez, "plain.npz"), (np.savez_compressed, "zipped.npz")):
+        saver(tmp_path / name, train_x_0=x0, train_y_0=y0, train_x_1=x1, train_y_1=y1)
+        with TrainArchive(tmp_path / name) as t:
+            assert t.image_shape == (5, 4, 3) and len(t) == 5
+            x, y, _ = t.read_batch(0)
+            assert x.dtype == np.uint8 and np.array_equal(x, x0)
+            tx, ty = t.take([4, 0, 3])
+            assert tx.dtype == np.uint8 and ty.tolist() == [5, 1, 4]
+            np.testing.assert_array_equal(tx, np.stack([x1[1], x0[0], x1[0]]))
+            image = t.lookup("1_1")[0]
+            assert image.dtype == np.uint8 and np.array_equal(image, x1[1])
+            batches = list(t.iter_batches())
+            assert all(b[1].dtype == np.uint8 for b in batches)
+    np.savez(tmp_path / "test.npz", test_orig_x=x0, test_orig_y=y0)
+    with TestArchive(tmp_path / "test.npz") as s:
+        x, y, _ = s.read("orig")
+        assert x.dtype == np.uint8 and np.array_equal(x, x0) and y.tolist() == [1, 2, 3]
+
+
+def test_int16_pixels_outside_0_255_are_refused(tmp_path):
+    good = np.full((2, 3, 3, 3), 7, np.int16)
+    bad = good.copy()
+    bad[1, 2, 2, 0] = 300
+    neg = good.copy()
+    neg[0, 0, 0, 1] = -1
+    np.savez(tmp_path / "train.npz", train_x_0=good, train_y_0=np.zeros((2, 1)).astype(int),
+             train_x_1=bad, train_y_1=np.zeros((2, 1)).astype(int))
+    with TrainArchive(tmp_path / "train.npz") as t:  # the range is checked on what is read
+        assert t.take([0, 1])[0].dtype == np.uint8
+        assert t.take([2])[0].max() == 7  # row 0 of the bad batch is fine
+        for read in (lambda: t.read_batch(1), lambda: t.take([0, 3]), lambda: t.lookup("1_1")):
+            with pytest.raises(UserError, match=r"train_x_1: pixel values 7\.\.300 are outside") as err:
+                read()
+            assert "\n" not in str(err.value)
+    np.savez(tmp_path / "test.npz", test_a_x=neg, test_a_y=np.zeros((2, 1), np.int64))
+    with TestArchive(tmp_path / "test.npz") as s, pytest.raises(UserError, match="-1..7"):
+        s.read("a")
+    np.savez(tmp_path / "float.npz", train_x_0=good.astype(np.float32), train_y_0=np.zeros((2, 1)))
+    with pytest.raises(UserError, match="float32"):
+        TrainArchive(tmp_path / "float.npz")
+
+
+@pytest.mark.parametrize("name", ["../../evil", "..", ".", "a/b", "a\\b", "/abs"])
+def test_test_archive_refuses_folder_names_that_are_not_plain(tmp_path, name):
+    x, y = np.zeros((1, 2, 2, 3), np.uint8), np.zeros((1, 1), np.int64)
+    np.savez(tmp_path / "test.npz", test_fine_x=x, test_fine_y=y,
+             **{f"test_{name}_x": x, f"test_{name}_y": y})
+    with zipfile.ZipFile(tmp_path / "test.npz") as zf:  # the member really has that name
+        assert f"test_{name}_x.npy" in zf.namelist()
+    with pytest.raises(UserError, match="not a plain folder name") as err:
+        TestArchive(tmp_path / "test.npz")
+    assert repr(name) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_check_same_classes(tmp_path):
+    old = ClassMap.from_train_folder_names(["cat", "dog"])
+    new = ClassMap.from_train_folder_names(["bird", "cat", "dog"])
+    x, y = np.zeros((1, 2, 2, 3), np.uint8), np.zeros((1, 1), np.int64)
+
+    def archive(name, kind, digest):
+        with ArchiveWriter(tmp_path / name) as w:
+            w.add(f"{kind}_x_0" if kind == "train" else f"test_{kind}_x", x)
+            w.add(f"{kind}_y_0" if kind == "train" else f"test_{kind}_y", y)
+            if digest is not None:
+                w.add("meta_classes", np.asarray(digest))
+        return (TrainArchive if kind == "train" else TestArchive)(tmp_path / name)
+
+    train_new = archive("train.npz", "train", new.digest())
+    train_old = archive("train_old.npz", "train", old.digest())
+    train_none = archive("train_none.npz", "train", None)
+    test_old = archive("test.npz", "orig", old.digest())
+    test_none = archive("test_none.npz", "orig", None)
+    assert test_old.classes_digest == old.digest() and test_none.classes_digest is None
+
+    with pytest.raises(UserError) as err:
+        check_same_classes(train_new, test_old)
+    msg = str(err.value)
+    assert "\n" not in msg and f"prepare_only_test.py -ts <test folders: orig> --out {tmp_path}" in msg
+    with pytest.raises(UserError, match="prepare_only_test.py"):
+        check_same_classes(train_none, test_old, new)  # labels.json alone says so
+    with pytest.raises(UserError, match="prepare_data.py"):
+        check_same_classes(train_new, test_old, old)  # train.npz and labels.json disagree
+    assert check_same_classes(train_old, test_old) is None
+    assert check_same_classes(train_old, test_old, old) is None
+    # archives without the member (the original tool's, older ones) pass unchecked
+    assert check_same_classes(train_none, test_old) is None
+    assert check_same_classes(train_new, test_none, new) is None
+    assert check_same_classes(train_none, test_none) is None
+    for a in (train_new, train_old, train_none, test_old, test_none):
+        a.close()
+
+
 def test_reader_errors(tmp_path):
     with pytest.raises(UserError, match="run prepare_data.py first"):
         TrainArchive(tmp_path / "missing.npz")
@@ -216,7 +315,7 @@ def test_classmap_imagenet_partial(tmp_path):
         cm.index_of("n01443537")
     cm.save(tmp_path / "labels.json")
     data = json.loads((tmp_path / "labels.json").read_text())
-    assert data == {"kind": "imagenet", "classes": [
+    assert data == {"kind": "imagenet", "digest": cm.digest(), "classes": [
         {"index": 0, "name": "n01440764", "human": "tench"},
         {"index": 999, "name": "n15075141", "human": "toilet_tissue"}]}
     assert ClassMap.load(tmp_path / "labels.json") == cm
@@ -257,3 +356,50 @@ def test_test_subfolder_index():
         test_subfolder_index(None, "cats")
     folders = ClassMap.from_train_folder_names(["cat", "dog"])
     assert test_subfolder_index(folders, "dog") == 1 and test_subfolder_index(folders, "0") == 0
+
+
+def test_imagenet_wnid_absent_from_train_gets_its_canonical_index():
+    cm = ClassMap.from_train_folder_names(["n01440764", "n15075141"])
+    goldfish = "n01443537"  # index 1, not in the train folder
+    assert goldfish not in cm
+    assert test_subfolder_index(cm, goldfish) == 1 == test_subfolder_index(cm, "1")
+    assert test_subfolder_index(None, goldfish) == 1
+    folders = ClassMap.from_train_folder_names(["cat", "dog"])
+    with pytest.raises(UserError, match=goldfish):  # not an ImageNet map: a wnid means nothing
+        test_subfolder_index(folders, goldfish)
+    with pytest.raises(UserError, match="'n99999999'"):
+        test_subfolder_index(cm, "n99999999")
+
+
+def test_class_map_digest():
+    two = ClassMap.from_train_folder_names(["cat", "dog"])
+    assert two.digest() == ClassMap.from_train_folder_names(["dog", "cat"]).digest()
+    assert len(two.digest()) == 16 and int(two.digest(), 16) >= 0
+    three = ClassMap.from_train_folder_names(["bird", "cat", "dog"])
+    assert three.digest() != two.digest()  # "cat" was 0, is 1 now
+    renamed = ClassMap.from_train_folder_names(["cat", "wolf"])
+    assert renamed.digest() != two.digest()
+    # ImageNet labels are canonical: adding a class changes no label's meaning
+    few = ClassMap.from_train_folder_names(["n01440764"])
+    more = ClassMap.from_train_folder_names(["n01440764", "n15075141"])
+    assert few.digest() == more.digest() != two.digest()
+    ints = [str(i) for i in range(12)]
+    assert (ClassMap.from_train_folder_names(ints, "keras").digest()
+            != ClassMap.from_train_folder_names(ints).digest())
+
+
+def test_integer_class_folders_numeric_and_keras_order():
+    names = [str(i) for i in range(12)]
+    numeric = ClassMap.from_train_folder_names(names)
+    keras = ClassMap.from_train_folder_names(names, order="keras")
+    assert numeric.index_of("10") == 10 and numeric.index_of("2") == 2
+    # Keras' image_dataset_from_directory: sorted as text, 0 1 10 11 2 3 ...
+    assert keras.names() == ["0", "1", "10", "11", "2", "3", "4", "5", "6", "7", "8", "9"]
+    assert keras.index_of("10") == 2 and keras.index_of("2") == 4 and keras.index_of("9") == 11
+    assert order_conflicts(names)[:3] == [("2", 2, 4), ("3", 3, 5), ("4", 4, 6)]
+    assert len(order_conflicts(names)) == 10
+    assert order_conflicts([str(i) for i in range(10)]) == []  # 0..9: both orders agree
+    assert order_conflicts(["1", "2"]) == [("1", 1, 0), ("2", 2, 1)]
+    assert order_conflicts(["cat", "10", "2"]) == []  # not all integers: text order anyway
+    words = ClassMap.from_train_folder_names(["dog", "cat"], order="keras")
+    assert words == ClassMap.from_train_folder_names(["dog", "cat"])

@@ -1,21 +1,26 @@
 """prepare_data.py / prepare_only_test.py end to end, decoding, bad input, interruption, memory."""
 import json
+import logging
 import os
 import signal
 import subprocess
 import sys
 import time
+import tracemalloc
 
 import numpy as np
 import pytest
 from PIL import Image
 
 import influence.images
-from influence.archives import TestArchive, TrainArchive
+from influence.archives import ArchiveWriter, TestArchive, TrainArchive, check_same_classes
+from influence.classes import ClassMap
 from influence.cli import run_main
+from influence.errors import UserError
 from influence.images import BadImage, decode_image
+from influence.locking import folder_lock
 from influence.prepare import (build_prepare_data_parser, build_prepare_only_test_parser,
-                               prepare_data, prepare_only_test)
+                               check_test_folders, prepare_data, prepare_only_test)
 
 from conftest import REPO, random_tree, save_image
 
@@ -106,7 +111,8 @@ def test_round_trip_mixed_tree(tmp_path, run_script):
                        "--workers", 1) == 0
     assert sorted(os.listdir(out)) == ["labels.json", "train.npz"]
     labels = json.loads((out / "labels.json").read_text())
-    assert labels == {"kind": "folders", "classes": [
+    digest = ClassMap.from_train_folder_names(["apple", "bird", "cat"]).digest()
+    assert labels == {"kind": "folders", "digest": digest, "classes": [
         {"index": 0, "name": "apple", "human": "apple"},
         {"index": 1, "name": "bird", "human": "bird"},
         {"index": 2, "name": "cat", "human": "cat"}]}
@@ -114,8 +120,9 @@ def test_round_trip_mixed_tree(tmp_path, run_script):
     with np.load(out / "train.npz", allow_pickle=False) as z:
         nb = -(-n // 4)
         expected = {f"train_{k}_{b}" for k in ("x", "y", "files") for b in range(nb)}
-        assert set(z.files) == expected | {"meta_size"}
+        assert set(z.files) == expected | {"meta_size", "meta_classes"}
         assert z["meta_size"].tolist() == [8, 12] and z["meta_size"].dtype == np.int64
+        assert str(z["meta_classes"]) == digest
         for b in range(nb):
             size = 4 if b < nb - 1 else n - 4 * (nb - 1)
             assert z[f"train_x_{b}"].dtype == np.uint8
@@ -176,7 +183,7 @@ def test_imagenet_wnids_and_test_folders(tmp_path):
         assert all((lab == 0) == fn.startswith("n01440764/") for lab, fn in zip(y, f))
     with np.load(out / "test.npz", allow_pickle=False) as z:
         assert z.files == ["test_orig_x", "test_orig_y", "test_orig_files", "test_styled_x",
-                           "test_styled_y", "test_styled_files", "meta_size"]
+                           "test_styled_y", "test_styled_files", "meta_size", "meta_classes"]
         assert z["test_orig_x"].shape == (6, 6, 6, 3) and z["test_orig_x"].dtype == np.uint8
         assert z["test_orig_y"].shape == (6, 1) and z["test_orig_y"].dtype == np.int64
         assert z["test_orig_files"].dtype.kind == "U"
@@ -293,11 +300,11 @@ def test_interrupt_leaves_no_archive(tmp_path, monkeypatch, stop_after):
     real = influence.images.decode_image
     calls = []
 
-    def flaky(path, size):
+    def flaky(path, size, *rest):
         calls.append(path)
         if len(calls) == stop_after:
             raise KeyboardInterrupt
-        return real(path, size)
+        return real(path, size, *rest)
 
     monkeypatch.setattr(influence.images, "decode_image", flaky)
     args = build_prepare_data_parser().parse_args(
@@ -314,9 +321,9 @@ def test_killed_process_leaves_no_archive(tmp_path):
     for sig in (signal.SIGINT, signal.SIGKILL):
         proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
-        partial = tmp_path / "out" / ".train.npz.partial"
         deadline = time.time() + 60
-        while not partial.exists() and proc.poll() is None and time.time() < deadline:
+        while (not list((tmp_path / "out").glob(".train.npz.*.partial")) and proc.poll() is None
+               and time.time() < deadline):
             time.sleep(0.005)
         time.sleep(0.05)
         assert proc.poll() is None, "finished before it could be interrupted"
@@ -361,3 +368,212 @@ def test_peak_memory_does_not_grow_with_images(tmp_path):
     data_growth_kb = 1.25 * 800 * 128 * 128 * 3 / 1024  # what holding it all would add
     assert peaks[1000] / peaks[200] < 1.3, peaks
     assert peaks[1000] - peaks[200] < 0.25 * data_growth_kb, peaks
+
+
+# ---------------------------------------------------------------------------- resampling
+
+
+def _checker(shape=(9, 13)):
+    """A pattern whose nearest and bilinear downsizings differ."""
+    rng = np.random.default_rng(11)
+    return rng.integers(0, 256, (*shape, 3), dtype=np.uint8)
+
+
+def test_default_resampling_is_nearest_as_keras_load_img(tmp_path):
+    path = save_image(str(tmp_path / "img.png"), _checker())
+    size = (5, 7)
+    with Image.open(path) as img:
+        want = {name: np.asarray(img.convert("RGB").resize(size[::-1], getattr(Image.Resampling,
+                                                                                name.upper())))
+                for name in ("nearest", "bilinear", "bicubic", "lanczos")}
+    assert not np.array_equal(want["nearest"], want["bilinear"])
+    np.testing.assert_array_equal(decode_image(path, size), want["nearest"])
+    for name in ("bilinear", "bicubic", "lanczos"):
+        np.testing.assert_array_equal(decode_image(path, size, name), want[name])
+    from keras.utils import load_img  # the original tool's loader, with its defaults
+
+    np.testing.assert_array_equal(decode_image(path, size),
+                                  np.asarray(load_img(path, target_size=size)))
+
+
+def test_resample_flag(tmp_path):
+    save_image(str(tmp_path / "train" / "a" / "img.png"), _checker())
+    save_image(str(tmp_path / "orig" / "0" / "img.png"), _checker())
+    assert build_prepare_data_parser().parse_args(["-tr", "t"]).resample == "nearest"
+    assert build_prepare_only_test_parser().parse_args(["-ts", "t"]).resample == "nearest"
+    got = {}
+    for name in ("nearest", "bilinear"):
+        out = tmp_path / name
+        run_prepare("-tr", tmp_path / "train", "--size", 5, 7, "--out", out, "--workers", 1,
+                    "--resample", name)
+        run_only_test("-ts", tmp_path / "orig", "--out", out, "--workers", 1, "--resample", name)
+        with TrainArchive(out / "train.npz") as t, TestArchive(out / "test.npz") as s:
+            got[name] = t.take([0])[0][0]
+            np.testing.assert_array_equal(s.read("orig")[0][0], got[name])
+        np.testing.assert_array_equal(got[name], decode_image(
+            str(tmp_path / "train" / "a" / "img.png"), (5, 7), name))
+    assert not np.array_equal(got["nearest"], got["bilinear"])
+    with pytest.raises(SystemExit):
+        build_prepare_data_parser().parse_args(["-tr", "t", "--resample", "box"])
+
+
+# ---------------------------------------------------------------------------- classes
+
+
+def test_imagenet_test_class_missing_from_train(tmp_path):
+    random_tree(tmp_path / "train", ["n01440764"], 2)
+    # goldfish (index 1) is not a train class: by wnid and by number it is the same class
+    random_tree(tmp_path / "orig", ["n01443537", "1"], 1, seed=1)
+    out = tmp_path / "out"
+    assert run_prepare("-tr", tmp_path / "train", "-ts", tmp_path / "orig", "--size", 4,
+                       "--out", out, "--workers", 1) == 0
+    with TestArchive(out / "test.npz") as s:
+        _, y, files = s.read("orig")
+    assert files.tolist() == ["1/img0000.png", "n01443537/img0000.png"]
+    assert y.tolist() == [1, 1]
+
+
+def test_integer_class_folders_warn_and_keras_order(tmp_path, caplog):
+    names = [str(i) for i in range(11)]
+    random_tree(tmp_path / "train", names, 1, size=(3, 3))
+    out = tmp_path / "out"
+    with caplog.at_level(logging.WARNING, logger="influence.prepare"):
+        run_prepare("-tr", tmp_path / "train", "--size", 3, "--out", out, "--workers", 1)
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1 and "--class-order keras" in warned[0] and "10 -> 2" in warned[0]
+    with TrainArchive(out / "train.npz") as t:
+        assert {f.split("/")[0]: y for f, y in zip(t.files(), t.labels())}["10"] == 10
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="influence.prepare"):
+        run_prepare("-tr", tmp_path / "train", "--size", 3, "--out", out, "--workers", 1,
+                    "--class-order", "keras")
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING]
+    with TrainArchive(out / "train.npz") as t:
+        by_folder = {f.split("/")[0]: int(y) for f, y in zip(t.files(), t.labels())}
+    assert by_folder == {n: i for i, n in enumerate(sorted(names))}  # 0 1 10 2 3 ...
+    labels = json.loads((out / "labels.json").read_text())
+    assert [c["name"] for c in labels["classes"]][:4] == ["0", "1", "10", "2"]
+    # 0..9 only: both orders agree, no warning
+    caplog.clear()
+    random_tree(tmp_path / "ten", names[:10], 1, size=(3, 3))
+    with caplog.at_level(logging.WARNING, logger="influence.prepare"):
+        run_prepare("-tr", tmp_path / "ten", "--size", 3, "--out", tmp_path / "o10", "--workers", 1)
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING]
+
+
+def test_stale_test_archive_is_caught(tmp_path, caplog):
+    random_tree(tmp_path / "train", ["cat", "dog"], 1, size=(3, 3))
+    random_tree(tmp_path / "orig", ["dog"], 1, size=(3, 3))
+    out = tmp_path / "out"
+    run_prepare("-tr", tmp_path / "train", "-ts", tmp_path / "orig", "--size", 3, "--out", out,
+                "--workers", 1)
+
+    def check():
+        with TrainArchive(out / "train.npz") as t, TestArchive(out / "test.npz") as s:
+            check_same_classes(t, s, ClassMap.load(out / "labels.json"))
+            return s.read("orig")[1].tolist()
+
+    assert check() == [1]
+    random_tree(tmp_path / "train", ["bird"], 1, size=(3, 3))  # "dog" is 2 now
+    with caplog.at_level(logging.WARNING, logger="influence.prepare"):
+        run_prepare("-tr", tmp_path / "train", "--size", 3, "--out", out, "--workers", 1)
+    assert any("prepare_only_test.py -ts <test folders: orig>" in r.getMessage()
+               for r in caplog.records)
+    with pytest.raises(UserError, match=f"prepare_only_test.py -ts .* --out {out}"):
+        check()
+    run_only_test("-ts", tmp_path / "orig", "--out", out, "--workers", 1)
+    assert check() == [2]
+
+
+# ---------------------------------------------------------------------------- safety
+
+
+def test_test_folder_names_must_be_plain(tmp_path):
+    with pytest.raises(UserError, match="cannot name a result folder"):
+        check_test_folders(["/"], None)
+
+
+def test_folder_lock(tmp_path):
+    folder = tmp_path / "out"
+    folder.mkdir()
+    with folder_lock(folder, "first") as path:
+        assert open(path).read() == f"{os.getpid()} first\n"
+        with pytest.raises(UserError) as err:  # another open file: flock refuses it
+            with folder_lock(folder):
+                pass
+        assert str(err.value) == (f"another run (pid {os.getpid()}) is writing into {folder}; "
+                                  "wait for it or use another --out")
+    assert os.listdir(folder) == []  # released and removed
+    with folder_lock(folder):  # free again
+        pass
+    (folder / ".lock").write_text("999999 killed\n")  # left by a killed run: not locked
+    with folder_lock(folder):
+        pass
+
+
+def test_second_run_into_one_folder_is_refused(tmp_path, run_script):
+    random_tree(tmp_path / "train", ["a"], 2, size=(3, 3))
+    random_tree(tmp_path / "orig", ["0"], 1, size=(3, 3))
+    out = tmp_path / "out"
+    out.mkdir()
+    # a killed earlier run left its temporaries
+    leftovers = [".train.npz.123.0badf00d.partial", ".train.npz.partial",
+                 ".test_orig_x.k2j3.raw.partial"]
+    for name in leftovers + ["keep.partial"]:
+        (out / name).write_bytes(b"junk")
+    with folder_lock(out, "prepare_data.py"):
+        for script, args in (("prepare_data.py", ["-tr", "train"]),
+                             ("prepare_only_test.py", ["-ts", "orig"])):
+            res = run_script(script, *args, "--size", 3, "--out", out, cwd=tmp_path)
+            assert res.returncode == 2
+            assert res.stderr.splitlines()[-1] == (
+                f"error: another run (pid {os.getpid()}) is writing into {out}; wait for it or "
+                "use another --out")
+            assert "Traceback" not in res.stderr
+        assert sorted(os.listdir(out)) == sorted(leftovers + ["keep.partial", ".lock"])
+    res = run_script("prepare_data.py", "-tr", "train", "--size", 3, "--out", out, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert sorted(os.listdir(out)) == ["keep.partial", "labels.json", "train.npz"]
+
+
+def test_temporary_names_are_unique(tmp_path):
+    first, second = ArchiveWriter(tmp_path / "a.npz"), ArchiveWriter(tmp_path / "a.npz")
+    assert first.tmp_path != second.tmp_path
+    assert f".a.npz.{os.getpid()}." in first.tmp_path and first.tmp_path.endswith(".partial")
+
+
+def test_batch_size_beyond_image_count_allocates_only_the_images(tmp_path):
+    random_tree(tmp_path / "train", ["a", "b"], 2, size=(4, 4))
+    tracemalloc.start()
+    try:
+        # a buffer of 1 << 20 images of 8x8x3 would be 192 MiB (224x224: 147 GiB)
+        run_prepare("-tr", tmp_path / "train", "--size", 8, "-bs", 1 << 20, "--out",
+                    tmp_path / "out", "--workers", 1)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20, peak
+    with TrainArchive(tmp_path / "out" / "train.npz") as t:
+        assert t.batches == [0] and t.batch_len(0) == 4
+
+
+# ---------------------------------------------------------------------------- logs
+
+
+def test_progress_in_a_log_file_has_no_carriage_returns(tmp_path, run_script):
+    random_tree(tmp_path / "train", ["a", "b"], 3, size=(4, 4))
+    random_tree(tmp_path / "orig", ["0"], 2, size=(4, 4))
+    (tmp_path / "train" / "a" / "bad.png").write_bytes(b"broken")
+    res = run_script("prepare_data.py", "-tr", "train", "-ts", "orig", "--size", 4, "--out",
+                     "out", "--workers", 1, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "\r" not in res.stderr and "\r" not in res.stdout
+    lines = res.stderr.splitlines()
+    # whole lines, in order: the warning is not glued to a progress line
+    assert lines[0].startswith("train folder train: 7 files")
+    assert "packing train: started (7 img)" in lines
+    assert f"skipping {os.path.join('train', 'a', 'bad.png')}: " in "\n".join(
+        line[:len("skipping train/a/bad.png: ")] for line in lines)
+    assert any(line.startswith("packing train: 7/7 img") and line.endswith("done") for line in lines)
+    assert any(line.startswith("packing orig: 2/2 img") for line in lines)
+    assert lines[-1].startswith("done: 6 train images")

@@ -25,7 +25,7 @@ import numpy as np
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from influence import __version__
-from influence.archives import TestArchive, TrainArchive
+from influence.archives import TestArchive, TrainArchive, check_same_classes
 from influence.classes import ClassMap, imagenet_classes
 from influence.errors import UserError
 from influence.progress import progress
@@ -101,6 +101,7 @@ def open_archives(settings):
                         f"run prepare_data.py (or prepare_only_test.py) again with the same --size")
     labels = data / "labels.json"
     classmap = ClassMap.load(labels) if labels.exists() else None
+    check_same_classes(train, test, classmap)
     return train, test, classmap
 
 
@@ -333,10 +334,17 @@ _WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.ER
 
 
 def calculate(settings):
-    """Run the whole job (see the module docstring). Returns the exit code."""
+    """Run the whole job (see the module docstring). Returns the exit code.
+
+    One run at a time writes into an ``--out`` folder (a lock; a second run exits with code 2).
+    """
+    from influence.locking import folder_lock
+
     with logging_redirect_tqdm():
         try:
-            return _calculate(settings)
+            Path(settings.out).mkdir(parents=True, exist_ok=True)
+            with folder_lock(settings.out, what="calculate.py"):
+                return _calculate(settings)
         except OSError as exc:
             if exc.errno not in _WRITE_ERRORS:
                 raise

@@ -46,7 +46,7 @@ class PlainProgress:
     """
 
     def __init__(self, iterable=None, total=None, desc="", unit="it", interval=PLAIN_INTERVAL,
-                 clock=time.monotonic, emit=None, **_ignored):
+                 clock=time.monotonic, emit=None, delay=0.0, **_ignored):
         self.iterable = iterable
         if total is None and iterable is not None:
             try:
@@ -64,15 +64,28 @@ class PlainProgress:
         self._start = clock()
         self._last = self._start
         self._closed = False
-        self._emit(self._line(started=True))
+        # like tqdm's ``delay``: a bar that ends within ``delay`` seconds prints nothing at all
+        self._delay = float(delay or 0.0)
+        self._shown = False
+        if self._delay <= 0:
+            self._show(self._line(started=True))
+
+    def _show(self, text):
+        self._shown = True
+        self._emit(text)
 
     # --- tqdm-like API --------------------------------------------------------------------------
     def update(self, n=1):
         self.n += n
         now = self._clock()
+        if not self._shown and self._delay > 0:
+            if now - self._start >= self._delay:
+                self._last = now
+                self._show(self._line())
+            return
         if now - self._last >= self.interval:
             self._last = now
-            self._emit(self._line())
+            self._show(self._line())
 
     def set_postfix(self, ordered_dict=None, refresh=True, **kwargs):
         items = dict(ordered_dict or {}, **kwargs)
@@ -84,7 +97,8 @@ class PlainProgress:
     def close(self):
         if not self._closed:
             self._closed = True
-            self._emit(self._line(finished=True))
+            if self._shown or self._clock() - self._start >= self._delay:
+                self._show(self._line(finished=True))
 
     def __iter__(self):
         for item in self.iterable:
@@ -132,4 +146,4 @@ def progress(iterable=None, *, total=None, desc="", unit="it", leave=False, disa
     if disable or _is_terminal(stream):
         return tqdm(iterable, total=total, desc=desc, unit=unit, leave=leave, disable=disable, file=stream,
                     **kwargs)
-    return PlainProgress(iterable, total=total, desc=desc, unit=unit)
+    return PlainProgress(iterable, total=total, desc=desc, unit=unit, delay=kwargs.get("delay", 0.0))

@@ -172,3 +172,15 @@ def test_grayscale_model_gets_a_channel_message(data, tmp_path):
     with pytest.raises(UserError, match="1-channel images but the archives hold 3-channel") as err:
         calculate(settings(gray, tmp_path / "out"))
     assert "--size" not in str(err.value)
+
+
+def test_a_second_run_into_the_same_out_is_refused(data, tmp_path):
+    from influence.locking import folder_lock
+
+    out = tmp_path / "out"
+    out.mkdir()
+    with folder_lock(out, what="calculate.py"):
+        with pytest.raises(UserError, match=r"another run \(pid \d+\) is writing into"):
+            calculate(settings(data, out))
+    calculate(settings(data, out, folders=["b"]))       # free again once the first run is over
+    assert (out / "run.json").is_file()

@@ -83,3 +83,19 @@ def test_progress_defaults_to_stderr(monkeypatch, terminal):
     bar = progress(total=1)
     assert isinstance(bar, PlainProgress) != terminal
     bar.close()
+
+
+def test_plain_progress_delay_hides_quick_bars_and_shows_slow_ones():
+    clock, lines = FakeClock(), []
+    quick = PlainProgress(total=3, desc="quick", interval=10.0, clock=clock, emit=lines.append, delay=0.5)
+    clock.now += 0.1
+    quick.update(3)
+    quick.close()
+    assert lines == []
+    slow = PlainProgress(total=4, desc="slow", interval=10.0, clock=clock, emit=lines.append, delay=0.5)
+    clock.now += 1.0
+    slow.update(1)
+    assert lines == ["slow: 1/4 it, 00:01 elapsed, 1 it/s, ETA 00:03"]
+    clock.now += 1.0
+    slow.close()
+    assert lines[-1] == "slow: 1/4 it, 00:02 elapsed, done"

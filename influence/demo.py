@@ -170,8 +170,9 @@ def main(argv=None):
                         "(default: demo)")
     parser.add_argument("--quick", action="store_true", help="fewer training images and epochs")
     args = parser.parse_args(argv)
-    from influence.cli import import_tensorflow_quietly
+    from influence.cli import import_tensorflow_quietly, setup_logging
 
+    setup_logging()          # progress lines of the demo's own steps, when the output is not a terminal
     import_tensorflow_quietly()
     root = args.root.rstrip("/") or "."
     n_train, epochs = (500, 8) if args.quick else (1500, 30)

@@ -19,6 +19,7 @@ class ExactSolver(InverseHVP):
 
     name = "exact"
     summary = "dense Hessian solved in float64 (small models, the reference)"
+    approximates = "hessian"   # what the contract test (tests/test_curvature_contract.py) compares with
 
     def __init__(self, objective, damping, max_exact_params=10_000, progress=True):
         super().__init__(objective, damping, progress)

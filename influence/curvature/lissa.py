@@ -67,6 +67,7 @@ class LissaSolver(InverseHVP):
 
     name = "lissa"
     summary = "stochastic recursion of Koh & Liang (-i depth, -b minibatch; any model size)"
+    approximates = "hessian"   # what the contract test (tests/test_curvature_contract.py) compares with
 
     def __init__(self, objective, damping, iter=1000, bsize=10, repeats=1, scale=None, seed=0,
                  lambda_sample=LAMBDA_SAMPLE, progress=True):

@@ -1,0 +1,638 @@
+"""``--solver kfac`` / ``--solver ekfac``: the block-diagonal Kronecker-factored Fisher, fitted once.
+
+Solves ``(F + Ω'' + λI)⁻¹ v`` where ``F`` is the Fisher of the mean training loss
+``(1/n) Σ_n E[∇L_n ∇L_nᵀ]`` approximated block-diagonally, one block per selected layer
+(Martens & Grosse 2015; George et al. 2018; Grosse et al. 2023; docs/DESIGN.md, "Curvature that is
+fitted once"), ``Ω''`` the exact Hessian of the Keras L2 weight regularisers and ``λ`` = ``--damping``.
+
+Labels (``fisher``): ``"sampled"`` (default, the true Fisher) draws one label per training image from
+the model's own softmax by inverse-CDF sampling with the uniform ``u_n`` of image ``n`` (global
+archive index); all ``u`` come from ``numpy.random.default_rng(seed).random(n)`` drawn once, so the
+labels do not depend on chunking. ``"empirical"`` uses the true labels.
+
+Layers and conventions. Every matrix of a Dense/Conv layer is taken in the ``(K+1, C_out)``
+orientation of the Keras kernel ``kernel.reshape(K, C_out)`` with the bias as one more row (the
+parameter order of ``[kernel.ravel(), bias]``; no bias row when the layer has none). For image ``n``
+with input patches ``a_{n,p} = [patch_p, 1]`` (``P`` output positions; ``P = 1`` for Dense on flat
+input) and backward signals ``δ_{n,p} = ∂L_n/∂z_p``::
+
+    G_n = Σ_p a_{n,p} δ_{n,p}ᵀ                        (K+1, C_out), the per-image weight gradient
+    A   = (1/n) Σ_n (1/P) Σ_p a_{n,p} a_{n,p}ᵀ          (K+1, K+1)
+    S   = (1/n) Σ_n       Σ_p δ_{n,p} δ_{n,p}ᵀ          (C_out, C_out)
+    F_l ≈ A ⊗ S   (row-major vec of the (K+1, C_out) matrix: vec(a δᵀ) = a ⊗ δ)
+
+For Dense on flat input with one training image this is exactly ``vec(G)vec(G)ᵀ``; for convolutions
+it is the KFC convention (Grosse & Martens 2016: A averaged over positions, S summed). With
+``A = Q_A diag(e_A) Q_Aᵀ`` and ``S = Q_S diag(e_S) Q_Sᵀ``:
+
+    K-FAC:   Λ_ij = e_A,i · e_S,j
+    EK-FAC:  Λ_ij = (1/n) Σ_n [(Q_Aᵀ G_n Q_S)_ij]²       (a second pass over the training set)
+    (F_l + R_l + λI)⁻¹ V = Q_A [ (Q_Aᵀ V Q_S) ⊘ (Λ + ρ 1ᵀ + λ) ] Q_Sᵀ
+
+Large factors: a factor larger than ``ekfac_max_block`` is split into near-equal diagonal blocks
+of at most that size (``A`` becomes block-diagonal, i.e. the correlation between input features of
+different blocks is dropped; each block is eigendecomposed on its own, so ``Q_A`` is block-diagonal).
+The same rule applies to ``S``.
+
+Regularisers. A Keras ``L2(c)`` on a weight adds ``2c`` to the Hessian on that weight (exact). On
+a Kronecker layer this is ``R_l = diag(r) ⊗ I`` with ``r_k`` = 2c of the kernel on the kernel rows
+and 2c of the bias on the bias row. Its diagonal in the Kronecker eigenbasis, ``ρ_i = Σ_k
+Q_A[k,i]² r_k``, is added to every ``Λ_ij`` -- the diagonal of ``F + R`` in that basis, as EK-FAC
+does for ``F``. It is exact (``R_l = 2c·I``) when kernel and bias carry the same L2 strength or the
+layer has no bias; with the kernel regularised and the bias not (the Keras default), it spreads the
+kernel's ``2c`` over the bias row's share of each eigenvector. Any other regulariser (L1, custom) is
+a :class:`UserError` naming the layer.
+
+Other layers with weights (BatchNorm, LayerNorm, Embedding, convs whose patches cannot be
+unfolded, ...) get a diagonal block: ``E_n[g_n²]`` per parameter from per-image gradients, plus
+``2c`` of their L2 regulariser. Which layers got one is logged.
+
+Fitting streams the training archive in chunks of ``objective.chunk`` images: one pass for the
+factors (float64 accumulators), float64 eigendecompositions, and (EK-FAC) one more pass for ``Λ``.
+The factor memory (factors + eigenbases + ``Λ``, float64) is estimated first and refused with a
+:class:`UserError` when it exceeds ``memory_budget``.
+
+Fitted state (``state()``; keys per layer name ``L``): ``L.QA.b`` / ``L.eA.b`` (eigenvectors and
+eigenvalues of block ``b`` of ``A``), ``L.QS.b`` / ``L.eS.b`` (the same for ``S``), ``L.Lambda``
+(EK-FAC: ``(K+1, C_out)``) and ``L.diag`` (diagonal layers: ``E[g²]`` over the layer's variables,
+flattened in order). The damping is not in the state.
+"""
+import logging
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import tensorflow as tf
+
+from influence.curvature.base import InverseHVP
+from influence.errors import UserError
+from influence.hvp import vec_to_numpy
+from influence.progress import progress as progress_bar
+from influence.taps import Tap, flat_signal, linear, linear_kind, patch_support, patches
+
+log = logging.getLogger(__name__)
+
+FISHER_KINDS = ("sampled", "empirical")
+#: default largest factor block (--ekfac-max-block)
+MAX_BLOCK = 4096
+#: bytes of the per-image rotated gradients held at once in the eigenvalue pass of a conv layer
+MICRO_BYTES = 64 * 2**20
+#: a layer's F + R + λI counts as singular below this fraction of its largest eigenvalue
+SINGULAR = 1e-12
+_ZERO = tf.UnconnectedGradients.ZERO
+
+
+# ----------------------------------------------------------------------------- pure helpers
+
+def split_blocks(size, max_block):
+    """Near-equal contiguous blocks of at most ``max_block`` covering ``range(size)``.
+
+    Returns a list of ``(start, stop)``; one block when ``size <= max_block``.
+    """
+    if max_block < 1:
+        raise UserError(f"--ekfac-max-block must be >= 1, got {max_block}")
+    count = max(1, math.ceil(size / max_block))
+    edges = [round(i * size / count) for i in range(count + 1)]
+    return [(edges[i], edges[i + 1]) for i in range(count)]
+
+
+def sample_labels(probs, uniforms):
+    """Inverse-CDF sampling: the first class ``k`` with ``u < Σ_{j≤k} p_j``.
+
+    Args:
+      probs: (N, K) class probabilities (rows sum to 1), float64.
+      uniforms: (N,) float64 in [0, 1).
+
+    Returns:
+      (N,) int64 labels (clipped to K-1 against rounding of the cumulative sum).
+    """
+    cum = tf.cumsum(probs, axis=1)
+    k = tf.reduce_sum(tf.cast(cum <= uniforms[:, None], tf.int64), axis=1)
+    return tf.minimum(k, tf.cast(tf.shape(probs)[1] - 1, tf.int64))
+
+
+def kron_rotate(v, qa, a_bounds, qs, s_bounds, back=False):
+    """``Q_Aᵀ V Q_S`` (or ``Q_A V Q_Sᵀ`` with ``back``) for block-diagonal ``Q_A``, ``Q_S``.
+
+    Args:
+      v: (K1, C) float64.
+      qa: list of (b, b) eigenvector blocks of A covering rows ``a_bounds`` [(start, stop)].
+      qs: list of (b, b) eigenvector blocks of S covering columns ``s_bounds``.
+
+    Returns:
+      (K1, C) float64.
+    """
+    left = np.empty_like(v)
+    for (s, e), q in zip(a_bounds, qa):
+        left[s:e] = (q if back else q.T) @ v[s:e]
+    out = np.empty_like(v)
+    for (s, e), q in zip(s_bounds, qs):
+        out[:, s:e] = left[:, s:e] @ (q.T if back else q)
+    return out
+
+
+def kron_factor_bytes(k1, c_out, a_bounds, s_bounds, corrected):
+    """float64 bytes of one Kronecker layer while fitting: the factor blocks and their eigenvectors
+    (``2 Σ b²`` for A and S), eigenvalues, and ``Λ`` (``K1·C``) when ``corrected`` (EK-FAC)."""
+    sq = sum((e - s) ** 2 for s, e in a_bounds) + sum((e - s) ** 2 for s, e in s_bounds)
+    return 8 * (2 * sq + (k1 * c_out if corrected else 0) + (k1 + c_out))
+
+
+def l2_hessian(variable, layer_name, strict=True):
+    """``2c`` for a Keras ``L2(c)`` (or ``L1L2`` with ``l1 = 0``) on ``variable``, 0 without one.
+
+    Other regularisers raise a :class:`UserError` (``strict``) or count as 0 (a warning is logged).
+    """
+    reg = getattr(variable, "regularizer", None)
+    if reg is None:
+        return 0.0
+    l1 = float(getattr(reg, "l1", 0.0) or 0.0)
+    l2 = getattr(reg, "l2", None)
+    if l2 is not None and l1 == 0.0 and type(reg).__name__ in ("L2", "L1L2"):
+        return 2.0 * float(np.asarray(l2, dtype=np.dtype(variable.dtype)))
+    what = f"layer {layer_name!r} has a {type(reg).__name__} regulariser on {variable.path}"
+    if strict:
+        raise UserError(f"{what}: K-FAC/EK-FAC only add the Hessian of Keras L2 weight regularisers; "
+                        "remove it or use --solver exact/cg/lissa")
+    log.warning("%s: its Hessian is left out of the EK-FAC preconditioner", what)
+    return 0.0
+
+
+# ----------------------------------------------------------------------------- the plan
+
+@dataclass
+class _Kron:
+    """A Dense/Conv layer with a Kronecker block, matrices in the (K1, C) orientation."""
+
+    name: str
+    layer: object
+    kernel_pos: int           # index of the kernel in the flat variable list
+    bias_pos: object          # index of the bias, or None
+    k_in: int                 # K = prod(kernel.shape[:-1])
+    c_out: int
+    kernel_shape: tuple
+    a_bounds: list
+    s_bounds: list
+    reg_rows: np.ndarray      # (K1,) regulariser Hessian per row
+    acc: dict = field(default_factory=dict)
+
+    @property
+    def k1(self):
+        return self.k_in + (self.bias_pos is not None)
+
+    def bytes(self, corrected):
+        return kron_factor_bytes(self.k1, self.c_out, self.a_bounds, self.s_bounds, corrected)
+
+
+@dataclass
+class _Diag:
+    """A layer with a diagonal block ``E[g²]`` over its variables."""
+
+    name: str
+    layer: object
+    positions: list           # indices in the flat variable list
+    shapes: list
+    reg: np.ndarray           # (size,) regulariser Hessian per parameter
+    why: str = ""
+    acc: list = field(default_factory=list)
+
+    @property
+    def size(self):
+        return int(sum(int(np.prod(s)) for s in self.shapes))
+
+    def bytes(self, corrected):
+        return 8 * self.size
+
+
+def _format_gb(nbytes):
+    return f"{nbytes / 2**30:.3g} GB"
+
+
+# ----------------------------------------------------------------------------- solvers
+
+class KFACSolver(InverseHVP):
+    """K-FAC: ``(A ⊗ S + R + λI)⁻¹`` per layer with ``Λ = e_A e_Sᵀ`` (see the module docstring).
+
+    Args (beyond objective, damping, progress):
+      fisher: "sampled" (labels drawn from the model's softmax) or "empirical" (true labels).
+      seed: seed of the sampled labels.
+      ekfac_max_block: largest factor block; larger factors are split block-diagonally.
+      memory_budget: GB allowed for the factors (float64 while fitting); None: no limit.
+    """
+
+    name = "kfac"
+    summary = "Kronecker-factored Fisher (K-FAC), fitted once; an approximation, no HVPs per test image"
+    approximates = "kfac"
+    corrected = False        # EK-FAC: eigenvalues corrected by a second pass
+    strict_regularisers = True
+
+    def __init__(self, objective, damping, fisher="sampled", seed=0, ekfac_max_block=MAX_BLOCK,
+                 memory_budget=2.0, progress=True):
+        super().__init__(objective, damping, progress)
+        if fisher not in FISHER_KINDS:
+            raise UserError(f"--fisher must be one of {', '.join(FISHER_KINDS)}, got {fisher!r}")
+        self.fisher = fisher
+        self.seed = int(seed)
+        self.max_block = int(ekfac_max_block)
+        self.memory_budget = None if memory_budget is None else float(memory_budget)
+        d = objective.d
+        self.variables = list(d.variables)
+        if not d.clf.supports_tap:
+            raise UserError(f"--solver {self.name} needs a functional or Sequential Keras model "
+                            "(its layers are tapped); use --solver cg/lissa/exact for a subclassed model")
+        self._kinds = {id(g.layer): linear_kind(g.layer) for g in d.clf.groups}
+        self.plan = self._make_plan()
+        self.factor_bytes = sum(b.bytes(self.corrected) for b in self.plan)
+        self._check_budget()
+        self._fitted = False
+        self.info.update(fisher=self.fisher, ekfac_max_block=self.max_block,
+                         factor_bytes=int(self.factor_bytes),
+                         layers={b.name: self._describe(b) for b in self.plan})
+
+    # --- plan --------------------------------------------------------------------------------------
+    def _make_plan(self):
+        plan, at = [], 0
+        diag_names = []
+        for g in self.obj.d.clf.groups:
+            positions = list(range(at, at + len(g.variables)))
+            at += len(g.variables)
+            kind = self._kinds[id(g.layer)]
+            layer = g.layer
+            if kind is not None and patch_support(layer, kind):
+                ids = [id(v) for v in g.variables]
+                kpos = positions[ids.index(id(layer.kernel))]
+                bpos = positions[ids.index(id(layer.bias))] if layer.bias is not None else None
+                shape = tuple(int(s) for s in layer.kernel.shape)
+                k_in, c_out = int(np.prod(shape[:-1])), shape[-1]
+                k1 = k_in + (bpos is not None)
+                rows = np.full(k1, l2_hessian(layer.kernel, g.name, self.strict_regularisers))
+                if bpos is not None:
+                    rows[-1] = l2_hessian(layer.bias, g.name, self.strict_regularisers)
+                plan.append(_Kron(g.name, layer, kpos, bpos, k_in, c_out, shape,
+                                  split_blocks(k1, self.max_block), split_blocks(c_out, self.max_block), rows))
+            else:
+                reg = np.concatenate([np.full(int(np.prod(v.shape)), l2_hessian(v, g.name, self.strict_regularisers))
+                                      for v in g.variables])
+                why = "not a Dense/Conv layer" if kind is None else "its conv patches cannot be unfolded"
+                plan.append(_Diag(g.name, layer, positions, [tuple(int(s) for s in v.shape) for v in g.variables],
+                                  reg, why))
+                diag_names.append(f"{g.name} ({why})")
+        if diag_names:
+            log.info("%s: diagonal Fisher blocks for %s", self.name, ", ".join(diag_names))
+        for b in plan:
+            if isinstance(b, _Kron) and (len(b.a_bounds) > 1 or len(b.s_bounds) > 1):
+                log.info("%s: layer %s: A (%d) split into %d blocks, S (%d) into %d (--ekfac-max-block %d)",
+                         self.name, b.name, b.k1, len(b.a_bounds), b.c_out, len(b.s_bounds), self.max_block)
+        return plan
+
+    @staticmethod
+    def _describe(b):
+        if isinstance(b, _Kron):
+            return (f"kron A {b.k1} ({len(b.a_bounds)} blocks) x S {b.c_out} ({len(b.s_bounds)} blocks)")
+        return f"diag {b.size}"
+
+    def _check_budget(self):
+        if self.memory_budget is None:
+            return
+        budget = self.memory_budget * 2**30
+        if self.factor_bytes <= budget:
+            return
+        worst = sorted(self.plan, key=lambda b: -b.bytes(self.corrected))[:3]
+        largest = ", ".join(f"{b.name} {_format_gb(b.bytes(self.corrected))}" for b in worst)
+        raise UserError(
+            f"--solver {self.name}: the Kronecker factors need {_format_gb(self.factor_bytes)} (float64), over "
+            f"--memory-budget {self.memory_budget:g} GB; largest layers: {largest}; choose fewer layers with "
+            f"--params, a smaller --ekfac-max-block (now {self.max_block}) or a larger --memory-budget")
+
+    def cache_key(self):
+        key = {"fisher": self.fisher, "ekfac_max_block": self.max_block}
+        if self.fisher == "sampled":
+            key["seed"] = self.seed
+        return key
+
+    # --- one chunk: forward with taps, backward signals ---------------------------------------------
+    def _signals(self, x, y, u):
+        """Records of one chunk grouped by layer: {id(layer): [(kind, input, δ), ...]}."""
+        d = self.obj.d
+        with tf.GradientTape() as tape:
+            tap = Tap(tape, self._kinds)
+            logits = d.clf.image_logits(x, tap=tap)
+            if self.fisher == "sampled":
+                labels = sample_labels(tf.nn.softmax(tf.cast(tf.stop_gradient(logits), tf.float64)), u)
+            else:
+                labels = y
+            loss = tf.reduce_sum(d.per_example_loss(logits, labels))
+        deltas = tape.gradient(loss, [r[3] for r in tap.records], unconnected_gradients=_ZERO)
+        grouped = {}
+        for (layer, kind, x_l, _), delta in zip(tap.records, deltas):
+            grouped.setdefault(id(layer), []).append((kind, x_l, delta))
+        return grouped
+
+    @staticmethod
+    def _kron_inputs(b, recs):
+        """float64 ``a`` (N, P, K1) with the bias column and ``δ`` (N, P, C); ``flat``: P = 1 statically."""
+        flat = len(recs) == 1 and recs[0][0] == "dense" and recs[0][1].shape.rank == 2
+        if flat:
+            a = recs[0][1][:, None, :]
+            dl = recs[0][2][:, None, :]
+        else:
+            a = tf.concat([patches(b.layer, kind, x_l) for kind, x_l, _ in recs], axis=1)
+            dl = tf.concat([flat_signal(delta) for _, _, delta in recs], axis=1)
+        a = tf.cast(a, tf.float64)
+        if b.bias_pos is not None:
+            a = tf.concat([a, tf.ones_like(a[..., :1])], axis=-1)
+        return a, tf.cast(dl, tf.float64), flat
+
+    def _per_image_grads(self, b, recs):
+        """Per-image gradients of a diagonal layer's variables: list of (N, *shape) float64."""
+        weights = [self.variables[i] for i in b.positions]
+        layer = b.layer
+        total = None
+        for kind, x_l, delta in recs:
+            if kind is None:
+                args, kwargs = x_l
+                tens = [i for i, a in enumerate(args) if tf.is_tensor(a)]
+                elems = (tuple(args[i] for i in tens), delta)
+
+                def call(ts, args=args, kwargs=kwargs, tens=tens):
+                    full = list(args)
+                    for i, t in zip(tens, ts):
+                        full[i] = t[None]
+                    return layer(*full, **kwargs)
+            else:
+                elems = ((x_l,), delta)
+
+                def call(ts, kind=kind):
+                    return linear(layer, kind, ts[0][None], layer.kernel, layer.bias)
+
+            def one(e, call=call):
+                ts, di = e
+                prims = [w.value for w in weights]
+                with tf.GradientTape() as t:
+                    t.watch(prims)
+                    s = tf.reduce_sum(call(ts) * di[None])
+                return tuple(t.gradient(s, prims, unconnected_gradients=_ZERO))
+
+            g = tf.vectorized_map(one, elems)
+            g = [tf.cast(gi, tf.float64) for gi in g]
+            total = g if total is None else [p + q for p, q in zip(total, g)]
+        return total
+
+    def _factor_chunk(self, x, y, u):
+        """Pass 1 on one chunk: adds to the A/S block sums and the diagonal E[g²] sums."""
+        grouped = self._signals(x, y, u)
+        for b in self.plan:
+            recs = grouped.get(id(b.layer))
+            if not recs:
+                continue
+            if isinstance(b, _Kron):
+                a, dl, _ = self._kron_inputs(b, recs)
+                positions = tf.cast(tf.shape(a)[1], tf.float64)
+                af = tf.reshape(a, [-1, b.k1])
+                df = tf.reshape(dl, [-1, b.c_out])
+                for (s, e), var in zip(b.a_bounds, b.acc["A"]):
+                    var.assign_add(tf.matmul(af[:, s:e], af[:, s:e], transpose_a=True) / positions)
+                for (s, e), var in zip(b.s_bounds, b.acc["S"]):
+                    var.assign_add(tf.matmul(df[:, s:e], df[:, s:e], transpose_a=True))
+            else:
+                for g, var in zip(self._per_image_grads(b, recs), b.acc):
+                    var.assign_add(tf.reduce_sum(tf.square(g), axis=0))
+        return tf.constant(0, tf.int32)
+
+    @staticmethod
+    def _rotate_last(t, qs, bounds):
+        """(…, D) @ blockdiag(qs) -> (…, D)."""
+        return tf.concat([tf.tensordot(t[..., s:e], q, axes=[[t.shape.rank - 1], [0]])
+                          for (s, e), q in zip(bounds, qs)], axis=-1)
+
+    def _eigen_chunk(self, x, y, u):
+        """Pass 2 on one chunk: adds Σ_n (Q_Aᵀ G_n Q_S)² to Λ of every Kronecker layer."""
+        grouped = self._signals(x, y, u)
+        for b in self.plan:
+            recs = grouped.get(id(b.layer))
+            if not recs or not isinstance(b, _Kron):
+                continue
+            a, dl, flat = self._kron_inputs(b, recs)
+            at = self._rotate_last(a, b.acc["QA"], b.a_bounds)     # (N, P, K1)
+            dt = self._rotate_last(dl, b.acc["QS"], b.s_bounds)    # (N, P, C)
+            if flat:   # G̃_n = ã_n δ̃_nᵀ: Σ_n G̃_n² = (ã²)ᵀ (δ̃²)
+                b.acc["L"].assign_add(tf.matmul(tf.square(at[:, 0]), tf.square(dt[:, 0]), transpose_a=True))
+                continue
+            m = max(1, MICRO_BYTES // (8 * b.k1 * b.c_out))
+            n = tf.shape(at)[0]
+
+            def body(i, acc, at=at, dt=dt, m=m):
+                g = tf.matmul(at[i:i + m], dt[i:i + m], transpose_a=True)      # (m, K1, C)
+                return i + m, acc + tf.reduce_sum(tf.square(g), axis=0)
+
+            _, acc = tf.while_loop(lambda i, acc: i < n, body,
+                                   (tf.constant(0), tf.zeros([b.k1, b.c_out], tf.float64)))
+            b.acc["L"].assign_add(acc)
+        return tf.constant(0, tf.int32)
+
+    # --- passes ----------------------------------------------------------------------------------------
+    def _uniforms(self):
+        if self.fisher == "sampled":
+            return np.random.default_rng(self.seed).random(self.obj.n)
+        return np.zeros(self.obj.n)
+
+    def _stream(self, fn, desc):
+        d = self.obj.d
+        compiled = tf.function(fn, input_signature=[d.x_spec, d.y_spec, tf.TensorSpec((None,), tf.float64)])
+        u_all = self._uniforms()
+        n, chunk = self.obj.n, self.obj.chunk
+        with progress_bar(total=n, desc=desc, unit="img", disable=not self.progress) as bar:
+            for start in range(0, n, chunk):
+                idx = np.arange(start, min(start + chunk, n))
+                x, y = self.obj.archive.take(idx)
+                compiled(x, np.asarray(y, np.int64), u_all[idx])
+                bar.update(len(idx))
+
+    def fit(self):
+        n = self.obj.n
+        if n < 1:
+            raise UserError("the training archive is empty")
+        log.info("%s: fitting on %d training images (%s Fisher), factors %s", self.name, n, self.fisher,
+                 _format_gb(self.factor_bytes))
+        # (1) factors: float64 sums
+        for b in self.plan:
+            if isinstance(b, _Kron):
+                b.acc = {"A": [tf.Variable(tf.zeros([e - s, e - s], tf.float64), trainable=False)
+                               for s, e in b.a_bounds],
+                         "S": [tf.Variable(tf.zeros([e - s, e - s], tf.float64), trainable=False)
+                               for s, e in b.s_bounds]}
+            else:
+                b.acc = [tf.Variable(tf.zeros(s, tf.float64), trainable=False) for s in b.shapes]
+        self._stream(self._factor_chunk, f"{self.name} factors")
+        # (2) eigendecompositions, float64, one block at a time
+        self._eig = {}
+        self._diag = {}
+        for b in self.plan:
+            if isinstance(b, _Kron):
+                parts = {}
+                for which in ("A", "S"):
+                    qs, es = [], []
+                    accs = b.acc[which]
+                    for i in range(len(accs)):
+                        m = accs[i].numpy() / n
+                        accs[i] = None          # free the accumulator before the next block
+                        e, q = np.linalg.eigh(0.5 * (m + m.T))
+                        del m
+                        qs.append(q)
+                        es.append(e)
+                    parts[which] = (qs, es)
+                b.acc = {}
+                self._eig[b.name] = {"QA": parts["A"][0], "eA": parts["A"][1],
+                                     "QS": parts["S"][0], "eS": parts["S"][1]}
+            else:
+                self._diag[b.name] = np.concatenate([v.numpy().ravel() for v in b.acc]) / n
+                b.acc = []
+        # (3) EK-FAC: eigenvalues in the Kronecker eigenbasis
+        self._lambda = {}
+        if self.corrected:
+            for b in self.plan:
+                if isinstance(b, _Kron):
+                    eig = self._eig[b.name]
+                    b.acc = {"QA": [tf.Variable(q, trainable=False) for q in eig["QA"]],
+                             "QS": [tf.Variable(q, trainable=False) for q in eig["QS"]],
+                             "L": tf.Variable(tf.zeros([b.k1, b.c_out], tf.float64), trainable=False)}
+            self._stream(self._eigen_chunk, f"{self.name} eigenvalues")
+            for b in self.plan:
+                if isinstance(b, _Kron):
+                    self._lambda[b.name] = b.acc["L"].numpy() / n
+                    b.acc = {}
+        self._finish()
+
+    def _finish(self):
+        """Denominators Λ + ρ (without λ) per layer, from the eigenpairs / corrected eigenvalues."""
+        self._den = {}
+        for b in self.plan:
+            if isinstance(b, _Kron):
+                eig = self._eig[b.name]
+                if self.corrected:
+                    lam = self._lambda[b.name]
+                else:
+                    lam = np.outer(np.clip(np.concatenate(eig["eA"]), 0, None),
+                                   np.clip(np.concatenate(eig["eS"]), 0, None))
+                rho = np.empty(b.k1)
+                for (s, e), q in zip(b.a_bounds, eig["QA"]):
+                    rho[s:e] = (q * q).T @ b.reg_rows[s:e]
+                self._den[b.name] = lam + rho[:, None]
+            else:
+                self._den[b.name] = self._diag[b.name] + b.reg
+        low = min(float(v.min()) for v in self._den.values()) if self._den else 0.0
+        self.info.update(fisher_min=low, fisher_max=max(float(v.max()) for v in self._den.values()))
+        self._fitted = True
+
+    # --- cache -----------------------------------------------------------------------------------------
+    def state(self):
+        if not self._fitted:
+            self.fit()
+        out = {}
+        for b in self.plan:
+            if isinstance(b, _Kron):
+                eig = self._eig[b.name]
+                for key in ("QA", "eA", "QS", "eS"):
+                    for i, arr in enumerate(eig[key]):
+                        out[f"{b.name}.{key}.{i}"] = arr
+                if self.corrected:
+                    out[f"{b.name}.Lambda"] = self._lambda[b.name]
+            else:
+                out[f"{b.name}.diag"] = self._diag[b.name]
+        return out
+
+    def load_state(self, arrays):
+        self._eig, self._diag, self._lambda = {}, {}, {}
+
+        def get(key, shape):
+            if key not in arrays:
+                raise ValueError(f"cached {self.name} state has no {key}")
+            arr = np.asarray(arrays[key], dtype=np.float64)
+            if arr.shape != shape:
+                raise ValueError(f"cached {key} is {arr.shape}, expected {shape}")
+            return arr
+
+        for b in self.plan:
+            if isinstance(b, _Kron):
+                eig = {}
+                for key, bounds in (("QA", b.a_bounds), ("QS", b.s_bounds)):
+                    eig[key] = [get(f"{b.name}.{key}.{i}", (e - s, e - s)) for i, (s, e) in enumerate(bounds)]
+                    ek = "e" + key[1]
+                    eig[ek] = [get(f"{b.name}.{ek}.{i}", (e - s,)) for i, (s, e) in enumerate(bounds)]
+                self._eig[b.name] = eig
+                if self.corrected:
+                    self._lambda[b.name] = get(f"{b.name}.Lambda", (b.k1, b.c_out))
+            else:
+                self._diag[b.name] = get(f"{b.name}.diag", (b.size,))
+        self._finish()
+
+    # --- per test vector ---------------------------------------------------------------------------------
+    def kronecker_factors(self):
+        """{layer name: (A (K1, K1), S (C, C))} dense float64, block-diagonal when split (after fit)."""
+        out = {}
+        for b in self.plan:
+            if isinstance(b, _Kron):
+                eig = self._eig[b.name]
+                mats = []
+                for qk, ek, size, bounds in (("QA", "eA", b.k1, b.a_bounds), ("QS", "eS", b.c_out, b.s_bounds)):
+                    m = np.zeros((size, size))
+                    for (s, e), q, w in zip(bounds, eig[qk], eig[ek]):
+                        m[s:e, s:e] = (q * w) @ q.T
+                    mats.append(m)
+                out[b.name] = tuple(mats)
+        return out
+
+    def _inverse(self, vectors):
+        """[(F + R + λI)⁻¹ v] for Vecs ``v`` -> list of Vecs (dtype of the model)."""
+        if not self._fitted:
+            self.fit()
+        dens = {}
+        for b in self.plan:
+            den = self._den[b.name] + self.damping
+            if den.min() <= SINGULAR * max(float(den.max()), 1e-300):
+                raise UserError(f"--solver {self.name}: F + λI is singular in layer {b.name} (a Fisher eigenvalue "
+                                f"is {float(self._den[b.name].min()):.3g}); use a --damping > 0")
+            dens[b.name] = den
+        dtype = self.obj.d.dtype
+        out = []
+        for v in vectors:
+            parts = [None] * len(self.variables)
+            for b in self.plan:
+                den = dens[b.name]
+                if isinstance(b, _Kron):
+                    rows = [np.asarray(v[b.kernel_pos], np.float64).reshape(b.k_in, b.c_out)]
+                    if b.bias_pos is not None:
+                        rows.append(np.asarray(v[b.bias_pos], np.float64).reshape(1, b.c_out))
+                    eig = self._eig[b.name]
+                    mat = np.concatenate(rows, axis=0)
+                    rot = kron_rotate(mat, eig["QA"], b.a_bounds, eig["QS"], b.s_bounds)
+                    sol = kron_rotate(rot / den, eig["QA"], b.a_bounds, eig["QS"], b.s_bounds, back=True)
+                    parts[b.kernel_pos] = tf.constant(sol[:b.k_in].reshape(b.kernel_shape), dtype)
+                    if b.bias_pos is not None:
+                        parts[b.bias_pos] = tf.constant(sol[b.k_in], dtype)
+                else:
+                    flat = vec_to_numpy([v[i] for i in b.positions]) / den
+                    at = 0
+                    for i, shape in zip(b.positions, b.shapes):
+                        size = int(np.prod(shape))
+                        parts[i] = tf.constant(flat[at:at + size].reshape(shape), dtype)
+                        at += size
+            out.append(tuple(parts))
+        return out
+
+    def solve(self, vectors, ids=None):
+        return self._inverse(list(vectors))
+
+    def precondition(self, vec):
+        """``(F + R + λI)⁻¹ vec`` for one Vec (the same as one :meth:`solve`)."""
+        return self._inverse([vec])[0]
+
+
+class EKFACSolver(KFACSolver):
+    """EK-FAC: K-FAC's Kronecker eigenbasis with eigenvalues ``Λ_ij = E_n[(Q_Aᵀ G_n Q_S)_ij²]``."""
+
+    name = "ekfac"
+    summary = ("eigenvalue-corrected K-FAC Fisher (EK-FAC), fitted once (two passes); an approximation, "
+               "no HVPs per test image")
+    approximates = "ekfac"
+    corrected = True

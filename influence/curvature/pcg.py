@@ -1,0 +1,174 @@
+"""``--solver pcg``: conjugate gradient on ``(H + λI) x = v`` preconditioned by EK-FAC.
+
+The preconditioner is ``M⁻¹ = (F_ekfac + Ω'' + λI)⁻¹`` from the EK-FAC fit
+(:mod:`influence.curvature.ekfac`); its state is the EK-FAC state, cached under the same entry
+(``cache_name = "ekfac"``), so ``--solver ekfac`` and ``--solver pcg`` share one fit. The answer is
+the exact ``(H + λI)⁻¹ v`` up to ``--cg-tol`` (same stopping rule as ``cg``: ``‖v − (H + λI)x‖ ≤
+tol·‖v‖``); EK-FAC only decides how many HVP passes that takes.
+
+Lockstep: the test vectors of one ``solve`` call iterate together. Every iteration is ONE pass over
+the training archive whose chunks serve the HVPs of all vectors still running
+(:func:`hvp_full_many`); a vector that has converged drops out. The start is the EK-FAC solution
+``x_0 = M⁻¹ v`` (one extra HVP pass for its residual); ``info["iterations"]`` lists the CG
+iterations per vector and ``info["hvps"]`` the HVPs (iterations + 1).
+"""
+import logging
+import math
+
+import numpy as np
+
+from influence.curvature.cg import NEGATIVE_CURVATURE, CGSolver
+from influence.curvature.ekfac import MAX_BLOCK, EKFACSolver
+from influence.errors import UserError
+from influence.hvp import vec_axpy, vec_dot, vec_scale
+from influence.progress import progress as progress_bar
+
+log = logging.getLogger(__name__)
+
+
+def hvp_full_many(objective, vecs):
+    """``[H v for v in vecs]`` over the whole training set, one archive read per chunk for all of them.
+
+    ``H = ∇²(mean_i L(z_i) + Ω)``, as :meth:`influence.hvp.TrainingObjective.hvp_full`; ``vecs`` is a
+    list of Vecs, the result a list of Vecs (same order).
+    """
+    vecs = list(vecs)
+    if not vecs:
+        return []
+    d, n, chunk = objective.d, objective.n, objective.chunk
+    weight = objective._scalar(1.0 / n)
+    totals = [None] * len(vecs)
+    for start in range(0, n, chunk):
+        x, y = objective.archive.take(np.arange(start, min(start + chunk, n)))
+        y = np.asarray(y, np.int64)
+        reg = objective._scalar(1.0 if start == 0 else 0.0)
+        for k, v in enumerate(vecs):
+            part = d.hvp(x, y, v, weight, reg)
+            totals[k] = part if totals[k] is None else tuple(a + b for a, b in zip(totals[k], part))
+    return totals
+
+
+def lockstep_pcg(apply_many, vs, *, tol, maxiter, precondition=None, x0s=None, bar=None, solver="pcg"):
+    """Preconditioned CG on ``A x = v`` for several right-hand sides, iterating together.
+
+    Args:
+      apply_many: list of Vecs -> list of Vecs, ``[A x for x]`` (one call = one pass for all).
+      vs: list of right-hand sides (Vecs).
+      tol: stop a vector when ``‖v − A x‖ ≤ tol·‖v‖``.
+      maxiter: iteration cap per vector.
+      precondition: Vec -> Vec, ``M⁻¹ r`` for a symmetric positive definite ``M`` (default: none).
+      x0s: starting points (default 0: no initial pass).
+      bar: optional progress bar, updated once per pass.
+
+    Returns:
+      list of ``(x, iterations, relative residual)``, one per ``v``. Raises a ``UserError`` on
+      negative curvature (``pᵀ A p ≤ 0``), as :func:`influence.curvature.cg.conjugate_gradient`.
+    """
+    vs = list(vs)
+    count = len(vs)
+    prec = precondition or (lambda r: r)
+    norms = [max(math.sqrt(vec_dot(v, v)), 1e-300) for v in vs]
+    if x0s is None:
+        xs = [vec_scale(0.0, v) for v in vs]
+        rs = [tuple(v) for v in vs]
+    else:
+        xs = [tuple(x) for x in x0s]
+        rs = [vec_axpy(-1.0, ax, v) for ax, v in zip(apply_many(xs), vs)]
+        if bar is not None:
+            bar.update(1)
+    zs = [prec(r) for r in rs]
+    ps = list(zs)
+    rz = [vec_dot(r, z) for r, z in zip(rs, zs)]
+    rr = [vec_dot(r, r) for r in rs]
+    its = [0] * count
+
+    def running(t):
+        return its[t] < maxiter and math.sqrt(rr[t]) > tol * norms[t]
+
+    active = [t for t in range(count) if running(t)]
+    while active:
+        aps = apply_many([ps[t] for t in active])
+        for t, ap in zip(active, aps):
+            pap = vec_dot(ps[t], ap)
+            if pap <= 0:
+                raise UserError(NEGATIVE_CURVATURE.format(solver=solver))
+            alpha = rz[t] / pap
+            xs[t] = vec_axpy(alpha, ps[t], xs[t])
+            rs[t] = vec_axpy(-alpha, ap, rs[t])
+            z = prec(rs[t])
+            rz_new = vec_dot(rs[t], z)
+            rr[t] = vec_dot(rs[t], rs[t])
+            ps[t] = vec_axpy(rz_new / rz[t], ps[t], z)
+            rz[t] = rz_new
+            its[t] += 1
+        active = [t for t in active if running(t)]
+        if bar is not None:
+            bar.update(1)
+            worst = max(math.sqrt(rr[t]) / norms[t] for t in range(count))
+            bar.set_postfix(running=len(active), residual=f"{worst:.2e}")
+    return [(xs[t], its[t], math.sqrt(rr[t]) / norms[t]) for t in range(count)]
+
+
+class _Preconditioner(EKFACSolver):
+    """EK-FAC as a preconditioner: a regulariser it cannot represent is left out (logged), not refused."""
+
+    strict_regularisers = False
+
+
+class PCGSolver(CGSolver):
+    """CG preconditioned by EK-FAC, started from the EK-FAC solution; test vectors in lockstep."""
+
+    name = "pcg"
+    summary = ("conjugate gradient preconditioned by EK-FAC (exact answer like cg, a few HVP passes per test "
+               "image; shares the ekfac fit)")
+    approximates = "hessian"
+    cache_name = "ekfac"
+
+    def __init__(self, objective, damping, fisher="sampled", seed=0, ekfac_max_block=MAX_BLOCK, memory_budget=2.0,
+                 cg_tol=1e-6, cg_maxiter=200, progress=True):
+        super().__init__(objective, damping, cg_tol=cg_tol, cg_maxiter=cg_maxiter, progress=progress)
+        self.ekfac = _Preconditioner(objective, damping, fisher=fisher, seed=seed, ekfac_max_block=ekfac_max_block,
+                                     memory_budget=memory_budget, progress=progress)
+        self.info.update(preconditioner={k: v for k, v in self.ekfac.info.items() if k not in ("solver", "damping")},
+                         hvps=[])
+
+    # --- the EK-FAC fit, shared with --solver ekfac -----------------------------------------------------
+    def cache_key(self):
+        return self.ekfac.cache_key()
+
+    def fit(self):
+        self.ekfac.fit()
+
+    def state(self):
+        return self.ekfac.state()
+
+    def load_state(self, arrays):
+        self.ekfac.load_state(arrays)
+
+    # --- per test vector -----------------------------------------------------------------------------------
+    def _start(self, v):
+        """Start and preconditioner of the single-vector path (CGSolver._solve_one)."""
+        return self.ekfac.precondition(v), self.ekfac.precondition
+
+    def apply_many(self, vecs):
+        """``[(H + λI) v for v in vecs]`` in one pass over the training set."""
+        return [vec_axpy(self.damping, v, hv) for v, hv in zip(vecs, hvp_full_many(self.obj, vecs))]
+
+    def solve(self, vectors, ids=None):
+        vectors = list(vectors)
+        if not vectors:
+            return []
+        x0s = self.ekfac.solve(vectors)
+        with progress_bar(total=self.maxiter + 1, desc=f"{self.name} x{len(vectors)}", unit="pass",
+                          disable=not self.progress) as bar:
+            results = lockstep_pcg(self.apply_many, vectors, tol=self.tol, maxiter=self.maxiter,
+                                   precondition=self.ekfac.precondition, x0s=x0s, bar=bar, solver=self.name)
+        out = []
+        for x, it, residual in results:
+            if residual > self.tol:
+                log.warning("%s stopped after %d iterations at relative residual %.2e (--cg-tol %.0e)",
+                            self.name, it, residual, self.tol)
+            self.info["iterations"].append(it)
+            self.info["hvps"].append(it + 1)
+            out.append(x)
+        return out

@@ -138,9 +138,19 @@ def class_namer(classmap, num_classes):
     if classmap is not None:
         return classmap.human
     if num_classes == 1000:
-        names = [human for _, human in imagenet_classes()]
-        return lambda i: names[int(i)] if 0 <= int(i) < 1000 else str(i)
+        return NameList([human for _, human in imagenet_classes()])
     return str
+
+
+class NameList:
+    """index -> ``names[index]`` (the index as text outside the list); picklable for the writer processes."""
+
+    def __init__(self, names):
+        self.names = list(names)
+
+    def __call__(self, i):
+        i = int(i)
+        return self.names[i] if 0 <= i < len(self.names) else str(i)
 
 
 def data_fingerprints(train, test, folders, previous=None):
@@ -465,48 +475,67 @@ def _calculate(settings):
              "per scoring step", len(todo), -(-len(todo) // plan.vectors), plan.vectors, settings.memory_budget,
              plan.score_batch)
 
-    for start in range(0, len(todo), plan.vectors):
-        group = todo[start:start + plan.vectors]
+    from influence.writer import OutputWriter, default_workers
+
+    shared = dict(layer_names=layer_names, keys=keys, train_files=train_files, train_labels=train_labels,
+                  class_name=namer, top=settings.top, fmt=settings.save_format)
+    with OutputWriter(default_workers(len(todo)), shared=shared) as writer:
+        for start in range(0, len(todo), plan.vectors):
+            group = todo[start:start + plan.vectors]
+            t1 = timer()
+            grads = [derivs.gradient(images[it.folder][0][it.index:it.index + 1],
+                                     images[it.folder][1][it.index:it.index + 1].astype(np.int64)) for it in group]
+            record.add_time("test_gradients_s", timer() - t1)
+            t1 = timer()
+            stacked = vec_stack(solver.solve(grads, ids=[it.ident for it in group]))
+            del grads
+            record.add_time("inverse_hvp_s", timer() - t1)
+            t1 = timer()
+            shares = score_archive(scorer, train, stacked, plan.score_batch,
+                                   progress_desc=f"scoring {len(group)} test image(s)")
+            del stacked
+            record.add_time("scoring_s", timer() - t1)
+            t1 = timer()
+            for j, it in enumerate(group):
+                _submit_item(writer, settings, it, shares[j], images, preds, confs, files, train)
+            _report_written(writer.collect(wait=False), record, keys, namer)
+            record.add_time("writing_s", timer() - t1)
+            record.save(solver_info=solver.info)
         t1 = timer()
-        grads = [derivs.gradient(images[it.folder][0][it.index:it.index + 1],
-                                 images[it.folder][1][it.index:it.index + 1].astype(np.int64)) for it in group]
-        record.add_time("test_gradients_s", timer() - t1)
-        t1 = timer()
-        stacked = vec_stack(solver.solve(grads, ids=[it.ident for it in group]))
-        del grads
-        record.add_time("inverse_hvp_s", timer() - t1)
-        t1 = timer()
-        shares = score_archive(scorer, train, stacked, plan.score_batch,
-                               progress_desc=f"scoring {len(group)} test image(s)")
-        del stacked
-        record.add_time("scoring_s", timer() - t1)
-        t1 = timer()
-        for j, it in enumerate(group):
-            _write_item(settings, it, shares[j], images, preds, confs, files, layer_names, keys, train_files,
-                        train_labels, namer, train)
-            record.data["counts"]["test_images_done"] += 1
+        _report_written(writer.collect(wait=True), record, keys, namer)
         record.add_time("writing_s", timer() - t1)
-        record.save(solver_info=solver.info)
     return _finish(record, t0, solver.info)
 
 
-def _write_item(settings, it, shares, images, preds, confs, files, layer_names, keys, train_files, train_labels,
-                namer, train):
+def _submit_item(writer, settings, it, shares, images, preds, confs, files, train):
+    """Hand one test image's output files to the writer (the displayed training images read here)."""
+    from influence.report import top_indices
+    from influence.writer import Prefetched
+
     x, y = images[it.folder]
     i = it.index
-    label_dir = Path(settings.out) / it.folder / str(it.label)
     scores = shares.sum(axis=1)
-    written = write_test_outputs(
-        label_dir, it.n, scores=scores, shares=shares, layer_names=layer_names, keys=keys,
-        train_files=train_files, train_labels=train_labels, class_name=namer,
-        fetch_image=lambda gi: train.take([gi])[0][0], test_image=x[i], test_label=int(y[i]),
-        test_pred=int(preds[it.folder][i]), test_conf=float(confs[it.folder][i]),
-        test_file=str(files[it.folder][i]), top=settings.top, fmt=settings.save_format)
-    log.info("   %s/%d [%d] %s: true %s, predicted %s (%.1f%%); most harmful %s (%.3g), most useful %s (%.3g)",
-             it.folder, it.label, it.n, files[it.folder][i] or f"#{i}", namer(int(y[i])),
-             namer(int(preds[it.folder][i])), 100 * confs[it.folder][i], keys[int(np.argmin(scores))],
-             float(scores.min()), keys[int(np.argmax(scores))], float(scores.max()))
-    log.info("       wrote %s/: %s", label_dir, " ".join(p.name for p in written))
+    harmful, useful = top_indices(scores, settings.top)
+    shown = sorted(set(harmful.tolist()) | set(useful.tolist()))
+    fetched = Prefetched(zip(shown, train.take(np.asarray(shown, np.int64))[0])) if shown else Prefetched({})
+    label_dir = Path(settings.out) / it.folder / str(it.label)
+    facts = dict(item=it, file=str(files[it.folder][i]), label=int(y[i]), pred=int(preds[it.folder][i]),
+                 conf=float(confs[it.folder][i]), worst=int(np.argmin(scores)), best=int(np.argmax(scores)),
+                 worst_score=float(scores.min()), best_score=float(scores.max()), dir=label_dir)
+    writer.submit(facts, write_test_outputs, label_dir, it.n, scores=scores, shares=shares, fetch_image=fetched,
+                  test_image=x[i], test_label=facts["label"], test_pred=facts["pred"], test_conf=facts["conf"],
+                  test_file=facts["file"])
+
+
+def _report_written(done, record, keys, namer):
+    """Log and count the test images whose files are written."""
+    for f, written in done:
+        it = f["item"]
+        log.info("   %s/%d [%d] %s: true %s, predicted %s (%.1f%%); most harmful %s (%.3g), most useful %s (%.3g)",
+                 it.folder, it.label, it.n, f["file"] or f"#{it.index}", namer(f["label"]), namer(f["pred"]),
+                 100 * f["conf"], keys[f["worst"]], f["worst_score"], keys[f["best"]], f["best_score"])
+        log.info("       wrote %s/: %s", f["dir"], " ".join(p.name for p in written))
+        record.data["counts"]["test_images_done"] += 1
 
 
 def _finish(record, t0, solver_info):

@@ -1,6 +1,6 @@
 """Losses, gradients and Hessian-vector products of a :class:`~influence.models.Classifier`.
 
-Notation (see DESIGN.md): ``L(z; θ)`` is the per-image cross-entropy from logits, ``Ω(θ)`` the
+Notation (see docs/DESIGN.md): ``L(z; θ)`` is the per-image cross-entropy from logits, ``Ω(θ)`` the
 model's weight regularisation, ``R(θ) = mean_i L(z_i) + Ω``. A *vector* over the selected
 parameters is a tuple of tensors shaped like ``classifier.variables`` ("a Vec").
 

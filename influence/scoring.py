@@ -1,7 +1,7 @@
 """Batched influence scores with a per-layer split.
 
 For training images ``z_i`` (a batch of N) and T inverse-HVPs ``s_t``, the score is
-``∇L(z_i)·s_t`` (DESIGN.md). Layer ``l`` with input ``x_l`` and output ``h_l`` takes the share::
+``∇L(z_i)·s_t`` (docs/DESIGN.md). Layer ``l`` with input ``x_l`` and output ``h_l`` takes the share::
 
     share_l(i, t) = ⟨∂L_i/∂h_l , J_{θ_l} h_l [s_{t,l}]⟩
 

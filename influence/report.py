@@ -404,6 +404,15 @@ def _show(ax, image, colour):
         spine.set_linewidth(3)
 
 
+def _verdict(test, true_width, pred_width):
+    """(true class, predicted class, " (73.4%)") of the test image as title text; "?" when unknown."""
+    name = test["class_name"]
+    true = "?" if test["label"] is None else _short_class(name(int(test["label"])), true_width)
+    pred = "?" if test["pred"] is None else _short_class(name(int(test["pred"])), pred_width)
+    conf = "" if test["conf"] is None else f" ({100 * float(test['conf']):.1f}%)"
+    return true, pred, conf
+
+
 def _build_figure(kind, test, panels):
     """The figure: test image first, then the ranked training images (wrapped after 5 a row)."""
     n_panels = len(panels)
@@ -413,12 +422,9 @@ def _build_figure(kind, test, panels):
     FigureCanvasAgg(fig)
     grid = fig.add_gridspec(n_rows, n_cols)
 
-    name = test["class_name"]
     ax = fig.add_subplot(grid[0, 0])
     _show(ax, test["image"], _COLOURS["test"])
-    true = "?" if test["label"] is None else _short_class(name(int(test["label"])), 20)
-    pred = "?" if test["pred"] is None else _short_class(name(int(test["pred"])), 16)
-    conf = "" if test["conf"] is None else f" ({100 * float(test['conf']):.1f}%)"
+    true, pred, conf = _verdict(test, 20, 16)
     wrong = test["pred"] is not None and test["label"] is not None and \
         int(test["pred"]) != int(test["label"])
     ax.set_title(f"TEST IMAGE\ntrue: {true}\npred: {pred}{conf}\n{_short_file(test['file'])}",
@@ -602,9 +608,7 @@ def _build_summary_figure(summary, test):
     fig.legend([handles[j] for j in order], [texts[j] for j in order], loc="outside lower center", ncols=3,
                fontsize=9, frameon=False)
 
-    true = "?" if test["label"] is None else _short_class(name(int(test["label"])), 30)
-    pred = "?" if test["pred"] is None else _short_class(name(int(test["pred"])), 30)
-    conf = "" if test["conf"] is None else f" ({100 * float(test['conf']):.1f}%)"
+    true, pred, conf = _verdict(test, 30, 30)
     fig.suptitle(f"Influence summary for {_shorten(pathlib.PurePath(str(test['file'])).name, 60)}: "
                  f"true {true}, predicted {pred}{conf}\n"
                  f"all training images: Σ scores = {format_score(summary['total'])} "

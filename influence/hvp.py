@@ -107,10 +107,14 @@ class Derivatives:
         return self.per_example_loss(self._logits(x), y)
 
     def _gradient(self, x, y):
-        """∇ Σ_i L(z_i) over the batch (no Ω) -> Vec. For one test image pass N = 1."""
+        """∇ Σ_i L(z_i) over the batch (no Ω) -> Vec. For one test image pass N = 1.
+
+        A variable the loss does not reach gets zeros (as in the HVP), never None;
+        ``models.check_classifier`` refuses such layers up front.
+        """
         with tf.GradientTape() as tape:
             loss = tf.reduce_sum(self._losses(x, y))
-        return tuple(tape.gradient(loss, self._primals()))
+        return tuple(tape.gradient(loss, self._primals(), unconnected_gradients=tf.UnconnectedGradients.ZERO))
 
     def _hvp(self, x, y, v, data_weight, reg_weight):
         """∇²(data_weight·Σ_i L(z_i) + reg_weight·Ω) v -> Vec, as ∇(∇obj · v) (reverse over reverse).

@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass, field
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from influence.errors import UserError
@@ -118,11 +119,23 @@ def load_keras_model(name, weights="imagenet"):
 
 # ----------------------------------------------------------------------------- the graph
 
-def _is_softmax(activation):
+_BINARY_HINT = ("binary models with one output unit (or sigmoid outputs) are not supported: give the model two "
+                "outputs with softmax (or linear logits), one per class, trained with sparse categorical cross-entropy")
+
+
+def _activation_name(activation):
     if activation is None:
-        return False
-    name = getattr(activation, "__name__", "") or type(activation).__name__
-    return "softmax" in name.lower()
+        return ""
+    return (getattr(activation, "__name__", "") or type(activation).__name__).lower()
+
+
+def _is_softmax(activation):
+    """keras.activations.softmax / keras.ops.softmax ("softmax") or tf.nn.softmax ("softmax_v2")."""
+    return _activation_name(activation) in ("softmax", "softmax_v2")
+
+
+def _is_sigmoid(activation):
+    return _activation_name(activation) in ("sigmoid", "hard_sigmoid")
 
 
 def _graph_of(model):
@@ -137,24 +150,81 @@ def _graph_of(model):
     return None
 
 
-def strip_softmax(model):
-    """Make ``model`` output logits. Returns ``(model, what_was_done)``.
+def _one(tensors):
+    """A single input stays a single tensor (a list of one makes Keras warn on every call)."""
+    return tensors[0] if len(tensors) == 1 else list(tensors)
 
-    A final layer with a softmax activation gets a linear one (on this in-memory copy only); a final
-    ``Softmax``/``Activation('softmax')`` layer is cut off.
+
+def _final_node(graph):
+    """The node (one call of one layer) that computes the only output of a functional graph."""
+    history = graph.outputs[0]._keras_history
+    return history.operation._inbound_nodes[history.node_index]
+
+
+def _linear_twin(layer, args, kwargs):
+    """Call a copy of ``layer`` with a linear activation on ``layer``'s own inputs; its weights are copied."""
+    config = layer.get_config()
+    config["activation"] = "linear"
+    try:
+        twin = type(layer).from_config(config)
+        out = twin(*args, **kwargs)
+        for mine, theirs in zip(twin.weights, layer.weights, strict=True):
+            mine.assign(theirs.value)
+    except Exception as exc:  # a layer whose config does not round-trip
+        raise UserError(f"could not strip the softmax of layer {layer.name!r} ({type(layer).__name__}): "
+                        f"{str(exc).splitlines()[0]}; save the model with a linear final layer") from None
+    return out
+
+
+def _logits_of(graph, path):
+    """``(logits tensor, note)`` for the output of a functional graph, or ``(None, note)`` when nothing ends it
+    that can be stripped. Symbolic: builds on the graph's own tensors, never changes a layer."""
+    node = _final_node(graph)
+    op = node.operation
+    where = "/".join(path + [op.name])
+    args, kwargs = node.arguments.args, node.arguments.kwargs
+    if isinstance(op, keras.layers.Softmax) or (
+            isinstance(op, keras.layers.Activation) and _is_softmax(op.activation)):
+        return args[0], f"cut the final softmax layer {where!r}"
+    if _is_sigmoid(getattr(op, "activation", None)):
+        raise UserError(f"the model ends in a sigmoid (layer {where!r}): {_BINARY_HINT}")
+    inner = _graph_of(op) if isinstance(op, keras.Model) else None
+    if inner is not None:
+        out, note = _logits_of(inner, path + [op.name])
+        if out is None:
+            return None, note
+        return keras.Model(_one(inner.inputs), out, name=op.name)(*args, **kwargs), note
+    if _is_softmax(getattr(op, "activation", None)):
+        return _linear_twin(op, args, kwargs), f"stripped the softmax of layer {where!r}"
+    return None, "no final softmax found: the outputs are taken as logits"
+
+
+def strip_softmax(model):
+    """Make ``model`` output logits. Returns ``(logits_model, what_was_done)``; ``model`` is not changed.
+
+    A softmax that ends the model is found at any depth of nested Sequential/Functional models:
+    a final ``Softmax`` or ``Activation('softmax')`` layer (also ``Activation(keras.activations.softmax)``
+    or ``tf.nn.softmax``) is cut off; a final layer with a softmax activation (``Dense(K,
+    activation='softmax')``) is replaced by a copy with a linear activation (its weights copied,
+    so nothing is shared with -- or written back to -- the loaded model or its file). The result is
+    a new functional model over the same layers (shared weights) otherwise.
+
+    Raises UserError for a model with several outputs, one output unit, or a sigmoid at the end
+    (binary models). A subclassed model cannot be rewired: it is returned as it is, and
+    :func:`check_classifier` refuses it if its outputs are probabilities.
     """
-    last = model.layers[-1]
-    if isinstance(last, (keras.layers.Softmax,)) or (
-        isinstance(last, keras.layers.Activation) and _is_softmax(last.activation)
-    ):
-        graph = _graph_of(model)
-        if graph is None:
-            raise UserError("the model ends in a Softmax layer and is not a functional model: save it without that layer")
-        return keras.Model(graph.inputs, last.input), f"cut the final softmax layer {last.name!r}"
-    if _is_softmax(getattr(last, "activation", None)):
-        last.activation = keras.activations.linear
-        return model, f"stripped the softmax of layer {last.name!r}"
-    return model, "no final softmax found: the outputs are taken as logits"
+    graph = _graph_of(model)
+    if graph is None:
+        return model, "subclassed model, not inspected for a final softmax: the outputs are taken as logits"
+    if len(graph.outputs) != 1:
+        raise UserError(f"the model has {len(graph.outputs)} outputs: a classifier with one output "
+                        f"(batch, classes) is needed")
+    if graph.outputs[0].shape[-1] == 1:
+        raise UserError(f"the model has one output unit: {_BINARY_HINT}")
+    out, note = _logits_of(graph, [])
+    if out is None:
+        return model, note
+    return keras.Model(_one(graph.inputs), out, name=model.name), note
 
 
 def leaf_layers(model):
@@ -219,8 +289,13 @@ class Classifier:
     # shapes ----------------------------------------------------------------------------------
     @property
     def input_shape(self):
-        """(H, W, C) with None where any size is accepted."""
-        return tuple(self.model.input_shape[1:])
+        """(H, W, C) with None where any size is accepted (a subclassed model: the shape it was built with)."""
+        shape = getattr(self.model, "input_shape", None)
+        if shape is None:
+            shape = next(iter((getattr(self.model, "_build_shapes_dict", None) or {}).values()), None)
+        if shape is None:
+            raise UserError("cannot tell the model's input size: call the model once on an image batch before saving it")
+        return tuple(shape[1:])
 
     @property
     def num_classes(self):
@@ -263,8 +338,51 @@ class Classifier:
         return out[0] if isinstance(out, (list, tuple)) else out
 
 
+def check_classifier(clf, probe_size=224, seed=0):
+    """Refuse, before any heavy work, a model whose logits the influence math cannot use.
+
+    Runs 2 random uint8 images (``clf.input_shape``; ``probe_size`` for a free height or width)
+    through ``clf.image_logits`` under a gradient tape. Raises UserError when
+
+    * the output is not (batch, K), or K = 1 (a binary model);
+    * every output row is >= 0 and sums to 1: probabilities from a softmax that
+      :func:`strip_softmax` could not remove (a Lambda layer, a subclassed model);
+    * a selected layer gets no gradient from the logits (it is off the path to the output).
+    """
+    shape = tuple(probe_size if d is None else int(d) for d in clf.input_shape)
+    x = tf.constant(np.random.default_rng(seed).integers(0, 256, (2,) + shape, dtype=np.uint8))
+    primals = [v.value for v in clf.variables]
+    with tf.GradientTape() as tape:
+        tape.watch(primals)
+        logits = clf.image_logits(x)
+        total = tf.reduce_sum(logits)
+    out = np.asarray(logits, dtype=np.float64)
+    if out.ndim != 2:
+        raise UserError(f"the model's output for 2 images has shape {out.shape}: a classifier's is (batch, classes)")
+    if out.shape[1] == 1:
+        raise UserError(f"the model has one output unit: {_BINARY_HINT}")
+    if np.all(out >= 0) and np.allclose(out.sum(axis=1), 1.0, rtol=0, atol=1e-4):
+        raise UserError("the model's outputs are probabilities (they sum to 1) but no final softmax could be "
+                        "stripped (a Lambda layer or a subclassed model?): end the model in a Dense layer with "
+                        "activation='softmax' or a Softmax layer, or make it output logits")
+    grads, at, cut = tape.gradient(total, primals), 0, []
+    for group in clf.groups:
+        if any(g is None for g in grads[at:at + len(group.variables)]):
+            cut.append(group.name)
+        at += len(group.variables)
+    if cut:
+        reach = [g.name for g in clf.groups if g.name not in cut]
+        raise UserError(f"--params: no gradient flows from the model's output to layer(s) {', '.join(cut)} "
+                        f"(off the path to the logits): leave them out of --params"
+                        + (f" (selected layers that reach it: {', '.join(reach)})" if reach else ""))
+
+
 def load_classifier(model="vgg16", weights="imagenet", preprocess="auto", params="all"):
-    """Everything ``calculate.py`` needs about the model, from its command-line settings."""
+    """Everything ``calculate.py`` needs about the model, from its command-line settings.
+
+    The final softmax is stripped on the in-memory model (the file is only read), and the result
+    is checked with :func:`check_classifier`.
+    """
     keras_model, app_fn = load_keras_model(model, weights)
     keras_model, softmax_note = strip_softmax(keras_model)
     log.info("model %s: %s", model, softmax_note)
@@ -273,4 +391,5 @@ def load_classifier(model="vgg16", weights="imagenet", preprocess="auto", params
     if mode == "auto" and app_fn is None:
         mode = "none"
     clf = Classifier(keras_model, make_preprocess(mode, app_fn), groups, description=f"{model} ({softmax_note})")
+    check_classifier(clf)
     return clf

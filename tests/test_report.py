@@ -1,4 +1,4 @@
-"""Tests of influence/report.py: ranking, the six output files per test image, atomic writes."""
+"""Tests of influence/report.py: ranking, the eight output files per test image, atomic writes."""
 import csv
 import os
 import pathlib
@@ -106,7 +106,8 @@ def test_write_test_outputs_files_and_contents(tmp_path, fmt, size):
 
     assert paths == report.expected_outputs(folder, 2, fmt)
     assert [p.name for p in paths] == [f"harmful_2.{fmt}", f"useful_2.{fmt}", "harmful_2.csv",
-                                       "useful_2.csv", "2.npy", "2_scores.npy"]
+                                       "useful_2.csv", "2.npy", "2_scores.npy", "2_layerwise.csv",
+                                       f"2_summary.{fmt}"]
     assert all(p.is_file() and p.stat().st_size > 0 for p in paths)
     assert sorted(os.listdir(folder)) == sorted(p.name for p in paths)    # no temp files left
     assert report.outputs_complete(folder, 2, fmt)
@@ -136,7 +137,12 @@ def test_write_test_outputs_files_and_contents(tmp_path, fmt, size):
 
     table = np.load(paths[4], allow_pickle=True).item()
     assert isinstance(table, dict) and len(table) == 50
-    assert list(table) == list(kwargs["keys"])
+    # ordered by ascending total, as the original's sorted(..., key=total); the tie 7/11 by archive order
+    order = np.argsort(scores, kind="stable")
+    assert list(table) == [kwargs["keys"][i] for i in order]
+    totals_in_order = [entry["total"] for entry in table.values()]
+    assert totals_in_order == sorted(totals_in_order)
+    assert list(table)[:2] == [kwargs["keys"][7], kwargs["keys"][11]]
     for i, key in enumerate(kwargs["keys"]):
         entry = table[key]
         assert list(entry) == LAYERS + ["total"]
@@ -149,13 +155,24 @@ def test_write_test_outputs_files_and_contents(tmp_path, fmt, size):
     assert totals.dtype == np.float32 and totals.shape == (50,)
     np.testing.assert_allclose(totals, scores, rtol=1e-6)
 
-    paths[1].unlink()
-    assert not report.outputs_complete(folder, 2, fmt)
+    rows = read_csv(paths[6])
+    assert rows[0] == ["layer", "key", "share", "file", "label", "class_name"]
+    assert [r[0] for r in rows[1:]] == LAYERS
+    for j, row in enumerate(rows[1:]):
+        i = int(np.argmax(kwargs["shares"][:, j]))
+        assert row[1:] == [kwargs["keys"][i], repr(float(kwargs["shares"][i, j])), kwargs["train_files"][i],
+                           str(i % 10), NAMES[i % 10]]
+
+    for path in (paths[1], paths[6], paths[7]):
+        path.unlink()
+        assert not report.outputs_complete(folder, 2, fmt)
+        report.write_test_outputs(folder, 2, top=5, fmt=fmt, **kwargs)
+        assert report.outputs_complete(folder, 2, fmt)
 
 
 def test_png_figure_has_sensible_size(tmp_path):
     kwargs, _ = make_case(32)
-    paths = report.write_test_outputs(tmp_path, 0, top=5, fmt="png", **kwargs)
+    paths = report.write_test_outputs(tmp_path, 1, top=5, fmt="png", **kwargs)
     for path in paths[:2]:
         with Image.open(path) as img:
             width, height = img.size
@@ -168,23 +185,24 @@ def test_png_figure_has_sensible_size(tmp_path):
 
 def test_pdf_and_svg_and_jpg_are_real_files(tmp_path):
     kwargs, _ = make_case(8)
-    pdf = report.write_test_outputs(tmp_path, 0, top=3, fmt="pdf", **kwargs)[0]
-    assert pdf.read_bytes().startswith(b"%PDF")
-    svg = report.write_test_outputs(tmp_path, 0, top=3, fmt="svg", **kwargs)[0]
-    assert b"<svg" in svg.read_bytes()[:2000]
-    jpg = report.write_test_outputs(tmp_path, 0, top=3, fmt="jpg", **kwargs)[0]
-    with Image.open(jpg) as img:
-        assert img.format == "JPEG"
+    pdf = report.write_test_outputs(tmp_path, 1, top=3, fmt="pdf", **kwargs)
+    assert pdf[0].read_bytes().startswith(b"%PDF") and pdf[7].read_bytes().startswith(b"%PDF")
+    svg = report.write_test_outputs(tmp_path, 1, top=3, fmt="svg", **kwargs)
+    assert b"<svg" in svg[0].read_bytes()[:2000] and b"<svg" in svg[7].read_bytes()[:2000]
+    jpg = report.write_test_outputs(tmp_path, 1, top=3, fmt="jpg", **kwargs)
+    for path in (jpg[0], jpg[7]):
+        with Image.open(path) as img:
+            assert img.format == "JPEG"
     assert not [p for p in os.listdir(tmp_path) if ".tmp" in p]
 
 
 def test_top_larger_than_n_and_wrapping(tmp_path):
     kwargs, fetched = make_case(8, n_train=4)
-    paths = report.write_test_outputs(tmp_path, 0, top=10, fmt="png", **kwargs)
+    paths = report.write_test_outputs(tmp_path, 1, top=10, fmt="png", **kwargs)
     assert len(read_csv(paths[2])) == 1 + 4 and len(read_csv(paths[3])) == 1 + 4
     assert sorted(fetched) == [0, 1, 2, 3]                    # overlapping lists fetched once
     kwargs, _ = make_case(32, n_train=30)
-    paths = report.write_test_outputs(tmp_path, 1, top=12, fmt="png", **kwargs)
+    paths = report.write_test_outputs(tmp_path, 2, top=12, fmt="png", **kwargs)
     with Image.open(paths[0]) as img:
         assert img.size[1] > 2 * 250                          # 12 images wrap onto 3 rows
 
@@ -195,24 +213,24 @@ def test_large_224_images_and_grayscale(tmp_path):
     kwargs["fetch_image"] = lambda i: rng.integers(0, 256, size=(224, 224, 3), dtype=np.uint8)
     kwargs["test_image"] = rng.integers(0, 256, size=(224, 224), dtype=np.uint8)
     kwargs["train_labels"] = np.full(6, 9)                    # the long ImageNet-style name
-    paths = report.write_test_outputs(tmp_path, 0, top=2, fmt="png", **kwargs)
-    assert report.outputs_complete(tmp_path, 0, "png")
+    paths = report.write_test_outputs(tmp_path, 1, top=2, fmt="png", **kwargs)
+    assert report.outputs_complete(tmp_path, 1, "png")
     assert read_csv(paths[2])[1][4] == NAMES[9]               # the CSV keeps the full name
 
 
 def test_bad_inputs_raise_before_writing(tmp_path):
     kwargs, _ = make_case(8)
     with pytest.raises(ValueError, match="format"):
-        report.write_test_outputs(tmp_path / "a", 0, fmt="gif", **kwargs)
+        report.write_test_outputs(tmp_path / "a", 1, fmt="gif", **kwargs)
     bad = dict(kwargs, shares=kwargs["shares"][:, :2])
     with pytest.raises(ValueError, match="shape"):
-        report.write_test_outputs(tmp_path / "b", 0, **bad)
+        report.write_test_outputs(tmp_path / "b", 1, **bad)
     bad = dict(kwargs, layer_names=["a", "total", "c"])
     with pytest.raises(ValueError, match="total"):
-        report.write_test_outputs(tmp_path / "c", 0, **bad)
+        report.write_test_outputs(tmp_path / "c", 1, **bad)
     bad = dict(kwargs, keys=kwargs["keys"][:-1])
     with pytest.raises(ValueError, match="keys"):
-        report.write_test_outputs(tmp_path / "d", 0, **bad)
+        report.write_test_outputs(tmp_path / "d", 1, **bad)
     assert not any(tmp_path.iterdir())
 
 
@@ -229,6 +247,83 @@ def test_score_dict_is_fast_for_100k_images():
     assert elapsed < 5.0, f"score_dict took {elapsed:.2f} s"    # about 0.3 s on 2 cores
 
 
+def test_score_dict_is_ordered_by_ascending_total_ties_in_archive_order():
+    scores = np.array([0.5, -2.0, 0.5, 3.0, -2.0, np.nan, -7.0])
+    shares = np.column_stack([scores - 1.0, np.ones_like(scores)])
+    keys = [f"0_{i}" for i in range(7)]
+    table = report.score_dict(keys, ["a", "b"], shares, scores)
+    assert list(table) == ["0_6", "0_1", "0_4", "0_0", "0_2", "0_3", "0_5"]     # NaN last
+    assert table["0_3"] == {"a": 2.0, "b": 1.0, "total": 3.0}
+
+
+def test_layer_leaders_take_the_largest_share_first_index_on_ties_never_nan():
+    shares = np.array([[1.0, -3.0, np.nan],
+                       [5.0, -1.0, -2.0],
+                       [5.0, -2.0, np.nan]])
+    np.testing.assert_array_equal(report.layer_leaders(shares), [1, 1, 1])
+    assert report.layer_leaders(shares).dtype == np.int64
+    with pytest.raises(ValueError):
+        report.layer_leaders(np.zeros((0, 3)))
+
+
+def test_layerwise_csv_without_training_images_is_header_only(tmp_path):
+    path = tmp_path / "1_layerwise.csv"
+    report._write_layerwise_csv(path, LAYERS, np.zeros((0, 3)), [], [], [], class_name)
+    assert read_csv(path) == [["layer", "key", "share", "file", "label", "class_name"]]
+
+
+def test_summarize_sums_to_the_totals_by_class_and_by_layer():
+    rng = np.random.default_rng(7)
+    n, n_layers = 3000, 16
+    shares = rng.standard_t(3, size=(n, n_layers)) * 1e-3
+    scores = shares.sum(axis=1)
+    labels = rng.integers(0, 1000, n)
+    names = [f"layer{j}" for j in range(n_layers)]
+    s = report.summarize(scores, shares, labels, names, top_classes=12, keep_classes=[999, 5000])
+    present = np.unique(labels)
+    assert sorted(s["class_index"].tolist()) == present.tolist()
+    assert s["class_count"].sum() == n
+    np.testing.assert_allclose(s["class_pos"].sum() + s["class_neg"].sum(), scores.sum(), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(s["total"], scores.sum(), rtol=1e-12)
+    assert (s["class_pos"] >= 0).all() and (s["class_neg"] <= 0).all()
+    np.testing.assert_allclose(s["class_pos"].sum(), scores[scores > 0].sum(), rtol=1e-9)
+    for c in (present[0], 999):
+        mine = scores[labels == c]
+        k = int(np.nonzero(s["class_index"] == c)[0][0])
+        np.testing.assert_allclose([s["class_pos"][k], s["class_neg"][k]],
+                                   [mine[mine > 0].sum(), mine[mine < 0].sum()], atol=1e-15)
+    magnitude = s["class_pos"] - s["class_neg"]
+    assert (np.diff(magnitude) <= 0).all()                                    # by Σ|score|, largest first
+    assert s["shown"][:12].all() and s["shown"].sum() == 12 + (999 in present and
+                                                                int(np.nonzero(s["class_index"] == 999)[0][0]) >= 12)
+    assert s["shown"][s["class_index"] == 999].all()
+    assert s["other_classes"] == len(present) - s["shown"].sum()
+    np.testing.assert_allclose(s["class_pos"][s["shown"]].sum() + s["other_pos"], s["class_pos"].sum(), rtol=1e-12)
+    np.testing.assert_allclose(s["class_neg"][s["shown"]].sum() + s["other_neg"], s["class_neg"].sum(), rtol=1e-12)
+
+    assert s["layer_names"] == names and s["layer_pos"].shape == (n_layers,)
+    np.testing.assert_allclose(s["layer_pos"] + s["layer_neg"], shares.sum(axis=0), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(s["layer_pos"].sum() + s["layer_neg"].sum(), scores.sum(), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(s["layer_pos"], np.where(shares > 0, shares, 0).sum(axis=0), rtol=1e-12)
+    with pytest.raises(ValueError):
+        report.summarize(scores, shares[:, :3], labels, names)
+
+
+def test_summary_figure_stays_readable_for_1000_classes_and_many_layers(tmp_path):
+    rng = np.random.default_rng(0)
+    n = 2000
+    for n_layers, fmt in ((16, "png"), (60, "png")):
+        kwargs, _ = make_case(8, n_train=n)
+        shares = rng.normal(size=(n, n_layers))
+        kwargs.update(shares=shares, scores=shares.sum(axis=1), layer_names=[f"layer_{j}" for j in range(n_layers)],
+                      train_labels=rng.integers(0, 1000, n), class_name=lambda c: f"class {c}")
+        summary = report.write_test_outputs(tmp_path / str(n_layers), 1, top=2, fmt=fmt, **kwargs)[7]
+        with Image.open(summary) as img:
+            width, height = img.size
+            assert 1200 <= width <= 1600 and 400 <= height <= 1200     # 13 in wide; 30 rows at most
+            assert np.asarray(img.convert("L")).std() > 10
+
+
 def test_format_score_is_compact():
     assert report.format_score(-0.0123456) == "-0.01235"
     assert report.format_score(-0.00123456) == "-1.23e-03"
@@ -240,7 +335,7 @@ def test_format_score_is_compact():
 # ----------------------------------------------------------------------------- atomic_write
 
 def test_atomic_write_replaces_and_keeps_extension(tmp_path):
-    target = tmp_path / "harmful_0.pdf"
+    target = tmp_path / "harmful_1.pdf"
     target.write_text("old")
     with report.atomic_write(target) as tmp:
         assert tmp.parent == tmp_path and tmp.suffix == ".pdf" and tmp.name.startswith(".")
@@ -248,19 +343,19 @@ def test_atomic_write_replaces_and_keeps_extension(tmp_path):
         tmp.write_text("new")
         assert target.read_text() == "old"                     # untouched until the body ends
     assert target.read_text() == "new"
-    assert os.listdir(tmp_path) == ["harmful_0.pdf"]
+    assert os.listdir(tmp_path) == ["harmful_1.pdf"]
 
 
 def test_atomic_write_np_save_lands_on_the_final_name(tmp_path):
-    target = tmp_path / "0_scores.npy"
+    target = tmp_path / "1_scores.npy"
     with report.atomic_write(target) as tmp:
         np.save(tmp, np.arange(3, dtype=np.float32))
     np.testing.assert_array_equal(np.load(target), [0, 1, 2])
-    assert os.listdir(tmp_path) == ["0_scores.npy"]
+    assert os.listdir(tmp_path) == ["1_scores.npy"]
 
 
 def test_atomic_write_leaves_nothing_when_the_body_raises(tmp_path):
-    target = tmp_path / "useful_0.csv"
+    target = tmp_path / "useful_1.csv"
     with pytest.raises(RuntimeError):
         with report.atomic_write(target) as tmp:
             tmp.write_text("half")
@@ -271,7 +366,7 @@ def test_atomic_write_leaves_nothing_when_the_body_raises(tmp_path):
         with report.atomic_write(target) as tmp:
             tmp.write_text("half")
             raise KeyboardInterrupt
-    assert os.listdir(tmp_path) == ["useful_0.csv"] and target.read_text() == "complete"
+    assert os.listdir(tmp_path) == ["useful_1.csv"] and target.read_text() == "complete"
 
 
 # ----------------------------------------------------------------------------- predictions CSV
@@ -306,5 +401,5 @@ def test_shares_that_do_not_add_up_are_logged(tmp_path, caplog):
     kwargs, _ = make_case(8, n_train=6)
     kwargs["shares"] = kwargs["shares"] * 2.0
     with caplog.at_level("WARNING", logger="influence.report"):
-        report.write_test_outputs(tmp_path, 0, top=2, fmt="png", **kwargs)
+        report.write_test_outputs(tmp_path, 1, top=2, fmt="png", **kwargs)
     assert "do not add up" in caplog.text

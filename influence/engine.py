@@ -434,6 +434,7 @@ def _calculate(settings):
     solver_info = (old_run or {}).get("solver_info")
     record.save(num_params=clf.num_params, layers=layer_names, train_images=len(train), fingerprints=fingerprints,
                 memory_plan=dataclasses.asdict(plan), solver_info=solver_info)
+    page = _open_report(settings, train, test, namer, clf)
 
     # predictions of every folder; the images of folders with work left stay in memory
     images, preds, confs, files = {}, {}, {}, {}
@@ -444,6 +445,7 @@ def _calculate(settings):
         preds[folder], confs[folder], files[folder] = probs.argmax(axis=1), probs.max(axis=1), f
         csv_path = Path(settings.out) / folder / f"{folder}_preds.csv"
         write_predictions_csv(csv_path, f, y, preds[folder], confs[folder], namer)
+        page.add_folder(folder, y, preds[folder])
         n_items = sum(1 for it in items if it.folder == folder)
         n_todo = sum(1 for it in todo if it.folder == folder)
         log.info("== test folder %s: %d images, %d labels, accuracy %.1f%%; %d to score%s -> %s", folder, len(y),
@@ -452,6 +454,7 @@ def _calculate(settings):
         if n_todo:
             images[folder] = (np.asarray(x), y)
     record.data["counts"]["test_images_skipped"] = len(items) - len(todo)
+    page.write()
     if not todo:
         return _finish(record, t0, solver_info)
 
@@ -498,11 +501,11 @@ def _calculate(settings):
             t1 = timer()
             for j, it in enumerate(group):
                 _submit_item(writer, settings, it, shares[j], images, preds, confs, files, train)
-            _report_written(writer.collect(wait=False), record, keys, namer)
+            _report_written(writer.collect(wait=False), record, keys, namer, page)
             record.add_time("writing_s", timer() - t1)
             record.save(solver_info=solver.info)
         t1 = timer()
-        _report_written(writer.collect(wait=True), record, keys, namer)
+        _report_written(writer.collect(wait=True), record, keys, namer, page)
         record.add_time("writing_s", timer() - t1)
     return _finish(record, t0, solver.info)
 
@@ -521,14 +524,26 @@ def _submit_item(writer, settings, it, shares, images, preds, confs, files, trai
     label_dir = Path(settings.out) / it.folder / str(it.label)
     facts = dict(item=it, file=str(files[it.folder][i]), label=int(y[i]), pred=int(preds[it.folder][i]),
                  conf=float(confs[it.folder][i]), worst=int(np.argmin(scores)), best=int(np.argmax(scores)),
-                 worst_score=float(scores.min()), best_score=float(scores.max()), dir=label_dir)
+                 worst_score=float(scores.min()), best_score=float(scores.max()), dir=label_dir, image=x[i],
+                 harmful=[(int(j), float(scores[j])) for j in harmful],
+                 useful=[(int(j), float(scores[j])) for j in useful])
     writer.submit(facts, write_test_outputs, label_dir, it.n, scores=scores, shares=shares, fetch_image=fetched,
                   test_image=x[i], test_label=facts["label"], test_pred=facts["pred"], test_conf=facts["conf"],
                   test_file=facts["file"])
 
 
-def _report_written(done, record, keys, namer):
-    """Log and count the test images whose files are written."""
+def _open_report(settings, train, test, namer, clf):
+    """The HTML report (``<out>/index.html``), rebuilt from the files already there (resume)."""
+    from influence.html_report import RunReport
+
+    summary = {"model": settings.model, "params": f"{settings.params} ({clf.num_params:,} parameters)",
+               "solver": settings.solver, "damping": settings.damping, "training images": len(train),
+               "score": "grad L_test . (H + damping I)^-1 grad L_train; positive = useful, negative = harmful"}
+    return RunReport.scan(settings.out, train, namer, summary, settings.save_format, test_archive=test, first_n=1)
+
+
+def _report_written(done, record, keys, namer, page):
+    """Log and count the test images whose files are written; add them to the HTML report."""
     for f, written in done:
         it = f["item"]
         log.info("   %s/%d [%d] %s: true %s, predicted %s (%.1f%%); most harmful %s (%.3g), most useful %s (%.3g)",
@@ -536,9 +551,14 @@ def _report_written(done, record, keys, namer):
                  100 * f["conf"], keys[f["worst"]], f["worst_score"], keys[f["best"]], f["best_score"])
         log.info("       wrote %s/: %s", f["dir"], " ".join(p.name for p in written))
         record.data["counts"]["test_images_done"] += 1
+        page.add(it.folder, it.label, it.n, f["image"], f["file"], f["label"], f["pred"], f["conf"], f["harmful"],
+                 f["useful"])
+    if done:
+        page.write()
 
 
 def _finish(record, t0, solver_info):
+    log.info("the whole run in one page: %s", Path(record.path).parent / "index.html")
     record.data["timings"]["total_s"] = round(time.perf_counter() - t0, 3)
     record.save(status="complete", finished=time.strftime("%Y-%m-%d %H:%M:%S"), solver_info=solver_info)
     done = record.data["counts"]

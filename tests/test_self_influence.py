@@ -156,3 +156,39 @@ def test_limited_result_keeps_archive_keys_and_ties_by_index(tmp_path):
     assert [r["key"] for r in rows] == ["0_1", "0_2", "0_4"]
     assert [r["label"] for r in rows] == ["1", "1", "1"] and rows[1]["prediction"] == "0"
     assert paths[1].suffix == ".svg" and paths[1].stat().st_size > 0
+
+
+# ----------------------------------------------------------------------------- the mislabel panel's machinery
+
+def test_flip_labels_is_seeded_and_changes_exactly_the_chosen_fraction():
+    from influence.validate import flip_labels
+
+    y = np.arange(1000) % 10
+    noisy, flipped = flip_labels(y, 0.1, 10, seed=4)
+    assert flipped.sum() == 100 and noisy.dtype == np.int64
+    np.testing.assert_array_equal(noisy != y, flipped)
+    assert noisy.min() >= 0 and noisy.max() <= 9
+    # each wrong label is drawn from the 9 other classes: all of them occur
+    assert len(np.unique((noisy[flipped] - y[flipped]) % 10)) == 9
+    again, same = flip_labels(y, 0.1, 10, seed=4)
+    np.testing.assert_array_equal(again, noisy)
+    assert not np.array_equal(flip_labels(y, 0.1, 10, seed=5)[1], flipped)
+
+
+def test_fraction_found_curves_and_the_goal(tmp_path):
+    from influence.validate import MislabelResult, fraction_found, found_at, plot_mislabel
+
+    flipped = np.zeros(20, bool)
+    flipped[[3, 7, 11, 19]] = True
+    best = np.concatenate([np.flatnonzero(flipped), np.flatnonzero(~flipped)])
+    curve = fraction_found(best, flipped)
+    assert curve.shape == (21,) and curve[0] == 0 and curve[4] == 1 and curve[-1] == 1
+    np.testing.assert_allclose(fraction_found(best[::-1], flipped)[:17], 0)
+    assert found_at(curve, 0.10) == 0.5 and found_at(curve, 0.05) == 0.25
+    order = [3, 0, 7, 1, 11, 2, 19] + [i for i in range(20) if i not in (3, 0, 7, 1, 11, 2, 19)]
+    worse = fraction_found(np.array(order), flipped)
+    res = MislabelResult("mislabel", "test", {"self-influence": curve, "loss": worse}, 1.0, 20, 4, 0.0)
+    assert res.at("loss", 0.10) == 0.25 and res.at("random (expected)", 0.10) == 0.10 and res.ok
+    assert not MislabelResult("mislabel", "t", {"self-influence": worse, "loss": curve}, 1.0, 20, 4, 0.0).ok
+    plot_mislabel(res, tmp_path / "m.png")
+    assert (tmp_path / "m.png").read_bytes()[:4] == b"\x89PNG"

@@ -108,11 +108,12 @@ def quadratic_forms(grads, inverse):
 
 def per_image_gradients(derivs, x, y):
     """(N, P) float64 gradients of each image's loss ``L(z_i)`` (no Ω), one tape per image."""
-    y = np.asarray(y, np.int64)
-    from influence.hvp import vec_to_numpy
+    from influence.hvp import vec_size, vec_to_numpy
 
-    return np.stack([vec_to_numpy(derivs.gradient(x[i:i + 1], y[i:i + 1])) for i in range(len(y))]) \
-        if len(y) else np.zeros((0, sum(int(np.prod(v.shape)) for v in derivs.variables)))
+    y = np.asarray(y, np.int64)
+    if not len(y):
+        return np.zeros((0, vec_size(derivs.variables)))
+    return np.stack([vec_to_numpy(derivs.gradient(x[i:i + 1], y[i:i + 1])) for i in range(len(y))])
 
 
 def _losses_and_predictions(derivs, train, batch, bar):

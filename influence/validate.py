@@ -35,6 +35,14 @@ actual changes to stand out of the arithmetic noise).
 The command prints one line per panel (Pearson, Spearman, settings, seconds) and writes a scatter
 figure (predicted on x, actual on y, the diagonal, r in the title). Exit code 1 when a panel misses
 its goal (convex 0.99, lissa 0.95, cnn 0.86).
+
+``mislabel`` (not in the default set; ``--panels mislabel``), after Koh & Liang Fig. 6: flip the
+labels of 10 % of the demo's 1500 training digits (seeded; each to another class drawn uniformly),
+train the demo CNN on them with the demo's recipe, then check the training images in the order of
+self-influence (``--solver ekfac``, ``--mislabel-damping``, default 0.01 as calculate.py), of
+training loss, and at random. Its figure (fraction of the flipped images found against the fraction
+of the training set checked) goes to ``--mislabel-out``. Goal: at 10 % checked, self-influence
+finds at least as many as the loss ranking and at least 3x random (random finds 10 % on average).
 """
 import argparse
 import dataclasses
@@ -47,8 +55,10 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-PANELS = ("convex", "lissa", "cnn")
+PANELS = ("convex", "lissa", "cnn", "mislabel")
 GOALS = {"convex": 0.99, "lissa": 0.95, "cnn": 0.86}
+#: fractions of the training set checked at which the mislabel panel reports what it found
+CHECKED = (0.05, 0.10, 0.20)
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -495,6 +505,135 @@ def plot(results, path):
     plt.close(fig)
 
 
+# ----------------------------------------------------------------------------- mislabelled images (Fig. 6)
+
+def flip_labels(y, fraction, classes, seed):
+    """Seeded label noise: ``round(fraction·N)`` images get another class, uniform over the other ones.
+
+    Args:
+      y: (N,) int labels in 0..classes-1; fraction in [0, 1]; classes >= 2; seed: int.
+
+    Returns:
+      ``(noisy (N,) int64, flipped (N,) bool)``; ``noisy != y`` exactly where ``flipped``.
+    """
+    y = np.asarray(y, np.int64)
+    rng = np.random.default_rng(seed)
+    count = int(round(fraction * len(y)))
+    idx = rng.choice(len(y), size=count, replace=False)
+    noisy = y.copy()
+    noisy[idx] = (y[idx] + rng.integers(1, classes, size=count)) % classes
+    flipped = np.zeros(len(y), bool)
+    flipped[idx] = True
+    return noisy, flipped
+
+
+def fraction_found(order, flipped):
+    """(N+1,) float: the fraction of all flipped images among the first ``k`` of ``order`` (N,), k = 0..N.
+
+    ``flipped``: (N,) bool over the training images; ``order``: a permutation of 0..N-1 (checked first
+    to last).
+    """
+    flipped = np.asarray(flipped, bool)
+    hits = flipped[np.asarray(order)]
+    return np.concatenate([[0.0], np.cumsum(hits)]) / max(int(flipped.sum()), 1)
+
+
+def found_at(curve, fraction):
+    """``curve[k]`` at ``k = round(fraction·N)`` checked images (``curve``: (N+1,) from :func:`fraction_found`)."""
+    n = len(curve) - 1
+    return float(curve[int(round(fraction * n))])
+
+
+@dataclasses.dataclass
+class MislabelResult:
+    """Fraction of the flipped images found against the fraction checked, per ranking."""
+
+    name: str
+    settings: str
+    curves: dict            # ranking name -> (N+1,) fraction found after checking k = 0..N images
+    seconds: float
+    n: int
+    flipped: int
+    memorised: float        # fraction of flipped images the model predicts as their (wrong) label
+
+    def at(self, ranking, fraction):
+        if ranking == "random (expected)":
+            return float(fraction)
+        return found_at(self.curves[ranking], fraction)
+
+    @property
+    def ok(self):
+        si, loss = self.at("self-influence", 0.10), self.at("loss", 0.10)
+        return bool(si >= loss and si >= 3 * 0.10)
+
+
+def run_mislabel_panel(n_train=1500, epochs=30, fraction=0.10, damping=0.01, seed=0):
+    """Koh & Liang Fig. 6 on the demo digits (module docstring). Returns a :class:`MislabelResult`."""
+    from influence import demo
+    from influence.curvature import make_solver
+    from influence.hvp import Derivatives, TrainingObjective
+    from influence.models import Classifier, make_preprocess, select_params
+    from influence.self_influence import self_influence
+
+    start = time.perf_counter()
+    x, y, _, _ = digit_arrays(demo.SIZE, 3, n_train, seed, resample="bilinear")
+    noisy, flipped = flip_labels(y, fraction, 10, seed)
+    model, train_seconds = demo.train_model(x, noisy, epochs=epochs, seed=seed)
+    clf = Classifier(model, make_preprocess("unit"), select_params(model, "all"), description="demo CNN")
+    archive = ArrayArchive(x, noisy)
+    derivs = Derivatives(clf, (demo.SIZE, demo.SIZE, 3))
+    solver = make_solver("ekfac", TrainingObjective(derivs, archive, chunk=512), damping, seed=seed, progress=False)
+    t0 = time.perf_counter()
+    solver.fit()
+    res = self_influence(solver, derivs, archive, batch=512, progress=False)
+    score_seconds = time.perf_counter() - t0
+    memorised = float(np.mean(res.preds[flipped] == noisy[flipped]))
+    log.info("mislabel: %d of %d training labels flipped (seed %d); demo CNN trained %d epochs in %.1f s; training "
+             "accuracy on the given labels %.1f%% (clean %.1f%%, flipped %.1f%% = memorised); ekfac fit + self-influence "
+             "%.1f s", int(flipped.sum()), len(y), seed, epochs, train_seconds, 100 * np.mean(res.preds == noisy),
+             100 * np.mean(res.preds[~flipped] == noisy[~flipped]), 100 * memorised, score_seconds)
+    rng = np.random.default_rng(seed)
+    curves = {"self-influence": fraction_found(res.ranking(), flipped),
+              "loss": fraction_found(np.lexsort((np.arange(len(y)), -res.losses)), flipped),
+              "random (seeded)": fraction_found(rng.permutation(len(y)), flipped)}
+    result = MislabelResult(name="mislabel", settings=f"ekfac λ={damping:g} (sampled Fisher), n={len(y)}, "
+                            f"{int(flipped.sum())} flipped, {epochs} epochs", curves=curves,
+                            seconds=time.perf_counter() - start, n=len(y), flipped=int(flipped.sum()),
+                            memorised=memorised)
+    for name in list(curves) + ["random (expected)"]:
+        log.info("mislabel: %-17s finds %s", name, ", ".join(f"{100 * result.at(name, f):.1f}% at {100 * f:.0f}%"
+                                                             for f in CHECKED))
+    return result
+
+
+def plot_mislabel(result, path):
+    """Fraction of flipped labels found (y) against the fraction of the training set checked (x)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.2, 5.0), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    checked = np.arange(result.n + 1) / result.n
+    styles = {"self-influence": ("#c0392b", "-"), "loss": ("#1f4e79", "-"), "random (seeded)": ("0.5", "-")}
+    for name, curve in result.curves.items():
+        colour, ls = styles.get(name, ("k", "-"))
+        at = ", ".join(f"{100 * result.at(name, f):.0f}%" for f in CHECKED)
+        ax.plot(checked, curve, color=colour, ls=ls, lw=1.8, label=f"{name} ({at})")
+    ax.plot([0, 1], [0, 1], color="0.5", ls="--", lw=1, label="random (expected)")
+    for f in CHECKED:
+        ax.axvline(f, color="0.8", lw=0.8, zorder=0)
+    ax.set_xlim(0, 0.5)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("fraction of the training set checked")
+    ax.set_ylabel("fraction of the flipped labels found")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right", title="found at " + " / ".join(f"{100 * f:.0f}%" for f in CHECKED),
+              title_fontsize=8)
+    ax.set_title(f"mislabelled training images (Koh & Liang Fig. 6)\n{result.settings}", fontsize=9)
+    fig.savefig(path, dpi=130)
+
+
 # ----------------------------------------------------------------------------- command
 
 def build_parser():
@@ -502,7 +641,8 @@ def build_parser():
 
     p = Parser(prog="python -m influence.validate", description=__doc__,
                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--panels", default="convex,lissa,cnn", help="comma-separated: convex, lissa, cnn")
+    p.add_argument("--panels", default="convex,lissa,cnn",
+                   help="comma-separated: convex, lissa, cnn, mislabel (default convex,lissa,cnn)")
     p.add_argument("--tests", type=int, default=None, help="test images per panel (default 3; quick 2)")
     p.add_argument("--top", type=int, default=None, help="most influential removals per test image (default 10)")
     p.add_argument("--random", type=int, default=None, help="random removals per test image (default 5)")
@@ -514,6 +654,10 @@ def build_parser():
     p.add_argument("--cnn-train", type=int, default=None, help="CNN training images (default 500; quick 300)")
     p.add_argument("--cnn-steps", type=int, default=30, help="full-batch steps of the CNN retraining recipe")
     p.add_argument("--cnn-damping", default="auto", help="damping for the CNN: a number or auto (= λ_max/steps)")
+    p.add_argument("--mislabel-damping", type=float, default=0.01,
+                   help="damping of the mislabel panel's EK-FAC (default 0.01, as calculate.py)")
+    p.add_argument("--mislabel-out", default=None,
+                   help="figure of the mislabel panel (default: --out with _mislabel before the extension)")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -567,19 +711,52 @@ def validate(args):
         log.info("cnn: cg iterations %s; recipe noise %.2g vs median |actual| %.2g", solver.info["iterations"],
                  float(cnn.noise.max()), float(np.median(np.abs(res.actual))))
         results.append(res)
+    if "mislabel" in panels:
+        if not args.mislabel_damping > 0:
+            raise UserError(f"--mislabel-damping must be > 0, got {args.mislabel_damping}")
+        n_train, epochs = (500, 8) if quick else (1500, 30)     # the demo's own (--quick) recipe
+        results.append(run_mislabel_panel(n_train=n_train, epochs=epochs, damping=args.mislabel_damping,
+                                          seed=args.seed))
     return results
+
+
+def mislabel_path(args):
+    """Where the mislabel figure goes: ``--mislabel-out``, else ``--out`` with ``_mislabel`` added."""
+    if args.mislabel_out:
+        return args.mislabel_out
+    from pathlib import Path
+
+    out = Path(args.out)
+    return str(out.with_name(f"{out.stem}_mislabel{out.suffix or '.png'}"))
 
 
 def _job(args):
     start = time.perf_counter()
     results = validate(args)
-    plot(results, args.out)
-    print(f"{'panel':8} {'Pearson':>8} {'Spearman':>9} {'goal':>5} {'points':>6} {'seconds':>8}  settings")
-    for r in results:
+    loo = [r for r in results if isinstance(r, PanelResult)]
+    figures = []
+    if loo:
+        plot(loo, args.out)
+        figures.append(args.out)
+        print(f"{'panel':8} {'Pearson':>8} {'Spearman':>9} {'goal':>5} {'points':>6} {'seconds':>8}  settings")
+    for r in loo:
         mark = "" if r.ok else "  MISSED"
         print(f"{r.name:8} {r.pearson:8.4f} {r.spearman:9.4f} {r.goal:5.2f} {len(r.actual):6d} "
               f"{r.seconds:8.1f}  {r.settings}{mark}")
-    print(f"figure: {args.out}   total {time.perf_counter() - start:.0f} s")
+    for r in results:
+        if isinstance(r, MislabelResult):
+            path = mislabel_path(args)
+            plot_mislabel(r, path)
+            figures.append(path)
+            print(f"mislabel: flipped labels found when checking {' / '.join(f'{100 * f:.0f}%' for f in CHECKED)} "
+                  f"of the training set ({r.seconds:.1f} s; {r.settings}; {100 * r.memorised:.0f}% of the flipped "
+                  f"labels memorised)")
+            for name in list(r.curves) + ["random (expected)"]:
+                print(f"  {name:18} " + "  ".join(f"{100 * r.at(name, f):5.1f}%" for f in CHECKED))
+            if not r.ok:
+                print(f"  MISSED: goal at 10% checked: self-influence >= loss ({100 * r.at('loss', 0.1):.1f}%) and "
+                      f">= 3x random (30%); got {100 * r.at('self-influence', 0.1):.1f}%")
+    print(f"figure: {', '.join(figures)}   total {time.perf_counter() - start:.0f} s")
     return 0 if all(r.ok for r in results) else 1
 
 

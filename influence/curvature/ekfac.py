@@ -311,13 +311,16 @@ class KFACSolver(InverseHVP):
         return key
 
     # --- one chunk: forward with taps, backward signals ---------------------------------------------
-    def _signals(self, x, y, u):
-        """Records of one chunk grouped by layer: {id(layer): [(kind, input, δ), ...]}."""
+    def _signals(self, x, y, u, true_labels=False):
+        """Records of one chunk grouped by layer: {id(layer): [(kind, input, δ), ...]}.
+
+        δ is taken with the Fisher's labels, or with the true labels ``y`` when ``true_labels``.
+        """
         d = self.obj.d
         with tf.GradientTape() as tape:
             tap = Tap(tape, self._kinds)
             logits = d.clf.image_logits(x, tap=tap)
-            if self.fisher == "sampled":
+            if self.fisher == "sampled" and not true_labels:
                 labels = sample_labels(tf.nn.softmax(tf.cast(tf.stop_gradient(logits), tf.float64)), u)
             else:
                 labels = y
@@ -582,8 +585,8 @@ class KFACSolver(InverseHVP):
                 out[b.name] = tuple(mats)
         return out
 
-    def _inverse(self, vectors):
-        """[(F + R + λI)⁻¹ v] for Vecs ``v`` -> list of Vecs (dtype of the model)."""
+    def _damped(self):
+        """{layer name: Λ + ρ + λ} (Kronecker: (K1, C); diagonal: (size,)); fits first if needed."""
         if not self._fitted:
             self.fit()
         dens = {}
@@ -593,6 +596,11 @@ class KFACSolver(InverseHVP):
                 raise UserError(f"--solver {self.name}: F + λI is singular in layer {b.name} (a Fisher eigenvalue "
                                 f"is {float(self._den[b.name].min()):.3g}); use a --damping > 0")
             dens[b.name] = den
+        return dens
+
+    def _inverse(self, vectors):
+        """[(F + R + λI)⁻¹ v] for Vecs ``v`` -> list of Vecs (dtype of the model)."""
+        dens = self._damped()
         dtype = self.obj.d.dtype
         out = []
         for v in vectors:
@@ -622,6 +630,65 @@ class KFACSolver(InverseHVP):
 
     def solve(self, vectors, ids=None):
         return self._inverse(list(vectors))
+
+    def self_influence_batch(self, x, y):
+        """``gᵢᵀ (F + R + λI)⁻¹ gᵢ`` of each image with its TRUE label, without forming the inverse-HVP.
+
+        Args:
+          x: uint8 (N, H, W, C) images; y: int64 (N,) their labels.
+
+        Returns:
+          float64 (N,). The matrix is block-diagonal, so this is a sum over layers. Kronecker layer:
+          ``Σ_ij [(Q_Aᵀ G_i Q_S)_ij]² / (Λ + ρ + λ)_ij``; on a flat Dense input ``G_i = a_i δ_iᵀ``, so it
+          is ``(ã_i²)ᵀ D⁻¹ (δ̃_i²)`` with ``ã = Q_Aᵀa``, ``δ̃ = Q_Sᵀδ`` (no per-image matrix); conv layers
+          form ``G̃_i`` in micro-batches. Diagonal layer: ``Σ_k g_ik² / (d_k + r_k + λ)``.
+        """
+        dens = self._damped()
+        key = (id(self._den), self.damping)
+        if getattr(self, "_self_key", None) != key:
+            self._self_vars = {}
+            for b in self.plan:
+                parts = {"inv": tf.Variable(1.0 / dens[b.name], trainable=False)}
+                if isinstance(b, _Kron):
+                    eig = self._eig[b.name]
+                    parts["QA"] = [tf.Variable(q, trainable=False) for q in eig["QA"]]
+                    parts["QS"] = [tf.Variable(q, trainable=False) for q in eig["QS"]]
+                self._self_vars[b.name] = parts
+            d = self.obj.d
+            self._self_fn = tf.function(self._self_influence_graph, input_signature=[d.x_spec, d.y_spec])
+            self._self_key = key
+        return self._self_fn(x, np.asarray(y, np.int64)).numpy()
+
+    def _self_influence_graph(self, x, y):
+        grouped = self._signals(x, y, None, true_labels=True)
+        total = tf.zeros(tf.shape(y), tf.float64)
+        for b in self.plan:
+            recs = grouped.get(id(b.layer))
+            if not recs:
+                continue
+            v = self._self_vars[b.name]
+            if isinstance(b, _Diag):
+                g = tf.concat([tf.reshape(t, [tf.shape(t)[0], -1]) for t in self._per_image_grads(b, recs)], 1)
+                total += tf.reduce_sum(tf.square(g) * v["inv"], axis=1)
+                continue
+            a, dl, flat = self._kron_inputs(b, recs)
+            at = self._rotate_last(a, v["QA"], b.a_bounds)      # (N, P, K1)
+            dt = self._rotate_last(dl, v["QS"], b.s_bounds)     # (N, P, C)
+            if flat:
+                total += tf.reduce_sum(tf.matmul(tf.square(at[:, 0]), v["inv"]) * tf.square(dt[:, 0]), axis=1)
+                continue
+            m = max(1, MICRO_BYTES // (8 * b.k1 * b.c_out))
+            n = tf.shape(at)[0]
+
+            def body(i, out, at=at, dt=dt, m=m, inv=v["inv"]):
+                g = tf.matmul(at[i:i + m], dt[i:i + m], transpose_a=True)      # (m, K1, C)
+                return i + m, out.write(i // m, tf.reduce_sum(tf.square(g) * inv, axis=[1, 2]))
+
+            _, out = tf.while_loop(lambda i, out: i < n, body,
+                                   (tf.constant(0), tf.TensorArray(tf.float64, size=0, dynamic_size=True,
+                                                                   infer_shape=False)))
+            total += out.concat()
+        return total
 
     def precondition(self, vec):
         """``(F + R + λI)⁻¹ vec`` for one Vec (the same as one :meth:`solve`)."""

@@ -1,0 +1,275 @@
+"""Self-influence: which training images look mislabelled? (``calculate.py --self-influence``)
+
+Every training image scored against itself, with its own (possibly wrong) label::
+
+    self(i) = ∇L(z_i)ᵀ (H + λI)⁻¹ ∇L(z_i)
+
+(``H`` and ``λ`` as in every other score, docs/DESIGN.md; ``H`` is the solver's matrix: the dense
+Hessian for ``exact``, the K-FAC / EK-FAC Fisher for ``kfac`` / ``ekfac``). It is ``n`` times the
+first-order change of the image's own training loss when it is left out: an image the rest of the
+training set argues against (a wrong label, an odd example) scores high. Koh & Liang 2017, §5.4.
+
+Routes, by solver:
+
+* ``ekfac`` / ``kfac``: per-image gradients in the Kronecker eigenbasis, squared and divided by
+  the damped eigenvalues (:meth:`influence.curvature.ekfac.KFACSolver.self_influence_batch`): one
+  forward and backward pass per training batch, no inverse-HVP at all;
+* ``exact``: per-image gradients ``G`` (one tape per image) against ``(H + λI)⁻¹`` (inverted once):
+  ``Σ_k (G M)_ik G_ik`` per batch;
+* anything else (``lissa``, ``cg``, ``pcg``): one inverse-HVP per image, allowed only for the
+  ``limit`` highest-loss training images (``--self-influence-limit N``).
+
+With ``limit`` every route scores only the ``limit`` training images of highest loss (ties: lower
+archive index first). Outputs (:func:`write_self_influence`): ``self_influence.csv`` (every scored
+image, highest first) and ``self_influence.<fmt>`` (the top ``k`` with label and prediction).
+"""
+import csv
+import dataclasses
+import logging
+import pathlib
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from influence.errors import UserError
+from influence.progress import progress as progress_bar
+from influence.report import FIGURE_FORMATS, _short_class, _short_file, _show, atomic_write, format_score
+
+log = logging.getLogger(__name__)
+
+#: Header of ``self_influence.csv``.
+CSV_HEADER = ("rank", "key", "file", "label", "class_name", "prediction", "prediction_name", "confidence",
+              "self_influence", "loss")
+CSV_NAME = "self_influence.csv"
+FIGURE_STEM = "self_influence"
+#: solvers with a route that scores the whole training set without one inverse-HVP per image
+FAST_SOLVERS = ("exact", "kfac", "ekfac")
+
+
+@dataclasses.dataclass
+class SelfInfluence:
+    """Self-influence of the scored training images, all arrays (M,) in the same order.
+
+    ``indices``: archive positions (all N in archive order, or the ``limit`` highest-loss ones,
+    highest loss first); ``values``: ∇L(z_i)ᵀ(H + λI)⁻¹∇L(z_i); ``losses``: the training loss with
+    the true label; ``preds`` / ``confs``: the model's class and its softmax probability.
+    """
+
+    indices: np.ndarray
+    values: np.ndarray
+    losses: np.ndarray
+    preds: np.ndarray
+    confs: np.ndarray
+    method: str = ""
+
+    def ranking(self):
+        """(M,) positions into these arrays, highest self-influence first (ties: lower index; NaN last)."""
+        return rank_descending(self.values, self.indices)
+
+
+def rank_descending(values, indices):
+    """(M,) order of ``values`` (M,) descending, ties by ``indices`` (M,) ascending, NaN last."""
+    v = np.asarray(values, np.float64)
+    return np.lexsort((np.asarray(indices), np.where(np.isnan(v), np.inf, -v))).astype(np.int64)
+
+
+# ----------------------------------------------------------------------------- checks
+
+def check_solver(name, limit, n_train=None):
+    """Raise a one-line :class:`UserError` when ``--solver name`` cannot score every training image.
+
+    ``limit``: ``--self-influence-limit`` (None or 0: all images). Call it before any heavy work.
+    """
+    if limit is not None and int(limit) < 0:
+        raise UserError(f"--self-influence-limit must be >= 1 (0 = every training image), got {limit}")
+    if name in FAST_SOLVERS or limit:
+        return
+    many = f" ({n_train} here)" if n_train is not None else ""
+    raise UserError(f"--self-influence with --solver {name} needs one inverse-HVP per training image{many}: use "
+                    f"--solver ekfac (or exact for small models), or --self-influence-limit N to score only the N "
+                    f"highest-loss training images")
+
+
+def highest_loss(losses, limit):
+    """(min(limit, N),) int64 indices of the largest ``losses`` (N,), largest first, ties by lower index."""
+    losses = np.asarray(losses, np.float64)
+    order = np.lexsort((np.arange(len(losses)), np.where(np.isnan(losses), np.inf, -losses)))
+    return order[:int(limit)].astype(np.int64)
+
+
+# ----------------------------------------------------------------------------- numbers
+
+def quadratic_forms(grads, inverse):
+    """``gᵢᵀ M gᵢ`` for every row: grads (B, P), inverse M (P, P) symmetric -> (B,) float64."""
+    grads = np.asarray(grads, np.float64)
+    return np.einsum("bp,bp->b", grads @ inverse, grads)
+
+
+def per_image_gradients(derivs, x, y):
+    """(N, P) float64 gradients of each image's loss ``L(z_i)`` (no Ω), one tape per image."""
+    from influence.hvp import vec_size, vec_to_numpy
+
+    y = np.asarray(y, np.int64)
+    if not len(y):
+        return np.zeros((0, vec_size(derivs.variables)))
+    return np.stack([vec_to_numpy(derivs.gradient(x[i:i + 1], y[i:i + 1])) for i in range(len(y))])
+
+
+def _losses_and_predictions(derivs, train, batch, bar):
+    """Over the whole archive: losses (N,) float64, predictions (N,) int64, confidences (N,) float64."""
+    n = len(train)
+    losses, preds, confs = np.empty(n), np.empty(n, np.int64), np.empty(n)
+    for start in range(0, n, batch):
+        idx = np.arange(start, min(start + batch, n))
+        x, y = train.take(idx)
+        y = np.asarray(y, np.int64)
+        losses[idx] = derivs.losses(x, y).numpy()
+        probs = derivs.predict(x).numpy()
+        preds[idx] = probs.argmax(axis=1)
+        confs[idx] = probs.max(axis=1)
+        bar.update(len(idx))
+    return losses, preds, confs
+
+
+def self_influence(solver, derivs, train, *, batch, limit=None, vectors=None, progress=True):
+    """Self-influence of every training image (or the ``limit`` highest-loss ones) -> :class:`SelfInfluence`.
+
+    Args:
+      solver: a fitted (or cache-loaded) solver of :mod:`influence.curvature` (fits on demand).
+      derivs: the :class:`influence.hvp.Derivatives` of the model.
+      train: the training archive (``len`` and ``take(indices) -> (x, y)``), labels as trained.
+      batch: training images per step.
+      limit: None/0 for every image, else only the ``limit`` images of highest training loss.
+      vectors: inverse-HVPs held at once on the one-per-image route (default ``batch``; the engine's
+        ``MemoryPlan.vectors``).
+      progress: show progress bars.
+
+    Raises :class:`UserError` (see :func:`check_solver`) for a solver without a fast route and no limit.
+    """
+    from influence.curvature.ekfac import KFACSolver
+    from influence.curvature.exact import ExactSolver
+    from influence.hvp import vec_dot
+
+    name = getattr(solver, "name", type(solver).__name__)
+    n = len(train)
+    check_solver(name, limit, n)
+    batch = max(1, int(batch))
+    fast = isinstance(solver, (KFACSolver, ExactSolver))
+    step_size = batch if fast or not vectors else max(1, min(batch, int(vectors)))
+    with progress_bar(total=n, desc="self-influence: losses", unit="img", disable=not progress) as bar:
+        losses, preds, confs = _losses_and_predictions(derivs, train, batch, bar)
+    indices = highest_loss(losses, limit) if limit else np.arange(n, dtype=np.int64)
+    values = np.empty(len(indices))
+    if isinstance(solver, KFACSolver):
+        method = f"{name} (Kronecker eigenbasis)"
+
+        def step(x, y, idx):
+            return solver.self_influence_batch(x, y)
+    elif isinstance(solver, ExactSolver):
+        inverse = np.linalg.inv(solver.matrix())
+        inverse = 0.5 * (inverse + inverse.T)
+        method = f"{name} (dense inverse)"
+
+        def step(x, y, idx):
+            return quadratic_forms(per_image_gradients(derivs, x, y), inverse)
+    else:
+        method = f"{name} (one inverse-HVP per image, {len(indices)} highest-loss images)"
+
+        def step(x, y, idx):
+            y = np.asarray(y, np.int64)
+            grads = [derivs.gradient(x[i:i + 1], y[i:i + 1]) for i in range(len(y))]
+            sols = solver.solve(grads, ids=[("self-influence", int(j)) for j in idx])
+            return np.array([vec_dot(g, s) for g, s in zip(grads, sols)])
+    with progress_bar(total=len(indices), desc=f"self-influence ({name})", unit="img",
+                      disable=not progress) as bar:
+        for start in range(0, len(indices), step_size):
+            current = indices[start:start + step_size]
+            # read in archive order (memory-mapped batches), put back in the order of ``indices``
+            order = np.argsort(current, kind="stable")
+            x, y = train.take(current[order])
+            vals = np.empty(len(current))
+            vals[order] = step(x, y, current[order])
+            values[start:start + len(current)] = vals
+            bar.update(len(current))
+    log.debug("self-influence: %d images by %s", len(indices), method)
+    return SelfInfluence(indices=indices, values=values, losses=losses[indices], preds=preds[indices],
+                         confs=confs[indices], method=method)
+
+
+# ----------------------------------------------------------------------------- outputs
+
+def expected_outputs(out_dir, fmt):
+    """``[self_influence.csv, self_influence.<fmt>]`` inside ``out_dir``."""
+    if fmt not in FIGURE_FORMATS:
+        raise ValueError(f"figure format must be one of {', '.join(FIGURE_FORMATS)}, got {fmt!r}")
+    out = pathlib.Path(out_dir)
+    return [out / CSV_NAME, out / f"{FIGURE_STEM}.{fmt}"]
+
+
+def write_self_influence(out_dir, result, keys, files, labels, class_name, fetch_image, top, fmt):
+    """Write ``self_influence.csv`` and the figure ``self_influence.<fmt>`` into ``out_dir``, atomically.
+
+    Args:
+      out_dir: the run's output folder (created if missing).
+      result: a :class:`SelfInfluence`.
+      keys, files, labels: (N,) of the WHOLE training archive (``"{batch}_{index}"``, paths, class indices).
+      class_name: callable int -> str.
+      fetch_image: callable(global index) -> uint8 (H, W, 3); called for the ``top`` shown images only.
+      top: images in the figure (clipped to the scored ones).
+      fmt: figure format, one of :data:`influence.report.FIGURE_FORMATS`.
+
+    Returns:
+      ``[csv path, figure path]``. The CSV has every scored image, sorted by self-influence descending.
+    """
+    csv_path, fig_path = expected_outputs(out_dir, fmt)
+    keys = [str(k) for k in np.asarray(keys).tolist()]
+    files = np.asarray(files).reshape(-1)
+    labels = np.asarray(labels).reshape(-1)
+    order = result.ranking()
+    csv_path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(csv_path) as tmp:
+        with open(tmp, "w", newline="", encoding="utf-8") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(CSV_HEADER)
+            for rank, j in enumerate(order.tolist(), start=1):
+                i = int(result.indices[j])
+                label, pred = int(labels[i]), int(result.preds[j])
+                writer.writerow([rank, keys[i], str(files[i]), label, class_name(label), pred, class_name(pred),
+                                 repr(float(result.confs[j])), repr(float(result.values[j])),
+                                 repr(float(result.losses[j]))])
+    panels = []
+    for rank, j in enumerate(order[:max(0, int(top))].tolist(), start=1):
+        i = int(result.indices[j])
+        panels.append({"image": fetch_image(i), "rank": rank, "value": float(result.values[j]),
+                       "label": class_name(int(labels[i])), "pred": class_name(int(result.preds[j])),
+                       "wrong": int(labels[i]) != int(result.preds[j]), "conf": float(result.confs[j]),
+                       "loss": float(result.losses[j]), "file": str(files[i])})
+    fig = _figure(panels, len(order), len(keys))
+    with atomic_write(fig_path) as tmp:
+        fig.savefig(tmp, format=fmt, **({} if fmt in ("pdf", "svg") else {"dpi": 110}))
+    return [csv_path, fig_path]
+
+
+def _figure(panels, scored, total, cols=5):
+    """The top self-influence images, ``cols`` a row: rank, value, label, prediction (red when they differ)."""
+    rows = max(1, -(-len(panels) // cols))
+    fig = Figure(figsize=(2.3 * min(max(len(panels), 1), cols), 3.0 * rows + 0.7), layout="constrained")
+    FigureCanvasAgg(fig)
+    grid = fig.add_gridspec(rows, min(max(len(panels), 1), cols))
+    for k, p in enumerate(panels):
+        ax = fig.add_subplot(grid[k // cols, k % cols])
+        _show(ax, p["image"], "#b03a2e" if p["wrong"] else "#1f4e79")
+        ax.set_title(f"#{p['rank']}  self-inf. {format_score(p['value'])}\nlabel: {_short_class(p['label'], 18)}\n"
+                     f"pred: {_short_class(p['pred'], 14)} ({100 * p['conf']:.0f}%)\n{_short_file(p['file'])}",
+                     fontsize=9, color="#b03a2e" if p["wrong"] else "black")
+    if not panels:
+        ax = fig.add_subplot(grid[0, 0])
+        ax.set_axis_off()
+        ax.text(0.5, 0.5, "no training images", ha="center", va="center", fontsize=10)
+    what = f"{scored} highest-loss of {total}" if scored < total else f"all {total}"
+    fig.suptitle(f"Highest self-influence training images ({what} scored)", fontsize=12, fontweight="bold")
+    fig.supxlabel("self-influence = ∇L(z)ᵀ(H + λI)⁻¹∇L(z) with the image's own label: high = the rest of the "
+                  "training set argues against it (check the label); red = the model predicts another class",
+                  fontsize=8, style="italic", color="0.35", wrap=True)
+    return fig

@@ -268,7 +268,8 @@ class RunReport:
         folder = str(folder)
         label_dir = self.out / folder / str(label)
         extra = [label_dir / f"{n}_layerwise.csv", label_dir / f"{n}_summary.{self.fmt}"]
-        outputs = tuple(self._rel(p) for p in expected_outputs(label_dir, n, self.fmt) + extra if p.is_file())
+        listed = expected_outputs(label_dir, n, self.fmt)
+        outputs = tuple(self._rel(p) for p in listed + [e for e in extra if e not in listed] if p.is_file())
         summary = self._rel(extra[1]) if extra[1].is_file() else ""
         key = (folder, int(label), int(n))
         self._folders.setdefault(folder, None)

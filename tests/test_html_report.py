@@ -62,9 +62,6 @@ def _run_engine(out, train, test, fmt="png", first_n=1, **report_kw):
                     class_name=class_name, fetch_image=lambda gi: train.take([gi])[0][0], test_image=x[i],
                     test_label=int(y[i]), test_pred=int(preds[i]), test_conf=float(confs[i]), test_file=str(files[i]),
                     top=TOP, fmt=fmt)
-                if folder == "orig" and j == 0:         # the later sections' files, for the hooks
-                    (label_dir / f"{n}_layerwise.csv").write_text("layer,share\n")
-                    Image.new("RGB", (30, 20), "red").save(label_dir / f"{n}_summary.{fmt}")
                 harmful, useful = outputs.top_indices(scores, TOP)
                 report.add(folder, int(label), n, x[i], str(files[i]), int(y[i]), int(preds[i]), float(confs[i]),
                            [(h, scores[h]) for h in harmful], [(u, scores[u]) for u in useful])
@@ -198,10 +195,9 @@ def test_summary_and_layerwise_hooks_link_the_files_that_exist(run):
     index = _Page((run.out / INDEX).read_text(encoding="utf-8"))
     summaries = [u for u in index.urls if u.endswith("_summary.png")]
     layerwise = [u for u in index.urls if u.endswith("_layerwise.csv")]
-    labels = sorted({label for f, label, n in run.expected if f == "orig"})
-    assert sorted(set(summaries)) == [f"orig/{label}/1_summary.png" for label in labels] == \
-        sorted(u.replace("layerwise.csv", "summary.png") for u in layerwise)
-    assert len(summaries) == 2 * len(labels)                     # a link and the figure itself
+    want = sorted({urllib.parse.quote(f"{f}/{label}/{n}_summary.png", safe="/") for f, label, n in run.expected})
+    assert sorted(set(summaries)) == want == sorted(u.replace("layerwise.csv", "summary.png") for u in layerwise)
+    assert len(summaries) == 2 * len(want)                       # a link and the figure itself
     assert '<img class="fig" src="orig/' in (run.out / INDEX).read_text(encoding="utf-8")
 
 

@@ -68,6 +68,14 @@ def build_parser():
     s.add_argument("--seed", type=int, default=D.seed, metavar="N",
                    help="seed of the LiSSA minibatches and power iteration (default: 0)")
 
+    si = p.add_argument_group("self-influence: which training images look mislabelled?")
+    si.add_argument("--self-influence", action="store_true",
+                    help="also score every training image against itself, grad L_i . (H + damping I)^-1 grad L_i: "
+                         "writes OUT/self_influence.csv (highest first) and a figure; cheap with ekfac or exact")
+    si.add_argument("--self-influence-limit", type=int, default=D.self_influence_limit, metavar="N",
+                    help="only the N highest-loss training images (lets lissa/cg/pcg do it: one inverse-HVP each) "
+                         "(default: all)")
+
     r = p.add_argument_group("resources")
     r.add_argument("--memory-budget", type=float, default=D.memory_budget, metavar="GB",
                    help="bound for everything a run holds: inverse-HVPs scored together, one scoring or HVP call, "

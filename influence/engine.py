@@ -61,6 +61,8 @@ class Settings:
     fisher: str = "sampled"
     ekfac_max_block: int = 4096
     cache: str = None
+    self_influence: bool = False
+    self_influence_limit: int = 0
     max_exact_params: int = 10_000
     top: int = 5
     save_format: str = "pdf"
@@ -374,6 +376,9 @@ def _check_settings(settings):
         raise UserError(f"--limit must be >= 0 (0 = all test images), got {settings.limit}")
     if settings.ekfac_max_block < 2:
         raise UserError(f"--ekfac-max-block must be at least 2, got {settings.ekfac_max_block}")
+    if settings.self_influence_limit < 0:
+        raise UserError(f"--self-influence-limit must be >= 0 (0 = every training image), "
+                        f"got {settings.self_influence_limit}")
     return settings.scale_value()
 
 
@@ -403,6 +408,10 @@ def _calculate(settings):
     unknown = [f for f in folders if f not in test.folders]
     if unknown:
         raise UserError(f"no test folder {', '.join(unknown)} in {test.path}; it has: {', '.join(test.folders)}")
+    if settings.self_influence:
+        from influence.self_influence import check_solver
+
+        check_solver(settings.solver, settings.self_influence_limit or None, len(train))
     old_run = previous_run(settings.out) if not settings.overwrite else None
     fingerprints = data_fingerprints(train, test, folders, (old_run or {}).get("fingerprints"))
     check_resume(settings.out, settings, fingerprints)
@@ -455,7 +464,8 @@ def _calculate(settings):
             images[folder] = (np.asarray(x), y)
     record.data["counts"]["test_images_skipped"] = len(items) - len(todo)
     page.write()
-    if not todo:
+    self_todo = settings.self_influence and not _self_influence_done(settings, page, train, namer)
+    if not todo and not self_todo:
         return _finish(record, t0, solver_info)
 
     # curvature: fitted once, cached
@@ -474,6 +484,13 @@ def _calculate(settings):
     record.add_time("curvature_s", timer() - t1)
     record.data["curvature"] = {"cache": str(cache.path(solver)), "loaded": loaded}
     record.save(solver_info=solver.info)
+    if self_todo:
+        t1 = timer()
+        _run_self_influence(settings, solver, derivs, train, plan, keys, train_files, train_labels, namer, page)
+        record.add_time("self_influence_s", timer() - t1)
+        record.save(solver_info=solver.info)
+    if not todo:
+        return _finish(record, t0, solver.info)
     log.info("scoring %d test image(s) in %d group(s) of at most %d (--memory-budget %g GB); %d training images "
              "per scoring step", len(todo), -(-len(todo) // plan.vectors), plan.vectors, settings.memory_budget,
              plan.score_batch)
@@ -530,6 +547,61 @@ def _submit_item(writer, settings, it, shares, images, preds, confs, files, trai
     writer.submit(facts, write_test_outputs, label_dir, it.n, scores=scores, shares=shares, fetch_image=fetched,
                   test_image=x[i], test_label=facts["label"], test_pred=facts["pred"], test_conf=facts["conf"],
                   test_file=facts["file"])
+
+
+def _self_influence_done(settings, page, train, namer):
+    """True when both self-influence files exist (a resume): the report gets its section back."""
+    from influence.self_influence import expected_outputs
+
+    csv_path, fig_path = expected_outputs(settings.out, settings.save_format)
+    if settings.overwrite or not (csv_path.is_file() and fig_path.is_file()):
+        return False
+    import csv
+
+    with open(csv_path, newline="", encoding="utf-8") as fh:
+        rows = [r for _, r in zip(range(SELF_INFLUENCE_ROWS), csv.DictReader(fh))]
+    page.add_self_influence([_self_row(r["rank"], r["key"], r["file"], r["label"], r["class_name"],
+                                       r["prediction_name"], r["confidence"], r["self_influence"], r["loss"])
+                             for r in rows], fig_path)
+    page.write()
+    log.info("self-influence: %s exists (use --overwrite to redo it)", csv_path)
+    return True
+
+
+#: training images listed in the report's self-influence section
+SELF_INFLUENCE_ROWS = 50
+
+
+def _self_row(rank, key, file, label, class_name, prediction, confidence, value, loss):
+    return (int(rank), str(key), str(file), int(label), str(class_name), str(prediction), float(confidence),
+            float(value), float(loss))
+
+
+def _run_self_influence(settings, solver, derivs, train, plan, keys, train_files, train_labels, namer, page):
+    """``∇L(z_i)ᵀ(H + λI)⁻¹∇L(z_i)`` of every training image (or the --self-influence-limit
+    highest-loss ones): ``self_influence.csv``, its figure and the report's section."""
+    from influence.self_influence import self_influence, write_self_influence
+
+    limit = settings.self_influence_limit or None
+    log.info("self-influence of %s training images (%s solver): which look mislabelled?",
+             f"the {limit} highest-loss" if limit else f"all {len(train)}", settings.solver)
+    result = self_influence(solver, derivs, train, batch=plan.score_batch, limit=limit, vectors=plan.vectors)
+    csv_path, fig_path = write_self_influence(settings.out, result, keys, train_files, train_labels, namer,
+                                              lambda gi: train.take([gi])[0][0], settings.top,
+                                              settings.save_format)
+    order = result.ranking()
+    rows = []
+    for rank, j in enumerate(order[:SELF_INFLUENCE_ROWS].tolist(), start=1):
+        i = int(result.indices[j])
+        rows.append(_self_row(rank, keys[i], train_files[i], train_labels[i], namer(int(train_labels[i])),
+                              namer(int(result.preds[j])), result.confs[j], result.values[j], result.losses[j]))
+    page.add_self_influence(rows, fig_path)
+    page.write()
+    if len(order):
+        top = int(result.indices[order[0]])
+        log.info("   highest self-influence: %s (%s, label %s, predicted %s); wrote %s and %s", keys[top],
+                 train_files[top] or "?", namer(int(train_labels[top])), namer(int(result.preds[order[0]])),
+                 csv_path, fig_path.name)
 
 
 def _open_report(settings, train, test, namer, clf):

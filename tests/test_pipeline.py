@@ -184,3 +184,25 @@ def test_a_second_run_into_the_same_out_is_refused(data, tmp_path):
             calculate(settings(data, out))
     calculate(settings(data, out, folders=["b"]))       # free again once the first run is over
     assert (out / "run.json").is_file()
+
+
+def test_self_influence_through_the_job(data, tmp_path, caplog):
+    import csv
+
+    caplog.set_level(logging.INFO)
+    out = tmp_path / "out"
+    calculate(settings(data, out, self_influence=True, folders=["b"], params="dense", solver="ekfac"))
+    with open(out / "self_influence.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    values = [float(r["self_influence"]) for r in rows]
+    assert len(rows) == 24 and values == sorted(values, reverse=True)
+    assert (out / "self_influence.png").is_file()
+    page = (out / "index.html").read_text(encoding="utf-8")
+    assert "self_influence.png" in page and rows[0]["key"] in page
+    caplog.clear()
+    calculate(settings(data, out, self_influence=True, folders=["b"], params="dense", solver="ekfac"))
+    assert "self_influence.csv exists" in caplog.text
+    assert rows[0]["key"] in (out / "index.html").read_text(encoding="utf-8")
+    with pytest.raises(UserError, match="--self-influence with --solver lissa.*--solver ekfac"):
+        calculate(settings(data, tmp_path / "lissa", self_influence=True, solver="lissa"))
+    assert not (tmp_path / "lissa" / "a").exists()

@@ -373,3 +373,27 @@ def test_fisher_sampled_is_deterministic_and_differs_from_empirical(tiny):
     np.testing.assert_allclose(solve_all(empirical, d, V), want, rtol=1e-7, atol=1e-9 * np.abs(want).max())
     with pytest.raises(UserError, match="--fisher"):
         make_solver("ekfac", obj, DAMPING, fisher="true")
+
+
+def test_a_float32_model_fits_the_same_factors_as_float64(tmp_path, tiny):
+    """Per-chunk products run in the model's dtype (float32 here), sums in float64: same state."""
+    model64, _ = strip_softmax(tiny_model(0))
+    keras.utils.set_random_seed(0)
+    layers64 = [layer for layer in model64.layers if not isinstance(layer, keras.layers.InputLayer)]
+    model32 = keras.Sequential([keras.Input(IMAGE)] + [
+        type(layer).from_config({**layer.get_config(), "dtype": "float32"}) for layer in layers64])
+    for src, dst in zip(layers64, model32.layers):
+        dst.set_weights([w.astype(np.float32) for w in src.get_weights()])
+    clf = Classifier(model32, lambda x: tf.cast(x, tf.float32) / 255.0, select_params(model32, "all"))
+    d = Derivatives(clf, IMAGE)
+    obj = TrainingObjective(d, tiny["archive"], chunk=16)
+    s32 = make_solver("ekfac", obj, DAMPING, seed=SEED, progress=False)
+    s32.fit()
+    want, got = tiny["fitted"]["ekfac"].state(), s32.state()
+    assert set(want) == set(got)
+    for key in want:
+        if ".Q" in key:            # eigenvectors: compare the subspaces they span, sign-free
+            np.testing.assert_allclose(np.abs(got[key].T @ want[key]).max(axis=0), 1.0, atol=5e-3, err_msg=key)
+        else:
+            np.testing.assert_allclose(got[key], want[key], rtol=2e-3, atol=1e-6 * np.abs(want[key]).max(),
+                                       err_msg=key)

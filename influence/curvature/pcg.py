@@ -129,8 +129,7 @@ class PCGSolver(CGSolver):
         super().__init__(objective, damping, cg_tol=cg_tol, cg_maxiter=cg_maxiter, progress=progress)
         self.ekfac = _Preconditioner(objective, damping, fisher=fisher, seed=seed, ekfac_max_block=ekfac_max_block,
                                      memory_budget=memory_budget, progress=progress)
-        self.info.update(preconditioner={k: v for k, v in self.ekfac.info.items() if k not in ("solver", "damping")},
-                         hvps=[])
+        self.info.update(preconditioner=self.ekfac.info, hvps=[])
 
     # --- the EK-FAC fit, shared with --solver ekfac -----------------------------------------------------
     def cache_key(self):

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from influence import __version__
+from influence import __version__, distributed
 from influence.archives import TestArchive, TrainArchive, check_same_classes
 from influence.classes import ClassMap, imagenet_classes
 from influence.errors import UserError
@@ -69,6 +69,8 @@ class Settings:
     overwrite: bool = False
     memory_budget: float = 2.0
     score_batch: int = 256
+    workers: int = 0
+    ray_address: str = None
 
     @classmethod
     def from_args(cls, args):
@@ -343,7 +345,7 @@ def calculate(settings):
     with logging_redirect_tqdm():
         try:
             Path(settings.out).mkdir(parents=True, exist_ok=True)
-            with folder_lock(settings.out, what="calculate.py"):
+            with folder_lock(settings.out, what="calculate.py"), distributed.runtime(settings):
                 return _calculate(settings)
         except OSError as exc:
             if exc.errno not in _WRITE_ERRORS:
@@ -456,7 +458,10 @@ def _calculate(settings):
     key = curvature_key(clf, train, model=settings.model, preprocess=settings.preprocess, solver=solver)
     loaded = cache.load(solver, key)
     if not loaded:
-        solver.fit()
+        if distributed.enabled(settings):
+            distributed.fit(solver, settings, train, plan.chunk, key)
+        else:
+            solver.fit()
         cache.save(solver, key)
     record.add_time("curvature_s", timer() - t1)
     record.data["curvature"] = {"cache": str(cache.path(solver)), "loaded": loaded}
@@ -476,8 +481,13 @@ def _calculate(settings):
         del grads
         record.add_time("inverse_hvp_s", timer() - t1)
         t1 = timer()
-        shares = score_archive(scorer, train, stacked, plan.score_batch,
-                               progress_desc=f"scoring {len(group)} test image(s)")
+        if distributed.enabled(settings):
+            parts = distributed.group_parts(settings, key, fingerprints, group, plan.score_batch)
+            shares = distributed.score_archive(settings, train, stacked, plan.score_batch, parts, key,
+                                               progress_desc=f"scoring {len(group)} test image(s)")
+        else:
+            shares = score_archive(scorer, train, stacked, plan.score_batch,
+                                   progress_desc=f"scoring {len(group)} test image(s)")
         del stacked
         record.add_time("scoring_s", timer() - t1)
         t1 = timer()
@@ -485,6 +495,8 @@ def _calculate(settings):
             _write_item(settings, it, shares[j], images, preds, confs, files, layer_names, keys, train_files,
                         train_labels, namer, train)
             record.data["counts"]["test_images_done"] += 1
+        if distributed.enabled(settings):
+            distributed.remove_parts(parts)
         record.add_time("writing_s", timer() - t1)
         record.save(solver_info=solver.info)
     return _finish(record, t0, solver.info)

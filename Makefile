@@ -4,6 +4,8 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 
 .PHONY: demo test bench validate clean
+# the optional scale-out dependency (Ray), installed into the same venv for the tests
+DIST   := $(VENV)/.distributed-installed
 
 $(PY): requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -14,8 +16,12 @@ $(PY): requirements.txt
 demo: $(PY)
 	$(PY) -m influence.demo
 
-test: $(PY)
-	$(PY) -m pytest -q tests
+$(DIST): $(PY) requirements-distributed.txt
+	$(PY) -m pip install --quiet -r requirements-distributed.txt
+	touch $(DIST)
+
+test: $(PY) $(DIST)
+	RAY_USAGE_STATS_ENABLED=0 $(PY) -m pytest -q tests
 
 validate: $(PY)
 	$(PY) -m influence.validate

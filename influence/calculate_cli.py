@@ -82,6 +82,14 @@ def build_parser():
                         f"curvature factors (default: {D.memory_budget:g})")
     r.add_argument("--score-batch", type=int, default=D.score_batch, metavar="N",
                    help=f"training images per scoring step, at most (default: {D.score_batch})")
+    x = p.add_argument_group("scale-out (needs Ray: pip install -r requirements-distributed.txt)")
+    x.add_argument("--workers", type=int, default=D.workers, metavar="N",
+                   help="start a local Ray runtime with N workers (one GPU each when there are GPUs) that fit "
+                        "kfac/ekfac/pcg curvature and score the training archive in shards; with --ray-address, "
+                        "at most N tasks at once (default: 0 = no Ray, one process)")
+    x.add_argument("--ray-address", default=D.ray_address, metavar="ADDR",
+                   help="join a running Ray cluster (`ray start --head` prints ADDR, host:6379) instead of starting "
+                        "one; every node must see --data and --out at the same paths (default: none)")
     p.add_argument("-v", "--verbose", action="store_true", help="more log messages")
     return p
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from influence import __version__
+from influence import __version__, distributed
 from influence.archives import TestArchive, TrainArchive, check_same_classes
 from influence.classes import ClassMap, imagenet_classes
 from influence.errors import UserError
@@ -71,6 +71,8 @@ class Settings:
     overwrite: bool = False
     memory_budget: float = 2.0
     score_batch: int = 256
+    workers: int = 0
+    ray_address: str = None
 
     @classmethod
     def from_args(cls, args):
@@ -355,7 +357,7 @@ def calculate(settings):
     with logging_redirect_tqdm():
         try:
             Path(settings.out).mkdir(parents=True, exist_ok=True)
-            with folder_lock(settings.out, what="calculate.py"):
+            with folder_lock(settings.out, what="calculate.py"), distributed.runtime(settings):
                 return _calculate(settings)
         except OSError as exc:
             if exc.errno not in _WRITE_ERRORS:
@@ -479,7 +481,10 @@ def _calculate(settings):
     key = curvature_key(clf, train, model=settings.model, preprocess=settings.preprocess, solver=solver)
     loaded = cache.load(solver, key)
     if not loaded:
-        solver.fit()
+        if distributed.enabled(settings):
+            distributed.fit(solver, settings, train, plan.chunk, key)
+        else:
+            solver.fit()
         cache.save(solver, key)
     record.add_time("curvature_s", timer() - t1)
     record.data["curvature"] = {"cache": str(cache.path(solver)), "loaded": loaded}
@@ -499,6 +504,9 @@ def _calculate(settings):
 
     shared = dict(layer_names=layer_names, keys=keys, train_files=train_files, train_labels=train_labels,
                   class_name=namer, top=settings.top, fmt=settings.save_format)
+    part_files = []      # (test images done when this group's outputs are written, its parts) with --workers
+    done_before = record.data["counts"]["test_images_done"]
+    record.data["counts"]["_done_before"] = done_before
     with OutputWriter(default_workers(len(todo)), shared=shared) as writer:
         for start in range(0, len(todo), plan.vectors):
             group = todo[start:start + plan.vectors]
@@ -511,20 +519,35 @@ def _calculate(settings):
             del grads
             record.add_time("inverse_hvp_s", timer() - t1)
             t1 = timer()
-            shares = score_archive(scorer, train, stacked, plan.score_batch,
-                                   progress_desc=f"scoring {len(group)} test image(s)")
+            if distributed.enabled(settings):
+                parts = distributed.group_parts(settings, key, fingerprints, group, plan.score_batch)
+                shares = distributed.score_archive(settings, train, stacked, plan.score_batch, parts, key,
+                                                   progress_desc=f"scoring {len(group)} test image(s)")
+                part_files.append((start + len(group), parts))
+            else:
+                shares = score_archive(scorer, train, stacked, plan.score_batch,
+                                       progress_desc=f"scoring {len(group)} test image(s)")
             del stacked
             record.add_time("scoring_s", timer() - t1)
             t1 = timer()
             for j, it in enumerate(group):
                 _submit_item(writer, settings, it, shares[j], images, preds, confs, files, train)
             _report_written(writer.collect(wait=False), record, keys, namer, page)
+            _drop_finished_parts(part_files, record)
             record.add_time("writing_s", timer() - t1)
             record.save(solver_info=solver.info)
         t1 = timer()
         _report_written(writer.collect(wait=True), record, keys, namer, page)
+        _drop_finished_parts(part_files, record)
         record.add_time("writing_s", timer() - t1)
     return _finish(record, t0, solver.info)
+
+
+def _drop_finished_parts(part_files, record):
+    """Remove the score parts of groups whose output files are all written (--workers runs)."""
+    done = record.data["counts"]["test_images_done"] - record.data["counts"]["_done_before"]
+    while part_files and part_files[0][0] <= done:
+        distributed.remove_parts(part_files.pop(0)[1])
 
 
 def _submit_item(writer, settings, it, shares, images, preds, confs, files, train):
@@ -630,6 +653,7 @@ def _report_written(done, record, keys, namer, page):
 
 
 def _finish(record, t0, solver_info):
+    record.data["counts"].pop("_done_before", None)
     log.info("the whole run in one page: %s", Path(record.path).parent / "index.html")
     record.data["timings"]["total_s"] = round(time.perf_counter() - t0, 3)
     record.save(status="complete", finished=time.strftime("%Y-%m-%d %H:%M:%S"), solver_info=solver_info)

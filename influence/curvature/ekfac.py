@@ -247,6 +247,7 @@ class KFACSolver(InverseHVP):
         self._fitted = False
         #: dtype of the per-chunk products of the fitting passes: the model's (sums are float64)
         self._compute_dtype = objective.d.dtype
+        self._kept = {}           # accumulators and compiled passes kept between calls (keep=True)
         self.info.update(fisher=self.fisher, ekfac_max_block=self.max_block,
                          factor_bytes=int(self.factor_bytes),
                          layers={b.name: self._describe(b) for b in self.plan})
@@ -446,17 +447,132 @@ class KFACSolver(InverseHVP):
             return np.random.default_rng(self.seed).random(self.obj.n)
         return np.zeros(self.obj.n)
 
-    def _stream(self, fn, desc):
+    def _stream(self, fn, desc, start=0, stop=None, keep=False):
+        """Run ``fn`` on chunks of ``objective.chunk`` images of ``[start, stop)`` (default: all);
+        ``keep``: trace ``fn`` once and reuse it in later calls (its accumulators must be kept too)."""
         d = self.obj.d
-        compiled = tf.function(fn, input_signature=[d.x_spec, d.y_spec, tf.TensorSpec((None,), tf.float64)])
+        compiled = self._kept.get(fn.__name__) if keep else None
+        if compiled is None:
+            compiled = tf.function(fn, input_signature=[d.x_spec, d.y_spec, tf.TensorSpec((None,), tf.float64)])
+            if keep:
+                self._kept[fn.__name__] = compiled
         u_all = self._uniforms()
         n, chunk = self.obj.n, self.obj.chunk
-        with progress_bar(total=n, desc=desc, unit="img", disable=not self.progress) as bar:
-            for start in range(0, n, chunk):
-                idx = np.arange(start, min(start + chunk, n))
+        stop = n if stop is None else int(stop)
+        if not 0 <= start <= stop <= n:
+            raise ValueError(f"image range [{start}, {stop}) is outside the archive's {n} images")
+        with progress_bar(total=stop - start, desc=desc, unit="img", disable=not self.progress) as bar:
+            for first in range(start, stop, chunk):
+                idx = np.arange(first, min(first + chunk, stop))
                 x, y = self.obj.archive.take(idx)
                 compiled(x, np.asarray(y, np.int64), u_all[idx])
                 bar.update(len(idx))
+
+    # --- the two passes as sums over a range of training images (sharded by influence.distributed) -----
+    def factor_sums(self, start=0, stop=None, keep=False):
+        """Pass 1 over images ``[start, stop)``: the float64 sums of the factors, not yet divided by n.
+
+        Returns ``{key: array}``: ``L.A.b`` / ``L.S.b`` (block ``b`` of ``Σ_n (1/P) Σ_p a aᵀ`` and of
+        ``Σ_n Σ_p δ δᵀ``) per Kronecker layer ``L``, ``L.diag.v`` (``Σ_n g_n²`` of variable ``v``) per
+        diagonal layer. Sums over disjoint ranges add up to the sums over their union. ``keep``: keep
+        the accumulators and the traced pass for the next call (a worker summing shard after shard);
+        without it they are freed as the sums are read (a single fit).
+        """
+        kept = self._kept.get("factors") if keep else None
+        for b in self.plan:
+            if kept is not None:
+                b.acc = kept[b.name]
+                for var in (b.acc["A"] + b.acc["S"] if isinstance(b, _Kron) else b.acc):
+                    var.assign(tf.zeros_like(var))
+            elif isinstance(b, _Kron):
+                b.acc = {"A": [tf.Variable(tf.zeros([e - s, e - s], tf.float64), trainable=False)
+                               for s, e in b.a_bounds],
+                         "S": [tf.Variable(tf.zeros([e - s, e - s], tf.float64), trainable=False)
+                               for s, e in b.s_bounds]}
+            else:
+                b.acc = [tf.Variable(tf.zeros(s, tf.float64), trainable=False) for s in b.shapes]
+        if keep:
+            self._kept["factors"] = {b.name: b.acc for b in self.plan}
+        self._stream(self._factor_chunk, f"{self.name} factors", start, stop, keep)
+        sums = {}
+        for b in self.plan:
+            if isinstance(b, _Kron):
+                for which in ("A", "S"):
+                    accs = b.acc[which]
+                    for i in range(len(accs)):
+                        sums[f"{b.name}.{which}.{i}"] = accs[i].numpy()
+                        if not keep:
+                            accs[i] = None          # one float64 copy at a time
+            else:
+                for i in range(len(b.acc)):
+                    sums[f"{b.name}.diag.{i}"] = b.acc[i].numpy()
+                    if not keep:
+                        b.acc[i] = None
+            b.acc = {} if isinstance(b, _Kron) else []
+        return sums
+
+    def set_factors(self, sums, n=None):
+        """Eigendecompose the factors from pass-1 ``sums`` (consumed: each is freed once used) over
+        ``n`` images (default: the whole archive). Ends K-FAC's fit; EK-FAC needs :meth:`set_lambda`."""
+        n = self.obj.n if n is None else n
+        self._eig = {}
+        self._diag = {}
+        for b in self.plan:
+            if isinstance(b, _Kron):
+                parts = {}
+                for which, bounds in (("A", b.a_bounds), ("S", b.s_bounds)):
+                    qs, es = [], []
+                    for i in range(len(bounds)):
+                        m = sums.pop(f"{b.name}.{which}.{i}") / n
+                        e, q = np.linalg.eigh(0.5 * (m + m.T))
+                        del m
+                        qs.append(q)
+                        es.append(e)
+                    parts[which] = (qs, es)
+                self._eig[b.name] = {"QA": parts["A"][0], "eA": parts["A"][1],
+                                     "QS": parts["S"][0], "eS": parts["S"][1]}
+            else:
+                self._diag[b.name] = np.concatenate([sums.pop(f"{b.name}.diag.{i}").ravel()
+                                                     for i in range(len(b.shapes))]) / n
+        self._lambda = {}
+
+    def eigenbasis(self):
+        """``{layer: {"QA": [...], "QS": [...]}}``: what pass 2 needs from pass 1 (after :meth:`set_factors`)."""
+        return {b.name: {"QA": self._eig[b.name]["QA"], "QS": self._eig[b.name]["QS"]}
+                for b in self.plan if isinstance(b, _Kron)}
+
+    def eigen_sums(self, start=0, stop=None, basis=None, keep=False):
+        """Pass 2 (EK-FAC) over images ``[start, stop)``: ``{"L.Lambda": Σ_n (Q_Aᵀ G_n Q_S)²}`` per
+        Kronecker layer, float64, not yet divided by n. ``basis``: an :meth:`eigenbasis` (default: this
+        solver's own, after :meth:`set_factors`); ``keep`` as in :meth:`factor_sums`."""
+        basis = self.eigenbasis() if basis is None else basis
+        kept = self._kept.get("eigen") if keep else None
+        for b in self.plan:
+            if isinstance(b, _Kron):
+                if kept is not None:
+                    b.acc = kept[b.name]
+                    for which in ("QA", "QS"):
+                        for var, q in zip(b.acc[which], basis[b.name][which]):
+                            var.assign(q)
+                    b.acc["L"].assign(tf.zeros_like(b.acc["L"]))
+                    continue
+                b.acc = {"QA": [tf.Variable(q, trainable=False) for q in basis[b.name]["QA"]],
+                         "QS": [tf.Variable(q, trainable=False) for q in basis[b.name]["QS"]],
+                         "L": tf.Variable(tf.zeros([b.k1, b.c_out], tf.float64), trainable=False)}
+        if keep:
+            self._kept["eigen"] = {b.name: b.acc for b in self.plan if isinstance(b, _Kron)}
+        self._stream(self._eigen_chunk, f"{self.name} eigenvalues", start, stop, keep)
+        sums = {}
+        for b in self.plan:
+            if isinstance(b, _Kron):
+                sums[f"{b.name}.Lambda"] = b.acc["L"].numpy()
+                b.acc = {}
+        return sums
+
+    def set_lambda(self, sums, n=None):
+        """EK-FAC's corrected eigenvalues from pass-2 ``sums`` over ``n`` images (default: all)."""
+        n = self.obj.n if n is None else n
+        self._lambda = {b.name: sums.pop(f"{b.name}.Lambda") / n for b in self.plan if isinstance(b, _Kron)}
 
     def fit(self):
         n = self.obj.n
@@ -464,53 +580,11 @@ class KFACSolver(InverseHVP):
             raise UserError("the training archive is empty")
         log.info("%s: fitting on %d training images (%s Fisher), factors %s", self.name, n, self.fisher,
                  _format_gb(self.factor_bytes))
-        # (1) factors: float64 sums
-        for b in self.plan:
-            if isinstance(b, _Kron):
-                b.acc = {"A": [tf.Variable(tf.zeros([e - s, e - s], tf.float64), trainable=False)
-                               for s, e in b.a_bounds],
-                         "S": [tf.Variable(tf.zeros([e - s, e - s], tf.float64), trainable=False)
-                               for s, e in b.s_bounds]}
-            else:
-                b.acc = [tf.Variable(tf.zeros(s, tf.float64), trainable=False) for s in b.shapes]
-        self._stream(self._factor_chunk, f"{self.name} factors")
-        # (2) eigendecompositions, float64, one block at a time
-        self._eig = {}
-        self._diag = {}
-        for b in self.plan:
-            if isinstance(b, _Kron):
-                parts = {}
-                for which in ("A", "S"):
-                    qs, es = [], []
-                    accs = b.acc[which]
-                    for i in range(len(accs)):
-                        m = accs[i].numpy() / n
-                        accs[i] = None          # free the accumulator before the next block
-                        e, q = np.linalg.eigh(0.5 * (m + m.T))
-                        del m
-                        qs.append(q)
-                        es.append(e)
-                    parts[which] = (qs, es)
-                b.acc = {}
-                self._eig[b.name] = {"QA": parts["A"][0], "eA": parts["A"][1],
-                                     "QS": parts["S"][0], "eS": parts["S"][1]}
-            else:
-                self._diag[b.name] = np.concatenate([v.numpy().ravel() for v in b.acc]) / n
-                b.acc = []
+        # (1) factors: float64 sums; (2) eigendecompositions, float64, one block at a time
+        self.set_factors(self.factor_sums())
         # (3) EK-FAC: eigenvalues in the Kronecker eigenbasis
-        self._lambda = {}
         if self.corrected:
-            for b in self.plan:
-                if isinstance(b, _Kron):
-                    eig = self._eig[b.name]
-                    b.acc = {"QA": [tf.Variable(q, trainable=False) for q in eig["QA"]],
-                             "QS": [tf.Variable(q, trainable=False) for q in eig["QS"]],
-                             "L": tf.Variable(tf.zeros([b.k1, b.c_out], tf.float64), trainable=False)}
-            self._stream(self._eigen_chunk, f"{self.name} eigenvalues")
-            for b in self.plan:
-                if isinstance(b, _Kron):
-                    self._lambda[b.name] = b.acc["L"].numpy() / n
-                    b.acc = {}
+            self.set_lambda(self.eigen_sums())
         self._finish()
 
     def _finish(self):

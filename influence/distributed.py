@@ -1,0 +1,522 @@
+"""Scale-out with Ray: curvature fitting and scoring sharded over worker processes, GPUs and hosts.
+
+Both heavy jobs are sums over the training archive, so both split into **shards**: runs of whole
+archive batches (:func:`plan_shards`; at most :data:`MAX_SHARDS`, the same layout whatever the number
+of workers, so a rerun with other workers still finds its finished shards).
+
+* **Fitting** (``--solver kfac``/``ekfac``/``pcg``): each shard's task returns its float64 factor
+  sums (:meth:`KFACSolver.factor_sums`); the driver adds them up in shard order, eigendecomposes once
+  (:meth:`KFACSolver.set_factors`), sends the eigenbases to the workers once (object store), and the
+  eigenvalue-correction pass is sharded the same way (:meth:`KFACSolver.eigen_sums`). Other solvers
+  fit in the driver, as without Ray.
+* **Scoring**: the driver puts a group's inverse-HVPs into the object store once; each shard's task
+  scores its training images exactly as :func:`influence.engine.score_archive` does (same batches,
+  same ``--score-batch`` steps, so the same numbers) and writes its slice of every test image's scores
+  atomically as ``<out>/parts/<group key>/<first>-<last>.npy``. The driver assembles them and the
+  engine writes the usual outputs; a group's parts are removed once its outputs are written.
+
+Tasks are stateless and retried (``max_retries``) when their worker dies; a worker process keeps the
+loaded model, archive and compiled functions of the last settings it saw (:func:`_context`), so it
+pays the model load once. The group key (:func:`group_parts`) covers the settings, the model weights,
+the training archive, the test images of the group and their order, so a rerun after a killed driver
+skips the shards it finds only when they are the same work.
+
+Workers read ``train.npz`` (memory-mapped) and write ``<out>/parts`` at the driver's absolute paths:
+on a cluster these must be on a shared filesystem, or (the archive only) copied to the same path on
+every node; a worker checks the archive's fingerprint against the driver's.
+
+Ray is optional: it is imported only here, inside the functions that need it.
+"""
+import contextlib
+import dataclasses
+import hashlib
+import importlib.util
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+from influence.errors import UserError
+from influence.progress import progress
+
+log = logging.getLogger(__name__)
+
+#: most shards of the training archive (each a run of whole archive batches)
+MAX_SHARDS = 64
+#: a task whose worker dies is run again this many times
+MAX_RETRIES = 3
+#: folder under --out holding the scores of shards not yet assembled
+PARTS = "parts"
+INSTALL = "pip install -r requirements-distributed.txt"
+#: solvers whose fit is sharded (pcg shares the ekfac fit)
+SHARDED_FITS = ("kfac", "ekfac", "pcg")
+
+_STATE = {}
+
+
+# ----------------------------------------------------------------------------- settings and runtime
+
+def enabled(settings):
+    """True when ``--workers`` or ``--ray-address`` asks for Ray."""
+    return bool(getattr(settings, "workers", 0) or getattr(settings, "ray_address", None))
+
+
+def _flag(settings):
+    return "--ray-address" if getattr(settings, "ray_address", None) else "--workers"
+
+
+def check(settings):
+    """One-line errors for the scale-out flags, before any work (Ray is looked up, not imported)."""
+    if settings.workers < 0:
+        raise UserError(f"--workers must be >= 0 (0 = no Ray), got {settings.workers}")
+    if importlib.util.find_spec("ray") is None:
+        raise UserError(f"{_flag(settings)} needs Ray: {INSTALL}")
+
+
+def _import_ray():
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    try:
+        import ray
+    except ImportError:
+        raise UserError(f"--workers needs Ray: {INSTALL}") from None
+    return ray
+
+
+def _worker_env():
+    """Environment of the worker processes: this package importable, TensorFlow quiet."""
+    root = str(Path(__file__).resolve().parent.parent)
+    path = [root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != root]
+    return {"PYTHONPATH": os.pathsep.join(path), "TF_CPP_MIN_LOG_LEVEL": "3", "RAY_USAGE_STATS_ENABLED": "0",
+            "TF_FORCE_GPU_ALLOW_GROWTH": "true"}
+
+
+def _local_gpus():
+    try:
+        import tensorflow as tf
+
+        return len(tf.config.list_physical_devices("GPU"))
+    except ImportError:
+        return 0
+
+
+def init_ray(workers=0, address=None, gpus=None):
+    """Start a local Ray runtime with ``workers`` worker slots (one GPU each when there are GPUs),
+    or join the cluster at ``address``. Returns the ``ray`` module. Usage statistics are off."""
+    ray = _import_ray()
+    common = dict(runtime_env={"env_vars": _worker_env()}, logging_level=logging.WARNING, log_to_driver=True)
+    if address:
+        try:
+            ray.init(address=address, **common)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise UserError(f"--ray-address {address}: cannot join the Ray cluster ({str(exc).splitlines()[0]}); "
+                            f"start it with `ray start --head` (see README)") from None
+        return ray
+    gpus = _local_gpus() if gpus is None else gpus
+    ray.init(num_cpus=int(workers), num_gpus=min(int(gpus), int(workers)), include_dashboard=False, **common)
+    return ray
+
+
+@dataclasses.dataclass
+class Cluster:
+    """What the driver knows of the runtime: task options and how many tasks run at once."""
+
+    ray: object
+    options: dict
+    slots: int
+    started: bool
+    seconds: float
+
+
+def _connect(settings):
+    """The Ray runtime of this run, started (or joined) on first use."""
+    cluster = _STATE.get("cluster")
+    if cluster is not None:
+        return cluster
+    t0 = time.perf_counter()
+    ray = _import_ray()
+    started = False
+    if ray.is_initialized():
+        how = "using the running Ray runtime"
+    elif settings.ray_address:
+        init_ray(address=settings.ray_address)
+        started, how = True, f"joined the Ray cluster at {settings.ray_address}"
+    else:
+        init_ray(settings.workers)
+        started, how = True, "started a local Ray runtime"
+    resources = ray.cluster_resources()
+    gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 0))
+    if gpus:
+        options, slots = {"num_gpus": 1, "num_cpus": 0}, gpus
+    else:
+        options, slots = {"num_cpus": 1}, max(1, cpus)
+    if settings.workers:
+        if gpus and settings.workers > gpus:
+            log.warning("--workers %d but %d GPU(s): one task per GPU, %d at once", settings.workers, gpus, gpus)
+        slots = min(slots, settings.workers)
+    seconds = time.perf_counter() - t0
+    log.info("ray: %s in %.1f s; %d task(s) at once, one %s each (%d CPU, %d GPU in all)", how, seconds, slots,
+             "GPU" if gpus else "CPU", cpus, gpus)
+    cluster = Cluster(ray, options, slots, started, seconds)
+    _STATE["cluster"] = cluster
+    return cluster
+
+
+@contextlib.contextmanager
+def runtime(settings):
+    """The scope of one run's Ray use: nothing without the flags; with them the runtime starts
+    lazily (:func:`_connect`), is shut down at the end if this run started it, and on success the
+    leftover ``<out>/parts`` (of groups no rerun will ask for) are removed."""
+    if not enabled(settings):
+        yield
+        return
+    check(settings)
+    os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")   # the driver shares GPU 0 with a worker
+    _STATE.clear()
+    try:
+        yield
+        parts = Path(settings.out) / PARTS
+        if parts.is_dir():
+            shutil.rmtree(parts, ignore_errors=True)
+    finally:
+        cluster = _STATE.pop("cluster", None)
+        if cluster is not None and cluster.started:
+            cluster.ray.shutdown()
+
+
+# ----------------------------------------------------------------------------- shards
+
+@dataclasses.dataclass(frozen=True)
+class Shard:
+    """Archive batches ``batches`` = images ``[start, stop)`` in archive order."""
+
+    batches: tuple
+    start: int
+    stop: int
+
+    @property
+    def name(self):
+        return f"{self.batches[0]}-{self.batches[-1]}"
+
+    def __len__(self):
+        return self.stop - self.start
+
+
+def plan_shards(train, max_shards=MAX_SHARDS):
+    """Runs of whole batches: ``ceil(batches / max_shards)`` batches per shard (the last may be shorter)."""
+    per = max(1, math.ceil(len(train.batches) / max_shards))
+    shards, at = [], 0
+    for i in range(0, len(train.batches), per):
+        batches = tuple(int(b) for b in train.batches[i:i + per])
+        size = sum(train.batch_len(b) for b in batches)
+        shards.append(Shard(batches, at, at + size))
+        at += size
+    return shards
+
+
+def _spec(settings, chunk, train, curvature_key):
+    """Everything a worker needs, with paths made absolute (workers run elsewhere) and the
+    fingerprints a worker checks its archive and model against."""
+    spec = dataclasses.asdict(settings)
+    for key in ("data", "out"):
+        spec[key] = str(Path(spec[key]).resolve())
+    for key in ("model", "weights"):
+        if spec[key] and os.path.exists(spec[key]):
+            spec[key] = str(Path(spec[key]).resolve())
+    spec["chunk"] = int(chunk)
+    spec["train_fingerprint"] = train.fingerprint()
+    spec["weights_fingerprint"] = curvature_key["weights"]
+    return spec
+
+
+# ----------------------------------------------------------------------------- worker side
+
+_CONTEXT = {}
+
+
+def import_tensorflow():
+    """Import TensorFlow quietly in a worker; returns its version (a warm-up task, too)."""
+    from influence.cli import import_tensorflow_quietly
+
+    import_tensorflow_quietly()
+    import tensorflow as tf
+
+    return tf.__version__
+
+
+def _context(spec):
+    """This worker process's model, archive and derivative functions for ``spec`` (loaded once per
+    settings; a task with other settings replaces them)."""
+    key = json.dumps({k: spec[k] for k in ("data", "model", "weights", "preprocess", "params", "train_fingerprint",
+                                           "weights_fingerprint")}, sort_keys=True)
+    if _CONTEXT.get("key") == key:
+        return _CONTEXT
+    _CONTEXT.clear()
+    import_tensorflow()
+    from influence.archives import TrainArchive
+    from influence.hvp import Derivatives, TrainingObjective
+    from influence.models import load_classifier
+
+    path = Path(spec["data"]) / "train.npz"
+    train = TrainArchive(path)
+    if train.fingerprint() != spec["train_fingerprint"]:
+        raise UserError(f"{path} on {os.uname().nodename} is not the driver's training archive (fingerprint "
+                        f"{train.fingerprint()}, driver {spec['train_fingerprint']}): copy the same train.npz to "
+                        f"every node, or use a shared filesystem")
+    clf = load_classifier(spec["model"], spec["weights"], spec["preprocess"], spec["params"])
+    from influence.curvature.cache import model_fingerprint
+
+    if model_fingerprint(clf.model) != spec["weights_fingerprint"]:
+        raise UserError(f"the model {spec['model']} (weights {spec['weights']}) on {os.uname().nodename} has other "
+                        f"weights than the driver's: give every node the same model file")
+    derivs = Derivatives(clf, train.image_shape)
+    _CONTEXT.update(key=key, train=train, clf=clf, derivs=derivs,
+                    objective=TrainingObjective(derivs, train, chunk=max(1, spec["chunk"])), solvers={})
+    return _CONTEXT
+
+
+def _kfac_of(solver):
+    """The K-FAC/EK-FAC object whose fit is sharded (pcg's preconditioner), or None."""
+    from influence.curvature.ekfac import KFACSolver
+
+    target = getattr(solver, "ekfac", solver)
+    return target if isinstance(target, KFACSolver) else None
+
+
+def _worker_kfac(spec):
+    ctx = _context(spec)
+    ctx["objective"].chunk = spec["chunk"]          # images per compiled call, as in the driver
+    opts = ("solver", "damping", "fisher", "seed", "ekfac_max_block", "memory_budget")
+    key = tuple(spec[k] for k in opts)
+    if key not in ctx["solvers"]:
+        from influence.curvature import make_solver
+
+        solver = make_solver(spec["solver"], ctx["objective"], spec["damping"], progress=False,
+                             fisher=spec["fisher"], seed=spec["seed"], ekfac_max_block=spec["ekfac_max_block"],
+                             memory_budget=spec["memory_budget"])
+        ctx["solvers"] = {key: _kfac_of(solver)}
+    return ctx["solvers"][key]
+
+
+def fit_shard(spec, start, stop, basis=None):
+    """Task: pass-1 factor sums of images ``[start, stop)``, or with ``basis`` the pass-2 sums
+    (``{"sums": {key: float64 array}, "pid", "node", "seconds"}``)."""
+    t0 = time.perf_counter()
+    kfac = _worker_kfac(spec)
+    if basis is None:
+        sums = kfac.factor_sums(start, stop, keep=True)
+    else:
+        sums = kfac.eigen_sums(start, stop, basis, keep=True)
+    return {"sums": sums, "pid": os.getpid(), "node": os.uname().nodename, "seconds": time.perf_counter() - t0}
+
+
+def score_shard(spec, batches, stacked, part, score_batch):
+    """Task: the shares (T, N_shard, L) of the shard's batches, saved atomically as ``part``.
+
+    The loop is :func:`influence.engine.score_archive`'s: batch by batch, ``score_batch`` images per
+    call, so every call sees the same images as in a single-process run.
+    """
+    t0 = time.perf_counter()
+    ctx = _context(spec)
+    import tensorflow as tf
+
+    from influence.report import atomic_write
+    from influence.scoring import Scorer
+
+    if "scorer" not in ctx:
+        ctx["scorer"] = Scorer(ctx["derivs"])
+    scorer, train = ctx["scorer"], ctx["train"]
+    stacked = tuple(tf.constant(a) for a in stacked)
+    t = int(stacked[0].shape[0])
+    out = np.empty((t, sum(train.batch_len(b) for b in batches), len(scorer.layer_names) if scorer.split else 1),
+                   np.float32)
+    at = 0
+    for b in batches:
+        x, y, _ = train.read_batch(b)
+        for s in range(0, len(y), score_batch):
+            xc, yc = x[s:s + score_batch], y[s:s + score_batch].astype(np.int64)
+            out[:, at:at + len(yc)] = scorer.shares(xc, yc, stacked)
+            at += len(yc)
+    part = Path(part)
+    part.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(part) as tmp:
+        np.save(tmp, out)
+    return {"pid": os.getpid(), "node": os.uname().nodename, "seconds": time.perf_counter() - t0}
+
+
+# ----------------------------------------------------------------------------- driver side
+
+def _remote(cluster, fn):
+    return cluster.ray.remote(max_retries=MAX_RETRIES, **cluster.options)(fn)
+
+
+def _run(cluster, task, jobs, on_result, window=None, held=lambda: 0):
+    """Submit ``task.remote(*args)`` for each ``(index, args)`` in ``jobs``, at most ``window`` in
+    flight (default: twice the slots; ``held()`` counts finished results the caller still holds),
+    and call ``on_result(index, value)`` as they finish. Task failures become one-line errors."""
+    ray = cluster.ray
+    window = window or 2 * cluster.slots
+    jobs = list(jobs)
+    pending, at = {}, 0
+    while at < len(jobs) or pending:
+        while at < len(jobs) and len(pending) + held() < window:
+            index, args = jobs[at]
+            pending[task.remote(*args)] = index
+            at += 1
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        for ref in ready:
+            index = pending.pop(ref)
+            try:
+                value = ray.get(ref)
+            except ray.exceptions.RayTaskError as exc:
+                cause = getattr(exc, "cause", None)
+                if isinstance(cause, UserError):
+                    raise UserError(f"on a worker: {cause}") from None
+                raise
+            except ray.exceptions.RayError as exc:
+                first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+                raise UserError(f"a shard failed {MAX_RETRIES + 1} times ({type(exc).__name__}: {first}); "
+                                f"finished shards are kept: rerun to resume") from None
+            del ref
+            on_result(index, value)
+
+
+def fit(solver, settings, train, chunk, curvature_key):
+    """``solver.fit()`` with the training-set passes sharded over Ray (kfac, ekfac, pcg); any other
+    solver fits in the driver. The result equals a single-process fit up to float64 rounding."""
+    kfac = _kfac_of(solver)
+    if kfac is None:
+        log.info("--solver %s: its fit is not sharded; fitting in the driver", settings.solver)
+        solver.fit()
+        return
+    n = kfac.obj.n
+    if n < 1:
+        raise UserError("the training archive is empty")
+    cluster = _connect(settings)
+    shards = plan_shards(train)
+    spec = _spec(settings, chunk, train, curvature_key)
+    log.info("%s: fitting on %d training images (%s Fisher), factors %.3g GB, in %d shards over Ray", kfac.name, n,
+             kfac.fisher, kfac.factor_bytes / 2**30, len(shards))
+    task = _remote(cluster, fit_shard)
+    kfac.set_factors(_sharded_sum(cluster, task, shards, spec, None, f"{kfac.name} factors"))
+    if kfac.corrected:
+        basis = cluster.ray.put(kfac.eigenbasis())
+        kfac.set_lambda(_sharded_sum(cluster, task, shards, spec, basis, f"{kfac.name} eigenvalues"))
+        del basis
+    kfac._finish()
+
+
+def _sharded_sum(cluster, task, shards, spec, basis, desc):
+    """Σ over shards of the tasks' ``{key: float64 array}``, added in shard order (so the sum does
+    not depend on which shard finished first)."""
+    total, buffered, nxt = None, {}, [0]
+
+    def add(index, value):
+        nonlocal total
+        log.debug("%s: shard %s summed by pid %d on %s in %.2f s", desc, shards[index].name, value["pid"],
+                  value["node"], value["seconds"])
+        buffered[index] = value["sums"]
+        while nxt[0] in buffered:
+            part = buffered.pop(nxt[0])
+            if total is None:
+                total = {k: np.array(v, np.float64) for k, v in part.items()}
+            else:
+                for k, v in part.items():
+                    total[k] += v
+            del part
+            bar.update(len(shards[nxt[0]]))
+            nxt[0] += 1
+
+    with progress(total=shards[-1].stop, desc=desc, unit="img") as bar:
+        _run(cluster, task, [(i, (spec, s.start, s.stop, basis)) for i, s in enumerate(shards)], add,
+             held=lambda: len(buffered))
+    return total
+
+
+def group_parts(settings, curvature_key, fingerprints, group, score_batch):
+    """``<out>/parts/<key>``: the folder of one group's shard scores. The key covers every setting
+    that changes the numbers, the model weights and training archive (``curvature_key``), the test
+    images of the group (folder digests, folder/label/number/index, in order) and ``score_batch``."""
+    from influence.engine import MATH_SETTINGS
+
+    folders = sorted({it.folder for it in group})
+    what = {
+        "settings": {k: str(getattr(settings, k)) for k in MATH_SETTINGS},
+        "curvature": curvature_key,
+        "test": {f: fingerprints["test"].get(f) for f in folders},
+        "images": [[it.folder, it.label, it.n, it.index] for it in group],
+        "score_batch": int(score_batch),
+    }
+    text = json.dumps(what, sort_keys=True, default=str)
+    return Path(settings.out).resolve() / PARTS / hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+def _part_ok(path, t, n):
+    """True when ``path`` holds a finished shard's (t, n, L) scores; a bad file is removed."""
+    if not path.is_file():
+        return False
+    try:
+        shape = np.load(path, mmap_mode="r").shape
+    except (OSError, ValueError, EOFError):
+        shape = None
+    if shape is not None and len(shape) == 3 and shape[:2] == (t, n):
+        return True
+    path.unlink(missing_ok=True)
+    return False
+
+
+def score_archive(settings, train, stacked, score_batch, parts, curvature_key, progress_desc="scoring"):
+    """:func:`influence.engine.score_archive` over Ray: float32 (T, N, L), in archive order.
+
+    Shards whose part is already in ``parts`` (see :func:`group_parts`) are not scored again.
+    """
+    from influence.report import atomic_write
+
+    cluster = _connect(settings)
+    shards = plan_shards(train)
+    stacked = [np.asarray(p) for p in stacked]
+    t = int(stacked[0].shape[0])
+    parts = Path(parts)
+    parts.mkdir(parents=True, exist_ok=True)
+    info = parts / "group.json"
+    if not info.exists():
+        with atomic_write(info) as tmp:
+            tmp.write_text(json.dumps({"test_images": t, "shards": [s.name for s in shards]}))
+    done = [s for s in shards if _part_ok(parts / f"{s.name}.npy", t, len(s))]
+    todo = [s for s in shards if s not in done]
+    if done:
+        log.info("scoring: %d of %d shard(s) already scored in %s: skipped", len(done), len(shards), parts)
+    if todo:
+        spec = _spec(settings, 0, train, curvature_key)
+        ref = cluster.ray.put(stacked)
+        task = _remote(cluster, score_shard)
+        pids = set()
+        t0 = time.perf_counter()
+        with progress(total=sum(len(s) for s in todo), desc=progress_desc, unit="img") as bar:
+            def finished(index, value):
+                pids.add((value["node"], value["pid"]))
+                log.debug("scoring: shard %s scored by pid %d on %s in %.2f s", todo[index].name, value["pid"],
+                          value["node"], value["seconds"])
+                bar.update(len(todo[index]))
+
+            _run(cluster, task, [(i, (spec, s.batches, ref, str(parts / f"{s.name}.npy"), score_batch))
+                                 for i, s in enumerate(todo)], finished)
+        del ref
+        log.debug("scoring: %d shard(s) in %.1f s by %d worker process(es)", len(todo), time.perf_counter() - t0,
+                  len(pids))
+    out = None
+    for s in shards:
+        arr = np.load(parts / f"{s.name}.npy")
+        if out is None:
+            out = np.empty((t, len(train), arr.shape[2]), np.float32)
+        out[:, s.start:s.stop] = arr
+    return out
+
+
+def remove_parts(parts):
+    """Delete one group's parts once its outputs are written."""
+    shutil.rmtree(parts, ignore_errors=True)

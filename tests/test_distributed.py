@@ -1,0 +1,277 @@
+"""Scale-out over Ray (influence.distributed) on a local 2-worker runtime: sharded EK-FAC fit, sharded
+scoring, a worker killed mid-shard, a driver killed mid-run, and no Ray without the flags."""
+import logging
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from conftest import REPO
+from engine_helpers import random_data, tiny_model, write_test_archive, write_train_archive
+from influence import distributed
+from influence.engine import Settings, TestItem, calculate
+from influence.errors import UserError
+
+os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+
+TRAIN, BATCH = 48, 4            # 12 archive batches = 12 shards
+
+
+@pytest.fixture(scope="module")
+def ray_runtime():
+    """One local Ray runtime (2 CPUs, no dashboard) for the module, shut down at its end."""
+    pytest.importorskip("ray", reason="Ray is optional: pip install -r requirements-distributed.txt")
+    ray = distributed.init_ray(workers=2, gpus=0)
+    warm = ray.remote(num_cpus=1)(distributed.import_tensorflow)
+    refs = [warm.remote() for _ in range(2)]       # both workers import TensorFlow while the tests set up
+    yield ray
+    del refs
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dist")
+    x, y = random_data(TRAIN, seed=3)
+    write_train_archive(root / "train.npz", x, y, batch=BATCH)
+    xa, ya = random_data(3, seed=4)
+    xb, yb = random_data(2, seed=5)
+    write_test_archive(root / "test.npz", {"a": (xa, ya), "b": (xb, yb)})
+    tiny_model(seed=1, dtype="float64", batchnorm=True).save(root / "model.keras")
+    return root
+
+
+def settings(data, out, **kw):
+    base = dict(data=str(data), out=str(out), model=str(data / "model.keras"), preprocess="unit", solver="exact",
+                damping=0.5, save_format="png", top=2)
+    base.update(kw)
+    return Settings(**base)
+
+
+def outputs(out):
+    """{relative path: array} of the score arrays and {relative path: text} of the CSVs under ``out``."""
+    arrays = {str(p.relative_to(out)): np.load(p) for p in sorted(out.rglob("*_scores.npy"))}
+    texts = {str(p.relative_to(out)): p.read_text() for p in sorted(out.rglob("*ful_*.csv"))}
+    return arrays, texts
+
+
+@pytest.fixture(scope="module")
+def reference(data, tmp_path_factory):
+    """A single-process exact run (its curvature cache is shared by the runs compared with it)."""
+    root = tmp_path_factory.mktemp("reference")
+    cache = root / "cache"
+    calculate(settings(data, root / "out", cache=str(cache)))
+    arrays, texts = outputs(root / "out")
+    assert len(arrays) == 5
+    return {"cache": str(cache), "arrays": arrays, "texts": texts}
+
+
+def assert_same_outputs(out, ref):
+    arrays, texts = outputs(out)
+    assert arrays.keys() == ref["arrays"].keys()
+    for name, value in arrays.items():
+        np.testing.assert_array_equal(value, ref["arrays"][name], err_msg=name)
+    assert texts == ref["texts"]
+    assert not (out / distributed.PARTS).exists()
+
+
+# ----------------------------------------------------------------------------- no Ray needed
+
+def test_shards_cover_the_archive_in_whole_batches(data):
+    from influence.archives import TrainArchive
+
+    train = TrainArchive(data / "train.npz")
+    shards = distributed.plan_shards(train)
+    assert len(shards) == TRAIN // BATCH and shards[0].start == 0 and shards[-1].stop == TRAIN
+    assert all(a.stop == b.start for a, b in zip(shards, shards[1:]))
+    few = distributed.plan_shards(train, max_shards=5)
+    assert [len(s) for s in few] == [12] * 4 and few[1].batches == (3, 4, 5) and few[1].name == "3-5"
+
+
+def test_parts_key_changes_with_settings_and_test_images(data, tmp_path):
+    fp = {"train": "t", "test": {"a": "A", "b": "B"}}
+    group = [TestItem("a", 0, 1, 2), TestItem("a", 1, 1, 0)]
+    base = distributed.group_parts(settings(data, tmp_path), {"weights": "w"}, fp, group, 256)
+    assert base.parent == tmp_path.resolve() / distributed.PARTS
+    assert base == distributed.group_parts(settings(data, tmp_path, workers=2), {"weights": "w"}, fp, group, 256)
+    others = [
+        distributed.group_parts(settings(data, tmp_path, damping=0.1), {"weights": "w"}, fp, group, 256),
+        distributed.group_parts(settings(data, tmp_path), {"weights": "v"}, fp, group, 256),
+        distributed.group_parts(settings(data, tmp_path), {"weights": "w"}, {**fp, "test": {"a": "X"}}, group, 256),
+        distributed.group_parts(settings(data, tmp_path), {"weights": "w"}, fp, group[:1], 256),
+        distributed.group_parts(settings(data, tmp_path), {"weights": "w"}, fp, group[::-1], 256),
+        distributed.group_parts(settings(data, tmp_path), {"weights": "w"}, fp, group, 128),
+    ]
+    assert len({base, *others}) == 1 + len(others)
+
+
+def test_missing_ray_and_bad_workers_are_one_line_errors(data, tmp_path, monkeypatch):
+    with pytest.raises(UserError, match="--workers must be >= 0"):
+        calculate(settings(data, tmp_path / "neg", workers=-1))
+    monkeypatch.setattr(distributed.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(UserError, match=r"^--workers needs Ray: pip install -r requirements-distributed.txt$"):
+        calculate(settings(data, tmp_path / "none", workers=2))
+    with pytest.raises(UserError, match=r"^--ray-address needs Ray"):
+        calculate(settings(data, tmp_path / "none", ray_address="127.0.0.1:6379"))
+
+
+def test_without_the_flags_ray_is_not_imported(data, tmp_path):
+    code = ("import runpy, sys\n"
+            "import influence, influence.engine, influence.distributed, influence.calculate_cli\n"
+            f"sys.argv = ['calculate.py', '--data', {str(data)!r}, '--model', {str(data / 'model.keras')!r},"
+            f" '--preprocess', 'unit', '--solver', 'ekfac', '--folders', 'b', '--limit', '1', '-sf', 'png',"
+            f" '--out', {str(tmp_path / 'out')!r}]\n"
+            "try:\n"
+            f"    runpy.run_path({os.path.join(REPO, 'calculate.py')!r}, run_name='__main__')\n"
+            "except SystemExit as exc:\n"
+            "    print('exit', exc.code)\n"
+            "print('ray imported:', 'ray' in sys.modules)\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=240,
+                       env={**os.environ, "PYTHONPATH": REPO})
+    assert "exit 0" in r.stdout, r.stderr[-3000:]
+    assert "ray imported: False" in r.stdout
+    assert (tmp_path / "out" / "b").is_dir() and not (tmp_path / "out" / distributed.PARTS).exists()
+
+
+# ----------------------------------------------------------------------------- on the local runtime
+
+def _kron_state(path):
+    """{name: array} of a cached K-FAC state with each factor block rebuilt as Q diag(e) Qᵀ (sign-free)."""
+    with np.load(path) as npz:
+        arrays = {k: npz[k] for k in npz.files if not k.startswith("__")}
+    out = {}
+    for k, v in arrays.items():
+        layer, kind, *rest = k.split(".")
+        if kind in ("QA", "QS"):
+            e = arrays[f"{layer}.e{kind[1]}.{rest[0]}"]
+            out[f"{layer}.{kind[1]}.{rest[0]}"] = (v * e) @ v.T
+        elif kind not in ("eA", "eS"):
+            out[k] = v
+    return out
+
+
+def test_sharded_ekfac_fit_and_scores_equal_single_process(ray_runtime, data, tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    kw = dict(solver="ekfac", ekfac_max_block=16, damping=0.05)      # conv A (28) splits into 2 blocks
+    calculate(settings(data, tmp_path / "one", **kw))
+    calculate(settings(data, tmp_path / "two", workers=2, **kw))
+    assert f"in {TRAIN // BATCH} shards over Ray" in caplog.text
+    single = _kron_state(tmp_path / "one" / "curvature" / "ekfac.npz")
+    sharded = _kron_state(tmp_path / "two" / "curvature" / "ekfac.npz")
+    assert single.keys() == sharded.keys() and any(".A.1" in k for k in single) and "bn.diag" in single
+    for name, value in single.items():
+        err = np.max(np.abs(sharded[name] - value)) / np.max(np.abs(value))
+        assert err <= 1e-6, (name, err)
+    one, _ = outputs(tmp_path / "one")
+    two, _ = outputs(tmp_path / "two")
+    assert one.keys() == two.keys() and len(one) == 5
+    for name, value in one.items():
+        np.testing.assert_allclose(two[name], value, rtol=1e-6, atol=1e-9 * np.abs(value).max(), err_msg=name)
+    assert not (tmp_path / "two" / distributed.PARTS).exists()
+
+
+def test_two_workers_score_exactly_like_one_process(ray_runtime, data, reference, tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    calculate(settings(data, tmp_path / "out", workers=2, cache=reference["cache"]))
+    assert "curvature cache: loaded" in caplog.text
+    assert_same_outputs(tmp_path / "out", reference)
+
+
+def _descendants(root):
+    children = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as fh:
+                    ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(name))
+    out, stack = [], [root]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            out.append(child)
+            stack.append(child)
+    return out
+
+
+def _title(pid):
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            return fh.read().split(b"\0")[0].decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def test_a_worker_killed_mid_shard_is_retried(ray_runtime, data, reference, tmp_path, caplog):
+    """SIGKILL the first worker seen running a scoring task; Ray retries the shard elsewhere."""
+    caplog.set_level(logging.DEBUG, logger="influence.distributed")
+    copy = tmp_path / "data"        # another data path: the workers load the model again (a slow first shard)
+    copy.mkdir()
+    for name in ("train.npz", "test.npz"):
+        shutil.copy(data / name, copy / name)
+    killed, stop = [], threading.Event()
+
+    def killer():
+        while not stop.is_set() and not killed:
+            for pid in _descendants(os.getpid()):
+                if _title(pid).startswith("ray::score_shard"):
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+                    break
+            time.sleep(0.01)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    try:
+        calculate(settings(copy, tmp_path / "out", model=str(data / "model.keras"), workers=2,
+                           cache=reference["cache"]))
+    finally:
+        stop.set()
+        thread.join()
+    assert killed, "no scoring task was seen running"
+    finishers = {int(p) for p in re.findall(r"shard \S+ scored by pid (\d+)", caplog.text)}
+    assert len(finishers) >= 1 and killed[0] not in finishers     # the killed shard was finished by another
+    assert_same_outputs(tmp_path / "out", reference)
+
+
+def test_a_killed_driver_resumes_and_skips_finished_shards(ray_runtime, data, reference, tmp_path, caplog):
+    """calculate.py --ray-address (a second driver on this runtime) is SIGKILLed once scores appear."""
+    out = tmp_path / "out"
+    address = ray_runtime.get_runtime_context().gcs_address
+    cmd = [sys.executable, os.path.join(REPO, "calculate.py"), "--data", str(data), "--model",
+           str(data / "model.keras"), "--preprocess", "unit", "--solver", "exact", "--damping", "0.5", "-sf", "png",
+           "--top", "2", "--cache", reference["cache"], "--out", str(out), "--ray-address", address]
+    t00 = time.monotonic()
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=open("/tmp/rt/sub.err", "w"), text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and proc.poll() is None:
+            if any((out / distributed.PARTS).glob("*/[0-9]*.npy")):
+                break
+            time.sleep(0.02)
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        print("kill at", time.monotonic() - t00)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        pass
+    time.sleep(1.0)                                        # tasks of the dead driver finish or are cancelled
+    present = sorted(p.name for p in (out / distributed.PARTS).glob("*/[0-9]*.npy"))
+    assert 1 <= len(present) < TRAIN // BATCH
+    assert not any(out.rglob("*_scores.npy"))
+    caplog.set_level(logging.INFO)
+    calculate(settings(data, out, cache=reference["cache"], workers=2))
+    skipped = [int(w) for w in re.findall(rf"scoring: (\d+) of {TRAIN // BATCH} shard\(s\) already scored", caplog.text)]
+    assert skipped and skipped[0] >= len(present)
+    assert_same_outputs(out, reference)
+    print("rerun done", time.monotonic() - t00)

@@ -31,7 +31,7 @@ COMMANDS = [
     ["prepare_data.py", "-tr", "{root}/train", "-ts", "{root}/orig", "{root}/noisy",
      "{root}/inverted", "-bs", "200", "--size", "32", "32", "--out", "{root}"],
     ["calculate.py", "--data", "{root}", "--model", "{root}/model.keras", "--preprocess", "unit",
-     "-i", "300", "-b", "32", "-sf", "png", "--out", "{root}/calc_output"],
+     "--solver", "ekfac", "--self-influence", "-sf", "png", "--out", "{root}/calc_output"],
 ]
 TEST_FOLDERS = ("orig", "noisy", "inverted")
 SIZE = 32
@@ -209,6 +209,8 @@ def main(argv=None):
             for label, n, pred in wrong[:2]:
                 print(f"    {out / name / label / f'harmful_{n}.png'}   (true {label}, predicted {pred})")
     print(f"  every test image: {out}/<folder>/<class>/harmful_<n>.png and useful_<n>.png")
+    print(f"  the whole run in one page: {out}/index.html; training images that look mislabelled: "
+          f"{out}/self_influence.csv")
     return 0
 
 

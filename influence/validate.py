@@ -20,8 +20,8 @@ Panels (``--panels``):
   the 8×8 digits, fitted to its optimum by Newton's method, scored with ``--solver exact``, retrained
   without each image to the optimum by Newton iterations from a warm start;
 * ``lissa`` -- the same model and retrained optima, scored with LiSSA (scale auto);
-* ``ekfac`` -- the convex model and retrained optima, scored with ``--solver ekfac`` (sampled Fisher,
-  λ = 0: the L2 on kernel and bias keeps it invertible); also compared with the exact scores
+* ``ekfac`` -- the convex model and retrained optima, scored with ``--solver ekfac`` (``--ekfac-fisher``,
+  default sampled; λ = 0: the L2 on kernel and bias keeps it invertible); also compared with the exact scores
   (Pearson over every training image and test image);
 * ``cnn`` -- the small CNN of :mod:`influence.demo` (float32), trained with its own recipe; the
   "retraining" is a fixed recipe from the trained weights (``K`` full-batch gradient steps with step
@@ -534,6 +534,8 @@ def build_parser():
     p.add_argument("--cnn-train", type=int, default=None, help="CNN training images (default 500; quick 300)")
     p.add_argument("--cnn-steps", type=int, default=30, help="full-batch steps of the CNN retraining recipe")
     p.add_argument("--cnn-damping", default="auto", help="damping for the CNN: a number or auto (= λ_max/steps)")
+    p.add_argument("--ekfac-fisher", default="sampled", choices=("sampled", "true", "empirical"),
+                   help="Fisher of the ekfac panels (default sampled, as calculate.py)")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -571,7 +573,7 @@ def validate(args):
                         settings=f"lissa T={depth} b={args.lissa_batch} s={solver.scale:.3g}, λ=0")
         results.append(res)
     if "ekfac" in panels:
-        results.append(_ekfac_panel("ekfac", convex, 0.0, top, rand, args.seed,
+        results.append(_ekfac_panel("ekfac", convex, 0.0, top, rand, args.seed, args.ekfac_fisher,
                                     reference=("exact", make_solver("exact", convex.objective, 0.0, progress=False))))
     cg_scores = None
     if "cnn" in panels or "cnn-ekfac" in panels:
@@ -597,19 +599,20 @@ def validate(args):
                  float(cnn.noise.max()), float(np.median(np.abs(res.actual))))
         results.append(res)
     if "cnn-ekfac" in panels:
-        results.append(_ekfac_panel("cnn-ekfac", cnn, damping, top, rand, args.seed,
+        results.append(_ekfac_panel("cnn-ekfac", cnn, damping, top, rand, args.seed, args.ekfac_fisher,
                                     reference=("cg", cg_scores) if cg_scores is not None else None,
                                     settings=f", {steps} GD steps"))
     return results
 
 
-def _ekfac_panel(name, problem, damping, top, rand, seed, reference=None, settings=""):
+def _ekfac_panel(name, problem, damping, top, rand, seed, fisher, reference=None, settings=""):
     """An ``--solver ekfac`` panel; ``reference``: (name, solver or its ``scores()``) to compare all
     scores with (Pearson over every training image and test image)."""
     from influence.curvature import make_solver
 
     start = time.perf_counter()
-    solver = make_solver("ekfac", problem.objective, damping, seed=seed, memory_budget=None, progress=False)
+    solver = make_solver("ekfac", problem.objective, damping, fisher=fisher, seed=seed, memory_budget=None,
+                         progress=False)
     solver.fit()
     fit_seconds = time.perf_counter() - start
     scored = problem.scores(solver)

@@ -56,9 +56,10 @@ def build_parser():
     s.add_argument("--cg-maxiter", type=int, default=D.cg_maxiter, metavar="N", help=f"cg iteration cap (default: {D.cg_maxiter})")
     s.add_argument("--max-exact-params", type=int, default=D.max_exact_params, metavar="P",
                    help=f"refuse --solver exact above this many parameters (default: {D.max_exact_params})")
-    s.add_argument("--fisher", default=D.fisher, choices=("sampled", "empirical"),
-                   help="kfac/ekfac/pcg: labels of the Fisher: sampled from the model's own prediction, or the "
-                        "true labels (default: sampled)")
+    s.add_argument("--fisher", default=D.fisher, choices=("sampled", "true", "empirical"),
+                   help="kfac/ekfac/pcg: the Fisher's labels: one sampled from the model's own prediction per "
+                        "image, true = the expectation over all classes (one backward pass per class, at most "
+                        "100 classes; better on confident models), or empirical = the true labels (default: sampled)")
     s.add_argument("--ekfac-max-block", type=int, default=D.ekfac_max_block, metavar="D",
                    help="kfac/ekfac/pcg: split Kronecker factors larger than D x D into diagonal blocks, bounding "
                         f"memory and eigendecomposition time (VGG16's fc1 has 25 088 inputs) (default: {D.ekfac_max_block})")

@@ -20,8 +20,8 @@ Panels (``--panels``):
   the 8×8 digits, fitted to its optimum by Newton's method, scored with ``--solver exact``, retrained
   without each image to the optimum by Newton iterations from a warm start;
 * ``lissa`` -- the same model and retrained optima, scored with LiSSA (scale auto);
-* ``ekfac`` -- the convex model and retrained optima, scored with ``--solver ekfac`` (sampled Fisher,
-  λ = 0: the L2 on kernel and bias keeps it invertible); also compared with the exact scores
+* ``ekfac`` -- the convex model and retrained optima, scored with ``--solver ekfac`` (``--ekfac-fisher``,
+  default sampled; λ = 0: the L2 on kernel and bias keeps it invertible); also compared with the exact scores
   (Pearson over every training image and test image);
 * ``cnn`` -- the small CNN of :mod:`influence.demo` (float32), trained with its own recipe; the
   "retraining" is a fixed recipe from the trained weights (``K`` full-batch gradient steps with step
@@ -677,6 +677,8 @@ def build_parser():
                    help="damping of the mislabel panel's EK-FAC (default 0.01, as calculate.py)")
     p.add_argument("--mislabel-out", default=None,
                    help="figure of the mislabel panel (default: --out with _mislabel before the extension)")
+    p.add_argument("--ekfac-fisher", default="sampled", choices=("sampled", "true", "empirical"),
+                   help="Fisher of the ekfac panels (default sampled, as calculate.py)")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -714,7 +716,7 @@ def validate(args):
                         settings=f"lissa T={depth} b={args.lissa_batch} s={solver.scale:.3g}, λ=0")
         results.append(res)
     if "ekfac" in panels:
-        results.append(_ekfac_panel("ekfac", convex, 0.0, top, rand, args.seed,
+        results.append(_ekfac_panel("ekfac", convex, 0.0, top, rand, args.seed, args.ekfac_fisher,
                                     reference=("exact", make_solver("exact", convex.objective, 0.0, progress=False))))
     cg_scores = None
     if "cnn" in panels or "cnn-ekfac" in panels:
@@ -740,7 +742,7 @@ def validate(args):
                  float(cnn.noise.max()), float(np.median(np.abs(res.actual))))
         results.append(res)
     if "cnn-ekfac" in panels:
-        results.append(_ekfac_panel("cnn-ekfac", cnn, damping, top, rand, args.seed,
+        results.append(_ekfac_panel("cnn-ekfac", cnn, damping, top, rand, args.seed, args.ekfac_fisher,
                                     reference=("cg", cg_scores) if cg_scores is not None else None,
                                     settings=f", {steps} GD steps"))
     if "mislabel" in panels:
@@ -762,13 +764,14 @@ def mislabel_path(args):
     return str(out.with_name(f"{out.stem}_mislabel{out.suffix or '.png'}"))
 
 
-def _ekfac_panel(name, problem, damping, top, rand, seed, reference=None, settings=""):
+def _ekfac_panel(name, problem, damping, top, rand, seed, fisher, reference=None, settings=""):
     """An ``--solver ekfac`` panel; ``reference``: (name, solver or its ``scores()``) to compare all
     scores with (Pearson over every training image and test image)."""
     from influence.curvature import make_solver
 
     start = time.perf_counter()
-    solver = make_solver("ekfac", problem.objective, damping, seed=seed, memory_budget=None, progress=False)
+    solver = make_solver("ekfac", problem.objective, damping, fisher=fisher, seed=seed, memory_budget=None,
+                         progress=False)
     solver.fit()
     fit_seconds = time.perf_counter() - start
     scored = problem.scores(solver)

@@ -22,15 +22,29 @@ DAMPING = 0.05
 
 # ----------------------------------------------------------------------------- the reference
 
+def softmax(clf, x):
+    logits = np.asarray(clf.image_logits(x), np.float64)
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    return p / p.sum(1, keepdims=True)
+
+
 def numpy_labels(clf, x, y, fisher, seed):
     """The labels of the Fisher: y, or one draw per image from the model's softmax (numpy)."""
     if fisher == "empirical":
         return np.asarray(y, np.int64)
-    logits = np.asarray(clf.image_logits(x), np.float64)
-    p = np.exp(logits - logits.max(1, keepdims=True))
-    p /= p.sum(1, keepdims=True)
+    p = softmax(clf, x)
     u = np.random.default_rng(seed).random(len(x))
     return np.minimum((np.cumsum(p, 1) <= u[:, None]).sum(1), p.shape[1] - 1).astype(np.int64)
+
+
+def label_sets(clf, x, y, fisher, seed):
+    """[(labels (N,), weights (N,))]: the Fisher is Σ over sets of Σ_n w_n² ∇L_n ∇L_nᵀ / N.
+
+    One set of weight 1 (sampled, empirical), or one per class c with weight √p_c (true)."""
+    if fisher != "true":
+        return [(numpy_labels(clf, x, y, fisher, seed), np.ones(len(x)))]
+    p = softmax(clf, x)
+    return [(np.full(len(x), c, np.int64), np.sqrt(p[:, c])) for c in range(p.shape[1])]
 
 
 def tiny_signals(clf, x, labels):
@@ -106,10 +120,18 @@ def kron_reference(a, dl):
 
 
 def dense_fisher(clf, d, x, y, method, fisher="sampled", seed=0, max_block=4096):
-    """The dense (P, P) matrix F + R that ``method`` ("kfac"/"ekfac") approximates, built in numpy."""
-    labels = numpy_labels(clf, x, y, fisher, seed)
-    signals = tiny_signals(clf, x, labels)
-    grads = per_image_grads(d, x, labels)
+    """The dense (P, P) matrix F + R that ``method`` ("kfac"/"ekfac") approximates, built in numpy.
+
+    Rows are (label set, image) pairs (see :func:`label_sets`), each with its weighted backward
+    signals and per-image gradient; A comes from the images once.
+    """
+    sets = label_sets(clf, x, y, fisher, seed)
+    n = len(x)
+    parts = [tiny_signals(clf, x, labels) for labels, _ in sets]
+    signals = {name: (parts[0][name][0],
+                      np.concatenate([part[name][1] * w[:, None, None] for part, (_, w) in zip(parts, sets)]))
+               for name in parts[0]}
+    grads = np.concatenate([per_image_grads(d, x, labels) * w[:, None] for labels, w in sets])
     slices = group_slices(clf)
     total = grads.shape[1]
     f = np.zeros((total, total))
@@ -117,14 +139,17 @@ def dense_fisher(clf, d, x, y, method, fisher="sampled", seed=0, max_block=4096)
         sl = slices[g.name]
         if g.name in signals:
             a, dl = signals[g.name]
-            A, S, G = kron_reference(a, dl)
+            reps = len(dl) // n
+            A, _, _ = kron_reference(a, dl[:n])
+            _, S, G = kron_reference(np.concatenate([a] * reps), dl)
+            S = S * reps                     # kron_reference divides by the rows, the Fisher by the images
             k1, c = A.shape[0], S.shape[0]
             # the reference itself: G_n from patches and signals is the per-image gradient
-            np.testing.assert_allclose(G.reshape(len(x), -1), grads[:, sl], rtol=1e-8, atol=1e-12)
+            np.testing.assert_allclose(G.reshape(len(G), -1), grads[:, sl], rtol=1e-8, atol=1e-12)
             qa, ea = block_eigh(A, split_blocks(k1, max_block))
             qs, es = block_eigh(S, split_blocks(c, max_block))
             if method == "ekfac":
-                lam = np.mean(np.einsum("ki,nkl,lj->nij", qa, G, qs) ** 2, axis=0)
+                lam = np.sum(np.einsum("ki,nkl,lj->nij", qa, G, qs) ** 2, axis=0) / n
             else:
                 lam = np.outer(np.clip(ea, 0, None), np.clip(es, 0, None))
             rho = (qa ** 2).T @ l2_rows(g.layer, k1)
@@ -134,7 +159,7 @@ def dense_fisher(clf, d, x, y, method, fisher="sampled", seed=0, max_block=4096)
             reg = np.concatenate([np.full(int(np.prod(v.shape)), 2.0 * float(v.regularizer.l2)
                                           if getattr(v, "regularizer", None) is not None else 0.0)
                                   for v in g.variables])
-            f[sl, sl] = np.diag(np.mean(grads[:, sl] ** 2, axis=0) + reg)
+            f[sl, sl] = np.diag(np.sum(grads[:, sl] ** 2, axis=0) / n + reg)
     return f
 
 
@@ -277,16 +302,20 @@ def _dense_only(tmp_path, n, regulariser=None):
     return clf, d, TrainingObjective(d, write_train_archive(tmp_path / "train.npz", x, y, 8), chunk=8), x, y
 
 
-@pytest.mark.parametrize("method", ["kfac", "ekfac"])
-def test_one_dense_layer_one_image_is_the_exact_fisher(tmp_path, method):
+@pytest.mark.parametrize("method,fisher", [("kfac", "sampled"), ("ekfac", "sampled"), ("kfac", "true"),
+                                           ("ekfac", "true")])
+def test_one_dense_layer_one_image_is_the_exact_fisher(tmp_path, method, fisher):
+    """For Dense on one image a is fixed, so A ⊗ S is the exact Fisher -- also the expectation over
+    classes Σ_c p_c g_c g_cᵀ (a ⊗ Σ_c p_c δ_c δ_cᵀ)."""
     clf, d, obj, x, y = _dense_only(tmp_path, 1)
     lam = 1.0
-    solver = make_solver(method, obj, lam, seed=SEED, progress=False)
+    solver = make_solver(method, obj, lam, fisher=fisher, seed=SEED, progress=False)
     p = clf.num_params
     inv = solve_all(solver, d, np.eye(p))
     f = np.linalg.inv(inv) - lam * np.eye(p)
-    g = per_image_grads(d, x, numpy_labels(clf, x, y, "sampled", SEED))[0]
-    np.testing.assert_allclose(f, np.outer(g, g), atol=1e-9 * np.abs(g).max() ** 2)
+    want = sum(np.outer(g, g) for labels, w in label_sets(clf, x, y, fisher, SEED)
+               for g in per_image_grads(d, x, labels) * w[:, None])
+    np.testing.assert_allclose(f, want, atol=1e-9 * np.abs(want).max())
 
 
 def test_results_do_not_depend_on_chunk_size(tiny):
@@ -372,7 +401,18 @@ def test_fisher_sampled_is_deterministic_and_differs_from_empirical(tiny):
     want = np.linalg.solve(f + DAMPING * np.eye(len(f)), V.T).T
     np.testing.assert_allclose(solve_all(empirical, d, V), want, rtol=1e-7, atol=1e-9 * np.abs(want).max())
     with pytest.raises(UserError, match="--fisher"):
-        make_solver("ekfac", obj, DAMPING, fisher="true")
+        make_solver("ekfac", obj, DAMPING, fisher="exact")
+
+
+@pytest.mark.parametrize("method", ["kfac", "ekfac"])
+def test_true_fisher_is_the_expectation_over_classes(tiny, method):
+    clf, d, obj = tiny["clf"], tiny["d"], tiny["obj"]
+    solver = make_solver(method, obj, DAMPING, fisher="true", progress=False)
+    assert solver.cache_key() == {"fisher": "true", "ekfac_max_block": 4096}
+    f = dense_fisher(clf, d, tiny["x"], tiny["y"], method, fisher="true")
+    V = tiny["rng"].standard_normal((2, clf.num_params))
+    want = np.linalg.solve(f + DAMPING * np.eye(len(f)), V.T).T
+    np.testing.assert_allclose(solve_all(solver, d, V), want, rtol=1e-7, atol=1e-9 * np.abs(want).max())
 
 
 def test_a_float32_model_fits_the_same_factors_as_float64(tmp_path, tiny):

@@ -5,10 +5,19 @@ Solves ``(F + Ω'' + λI)⁻¹ v`` where ``F`` is the Fisher of the mean trainin
 (Martens & Grosse 2015; George et al. 2018; Grosse et al. 2023; docs/DESIGN.md, "Curvature that is
 fitted once"), ``Ω''`` the exact Hessian of the Keras L2 weight regularisers and ``λ`` = ``--damping``.
 
-Labels (``fisher``): ``"sampled"`` (default, the true Fisher) draws one label per training image from
-the model's own softmax by inverse-CDF sampling with the uniform ``u_n`` of image ``n`` (global
-archive index); all ``u`` come from ``numpy.random.default_rng(seed).random(n)`` drawn once, so the
-labels do not depend on chunking. ``"empirical"`` uses the true labels.
+Labels (``fisher``):
+
+* ``"sampled"`` (default): a one-sample estimate of the true Fisher. One label per training image
+  drawn from the model's own softmax by inverse-CDF sampling with the uniform ``u_n`` of image ``n``
+  (global archive index); all ``u`` come from ``numpy.random.default_rng(seed).random(n)`` drawn
+  once, so the labels do not depend on chunking.
+* ``"true"``: the exact expectation over the model's softmax, ``Σ_c p_c ∇L(c) ∇L(c)ᵀ`` per image:
+  one backward pass per class (refused above ``MAX_TRUE_CLASSES`` classes). Every (image, class)
+  pair counts as a row with backward signal ``√p_c ∂L(c)/∂z`` (``A`` is unchanged). On a confident
+  model the one-sample estimate misses the rare classes, whose share of the Fisher is ``O(p_c)``
+  while a sample of the likely class gives ``O(p_c²)``: on the demo CNN the ``"true"`` Fisher took
+  EK-FAC's leave-one-out Pearson from 0.78 to 0.92 (influence.validate, panel cnn-ekfac).
+* ``"empirical"``: the true labels.
 
 Layers and conventions. Every matrix of a Dense/Conv layer is taken in the ``(K+1, C_out)``
 orientation of the Keras kernel ``kernel.reshape(K, C_out)`` with the bias as one more row (the
@@ -72,7 +81,9 @@ from influence.taps import Tap, flat_signal, linear, linear_kind, patch_support,
 
 log = logging.getLogger(__name__)
 
-FISHER_KINDS = ("sampled", "empirical")
+FISHER_KINDS = ("sampled", "true", "empirical")
+#: --fisher true runs one backward pass per class: refused above this many classes
+MAX_TRUE_CLASSES = 100
 #: default largest factor block (--ekfac-max-block)
 MAX_BLOCK = 4096
 #: bytes of the per-image rotated gradients held at once in the eigenvalue pass of a conv layer
@@ -214,7 +225,8 @@ class KFACSolver(InverseHVP):
     """K-FAC: ``(A ⊗ S + R + λI)⁻¹`` per layer with ``Λ = e_A e_Sᵀ`` (see the module docstring).
 
     Args (beyond objective, damping, progress):
-      fisher: "sampled" (labels drawn from the model's softmax) or "empirical" (true labels).
+      fisher: "sampled" (a label drawn from the model's softmax), "true" (the expectation over all
+        classes) or "empirical" (the true labels).
       seed: seed of the sampled labels.
       ekfac_max_block: largest factor block; larger factors are split block-diagonally.
       memory_budget: GB allowed for the factors (float64 while fitting); None: no limit.
@@ -232,6 +244,10 @@ class KFACSolver(InverseHVP):
         if fisher not in FISHER_KINDS:
             raise UserError(f"--fisher must be one of {', '.join(FISHER_KINDS)}, got {fisher!r}")
         self.fisher = fisher
+        classes = objective.d.clf.num_classes
+        if fisher == "true" and classes > MAX_TRUE_CLASSES:
+            raise UserError(f"--fisher true runs one backward pass per class: {classes} classes is above "
+                            f"{MAX_TRUE_CLASSES}; use --fisher sampled")
         self.seed = int(seed)
         self.max_block = int(ekfac_max_block)
         self.memory_budget = None if memory_budget is None else float(memory_budget)
@@ -317,20 +333,38 @@ class KFACSolver(InverseHVP):
     def _signals(self, x, y, u, true_labels=False):
         """Records of one chunk grouped by layer: {id(layer): [(kind, input, δ), ...]}.
 
-        δ is taken with the Fisher's labels, or with the true labels ``y`` when ``true_labels``.
+        Rows are images; for the "true" Fisher they are (class, image) pairs, class-major: the
+        input repeated once per class and ``δ = √p_c ∂L(c)/∂z``. The first N rows of every input
+        are the chunk's images. With ``true_labels`` (self-influence) δ is taken with the labels ``y``.
         """
         d = self.obj.d
-        with tf.GradientTape() as tape:
+        true = self.fisher == "true" and not true_labels
+        with tf.GradientTape(persistent=true) as tape:
             tap = Tap(tape, self._kinds)
             logits = d.clf.image_logits(x, tap=tap)
-            if self.fisher == "sampled" and not true_labels:
-                labels = sample_labels(tf.nn.softmax(tf.cast(tf.stop_gradient(logits), tf.float64)), u)
+            probs = tf.nn.softmax(tf.cast(tf.stop_gradient(logits), tf.float64))
+            if true:
+                losses = []
+                for c in range(d.clf.num_classes):
+                    label = tf.fill(tf.shape(y), tf.constant(c, tf.int64))
+                    weight = tf.cast(tf.sqrt(probs[:, c]), logits.dtype)
+                    losses.append(tf.reduce_sum(weight * d.per_example_loss(logits, label)))
             else:
-                labels = y
-            loss = tf.reduce_sum(d.per_example_loss(logits, labels))
-        deltas = tape.gradient(loss, [r[3] for r in tap.records], unconnected_gradients=_ZERO)
+                labels = sample_labels(probs, u) if self.fisher == "sampled" and not true_labels else y
+                losses = [tf.reduce_sum(d.per_example_loss(logits, labels))]
+        outs = [r[3] for r in tap.records]
+        per_loss = [tape.gradient(loss, outs, unconnected_gradients=_ZERO) for loss in losses]
+        del tape
+        reps = len(losses)
         grouped = {}
-        for (layer, kind, x_l, _), delta in zip(tap.records, deltas):
+        for i, (layer, kind, x_l, _) in enumerate(tap.records):
+            delta = per_loss[0][i] if reps == 1 else tf.concat([g[i] for g in per_loss], axis=0)
+            if reps > 1:
+                if kind is None:
+                    args, kwargs = x_l
+                    x_l = (tuple(tf.concat([a] * reps, axis=0) if tf.is_tensor(a) else a for a in args), kwargs)
+                else:
+                    x_l = tf.concat([x_l] * reps, axis=0)
             grouped.setdefault(id(layer), []).append((kind, x_l, delta))
         return grouped
 
@@ -387,6 +421,7 @@ class KFACSolver(InverseHVP):
     def _factor_chunk(self, x, y, u):
         """Pass 1 on one chunk: adds to the A/S block sums and the diagonal E[g²] sums."""
         grouped = self._signals(x, y, u)
+        images = tf.shape(x)[0]
         for b in self.plan:
             recs = grouped.get(id(b.layer))
             if not recs:
@@ -396,7 +431,7 @@ class KFACSolver(InverseHVP):
                 # CPU), the sums over chunks in float64
                 a, dl, _ = self._kron_inputs(b, recs, self._compute_dtype)
                 positions = tf.cast(tf.shape(a)[1], tf.float64)
-                af = tf.reshape(a, [-1, b.k1])
+                af = tf.reshape(a[:images], [-1, b.k1])        # A: each image once
                 df = tf.reshape(dl, [-1, b.c_out])
                 for (s, e), var in zip(b.a_bounds, b.acc["A"]):
                     var.assign_add(tf.cast(tf.matmul(af[:, s:e], af[:, s:e], transpose_a=True), tf.float64)

@@ -1,6 +1,6 @@
 """Output files of calculate.py: figures, CSV files and score dicts for one test image.
 
-Sign convention (see DESIGN.md)::
+Sign convention (see docs/DESIGN.md)::
 
     score(i, t) = grad L(z_t)^T (H + lambda I)^-1 grad L(z_i)
 

@@ -4,7 +4,7 @@ For a few held-out digits ("test images") we score every training image, take th
 influential ones (largest ``|score|``) plus ``--random`` others, retrain without each of them, and
 compare the *predicted* change of the test loss with the *actual* one.
 
-Sign and scale (DESIGN.md): ``score(i, t) = ∇L(z_t)ᵀ (H + λI)⁻¹ ∇L(z_i)``, so removing ``z_i``
+Sign and scale (docs/DESIGN.md): ``score(i, t) = ∇L(z_t)ᵀ (H + λI)⁻¹ ∇L(z_i)``, so removing ``z_i``
 changes the loss of test image ``t`` by about ``+score / n``. That is the first-order change when the
 image's weight in ``R(θ) = (1/n) Σ_j L(z_j) + Ω(θ)`` goes from ``1/n`` to ``0`` (upweighting by
 ``ε = −1/n``). The retraining here uses exactly that objective, ``(1/n) Σ_{j≠i} L(z_j) + Ω``. A mean

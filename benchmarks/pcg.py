@@ -107,7 +107,8 @@ def bench_damping(obj, vs, lam, args, ekfac_state):
                       ekfac_alone_residual=[residual(cg, v, x) for v, x in zip(vs, ek)])
     out["ratio"] = float(np.mean(out["pcg"]["hvps"]) / np.mean(out["cg"]["hvps"]))
     say(f"λ = {lam:g}, tol = {tol:g}:")
-    say(f"  cg : whole-set HVPs per test image {out['cg']['hvps']} (mean {np.mean(out['cg']['hvps']):.1f}), {cg_s:.1f} s")
+    say(f"  cg : whole-set HVPs per test image {out['cg']['hvps']} (mean {np.mean(out['cg']['hvps']):.1f}), "
+        f"{cg_s:.1f} s")
     say(f"  pcg: whole-set HVPs per test image {out['pcg']['hvps']} (mean {np.mean(out['pcg']['hvps']):.1f}; from zero "
         f"{out['pcg']['hvps_zero_start']}), {pcg_s:.1f} s")
     say(f"  pcg / cg HVPs = {out['ratio']:.3f} (goal <= 1/3: {'met' if out['ratio'] <= 1 / 3 else 'MISSED'})")

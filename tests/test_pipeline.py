@@ -32,6 +32,15 @@ def settings(data, out, **kw):
     return Settings(**base)
 
 
+def with_other_training_set(data, folder, seed):
+    """A copy of ``data`` (test.npz, model.keras) with another train.npz of the same size and layout."""
+    folder.mkdir()
+    for name in ("test.npz", "model.keras"):
+        (folder / name).write_bytes((data / name).read_bytes())
+    write_train_archive(folder / "train.npz", *random_data(24, seed=seed), batch=10)
+    return folder
+
+
 def scores_of(out):
     """{relative path: scores} of every ``<n>_scores.npy`` under ``out``."""
     return {str(p.relative_to(out)): np.load(p) for p in sorted(out.rglob("*_scores.npy"))}
@@ -69,12 +78,7 @@ def test_curvature_cache_is_reused_and_invalidated(data, tmp_path, caplog):
     assert "--params changed" in caplog.text and "refitting" in caplog.text
 
     # another training archive (same path, other contents) invalidates it
-    other = tmp_path / "other"
-    other.mkdir()
-    for name in ("test.npz", "model.keras"):
-        (other / name).write_bytes((data / name).read_bytes())
-    x, y = random_data(24, seed=9)
-    write_train_archive(other / "train.npz", x, y, batch=10)
+    other = with_other_training_set(data, tmp_path / "other", seed=9)
     same_model = str(data / "model.keras")
     calculate(settings(other, tmp_path / "four", cache=str(cache), model=same_model))
     caplog.clear()
@@ -95,12 +99,7 @@ def test_curvature_cache_is_reused_and_invalidated(data, tmp_path, caplog):
 
 def test_resume_refuses_another_training_archive(data, tmp_path):
     calculate(settings(data, tmp_path / "out", folders=["b"]))
-    other = tmp_path / "other"
-    other.mkdir()
-    for name in ("test.npz", "model.keras"):
-        (other / name).write_bytes((data / name).read_bytes())
-    x, y = random_data(24, seed=11)
-    write_train_archive(other / "train.npz", x, y, batch=10)
+    other = with_other_training_set(data, tmp_path / "other", seed=11)
     same_model = str(data / "model.keras")
     with pytest.raises(UserError, match="another training archive"):
         calculate(settings(other, tmp_path / "out", folders=["b"], model=same_model))

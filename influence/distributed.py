@@ -76,6 +76,8 @@ def check(settings):
         raise UserError(f"--workers must be >= 0 (0 = no Ray), got {settings.workers}")
     if importlib.util.find_spec("ray") is None:
         raise UserError(f"{_flag(settings)} needs Ray: {INSTALL}")
+    if settings.ray_address:
+        _check_reachable(settings.ray_address)
 
 
 def _import_ray():
@@ -110,6 +112,7 @@ def init_ray(workers=0, address=None, gpus=None):
     ray = _import_ray()
     common = dict(runtime_env={"env_vars": _worker_env()}, logging_level=logging.WARNING, log_to_driver=True)
     if address:
+        _check_reachable(address)
         try:
             ray.init(address=address, **common)
         except (ConnectionError, RuntimeError, ValueError) as exc:
@@ -119,6 +122,20 @@ def init_ray(workers=0, address=None, gpus=None):
     gpus = _local_gpus() if gpus is None else gpus
     ray.init(num_cpus=int(workers), num_gpus=min(int(gpus), int(workers)), include_dashboard=False, **common)
     return ray
+
+
+def _check_reachable(address, timeout=10.0):
+    """A one-line error when ``host:port`` does not answer (Ray itself would retry for minutes)."""
+    import socket
+
+    host, sep, port = str(address).rpartition(":")
+    if not sep or not port.isdigit() or "/" in host:
+        return                                   # "auto", ray:// and other forms: left to Ray
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise UserError(f"--ray-address {address}: nothing answers there ({exc.strerror or exc}); start the "
+                        f"cluster with `ray start --head --port {port}` on {host} (see README)") from None
 
 
 @dataclasses.dataclass

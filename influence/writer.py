@@ -24,9 +24,13 @@ class Prefetched:
         return self.images[int(index)]
 
 
+#: below this many test images the processes' start (a second or two each) costs more than it saves
+MIN_IMAGES = 12
+
+
 def default_workers(images_to_write):
-    """Processes worth starting: none for a handful of images, else up to 4 (one per core)."""
-    if images_to_write < 4:
+    """Processes worth starting: none for a few images, else up to 4 (one per core)."""
+    if images_to_write < MIN_IMAGES:
         return 0
     return max(1, min(4, os.cpu_count() or 1))
 

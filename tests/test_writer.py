@@ -10,8 +10,8 @@ def test_results_come_back_in_order_with_the_shared_arguments(workers):
         for i in range(3):
             writer.submit(i, dict, b=i)
         assert writer.collect() == [(0, {"a": 1, "b": 0}), (1, {"a": 1, "b": 1}), (2, {"a": 1, "b": 2})]
-        writer.submit("bad", dict, "not a mapping")        # raises in the child, re-raised here
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError):     # at once in the thread; from the child at collect()
+            writer.submit("bad", dict, "not a mapping")
             writer.collect()
 
 

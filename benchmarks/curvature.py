@@ -20,7 +20,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -199,8 +198,6 @@ def bench_demo(args):
 
 
 def bench_vgg16(args):
-    import keras
-
     from influence.archives import ArchiveWriter
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_vgg_"))
@@ -219,7 +216,6 @@ def bench_vgg16(args):
             w.add("test_orig_y", rng.integers(0, 1000, (n_test, 1)))
             w.add("test_orig_files", np.array([f"q{i}.jpg" for i in range(n_test)]))
             w.add("meta_size", np.array([224, 224]))
-        del keras
         argv = [sys.executable, str(REPO / "calculate.py"), "--data", str(tmp), "--model", "vgg16", "--weights", "none",
                 "--params", "all", "--solver", "ekfac", "--memory-budget", "8", "-sf", "png", "--out", str(tmp / "out")]
         say(f"[vgg16] {' '.join(argv[1:])}")

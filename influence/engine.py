@@ -16,7 +16,6 @@ import errno
 import dataclasses
 import json
 import logging
-import os
 import platform
 import time
 from pathlib import Path
@@ -505,8 +504,6 @@ def _calculate(settings):
     shared = dict(layer_names=layer_names, keys=keys, train_files=train_files, train_labels=train_labels,
                   class_name=namer, top=settings.top, fmt=settings.save_format)
     part_files = []      # (test images done when this group's outputs are written, its parts) with --workers
-    done_before = record.data["counts"]["test_images_done"]
-    record.data["counts"]["_done_before"] = done_before
     with OutputWriter(default_workers(len(todo)), shared=shared) as writer:
         for start in range(0, len(todo), plan.vectors):
             group = todo[start:start + plan.vectors]
@@ -544,8 +541,12 @@ def _calculate(settings):
 
 
 def _drop_finished_parts(part_files, record):
-    """Remove the score parts of groups whose output files are all written (--workers runs)."""
-    done = record.data["counts"]["test_images_done"] - record.data["counts"]["_done_before"]
+    """Remove the score parts of groups whose output files are all written (--workers runs).
+
+    ``part_files`` holds (test images written once the group is, parts) in group order; this run's
+    count of written images (``run.json``'s, which starts at 0) says which groups are finished.
+    """
+    done = record.data["counts"]["test_images_done"]
     while part_files and part_files[0][0] <= done:
         distributed.remove_parts(part_files.pop(0)[1])
 
@@ -653,7 +654,6 @@ def _report_written(done, record, keys, namer, page):
 
 
 def _finish(record, t0, solver_info):
-    record.data["counts"].pop("_done_before", None)
     log.info("the whole run in one page: %s", Path(record.path).parent / "index.html")
     record.data["timings"]["total_s"] = round(time.perf_counter() - t0, 3)
     record.save(status="complete", finished=time.strftime("%Y-%m-%d %H:%M:%S"), solver_info=solver_info)

@@ -95,3 +95,24 @@ def per_example_gradients(d, x, y):
 
 def to_vec(flat, d):
     return numpy_to_vec(flat, d.variables)
+
+
+def write_project(root, n_train, batch, test_sizes, batchnorm=False):
+    """``root`` with train.npz (``n_train`` images, seed 3), test.npz (folder -> size, seeds 4, 5, ...)
+    and model.keras (the tiny float64 model, seed 1): what calculate.py reads. Returns ``root``."""
+    x, y = random_data(n_train, seed=3)
+    write_train_archive(root / "train.npz", x, y, batch=batch)
+    write_test_archive(root / "test.npz", {name: random_data(size, seed=4 + i)
+                                           for i, (name, size) in enumerate(test_sizes.items())})
+    tiny_model(seed=1, dtype="float64", batchnorm=batchnorm).save(root / "model.keras")
+    return root
+
+
+def calc_settings(data, out, **kw):
+    """influence.engine.Settings for a :func:`write_project` folder: exact solver, png, top 2."""
+    from influence.engine import Settings
+
+    base = dict(data=str(data), out=str(out), model=str(data / "model.keras"), preprocess="unit", solver="exact",
+                save_format="png", top=2)
+    base.update(kw)
+    return Settings(**base)

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 from conftest import REPO
-from engine_helpers import random_data, tiny_model, write_test_archive, write_train_archive
+from engine_helpers import calc_settings, write_project
 from influence import distributed
-from influence.engine import Settings, TestItem, calculate
+from influence.engine import TestItem, calculate
 from influence.errors import UserError
 
 os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
@@ -38,21 +38,11 @@ def ray_runtime():
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("dist")
-    x, y = random_data(TRAIN, seed=3)
-    write_train_archive(root / "train.npz", x, y, batch=BATCH)
-    xa, ya = random_data(3, seed=4)
-    xb, yb = random_data(2, seed=5)
-    write_test_archive(root / "test.npz", {"a": (xa, ya), "b": (xb, yb)})
-    tiny_model(seed=1, dtype="float64", batchnorm=True).save(root / "model.keras")
-    return root
+    return write_project(tmp_path_factory.mktemp("dist"), TRAIN, BATCH, {"a": 3, "b": 2}, batchnorm=True)
 
 
 def settings(data, out, **kw):
-    base = dict(data=str(data), out=str(out), model=str(data / "model.keras"), preprocess="unit", solver="exact",
-                damping=0.5, save_format="png", top=2)
-    base.update(kw)
-    return Settings(**base)
+    return calc_settings(data, out, **{"damping": 0.5, **kw})
 
 
 def outputs(out):

@@ -6,30 +6,20 @@ import logging
 import numpy as np
 import pytest
 
-from engine_helpers import random_data, tiny_model, write_test_archive, write_train_archive
+from engine_helpers import calc_settings, random_data, write_project, write_test_archive, write_train_archive
 from influence import engine
-from influence.engine import Settings, calculate
+from influence.engine import calculate
 from influence.errors import UserError
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     """data/ with train.npz (24 images), test.npz (folders a: 5 images, b: 3) and model.keras."""
-    root = tmp_path_factory.mktemp("pipeline")
-    x, y = random_data(24, seed=3)
-    write_train_archive(root / "train.npz", x, y, batch=10)
-    xa, ya = random_data(5, seed=4)
-    xb, yb = random_data(3, seed=5)
-    write_test_archive(root / "test.npz", {"a": (xa, ya), "b": (xb, yb)})
-    tiny_model(seed=1, dtype="float64", batchnorm=False).save(root / "model.keras")
-    return root
+    return write_project(tmp_path_factory.mktemp("pipeline"), 24, 10, {"a": 5, "b": 3})
 
 
 def settings(data, out, **kw):
-    base = dict(data=str(data), out=str(out), model=str(data / "model.keras"), preprocess="unit", solver="exact",
-                damping=0.05, save_format="png", top=2)
-    base.update(kw)
-    return Settings(**base)
+    return calc_settings(data, out, **{"damping": 0.05, **kw})
 
 
 def with_other_training_set(data, folder, seed):

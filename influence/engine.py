@@ -12,10 +12,11 @@ Order of work (docs/DESIGN.md, "The calculate job"):
 Numbers do not depend on the grouping: every solver treats each test vector on its own (LiSSA's
 random stream is seeded by the test image's folder, label and number).
 """
-import errno
 import dataclasses
+import errno
 import json
 import logging
+import os
 import platform
 import time
 from pathlib import Path
@@ -586,7 +587,7 @@ def _self_influence_done(settings, page, train, namer):
         rows = [r for _, r in zip(range(SELF_INFLUENCE_ROWS), csv.DictReader(fh))]
     page.add_self_influence([_self_row(r["rank"], r["key"], r["file"], r["label"], r["class_name"],
                                        r["prediction_name"], r["confidence"], r["self_influence"], r["loss"])
-                             for r in rows], fig_path)
+                             for r in rows], os.path.relpath(fig_path, settings.out))
     page.write()
     log.info("self-influence: %s exists (use --overwrite to redo it)", csv_path)
     return True
@@ -619,7 +620,7 @@ def _run_self_influence(settings, solver, derivs, train, plan, keys, train_files
         i = int(result.indices[j])
         rows.append(_self_row(rank, keys[i], train_files[i], train_labels[i], namer(int(train_labels[i])),
                               namer(int(result.preds[j])), result.confs[j], result.values[j], result.losses[j]))
-    page.add_self_influence(rows, fig_path)
+    page.add_self_influence(rows, os.path.relpath(fig_path, settings.out))   # the report takes it from --out
     page.write()
     if len(order):
         top = int(result.indices[order[0]])

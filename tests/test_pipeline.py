@@ -175,19 +175,20 @@ def test_a_second_run_into_the_same_out_is_refused(data, tmp_path):
     assert (out / "run.json").is_file()
 
 
-def test_self_influence_through_the_job(data, tmp_path, caplog):
+def test_self_influence_through_the_job(data, tmp_path, caplog, monkeypatch):
     import csv
 
     caplog.set_level(logging.INFO)
     out = tmp_path / "out"
-    calculate(settings(data, out, self_influence=True, folders=["b"], params="dense", solver="ekfac"))
+    monkeypatch.chdir(tmp_path)                   # a relative --out, as users type it
+    calculate(settings(data, "out", self_influence=True, folders=["b"], params="dense", solver="ekfac"))
     with open(out / "self_influence.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     values = [float(r["self_influence"]) for r in rows]
     assert len(rows) == 24 and values == sorted(values, reverse=True)
     assert (out / "self_influence.png").is_file()
     page = (out / "index.html").read_text(encoding="utf-8")
-    assert "self_influence.png" in page and rows[0]["key"] in page
+    assert 'src="self_influence.png"' in page and rows[0]["key"] in page
     caplog.clear()
     calculate(settings(data, out, self_influence=True, folders=["b"], params="dense", solver="ekfac"))
     assert "self_influence.csv exists" in caplog.text

@@ -228,6 +228,7 @@ def bench_vgg16(args):
         tm = run["timings"]
         say("  timings: " + ", ".join(f"{k} {v:.1f}" for k, v in tm.items()))
         say(f"  memory plan: {run['memory_plan']}")
+        say("  peak RSS after each phase (GiB): " + ", ".join(f"{k} {v:.2f}" for k, v in run.get("peak_rss_gib", {}).items()))
         info = run["solver_info"]
         row("vgg16", f"wall, {n_train} train x {n_test} test images", wall, "s", "", f"{wall / 60:.1f} min")
         row("vgg16", "peak RSS of calculate.py", peak / 1024, "GiB", "", "budget 8 GiB plus the model (0.55 GiB)")

@@ -231,7 +231,11 @@ class RunRecord:
         }
 
     def add_time(self, key, seconds):
+        """Add ``seconds`` to phase ``key``; ``peak_rss_gib[key]`` is this process's peak RSS so far."""
         self.data["timings"][key] = round(self.data["timings"].get(key, 0.0) + seconds, 4)
+        peak = peak_rss_bytes()
+        if peak:
+            self.data.setdefault("peak_rss_gib", {})[key] = round(peak / 2**30, 3)
 
     def save(self, **extra):
         self.data.update(extra)
@@ -266,30 +270,56 @@ def layer_shapes(clf):
     return out
 
 
+def peak_rss_bytes():
+    """This process's peak resident set (``VmHWM``; ``ru_maxrss`` without /proc), or 0 if unknown."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        import resource
+
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+    except (ImportError, OSError):
+        return 0
+
+
 @dataclasses.dataclass
 class MemoryPlan:
     """How a run splits its work to stay within ``--memory-budget`` (docs/DESIGN.md, "Memory").
 
     ``vectors``: test images whose inverse-HVPs are held (and scored) at once; ``score_batch``:
-    training images per scoring call; ``chunk``: training images per HVP / curvature-fitting call.
+    training images per scoring call; ``chunk``: training images per HVP / curvature-fitting call;
+    ``bytes_per_vector``: what one held test image costs; ``solver_bytes``: what the fitted
+    curvature holds (and its per-vector workspace), taken off the budget first.
     """
 
     vectors: int
     score_batch: int
     chunk: int
     bytes_per_vector: int
+    solver_bytes: int = 0
 
 
-def plan_memory(clf, settings, n_test):
-    """Split ``--memory-budget`` (GB): half for the held inverse-HVPs, half for one scoring/HVP call.
+def plan_memory(clf, settings, n_test, solver=None):
+    """Split ``--memory-budget`` (GB) between the fitted curvature, the held test vectors and one call.
 
-    A held test vector costs its inverse-HVP plus its stacked copy (2 P floats). A scoring call
-    costs, per training image, the activations and backward signals (4 floats per activation), the
-    conv patches and per-image gradients of the gradient route, and the tangent route's T outputs.
+    The solver's resident state and workspace (``solver.resident_bytes``, ``workspace_bytes``; the
+    EK-FAC eigenvectors and eigenvalues) come off first; the rest goes half to the inverse-HVPs held
+    together, half to one scoring/HVP call. A held test vector costs ``solver.copies_per_vector``
+    parameter-sized arrays (its gradient and its solution; more for iterative solvers). A scoring
+    call costs, per training image, the activations and backward signals (4 floats per activation),
+    the conv patches and per-image gradients of the gradient route, and the tangent route's T outputs.
+    Without a solver (before the fit) only ``chunk`` is meaningful.
     """
     itemsize = np.dtype(clf.dtype.as_numpy_dtype).itemsize
-    budget = settings.memory_budget * 2**30
-    per_vector = 2 * clf.num_params * itemsize
+    held = 0 if solver is None else int(solver.resident_bytes + solver.workspace_bytes)
+    budget = max(settings.memory_budget * 2**30 - held, 0.1 * settings.memory_budget * 2**30)
+    copies = 2 if solver is None else solver.copies_per_vector
+    per_vector = copies * clf.num_params * itemsize
     vectors = int(max(1, min(max(n_test, 1), (budget / 2) // per_vector)))
     shapes = layer_shapes(clf)
     act = sum(a for _, _, _, a in shapes)
@@ -299,7 +329,7 @@ def plan_memory(clf, settings, n_test):
     per_image_hvp = itemsize * (8 * act + patches)
     score_batch = int(max(1, min(settings.score_batch, (budget / 2) // per_image_score)))
     chunk = int(max(1, min(256, settings.score_batch, (budget / 2) // per_image_hvp)))
-    return MemoryPlan(vectors, score_batch, chunk, per_vector)
+    return MemoryPlan(vectors, score_batch, chunk, per_vector, held)
 
 
 # ----------------------------------------------------------------------------- scoring pass
@@ -421,7 +451,7 @@ def _calculate(settings):
     t0 = timer()
     from influence.curvature import make_solver
     from influence.curvature.cache import CurvatureCache, curvature_key
-    from influence.hvp import Derivatives, TrainingObjective, vec_stack
+    from influence.hvp import Derivatives, TrainingObjective
     from influence.models import load_classifier
     from influence.scoring import Scorer
 
@@ -496,6 +526,10 @@ def _calculate(settings):
         record.save(solver_info=solver.info)
     if not todo:
         return _finish(record, t0, solver.info)
+    solver.compact()
+    plan = plan_memory(clf, settings, len(todo), solver)
+    objective.chunk = plan.chunk
+    record.save(memory_plan=dataclasses.asdict(plan))
     log.info("scoring %d test image(s) in %d group(s) of at most %d (--memory-budget %g GB); %d training images "
              "per scoring step", len(todo), -(-len(todo) // plan.vectors), plan.vectors, settings.memory_budget,
              plan.score_batch)
@@ -513,7 +547,7 @@ def _calculate(settings):
                                      images[it.folder][1][it.index:it.index + 1].astype(np.int64)) for it in group]
             record.add_time("test_gradients_s", timer() - t1)
             t1 = timer()
-            stacked = vec_stack(solver.solve(grads, ids=[it.ident for it in group]))
+            stacked = solver.solve_stacked(grads, ids=[it.ident for it in group])
             del grads
             record.add_time("inverse_hvp_s", timer() - t1)
             t1 = timer()

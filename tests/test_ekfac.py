@@ -437,3 +437,54 @@ def test_a_float32_model_fits_the_same_factors_as_float64(tmp_path, tiny):
         else:
             np.testing.assert_allclose(got[key], want[key], rtol=2e-3, atol=1e-6 * np.abs(want[key]).max(),
                                        err_msg=key)
+
+
+def test_compact_keeps_the_solves_and_solve_stacked_writes_in_place(tiny):
+    """After the state is cached the solver keeps eigenvectors and Λ + ρ + λ only (model dtype):
+    the same solutions, solve_stacked equal to stacking solve's, and state() refused."""
+    d, obj = tiny["d"], tiny["obj"]
+    V = tiny["rng"].standard_normal((3, tiny["clf"].num_params))
+    s = make_solver("ekfac", obj, DAMPING, seed=SEED, progress=False)
+    s.load_state({k: np.array(v) for k, v in tiny["fitted"]["ekfac"].state().items()})
+    before = solve_all(s, d, V)
+    s.compact()
+    np.testing.assert_array_equal(solve_all(s, d, V), before)
+    vecs = [to_vec(v, d) for v in V]
+    stacked = s.solve_stacked(vecs)
+    assert vecs == [None] * 3                      # the caller's gradients were released on the way
+    got = np.concatenate([np.reshape(p.numpy(), (3, -1)) for p in stacked], axis=1)
+    np.testing.assert_array_equal(got, before)
+    held = sum(q.nbytes for e in s._eig.values() for k in ("QA", "QS") for q in e[k])
+    held += sum(a.nbytes for a in s._damped().values())
+    assert s.resident_bytes == held
+    assert not s._lambda and "eA" not in s._eig["dense"]
+    with pytest.raises(RuntimeError, match="compact"):
+        s.state()
+
+
+def test_rank_one_is_found_and_refused_on_rank_two():
+    from influence.curvature.ekfac import rank_one
+
+    rng = np.random.default_rng(0)
+    a, d = rng.standard_normal(300), rng.standard_normal(40)
+    u, w = rank_one(np.outer(a, d), 1e-12, rows=64)
+    np.testing.assert_allclose(np.outer(u, w), np.outer(a, d), rtol=1e-12, atol=1e-14)
+    assert rank_one(np.outer(a, d) + 1e-6 * np.outer(d[:1].repeat(300), a[:40]), 1e-12, rows=64) is None
+    assert rank_one(np.zeros((3, 4)), 1e-12) is None
+
+
+def test_rank_one_test_vectors_take_the_cheap_rotation_with_the_same_answer(tiny, monkeypatch):
+    """A one-image gradient of a Dense layer is a δᵀ: rotated as (Q_Aᵀa)(Q_Sᵀδ)ᵀ it gives the same solve."""
+    from influence.curvature import ekfac
+
+    d, clf, solver = tiny["d"], tiny["clf"], tiny["fitted"]["ekfac"]
+    grads = [d.gradient(tiny["x"][i:i + 1], tiny["y"][i:i + 1].astype(np.int64)) for i in range(2)]
+    full = [vec_to_numpy(s) for s in solver.solve(grads)]
+    calls = []
+    real = ekfac.rank_one
+    monkeypatch.setattr(ekfac, "rank_one", lambda m, tol: calls.append(real(m, tol) is not None) or real(m, tol))
+    monkeypatch.setattr(ekfac, "RANK_ONE_MIN", 1)
+    cheap = [vec_to_numpy(s) for s in solver.solve(grads)]
+    assert calls.count(True) == 2 and calls.count(False) == 2     # dense is rank one, the conv is not
+    for f, c in zip(full, cheap):
+        np.testing.assert_allclose(c, f, rtol=1e-9, atol=1e-12 * np.abs(f).max())

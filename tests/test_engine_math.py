@@ -193,3 +193,23 @@ def test_subclassed_model_scores_totals_without_split(tmp_path):
     shares = scorer.shares_for(x, y, [to_vec(s, d) for s in S])
     assert shares.shape == (2, 9, 1)
     np.testing.assert_allclose(shares[..., 0], S @ per_example_gradients(d, x, y).T, rtol=1e-9, atol=1e-9)
+
+
+def test_memory_plan_takes_the_fitted_curvature_off_the_budget(tiny):
+    """The solver's resident state and workspace come off --memory-budget before the test vectors
+    get their half: a solver holding most of the budget leaves room for fewer vectors."""
+    from types import SimpleNamespace
+
+    from influence.engine import plan_memory
+
+    clf, p = tiny["clf"], tiny["P"]
+    budget_gb = 64 * p * 8 / 2**30                         # room for 64 parameter-sized float64 arrays
+    settings = SimpleNamespace(memory_budget=budget_gb, score_batch=256)
+    light = SimpleNamespace(resident_bytes=0, workspace_bytes=0, copies_per_vector=2)
+    heavy = SimpleNamespace(resident_bytes=32 * p * 8, workspace_bytes=16 * p * 8, copies_per_vector=2)
+    assert plan_memory(clf, settings, 100, light).vectors == 16        # 32 arrays / 2 per vector
+    plan = plan_memory(clf, settings, 100, heavy)
+    assert plan.vectors == 4 and plan.solver_bytes == 48 * p * 8      # (64 - 48) / 2 / 2
+    assert plan_memory(clf, settings, 3, light).vectors == 3            # never more than the test images
+    cg = CGSolver(tiny["obj"], DAMPING, progress=False)
+    assert cg.workspace_bytes == 4 * p * 8 and cg.copies_per_vector == 3

@@ -16,7 +16,7 @@ Life of a solver (docs/DESIGN.md, "Curvature")::
 import zlib
 
 from influence.errors import UserError
-from influence.hvp import vec_axpy
+from influence.hvp import vec_axpy, vec_size, vec_stack
 
 #: name -> class of every registered method, in definition order
 REGISTRY = {}
@@ -70,6 +70,28 @@ class InverseHVP:
     def solve(self, vectors, ids=None):  # pragma: no cover - interface
         """``[(H + λI)⁻¹ v for v in vectors]``; ``ids`` name each vector (seeds of stochastic methods)."""
         raise NotImplementedError
+
+    def solve_stacked(self, vectors, ids=None):
+        """The solutions as one Vec with a leading axis T (what the scorer takes)."""
+        return vec_stack(self.solve(vectors, ids=ids))
+
+    # --- memory ------------------------------------------------------------------------------------
+    #: bytes the fitted state holds while test vectors are solved and scored (after :meth:`compact`)
+    resident_bytes = 0
+    #: parameter-sized arrays held per test vector of a group: its gradient, its solution and the
+    #: stacked copy the scorer takes
+    copies_per_vector = 3
+    #: parameter-sized temporaries of solving one vector at a time (CG: x, r, p, Ap)
+    workspace_vectors = 0
+
+    @property
+    def workspace_bytes(self):
+        """Transient bytes of solving one test vector beyond what ``copies_per_vector`` counts."""
+        d = self.obj.d
+        return self.workspace_vectors * vec_size(d.variables) * d.dtype.size
+
+    def compact(self):
+        """Drop what only fitting and caching needed (called once the state is cached)."""
 
     def apply(self, v):
         """(H + λI) v over the whole training set."""

@@ -77,6 +77,8 @@ class CGSolver(InverseHVP):
         self.maxiter = int(cg_maxiter)
         self.info.update(tol=self.tol, maxiter=self.maxiter, iterations=[])
 
+    workspace_vectors = 4          # x, r, p, A p of the vector being solved
+
     def solve(self, vectors, ids=None):
         return [self._solve_one(v) for v in vectors]
 

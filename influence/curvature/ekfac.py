@@ -90,6 +90,8 @@ MAX_BLOCK = 4096
 MICRO_BYTES = 64 * 2**20
 #: a layer's F + R + λI counts as singular below this fraction of its largest eigenvalue
 SINGULAR = 1e-12
+#: layers with at least this many weights check a test vector for rank one before rotating it
+RANK_ONE_MIN = 2**20
 _ZERO = tf.UnconnectedGradients.ZERO
 
 
@@ -122,24 +124,53 @@ def sample_labels(probs, uniforms):
     return tf.minimum(k, tf.cast(tf.shape(probs)[1] - 1, tf.int64))
 
 
-def kron_rotate(v, qa, a_bounds, qs, s_bounds, back=False):
+def kron_rotate(v, qa, a_bounds, qs, s_bounds, back=False, work=None):
     """``Q_Aᵀ V Q_S`` (or ``Q_A V Q_Sᵀ`` with ``back``) for block-diagonal ``Q_A``, ``Q_S``.
 
     Args:
-      v: (K1, C) float64.
+      v: (K1, C) in the dtype of the ``q`` blocks.
       qa: list of (b, b) eigenvector blocks of A covering rows ``a_bounds`` [(start, stop)].
       qs: list of (b, b) eigenvector blocks of S covering columns ``s_bounds``.
+      work: an optional (K1, C) array to overwrite on the way (may be ``v`` itself); saves one
+        temporary of ``v``'s size.
 
     Returns:
-      (K1, C) float64.
+      (K1, C), a new array.
     """
-    left = np.empty_like(v)
+    left = np.empty_like(v) if work is None else work
     for (s, e), q in zip(a_bounds, qa):
         left[s:e] = (q if back else q.T) @ v[s:e]
     out = np.empty_like(v)
     for (s, e), q in zip(s_bounds, qs):
         out[:, s:e] = left[:, s:e] @ (q.T if back else q)
     return out
+
+
+def rank_one(mat, rtol, rows=4096):
+    """``(u, w)`` with ``mat ≈ u wᵀ`` to relative Frobenius error ``rtol``, or None when it is not rank one.
+
+    A Dense layer on a flat input has a rank-one gradient for one image (``a δᵀ``, the bias row
+    included), so its rotation into the Kronecker eigenbasis costs ``K1² + C²`` instead of
+    ``K1²C + K1C²``. ``w`` is the row of largest norm and ``u = mat w / (w·w)``; the check reads
+    ``mat`` in blocks of ``rows`` rows (no full-size temporary).
+
+    Args:
+      mat: (K1, C) float array; rtol: the tolerance (100 ulps of the dtype in the solver).
+
+    Returns:
+      ((K1,), (C,)) arrays of ``mat``'s dtype, or None.
+    """
+    norms = np.einsum("ij,ij->i", mat, mat, dtype=np.float64)
+    total = float(norms.sum())
+    if total == 0.0 or not np.isfinite(total):
+        return None
+    w = mat[int(np.argmax(norms))]
+    u = (mat @ w) / np.dot(w, w)
+    err = 0.0
+    for s in range(0, len(mat), rows):
+        d = mat[s:s + rows] - np.outer(u[s:s + rows], w)
+        err += float(np.einsum("ij,ij->", d, d, dtype=np.float64))
+    return (u, w) if err <= rtol * rtol * total else None
 
 
 def kron_factor_bytes(k1, c_out, a_bounds, s_bounds, corrected):
@@ -623,30 +654,86 @@ class KFACSolver(InverseHVP):
         self._finish()
 
     def _finish(self):
-        """Denominators Λ + ρ (without λ) per layer, from the eigenpairs / corrected eigenvalues."""
-        self._den = {}
+        """The regulariser's diagonal ``ρ`` per Kronecker layer, and the range of ``Λ + ρ`` for the log.
+
+        ``Λ + ρ + λ`` itself is formed once per damping by :meth:`_damped`, in the model's dtype.
+        """
+        self._rho = {}
+        low, high = math.inf, -math.inf
+        for b in self.plan:
+            if isinstance(b, _Kron):
+                rho = np.empty(b.k1)
+                for (s, e), q in zip(b.a_bounds, self._eig[b.name]["QA"]):
+                    rho[s:e] = (q * q).T @ b.reg_rows[s:e]
+                self._rho[b.name] = rho
+            den = self._undamped(b)
+            low, high = min(low, float(den.min())), max(high, float(den.max()))
+            del den
+        self.info.update(fisher_min=low if self.plan else 0.0, fisher_max=high if self.plan else 0.0)
+        self._dens = None
+        self._fits = getattr(self, "_fits", 0) + 1
+        self._fitted = True
+
+    def _undamped(self, b):
+        """``Λ + ρ`` of block ``b``, float64 (Kronecker: (K1, C); diagonal: (size,)); a new array."""
+        if isinstance(b, _Diag):
+            return self._diag[b.name] + b.reg
+        if self.corrected:
+            return self._lambda[b.name] + self._rho[b.name][:, None]
+        eig = self._eig[b.name]
+        lam = np.outer(np.clip(np.concatenate(eig["eA"]), 0, None), np.clip(np.concatenate(eig["eS"]), 0, None))
+        lam += self._rho[b.name][:, None]
+        return lam
+
+    # --- memory ------------------------------------------------------------------------------------
+    #: solve_stacked writes each solution into its slot of the stacked result: gradient + solution
+    copies_per_vector = 2
+
+    @property
+    def resident_bytes(self):
+        """Bytes held between test vectors after :meth:`compact`: eigenvectors and ``Λ + ρ + λ`` in
+        the model's dtype."""
+        item = np.dtype(self._compute_dtype.as_numpy_dtype).itemsize
+        total = 0
+        for b in self.plan:
+            if isinstance(b, _Kron):
+                sq = sum((e - s) ** 2 for s, e in b.a_bounds) + sum((e - s) ** 2 for s, e in b.s_bounds)
+                total += item * (sq + b.k1 * b.c_out)
+            else:
+                total += item * b.size
+        return total
+
+    @property
+    def workspace_bytes(self):
+        """Transient bytes of one :meth:`solve_stacked` vector: three (K1, C) matrices of the largest layer."""
+        item = np.dtype(self._compute_dtype.as_numpy_dtype).itemsize
+        return 3 * item * max([b.k1 * b.c_out for b in self.plan if isinstance(b, _Kron)] + [0])
+
+    def compact(self):
+        """Keep only what :meth:`solve` needs: the eigenvectors and ``Λ + ρ + λ`` in the model's dtype.
+
+        Frees the float64 eigenvectors (VGG16 ``--params all``: 1.8 GB), ``Λ`` and the eigenvalues;
+        call it once the state is cached. :meth:`state` is refused afterwards.
+        """
+        if not self._fitted or getattr(self, "_compacted", False):
+            return
+        self._damped()
+        dtype = self._compute_dtype.as_numpy_dtype
         for b in self.plan:
             if isinstance(b, _Kron):
                 eig = self._eig[b.name]
-                if self.corrected:
-                    lam = self._lambda[b.name]
-                else:
-                    lam = np.outer(np.clip(np.concatenate(eig["eA"]), 0, None),
-                                   np.clip(np.concatenate(eig["eS"]), 0, None))
-                rho = np.empty(b.k1)
-                for (s, e), q in zip(b.a_bounds, eig["QA"]):
-                    rho[s:e] = (q * q).T @ b.reg_rows[s:e]
-                self._den[b.name] = lam + rho[:, None]
-            else:
-                self._den[b.name] = self._diag[b.name] + b.reg
-        low = min(float(v.min()) for v in self._den.values()) if self._den else 0.0
-        self.info.update(fisher_min=low, fisher_max=max(float(v.max()) for v in self._den.values()))
-        self._fitted = True
+                self._eig[b.name] = {"QA": [np.ascontiguousarray(q, dtype) for q in eig.pop("QA")],
+                                     "QS": [np.ascontiguousarray(q, dtype) for q in eig.pop("QS")]}
+        self._lambda, self._diag = {}, {}
+        self._self_vars, self._self_key = None, None
+        self._compacted = True
 
     # --- cache -----------------------------------------------------------------------------------------
     def state(self):
         if not self._fitted:
             self.fit()
+        if getattr(self, "_compacted", False):
+            raise RuntimeError(f"{self.name}: state() after compact(); cache the state before compacting")
         out = {}
         for b in self.plan:
             if isinstance(b, _Kron):
@@ -662,6 +749,7 @@ class KFACSolver(InverseHVP):
 
     def load_state(self, arrays):
         self._eig, self._diag, self._lambda = {}, {}, {}
+        self._compacted = False
 
         def get(key, shape):
             if key not in arrays:
@@ -702,50 +790,92 @@ class KFACSolver(InverseHVP):
         return out
 
     def _damped(self):
-        """{layer name: Λ + ρ + λ} (Kronecker: (K1, C); diagonal: (size,)); fits first if needed."""
+        """{layer name: Λ + ρ + λ} in the model's dtype (Kronecker: (K1, C); diagonal: (size,)), formed
+        once per damping; fits first if needed."""
         if not self._fitted:
             self.fit()
+        if self._dens is not None and self._dens[0] == self.damping:
+            return self._dens[1]
+        dtype = self._compute_dtype.as_numpy_dtype
         dens = {}
         for b in self.plan:
-            den = self._den[b.name] + self.damping
+            den = self._undamped(b)
+            den += self.damping
             if den.min() <= SINGULAR * max(float(den.max()), 1e-300):
                 raise UserError(f"--solver {self.name}: F + λI is singular in layer {b.name} (a Fisher eigenvalue "
-                                f"is {float(self._den[b.name].min()):.3g}); use a --damping > 0")
-            dens[b.name] = den
+                                f"is {float(den.min()) - self.damping:.3g}); use a --damping > 0")
+            dens[b.name] = den.astype(dtype, copy=False)
+            del den
+        self._dens = (self.damping, dens)
         return dens
+
+    def _inverse_into(self, v, parts):
+        """``(F + R + λI)⁻¹ v`` for one Vec ``v``, written into ``parts`` (numpy arrays shaped like the
+        variables, one per variable; the products run in the model's dtype)."""
+        dens = self._damped()
+        dtype = self._compute_dtype.as_numpy_dtype
+        for b in self.plan:
+            den = dens[b.name]
+            if isinstance(b, _Diag):
+                flat = vec_to_numpy([v[i] for i in b.positions]).astype(dtype, copy=False) / den
+                at = 0
+                for i, shape in zip(b.positions, b.shapes):
+                    size = int(np.prod(shape))
+                    parts[i][...] = flat[at:at + size].reshape(shape)
+                    at += size
+                continue
+            eig = self._eig[b.name]
+            qa, qs = ([q.astype(dtype, copy=False) for q in eig[k]] for k in ("QA", "QS"))
+            mat = np.empty((b.k1, b.c_out), dtype)
+            mat[:b.k_in] = np.asarray(v[b.kernel_pos]).reshape(b.k_in, b.c_out)
+            if b.bias_pos is not None:
+                mat[b.k_in] = np.asarray(v[b.bias_pos])
+            low = rank_one(mat, 100 * np.finfo(dtype).eps) if b.k1 * b.c_out >= RANK_ONE_MIN else None
+            if low is not None:         # one test image through a Dense layer: (Q_Aᵀ u)(Q_Sᵀ w)ᵀ
+                u, w = low
+                ut = np.concatenate([q.T @ u[s:e] for (s, e), q in zip(b.a_bounds, qa)])
+                wt = np.concatenate([w[s:e] @ q for (s, e), q in zip(b.s_bounds, qs)])
+                rot = np.multiply.outer(ut, wt, out=mat)
+            else:
+                rot = kron_rotate(mat, qa, b.a_bounds, qs, b.s_bounds, work=mat)
+            del mat
+            rot /= den
+            sol = kron_rotate(rot, qa, b.a_bounds, qs, b.s_bounds, back=True, work=rot)
+            del rot
+            parts[b.kernel_pos][...] = sol[:b.k_in].reshape(b.kernel_shape)
+            if b.bias_pos is not None:
+                parts[b.bias_pos][...] = sol[b.k_in]
 
     def _inverse(self, vectors):
         """[(F + R + λI)⁻¹ v] for Vecs ``v`` -> list of Vecs (dtype of the model)."""
-        dens = self._damped()
-        dtype = self.obj.d.dtype
         out = []
         for v in vectors:
-            parts = [None] * len(self.variables)
-            for b in self.plan:
-                den = dens[b.name]
-                if isinstance(b, _Kron):
-                    rows = [np.asarray(v[b.kernel_pos], np.float64).reshape(b.k_in, b.c_out)]
-                    if b.bias_pos is not None:
-                        rows.append(np.asarray(v[b.bias_pos], np.float64).reshape(1, b.c_out))
-                    eig = self._eig[b.name]
-                    mat = np.concatenate(rows, axis=0)
-                    rot = kron_rotate(mat, eig["QA"], b.a_bounds, eig["QS"], b.s_bounds)
-                    sol = kron_rotate(rot / den, eig["QA"], b.a_bounds, eig["QS"], b.s_bounds, back=True)
-                    parts[b.kernel_pos] = tf.constant(sol[:b.k_in].reshape(b.kernel_shape), dtype)
-                    if b.bias_pos is not None:
-                        parts[b.bias_pos] = tf.constant(sol[b.k_in], dtype)
-                else:
-                    flat = vec_to_numpy([v[i] for i in b.positions]) / den
-                    at = 0
-                    for i, shape in zip(b.positions, b.shapes):
-                        size = int(np.prod(shape))
-                        parts[i] = tf.constant(flat[at:at + size].reshape(shape), dtype)
-                        at += size
-            out.append(tuple(parts))
+            parts = [np.empty(tuple(var.shape), self._compute_dtype.as_numpy_dtype) for var in self.variables]
+            self._inverse_into(v, parts)
+            out.append(tuple(tf.constant(p) for p in parts))
         return out
 
     def solve(self, vectors, ids=None):
         return self._inverse(list(vectors))
+
+    def solve_stacked(self, vectors, ids=None):
+        """The inverse-HVPs of ``vectors`` stacked (a Vec with a leading axis T), written in place: the
+        only full-size arrays are the T results (no per-vector copies). ``vectors`` is emptied as each
+        is solved, so the caller's test gradients are freed on the way."""
+        if not isinstance(vectors, list):
+            vectors = list(vectors)
+        t = len(vectors)
+        dtype = self._compute_dtype.as_numpy_dtype
+        stacked = [np.empty((t,) + tuple(var.shape), dtype) for var in self.variables]
+        for j in range(t):
+            v = vectors[j]
+            vectors[j] = None
+            self._inverse_into(v, [s[j] for s in stacked])
+            del v
+        out = []
+        while stacked:          # one part at a time into TensorFlow, so at most one part is held twice
+            out.append(tf.constant(stacked.pop(0)))
+        return tuple(out)
 
     def self_influence_batch(self, x, y):
         """``gᵢᵀ (F + R + λI)⁻¹ gᵢ`` of each image with its TRUE label, without forming the inverse-HVP.
@@ -760,8 +890,10 @@ class KFACSolver(InverseHVP):
           form ``G̃_i`` in micro-batches. Diagonal layer: ``Σ_k g_ik² / (d_k + r_k + λ)``.
         """
         dens = self._damped()
-        key = (id(self._den), self.damping)
+        key = (self._fits, self.damping)
         if getattr(self, "_self_key", None) != key:
+            if getattr(self, "_compacted", False):
+                raise RuntimeError(f"{self.name}: self-influence after compact(); run it before compacting")
             self._self_vars = {}
             for b in self.plan:
                 parts = {"inv": tf.Variable(1.0 / dens[b.name], trainable=False)}

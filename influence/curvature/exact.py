@@ -64,6 +64,12 @@ class ExactSolver(InverseHVP):
             log.warning("H + λI is not positive definite (smallest eigenvalue %.3g): raise --damping", w[0])
         self._matrix = a
 
+    @property
+    def resident_bytes(self):
+        """The float64 Hessian and ``H + λI``."""
+        p = vec_size(self.obj.d.variables)
+        return 2 * 8 * p * p
+
     def matrix(self):
         """(P, P) float64 ``H + λI``, symmetrised (fits on first use)."""
         if self._matrix is None:

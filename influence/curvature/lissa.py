@@ -151,6 +151,8 @@ class LissaSolver(InverseHVP):
         sq = tf.cast(tf.add_n([2.0 * tf.nn.l2_loss(t) for t in new]), tf.float64)
         return new, sq
 
+    workspace_vectors = 3          # the running estimate, its HVP and the repeats' sum
+
     def solve(self, vectors, ids=None):
         vectors = list(vectors)
         if self.scale is None:

@@ -144,6 +144,20 @@ class PCGSolver(CGSolver):
     def load_state(self, arrays):
         self.ekfac.load_state(arrays)
 
+    #: lockstep CG holds x, r, p, z and A p of every vector of the group, beside gradient, solution, stack
+    copies_per_vector = 8
+
+    def compact(self):
+        self.ekfac.compact()
+
+    @property
+    def resident_bytes(self):
+        return self.ekfac.resident_bytes
+
+    @property
+    def workspace_bytes(self):
+        return self.ekfac.workspace_bytes
+
     # --- per test vector -----------------------------------------------------------------------------------
     def _start(self, v):
         """Start and preconditioner of the single-vector path (CGSolver._solve_one)."""

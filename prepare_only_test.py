@@ -9,7 +9,7 @@ from influence.cli import quiet_tensorflow
 
 if __name__ == "__main__":
     quiet_tensorflow()
-    from influence.prepare import build_prepare_only_test_parser, prepare_only_test
+    from influence.data.prepare import build_prepare_only_test_parser, prepare_only_test
     from influence.cli import main
 
     sys.exit(main(build_prepare_only_test_parser, prepare_only_test))

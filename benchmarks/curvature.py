@@ -54,7 +54,7 @@ def row(section, measure, value, unit, target="", note=""):
 def _scoring(section, clf, x, y, ts, repeats):
     import tensorflow as tf
 
-    from influence.hvp import Derivatives, vec_stack
+    from influence.model.hvp import Derivatives, vec_stack
     from influence.scoring import Scorer
 
     d = Derivatives(clf, x.shape[1:])
@@ -82,8 +82,9 @@ def _scoring(section, clf, x, y, ts, repeats):
 
 
 def bench_scoring(args):
-    from influence import demo, digits
-    from influence.models import Classifier, load_classifier, make_preprocess, select_params
+    from influence import demo
+    from influence.data import digits
+    from influence.model.models import Classifier, load_classifier, make_preprocess, select_params
 
     model = demo.build_model()
     clf = Classifier(model, make_preprocess("unit"), select_params(model, "all"), "demo cnn")
@@ -106,11 +107,11 @@ def bench_scoring(args):
 # ----------------------------------------------------------------------------- fit
 
 def bench_fit(args):
-    from influence.archives import TrainArchive
+    from influence.data.archives import TrainArchive
     from influence.curvature import make_solver
     from influence.curvature.lissa import estimate_lambda_max
-    from influence.hvp import Derivatives, TrainingObjective
-    from influence.models import load_classifier
+    from influence.model.hvp import Derivatives, TrainingObjective
+    from influence.model.models import load_classifier
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_fit_"))
     try:
@@ -198,7 +199,7 @@ def bench_demo(args):
 
 
 def bench_vgg16(args):
-    from influence.archives import ArchiveWriter
+    from influence.data.archives import ArchiveWriter
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_vgg_"))
     try:

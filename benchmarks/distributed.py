@@ -117,11 +117,11 @@ def min_time(fn, repeats=5):
 
 def per_image_costs(data):
     """ms per training image of F, the two EK-FAC passes, scoring (T = 1, 30) and reading."""
-    from influence.archives import TrainArchive
+    from influence.data.archives import TrainArchive
     from influence.curvature import make_solver
     from influence.engine import score_archive
-    from influence.hvp import Derivatives, TrainingObjective, vec_stack
-    from influence.models import load_classifier
+    from influence.model.hvp import Derivatives, TrainingObjective, vec_stack
+    from influence.model.models import load_classifier
     from influence.scoring import Scorer
 
     train = TrainArchive(data / "train.npz")
@@ -174,7 +174,7 @@ def driver_rates():
 def dict_write_ms(n=100_000, layers=16):
     """ms per training image of the part of a test image's outputs that grows with N: the original
     tool's score dict (``<n>.npy``) and ``<n>_scores.npy`` (N = 100 000, 16 layers)."""
-    from influence.report import _save_score_dict
+    from influence.outputs.report import _save_score_dict
 
     rng = np.random.default_rng(0)
     shares = rng.standard_normal((n, layers)).astype(np.float32)
@@ -442,7 +442,7 @@ def main(argv=None):
     say("[per image] one process")
     costs = per_image_costs(data)
     say(f"  {costs}")
-    from influence.models import load_classifier
+    from influence.model.models import load_classifier
 
     clf = load_classifier(str(data / "model.keras"), "imagenet", "unit", "all")
     ray_cost = ray_overhead(clf.num_params * 4)

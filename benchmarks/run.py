@@ -130,7 +130,7 @@ def engine_bench(section, clf, x, y, lissa_x, lissa_y, repeats, t_many=8, orig_i
     """All the per-batch ratios of one model. ``x, y``: the batch; ``lissa_*``: the -b minibatch."""
     import tensorflow as tf
 
-    from influence.hvp import Derivatives, vec_stack
+    from influence.model.hvp import Derivatives, vec_stack
     from influence.scoring import Scorer
     from influence.curvature.lissa import LissaSolver
 
@@ -211,8 +211,9 @@ def engine_bench(section, clf, x, y, lissa_x, lissa_y, repeats, t_many=8, orig_i
 def bench_demo(args):
     import keras  # noqa: F401
 
-    from influence import demo, digits
-    from influence.models import Classifier, make_preprocess, select_params
+    from influence import demo
+    from influence.data import digits
+    from influence.model.models import Classifier, make_preprocess, select_params
 
     model = demo.build_model()
     clf = Classifier(model, make_preprocess("unit"), select_params(model, "all"), "demo cnn")
@@ -227,7 +228,7 @@ def bench_demo(args):
 
 
 def bench_vgg16(args):
-    from influence.models import load_classifier
+    from influence.model.models import load_classifier
 
     rng = np.random.default_rng(0)
     n = 4
@@ -325,7 +326,7 @@ def make_images(root, n, size=64, seed=0):
     """``n`` JPEGs of ``size``x``size`` in 10 class folders: upscaled digits with noise."""
     from PIL import Image
 
-    from influence import digits
+    from influence.data import digits
 
     images, target = digits.load_digits()
     rng = np.random.default_rng(seed)

@@ -1,17 +1,18 @@
 """Influence functions for image classifiers (Koh & Liang 2017) on TensorFlow 2 / Keras 3.
 
-Modules, one job each:
-  errors    -- UserError: the one-line, exit-code-2 kind of failure
-  cli       -- shared argparse pieces and the script entry wrapper
-  classes   -- class-name <-> index maps (ImageNet wnids, folder names), labels.json
-  images    -- walking image folders, decoding and resizing with PIL
-  archives  -- the .npz archive format: streaming writer and readers
-  prepare   -- prepare_data.py / prepare_only_test.py jobs
-  models    -- loading Keras models, preprocessing, logits, parameter selection
-  hvp       -- losses, gradients and Hessian-vector products
-  solvers   -- inverse-HVP solvers: exact, cg, lissa; lambda_max
-  scoring   -- batched influence scores with a per-layer split
-  report    -- figures, CSV files and score dicts
-  engine    -- calculate.py job: ties the above together
+Sub-packages in the order the data flows through them; :mod:`influence.engine` drives them:
+  data       -- image folders <-> npz archives: images, classes, archives, prepare; bundled digits
+  model      -- the Keras classifier: models (loading, logits, --params), hvp (gradients, HVPs), taps
+  curvature  -- inverse-HVP methods behind one registry: exact, cg, lissa, kfac/ekfac, pcg; the cache
+  scoring    -- scorer (batched influence scores with a per-layer split), self_influence
+  outputs    -- report (figures, CSV files, score dicts), writer (background drawing), html_report
+
+Top-level modules:
+  engine     -- calculate.py job: ties the above together
+  distributed -- the same job scaled out over Ray
+  cli, calculate_cli -- shared argparse pieces, the script entry wrapper, calculate.py's flags
+  errors     -- UserError: the one-line, exit-code-2 kind of failure
+  progress, locking -- progress bars / plain log lines; one writer per output folder
+  demo, validate -- ``python -m influence.demo`` and ``python -m influence.validate``
 """
 __version__ = "0.1.0"

@@ -1,7 +1,7 @@
 """Command line of ``calculate.py`` (the original's -i/-b/-sf kept, long options added)."""
 from influence.cli import Parser, import_tensorflow_quietly
 from influence.engine import Settings
-from influence.report import FIGURE_FORMATS
+from influence.outputs.report import FIGURE_FORMATS
 
 D = Settings()
 

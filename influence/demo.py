@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from influence import digits
+from influence.data import digits
 from influence.progress import progress
 
 REPO = Path(__file__).resolve().parent.parent

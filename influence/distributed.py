@@ -274,9 +274,9 @@ def _context(spec):
         return _CONTEXT
     _CONTEXT.clear()
     import_tensorflow()
-    from influence.archives import TrainArchive
-    from influence.hvp import Derivatives, TrainingObjective
-    from influence.models import load_classifier
+    from influence.data.archives import TrainArchive
+    from influence.model.hvp import Derivatives, TrainingObjective
+    from influence.model.models import load_classifier
 
     path = Path(spec["data"]) / "train.npz"
     train = TrainArchive(path)
@@ -341,7 +341,7 @@ def score_shard(spec, batches, stacked, part, score_batch):
     ctx = _context(spec)
     import tensorflow as tf
 
-    from influence.report import atomic_write
+    from influence.outputs.report import atomic_write
     from influence.scoring import Scorer
 
     if "scorer" not in ctx:
@@ -491,7 +491,7 @@ def score_archive(settings, train, stacked, score_batch, parts, curvature_key, p
 
     Shards whose part is already in ``parts`` (see :func:`group_parts`) are not scored again.
     """
-    from influence.report import atomic_write
+    from influence.outputs.report import atomic_write
 
     cluster = _connect(settings)
     shards = plan_shards(train)

@@ -25,11 +25,11 @@ import numpy as np
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from influence import __version__, distributed
-from influence.archives import TestArchive, TrainArchive, check_same_classes
-from influence.classes import ClassMap, imagenet_classes
+from influence.data.archives import TestArchive, TrainArchive, check_same_classes
+from influence.data.classes import ClassMap, imagenet_classes
 from influence.errors import UserError
 from influence.progress import progress
-from influence.report import atomic_write, outputs_complete, write_predictions_csv, write_test_outputs
+from influence.outputs.report import atomic_write, outputs_complete, write_predictions_csv, write_test_outputs
 
 log = logging.getLogger(__name__)
 
@@ -339,7 +339,7 @@ def score_archive(scorer, train, stacked, score_batch, progress_desc="scoring"):
 
     ``stacked``: a Vec whose parts have a leading axis T (or a list of T Vecs).
     """
-    from influence.hvp import vec_stack
+    from influence.model.hvp import vec_stack
 
     if isinstance(stacked, list):
         stacked = vec_stack(stacked)
@@ -441,7 +441,7 @@ def _calculate(settings):
     if unknown:
         raise UserError(f"no test folder {', '.join(unknown)} in {test.path}; it has: {', '.join(test.folders)}")
     if settings.self_influence:
-        from influence.self_influence import check_solver
+        from influence.scoring.self_influence import check_solver
 
         check_solver(settings.solver, settings.self_influence_limit or None, len(train))
     old_run = previous_run(settings.out) if not settings.overwrite else None
@@ -451,8 +451,8 @@ def _calculate(settings):
     t0 = timer()
     from influence.curvature import make_solver
     from influence.curvature.cache import CurvatureCache, curvature_key
-    from influence.hvp import Derivatives, TrainingObjective
-    from influence.models import load_classifier
+    from influence.model.hvp import Derivatives, TrainingObjective
+    from influence.model.models import load_classifier
     from influence.scoring import Scorer
 
     clf = load_classifier(settings.model, settings.weights, settings.preprocess, settings.params)
@@ -534,7 +534,7 @@ def _calculate(settings):
              "per scoring step", len(todo), -(-len(todo) // plan.vectors), plan.vectors, settings.memory_budget,
              plan.score_batch)
 
-    from influence.writer import OutputWriter, default_workers
+    from influence.outputs.writer import OutputWriter, default_workers
 
     shared = dict(layer_names=layer_names, keys=keys, train_files=train_files, train_labels=train_labels,
                   class_name=namer, top=settings.top, fmt=settings.save_format)
@@ -588,8 +588,8 @@ def _drop_finished_parts(part_files, record):
 
 def _submit_item(writer, settings, it, shares, images, preds, confs, files, train):
     """Hand one test image's output files to the writer (the displayed training images read here)."""
-    from influence.report import top_indices
-    from influence.writer import Prefetched
+    from influence.outputs.report import top_indices
+    from influence.outputs.writer import Prefetched
 
     x, y = images[it.folder]
     i = it.index
@@ -610,7 +610,7 @@ def _submit_item(writer, settings, it, shares, images, preds, confs, files, trai
 
 def _self_influence_done(settings, page, train, namer):
     """True when both self-influence files exist (a resume): the report gets its section back."""
-    from influence.self_influence import expected_outputs
+    from influence.scoring.self_influence import expected_outputs
 
     csv_path, fig_path = expected_outputs(settings.out, settings.save_format)
     if settings.overwrite or not (csv_path.is_file() and fig_path.is_file()):
@@ -639,7 +639,7 @@ def _self_row(rank, key, file, label, class_name, prediction, confidence, value,
 def _run_self_influence(settings, solver, derivs, train, plan, keys, train_files, train_labels, namer, page):
     """``∇L(z_i)ᵀ(H + λI)⁻¹∇L(z_i)`` of every training image (or the --self-influence-limit
     highest-loss ones): ``self_influence.csv``, its figure and the report's section."""
-    from influence.self_influence import self_influence, write_self_influence
+    from influence.scoring.self_influence import self_influence, write_self_influence
 
     limit = settings.self_influence_limit or None
     log.info("self-influence of %s training images (%s solver): which look mislabelled?",
@@ -665,7 +665,7 @@ def _run_self_influence(settings, solver, derivs, train, plan, keys, train_files
 
 def _open_report(settings, train, test, namer, clf):
     """The HTML report (``<out>/index.html``), rebuilt from the files already there (resume)."""
-    from influence.html_report import RunReport
+    from influence.outputs.html_report import RunReport
 
     summary = {"model": settings.model, "params": f"{settings.params} ({clf.num_params:,} parameters)",
                "solver": settings.solver, "damping": settings.damping, "training images": len(train),

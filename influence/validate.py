@@ -120,7 +120,7 @@ class ArrayArchive:
 
 def digit_arrays(size, channels, n_train, seed=0, resample="nearest"):
     """Bundled digits as uint8 (N, size, size, channels): ``(x_train, y_train, x_held, y_held)``."""
-    from influence import digits
+    from influence.data import digits
 
     images, target = digits.load_digits()
     train_idx, held_idx = digits.split(target, seed=seed, n_test=len(target) - n_train)
@@ -143,7 +143,7 @@ class Problem:
     def _setup_engine(self, image_shape, chunk):
         import tensorflow as tf
 
-        from influence.hvp import Derivatives, TrainingObjective
+        from influence.model.hvp import Derivatives, TrainingObjective
         from influence.scoring import Scorer
 
         self.archive = ArrayArchive(self.x_train, self.y_train)
@@ -230,7 +230,7 @@ class Problem:
 
     def regulariser_offset(self, s):
         """s_tᵀ∇Ω(θ̂)/(n−1) per test image: what a mean over n−1 images would add (module doc)."""
-        from influence.hvp import vec_to_numpy
+        from influence.model.hvp import vec_to_numpy
 
         w0 = np.zeros(self.n, dtype=self.clf.dtype.as_numpy_dtype)
         g_omega = np.concatenate([np.asarray(g, dtype=np.float64).ravel()
@@ -246,7 +246,7 @@ class ConvexProblem(Problem):
     def __init__(self, l2=1e-3, n_train=1500, size=8, tests=3, seed=0, grad_tol=1e-11):
         import keras
 
-        from influence.models import Classifier, make_preprocess, select_params
+        from influence.model.models import Classifier, make_preprocess, select_params
 
         self.l2 = float(l2)
         self.grad_tol = float(grad_tol)
@@ -353,7 +353,7 @@ class CNNProblem(Problem):
 
     def __init__(self, n_train=500, epochs=30, steps=30, tests=3, seed=0):
         from influence import demo
-        from influence.models import Classifier, make_preprocess, select_params
+        from influence.model.models import Classifier, make_preprocess, select_params
         from influence.curvature.lissa import estimate_lambda_max
 
         self.x_train, self.y_train, self.x_held, self.y_held = digit_arrays(demo.SIZE, 3, n_train, seed,
@@ -590,9 +590,9 @@ def run_mislabel_panel(n_train=1500, epochs=30, fraction=0.10, damping=0.01, see
     """Koh & Liang Fig. 6 on the demo digits (module docstring). Returns a :class:`MislabelResult`."""
     from influence import demo
     from influence.curvature import make_solver
-    from influence.hvp import Derivatives, TrainingObjective
-    from influence.models import Classifier, make_preprocess, select_params
-    from influence.self_influence import self_influence
+    from influence.model.hvp import Derivatives, TrainingObjective
+    from influence.model.models import Classifier, make_preprocess, select_params
+    from influence.scoring.self_influence import self_influence
 
     start = time.perf_counter()
     x, y, _, _ = digit_arrays(demo.SIZE, 3, n_train, seed, resample="bilinear")

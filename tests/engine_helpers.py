@@ -7,9 +7,9 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from influence.archives import ArchiveWriter, TrainArchive  # noqa: E402
-from influence.hvp import Derivatives, TrainingObjective, numpy_to_vec, vec_to_numpy  # noqa: E402
-from influence.models import Classifier, make_preprocess, select_params, strip_softmax  # noqa: E402
+from influence.data.archives import ArchiveWriter, TrainArchive  # noqa: E402
+from influence.model.hvp import Derivatives, TrainingObjective, numpy_to_vec, vec_to_numpy  # noqa: E402
+from influence.model.models import Classifier, make_preprocess, select_params, strip_softmax  # noqa: E402
 
 IMAGE = (6, 6, 3)
 CLASSES = 4

@@ -6,8 +6,8 @@ import zipfile
 import numpy as np
 import pytest
 
-from influence.archives import ArchiveWriter, TestArchive, TrainArchive, check_same_classes
-from influence.classes import ClassMap, imagenet_classes, order_conflicts, test_subfolder_index
+from influence.data.archives import ArchiveWriter, TestArchive, TrainArchive, check_same_classes
+from influence.data.classes import ClassMap, imagenet_classes, order_conflicts, test_subfolder_index
 from influence.errors import UserError
 
 

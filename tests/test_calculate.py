@@ -81,9 +81,9 @@ def test_end_to_end_outputs_and_numbers(project):
     assert {"tensorflow", "keras", "numpy"} <= set(run["versions"]) and run["timings"]["total_s"] > 0
 
     # the numbers: score = grad L_test . (H + λI)^-1 grad L_train, recomputed here with a dense Hessian
-    from influence.archives import TestArchive, TrainArchive
-    from influence.hvp import Derivatives
-    from influence.models import load_classifier
+    from influence.data.archives import TestArchive, TrainArchive
+    from influence.model.hvp import Derivatives
+    from influence.model.models import load_classifier
 
     train = TrainArchive(project / "data" / "train.npz")
     x_tr, y_tr = train.take(np.arange(len(train)))
@@ -209,7 +209,7 @@ def test_errors_are_one_line_with_exit_code_2(project, tmp_path, monkeypatch, ca
 
 
 def test_missing_imagenet_weights_name_the_fix(monkeypatch):
-    from influence import models
+    from influence.model import models
     from influence.errors import UserError
 
     def offline(weights=None):

@@ -11,7 +11,7 @@ import pytest
 
 from engine_helpers import dense_hessian, to_vec
 from influence.curvature import REGISTRY, make_solver
-from influence.hvp import vec_to_numpy
+from influence.model.hvp import vec_to_numpy
 from test_ekfac import dense_fisher, tiny_setup
 
 #: options every method may take (make_solver passes each method those it accepts)

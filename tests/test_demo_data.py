@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from influence import demo, digits
+from influence import demo
+from influence.data import digits
 
 IMAGES_SHA256 = "8f26b2bd9d135c256808f68f14fdabddde6d9c7f869ae419704b051f0f14b3b3"
 TARGET_SHA256 = "8ba4f891220f5e4c9c819638d1602d74b83618f167043c6da52a2a247841ddf0"

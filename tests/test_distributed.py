@@ -75,7 +75,7 @@ def assert_same_outputs(out, ref):
 # ----------------------------------------------------------------------------- no Ray needed
 
 def test_shards_cover_the_archive_in_whole_batches(data):
-    from influence.archives import TrainArchive
+    from influence.data.archives import TrainArchive
 
     train = TrainArchive(data / "train.npz")
     shards = distributed.plan_shards(train)
@@ -153,10 +153,10 @@ def _kron_state(path):
 
 def test_sharded_ekfac_fit_equals_a_single_process_fit(ray_runtime, data, tmp_path, caplog):
     """calculate --workers 2 fits EK-FAC over 12 shards; its cached state = solver.fit() in one process."""
-    from influence.archives import TrainArchive
+    from influence.data.archives import TrainArchive
     from influence.curvature import make_solver
-    from influence.hvp import Derivatives, TrainingObjective
-    from influence.models import load_classifier
+    from influence.model.hvp import Derivatives, TrainingObjective
+    from influence.model.models import load_classifier
 
     caplog.set_level(logging.INFO)
     kw = dict(solver="ekfac", ekfac_max_block=16, damping=0.05)      # conv A (28) splits into 2 blocks
@@ -280,9 +280,9 @@ def test_a_killed_driver_resumes_and_skips_finished_shards(ray_runtime, data, re
 
 def test_a_worker_refuses_another_archive_or_model(data, tmp_path):
     """What a worker checks on a cluster node before any work (run here in-process, without Ray)."""
-    from influence.archives import TrainArchive
+    from influence.data.archives import TrainArchive
     from influence.curvature.cache import model_fingerprint
-    from influence.models import load_classifier
+    from influence.model.models import load_classifier
 
     train = TrainArchive(data / "train.npz")
     weights = model_fingerprint(load_classifier(str(data / "model.keras"), "imagenet", "unit", "all").model)

@@ -13,8 +13,8 @@ from engine_helpers import CLASSES, IMAGE, random_data, to_vec, write_train_arch
 from influence.curvature import make_solver
 from influence.curvature.ekfac import kron_factor_bytes, sample_labels, split_blocks
 from influence.errors import UserError
-from influence.hvp import Derivatives, TrainingObjective, vec_to_numpy
-from influence.models import Classifier, select_params, strip_softmax
+from influence.model.hvp import Derivatives, TrainingObjective, vec_to_numpy
+from influence.model.models import Classifier, select_params, strip_softmax
 
 SEED = 3
 DAMPING = 0.05

@@ -7,7 +7,7 @@ from engine_helpers import (IMAGE, classifier, dense_hessian, per_example_gradie
                             tiny_model, to_vec, write_train_archive)
 from influence.engine import score_archive
 from influence.errors import UserError
-from influence.hvp import Derivatives, vec_to_numpy
+from influence.model.hvp import Derivatives, vec_to_numpy
 from influence.scoring import Scorer
 from influence.curvature.cg import CGSolver
 from influence.curvature.exact import ExactSolver
@@ -180,7 +180,7 @@ def test_subclassed_model_scores_totals_without_split(tmp_path):
         def call(self, x):
             return self.out(self.hidden(self.flat(x)))
 
-    from influence.models import Classifier, make_preprocess, select_params
+    from influence.model.models import Classifier, make_preprocess, select_params
 
     model = Net()
     model(np.zeros((1,) + IMAGE))

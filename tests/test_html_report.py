@@ -1,4 +1,4 @@
-"""Tests of influence/html_report.py: the offline HTML report of a run, built incrementally and from disk."""
+"""Tests of influence/outputs/html_report.py: the offline HTML report of a run, built incrementally and from disk."""
 import csv
 import html.parser
 import pathlib
@@ -12,9 +12,9 @@ import pytest
 from PIL import Image
 
 from engine_helpers import IMAGE, random_data, write_train_archive
-from influence import report as outputs
-from influence.archives import ArchiveWriter, TestArchive
-from influence.html_report import INDEX, SELF_INFLUENCE_COLUMNS, RunReport
+from influence.outputs import report as outputs
+from influence.data.archives import ArchiveWriter, TestArchive
+from influence.outputs.html_report import INDEX, SELF_INFLUENCE_COLUMNS, RunReport
 
 NAMES = ["zero", "one <b>", "two & co", "three"]
 ODD = 'odd #1 & <x> "q"'                        # a test folder name that needs quoting and escaping
@@ -337,7 +337,7 @@ def test_scan_leaves_out_what_it_cannot_read(run, tmp_path, caplog):
     (out / folder / str(label) / f"harmful_{n}.csv").write_text("rank,key\n1,0_0\n")      # no score column
     (out / ODD / f"{ODD}_preds.csv").write_text("file\nx.png\n")                          # no labels
     (out / "orig" / "report_notes.html").write_text("mine")                               # not a report page
-    with caplog.at_level("WARNING", logger="influence.html_report"):
+    with caplog.at_level("WARNING", logger="influence.outputs.html_report"):
         report = RunReport.scan(out, run.train, class_name, SETTINGS, "png", test_archive=run.test, page_size=100)
     report.write()
     assert sorted(t for t, _ in _articles(out)) == sorted(

@@ -1,4 +1,4 @@
-"""Tests of influence/models.py: stripping a final softmax wherever it ends the model, and refusing
+"""Tests of influence/model/models.py: stripping a final softmax wherever it ends the model, and refusing
 models the influence math cannot use (binary, probabilities left over, layers off the logits path)."""
 import hashlib
 
@@ -10,8 +10,8 @@ import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from influence.errors import UserError  # noqa: E402
-from influence.hvp import Derivatives, vec_to_numpy  # noqa: E402
-from influence.models import (Classifier, check_classifier, load_classifier, make_preprocess,  # noqa: E402
+from influence.model.hvp import Derivatives, vec_to_numpy  # noqa: E402
+from influence.model.models import (Classifier, check_classifier, load_classifier, make_preprocess,  # noqa: E402
                               select_params, strip_softmax)
 from influence.scoring import Scorer  # noqa: E402
 

@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import influence.images
-from influence.archives import ArchiveWriter, TestArchive, TrainArchive, check_same_classes
-from influence.classes import ClassMap
+import influence.data.images
+from influence.data.archives import ArchiveWriter, TestArchive, TrainArchive, check_same_classes
+from influence.data.classes import ClassMap
 from influence.cli import run_main
 from influence.errors import UserError
-from influence.images import BadImage, decode_image
+from influence.data.images import BadImage, decode_image
 from influence.locking import folder_lock
-from influence.prepare import (build_prepare_data_parser, build_prepare_only_test_parser,
+from influence.data.prepare import (build_prepare_data_parser, build_prepare_only_test_parser,
                                check_test_folders, prepare_data, prepare_only_test)
 
 from conftest import REPO, random_tree, save_image
@@ -297,7 +297,7 @@ def test_interrupt_leaves_no_archive(tmp_path, monkeypatch, stop_after):
     random_tree(tmp_path / "orig", ["0"], 10)
     out = tmp_path / "out"
     out.mkdir()
-    real = influence.images.decode_image
+    real = influence.data.images.decode_image
     calls = []
 
     def flaky(path, size, *rest):
@@ -306,7 +306,7 @@ def test_interrupt_leaves_no_archive(tmp_path, monkeypatch, stop_after):
             raise KeyboardInterrupt
         return real(path, size, *rest)
 
-    monkeypatch.setattr(influence.images, "decode_image", flaky)
+    monkeypatch.setattr(influence.data.images, "decode_image", flaky)
     args = build_prepare_data_parser().parse_args(
         ["-tr", str(tmp_path / "train"), "-ts", str(tmp_path / "orig"), "--size", "6",
          "-bs", "4", "--out", str(out), "--workers", "1"])
@@ -437,14 +437,14 @@ def test_integer_class_folders_warn_and_keras_order(tmp_path, caplog):
     names = [str(i) for i in range(11)]
     random_tree(tmp_path / "train", names, 1, size=(3, 3))
     out = tmp_path / "out"
-    with caplog.at_level(logging.WARNING, logger="influence.prepare"):
+    with caplog.at_level(logging.WARNING, logger="influence.data.prepare"):
         run_prepare("-tr", tmp_path / "train", "--size", 3, "--out", out, "--workers", 1)
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warned) == 1 and "--class-order keras" in warned[0] and "10 -> 2" in warned[0]
     with TrainArchive(out / "train.npz") as t:
         assert {f.split("/")[0]: y for f, y in zip(t.files(), t.labels())}["10"] == 10
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="influence.prepare"):
+    with caplog.at_level(logging.WARNING, logger="influence.data.prepare"):
         run_prepare("-tr", tmp_path / "train", "--size", 3, "--out", out, "--workers", 1,
                     "--class-order", "keras")
     assert not [r for r in caplog.records if r.levelno == logging.WARNING]
@@ -456,7 +456,7 @@ def test_integer_class_folders_warn_and_keras_order(tmp_path, caplog):
     # 0..9 only: both orders agree, no warning
     caplog.clear()
     random_tree(tmp_path / "ten", names[:10], 1, size=(3, 3))
-    with caplog.at_level(logging.WARNING, logger="influence.prepare"):
+    with caplog.at_level(logging.WARNING, logger="influence.data.prepare"):
         run_prepare("-tr", tmp_path / "ten", "--size", 3, "--out", tmp_path / "o10", "--workers", 1)
     assert not [r for r in caplog.records if r.levelno == logging.WARNING]
 
@@ -475,7 +475,7 @@ def test_stale_test_archive_is_caught(tmp_path, caplog):
 
     assert check() == [1]
     random_tree(tmp_path / "train", ["bird"], 1, size=(3, 3))  # "dog" is 2 now
-    with caplog.at_level(logging.WARNING, logger="influence.prepare"):
+    with caplog.at_level(logging.WARNING, logger="influence.data.prepare"):
         run_prepare("-tr", tmp_path / "train", "--size", 3, "--out", out, "--workers", 1)
     assert any("prepare_only_test.py -ts <test folders: orig>" in r.getMessage()
                for r in caplog.records)

@@ -1,4 +1,4 @@
-"""Tests of influence/report.py: ranking, the eight output files per test image, atomic writes."""
+"""Tests of influence/outputs/report.py: ranking, the eight output files per test image, atomic writes."""
 import csv
 import os
 import pathlib
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from influence import report
+from influence.outputs import report
 
 NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight",
          "German shepherd, German shepherd dog, German police dog, alsatian"]
@@ -390,9 +390,9 @@ def test_write_predictions_csv(tmp_path):
 
 def test_report_does_not_import_tensorflow_or_pyplot():
     import subprocess
-    code = ("import sys, influence.report; "
+    code = ("import sys, influence.outputs.report; "
             "assert 'tensorflow' not in sys.modules and 'matplotlib.pyplot' not in sys.modules")
-    root = pathlib.Path(report.__file__).resolve().parents[1]
+    root = pathlib.Path(report.__file__).resolve().parents[2]
     subprocess.run([sys.executable, "-c", code], check=True, cwd=root)
     assert "print(" not in pathlib.Path(report.__file__).read_text()
 
@@ -400,6 +400,6 @@ def test_report_does_not_import_tensorflow_or_pyplot():
 def test_shares_that_do_not_add_up_are_logged(tmp_path, caplog):
     kwargs, _ = make_case(8, n_train=6)
     kwargs["shares"] = kwargs["shares"] * 2.0
-    with caplog.at_level("WARNING", logger="influence.report"):
+    with caplog.at_level("WARNING", logger="influence.outputs.report"):
         report.write_test_outputs(tmp_path, 1, top=2, fmt="png", **kwargs)
     assert "do not add up" in caplog.text

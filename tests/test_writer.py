@@ -1,7 +1,7 @@
-"""influence.writer: the same results in the calling thread and in background processes."""
+"""influence.outputs.writer: the same results in the calling thread and in background processes."""
 import pytest
 
-from influence.writer import OutputWriter, Prefetched, default_workers
+from influence.outputs.writer import OutputWriter, Prefetched, default_workers
 
 
 @pytest.mark.parametrize("workers", [0, 1])

@@ -16,7 +16,7 @@ Life of a solver (docs/DESIGN.md, "Curvature")::
 import zlib
 
 from influence.errors import UserError
-from influence.hvp import vec_axpy, vec_size, vec_stack
+from influence.model.hvp import vec_axpy, vec_size, vec_stack
 
 #: name -> class of every registered method, in definition order
 REGISTRY = {}

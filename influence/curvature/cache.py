@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from influence.report import atomic_write
+from influence.outputs.report import atomic_write
 
 log = logging.getLogger(__name__)
 

@@ -75,9 +75,9 @@ import tensorflow as tf
 
 from influence.curvature.base import InverseHVP
 from influence.errors import UserError
-from influence.hvp import vec_to_numpy
+from influence.model.hvp import vec_to_numpy
 from influence.progress import progress as progress_bar
-from influence.taps import Tap, flat_signal, linear, linear_kind, patch_support, patches
+from influence.model.taps import Tap, flat_signal, linear, linear_kind, patch_support, patches
 
 log = logging.getLogger(__name__)
 

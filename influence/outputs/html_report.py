@@ -44,7 +44,7 @@ from collections.abc import Mapping
 import numpy as np
 from PIL import Image
 
-from influence.report import atomic_write, expected_outputs, format_score, outputs_complete
+from influence.outputs.report import atomic_write, expected_outputs, format_score, outputs_complete
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +147,7 @@ class RunReport:
 
     Args:
       out_dir: the run's ``--out`` folder.
-      train_archive: :class:`influence.archives.TrainArchive` (thumbnails, keys and files of the
+      train_archive: :class:`influence.data.archives.TrainArchive` (thumbnails, keys and files of the
         training images).
       class_name: callable int -> str.
       settings_summary: dict shown as a table on the index (None: no table).

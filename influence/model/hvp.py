@@ -1,4 +1,4 @@
-"""Losses, gradients and Hessian-vector products of a :class:`~influence.models.Classifier`.
+"""Losses, gradients and Hessian-vector products of a :class:`~influence.model.models.Classifier`.
 
 Notation (see docs/DESIGN.md): ``L(z; θ)`` is the per-image cross-entropy from logits, ``Ω(θ)`` the
 model's weight regularisation, ``R(θ) = mean_i L(z_i) + Ω``. A *vector* over the selected
@@ -143,7 +143,7 @@ class Derivatives:
 class TrainingObjective:
     """HVPs of ``R(θ) = mean_i L(z_i) + Ω`` over a training archive, whole or by minibatch.
 
-    ``archive`` is a :class:`influence.archives.TrainArchive`; ``chunk`` bounds the images per call.
+    ``archive`` is a :class:`influence.data.archives.TrainArchive`; ``chunk`` bounds the images per call.
     """
 
     def __init__(self, derivs, archive, chunk=256):

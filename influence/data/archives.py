@@ -596,7 +596,7 @@ def check_same_classes(train, test, classmap=None):
     """Raise :class:`UserError` when the archives' labels refer to different class maps.
 
     ``train``: a :class:`TrainArchive`; ``test``: a :class:`TestArchive`; ``classmap``: the
-    :class:`~influence.classes.ClassMap` of ``labels.json``, or None. Compares the
+    :class:`~influence.data.classes.ClassMap` of ``labels.json``, or None. Compares the
     ``meta_classes`` digests (and ``classmap.digest()``). A side without a digest (archives of the
     original tool or of older versions) is not checked. The message names the command that fixes
     it: ``prepare_only_test.py`` for a stale ``test.npz``, ``prepare_data.py`` when ``train.npz``

@@ -34,7 +34,7 @@ from matplotlib.figure import Figure
 
 from influence.errors import UserError
 from influence.progress import progress as progress_bar
-from influence.report import FIGURE_FORMATS, _short_class, _short_file, _show, atomic_write, format_score
+from influence.outputs.report import FIGURE_FORMATS, _short_class, _short_file, _show, atomic_write, format_score
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ def quadratic_forms(grads, inverse):
 
 def per_image_gradients(derivs, x, y):
     """(N, P) float64 gradients of each image's loss ``L(z_i)`` (no Ω), one tape per image."""
-    from influence.hvp import vec_size, vec_to_numpy
+    from influence.model.hvp import vec_size, vec_to_numpy
 
     y = np.asarray(y, np.int64)
     if not len(y):
@@ -137,7 +137,7 @@ def self_influence(solver, derivs, train, *, batch, limit=None, vectors=None, pr
 
     Args:
       solver: a fitted (or cache-loaded) solver of :mod:`influence.curvature` (fits on demand).
-      derivs: the :class:`influence.hvp.Derivatives` of the model.
+      derivs: the :class:`influence.model.hvp.Derivatives` of the model.
       train: the training archive (``len`` and ``take(indices) -> (x, y)``), labels as trained.
       batch: training images per step.
       limit: None/0 for every image, else only the ``limit`` images of highest training loss.
@@ -149,7 +149,7 @@ def self_influence(solver, derivs, train, *, batch, limit=None, vectors=None, pr
     """
     from influence.curvature.ekfac import KFACSolver
     from influence.curvature.exact import ExactSolver
-    from influence.hvp import vec_dot
+    from influence.model.hvp import vec_dot
 
     name = getattr(solver, "name", type(solver).__name__)
     n = len(train)
@@ -217,7 +217,7 @@ def write_self_influence(out_dir, result, keys, files, labels, class_name, fetch
       class_name: callable int -> str.
       fetch_image: callable(global index) -> uint8 (H, W, 3); called for the ``top`` shown images only.
       top: images in the figure (clipped to the scored ones).
-      fmt: figure format, one of :data:`influence.report.FIGURE_FORMATS`.
+      fmt: figure format, one of :data:`influence.outputs.report.FIGURE_FORMATS`.
 
     Returns:
       ``[csv path, figure path]``. The CSV has every scored image, sorted by self-influence descending.

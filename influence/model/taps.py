@@ -3,7 +3,7 @@
 The scorer (per-layer score split) and K-FAC/EK-FAC (Kronecker factors) both need, for every
 selected layer ``l`` of a batch, the layer input ``x_l`` and the backward signal ``δ_l = ∂L/∂z_l``
 at its pre-activation output ``z_l``. :class:`Tap` takes over each selected layer's call in
-:meth:`influence.models.Classifier.logits` and records both; one ``tape.gradient`` over the
+:meth:`influence.model.models.Classifier.logits` and records both; one ``tape.gradient`` over the
 recorded outputs then gives every ``δ_l`` in a single backward pass.
 
 Layers computing ``act(linear(x; W) + b)`` (Dense, Conv1D/2D/3D channels_last, no groups) are redone

@@ -16,7 +16,7 @@ import numpy as np
 import tensorflow as tf
 
 from influence.errors import UserError
-from influence.hvp import vec_size
+from influence.model.hvp import vec_size
 
 log = logging.getLogger(__name__)
 

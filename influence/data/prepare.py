@@ -18,11 +18,11 @@ from dataclasses import dataclass, field
 import numpy as np
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from influence.archives import ArchiveWriter, TestArchive, TrainArchive, is_plain_name
+from influence.data.archives import ArchiveWriter, TestArchive, TrainArchive, is_plain_name
 from influence.cli import Parser
-from influence.classes import ORDERS, ClassMap, order_conflicts, test_subfolder_index
+from influence.data.classes import ORDERS, ClassMap, order_conflicts, test_subfolder_index
 from influence.errors import UserError
-from influence.images import (DEFAULT_RESAMPLE, RESAMPLE, Decoder, default_workers, list_files,
+from influence.data.images import (DEFAULT_RESAMPLE, RESAMPLE, Decoder, default_workers, list_files,
                               list_subfolders, require_folder)
 from influence.locking import folder_lock
 from influence.progress import progress

@@ -3,7 +3,7 @@
 Drawing a figure with matplotlib costs about half a second and holds the GIL, so on a run with a
 cheap solver (EK-FAC on the demo) drawing, not arithmetic, would set the pace. :class:`OutputWriter`
 hands each test image's files to a small pool of processes (``spawn``: the children import only
-numpy, matplotlib and :mod:`influence.report`, never TensorFlow), so figures are drawn while the
+numpy, matplotlib and :mod:`influence.outputs.report`, never TensorFlow), so figures are drawn while the
 next group is scored and on every core. With ``workers=0`` it writes in the calling thread.
 
 Results come back in submission order through :meth:`OutputWriter.collect`; an error in a child

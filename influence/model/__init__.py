@@ -1,0 +1,7 @@
+"""Step 2 of the flow (data -> model -> curvature -> scoring -> outputs; ``engine.py`` drives them).
+
+Owns the Keras classifier as the influence math sees it: loading, preprocessing, logits and the
+selected parameters (:mod:`.models`); losses, gradients and Hessian-vector products over those
+parameters (:mod:`.hvp`); capturing each selected layer's input and pre-activation output for the
+per-layer split and K-FAC (:mod:`.taps`).
+"""

@@ -201,7 +201,9 @@ def bench_demo(args):
 def bench_vgg16(args):
     from influence.data.archives import ArchiveWriter
 
-    tmp = Path(tempfile.mkdtemp(prefix="bench_vgg_"))
+    keep = args.workdir is not None
+    tmp = Path(args.workdir) if keep else Path(tempfile.mkdtemp(prefix="bench_vgg_"))
+    tmp.mkdir(parents=True, exist_ok=True)
     try:
         rng = np.random.default_rng(0)
         n_train, n_test = (16, 8) if args.quick else (64, 40)
@@ -236,9 +238,12 @@ def bench_vgg16(args):
         row("vgg16", "EK-FAC factor memory (float64, while fitting)", info.get("factor_bytes", 0) / 2**30, "GiB")
         for k in ("curvature_s", "inverse_hvp_s", "scoring_s", "writing_s"):
             row("vgg16", k, tm.get(k), "s")
+        for k, v in run.get("peak_rss_gib", {}).items():
+            row("vgg16", f"peak RSS by the end of {k}", v, "GiB")
         say("  layers: " + "; ".join(f"{k}: {v}" for k, v in info.get("layers", {}).items()))
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if not keep:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- report
@@ -268,6 +273,8 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="smaller runs")
     p.add_argument("--out", default=str(REPO / "BENCHMARKS.md"))
     p.add_argument("--no-write", action="store_true")
+    p.add_argument("--workdir", help="vgg16: keep the archives and calculate.py's output (and its curvature "
+                                     "cache) in this folder instead of a temporary one")
     args = p.parse_args(argv)
     from influence.cli import import_tensorflow_quietly
 

@@ -66,6 +66,7 @@ eigenvalues of block ``b`` of ``A``), ``L.QS.b`` / ``L.eS.b`` (the same for ``S`
 (EK-FAC: ``(K+1, C_out)``) and ``L.diag`` (diagonal layers: ``E[g²]`` over the layer's variables,
 flattened in order). The damping is not in the state.
 """
+import gc
 import logging
 import math
 from dataclasses import dataclass, field
@@ -533,6 +534,10 @@ class KFACSolver(InverseHVP):
                 x, y = self.obj.archive.take(idx)
                 compiled(x, np.asarray(y, np.int64), u_all[idx])
                 bar.update(len(idx))
+        if not keep:
+            # the traced pass captures its accumulators (VGG16: GBs); free them now, not at some later GC
+            del compiled
+            gc.collect()
 
     # --- the two passes as sums over a range of training images (sharded by influence.distributed) -----
     def factor_sums(self, start=0, stop=None, keep=False):
@@ -725,8 +730,9 @@ class KFACSolver(InverseHVP):
                 self._eig[b.name] = {"QA": [np.ascontiguousarray(q, dtype) for q in eig.pop("QA")],
                                      "QS": [np.ascontiguousarray(q, dtype) for q in eig.pop("QS")]}
         self._lambda, self._diag = {}, {}
-        self._self_vars, self._self_key = None, None
+        self._self_vars, self._self_key, self._self_fn = None, None, None
         self._compacted = True
+        gc.collect()
 
     # --- cache -----------------------------------------------------------------------------------------
     def state(self):

@@ -20,6 +20,8 @@ from influence.model.hvp import vec_size
 
 log = logging.getLogger(__name__)
 
+#: --weights none initialises a keras.applications model from this seed (reruns and workers agree)
+RANDOM_WEIGHTS_SEED = 0
 PREPROCESS_MODES = ("auto", "none", "caffe", "tf", "torch", "unit")
 
 
@@ -105,7 +107,10 @@ def load_keras_model(name, weights="imagenet"):
             f"(e.g. vgg16, resnet50, mobilenetv2)"
         )
     if weights is None or str(weights).lower() == "none":
-        log.warning("using RANDOM weights for %s (--weights none): scores mean nothing for a real model", name)
+        log.warning("using RANDOM weights for %s (--weights none, seed %d: the same in every run): scores mean "
+                    "nothing for a real model", name, RANDOM_WEIGHTS_SEED)
+        # seeded, so that a rerun (and every Ray worker) builds the same weights and the curvature cache holds
+        keras.utils.set_random_seed(RANDOM_WEIGHTS_SEED)
         return fn(weights=None), fn
     if weights != "imagenet" and not os.path.exists(weights):
         raise UserError(f"--weights file not found: {weights}")

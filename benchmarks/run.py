@@ -21,7 +21,6 @@ import datetime
 import os
 import platform
 import re
-import resource
 import shutil
 import statistics
 import subprocess

@@ -477,7 +477,7 @@ def test_rank_one_test_vectors_take_the_cheap_rotation_with_the_same_answer(tiny
     """A one-image gradient of a Dense layer is a δᵀ: rotated as (Q_Aᵀa)(Q_Sᵀδ)ᵀ it gives the same solve."""
     from influence.curvature import ekfac
 
-    d, clf, solver = tiny["d"], tiny["clf"], tiny["fitted"]["ekfac"]
+    d, solver = tiny["d"], tiny["fitted"]["ekfac"]
     grads = [d.gradient(tiny["x"][i:i + 1], tiny["y"][i:i + 1].astype(np.int64)) for i in range(2)]
     full = [vec_to_numpy(s) for s in solver.solve(grads)]
     calls = []

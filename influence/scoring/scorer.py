@@ -16,7 +16,8 @@ Two routes for a Dense/Conv layer, chosen per layer by cost (docs/DESIGN.md, "Sc
 
 * tangent route: the T tangent kernels stacked along the output channels, one layer forward of
   the fixed input per test vector: ``T·P·K·C`` per image (P output positions, K = kernel inputs,
-  C = output channels);
+  C = output channels); a Dense layer on a flat input (P = 1) takes ``x_n ΔW_t`` as one broadcast
+  batched product instead, which reads the T kernels in place;
 * per-image-gradient route: ``G_n = Σ_p a_{n,p} δ_{n,p}ᵀ`` formed once (``P·K·C``), then contracted
   with all T vectors (``T·K·C``: the parameter count, the floor).
 
@@ -138,6 +139,14 @@ class Scorer:
         tangents: (ΔW (T, ..., C_in, C_out), [Δb (T, C_out)]).
         """
         dw = tangents[0]
+        if kind == "dense" and x.shape.rank == 2:
+            # flat input: ⟨δ_n, x_n ΔW_t⟩ from one broadcast batched product (T, N, C); ΔW is read in
+            # place (stacking the kernels along the outputs would copy all T of them: VGG16 fc1 411 MB each)
+            z = tf.matmul(tf.expand_dims(x, 0), dw)
+            share = tf.reduce_sum(z * tf.expand_dims(delta, 0), axis=2)                  # (T, N)
+            if len(tangents) > 1:
+                share = share + tf.matmul(tangents[1], delta, transpose_b=True)
+            return share
         rank = dw.shape.rank
         t = tf.shape(dw)[0]
         c_out = tf.shape(dw)[-1]

@@ -33,7 +33,11 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+sys.path.insert(0, str(REPO / "benchmarks"))
+
 import numpy as np  # noqa: E402
+
+from run import build_demo_data  # noqa: E402
 
 BEGIN, END = "<!-- scale-out:begin -->", "<!-- scale-out:end -->"
 
@@ -53,15 +57,8 @@ def demo_data(root):
     root = Path(root)
     if all((root / f).exists() for f in ("train.npz", "test.npz", "model.keras")):
         return root
-    from influence import demo
-
     say(f"building the demo data in {root} (once)")
-    data = demo.write_folders(root, n_train=1500)
-    model, _ = demo.train_model(*data["train"][:2], epochs=30)
-    model.save(root / "model.keras")
-    argv, _, _ = demo._command(demo.COMMANDS[0], str(root))
-    subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return root
+    return build_demo_data(root, n_train=1500, epochs=30)
 
 
 # ----------------------------------------------------------------------------- end to end

@@ -409,21 +409,26 @@ def bench_prepare(args):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def build_demo_data(root, n_train, epochs):
+    """Build the demo's folders, archives and trained model under ``root`` (as ``make demo`` does)."""
+    from influence import demo
+
+    data = demo.write_folders(root, n_train=n_train)
+    model, _ = demo.train_model(*data["train"][:2], epochs=epochs)
+    model.save(root / "model.keras")
+    argv, _, _ = demo._command(demo.COMMANDS[0], str(root))
+    subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return root
+
+
 def _demo_data(tmp):
     """The demo folder (``demo/`` if complete, else a small one built under ``tmp``)."""
     root = REPO / "demo"
     if all((root / f).exists() for f in ("train.npz", "test.npz", "model.keras")):
         return root
-    from influence import demo
-
     root = tmp / "demo"
     say(f"  demo/ is missing: building a small one in {root}")
-    data = demo.write_folders(root, n_train=500)
-    model, _ = demo.train_model(*data["train"][:2], epochs=3)
-    model.save(root / "model.keras")
-    argv, _, _ = demo._command(demo.COMMANDS[0], str(root))
-    subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return root
+    return build_demo_data(root, n_train=500, epochs=3)
 
 
 def bench_calculate(args):

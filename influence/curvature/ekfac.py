@@ -174,11 +174,15 @@ def rank_one(mat, rtol, rows=4096):
     return (u, w) if err <= rtol * rtol * total else None
 
 
+def block_entries(*bounds_lists):
+    """``Σ b²`` over the diagonal blocks of every bounds list: the entries of the block matrices."""
+    return sum((e - s) ** 2 for bounds in bounds_lists for s, e in bounds)
+
+
 def kron_factor_bytes(k1, c_out, a_bounds, s_bounds, corrected):
     """float64 bytes of one Kronecker layer while fitting: the factor blocks and their eigenvectors
     (``2 Σ b²`` for A and S), eigenvalues, and ``Λ`` (``K1·C``) when ``corrected`` (EK-FAC)."""
-    sq = sum((e - s) ** 2 for s, e in a_bounds) + sum((e - s) ** 2 for s, e in s_bounds)
-    return 8 * (2 * sq + (k1 * c_out if corrected else 0) + (k1 + c_out))
+    return 8 * (2 * block_entries(a_bounds, s_bounds) + (k1 * c_out if corrected else 0) + (k1 + c_out))
 
 
 def l2_hessian(variable, layer_name, strict=True):
@@ -293,6 +297,10 @@ class KFACSolver(InverseHVP):
         self.factor_bytes = sum(b.bytes(self.corrected) for b in self.plan)
         self._check_budget()
         self._fitted = False
+        self._compacted = False   # compact(): only what solving needs is left
+        self._fits = 0            # fits and loads so far (keys the self-influence graph)
+        self._dens = None         # (damping, {layer: Λ + ρ + λ}) once formed
+        self._self_key = None     # (fits, damping) of the compiled self-influence graph
         #: dtype of the per-chunk products of the fitting passes: the model's (sums are float64)
         self._compute_dtype = objective.d.dtype
         self._kept = {}           # accumulators and compiled passes kept between calls (keep=True)
@@ -676,7 +684,7 @@ class KFACSolver(InverseHVP):
             del den
         self.info.update(fisher_min=low if self.plan else 0.0, fisher_max=high if self.plan else 0.0)
         self._dens = None
-        self._fits = getattr(self, "_fits", 0) + 1
+        self._fits += 1
         self._fitted = True
 
     def _undamped(self, b):
@@ -702,8 +710,7 @@ class KFACSolver(InverseHVP):
         total = 0
         for b in self.plan:
             if isinstance(b, _Kron):
-                sq = sum((e - s) ** 2 for s, e in b.a_bounds) + sum((e - s) ** 2 for s, e in b.s_bounds)
-                total += item * (sq + b.k1 * b.c_out)
+                total += item * (block_entries(b.a_bounds, b.s_bounds) + b.k1 * b.c_out)
             else:
                 total += item * b.size
         return total
@@ -720,7 +727,7 @@ class KFACSolver(InverseHVP):
         Frees the float64 eigenvectors (VGG16 ``--params all``: 1.8 GB), ``Λ`` and the eigenvalues;
         call it once the state is cached. :meth:`state` is refused afterwards.
         """
-        if not self._fitted or getattr(self, "_compacted", False):
+        if not self._fitted or self._compacted:
             return
         self._damped()
         dtype = self._compute_dtype.as_numpy_dtype
@@ -738,7 +745,7 @@ class KFACSolver(InverseHVP):
     def state(self):
         if not self._fitted:
             self.fit()
-        if getattr(self, "_compacted", False):
+        if self._compacted:
             raise RuntimeError(f"{self.name}: state() after compact(); cache the state before compacting")
         out = {}
         for b in self.plan:
@@ -897,8 +904,8 @@ class KFACSolver(InverseHVP):
         """
         dens = self._damped()
         key = (self._fits, self.damping)
-        if getattr(self, "_self_key", None) != key:
-            if getattr(self, "_compacted", False):
+        if self._self_key != key:
+            if self._compacted:
                 raise RuntimeError(f"{self.name}: self-influence after compact(); run it before compacting")
             self._self_vars = {}
             for b in self.plan:

@@ -126,10 +126,15 @@ class Scorer:
         dw = tangents[0]
         t = tf.shape(dw)[0]
         share = tf.matmul(tf.reshape(dw, [t, -1]), tf.reshape(g, [n, -1]), transpose_b=True)   # (T, N)
-        if len(tangents) > 1:
-            d_sum = tf.reduce_sum(delta, axis=list(range(1, delta.shape.rank - 1)))  # (N, C_out)
-            share = share + tf.matmul(tangents[1], d_sum, transpose_b=True)
-        return share
+        return share + Scorer._bias_share(delta, tangents)
+
+    @staticmethod
+    def _bias_share(delta, tangents):
+        """(T, N): ⟨Σ_p δ_{n,p}, Δb_t⟩, or 0 for a layer without a bias (``tangents`` = (ΔW,))."""
+        if len(tangents) < 2:
+            return tf.zeros([], delta.dtype)
+        d_sum = tf.reduce_sum(delta, axis=list(range(1, delta.shape.rank - 1)))     # (N, C_out)
+        return tf.matmul(tangents[1], d_sum, transpose_b=True)
 
     @staticmethod
     def _linear_share(layer, kind, x, delta, tangents):
@@ -144,9 +149,7 @@ class Scorer:
             # place (stacking the kernels along the outputs would copy all T of them: VGG16 fc1 411 MB each)
             z = tf.matmul(tf.expand_dims(x, 0), dw)
             share = tf.reduce_sum(z * tf.expand_dims(delta, 0), axis=2)                  # (T, N)
-            if len(tangents) > 1:
-                share = share + tf.matmul(tangents[1], delta, transpose_b=True)
-            return share
+            return share + Scorer._bias_share(delta, tangents)
         rank = dw.shape.rank
         t = tf.shape(dw)[0]
         c_out = tf.shape(dw)[-1]
@@ -159,10 +162,7 @@ class Scorer:
         prod = z * tf.expand_dims(delta, -2)
         axes = list(range(1, prod.shape.rank - 2)) + [prod.shape.rank - 1]
         share = tf.transpose(tf.reduce_sum(prod, axis=axes))            # (T, N)
-        if len(tangents) > 1:
-            d_sum = tf.reduce_sum(delta, axis=list(range(1, delta.shape.rank - 1)))  # (N, C_out)
-            share = share + tf.matmul(tangents[1], d_sum, transpose_b=True)       # (T, N)
-        return share
+        return share + Scorer._bias_share(delta, tangents)
 
     @staticmethod
     def _generic_share(layer, call, delta, tangents):

@@ -21,7 +21,7 @@ $(DIST): $(PY) requirements-distributed.txt
 	touch $(DIST)
 
 test: $(PY) $(DIST)
-	RAY_USAGE_STATS_ENABLED=0 $(PY) -m pytest -q tests
+	RAY_USAGE_STATS_ENABLED=0 $(PY) -m pytest -q --durations=15 tests
 
 validate: $(PY)
 	$(PY) -m influence.validate

@@ -65,7 +65,7 @@ def write_test_archive(path, folders):
             w.add(f"test_{name}_x", x)
             w.add(f"test_{name}_y", y.reshape(-1, 1))
             w.add(f"test_{name}_files", np.array([f"{int(c)}/t{i:03d}.png" for i, c in enumerate(y)]))
-        w.add("meta_size", np.array(IMAGE[:2], np.int64))
+        w.add("meta_size", np.array(next(iter(folders.values()))[0].shape[1:3], np.int64))
 
 
 def setup(tmp_path, n=40, batch=16, seed=0, params="all", **model_kw):

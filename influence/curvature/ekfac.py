@@ -902,14 +902,16 @@ class KFACSolver(InverseHVP):
           is ``(ã_i²)ᵀ D⁻¹ (δ̃_i²)`` with ``ã = Q_Aᵀa``, ``δ̃ = Q_Sᵀδ`` (no per-image matrix); conv layers
           form ``G̃_i`` in micro-batches. Diagonal layer: ``Σ_k g_ik² / (d_k + r_k + λ)``.
         """
-        dens = self._damped()
+        self._damped()      # fits first if needed; refuses a singular F + λI
         key = (self._fits, self.damping)
         if self._self_key != key:
             if self._compacted:
                 raise RuntimeError(f"{self.name}: self-influence after compact(); run it before compacting")
             self._self_vars = {}
             for b in self.plan:
-                parts = {"inv": tf.Variable(1.0 / dens[b.name], trainable=False)}
+                # this graph works in float64 whatever the model's dtype: 1 / (Λ + ρ + λ) from the float64
+                # eigenvalues, not from the solve's copy in the model's dtype
+                parts = {"inv": tf.Variable(1.0 / (self._undamped(b) + self.damping), trainable=False)}
                 if isinstance(b, _Kron):
                     eig = self._eig[b.name]
                     parts["QA"] = [tf.Variable(q, trainable=False) for q in eig["QA"]]

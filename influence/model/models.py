@@ -16,6 +16,7 @@ import numpy as np
 import tensorflow as tf
 
 from influence.errors import UserError
+from influence.model import keras_private
 from influence.model.hvp import vec_size
 
 log = logging.getLogger(__name__)
@@ -145,11 +146,10 @@ def _is_sigmoid(activation):
 
 def _graph_of(model):
     """The Functional graph behind ``model`` (Sequential keeps one), or None for subclassed models."""
-    from keras.src.models.functional import Functional
-
+    Functional = keras_private.functional_class()
     if isinstance(model, Functional):
         return model
-    inner = getattr(model, "_functional", None)
+    inner = keras_private.sequential_graph(model)
     if isinstance(inner, Functional):
         return inner
     return None
@@ -158,12 +158,6 @@ def _graph_of(model):
 def _one(tensors):
     """A single input stays a single tensor (a list of one makes Keras warn on every call)."""
     return tensors[0] if len(tensors) == 1 else list(tensors)
-
-
-def _final_node(graph):
-    """The node (one call of one layer) that computes the only output of a functional graph."""
-    history = graph.outputs[0]._keras_history
-    return history.operation._inbound_nodes[history.node_index]
 
 
 def _linear_twin(layer, args, kwargs):
@@ -184,10 +178,8 @@ def _linear_twin(layer, args, kwargs):
 def _logits_of(graph, path):
     """``(logits tensor, note)`` for the output of a functional graph, or ``(None, note)`` when nothing ends it
     that can be stripped. Symbolic: builds on the graph's own tensors, never changes a layer."""
-    node = _final_node(graph)
-    op = node.operation
+    op, args, kwargs = keras_private.producing_call(graph.outputs[0])  # the call computing the only output
     where = "/".join(path + [op.name])
-    args, kwargs = node.arguments.args, node.arguments.kwargs
     if isinstance(op, keras.layers.Softmax) or (
             isinstance(op, keras.layers.Activation) and _is_softmax(op.activation)):
         return args[0], f"cut the final softmax layer {where!r}"
@@ -297,7 +289,7 @@ class Classifier:
         """(H, W, C) with None where any size is accepted (a subclassed model: the shape it was built with)."""
         shape = getattr(self.model, "input_shape", None)
         if shape is None:
-            shape = next(iter((getattr(self.model, "_build_shapes_dict", None) or {}).values()), None)
+            shape = next(iter((keras_private.build_shapes(self.model) or {}).values()), None)
         if shape is None:
             raise UserError("cannot tell the model's input size: call the model once on an image batch before saving it")
         return tuple(shape[1:])
@@ -327,7 +319,7 @@ class Classifier:
     def _run(self, graph, x, tap):
         def operation_fn(op):
             def call(*args, **kwargs):
-                if "training" in getattr(op, "_call_context_args", {}) or getattr(op, "_call_has_training_arg", False):
+                if keras_private.takes_training(op):
                     kwargs["training"] = False
                 if id(op) in self._selected:
                     return tap(op, args, kwargs)
@@ -339,7 +331,7 @@ class Classifier:
 
             return call
 
-        out = graph._run_through_graph([x], operation_fn=operation_fn)
+        out = keras_private.run_through_graph(graph, [x], operation_fn)
         return out[0] if isinstance(out, (list, tuple)) else out
 
 
@@ -382,6 +374,45 @@ def check_classifier(clf, probe_size=224, seed=0):
                         + (f" (selected layers that reach it: {', '.join(reach)})" if reach else ""))
 
 
+#: compute dtypes below float32: influence arithmetic never runs in them (gradients of a confident
+#: model underflow in float16, and 1 - p_y cancels)
+LOW_PRECISION = ("float16", "bfloat16")
+
+
+def _all_layers(model):
+    """Every layer of ``model``, nested models' layers included (depth first)."""
+    out = []
+    for layer in getattr(model, "layers", []):
+        out.append(layer)
+        out.extend(_all_layers(layer))
+    return out
+
+
+def at_least_float32(model):
+    """``model`` computing in at least float32: a mixed-precision model (a ``mixed_float16`` or
+    ``mixed_bfloat16`` policy: float32 weights, 16-bit compute) has its layers switched to the
+    float32 policy in memory (the file is only read; the weights are the same numbers). Returns
+    ``(model, note)``; ``note`` is "" when nothing changed.
+
+    Raises UserError for 16-bit weights (a ``float16`` policy): cast them to float32 first.
+    """
+    low_vars = sorted({v.path for v in model.weights if str(v.dtype) in LOW_PRECISION})
+    if low_vars:
+        raise UserError(f"the model stores its weights in {model.weights[0].dtype} ({low_vars[0]}, ...): influence "
+                        "needs float32 weights; rebuild it with dtype='float32' (or a mixed policy) and load the "
+                        "weights into it")
+    switched = {}
+    for layer in _all_layers(model):
+        policy = getattr(layer, "dtype_policy", None)
+        if policy is not None and str(getattr(policy, "compute_dtype", "")) in LOW_PRECISION:
+            switched[policy.name] = switched.get(policy.name, 0) + 1
+            layer.dtype_policy = "float32"
+    if not switched:
+        return model, ""
+    kinds = ", ".join(f"{n} layer(s) {name}" for name, n in switched.items())
+    return model, f"mixed precision ({kinds}): gradients and scores are computed in float32"
+
+
 def load_classifier(model="vgg16", weights="imagenet", preprocess="auto", params="all"):
     """Everything ``calculate.py`` needs about the model, from its command-line settings.
 
@@ -389,6 +420,9 @@ def load_classifier(model="vgg16", weights="imagenet", preprocess="auto", params
     is checked with :func:`check_classifier`.
     """
     keras_model, app_fn = load_keras_model(model, weights)
+    keras_model, precision_note = at_least_float32(keras_model)
+    if precision_note:
+        log.info("model %s: %s", model, precision_note)
     keras_model, softmax_note = strip_softmax(keras_model)
     log.info("model %s: %s", model, softmax_note)
     groups = select_params(keras_model, params)

@@ -14,6 +14,8 @@ so the per-image weight gradient is ``G_n = Σ_p a_{n,p} δ_{n,p}ᵀ`` (docs/DES
 import keras
 import tensorflow as tf
 
+from influence.model import keras_private
+
 
 def linear_kind(layer):
     """'dense', 'conv' or None: whether ``layer`` computes act(linear(x; W) + b) we can redo by hand."""
@@ -30,9 +32,7 @@ def linear_kind(layer):
         return None
     if type(layer) is keras.layers.Dense:
         return "dense"
-    from keras.src.layers.convolutional.base_conv import BaseConv
-
-    if isinstance(layer, BaseConv) and getattr(layer, "groups", 1) == 1 \
+    if isinstance(layer, keras_private.base_conv_class()) and getattr(layer, "groups", 1) == 1 \
             and getattr(layer, "data_format", "channels_last") == "channels_last" \
             and type(layer).__name__ in ("Conv1D", "Conv2D", "Conv3D"):
         return "conv"

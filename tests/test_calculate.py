@@ -1,5 +1,7 @@
 """calculate.py end to end: real scripts on a tiny image tree, outputs, resume, and every error."""
+import contextlib
 import csv
+import io
 import json
 import os
 import signal
@@ -45,10 +47,27 @@ def project(tmp_path_factory):
     return root
 
 
-def calc(root, *args, timeout=300):
+def calc_script(root, *args, timeout=300):
+    """calculate.py as a real process (its start-up included) -> CompletedProcess."""
     return subprocess.run([sys.executable, os.path.join(REPO, "calculate.py"), "--data", "data",
                            "--model", "model.keras", "--preprocess", "unit", *map(str, args)],
                           cwd=root, capture_output=True, text=True, timeout=timeout)
+
+
+def calc(root, *args):
+    """calculate.py's entry point in-process (parser -> run_main -> job; TensorFlow's start-up paid once)
+    -> CompletedProcess with the exit code and what it wrote on stderr."""
+    from influence.calculate_cli import build_parser, job
+    from influence.cli import main
+
+    err = io.StringIO()
+    with contextlib.chdir(root), contextlib.redirect_stderr(err):
+        try:
+            code = main(build_parser, job, ["--data", "data", "--model", "model.keras", "--preprocess", "unit",
+                                            *map(str, args)])
+        except SystemExit as exc:          # argparse's usage errors exit
+            code = exc.code
+    return subprocess.CompletedProcess([], code, "", err.getvalue())
 
 
 def one_line_error(result, *fragments):
@@ -64,7 +83,7 @@ EXACT = ("--solver", "exact", "--damping", "0.1", "-sf", "png", "--top", "3")
 
 
 def test_end_to_end_outputs_and_numbers(project):
-    r = calc(project, *EXACT, "--out", "out")
+    r = calc_script(project, *EXACT, "--out", "out")
     assert r.returncode == 0, r.stderr
     out = project / "out"
     # console: per folder, per class, per test image with the paths written

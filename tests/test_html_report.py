@@ -14,7 +14,8 @@ from PIL import Image
 from engine_helpers import IMAGE, random_data, write_train_archive
 from influence.outputs import report as outputs
 from influence.data.archives import ArchiveWriter, TestArchive
-from influence.outputs.html_report import INDEX, SELF_INFLUENCE_COLUMNS, RunReport
+from influence.outputs.html_report import (GLOBAL_MIN_TESTS, INDEX, SELF_INFLUENCE_COLUMNS, RunReport,
+                                           global_threshold)
 
 NAMES = ["zero", "one <b>", "two & co", "three"]
 ODD = 'odd #1 & <x> "q"'                        # a test folder name that needs quoting and escaping
@@ -345,3 +346,87 @@ def test_scan_leaves_out_what_it_cannot_read(run, tmp_path, caplog):
     assert len([r for r in caplog.records if r.levelname == "WARNING"]) == 2
     assert (out / "orig" / "report_notes.html").read_text() == "mine"
     _check_links(out)
+
+
+# ----------------------------------------------------------------------------- global training images
+
+
+def _train_key(train, index):
+    starts = np.cumsum([0] + [train.batch_len(b) for b in train.batches])
+    b = int(np.searchsorted(starts, index, side="right")) - 1
+    return f"{train.batches[b]}_{index - int(starts[b])}"
+
+
+def _report_with_lists(out, train, tests, common=5, once=7):
+    """``tests`` test images added by hand: training image ``common`` is in the harmful list of all
+    but the first, ``once`` only in the first's; every other entry is in one list only."""
+    report = RunReport(out, train, class_name, None, "png")
+    x, _ = random_data(tests, seed=4)
+    for j in range(tests):
+        harmful = [(once if j == 0 else common, -2.0), (10 + j, -1.0)]
+        report.add("f", 0, j + 1, x[j], f"0/t{j}.png", 0, j % 2, 0.7, harmful, [(20 + j, 1.5)])
+    return report
+
+
+def test_global_rule():
+    assert [global_threshold(n) for n in (1, 4, 5, 6, 15, 16, 30, 100)] == [None] * 2 + [3, 3, 3, 4, 6, 20]
+
+
+def test_training_image_in_many_lists_is_flagged(run, tmp_path):
+    report = _report_with_lists(tmp_path / "out", run.train, 6)
+    common, once = _train_key(run.train, 5), _train_key(run.train, 7)
+    counts = report.list_counts()
+    assert (counts[common].harmful, counts[common].useful, counts[common].lists, counts[common].tests) == (5, 0, 5, 6)
+    assert counts[once].lists == 1 and list(counts)[0] == common
+    assert list(report.global_training_images()) == [common]
+    report.write()
+    text = (tmp_path / "out" / INDEX).read_text(encoding="utf-8")
+    page = _Page(text)
+    assert "global" in page.ids and "Training images in many top lists" in page.texts
+    section = text[text.index('<section id="global">'):]
+    section = section[:section.index("</section>")]
+    assert common in section and once not in section and "5 of 6" in section and "0 of 6" in section
+    assert text.count("in 5 of 6 lists") == 5 and text.count('<figure class="global"') == 5
+    assert text.count("appears in the top lists of 5 of 6 test images") == 5
+    assert f'title="#1 {once}:' in text                                       # its thumbnail is not marked
+    _check_links(tmp_path / "out")
+    # the flag follows the count: one more image without it (7 test images, still 5 >= 3)
+    x, _ = random_data(1, seed=9)
+    report.add("f", 1, 1, x[0], "1/u.png", 1, 1, 0.9, [(3, -1.0)], [(4, 1.0)])
+    assert "in 5 of 7 lists" in report.pages()[INDEX]
+
+
+def test_few_test_images_flag_nothing(run, tmp_path):
+    report = _report_with_lists(tmp_path / "out", run.train, GLOBAL_MIN_TESTS - 1)
+    assert report.list_counts()[_train_key(run.train, 5)].lists == GLOBAL_MIN_TESTS - 2
+    assert report.global_training_images() == {}
+    text = report.pages()[INDEX]
+    assert 'id="global"' not in text and "lists</span>" not in text and 'class="global"' not in text
+
+
+def test_global_flag_survives_a_rebuild_by_scan(run, tmp_path):
+    out = _copy(run, tmp_path)
+    key = _train_key(run.train, 29)
+    _, label, file = run.train.lookup(key)
+    for folder, lab, n in run.expected:                        # training image 29 tops every harmful list
+        path = out / folder / str(lab) / f"harmful_{n}.csv"
+        rows = list(csv.DictReader(open(path, encoding="utf-8")))
+        rows = [r for r in rows if r["key"] != key][:TOP - 1]
+        rows.insert(0, dict(rank=1, key=key, file=file, label=label, class_name=class_name(label), score=-99.0))
+        with open(path, "w", newline="", encoding="utf-8") as fh:
+            w = csv.DictWriter(fh, fieldnames=["rank", "key", "file", "label", "class_name", "score"])
+            w.writeheader()
+            w.writerows(dict(r, rank=i) for i, r in enumerate(rows, start=1))
+    tests = len(run.expected)
+    report = RunReport.scan(out, run.train, class_name, SETTINGS, "png", test_archive=run.test, page_size=100)
+    counts = report.global_training_images()
+    assert key in counts and counts[key].harmful == counts[key].lists == tests
+    report.write()
+    text = (out / INDEX).read_text(encoding="utf-8")
+    assert text.count(f"in {tests} of {tests} lists") == tests and f"{tests} of {tests}</td>" in text
+    _check_links(out)
+    # large runs: the folder pages carry the marks, the index keeps the section
+    paged = RunReport.scan(out, run.train, class_name, SETTINGS, "png", test_archive=run.test, page_size=3)
+    pages = paged.pages()
+    assert 'id="global"' in pages[INDEX] and "lists</span>" not in pages[INDEX]
+    assert sum(t.count(f"in {tests} of {tests} lists") for t in pages.values()) == tests

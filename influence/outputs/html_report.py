@@ -20,6 +20,13 @@ image that exists (figures, CSVs, ``.npy``; ``<n>_layerwise.csv`` and the ``<n>_
 figure too, the latter shown inline when a browser can draw it). Misclassified images come first;
 a checkbox hides the others (CSS only).
 
+Global training images: a training image in the top harmful or useful lists of many test images
+(the rule: :data:`GLOBAL_MIN_TESTS`, :data:`GLOBAL_MIN_LISTS`, :data:`GLOBAL_SHARE`) is listed in
+the section "Training images in many top lists" of the index, and each of its thumbnails in a
+test image's strip carries a badge, so that it is not read as evidence specific to that
+prediction (such images are typically gradient-norm outliers). The counts are derived from the
+test images the report holds, so a report rebuilt by :meth:`RunReport.scan` has the same ones.
+
 Use (what the engine does)::
 
     report = RunReport.scan(out, train, namer, summary, fmt, test_archive=test)  # start / resume
@@ -35,6 +42,7 @@ import csv
 import dataclasses
 import html
 import logging
+import math
 import os
 import pathlib
 import re
@@ -56,6 +64,12 @@ SELF_INFLUENCE_COLUMNS = ("rank", "key", "file", "label", "class_name", "predict
 _PAGE_FILE = re.compile(r"report(_\d+)?\.html")   # folder pages (see _page_name)
 _BROWSER_FORMATS = ("png", "svg", "jpg")     # figure formats shown inline; pdf is a link
 _SHOWN_PX = 64                               # displayed thumbnail box, CSS pixels
+#: a training image is "global" when the report has at least GLOBAL_MIN_TESTS test images and it
+#: is in the top harmful or useful list of at least max(GLOBAL_MIN_LISTS, ceil(GLOBAL_SHARE * N))
+#: of the report's N test images (a test image counts once even if both its lists hold it)
+GLOBAL_MIN_TESTS = 5
+GLOBAL_MIN_LISTS = 3
+GLOBAL_SHARE = 0.2
 
 _CSS = """
 body{font:14px/1.35 system-ui,sans-serif;margin:0;color:#222;background:#fafafa}
@@ -85,6 +99,8 @@ img.tt{width:80px;height:80px}
 details.summary{flex-basis:100%} details.summary img{max-width:100%}
 img.fig{max-width:100%}
 .legend{color:#555;font-size:12px}
+figure.global img.th{outline:2px solid #d68910;outline-offset:-2px}
+.glob{display:block;background:#fdebd0;color:#7e5109;border-radius:3px;padding:0 .2rem;font-size:10px}
 """
 
 _LEGEND = ('<p class="legend">score &asymp; n &times; (change of the test loss if that training image were '
@@ -112,6 +128,17 @@ class _Train:
     class_name: str
     score: float
     thumb: str          # out-relative path, "" if there is none
+
+
+@dataclasses.dataclass(frozen=True)
+class ListCount:
+    """In how many test images' top lists one training image is (see :meth:`RunReport.list_counts`)."""
+
+    harmful: int        # test images whose harmful list holds it
+    useful: int         # test images whose useful list holds it
+    lists: int          # test images whose harmful or useful list holds it
+    tests: int          # test images in the report
+    train: _Train       # one of its rows (key, file, label, thumbnail; rank and score of that row)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,7 +200,8 @@ class RunReport:
         self._folders = {}          # folder -> (labels total, misclassified) or None; insertion order
         self._images = {}           # (folder, label, n) -> _Test
         self._self_influence = None
-        self._cards = {}            # (key, root) -> html
+        self._cards = {}            # (key, root) -> (global marks of its training images, html)
+        self._global = {}           # training key -> ListCount of the global ones, set by pages()
         self._written = {}          # path -> text last written by this object
 
     # ------------------------------------------------------------------------- building the state
@@ -279,6 +307,30 @@ class RunReport:
         for root in ("", "../"):
             self._cards.pop((key, root), None)
 
+    # ------------------------------------------------------------------------- global training images
+
+    def list_counts(self):
+        """``{training key: ListCount}``: in how many of the report's test images' top harmful /
+        useful lists each training image is. Derived from the test images the report holds (so the
+        same after :meth:`scan`); largest ``lists`` first, then key."""
+        harmful, useful, lists, rows = {}, {}, {}, {}
+        for rec in self._images.values():
+            h = {t.key for t in rec.harmful}
+            u = {t.key for t in rec.useful}
+            for keys, count in ((h, harmful), (u, useful), (h | u, lists)):
+                for k in keys:
+                    count[k] = count.get(k, 0) + 1
+            for t in rec.harmful + rec.useful:
+                rows.setdefault(t.key, t)
+        tests = len(self._images)
+        order = sorted(lists, key=lambda k: (-lists[k], k))
+        return {k: ListCount(harmful.get(k, 0), useful.get(k, 0), lists[k], tests, rows[k]) for k in order}
+
+    def global_training_images(self):
+        """The :meth:`list_counts` entries of the "global" training images (rule: :func:`global_threshold`)."""
+        need = global_threshold(len(self._images))
+        return {} if need is None else {k: c for k, c in self.list_counts().items() if c.lists >= need}
+
     # ------------------------------------------------------------------------- training rows, thumbnails
 
     def _train_row(self, rank, index, score):
@@ -341,6 +393,7 @@ class RunReport:
         for recs in by_folder.values():
             recs.sort(key=_Test.order)
         paged = len(self._images) > self.page_size
+        self._global = self.global_training_images()
         pages, chunks = {}, {}
         for folder, recs in by_folder.items():
             chunks[folder] = [recs[s:s + self.page_size] for s in range(0, len(recs), self.page_size)] if paged else []
@@ -380,6 +433,7 @@ class RunReport:
             rows = "".join(f"<tr><th>{_esc(k)}</th><td>{_esc(_text(v))}</td></tr>" for k, v in self.settings.items())
             parts.append(f'<section id="settings"><h2>Settings</h2><table>{rows}</table></section>')
         parts.append(self._folder_table(by_folder, chunks, paged))
+        parts.append(self._global_section(root))
         parts.append(self._self_influence_section(root))
         if not paged:
             for folder, recs in by_folder.items():
@@ -420,9 +474,12 @@ class RunReport:
 
     def _card(self, rec, root):
         key = (rec.folder, rec.label, rec.n)
-        if (key, root) not in self._cards:
-            self._cards[(key, root)] = self._render_card(rec, root)
-        return self._cards[(key, root)]
+        marks = tuple((t.key, self._global[t.key].lists, self._global[t.key].tests)
+                      for t in rec.harmful + rec.useful if t.key in self._global)
+        cached = self._cards.get((key, root))
+        if cached is None or cached[0] != marks:
+            cached = self._cards[(key, root)] = (marks, self._render_card(rec, root))
+        return cached[1]
 
     def _render_card(self, rec, root):
         conf = "" if rec.conf is None else f" ({100 * rec.conf:.1f}%)"
@@ -430,7 +487,7 @@ class RunReport:
         links = " ".join(_link(root, p, p.rsplit("/", 1)[-1]) for p in rec.outputs)
         strips = "".join(
             f'<div class="strip {kind}"><b>{kind}</b>'
-            + "".join(_train_figure(root, t) for t in rows) + "</div>"
+            + "".join(_train_figure(root, t, self._global.get(t.key)) for t in rows) + "</div>"
             for kind, rows in (("harmful", rec.harmful), ("useful", rec.useful)))
         # hook: the per-image summary figure (<n>_summary.<fmt>), shown when the run wrote it
         summary = ""
@@ -444,6 +501,27 @@ class RunReport:
                 f'<div class="test">{test_img}<p><b>{_esc(rec.file or "(no file name)")}</b></p>'
                 f"<p>true: {_esc(rec.true_name)}<br>predicted: <span class=\"pred\">{_esc(rec.pred_name)}</span>"
                 f'{conf}</p><p class="links">{links}</p></div>{strips}{summary}</article>')
+
+    def _global_section(self, root):
+        """The section "Training images in many top lists" (empty when no training image is global)."""
+        if not self._global:
+            return ""
+        tests = len(self._images)
+        need = global_threshold(tests)
+        head = ("<tr><th>key</th><th>image</th><th>file</th><th>class</th><th>harmful lists</th>"
+                "<th>useful lists</th><th>lists (either)</th></tr>")
+        body = "".join(
+            f"<tr><td>{_esc(k)}</td><td>{_img(root, c.train.thumb, k, 'th')}</td><td>{_esc(c.train.file)}</td>"
+            f'<td>{_esc(c.train.class_name)}</td><td data-v="{c.harmful}">{c.harmful} of {tests}</td>'
+            f'<td data-v="{c.useful}">{c.useful} of {tests}</td><td data-v="{c.lists}">{c.lists} of {tests}</td></tr>'
+            for k, c in self._global.items())
+        note = (f'<p class="legend">These training images are in the top harmful or useful lists of at least '
+                f"{need} of the {tests} test images (at least {GLOBAL_MIN_LISTS} and {100 * GLOBAL_SHARE:g}%): "
+                "they sway most test losses (typically images with a large gradient), so their place in one "
+                "test image's list is not evidence specific to that prediction. Their thumbnails below carry "
+                'a <span class="glob" style="display:inline">badge</span>.</p>')
+        return (f'<section id="global"><h2>Training images in many top lists</h2>{note}<table class="sortable">'
+                f'<thead>{head}</thead><tbody>{body}</tbody></table></section>')
 
     def _self_influence_section(self, root):
         """Hook: the self-influence section, rendered once :meth:`add_self_influence` gave it rows."""
@@ -471,6 +549,14 @@ class RunReport:
 
 
 # ----------------------------------------------------------------------------- helpers
+
+def global_threshold(tests):
+    """Lists a training image must be in to be global among ``tests`` test images; None below
+    :data:`GLOBAL_MIN_TESTS` (nothing is flagged then)."""
+    if tests < GLOBAL_MIN_TESTS:
+        return None
+    return max(GLOBAL_MIN_LISTS, math.ceil(GLOBAL_SHARE * tests - 1e-9))    # 1e-9: 0.2 * 15 > 3.0
+
 
 def _test_thumb_path(folder, label, n):
     return f"{THUMBS}/test/{folder}/{label}_{n}.png"
@@ -519,9 +605,16 @@ def _img(root, rel, alt, cls):
     return f'<img class="{cls}" src="{_url(root, rel)}"{size} loading="lazy" decoding="async" alt="{_esc(alt)}">'
 
 
-def _train_figure(root, t):
+def _train_figure(root, t, glob=None):
+    """One training thumbnail of a strip; ``glob`` (a :class:`ListCount`) marks a global one."""
     title = f"#{t.rank} {t.key}: {t.file} ({t.class_name}), score {t.score!r}"
-    return (f'<figure title="{_esc(title)}">{_img(root, t.thumb, t.key, "th")}'
+    cls, badge = "", ""
+    if glob is not None:
+        title += (f"\nappears in the top lists of {glob.lists} of {glob.tests} test images: likely a global "
+                  "(high-gradient) image, not evidence specific to this prediction")
+        cls = ' class="global"'
+        badge = f'<span class="glob">in {glob.lists} of {glob.tests} lists</span>'
+    return (f'<figure{cls} title="{_esc(title)}">{_img(root, t.thumb, t.key, "th")}{badge}'
             f"<figcaption>{_esc(format_score(t.score))}<br>{_esc(t.class_name)}<br>{_esc(t.file or t.key)}"
             "</figcaption></figure>")
 
@@ -549,4 +642,5 @@ def _read_csv(path):
         return list(csv.DictReader(fh))
 
 
-__all__ = ["RunReport", "SELF_INFLUENCE_COLUMNS", "INDEX", "THUMBS"]
+__all__ = ["RunReport", "ListCount", "SELF_INFLUENCE_COLUMNS", "INDEX", "THUMBS", "GLOBAL_MIN_TESTS",
+           "GLOBAL_MIN_LISTS", "GLOBAL_SHARE", "global_threshold"]

@@ -98,6 +98,39 @@ def test_scores_of_a_float32_model_agree_with_float64(tmp_path):
     np.testing.assert_allclose(b, a, rtol=1e-3, atol=1e-4 * np.abs(a).max())
 
 
+def test_a_confident_float32_image_keeps_its_true_class_gradient():
+    """Once p_y rounds to 1 in float32, p_y − 1 cancels to 0; the loss takes the true-class entry as
+    −Σ_{c≠y} p_c, so the float32 gradient, per-image loss and HVP equal float64's (tf.nn's lose it)."""
+    x, y = random_data(6, seed=5)
+    m64, m32 = tiny_model(0, dtype="float64"), tiny_model(0, dtype="float32")
+    dense = m64.get_layer("dense")
+    dense.bias.assign(np.eye(4)[y[0]] * 20.0)       # p_y ≈ 1 − 1e-8: exactly 1 in float32, not in float64
+    m32.set_weights([w.astype(np.float32) for w in m64.get_weights()])
+    d64, d32 = Derivatives(classifier(m64), IMAGE), Derivatives(classifier(m32), IMAGE)
+    confident = np.nonzero(y == y[0])[0]
+    p32 = d32.predict(x).numpy()
+    assert (p32[confident, y[0]] == 1.0).all()       # float32 rounds p_y to exactly 1 here
+    g64 = per_example_gradients(d64, x[confident], y[confident])
+    g32 = per_example_gradients(d32, x[confident], y[confident])
+    assert np.abs(g64).max() > 0
+    np.testing.assert_allclose(g32, g64, rtol=0, atol=1e-4 * np.abs(g64).max())
+    l64, l32 = d64.losses(x, y).numpy(), d32.losses(x, y).numpy()
+    np.testing.assert_allclose(l32, l64, rtol=1e-4)
+    assert (l32[confident] > 0).all()
+    # what tf.nn's float32 cross-entropy gives: a gradient without the true-class term
+    xi, yi = x[confident[:1]], y[confident[:1]]
+    with tf.GradientTape() as tape:
+        logits = d32.clf.image_logits(xi)
+        tape.watch(logits)
+        plain = tf.nn.sparse_softmax_cross_entropy_with_logits(yi, logits)
+    assert tape.gradient(plain, logits).numpy()[0, yi[0]] == 0.0
+    v = np.random.default_rng(2).standard_normal(g64.shape[1])
+    one = tf.constant(1.0, tf.float64)
+    h64 = vec_to_numpy(d64.hvp(x[confident], y[confident], to_vec(v, d64), one, one))
+    h32 = vec_to_numpy(d32.hvp(x[confident], y[confident], to_vec(v, d32), tf.constant(1.0), tf.constant(1.0)))
+    np.testing.assert_allclose(h32, h64, rtol=0, atol=1e-3 * np.abs(h64).max())
+
+
 def test_exact_solver_matches_numpy_solve(tiny):
     d, H, rng = tiny["d"], tiny["H"], tiny["rng"]
     V = rng.standard_normal((2, tiny["P"]))

@@ -56,6 +56,47 @@ def vec_stack(vecs):
     return tuple(tf.stack(parts) for parts in zip(*vecs))
 
 
+# ----------------------------------------------------------------------------- the loss
+
+def _others_mass(logits, onehot):
+    """``1 − p_y = Σ_{c≠y} p_c`` (N, 1), summed over the other classes (no ``1 − p_y`` cancellation)."""
+    p = tf.nn.softmax(logits)
+    return tf.reduce_sum(p * (1.0 - onehot), axis=-1, keepdims=True), p
+
+
+@tf.custom_gradient
+def _cross_entropy(logits, onehot):
+    # loss = log Σ_c exp(z_c − z_y), as (m − z_y) + log1p(Σ_{c≠argmax} exp(z_c − m)) with m = max z:
+    # exact for a confident image, where log(1 + ε) would round to 0
+    m = tf.reduce_max(logits, axis=-1, keepdims=True)
+    shifted = tf.exp(logits - m)
+    top = tf.one_hot(tf.argmax(logits, axis=-1), tf.shape(logits)[-1], dtype=logits.dtype)
+    rest = tf.reduce_sum(shifted * (1.0 - top), axis=-1)
+    z_y = tf.reduce_sum(logits * onehot, axis=-1)
+    loss = (m[:, 0] - z_y) + tf.math.log1p(rest)
+
+    def grad(upstream):
+        # ∂L/∂z = p − e_y, with the true-class entry −Σ_{c≠y} p_c instead of p_y − 1 (which is 0 in
+        # float32 once p_y rounds to 1: the gradient would lose its true-class term). The ops are
+        # differentiable, so HVPs (reverse over reverse) and forward mode see the same Jacobian.
+        others, p = _others_mass(logits, onehot)
+        g = p * (1.0 - onehot) - onehot * others
+        return upstream[:, None] * g, tf.zeros_like(onehot)
+
+    return loss, grad
+
+
+def cross_entropy(logits, y):
+    """Per-image cross-entropy ``−log softmax(z)_y`` from logits (N, K) and int labels (N,) -> (N,).
+
+    Numerically: the loss is ``log1p`` of the other classes' mass and the gradient's true-class
+    entry is ``−Σ_{c≠y} p_c`` (docs/DESIGN.md, "What is computed"): a float32 model gets the
+    gradient of a confident image as float64 does, where ``p_y − 1`` would cancel to 0.
+    """
+    onehot = tf.one_hot(y, tf.shape(logits)[-1], dtype=logits.dtype)
+    return _cross_entropy(logits, onehot)
+
+
 # ----------------------------------------------------------------------------- derivatives
 
 class Derivatives:
@@ -88,8 +129,8 @@ class Derivatives:
         return self.clf.image_logits(x)
 
     def per_example_loss(self, logits, y):
-        """Cross-entropy from logits, (N, K), (N,) -> (N,)."""
-        return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=logits)
+        """Cross-entropy from logits, (N, K), (N,) -> (N,), without cancellation (:func:`cross_entropy`)."""
+        return cross_entropy(logits, y)
 
     def regularization(self):
         """Ω over the selected variables (Keras weight regularisers), a scalar."""

@@ -6,9 +6,24 @@ from influence.outputs.report import FIGURE_FORMATS
 D = Settings()
 
 
+def damping_arg(text):
+    """``--damping``: a float (absolute λ) or the normalised text of a relative damping (``0.1x``)."""
+    import argparse
+
+    from influence.curvature.damping import parse_damping
+    from influence.errors import UserError
+
+    try:
+        spec = parse_damping(text)
+    except UserError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return str(spec) if spec.relative else spec.value
+
+
 def build_parser():
     import_tensorflow_quietly()  # the --solver registry imports the methods, and they import TensorFlow
     from influence.curvature import method_help, method_names
+    from influence.curvature.damping import AUTO_FACTOR
 
     p = Parser(prog="calculate.py",
                description="For every test image, score every training image by its influence "
@@ -43,8 +58,9 @@ def build_parser():
     s = p.add_argument_group("inverse Hessian-vector product")
     s.add_argument("--solver", default=D.solver, choices=method_names(),
                    help=f"{method_help()} (default: {D.solver})")
-    s.add_argument("--damping", type=float, default=D.damping, metavar="LAMBDA",
-                   help=f"solve (H + LAMBDA I) x = v (default: {D.damping})")
+    s.add_argument("--damping", type=damping_arg, default=D.damping, metavar="LAMBDA|auto|Fx",
+                   help=f"solve (H + LAMBDA I) x = v; kfac/ekfac also take 'auto' ({AUTO_FACTOR:g} x each layer's "
+                        f"mean Fisher eigenvalue) or a factor like 0.3x (default: {D.damping})")
     s.add_argument("-i", "--iter", type=int, default=D.iter, metavar="T", help=f"LiSSA recursion depth (default: {D.iter})")
     s.add_argument("-b", "--bsize", type=int, default=D.bsize, metavar="B",
                    help=f"LiSSA minibatch, drawn uniformly from the whole training archive (default: {D.bsize})")

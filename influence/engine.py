@@ -408,6 +408,10 @@ def _check_settings(settings):
         raise UserError(f"--limit must be >= 0 (0 = all test images), got {settings.limit}")
     if settings.ekfac_max_block < 2:
         raise UserError(f"--ekfac-max-block must be at least 2, got {settings.ekfac_max_block}")
+    from influence.curvature import REGISTRY
+
+    if settings.solver in REGISTRY:
+        REGISTRY[settings.solver].check_damping(settings.damping)
     if settings.self_influence_limit < 0:
         raise UserError(f"--self-influence-limit must be >= 0 (0 = every training image), "
                         f"got {settings.self_influence_limit}")

@@ -15,6 +15,7 @@ Life of a solver (docs/DESIGN.md, "Curvature")::
 """
 import zlib
 
+from influence.curvature.damping import parse_damping
 from influence.errors import UserError
 from influence.model.hvp import vec_axpy, vec_size, vec_stack
 
@@ -34,6 +35,8 @@ class InverseHVP:
     name = None
     summary = ""
     cache_name = None
+    #: takes a damping relative to its fitted spectrum (``auto``, ``0.3x``: influence.curvature.damping)
+    relative_damping = False
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -43,13 +46,31 @@ class InverseHVP:
                 cls.cache_name = name
             REGISTRY[name] = cls
 
+    @classmethod
+    def check_damping(cls, damping):
+        """``damping`` parsed (influence.curvature.damping); UserError when this method cannot take it."""
+        spec = parse_damping(damping)
+        if spec.relative and not cls.relative_damping:
+            able = ", ".join(n for n, c in REGISTRY.items() if c.relative_damping)
+            raise UserError(f"--solver {cls.name}: damping {damping} is relative to a fitted spectrum, which only "
+                            f"{able} have; give --damping a number (e.g. 0.01)")
+        return spec
+
+    @property
+    def damping(self):
+        """λ (a float); None for a relative damping, which a method resolves per block after its fit."""
+        return None if self.damping_spec.relative else self.damping_spec.value
+
+    @damping.setter
+    def damping(self, value):
+        self.damping_spec = self.check_damping(value)
+
     def __init__(self, objective, damping, progress=True):
-        if damping < 0:
-            raise UserError(f"--damping must be >= 0, got {damping}")
+        self.damping_spec = self.check_damping(damping)
         self.obj = objective
-        self.damping = float(damping)
         self.progress = progress
-        self.info = {"solver": self.name, "damping": self.damping}
+        self.info = {"solver": self.name,
+                     "damping": str(self.damping_spec) if self.damping_spec.relative else self.damping}
 
     # --- training-set work (cached) ----------------------------------------------------------------
     def cache_key(self):

@@ -271,6 +271,7 @@ class KFACSolver(InverseHVP):
     name = "kfac"
     summary = "Kronecker-factored Fisher (K-FAC), fitted once; an approximation, no HVPs per test image"
     approximates = "kfac"
+    relative_damping = True  # λ per layer from its own eigenvalues (--damping auto / 0.3x)
     corrected = False        # EK-FAC: eigenvalues corrected by a second pass
     strict_regularisers = True
 
@@ -807,20 +808,31 @@ class KFACSolver(InverseHVP):
         once per damping; fits first if needed."""
         if not self._fitted:
             self.fit()
-        if self._dens is not None and self._dens[0] == self.damping:
+        key = str(self.damping_spec)
+        if self._dens is not None and self._dens[0] == key:
             return self._dens[1]
         dtype = self._compute_dtype.as_numpy_dtype
-        dens = {}
+        dens, lams = {}, {}
         for b in self.plan:
             den = self._undamped(b)
-            den += self.damping
+            lams[b.name] = lam = self._block_damping(den)
+            den += lam
             if den.min() <= SINGULAR * max(float(den.max()), 1e-300):
                 raise UserError(f"--solver {self.name}: F + λI is singular in layer {b.name} (a Fisher eigenvalue "
-                                f"is {float(den.min()) - self.damping:.3g}); use a --damping > 0")
+                                f"is {float(den.min()) - lam:.3g}); use a --damping > 0")
             dens[b.name] = den.astype(dtype, copy=False)
             del den
-        self._dens = (self.damping, dens)
+        if self.damping_spec.relative:
+            self.info["damping_per_layer"] = {name: float(f"{lam:.6g}") for name, lam in lams.items()}
+            log.info("%s: damping %s -> per layer %s", self.name, self.damping_spec,
+                     ", ".join(f"{name} {lam:.3g}" for name, lam in lams.items()))
+        self._dens = (key, dens)
         return dens
+
+    def _block_damping(self, undamped):
+        """λ of one block from its ``Λ + ρ`` (float64 array): ``--damping`` itself, or the factor times
+        their mean (influence.curvature.damping)."""
+        return self.damping_spec.for_block(float(np.mean(undamped)) if undamped.size else 0.0)
 
     def _inverse_into(self, v, parts):
         """``(F + R + λI)⁻¹ v`` for one Vec ``v``, written into ``parts`` (numpy arrays shaped like the
@@ -903,7 +915,7 @@ class KFACSolver(InverseHVP):
           form ``G̃_i`` in micro-batches. Diagonal layer: ``Σ_k g_ik² / (d_k + r_k + λ)``.
         """
         self._damped()      # fits first if needed; refuses a singular F + λI
-        key = (self._fits, self.damping)
+        key = (self._fits, str(self.damping_spec))
         if self._self_key != key:
             if self._compacted:
                 raise RuntimeError(f"{self.name}: self-influence after compact(); run it before compacting")
@@ -911,7 +923,9 @@ class KFACSolver(InverseHVP):
             for b in self.plan:
                 # this graph works in float64 whatever the model's dtype: 1 / (Λ + ρ + λ) from the float64
                 # eigenvalues, not from the solve's copy in the model's dtype
-                parts = {"inv": tf.Variable(1.0 / (self._undamped(b) + self.damping), trainable=False)}
+                den = self._undamped(b)
+                den += self._block_damping(den)
+                parts = {"inv": tf.Variable(1.0 / den, trainable=False)}
                 if isinstance(b, _Kron):
                     eig = self._eig[b.name]
                     parts["QA"] = [tf.Variable(q, trainable=False) for q in eig["QA"]]

@@ -58,6 +58,10 @@ def build_parser():
     s = p.add_argument_group("inverse Hessian-vector product")
     s.add_argument("--solver", default=D.solver, choices=method_names(),
                    help=f"{method_help()} (default: {D.solver})")
+    s.add_argument("--hessian", default=D.hessian, choices=("full", "ggn"),
+                   help="the matrix of exact/cg/lissa/pcg: full = the Hessian of the training loss, ggn = its "
+                        "Gauss-Newton part (positive semi-definite: works away from a minimum); kfac/ekfac "
+                        f"approximate the Fisher either way (default: {D.hessian})")
     s.add_argument("--damping", type=damping_arg, default=D.damping, metavar="LAMBDA|auto|Fx",
                    help=f"solve (H + LAMBDA I) x = v; kfac/ekfac also take 'auto' ({AUTO_FACTOR:g} x each layer's "
                         f"mean Fisher eigenvalue) or a factor like 0.3x (default: {D.damping})")

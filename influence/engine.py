@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 RUN_FILE = "run.json"
 #: settings that change the numbers: a resumed run must agree on them
-MATH_SETTINGS = ("model", "weights", "preprocess", "params", "solver", "damping", "scale", "iter", "bsize",
+MATH_SETTINGS = ("model", "weights", "preprocess", "params", "solver", "hessian", "damping", "scale", "iter", "bsize",
                  "repeats", "seed", "cg_tol", "cg_maxiter", "fisher", "ekfac_max_block")
 
 
@@ -50,6 +50,7 @@ class Settings:
     preprocess: str = "auto"
     params: str = "all"
     solver: str = "lissa"
+    hessian: str = "full"
     iter: int = 1000
     bsize: int = 10
     repeats: int = 1
@@ -468,7 +469,7 @@ def _calculate(settings):
     items, todo = list_test_items(test, folders, settings)
     plan = plan_memory(clf, settings, len(todo))
     derivs = Derivatives(clf, train.image_shape)
-    objective = TrainingObjective(derivs, train, chunk=plan.chunk)
+    objective = TrainingObjective(derivs, train, chunk=plan.chunk, hessian=settings.hessian)
     scorer = Scorer(derivs)
     if not scorer.split:
         log.warning("the model is not functional/sequential: scores have no per-layer split (total only)")

@@ -71,11 +71,19 @@ class InverseHVP:
         self.progress = progress
         self.info = {"solver": self.name,
                      "damping": str(self.damping_spec) if self.damping_spec.relative else self.damping}
+        if getattr(type(self), "approximates", None) == "hessian":
+            self.info["hessian"] = getattr(objective, "hessian", "full")
 
     # --- training-set work (cached) ----------------------------------------------------------------
     def cache_key(self):
         """Settings (beyond the model, --params and the training archive) the fitted state depends on."""
         return {}
+
+    def matrix_key(self):
+        """``{"hessian": "ggn"}`` when the objective's products are Gauss–Newton ones, else ``{}`` (so the
+        keys of states fitted on the full Hessian stay what they were)."""
+        kind = getattr(self.obj, "hessian", "full")
+        return {} if kind == "full" else {"hessian": kind}
 
     def fit(self):
         """Learn what the method needs from the training set (nothing by default)."""

@@ -10,7 +10,7 @@ from influence.progress import progress as progress_bar
 log = logging.getLogger(__name__)
 
 NEGATIVE_CURVATURE = ("{solver} met negative curvature: H + λI is not positive definite here; "
-                      "raise --damping")
+                      "raise --damping, or use --hessian ggn (positive semi-definite, for a model away from a minimum)")
 
 
 def conjugate_gradient(apply, v, *, tol, maxiter, x0=None, precondition=None, bar=None, solver="cg"):
@@ -75,7 +75,8 @@ class CGSolver(InverseHVP):
         super().__init__(objective, damping, progress)
         self.tol = float(cg_tol)
         self.maxiter = int(cg_maxiter)
-        self.info.update(tol=self.tol, maxiter=self.maxiter, iterations=[])
+        # per test image: iterations, and whole-training-set HVP passes (the cost; pcg adds its start's)
+        self.info.update(tol=self.tol, maxiter=self.maxiter, iterations=[], hvp_passes=[])
 
     workspace_vectors = 4          # x, r, p, A p of the vector being solved
 
@@ -95,4 +96,5 @@ class CGSolver(InverseHVP):
             log.warning("%s stopped after %d iterations at relative residual %.2e (--cg-tol %.0e)",
                         self.name, it, residual, self.tol)
         self.info["iterations"].append(it)
+        self.info["hvp_passes"].append(it + (x0 is not None))
         return x

@@ -27,6 +27,9 @@ class ExactSolver(InverseHVP):
         self._hessian = None
         self._matrix = None
 
+    def cache_key(self):
+        return self.matrix_key()
+
     def _check_size(self):
         p = vec_size(self.obj.d.variables)
         if p > self.max_params:
@@ -61,7 +64,8 @@ class ExactSolver(InverseHVP):
         w = np.linalg.eigvalsh(a)
         self.info.update(lambda_min=float(w[0]), lambda_max=float(w[-1]), num_params=len(h))
         if w[0] <= 0:
-            log.warning("H + λI is not positive definite (smallest eigenvalue %.3g): raise --damping", w[0])
+            log.warning("H + λI is not positive definite (smallest eigenvalue %.3g): raise --damping, or use "
+                        "--hessian ggn", w[0])
         self._matrix = a
 
     @property

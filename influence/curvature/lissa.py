@@ -89,7 +89,8 @@ class LissaSolver(InverseHVP):
 
     # --- the auto scale: training-set work, cached -----------------------------------------------
     def cache_key(self):
-        return {"damping": self.damping, "bsize": self.batch, "seed": self.seed, "lambda_sample": self.lambda_sample}
+        return {"damping": self.damping, "bsize": self.batch, "seed": self.seed, "lambda_sample": self.lambda_sample,
+                **self.matrix_key()}
 
     def fit(self):
         if self.scale is not None:
@@ -143,7 +144,8 @@ class LissaSolver(InverseHVP):
         """One recursion step; returns (h_new, ‖h_new‖²)."""
         d = self.obj.d
         dtype = d.dtype
-        hv = d._hvp(x, y, h, tf.cast(1.0 / tf.cast(tf.shape(y)[0], tf.float64), dtype), tf.constant(1.0, dtype))
+        hv = self.obj.vp_graph(x, y, h, tf.cast(1.0 / tf.cast(tf.shape(y)[0], tf.float64), dtype),
+                               tf.constant(1.0, dtype))
         inv_s = tf.constant(1.0 / self.scale, dtype)
         keep = tf.constant(1.0 - self.damping / self.scale, dtype)
         new = tuple(vi + keep * hi - inv_s * hvi for vi, hi, hvi in zip(v, h, hv))

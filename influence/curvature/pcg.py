@@ -43,7 +43,7 @@ def hvp_full_many(objective, vecs):
         y = np.asarray(y, np.int64)
         reg = objective._scalar(1.0 if start == 0 else 0.0)
         for k, v in enumerate(vecs):
-            part = d.hvp(x, y, v, weight, reg)
+            part = objective.vp(x, y, v, weight, reg)
             totals[k] = part if totals[k] is None else tuple(a + b for a, b in zip(totals[k], part))
     return totals
 
@@ -183,5 +183,6 @@ class PCGSolver(CGSolver):
                             self.name, it, residual, self.tol)
             self.info["iterations"].append(it)
             self.info["hvps"].append(it + 1)
+            self.info["hvp_passes"].append(it + 1)
             out.append(x)
         return out

@@ -119,6 +119,7 @@ class Derivatives:
         self.losses = tf.function(self._losses, input_signature=[x_spec, y_spec])
         self.gradient = tf.function(self._gradient, input_signature=[x_spec, y_spec])
         self.hvp = tf.function(self._hvp, input_signature=[x_spec, y_spec, vec_spec, scalar, scalar])
+        self.ggn_vp = tf.function(self._ggn_vp, input_signature=[x_spec, y_spec, vec_spec, scalar, scalar])
         self.jvp_losses = tf.function(self._jvp_losses, input_signature=[x_spec, y_spec, vec_spec])
         self.dtype = dtype
 
@@ -174,6 +175,31 @@ class Derivatives:
             gv = tf.add_n([tf.reduce_sum(g * t) for g, t in zip(grads, v)])
         return tuple(outer.gradient(gv, primals, unconnected_gradients=zero))
 
+    def _ggn_vp(self, x, y, v, data_weight, reg_weight):
+        """Gauss–Newton product ``(data_weight·Σ_i J_iᵀ H_i J_i + reg_weight·∇²Ω) v`` -> Vec.
+
+        ``J_i = ∂z_i/∂θ`` (the logits' Jacobian), ``H_i = diag(p_i) − p_i p_iᵀ`` the cross-entropy's
+        Hessian in the logits (positive semi-definite, whatever the label). ``J v`` in forward mode,
+        ``H_i`` in closed form, ``Jᵀ(·)`` in reverse mode: positive semi-definite, so CG and LiSSA
+        apply away from a minimum without a large damping. The regulariser's Hessian is exact.
+        """
+        primals = self._primals()
+        zero = tf.UnconnectedGradients.ZERO
+        with tf.autodiff.ForwardAccumulator(primals, list(v)) as acc:
+            logits = self._logits(x)
+        jv = acc.jvp(logits, unconnected_gradients=zero)                              # (N, K)
+        p = tf.nn.softmax(logits)
+        hjv = p * jv - p * tf.reduce_sum(p * jv, axis=-1, keepdims=True)             # H_i J_i v
+        with tf.GradientTape() as tape:
+            obj = data_weight * tf.reduce_sum(self._logits(x) * tf.stop_gradient(hjv))
+        data = tape.gradient(obj, primals, unconnected_gradients=zero)
+        with tf.GradientTape() as outer:
+            with tf.GradientTape() as inner:
+                reg = reg_weight * self.regularization()
+            grads = inner.gradient(reg, primals, unconnected_gradients=zero)
+            gv = tf.add_n([tf.reduce_sum(g * t) for g, t in zip(grads, v)])
+        return tuple(a + b for a, b in zip(data, outer.gradient(gv, primals, unconnected_gradients=zero)))
+
     def _jvp_losses(self, x, y, v):
         """[∇L(z_i)·v]_i, the directional derivative of the per-image losses -> (N,)."""
         with tf.autodiff.ForwardAccumulator(self._primals(), list(v)) as acc:
@@ -181,18 +207,30 @@ class Derivatives:
         return acc.jvp(losses, unconnected_gradients=tf.UnconnectedGradients.ZERO)
 
 
+#: the curvature matrices a Hessian solver can take: ``full`` ∇²R, ``ggn`` the Gauss–Newton part
+HESSIANS = ("full", "ggn")
+
+
 class TrainingObjective:
     """HVPs of ``R(θ) = mean_i L(z_i) + Ω`` over a training archive, whole or by minibatch.
 
     ``archive`` is a :class:`influence.data.archives.TrainArchive`; ``chunk`` bounds the images per call.
+    ``hessian``: which matrix every product takes (:data:`HESSIANS`): ``"full"`` ∇²R, or ``"ggn"``
+    the Gauss–Newton matrix ``mean_i J_iᵀ H_i J_i + ∇²Ω`` (:meth:`Derivatives._ggn_vp`).
     """
 
-    def __init__(self, derivs, archive, chunk=256):
+    def __init__(self, derivs, archive, chunk=256, hessian="full"):
+        if hessian not in HESSIANS:
+            raise ValueError(f"hessian must be one of {', '.join(HESSIANS)}, got {hessian!r}")
         self.d = derivs
         self.archive = archive
         self.n = len(archive)
         self.chunk = int(chunk)
         self.dtype = derivs.dtype
+        self.hessian = hessian
+        #: the product, compiled (``vp``) and as a graph function to call inside another tf.function
+        self.vp = derivs.hvp if hessian == "full" else derivs.ggn_vp
+        self.vp_graph = derivs._hvp if hessian == "full" else derivs._ggn_vp
 
     def _scalar(self, value):
         return tf.constant(value, self.dtype)
@@ -204,10 +242,10 @@ class TrainingObjective:
         weight = self._scalar(1.0 / len(idx))
         for start in range(0, len(idx), self.chunk):
             x, y = self.archive.take(idx[start:start + self.chunk])
-            part = self.d.hvp(x, y.astype(np.int64), v, weight, self._scalar(1.0 if start == 0 else 0.0))
+            part = self.vp(x, y.astype(np.int64), v, weight, self._scalar(1.0 if start == 0 else 0.0))
             total = part if total is None else tuple(a + b for a, b in zip(total, part))
         return total
 
     def hvp_minibatch(self, v, x, y):
         """H̃ v for one minibatch: ∇²(mean over the batch of L + Ω) v."""
-        return self.d.hvp(x, y, v, self._scalar(1.0 / len(y)), self._scalar(1.0))
+        return self.vp(x, y, v, self._scalar(1.0 / len(y)), self._scalar(1.0))

@@ -7,6 +7,8 @@ Sub-packages in the order the data flows through them; :mod:`influence.engine` d
   scoring    -- scorer (batched influence scores with a per-layer split), self_influence
   outputs    -- report (figures, CSV files, score dicts), writer (background drawing), html_report
 
+The Python API: :class:`influence.Influence` (:mod:`influence.api`) -- scores as arrays.
+
 Top-level modules:
   engine     -- calculate.py job: ties the above together
   distributed -- the same job scaled out over Ray
@@ -16,3 +18,7 @@ Top-level modules:
   demo, validate -- ``python -m influence.demo`` and ``python -m influence.validate``
 """
 __version__ = "0.1.0"
+
+from influence.api import Influence  # noqa: E402  (the Python API; heavy imports happen on first use)
+
+__all__ = ["Influence", "__version__"]

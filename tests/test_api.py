@@ -1,0 +1,90 @@
+"""The Python API (influence.Influence): the numbers of calculate.py, as arrays."""
+import logging
+
+import keras
+import numpy as np
+import pytest
+
+import influence
+from engine_helpers import calc_settings, dense_hessian, per_example_gradients, write_project
+from influence.data.archives import TestArchive, TrainArchive
+from influence.engine import calculate
+from influence.errors import UserError
+
+DAMPING = 0.05
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_project(tmp_path_factory.mktemp("api"), 24, 10, {"a": 3})
+
+
+def test_scores_equal_calculate_and_the_dense_reference(data, tmp_path):
+    x, y, _ = TestArchive(data / "test.npz").read("a")
+    inf = influence.Influence(str(data / "model.keras"), train=data / "train.npz", solver="exact", damping=DAMPING,
+                              preprocess="unit", progress=False)
+    scores = inf.scores(x, y)
+    assert scores.shape == (3, 24) and scores.dtype == np.float32
+    # calculate.py's files hold the same numbers
+    calculate(calc_settings(data, tmp_path / "out", damping=DAMPING))
+    for t in range(3):
+        n = int(np.sum(y[:t + 1] == y[t]))
+        np.testing.assert_allclose(scores[t], np.load(tmp_path / "out" / "a" / str(int(y[t])) / f"{n}_scores.npy"),
+                                   rtol=1e-6, atol=1e-9)
+    # and the dense float64 reference
+    train = TrainArchive(data / "train.npz")
+    xt, yt = train.take(np.arange(len(train)))
+    d = inf.derivs
+    h = dense_hessian(d, xt, yt.astype(np.int64))
+    g_train = per_example_gradients(d, xt, yt.astype(np.int64))
+    g_test = per_example_gradients(d, x, y.astype(np.int64))
+    inv = np.linalg.inv(h + DAMPING * np.eye(len(h)))
+    np.testing.assert_allclose(scores, g_test @ inv @ g_train.T, rtol=1e-5, atol=1e-8)
+    # per layer: the shares add up to the totals
+    shares, layers = inf.scores(x, y, per_layer=True)
+    assert layers == ["conv", "dense"] and shares.shape == (3, 24, 2)
+    np.testing.assert_allclose(shares.sum(-1), scores, rtol=1e-6, atol=1e-9)
+    # top lists: most negative first in harmful, most positive first in useful, with archive facts
+    top = inf.top(scores, k=2)
+    assert len(top) == 3 and [r.score for r in top[0]["harmful"]] == sorted(scores[0])[:2]
+    best = top[0]["useful"][0]
+    assert best.score == scores[0].max() and best.index == int(np.argmax(scores[0]))
+    assert best.key == [k for b in train.batches for k in train.keys(b)][best.index]
+    assert best.label == int(train.labels()[best.index])
+    # self-influence: gᵢᵀ (H + λI)⁻¹ gᵢ
+    res = inf.self_influence()
+    want = np.einsum("np,pq,nq->n", g_train, inv, g_train)[res.indices]
+    np.testing.assert_allclose(res.values, want, rtol=1e-6, atol=1e-5 * np.abs(want).max())
+
+
+def test_a_keras_model_object_and_the_cache(data, tmp_path, caplog):
+    x, y, _ = TestArchive(data / "test.npz").read("a")
+    model = keras.models.load_model(data / "model.keras")
+    cache = tmp_path / "cache"
+    first = influence.Influence(model, train=data / "train.npz", solver="ekfac", preprocess="unit", cache=cache,
+                                progress=False).fit()
+    assert (cache / "ekfac.npz").is_file()
+    caplog.set_level(logging.INFO)
+    again = influence.Influence(model, train=data / "train.npz", solver="ekfac", preprocess="unit", cache=cache,
+                                progress=False)
+    np.testing.assert_array_equal(again.scores(x, y), first.scores(x, y))
+    assert "curvature cache: loaded" in caplog.text
+
+
+def test_mistakes_are_one_line_errors_naming_the_setting(data):
+    train = data / "train.npz"
+    model = str(data / "model.keras")
+    with pytest.raises(UserError, match=r"takes no option iters; it takes: .*ekfac_max_block"):
+        influence.Influence(model, train=train, solver="ekfac", preprocess="unit", iters=3)
+    with pytest.raises(UserError, match="solver must be one of"):
+        influence.Influence(model, train=train, solver="newton", preprocess="unit")
+    with pytest.raises(UserError, match="hessian must be one of"):
+        influence.Influence(model, train=train, solver="cg", hessian="fisher", preprocess="unit")
+    inf = influence.Influence(model, train=train, solver="exact", preprocess="unit", progress=False)
+    x, y, _ = TestArchive(data / "test.npz").read("a")
+    with pytest.raises(UserError, match="uint8"):
+        inf.scores(x.astype(np.float32), y)
+    with pytest.raises(UserError, match=r"images must be \(T, 6, 6, 3\)"):
+        inf.scores(x[:, :4], y)
+    with pytest.raises(UserError, match="class indices 0..3"):
+        inf.scores(x, y + 10)

@@ -11,18 +11,12 @@ The same numbers as ``calculate.py`` with the same settings (docs/DESIGN.md, "Wh
 it (or :meth:`Influence.fit`), and kept in ``cache`` (a folder, the same cache calculate.py uses) when
 one is given. Errors are :class:`influence.errors.UserError` with one line naming the setting.
 """
-import inspect
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from influence.errors import UserError
-
-#: options of :class:`Influence` that are not solver options
-_OWN = ("solver", "damping", "hessian", "preprocess", "params", "weights", "cache", "score_batch", "chunk",
-        "progress")
-
 
 @dataclass
 class Ranked:
@@ -59,7 +53,7 @@ class Influence:
     def __init__(self, model, train, *, solver="ekfac", damping=0.01, hessian="full", preprocess="auto",
                  params="all", weights="imagenet", cache=None, score_batch=256, chunk=256, progress=True,
                  **options):
-        from influence.curvature import REGISTRY, make_solver
+        from influence.curvature import REGISTRY, make_solver, solver_options
         from influence.data.archives import TrainArchive
         from influence.model.hvp import HESSIANS, Derivatives, TrainingObjective
         from influence.scoring import Scorer
@@ -68,11 +62,11 @@ class Influence:
             raise UserError(f"solver must be one of {', '.join(REGISTRY)}, got {solver!r}")
         if hessian not in HESSIANS:
             raise UserError(f"hessian must be one of {', '.join(HESSIANS)}, got {hessian!r}")
-        accepted = set(inspect.signature(REGISTRY[solver].__init__).parameters) - {"self", "objective", "damping"}
+        accepted = solver_options(REGISTRY[solver])
         unknown = sorted(set(options) - accepted)
         if unknown:
             raise UserError(f"solver {solver!r} takes no option {', '.join(unknown)}; it takes: "
-                            f"{', '.join(sorted(accepted - {'progress'}))}")
+                            f"{', '.join(sorted(accepted))}")
         if int(score_batch) < 1 or int(chunk) < 1:
             raise UserError(f"score_batch and chunk must be at least 1, got {score_batch} and {chunk}")
         self.train = train if isinstance(train, TrainArchive) else TrainArchive(Path(train))

@@ -118,3 +118,12 @@ def test_gauss_newton_is_positive_semidefinite_where_the_hessian_is_not(problem)
     d, v = problem["d"], problem["V"][0]
     gv = vec_to_numpy(problem["ggn_obj"].hvp_full(to_vec(v, d)))
     np.testing.assert_allclose(gv, g @ v, rtol=1e-9, atol=1e-12 * np.abs(g @ v).max())
+
+
+def test_make_solver_refuses_an_option_no_method_takes(problem):
+    from influence.errors import UserError
+
+    with pytest.raises(UserError, match=r"no solver takes the option\(s\) cg_tolerance, itr; options: .*cg_tol"):
+        make_solver("cg", problem["obj"], 1.0, progress=False, cg_tolerance=1e-3, itr=3)
+    # another method's option is left out: calculate.py passes every method's settings
+    assert make_solver("exact", problem["obj"], 1.0, progress=False, iter=5, fisher="true").name == "exact"

@@ -35,15 +35,26 @@ def method_help():
     return "; ".join(f"{name} = {cls.summary}" for name, cls in REGISTRY.items())
 
 
+def solver_options(cls):
+    """The option names a method class takes (its ``__init__`` parameters beyond objective and damping)."""
+    return set(inspect.signature(cls.__init__).parameters) - {"self", "objective", "damping", "progress"}
+
+
 def make_solver(name, objective, damping, progress=True, **options):
-    """Build the ``--solver`` method ``name``; ``options`` not taken by that method are ignored.
+    """Build the ``--solver`` method ``name`` with the ``options`` it takes.
 
     ``options`` use calculate.py's setting names (``iter``, ``bsize``, ``repeats``, ``scale``, ``seed``,
-    ``cg_tol``, ``cg_maxiter``, ``max_exact_params``, ``fisher``, ...).
+    ``cg_tol``, ``cg_maxiter``, ``max_exact_params``, ``fisher``, ...). The job passes every method's
+    settings to whichever method runs, so an option another registered method takes is left out; one
+    that no method takes is a mistake (a typo) and raises UserError naming it.
     """
     cls = REGISTRY.get(name)
     if cls is None:
         raise UserError(f"unknown --solver {name!r}: choose one of {', '.join(REGISTRY)}")
-    accepted = inspect.signature(cls.__init__).parameters
+    known = set().union(*(solver_options(c) for c in REGISTRY.values()))
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise UserError(f"no solver takes the option(s) {', '.join(unknown)}; options: {', '.join(sorted(known))}")
+    accepted = solver_options(cls)
     kwargs = {k: v for k, v in options.items() if k in accepted}
     return cls(objective, damping, progress=progress, **kwargs)

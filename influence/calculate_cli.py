@@ -1,6 +1,6 @@
 """Command line of ``calculate.py`` (the original's -i/-b/-sf kept, long options added)."""
 from influence.cli import Parser, import_tensorflow_quietly
-from influence.engine import Settings
+from influence.settings import Settings
 from influence.outputs.report import FIGURE_FORMATS
 
 D = Settings()
@@ -117,7 +117,7 @@ def build_parser():
 
 def job(args):
     from influence.cli import import_tensorflow_quietly
-    from influence.engine import Settings, calculate
+    from influence.engine import calculate
 
     import_tensorflow_quietly()
 

@@ -363,7 +363,7 @@ def score_shard(spec, batches, stacked, part, score_batch):
     ctx = _context(spec)
     import tensorflow as tf
 
-    from influence.outputs.report import atomic_write
+    from influence.io import atomic_write
     from influence.scoring import Scorer
 
     if "scorer" not in ctx:
@@ -483,7 +483,7 @@ def group_parts(settings, curvature_key, fingerprints, group, score_batch):
     """``<out>/parts/<key>``: the folder of one group's shard scores. The key covers every setting
     that changes the numbers, the model weights and training archive (``curvature_key``), the test
     images of the group (folder digests, folder/label/number/index, in order) and ``score_batch``."""
-    from influence.engine import MATH_SETTINGS
+    from influence.settings import MATH_SETTINGS
 
     folders = sorted({it.folder for it in group})
     what = {
@@ -516,7 +516,7 @@ def score_archive(settings, train, stacked, score_batch, parts, curvature_key, p
 
     Shards whose part is already in ``parts`` (see :func:`group_parts`) are not scored again.
     """
-    from influence.outputs.report import atomic_write
+    from influence.io import atomic_write
 
     cluster = _connect(settings)
     shards = plan_shards(train)

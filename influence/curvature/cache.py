@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from influence.outputs.report import atomic_write
+from influence.io import atomic_write
 
 log = logging.getLogger(__name__)
 

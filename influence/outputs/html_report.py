@@ -52,7 +52,8 @@ from collections.abc import Mapping
 import numpy as np
 from PIL import Image
 
-from influence.outputs.report import atomic_write, expected_outputs, format_score, outputs_complete
+from influence.io import atomic_write
+from influence.outputs.report import expected_outputs, format_score, outputs_complete
 
 log = logging.getLogger(__name__)
 

@@ -27,21 +27,21 @@ For the n-th test image of a label folder (numbered from 1: the first test image
                               (the numbers: :func:`summarize`)
 ============================  =====================================================================
 
-Every file is written atomically (:func:`atomic_write`): a crash never leaves a half-written file
+Every file is written atomically (:func:`influence.io.atomic_write`): a crash never leaves a half-written file
 under a final name, so :func:`outputs_complete` can be trusted when a run is resumed.
 
 This module does not import TensorFlow and never prints; figures use matplotlib's object-oriented
 API with the Agg canvas (no pyplot, no global state).
 """
-import contextlib
 import csv
 import logging
-import os
 import pathlib
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from influence.io import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -76,43 +76,6 @@ _CAPTIONS = {
     "useful": "useful = removing it would raise the test loss (score > 0)",
 }
 _HEADINGS = {"harmful": "Most harmful", "useful": "Most useful"}
-
-
-# ----------------------------------------------------------------------------- atomic writing
-
-@contextlib.contextmanager
-def atomic_write(path):
-    """Write ``path`` atomically: yield a temporary path in the same folder, then ``os.replace``.
-
-    The temporary name is ``.<stem>.tmp-<pid><suffix>`` (the extension is kept, so writers that
-    pick or append an extension -- matplotlib, ``np.save`` -- write exactly there). The body must
-    create and close the file at the yielded path. On an exception in the body the temporary file
-    is deleted and the exception propagates; the final path is left untouched.
-
-    Example::
-
-        with atomic_write(out / "a.csv") as tmp:
-            tmp.write_text("x\\n")
-    """
-    path = pathlib.Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
-    try:
-        yield tmp
-        _fsync(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
-
-
-def _fsync(path):
-    """Flush a closed file's data to disk, so the rename never exposes an empty file after a crash."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # ----------------------------------------------------------------------------- ranking

@@ -34,7 +34,8 @@ from matplotlib.figure import Figure
 
 from influence.errors import UserError
 from influence.progress import progress as progress_bar
-from influence.outputs.report import FIGURE_FORMATS, _short_class, _short_file, _show, atomic_write, format_score
+from influence.io import atomic_write
+from influence.outputs.report import FIGURE_FORMATS, _short_class, _short_file, _show, format_score
 
 log = logging.getLogger(__name__)
 

@@ -37,6 +37,10 @@ class InverseHVP:
     cache_name = None
     #: takes a damping relative to its fitted spectrum (``auto``, ``0.3x``: influence.curvature.damping)
     relative_damping = False
+    #: a method that scores the whole training set against itself without one inverse-HVP per image
+    #: names its route here and implements ``self_influence_batch(x, y) -> (N,) float64``
+    #: (``gᵢᵀ (H + λI)⁻¹ gᵢ`` with each image's own label; influence.scoring.self_influence)
+    self_influence_route = None
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)

@@ -9,13 +9,14 @@ Hessian for ``exact``, the K-FAC / EK-FAC Fisher for ``kfac`` / ``ekfac``). It i
 first-order change of the image's own training loss when it is left out: an image the rest of the
 training set argues against (a wrong label, an odd example) scores high. Koh & Liang 2017, §5.4.
 
-Routes, by solver:
+Routes, by solver (a method offers a whole-set route by its ``self_influence_route`` and
+``self_influence_batch``; :func:`fast_solvers` lists them):
 
 * ``ekfac`` / ``kfac``: per-image gradients in the Kronecker eigenbasis, squared and divided by
   the damped eigenvalues (:meth:`influence.curvature.ekfac.KFACSolver.self_influence_batch`): one
   forward and backward pass per training batch, no inverse-HVP at all;
-* ``exact``: per-image gradients ``G`` (one tape per image) against ``(H + λI)⁻¹`` (inverted once):
-  ``Σ_k (G M)_ik G_ik`` per batch;
+* ``exact``: per-image gradients ``G`` (one tape per image) against ``(H + λI)⁻¹`` (inverted once,
+  :meth:`influence.curvature.exact.ExactSolver.self_influence_batch`): ``Σ_k (G M)_ik G_ik`` per batch;
 * anything else (``lissa``, ``cg``, ``pcg``): one inverse-HVP per image, allowed only for the
   ``limit`` highest-loss training images (``--self-influence-limit N``).
 
@@ -44,8 +45,14 @@ CSV_HEADER = ("rank", "key", "file", "label", "class_name", "prediction", "predi
               "self_influence", "loss")
 CSV_NAME = "self_influence.csv"
 FIGURE_STEM = "self_influence"
-#: solvers with a route that scores the whole training set without one inverse-HVP per image
-FAST_SOLVERS = ("exact", "kfac", "ekfac")
+
+
+def fast_solvers():
+    """The registered methods with a route that scores the whole training set without one
+    inverse-HVP per image (their ``self_influence_route``)."""
+    from influence.curvature import REGISTRY
+
+    return [name for name, cls in REGISTRY.items() if cls.self_influence_route]
 
 
 @dataclasses.dataclass
@@ -84,7 +91,7 @@ def check_solver(name, limit, n_train=None):
     """
     if limit is not None and int(limit) < 0:
         raise UserError(f"--self-influence-limit must be >= 1 (0 = every training image), got {limit}")
-    if name in FAST_SOLVERS or limit:
+    if name in fast_solvers() or limit:
         return
     many = f" ({n_train} here)" if n_train is not None else ""
     raise UserError(f"--self-influence with --solver {name} needs one inverse-HVP per training image{many}: use "
@@ -100,22 +107,6 @@ def highest_loss(losses, limit):
 
 
 # ----------------------------------------------------------------------------- numbers
-
-def quadratic_forms(grads, inverse):
-    """``gᵢᵀ M gᵢ`` for every row: grads (B, P), inverse M (P, P) symmetric -> (B,) float64."""
-    grads = np.asarray(grads, np.float64)
-    return np.einsum("bp,bp->b", grads @ inverse, grads)
-
-
-def per_image_gradients(derivs, x, y):
-    """(N, P) float64 gradients of each image's loss ``L(z_i)`` (no Ω), one tape per image."""
-    from influence.model.hvp import vec_size, vec_to_numpy
-
-    y = np.asarray(y, np.int64)
-    if not len(y):
-        return np.zeros((0, vec_size(derivs.variables)))
-    return np.stack([vec_to_numpy(derivs.gradient(x[i:i + 1], y[i:i + 1])) for i in range(len(y))])
-
 
 def _losses_and_predictions(derivs, train, batch, bar):
     """Over the whole archive: losses (N,) float64, predictions (N,) int64, confidences (N,) float64."""
@@ -148,32 +139,24 @@ def self_influence(solver, derivs, train, *, batch, limit=None, vectors=None, pr
 
     Raises :class:`UserError` (see :func:`check_solver`) for a solver without a fast route and no limit.
     """
-    from influence.curvature.ekfac import KFACSolver
-    from influence.curvature.exact import ExactSolver
     from influence.model.hvp import vec_dot
 
     name = getattr(solver, "name", type(solver).__name__)
     n = len(train)
     check_solver(name, limit, n)
     batch = max(1, int(batch))
-    fast = isinstance(solver, (KFACSolver, ExactSolver))
+    route = getattr(solver, "self_influence_route", None)
+    fast = route is not None
     step_size = batch if fast or not vectors else max(1, min(batch, int(vectors)))
     with progress_bar(total=n, desc="self-influence: losses", unit="img", disable=not progress) as bar:
         losses, preds, confs = _losses_and_predictions(derivs, train, batch, bar)
     indices = highest_loss(losses, limit) if limit else np.arange(n, dtype=np.int64)
     values = np.empty(len(indices))
-    if isinstance(solver, KFACSolver):
-        method = f"{name} (Kronecker eigenbasis)"
+    if fast:
+        method = f"{name} ({route})"
 
         def step(x, y, idx):
             return solver.self_influence_batch(x, y)
-    elif isinstance(solver, ExactSolver):
-        inverse = np.linalg.inv(solver.matrix())
-        inverse = 0.5 * (inverse + inverse.T)
-        method = f"{name} (dense inverse)"
-
-        def step(x, y, idx):
-            return quadratic_forms(per_image_gradients(derivs, x, y), inverse)
     else:
         method = f"{name} (one inverse-HVP per image, {len(indices)} highest-loss images)"
 

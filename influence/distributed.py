@@ -356,8 +356,8 @@ def fit_shard(spec, start, stop, basis=None):
 def score_shard(spec, batches, stacked, part, score_batch):
     """Task: the shares (T, N_shard, L) of the shard's batches, saved atomically as ``part``.
 
-    The loop is :func:`influence.engine.score_archive`'s: batch by batch, ``score_batch`` images per
-    call, so every call sees the same images as in a single-process run.
+    The loop is a single-process run's (:func:`influence.scoring.scorer.score_batches`): batch by batch,
+    ``score_batch`` images per call, so every call sees the same images.
     """
     t0 = time.perf_counter()
     ctx = _context(spec)
@@ -365,21 +365,11 @@ def score_shard(spec, batches, stacked, part, score_batch):
 
     from influence.io import atomic_write
     from influence.scoring import Scorer
+    from influence.scoring.scorer import score_batches
 
     if "scorer" not in ctx:
         ctx["scorer"] = Scorer(ctx["derivs"])
-    scorer, train = ctx["scorer"], ctx["train"]
-    stacked = tuple(tf.constant(a) for a in stacked)
-    t = int(stacked[0].shape[0])
-    out = np.empty((t, sum(train.batch_len(b) for b in batches), len(scorer.layer_names) if scorer.split else 1),
-                   np.float32)
-    at = 0
-    for b in batches:
-        x, y, _ = train.read_batch(b)
-        for s in range(0, len(y), score_batch):
-            xc, yc = x[s:s + score_batch], y[s:s + score_batch].astype(np.int64)
-            out[:, at:at + len(yc)] = scorer.shares(xc, yc, stacked)
-            at += len(yc)
+    out = score_batches(ctx["scorer"], ctx["train"], tuple(tf.constant(a) for a in stacked), score_batch, batches)
     part = Path(part)
     part.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(part) as tmp:

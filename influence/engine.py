@@ -279,25 +279,15 @@ def plan_memory(clf, settings, n_test, solver=None):
 # ----------------------------------------------------------------------------- scoring pass
 
 def score_archive(scorer, train, stacked, score_batch, progress_desc="scoring"):
-    """Shares of every training image: float32 (T, N, L), in archive order.
+    """Shares of every training image: float32 (T, N, L), in archive order, with a progress bar.
 
-    ``stacked``: a Vec whose parts have a leading axis T (or a list of T Vecs).
+    ``stacked``: a Vec whose parts have a leading axis T (or a list of T Vecs). The loop is
+    :func:`influence.scoring.scorer.score_batches`, the same as each Ray shard's.
     """
-    from influence.model.hvp import vec_stack
+    from influence.scoring.scorer import score_batches
 
-    if isinstance(stacked, list):
-        stacked = vec_stack(stacked)
-    t = int(stacked[0].shape[0])
-    out = np.empty((t, len(train), len(scorer.layer_names) if scorer.split else 1), np.float32)
-    at = 0
     with progress(total=len(train), desc=progress_desc, unit="img") as bar:
-        for _, x, y, _ in train.iter_batches():
-            for s in range(0, len(y), score_batch):
-                xc, yc = x[s:s + score_batch], y[s:s + score_batch].astype(np.int64)
-                out[:, at:at + len(yc)] = scorer.shares(xc, yc, stacked)
-                at += len(yc)
-                bar.update(len(yc))
-    return out
+        return score_batches(scorer, train, stacked, score_batch, bar=bar)
 
 
 # ----------------------------------------------------------------------------- the job

@@ -24,6 +24,7 @@ Two routes for a Dense/Conv layer, chosen per layer by cost (docs/DESIGN.md, "Sc
 The gradient route is cheaper whenever ``(T - 1)(P - 1) > 1``: every conv layer once T ≥ 2, never
 a Dense layer on flat input (P = 1). Each route gives the same numbers (tests check it).
 """
+import numpy as np
 import tensorflow as tf
 
 from influence.model.hvp import vec_stack
@@ -177,3 +178,33 @@ class Scorer:
             return tf.reduce_sum(tf.reshape(jv * delta, [tf.shape(delta)[0], -1]), axis=1)
 
         return tf.map_fn(one, tuple(tangents), fn_output_signature=tf.TensorSpec((None,), delta.dtype))
+
+
+def score_batches(scorer, train, stacked, score_batch, batches=None, bar=None):
+    """Shares of the training images of archive ``batches`` (default: all): float32 (T, N, L), in order.
+
+    Args:
+      scorer: a :class:`Scorer`; train: the training archive; stacked: a Vec whose parts have a leading
+        axis T (or a list of T Vecs); score_batch: images per scoring call; bar: a progress bar (update(n)).
+
+    Batch by batch, ``score_batch`` images per call: the one loop of a single-process run and of every
+    Ray shard (influence.distributed), so each call sees the same images whoever runs it and the numbers
+    do not depend on the sharding.
+    """
+    if isinstance(stacked, list):
+        stacked = vec_stack(stacked)
+    stacked = tuple(stacked)
+    batches = list(train.batches) if batches is None else list(batches)
+    t = int(stacked[0].shape[0])
+    out = np.empty((t, sum(train.batch_len(b) for b in batches), len(scorer.layer_names) if scorer.split else 1),
+                   np.float32)
+    at = 0
+    for b in batches:
+        x, y, _ = train.read_batch(b)
+        for s in range(0, len(y), score_batch):
+            xc, yc = x[s:s + score_batch], y[s:s + score_batch].astype(np.int64)
+            out[:, at:at + len(yc)] = scorer.shares(xc, yc, stacked)
+            at += len(yc)
+            if bar is not None:
+                bar.update(len(yc))
+    return out

@@ -248,7 +248,7 @@ class MemoryPlan:
     solver_bytes: int = 0
 
 
-def plan_memory(clf, settings, n_test, solver=None):
+def plan_memory(clf, settings, n_test, solver=None, fitting=False):
     """Split ``--memory-budget`` (GB) between the fitted curvature, the held test vectors and one call.
 
     The solver's resident state and workspace (``solver.resident_bytes``, ``workspace_bytes``; the
@@ -258,9 +258,18 @@ def plan_memory(clf, settings, n_test, solver=None):
     call costs, per training image, the activations and backward signals (4 floats per activation),
     the conv patches and per-image gradients of the gradient route, and the tangent route's T outputs.
     Without a solver (before the fit) only ``chunk`` is meaningful.
+
+    ``fitting``: the plan of ``solver``'s fit: what the fit holds at its peak (``solver.fit_bytes``,
+    EK-FAC: float64 factors, eigenbases and ``Λ`` with their copies in the model's dtype) comes off
+    first, and ``chunk`` gets all the rest (no test vectors are held while fitting).
     """
     itemsize = np.dtype(clf.dtype.as_numpy_dtype).itemsize
-    held = 0 if solver is None else int(solver.resident_bytes + solver.workspace_bytes)
+    if solver is None:
+        held = 0
+    elif fitting:
+        held = int(getattr(solver, "fit_bytes", 0) or 0)
+    else:
+        held = int(solver.resident_bytes + solver.workspace_bytes)
     budget = max(settings.memory_budget * 2**30 - held, 0.1 * settings.memory_budget * 2**30)
     copies = 2 if solver is None else solver.copies_per_vector
     per_vector = copies * clf.num_params * itemsize
@@ -272,7 +281,7 @@ def plan_memory(clf, settings, n_test, solver=None):
     per_image_score = itemsize * (4 * act + patches + vectors * tangent)
     per_image_hvp = itemsize * (8 * act + patches)
     score_batch = int(max(1, min(settings.score_batch, (budget / 2) // per_image_score)))
-    chunk = int(max(1, min(256, settings.score_batch, (budget / 2) // per_image_hvp)))
+    chunk = int(max(1, min(256, settings.score_batch, (budget if fitting else budget / 2) // per_image_hvp)))
     return MemoryPlan(vectors, score_batch, chunk, per_vector, held)
 
 
@@ -449,8 +458,14 @@ def _calculate(settings):
     key = curvature_key(clf, train, model=settings.model, preprocess=settings.preprocess, solver=solver)
     loaded = cache.load(solver, key)
     if not loaded:
+        fit_chunk = plan.chunk
+        if getattr(solver, "fit_bytes", None) is not None:
+            # K-FAC/EK-FAC: the fit's chunk from what the fit itself leaves of --memory-budget
+            fit_chunk = objective.chunk = plan_memory(clf, settings, len(todo), solver, fitting=True).chunk
+            log.info("%s fit: %.2f GB of --memory-budget %g GB held at its peak; %d training image(s) per chunk",
+                     solver.name, solver.fit_bytes / 2**30, settings.memory_budget, fit_chunk)
         if distributed.enabled(settings):
-            distributed.fit(solver, settings, train, plan.chunk, key)
+            distributed.fit(solver, settings, train, fit_chunk, key)
         else:
             solver.fit()
         cache.save(solver, key)

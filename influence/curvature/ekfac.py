@@ -57,9 +57,12 @@ unfolded, ...) get a diagonal block: ``E_n[g_n²]`` per parameter from per-image
 ``2c`` of their L2 regulariser. Which layers got one is logged.
 
 Fitting streams the training archive in chunks of ``objective.chunk`` images: one pass for the
-factors (float64 accumulators), float64 eigendecompositions, and (EK-FAC) one more pass for ``Λ``.
-The factor memory (factors + eigenbases + ``Λ``, float64) is estimated first and refused with a
-:class:`UserError` when it exceeds ``memory_budget``.
+factors (float64 numpy sums of each chunk's products), float64 eigendecompositions one block at a
+time, and (EK-FAC) one more pass for ``Λ``. The factor memory (factors + eigenbases + ``Λ``, float64,
+``factor_bytes``) and the fit's peak with its copies and workspaces (``fit_bytes``) are estimated
+first and refused with a :class:`UserError` when they exceed ``memory_budget``; ``engine.plan_memory``
+gives the fit's chunk what is left (issue 16: TensorFlow's CPU allocator keeps freed memory, so
+nothing large is summed inside TensorFlow).
 
 Fitted state (``state()``; keys per layer name ``L``): ``L.QA.b`` / ``L.eA.b`` (eigenvectors and
 eigenvalues of block ``b`` of ``A``), ``L.QS.b`` / ``L.eS.b`` (the same for ``S``), ``L.Lambda``
@@ -297,6 +300,7 @@ class KFACSolver(InverseHVP):
         self._kinds = {id(g.layer): linear_kind(g.layer) for g in d.clf.groups}
         self.plan = self._make_plan()
         self.factor_bytes = sum(b.bytes(self.corrected) for b in self.plan)
+        self.fit_bytes = self._fit_bytes(np.dtype(objective.d.dtype.as_numpy_dtype).itemsize)
         self._check_budget()
         self._fitted = False
         self._compacted = False   # compact(): only what solving needs is left
@@ -307,7 +311,7 @@ class KFACSolver(InverseHVP):
         self._compute_dtype = objective.d.dtype
         self._kept = {}           # accumulators and compiled passes kept between calls (keep=True)
         self.info.update(fisher=self.fisher, ekfac_max_block=self.max_block,
-                         factor_bytes=int(self.factor_bytes),
+                         factor_bytes=int(self.factor_bytes), fit_bytes=int(self.fit_bytes),
                          layers={b.name: self._describe(b) for b in self.plan})
 
     # --- plan --------------------------------------------------------------------------------------
@@ -352,16 +356,59 @@ class KFACSolver(InverseHVP):
             return (f"kron A {b.k1} ({len(b.a_bounds)} blocks) x S {b.c_out} ({len(b.s_bounds)} blocks)")
         return f"diag {b.size}"
 
+    def _fit_bytes(self, item):
+        """The most bytes the fit holds at once besides one chunk's activations (``objective.chunk``,
+        planned by ``engine.plan_memory`` from what is left of the budget), by step:
+
+        * pass 1: the float64 factor sums and one chunk's products (model dtype);
+        * eigendecompositions: the sums or their eigenvectors (float64) and one block's transients
+          (symmetrised copy, numpy's ``eigh`` copy, ``syevd``'s ``2 b²`` workspace, eigenvectors);
+        * pass 2 (EK-FAC): the float64 eigenvectors and ``Λ`` sums, the eigenvectors in the model's dtype
+          (TensorFlow variables) and one chunk's ``Λ`` products (model dtype for a flat Dense layer,
+          float64 micro-batch sums otherwise: counted twice);
+        * :meth:`compact`: the eigenvectors in the model's dtype next to the float64 ones, then (those
+          freed) the damped ``Λ`` in the model's dtype and one float64 ``(K1, C)`` temporary.
+
+        TensorFlow's CPU allocator keeps the memory of freed tensors for later ones, so the products
+        of the passes stay resident but are reused, not added up.
+        """
+        kron = [b for b in self.plan if isinstance(b, _Kron)]
+        entries = sum(block_entries(b.a_bounds, b.s_bounds) for b in kron)
+        eig = sum(b.k1 + b.c_out for b in kron)
+        diag = sum(b.size for b in self.plan if isinstance(b, _Diag))
+        lam_all = sum(b.k1 * b.c_out for b in kron) + diag
+        lam = lam_all - diag if self.corrected else 0
+        big = max([b.k1 * b.c_out for b in kron] + [0])
+        block = max([(e - s) ** 2 for b in kron for s, e in b.a_bounds + b.s_bounds] + [0])
+
+        def flat(b):
+            try:
+                return self._kinds.get(id(b.layer)) == "dense" and len(b.layer.input.shape) == 2
+            except (AttributeError, ValueError, TypeError):
+                return False
+
+        lam_out = sum((item if flat(b) else 16) * b.k1 * b.c_out for b in kron) if self.corrected else 0
+        held = 8 * (entries + eig + diag)
+        steps = [8 * entries + item * entries + 16 * diag,                       # pass 1
+                 held + 8 * 5 * block,                                           # eigh, one block
+                 held + 8 * lam + item * entries + lam_out,                      # pass 2
+                 held + 8 * lam + 8 * big,                                       # _damped without compact
+                 held + 8 * lam + item * entries,                                # compact: the eigenvectors
+                 8 * (eig + diag + lam + big) + item * (entries + lam_all)]      # compact: the damped Λ
+        return int(max(steps))
+
     def _check_budget(self):
         if self.memory_budget is None:
             return
         budget = self.memory_budget * 2**30
-        if self.factor_bytes <= budget:
+        if max(self.factor_bytes, self.fit_bytes) <= budget:
             return
         worst = sorted(self.plan, key=lambda b: -b.bytes(self.corrected))[:3]
         largest = ", ".join(f"{b.name} {_format_gb(b.bytes(self.corrected))}" for b in worst)
         raise UserError(
-            f"--solver {self.name}: the Kronecker factors need {_format_gb(self.factor_bytes)} (float64), over "
+            f"--solver {self.name}: the Kronecker factors need {_format_gb(self.factor_bytes)} (float64"
+            + (f"; {_format_gb(self.fit_bytes)} at the fit's peak" if self.fit_bytes > self.factor_bytes else "")
+            + f"), over "
             f"--memory-budget {self.memory_budget:g} GB; largest layers: {largest}; choose fewer layers with "
             f"--params, a smaller --ekfac-max-block (now {self.max_block}) or a larger --memory-budget")
 
@@ -461,29 +508,40 @@ class KFACSolver(InverseHVP):
         return total
 
     def _factor_chunk(self, x, y, u):
-        """Pass 1 on one chunk: adds to the A/S block sums and the diagonal E[g²] sums."""
+        """Pass 1 on one chunk: ``{key: product}`` added by :meth:`factor_sums` to its float64 sums.
+
+        Kronecker block ``L.A.b`` / ``L.S.b``: the chunk's ``aᵀa`` / ``δᵀδ`` in the model's dtype
+        (float32 matmuls are about twice as fast on a CPU), ``L.P``: the positions ``P`` (A is divided
+        by them in float64); diagonal ``L.diag.v``: ``Σ g²`` (float64). The sums are numpy arrays, not
+        TensorFlow variables: TensorFlow's CPU allocator keeps what it once held (oneDNN's pool), so
+        float64 sums inside it would stay resident next to their numpy copies for the rest of the run.
+        """
         grouped = self._signals(x, y, u)
         images = tf.shape(x)[0]
+        out, prev = {}, []
         for b in self.plan:
             recs = grouped.get(id(b.layer))
             if not recs:
                 continue
-            if isinstance(b, _Kron):
-                # the chunk's products in the model's dtype (float32 matmuls are about twice as fast on a
-                # CPU), the sums over chunks in float64
-                a, dl, _ = self._kron_inputs(b, recs, self._compute_dtype)
-                positions = tf.cast(tf.shape(a)[1], tf.float64)
-                af = tf.reshape(a[:images], [-1, b.k1])        # A: each image once
-                df = tf.reshape(dl, [-1, b.c_out])
-                for (s, e), var in zip(b.a_bounds, b.acc["A"]):
-                    var.assign_add(tf.cast(tf.matmul(af[:, s:e], af[:, s:e], transpose_a=True), tf.float64)
-                                   / positions)
-                for (s, e), var in zip(b.s_bounds, b.acc["S"]):
-                    var.assign_add(tf.cast(tf.matmul(df[:, s:e], df[:, s:e], transpose_a=True), tf.float64))
-            else:
-                for g, var in zip(self._per_image_grads(b, recs), b.acc):
-                    var.assign_add(tf.reduce_sum(tf.square(g), axis=0))
-        return tf.constant(0, tf.int32)
+            # one layer after another: the conv patches of one layer at a time (VGG16: up to 0.6 GB
+            # per image each), whatever order the executor would pick
+            with tf.control_dependencies(prev):
+                mine = {}
+                if isinstance(b, _Kron):
+                    a, dl, _ = self._kron_inputs(b, recs, self._compute_dtype)
+                    mine[f"{b.name}.P"] = tf.cast(tf.shape(a)[1], tf.float64)
+                    af = tf.reshape(a[:images], [-1, b.k1])        # A: each image once
+                    df = tf.reshape(dl, [-1, b.c_out])
+                    for i, (s, e) in enumerate(b.a_bounds):
+                        mine[f"{b.name}.A.{i}"] = tf.matmul(af[:, s:e], af[:, s:e], transpose_a=True)
+                    for i, (s, e) in enumerate(b.s_bounds):
+                        mine[f"{b.name}.S.{i}"] = tf.matmul(df[:, s:e], df[:, s:e], transpose_a=True)
+                else:
+                    for i, g in enumerate(self._per_image_grads(b, recs)):
+                        mine[f"{b.name}.diag.{i}"] = tf.reduce_sum(tf.square(g), axis=0)
+            out.update(mine)
+            prev = list(mine.values())
+        return out
 
     @staticmethod
     def _rotate_last(t, qs, bounds):
@@ -492,31 +550,38 @@ class KFACSolver(InverseHVP):
                           for (s, e), q in zip(bounds, qs)], axis=-1)
 
     def _eigen_chunk(self, x, y, u):
-        """Pass 2 on one chunk: adds Σ_n (Q_Aᵀ G_n Q_S)² to Λ of every Kronecker layer."""
+        """Pass 2 on one chunk: ``{"L.Lambda": Σ_n (Q_Aᵀ G_n Q_S)²}`` of the chunk per Kronecker layer,
+        added by :meth:`eigen_sums` to its float64 sum (the flat Dense product in the model's dtype;
+        conv layers' micro-batch sums in float64). The eigenvectors are variables in the model's dtype."""
         grouped = self._signals(x, y, u)
+        out, prev = {}, []
         for b in self.plan:
             recs = grouped.get(id(b.layer))
             if not recs or not isinstance(b, _Kron):
                 continue
-            dtype = self._compute_dtype
-            a, dl, flat = self._kron_inputs(b, recs, dtype)
-            at = self._rotate_last(a, [tf.cast(q, dtype) for q in b.acc["QA"]], b.a_bounds)     # (N, P, K1)
-            dt = self._rotate_last(dl, [tf.cast(q, dtype) for q in b.acc["QS"]], b.s_bounds)    # (N, P, C)
-            if flat:   # G̃_n = ã_n δ̃_nᵀ: Σ_n G̃_n² = (ã²)ᵀ (δ̃²)
-                b.acc["L"].assign_add(tf.cast(tf.matmul(tf.square(at[:, 0]), tf.square(dt[:, 0]), transpose_a=True),
-                                              tf.float64))
-                continue
-            m = max(1, MICRO_BYTES // (8 * b.k1 * b.c_out))
-            n = tf.shape(at)[0]
+            with tf.control_dependencies(prev):        # one layer after another, as in pass 1
+                out[f"{b.name}.Lambda"] = self._eigen_layer(b, recs)
+            prev = [out[f"{b.name}.Lambda"]]
+        return out
 
-            def body(i, acc, at=at, dt=dt, m=m):
-                g = tf.matmul(at[i:i + m], dt[i:i + m], transpose_a=True)      # (m, K1, C)
-                return i + m, acc + tf.cast(tf.reduce_sum(tf.square(g), axis=0), tf.float64)
+    def _eigen_layer(self, b, recs):
+        """One Kronecker layer's ``Σ_n (Q_Aᵀ G_n Q_S)²`` over the chunk (see :meth:`_eigen_chunk`)."""
+        dtype = self._compute_dtype
+        a, dl, flat = self._kron_inputs(b, recs, dtype)
+        at = self._rotate_last(a, b.acc["QA"], b.a_bounds)     # (N, P, K1)
+        dt = self._rotate_last(dl, b.acc["QS"], b.s_bounds)    # (N, P, C)
+        if flat:   # G̃_n = ã_n δ̃_nᵀ: Σ_n G̃_n² = (ã²)ᵀ (δ̃²)
+            return tf.matmul(tf.square(at[:, 0]), tf.square(dt[:, 0]), transpose_a=True)
+        m = max(1, MICRO_BYTES // (8 * b.k1 * b.c_out))
+        n = tf.shape(at)[0]
 
-            _, acc = tf.while_loop(lambda i, acc: i < n, body,
-                                   (tf.constant(0), tf.zeros([b.k1, b.c_out], tf.float64)))
-            b.acc["L"].assign_add(acc)
-        return tf.constant(0, tf.int32)
+        def body(i, acc, at=at, dt=dt, m=m):
+            g = tf.matmul(at[i:i + m], dt[i:i + m], transpose_a=True)      # (m, K1, C)
+            return i + m, acc + tf.cast(tf.reduce_sum(tf.square(g), axis=0), tf.float64)
+
+        _, acc = tf.while_loop(lambda i, acc: i < n, body,
+                               (tf.constant(0), tf.zeros([b.k1, b.c_out], tf.float64)))
+        return acc
 
     # --- passes ----------------------------------------------------------------------------------------
     def _uniforms(self):
@@ -524,9 +589,10 @@ class KFACSolver(InverseHVP):
             return np.random.default_rng(self.seed).random(self.obj.n)
         return np.zeros(self.obj.n)
 
-    def _stream(self, fn, desc, start=0, stop=None, keep=False):
-        """Run ``fn`` on chunks of ``objective.chunk`` images of ``[start, stop)`` (default: all);
-        ``keep``: trace ``fn`` once and reuse it in later calls (its accumulators must be kept too)."""
+    def _stream(self, fn, desc, start=0, stop=None, keep=False, add=None):
+        """Run ``fn`` on chunks of ``objective.chunk`` images of ``[start, stop)`` (default: all) and
+        hand each chunk's outputs to ``add``; ``keep``: trace ``fn`` once and reuse it in later calls
+        (the variables it reads must be kept too)."""
         d = self.obj.d
         compiled = self._kept.get(fn.__name__) if keep else None
         if compiled is None:
@@ -542,10 +608,13 @@ class KFACSolver(InverseHVP):
             for first in range(start, stop, chunk):
                 idx = np.arange(first, min(first + chunk, stop))
                 x, y = self.obj.archive.take(idx)
-                compiled(x, np.asarray(y, np.int64), u_all[idx])
+                out = compiled(x, np.asarray(y, np.int64), u_all[idx])
+                if add is not None:
+                    add(out)
+                del out
                 bar.update(len(idx))
         if not keep:
-            # the traced pass captures its accumulators (VGG16: GBs); free them now, not at some later GC
+            # the traced pass captures the variables it reads (VGG16: GBs); free them now, not at some later GC
             del compiled
             gc.collect()
 
@@ -556,45 +625,49 @@ class KFACSolver(InverseHVP):
         Returns ``{key: array}``: ``L.A.b`` / ``L.S.b`` (block ``b`` of ``Σ_n (1/P) Σ_p a aᵀ`` and of
         ``Σ_n Σ_p δ δᵀ``) per Kronecker layer ``L``, ``L.diag.v`` (``Σ_n g_n²`` of variable ``v``) per
         diagonal layer. Sums over disjoint ranges add up to the sums over their union. ``keep``: keep
-        the accumulators and the traced pass for the next call (a worker summing shard after shard);
-        without it they are freed as the sums are read (a single fit).
+        the traced pass for the next call (a worker summing shard after shard).
+
+        The sums are numpy float64 arrays, added to in place chunk by chunk (``sum + float64(product)``,
+        the same operations as a float64 ``assign_add``); TensorFlow only holds one chunk's products.
         """
-        kept = self._kept.get("factors") if keep else None
-        for b in self.plan:
-            if kept is not None:
-                b.acc = kept[b.name]
-                for var in (b.acc["A"] + b.acc["S"] if isinstance(b, _Kron) else b.acc):
-                    var.assign(tf.zeros_like(var))
-            elif isinstance(b, _Kron):
-                b.acc = {"A": [tf.Variable(tf.zeros([e - s, e - s], tf.float64), trainable=False)
-                               for s, e in b.a_bounds],
-                         "S": [tf.Variable(tf.zeros([e - s, e - s], tf.float64), trainable=False)
-                               for s, e in b.s_bounds]}
-            else:
-                b.acc = [tf.Variable(tf.zeros(s, tf.float64), trainable=False) for s in b.shapes]
-        if keep:
-            self._kept["factors"] = {b.name: b.acc for b in self.plan}
-        self._stream(self._factor_chunk, f"{self.name} factors", start, stop, keep)
         sums = {}
         for b in self.plan:
             if isinstance(b, _Kron):
-                for which in ("A", "S"):
-                    accs = b.acc[which]
-                    for i in range(len(accs)):
-                        sums[f"{b.name}.{which}.{i}"] = accs[i].numpy()
-                        if not keep:
-                            accs[i] = None          # one float64 copy at a time
+                for which, bounds in (("A", b.a_bounds), ("S", b.s_bounds)):
+                    for i, (s, e) in enumerate(bounds):
+                        sums[f"{b.name}.{which}.{i}"] = np.zeros((e - s, e - s))
             else:
-                for i in range(len(b.acc)):
-                    sums[f"{b.name}.diag.{i}"] = b.acc[i].numpy()
-                    if not keep:
-                        b.acc[i] = None
-            b.acc = {} if isinstance(b, _Kron) else []
+                for i, shape in enumerate(b.shapes):
+                    sums[f"{b.name}.diag.{i}"] = np.zeros(shape)
+
+        def add(out):
+            positions = {key[:-2]: np.float64(t.numpy()) for key, t in out.items() if key.endswith(".P")}
+            for key, t in out.items():
+                if key.endswith(".P"):
+                    continue
+                prod = t.numpy()
+                name, which = key.rsplit(".", 2)[:2]
+                acc = sums[key]
+                if which == "A":              # float64(aᵀa) / P, then added
+                    tmp = prod.astype(np.float64)
+                    tmp /= positions[name]
+                    acc += tmp
+                    del tmp
+                else:                         # float64(δᵀδ) (exact cast) added; diagonal: float64 already
+                    np.add(acc, prod, out=acc, dtype=np.float64)
+                del prod
+
+        self._stream(self._factor_chunk, f"{self.name} factors", start, stop, keep, add)
         return sums
 
     def set_factors(self, sums, n=None):
         """Eigendecompose the factors from pass-1 ``sums`` (consumed: each is freed once used) over
-        ``n`` images (default: the whole archive). Ends K-FAC's fit; EK-FAC needs :meth:`set_lambda`."""
+        ``n`` images (default: the whole archive). Ends K-FAC's fit; EK-FAC needs :meth:`set_lambda`.
+
+        One block at a time: the block's sum (scaled in place when writable), its symmetrised copy,
+        numpy's ``eigh`` copy and workspace (``syevd``: about ``2 b²``) and the eigenvectors
+        (:func:`eigh_workspace_bytes`).
+        """
         n = self.obj.n if n is None else n
         self._eig = {}
         self._diag = {}
@@ -604,9 +677,16 @@ class KFACSolver(InverseHVP):
                 for which, bounds in (("A", b.a_bounds), ("S", b.s_bounds)):
                     qs, es = [], []
                     for i in range(len(bounds)):
-                        m = sums.pop(f"{b.name}.{which}.{i}") / n
-                        e, q = np.linalg.eigh(0.5 * (m + m.T))
+                        m = sums.pop(f"{b.name}.{which}.{i}")
+                        if m.flags.writeable and m.dtype == np.float64:
+                            m /= n
+                        else:
+                            m = m / n
+                        sym = m + m.T
                         del m
+                        sym *= 0.5
+                        e, q = np.linalg.eigh(sym)
+                        del sym
                         qs.append(q)
                         es.append(e)
                     parts[which] = (qs, es)
@@ -625,8 +705,13 @@ class KFACSolver(InverseHVP):
     def eigen_sums(self, start=0, stop=None, basis=None, keep=False):
         """Pass 2 (EK-FAC) over images ``[start, stop)``: ``{"L.Lambda": Σ_n (Q_Aᵀ G_n Q_S)²}`` per
         Kronecker layer, float64, not yet divided by n. ``basis``: an :meth:`eigenbasis` (default: this
-        solver's own, after :meth:`set_factors`); ``keep`` as in :meth:`factor_sums`."""
+        solver's own, after :meth:`set_factors`); ``keep`` as in :meth:`factor_sums` (the eigenvector
+        variables are kept too).
+
+        TensorFlow holds the eigenvectors in the model's dtype (the pass's products run in it anyway)
+        and one chunk's ``Λ`` products; the float64 sums are numpy arrays added to in place."""
         basis = self.eigenbasis() if basis is None else basis
+        dtype = self._compute_dtype.as_numpy_dtype
         kept = self._kept.get("eigen") if keep else None
         for b in self.plan:
             if isinstance(b, _Kron):
@@ -634,26 +719,42 @@ class KFACSolver(InverseHVP):
                     b.acc = kept[b.name]
                     for which in ("QA", "QS"):
                         for var, q in zip(b.acc[which], basis[b.name][which]):
-                            var.assign(q)
-                    b.acc["L"].assign(tf.zeros_like(b.acc["L"]))
+                            var.assign(q.astype(dtype, copy=False))
                     continue
-                b.acc = {"QA": [tf.Variable(q, trainable=False) for q in basis[b.name]["QA"]],
-                         "QS": [tf.Variable(q, trainable=False) for q in basis[b.name]["QS"]],
-                         "L": tf.Variable(tf.zeros([b.k1, b.c_out], tf.float64), trainable=False)}
+                b.acc = {which: [tf.Variable(q.astype(dtype, copy=False), trainable=False)
+                                 for q in basis[b.name][which]] for which in ("QA", "QS")}
         if keep:
             self._kept["eigen"] = {b.name: b.acc for b in self.plan if isinstance(b, _Kron)}
-        self._stream(self._eigen_chunk, f"{self.name} eigenvalues", start, stop, keep)
-        sums = {}
-        for b in self.plan:
-            if isinstance(b, _Kron):
-                sums[f"{b.name}.Lambda"] = b.acc["L"].numpy()
-                b.acc = {}
+        sums = {f"{b.name}.Lambda": np.zeros((b.k1, b.c_out)) for b in self.plan if isinstance(b, _Kron)}
+
+        def add(out):
+            for key, t in out.items():
+                prod = t.numpy()
+                np.add(sums[key], prod, out=sums[key], dtype=np.float64)   # float64(product) added
+                del prod
+
+        try:
+            self._stream(self._eigen_chunk, f"{self.name} eigenvalues", start, stop, keep, add)
+        finally:
+            if not keep:
+                for b in self.plan:
+                    if isinstance(b, _Kron):
+                        b.acc = {}
         return sums
 
     def set_lambda(self, sums, n=None):
-        """EK-FAC's corrected eigenvalues from pass-2 ``sums`` over ``n`` images (default: all)."""
+        """EK-FAC's corrected eigenvalues from pass-2 ``sums`` over ``n`` images (default: all); the
+        sums are consumed (divided in place when writable)."""
         n = self.obj.n if n is None else n
-        self._lambda = {b.name: sums.pop(f"{b.name}.Lambda") / n for b in self.plan if isinstance(b, _Kron)}
+        self._lambda = {}
+        for b in self.plan:
+            if isinstance(b, _Kron):
+                lam = sums.pop(f"{b.name}.Lambda")
+                if lam.flags.writeable and lam.dtype == np.float64:
+                    lam /= n
+                else:
+                    lam = lam / n
+                self._lambda[b.name] = lam
 
     def fit(self):
         n = self.obj.n
@@ -681,6 +782,14 @@ class KFACSolver(InverseHVP):
                 for (s, e), q in zip(b.a_bounds, self._eig[b.name]["QA"]):
                     rho[s:e] = (q * q).T @ b.reg_rows[s:e]
                 self._rho[b.name] = rho
+            if isinstance(b, _Kron) and self.corrected:
+                # in row blocks: no (K1, C) float64 temporary (fc1 of VGG16: 0.77 GiB) just for the log
+                lam, rho = self._lambda[b.name], self._rho[b.name]
+                for s in range(0, b.k1, 1024):
+                    part = lam[s:s + 1024] + rho[s:s + 1024, None]
+                    low, high = min(low, float(part.min())), max(high, float(part.max()))
+                    del part
+                continue
             den = self._undamped(b)
             low, high = min(low, float(den.min())), max(high, float(den.max()))
             del den
@@ -731,13 +840,22 @@ class KFACSolver(InverseHVP):
         """
         if not self._fitted or self._compacted:
             return
-        self._damped()
+        # the eigenvectors first, one block at a time (float64 freed as its copy is made), then Λ + ρ + λ
+        # from Λ and the eigenvalues, then those: the float64 eigenvectors and Λ are never held together
+        # with the damped copy and its float64 temporary
         dtype = self._compute_dtype.as_numpy_dtype
         for b in self.plan:
             if isinstance(b, _Kron):
                 eig = self._eig[b.name]
-                self._eig[b.name] = {"QA": [np.ascontiguousarray(q, dtype) for q in eig.pop("QA")],
-                                     "QS": [np.ascontiguousarray(q, dtype) for q in eig.pop("QS")]}
+                for key in ("QA", "QS"):
+                    qs = eig[key]
+                    for i in range(len(qs)):
+                        qs[i] = np.ascontiguousarray(qs[i], dtype)
+        self._compacted = True          # state() is refused from here on, whatever happens below
+        self._damped()
+        for b in self.plan:
+            if isinstance(b, _Kron):
+                self._eig[b.name] = {"QA": self._eig[b.name]["QA"], "QS": self._eig[b.name]["QS"]}
         self._lambda, self._diag = {}, {}
         self._self_vars, self._self_key, self._self_fn = None, None, None
         self._compacted = True

@@ -433,12 +433,12 @@ def fit(solver, settings, train, chunk, curvature_key):
     log.info("%s: fitting on %d training images (%s Fisher), factors %.3g GB, in %d shards of %d images over Ray",
              kfac.name, n, kfac.fisher, kfac.factor_bytes / 2**30, len(shards), shards[0][1] - shards[0][0])
     task = _remote(cluster, fit_shard)
-    kfac.set_factors(_sharded_sum(cluster, task, shards, spec, None, f"{kfac.name} factors"))
-    if kfac.corrected:
-        basis = cluster.ray.put(kfac.eigenbasis())
-        kfac.set_lambda(_sharded_sum(cluster, task, shards, spec, basis, f"{kfac.name} eigenvalues"))
-        del basis
-    kfac._finish()
+
+    def eigen_sums():
+        basis = cluster.ray.put(kfac.eigenbasis())      # sent to the workers once
+        return _sharded_sum(cluster, task, shards, spec, basis, f"{kfac.name} eigenvalues")
+
+    kfac.fit_from(lambda: _sharded_sum(cluster, task, shards, spec, None, f"{kfac.name} factors"), eigen_sums)
 
 
 def _sharded_sum(cluster, task, shards, spec, basis, desc):

@@ -762,11 +762,18 @@ class KFACSolver(InverseHVP):
             raise UserError("the training archive is empty")
         log.info("%s: fitting on %d training images (%s Fisher), factors %s", self.name, n, self.fisher,
                  _format_gb(self.factor_bytes))
-        # (1) factors: float64 sums; (2) eigendecompositions, float64, one block at a time
-        self.set_factors(self.factor_sums())
-        # (3) EK-FAC: eigenvalues in the Kronecker eigenbasis
+        self.fit_from(self.factor_sums, self.eigen_sums)
+
+    def fit_from(self, factor_sums, eigen_sums):
+        """Fit from summed statistics, however they were summed (one process, or Ray shards).
+
+        ``factor_sums()`` -> pass 1's ``{key: float64 array}`` (as :meth:`factor_sums`); then the float64
+        eigendecompositions, one block at a time; ``eigen_sums()`` -> pass 2's sums in this solver's
+        eigenbasis (as :meth:`eigen_sums`; :meth:`eigenbasis` gives it to other processes), EK-FAC only.
+        """
+        self.set_factors(factor_sums())
         if self.corrected:
-            self.set_lambda(self.eigen_sums())
+            self.set_lambda(eigen_sums())
         self._finish()
 
     def _finish(self):

@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: demo test bench validate clean
+.PHONY: demo test bench validate lds clean
 # the optional scale-out dependency (Ray), installed into the same venv for the tests
 DIST   := $(VENV)/.distributed-installed
 
@@ -25,6 +25,10 @@ test: $(PY) $(DIST)
 
 validate: $(PY)
 	$(PY) -m influence.validate
+
+# LDS of every solver against models retrained on random half-subsets (cached in lds_cache/; README)
+lds: $(PY)
+	$(PY) -m influence.validate --panels lds
 
 bench: $(PY)
 	$(PY) benchmarks/run.py

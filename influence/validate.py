@@ -49,6 +49,10 @@ self-influence (``--solver ekfac``, ``--mislabel-damping``, default 0.01 as calc
 training loss, and at random. Its figure (fraction of the flipped images found against the fraction
 of the training set checked) goes to ``--mislabel-out``. Goal: at 10 % checked, self-influence
 finds at least as many as the loss ranking and at least 3x random (random finds 10 % on average).
+
+``lds`` (not in the default set; ``--panels lds``): the linear datamodeling score of every solver against the
+demo CNN retrained on random half-subsets (``--lds-subsets``, ``--lds-seeds``, cached in ``--lds-cache``);
+all of it lives in :mod:`influence.experiments.lds`. Reported, not promised.
 """
 import argparse
 import dataclasses
@@ -61,7 +65,7 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-PANELS = ("convex", "lissa", "cnn", "ekfac", "cnn-ekfac", "mislabel")
+PANELS = ("convex", "lissa", "cnn", "ekfac", "cnn-ekfac", "mislabel", "lds")
 DEFAULT_PANELS = "convex,lissa,cnn,ekfac"
 GOALS = {"convex": 0.99, "lissa": 0.95, "cnn": 0.86, "ekfac": 0.93}
 #: goals of a panel's Pearson against the scores of its reference solver
@@ -679,6 +683,10 @@ def build_parser():
                    help="figure of the mislabel panel (default: --out with _mislabel before the extension)")
     p.add_argument("--ekfac-fisher", default="sampled", choices=("sampled", "true", "empirical"),
                    help="Fisher of the ekfac panels (default sampled, as calculate.py)")
+    p.add_argument("--lds-subsets", type=int, default=None, help="lds: random half-subsets (default 64; quick 6)")
+    p.add_argument("--lds-seeds", type=int, default=2, help="lds: retraining seeds per subset (default 2)")
+    p.add_argument("--lds-cache", default=None, help="lds: folder of the retraining cache (default lds_cache)")
+    p.add_argument("--lds-folders", default="orig", help="lds: demo test folders scored (default orig)")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -751,6 +759,10 @@ def validate(args):
         n_train, epochs = (500, 8) if quick else (1500, 30)     # the demo's own (--quick) recipe
         results.append(run_mislabel_panel(n_train=n_train, epochs=epochs, damping=args.mislabel_damping,
                                           seed=args.seed))
+    if "lds" in panels:     # influence/experiments/lds.py: LDS of every solver against retrained subsets
+        from influence.experiments import lds
+
+        results.append(lds.run_from_args(args))
     return results
 
 
@@ -821,6 +833,7 @@ def _job(args):
             if not r.ok:
                 print(f"  MISSED: goal at 10% checked: self-influence >= loss ({100 * r.at('loss', 0.1):.1f}%) and "
                       f">= 3x random (30%); got {100 * r.at('self-influence', 0.1):.1f}%")
+    figures += [f for r in results for f in getattr(r, "figures", [])]
     print(f"figure: {', '.join(figures)}   total {time.perf_counter() - start:.0f} s")
     return 0 if all(r.ok for r in results) else 1
 

@@ -1,0 +1,1 @@
+"""Experiments that check the scores against retrained models (e.g. :mod:`influence.experiments.lds`)."""

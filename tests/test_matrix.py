@@ -67,7 +67,7 @@ FLAGS = {"lissa": ["-i", "120", "-b", str(N_TRAIN)], "cg": ["--cg-tol", "1e-9"],
 TOLERANCE = {"exact": 2e-4, "cg": 2e-4, "pcg": 2e-4, "lissa": 0.08, "kfac": 2e-4, "ekfac": 2e-4}
 DEFAULT_TOLERANCE = 2e-4
 #: training images scored for self-influence by solvers without a whole-training-set route
-SELF_LIMIT = 5
+SELF_LIMIT = 3
 
 
 def build_model(kind):

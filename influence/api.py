@@ -18,6 +18,7 @@ import numpy as np
 
 from influence.errors import UserError
 
+
 @dataclass
 class Ranked:
     """One training image in a top list: archive ``index``, ``key`` (``"<batch>_<i>"``), ``file``,
@@ -91,12 +92,9 @@ class Influence:
         if self.cache is not None:
             from influence.curvature.cache import CurvatureCache, curvature_key
 
-            store = CurvatureCache(self.cache)
             key = curvature_key(self.clf, self.train, model=self.model_name, preprocess=self.preprocess,
                                 solver=self.solver)
-            if not store.load(self.solver, key):
-                self.solver.fit()
-                store.save(self.solver, key)
+            CurvatureCache(self.cache).load_or_fit(self.solver, key)
         else:
             self.solver.fit()
         self._fitted = True

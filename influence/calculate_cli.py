@@ -24,6 +24,7 @@ def build_parser():
     import_tensorflow_quietly()  # the --solver registry imports the methods, and they import TensorFlow
     from influence.curvature import method_help, method_names
     from influence.curvature.damping import AUTO_FACTOR
+    from influence.model.hvp import HESSIANS
 
     p = Parser(prog="calculate.py",
                description="For every test image, score every training image by its influence "
@@ -58,7 +59,7 @@ def build_parser():
     s = p.add_argument_group("inverse Hessian-vector product")
     s.add_argument("--solver", default=D.solver, choices=method_names(),
                    help=f"{method_help()} (default: {D.solver})")
-    s.add_argument("--hessian", default=D.hessian, choices=("full", "ggn"),
+    s.add_argument("--hessian", default=D.hessian, choices=HESSIANS,
                    help="the matrix of exact/cg/lissa/pcg: full = the Hessian of the training loss, ggn = its "
                         "Gauss-Newton part (positive semi-definite: works away from a minimum); kfac/ekfac "
                         f"approximate the Fisher either way (default: {D.hessian})")

@@ -456,8 +456,8 @@ def _calculate(settings):
                          memory_budget=settings.memory_budget)
     cache = CurvatureCache(settings.cache or Path(settings.out) / "curvature")
     key = curvature_key(clf, train, model=settings.model, preprocess=settings.preprocess, solver=solver)
-    loaded = cache.load(solver, key)
-    if not loaded:
+
+    def fit():
         fit_chunk = plan.chunk
         if getattr(solver, "fit_bytes", None) is not None:
             # K-FAC/EK-FAC: the fit's chunk from what the fit itself leaves of --memory-budget
@@ -468,7 +468,8 @@ def _calculate(settings):
             distributed.fit(solver, settings, train, fit_chunk, key)
         else:
             solver.fit()
-        cache.save(solver, key)
+
+    loaded = cache.load_or_fit(solver, key, fit)
     record.add_time("curvature_s", timer() - t1)
     record.data["curvature"] = {"cache": str(cache.path(solver)), "loaded": loaded}
     record.save(solver_info=solver.info)

@@ -104,6 +104,15 @@ class CurvatureCache:
                  path, solver.cache_name)
         return True
 
+    def load_or_fit(self, solver, key, fit=None):
+        """Load ``solver``'s state (:meth:`load`), or run ``fit()`` (default ``solver.fit``) and
+        :meth:`save` the result. Returns True when it was loaded."""
+        if self.load(solver, key):
+            return True
+        (fit or solver.fit)()
+        self.save(solver, key)
+        return False
+
     def save(self, solver, key):
         """Write ``solver.state()`` with ``key`` (atomically); nothing when the solver learnt nothing."""
         state = solver.state()

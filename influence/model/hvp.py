@@ -58,12 +58,6 @@ def vec_stack(vecs):
 
 # ----------------------------------------------------------------------------- the loss
 
-def _others_mass(logits, onehot):
-    """``1 − p_y = Σ_{c≠y} p_c`` (N, 1), summed over the other classes (no ``1 − p_y`` cancellation)."""
-    p = tf.nn.softmax(logits)
-    return tf.reduce_sum(p * (1.0 - onehot), axis=-1, keepdims=True), p
-
-
 @tf.custom_gradient
 def _cross_entropy(logits, onehot):
     # loss = log Σ_c exp(z_c − z_y), as (m − z_y) + log1p(Σ_{c≠argmax} exp(z_c − m)) with m = max z:
@@ -79,7 +73,8 @@ def _cross_entropy(logits, onehot):
         # ∂L/∂z = p − e_y, with the true-class entry −Σ_{c≠y} p_c instead of p_y − 1 (which is 0 in
         # float32 once p_y rounds to 1: the gradient would lose its true-class term). The ops are
         # differentiable, so HVPs (reverse over reverse) and forward mode see the same Jacobian.
-        others, p = _others_mass(logits, onehot)
+        p = tf.nn.softmax(logits)
+        others = tf.reduce_sum(p * (1.0 - onehot), axis=-1, keepdims=True)      # Σ_{c≠y} p_c = 1 − p_y
         g = p * (1.0 - onehot) - onehot * others
         return upstream[:, None] * g, tf.zeros_like(onehot)
 
@@ -185,13 +180,13 @@ class Derivatives:
         """
         primals = self._primals()
         zero = tf.UnconnectedGradients.ZERO
-        with tf.autodiff.ForwardAccumulator(primals, list(v)) as acc:
-            logits = self._logits(x)
-        jv = acc.jvp(logits, unconnected_gradients=zero)                              # (N, K)
-        p = tf.nn.softmax(logits)
-        hjv = p * jv - p * tf.reduce_sum(p * jv, axis=-1, keepdims=True)             # H_i J_i v
-        with tf.GradientTape() as tape:
-            obj = data_weight * tf.reduce_sum(self._logits(x) * tf.stop_gradient(hjv))
+        with tf.GradientTape() as tape:                       # one forward pass for both modes
+            with tf.autodiff.ForwardAccumulator(primals, list(v)) as acc:
+                logits = self._logits(x)
+            jv = tf.stop_gradient(acc.jvp(logits, unconnected_gradients=zero))          # (N, K)
+            p = tf.stop_gradient(tf.nn.softmax(logits))
+            hjv = p * jv - p * tf.reduce_sum(p * jv, axis=-1, keepdims=True)           # H_i J_i v
+            obj = data_weight * tf.reduce_sum(logits * hjv)
         data = tape.gradient(obj, primals, unconnected_gradients=zero)
         with tf.GradientTape() as outer:
             with tf.GradientTape() as inner:

@@ -9,7 +9,7 @@ import logging
 import os
 import sys
 
-from influence.errors import UserError
+from influence.errors import SettingError, UserError
 
 EXIT_USAGE = 2
 
@@ -58,14 +58,18 @@ def setup_logging(verbose=False):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def run_main(job, args):
+def run_main(job, args, flags=None):
     """Run ``job(args)``; a :class:`UserError` becomes one line on stderr and exit code 2.
 
-    Ctrl-C exits with 130 and a short line; anything else is a bug and keeps its traceback.
-    Returns the process exit code (``job``'s return value, or 0).
+    A :class:`SettingError` names its setting by the flag that sets it (``flags``: setting -> flag,
+    :func:`flag_names`). Ctrl-C exits with 130 and a short line; anything else is a bug and keeps
+    its traceback. Returns the process exit code (``job``'s return value, or 0).
     """
     try:
         code = job(args)
+    except SettingError as exc:
+        print(f"error: {exc.for_flags(flags or {})}", file=sys.stderr)
+        return EXIT_USAGE
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -82,8 +86,14 @@ class Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"error: {message} (see {self.prog} --help)\n")
 
 
+def flag_names(parser):
+    """setting (an option's ``dest``) -> its longest flag, e.g. ``{"damping": "--damping", "iter": "--iter"}``."""
+    return {a.dest: max(a.option_strings, key=len) for a in parser._actions if a.option_strings}
+
+
 def main(parser_factory, job, argv=None):
     """Entry of the scripts: parse, set up logging, run the job; returns the exit code."""
-    args = parser_factory().parse_args(argv)
+    parser = parser_factory()
+    args = parser.parse_args(argv)
     setup_logging(getattr(args, "verbose", False))
-    return run_main(job, args)
+    return run_main(job, args, flag_names(parser))

@@ -1,0 +1,39 @@
+"""The scripts' one boundary: a SettingError names the setting's flag, a UserError prints as is (exit 2)."""
+import argparse
+
+from influence.cli import Parser, flag_names, main
+from influence.errors import SettingError, UserError
+
+
+def _parser():
+    p = Parser(prog="x")
+    p.add_argument("-i", "--iter", type=int, default=1)
+    p.add_argument("--max-exact-params", type=int, default=1)
+    return p
+
+
+def test_flag_names_takes_the_long_option():
+    assert flag_names(_parser()) == {"help": "--help", "iter": "--iter", "max_exact_params": "--max-exact-params"}
+
+
+def test_setting_error_reads_as_the_setting_in_python_and_as_the_flag_on_the_command_line(capsys):
+    exc = SettingError("max_exact_params", "must be >= 1, got 0")
+    assert str(exc) == "max_exact_params: must be >= 1, got 0"
+    assert isinstance(exc, UserError)
+
+    def job(args):
+        raise SettingError("max_exact_params", f"must be >= 1, got {args.max_exact_params}")
+
+    assert main(_parser, job, ["--max-exact-params", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --max-exact-params: must be >= 1, got 0"
+
+
+def test_user_error_and_unknown_setting_print_unchanged(capsys):
+    def job(args):
+        raise SettingError("not_a_flag", "bad")
+
+    assert main(_parser, job, []) == 2
+    assert capsys.readouterr().err.strip() == "error: not_a_flag: bad"
+    assert main(_parser, lambda a: (_ for _ in ()).throw(UserError("plain")), []) == 2
+    assert capsys.readouterr().err.strip() == "error: plain"
+    assert isinstance(_parser().parse_args([]), argparse.Namespace)

@@ -86,7 +86,7 @@ def _scoring(section, clf, x, y, ts, repeats):
 
 
 def bench_scoring(args):
-    from influence import demo
+    from influence.experiments import demo
     from influence.data import digits
     from influence.model.models import Classifier, load_classifier, make_preprocess, select_params
 

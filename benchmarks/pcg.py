@@ -36,10 +36,10 @@ def say(msg):
 
 def build(n_train, epochs, seed):
     """The demo CNN trained on ``n_train`` digits; returns (classifier, objective, held-out x, y)."""
-    from influence import demo
+    from influence.experiments import demo
     from influence.model.hvp import Derivatives, TrainingObjective
     from influence.model.models import Classifier, make_preprocess, select_params
-    from influence.validate import ArrayArchive, digit_arrays
+    from influence.experiments.arrays import ArrayArchive, digit_arrays
 
     x, y, xh, yh = digit_arrays(demo.SIZE, 3, n_train, seed, resample="bilinear")
     model, seconds = demo.train_model(x, y, epochs=epochs, seed=seed)

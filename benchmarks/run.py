@@ -262,7 +262,7 @@ def engine_bench(section, clf, x, y, lissa_x, lissa_y, repeats, t_many=8, orig_i
 def bench_demo(args):
     import keras  # noqa: F401
 
-    from influence import demo
+    from influence.experiments import demo
     from influence.data import digits
     from influence.model.models import Classifier, make_preprocess, select_params
 
@@ -465,7 +465,7 @@ def bench_prepare(args):
 
 def build_demo_data(root, n_train=DEMO_TRAIN, epochs=DEMO_EPOCHS):
     """Build the demo's folders, archives and trained model under ``root`` (as ``make demo`` does)."""
-    from influence import demo
+    from influence.experiments import demo
 
     data = demo.write_folders(root, n_train=n_train)
     model, _ = demo.train_model(*data["train"][:2], epochs=epochs)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from influence import demo
+from influence.experiments import demo
 from influence.data import digits
 
 IMAGES_SHA256 = "8f26b2bd9d135c256808f68f14fdabddde6d9c7f869ae419704b051f0f14b3b3"

@@ -156,7 +156,7 @@ def test_retrain_refuses_another_recipe(tmp_path, monkeypatch):
 
 
 def test_validate_cli_calls_the_lds_panel(monkeypatch, tmp_path):
-    from influence import validate
+    from influence.experiments import validate_cli as validate
 
     seen = {}
 

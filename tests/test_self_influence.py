@@ -161,7 +161,7 @@ def test_limited_result_keeps_archive_keys_and_ties_by_index(tmp_path):
 # ----------------------------------------------------------------------------- the mislabel panel's machinery
 
 def test_flip_labels_is_seeded_and_changes_exactly_the_chosen_fraction():
-    from influence.validate import flip_labels
+    from influence.experiments.mislabel import flip_labels
 
     y = np.arange(1000) % 10
     noisy, flipped = flip_labels(y, 0.1, 10, seed=4)
@@ -176,7 +176,7 @@ def test_flip_labels_is_seeded_and_changes_exactly_the_chosen_fraction():
 
 
 def test_fraction_found_curves_and_the_goal(tmp_path):
-    from influence.validate import MislabelResult, fraction_found, found_at, plot_mislabel
+    from influence.experiments.mislabel import MislabelResult, fraction_found, found_at, plot_mislabel
 
     flipped = np.zeros(20, bool)
     flipped[[3, 7, 11, 19]] = True

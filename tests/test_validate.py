@@ -1,21 +1,22 @@
-"""Leave-one-out check (influence.validate): on softmax regression fitted to its optimum, the
-predicted change of test loss (score / n, exact solver) matches retraining without the image."""
+"""Leave-one-out check (``python -m influence.validate``, :mod:`influence.experiments`): on softmax
+regression fitted to its optimum, the predicted change of test loss (score / n, exact solver)
+matches retraining without the image."""
 import numpy as np
 import pytest
 
-from influence import validate
+from influence.experiments import panels, problems, stats
 
 
 def test_rankdata_and_spearman_with_ties():
-    np.testing.assert_allclose(validate.rankdata([10, 20, 20, 5]), [2.0, 3.5, 3.5, 1.0])
-    assert validate.spearman([1, 2, 3, 4], [1, 4, 9, 16]) == pytest.approx(1.0)
-    assert validate.spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
-    assert validate.pearson([1, 2, 3], [2, 4, 6.5]) == pytest.approx(np.corrcoef([1, 2, 3], [2, 4, 6.5])[0, 1])
+    np.testing.assert_allclose(stats.rankdata([10, 20, 20, 5]), [2.0, 3.5, 3.5, 1.0])
+    assert stats.spearman([1, 2, 3, 4], [1, 4, 9, 16]) == pytest.approx(1.0)
+    assert stats.spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    assert stats.pearson([1, 2, 3], [2, 4, 6.5]) == pytest.approx(np.corrcoef([1, 2, 3], [2, 4, 6.5])[0, 1])
 
 
 @pytest.fixture(scope="module")
 def convex():
-    return validate.ConvexProblem(tests=2, seed=0)
+    return problems.ConvexProblem(tests=2, seed=0)
 
 
 def test_convex_model_is_at_its_optimum(convex):
@@ -32,7 +33,7 @@ def test_leave_one_out_exact(convex):
     from influence.curvature import make_solver
 
     solver = make_solver("exact", convex.objective, 0.0, progress=False)
-    res = validate.run_panel("convex", convex, solver, top=5, random=3, seed=0)
+    res = panels.run_panel("convex", convex, solver, top=5, random=3, seed=0)
     assert res.pearson >= 0.99, res.pearson
     assert res.spearman >= 0.9, res.spearman
     # sign convention: removing the most useful training image (largest positive score) RAISES the

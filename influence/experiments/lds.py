@@ -43,7 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
-from influence.validate import spearman
+from influence.experiments.stats import spearman
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +177,7 @@ def prepare_demo(root, recipe):
 
     Each step is skipped when its output exists. Returns :class:`DemoData`.
     """
-    from influence import demo
+    from influence.experiments import demo
     from influence.data.archives import TestArchive, TrainArchive
     from influence.data.prepare import build_prepare_data_parser, prepare_data
 
@@ -225,7 +225,7 @@ def train_and_evaluate(x, y, x_test, y_test, epochs, seed):
     """One retraining with the demo recipe (:func:`influence.demo.train_model`) -> test losses float64 (T,)."""
     import keras
 
-    from influence import demo
+    from influence.experiments import demo
 
     model, _ = demo.train_model(x, y, epochs=epochs, seed=seed)
     losses, _ = test_losses(model, x_test, y_test)

@@ -269,14 +269,14 @@ def small_tree(tmp_path_factory):
     (["-tr", "train", "-ts", "weird"], "'parrot'"),
     (["-tr", "train", "-ts", "nothere"], "does not exist"),
     (["-tr", "train", "-ts", "orig", "orig"], "same name"),
-    (["-tr", "train", "--size", "0"], "--size"),
-    (["-tr", "train", "--size", "abc"], "--size"),
-    (["-tr", "train", "--size", "1", "2", "3"], "--size"),
-    (["-tr", "train", "-bs", "0"], "batch-size"),
-    (["-tr", "train", "-bs", "ten"], "batch-size"),
-    (["-tr", "train", "--workers", "0"], "--workers"),
-    (["-tr", "train", "--seed", "-1"], "--seed"),
-    (["-tr", "train", "--out", "afile"], "not a folder"),
+    (["-tr", "train", "--size", "0"], "error: --size: must be between 1 and"),
+    (["-tr", "train", "--size", "abc"], "error: --size: must be an integer, got 'abc'"),
+    (["-tr", "train", "--size", "1", "2", "3"], "error: --size: takes one number (square) or two (H W), got 3"),
+    (["-tr", "train", "-bs", "0"], "error: --batch-size: must be between 1 and"),
+    (["-tr", "train", "-bs", "ten"], "error: --batch-size: must be an integer"),
+    (["-tr", "train", "--workers", "0"], "error: --workers: must be between 1 and 256, got 0"),
+    (["-tr", "train", "--seed", "-1"], "error: --seed: must be >= 0, got -1"),
+    (["-tr", "train", "--out", "afile"], "error: --out: 'afile' is not a folder"),
     ([], "required"),
 ])
 def test_bad_input_is_one_line_exit_2(small_tree, run_script, argv, needle):
@@ -286,6 +286,29 @@ def test_bad_input_is_one_line_exit_2(small_tree, run_script, argv, needle):
     assert needle in res.stderr and "Traceback" not in res.stderr
     assert not any(n.endswith(".npz") or n == "labels.json" or "partial" in n
                    for n in os.listdir(small_tree))
+
+
+def test_bad_settings_name_the_setting_not_the_flag(tmp_path):
+    """The library's errors name the setting (the parser's dest); only the scripts show the flag."""
+    from influence.data.prepare import parse_size
+    from influence.errors import SettingError
+
+    with pytest.raises(SettingError) as err:
+        parse_size(["1", "2", "3"])
+    assert err.value.setting == "size" and str(err.value) == "size: takes one number (square) or two (H W), got 3"
+    with pytest.raises(SettingError, match="^size: must be an integer, got 'x'$"):
+        parse_size("x")
+    random_tree(tmp_path / "train", ["cat"], 1)
+    (tmp_path / "afile").write_text("")
+    afile = str(tmp_path / "afile")
+    for argv, setting, message in [(["-bs", "0"], "batch_size", "must be between 1 and 1048576, got 0"),
+                                   (["--seed", "s"], "seed", "must be an integer, got 's'"),
+                                   (["--workers", "999"], "workers", "must be between 1 and 256, got 999"),
+                                   (["--out", afile], "out", f"{afile!r} is not a folder")]:
+        with pytest.raises(SettingError) as err:
+            run_prepare("-tr", tmp_path / "train", *argv)
+        assert (err.value.setting, err.value.message) == (setting, message)
+        assert str(err.value) == f"{setting}: {message}"
 
 
 # ---------------------------------------------------------------------------- interruption
@@ -440,7 +463,7 @@ def test_integer_class_folders_warn_and_keras_order(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="influence.data.prepare"):
         run_prepare("-tr", tmp_path / "train", "--size", 3, "--out", out, "--workers", 1)
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warned) == 1 and "--class-order keras" in warned[0] and "10 -> 2" in warned[0]
+    assert len(warned) == 1 and "class_order keras" in warned[0] and "10 -> 2" in warned[0]
     with TrainArchive(out / "train.npz") as t:
         assert {f.split("/")[0]: y for f, y in zip(t.files(), t.labels())}["10"] == 10
     caplog.clear()

@@ -204,7 +204,7 @@ class ClassMap:
 
 
 def order_conflicts(names):
-    """Classes whose index differs between ``--class-order numeric`` and ``keras``.
+    """Classes whose index differs between ``class_order`` ``numeric`` and ``keras``.
 
     ``names``: train subfolder names. Returns a list of ``(name, numeric index, keras index)``
     sorted by numeric index; empty unless every name is an integer and some integer differs

@@ -21,7 +21,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from influence.data.archives import ArchiveWriter, TestArchive, TrainArchive, is_plain_name
 from influence.cli import Parser
 from influence.data.classes import ORDERS, ClassMap, order_conflicts, test_subfolder_index
-from influence.errors import UserError
+from influence.errors import SettingError, UserError
 from influence.data.images import (DEFAULT_RESAMPLE, RESAMPLE, Decoder, default_workers, list_files,
                               list_subfolders, require_folder)
 from influence.locking import folder_lock
@@ -93,14 +93,15 @@ def build_prepare_only_test_parser():
     return p
 
 
-def _int_arg(flag, value, minimum, maximum=None):
+def _int_arg(setting, value, minimum, maximum=None):
+    """``value`` (a string or int) as an int in ``minimum..maximum``; a :class:`SettingError` names ``setting``."""
     try:
         number = int(str(value).strip())
     except ValueError:
-        raise UserError(f"{flag} must be an integer, got {value!r}") from None
+        raise SettingError(setting, f"must be an integer, got {value!r}") from None
     if number < minimum or (maximum is not None and number > maximum):
         bound = f">= {minimum}" if maximum is None else f"between {minimum} and {maximum}"
-        raise UserError(f"{flag} must be {bound}, got {number}")
+        raise SettingError(setting, f"must be {bound}, got {number}")
     return number
 
 
@@ -111,13 +112,13 @@ def parse_size(values):
     if isinstance(values, (str, int)):
         values = [values]
     if len(values) not in (1, 2):
-        raise UserError(f"--size takes one number (square) or two (H W), got {len(values)}")
-    sizes = [_int_arg("--size", v, 1, MAX_SIZE) for v in values]
+        raise SettingError("size", f"takes one number (square) or two (H W), got {len(values)}")
+    sizes = [_int_arg("size", v, 1, MAX_SIZE) for v in values]
     return (sizes[0], sizes[0]) if len(sizes) == 1 else (sizes[0], sizes[1])
 
 
 def _workers(value):
-    return default_workers() if value is None else _int_arg("--workers", value, 1, 256)
+    return default_workers() if value is None else _int_arg("workers", value, 1, 256)
 
 
 def check_class_order(names, order):
@@ -132,22 +133,22 @@ def check_class_order(names, order):
     shown = ", ".join(f"{n} -> {k}" for n, _, k in conflicts[:4])
     more = f", and {len(conflicts) - 4} more" if len(conflicts) > 4 else ""
     if order == "numeric":
-        log.warning("class folders are integers: each one's index is its value (--class-order "
+        log.warning("class folders are integers: each one's index is its value (class_order "
                     "numeric), but Keras' image_dataset_from_directory numbers them in text order "
                     "(folder -> Keras index: %s%s); if your model was trained that way, run "
-                    "again with --class-order keras", shown, more)
+                    "again with class_order keras", shown, more)
     else:
-        log.info("--class-order keras: class folders numbered in text order (folder -> index: "
+        log.info("class_order keras: class folders numbered in text order (folder -> index: "
                  "%s%s)", shown, more)
 
 
 def _out_folder(path):
     if os.path.exists(path) and not os.path.isdir(path):
-        raise UserError(f"--out {path!r} is not a folder")
+        raise SettingError("out", f"{path!r} is not a folder")
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as exc:
-        raise UserError(f"cannot create --out folder {path!r}: {exc.strerror}") from None
+        raise SettingError("out", f"cannot create folder {path!r}: {exc.strerror}") from None
     return path
 
 
@@ -357,8 +358,8 @@ def _io_guard(func, *args):
 def prepare_data(args):
     """Job of ``prepare_data.py``: train folder (+ test folders) -> archives + labels.json."""
     size = parse_size(args.size) or (DEFAULT_SIZE, DEFAULT_SIZE)
-    batch_size = _int_arg("-bs/--batch-size", args.batch_size, 1, 1 << 20)
-    seed = _int_arg("--seed", args.seed, 0)
+    batch_size = _int_arg("batch_size", args.batch_size, 1, 1 << 20)
+    seed = _int_arg("seed", args.seed, 0)
     workers = _workers(args.workers)
     names = list_subfolders(args.train, "train folder")
     classmap = ClassMap.from_train_folder_names(names, args.class_order)
@@ -392,7 +393,7 @@ def prepare_data(args):
 def prepare_only_test(args):
     """Job of ``prepare_only_test.py``: test folders -> test.npz, reusing labels.json."""
     size = parse_size(args.size)
-    block = _int_arg("-bs/--batch-size", args.batch_size, 1, 1 << 20)
+    block = _int_arg("batch_size", args.batch_size, 1, 1 << 20)
     workers = _workers(args.workers)
     out = args.out
     labels_path = args.labels or os.path.join(out, LABELS_NAME)

@@ -475,15 +475,15 @@ def test_rank_one_is_found_and_refused_on_rank_two():
 
 def test_rank_one_test_vectors_take_the_cheap_rotation_with_the_same_answer(tiny, monkeypatch):
     """A one-image gradient of a Dense layer is a δᵀ: rotated as (Q_Aᵀa)(Q_Sᵀδ)ᵀ it gives the same solve."""
-    from influence.curvature import ekfac
+    from influence.curvature import kfac_solve
 
     d, solver = tiny["d"], tiny["fitted"]["ekfac"]
     grads = [d.gradient(tiny["x"][i:i + 1], tiny["y"][i:i + 1].astype(np.int64)) for i in range(2)]
     full = [vec_to_numpy(s) for s in solver.solve(grads)]
     calls = []
-    real = ekfac.rank_one
-    monkeypatch.setattr(ekfac, "rank_one", lambda m, tol: calls.append(real(m, tol) is not None) or real(m, tol))
-    monkeypatch.setattr(ekfac, "RANK_ONE_MIN", 1)
+    real = kfac_solve.rank_one
+    monkeypatch.setattr(kfac_solve, "rank_one", lambda m, tol: calls.append(real(m, tol) is not None) or real(m, tol))
+    monkeypatch.setattr(kfac_solve, "RANK_ONE_MIN", 1)
     cheap = [vec_to_numpy(s) for s in solver.solve(grads)]
     assert calls.count(True) == 2 and calls.count(False) == 2     # dense is rank one, the conv is not
     for f, c in zip(full, cheap):

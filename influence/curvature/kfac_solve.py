@@ -1,0 +1,201 @@
+"""Solving with a fitted K-FAC / EK-FAC in numpy: ``(F + R + λI)⁻¹ v`` one test vector at a time.
+
+The matrix is block-diagonal, one block per layer of the plan (:mod:`influence.curvature.kfac_plan`).
+With a Kronecker layer's eigenbases ``Q_A`` (``(K1, K1)``, block-diagonal when split) and ``Q_S``
+(``(C, C)``) and its undamped eigenvalues ``Λ + ρ`` (``(K1, C)``, :mod:`influence.curvature.kfac_state`),
+the test vector's part ``V`` of that layer (``(K1, C)``: ``kernel.reshape(K, C)`` with the bias row) is
+solved as::
+
+    (F_l + R_l + λI)⁻¹ V = Q_A [ (Q_Aᵀ V Q_S) ⊘ (Λ + ρ 1ᵀ + λ) ] Q_Sᵀ
+
+and a diagonal layer's part as ``v ⊘ (E[g²] + 2c + λ)``. ``λ`` is the damping, or per layer a factor
+of the mean of its ``Λ + ρ`` when the damping is relative (influence.curvature.damping). The
+damped eigenvalues are formed once per damping, in the model's dtype, and every product runs in it.
+A rank-one ``V`` (one image through a Dense layer on a flat input: ``a δᵀ``) is rotated as
+``(Q_Aᵀ a)(Q_Sᵀ δ)ᵀ`` (:func:`rank_one`), checked only on layers of at least ``RANK_ONE_MIN`` weights.
+"""
+import logging
+
+import numpy as np
+import tensorflow as tf
+
+from influence.curvature.kfac_plan import DiagBlock, KronBlock
+from influence.errors import UserError
+from influence.model.hvp import vec_to_numpy
+
+log = logging.getLogger(__name__)
+
+#: a layer's F + R + λI counts as singular below this fraction of its largest eigenvalue
+SINGULAR = 1e-12
+#: layers with at least this many weights check a test vector for rank one before rotating it
+RANK_ONE_MIN = 2**20
+
+
+def kron_rotate(v, qa, a_bounds, qs, s_bounds, back=False, work=None):
+    """``Q_Aᵀ V Q_S`` (or ``Q_A V Q_Sᵀ`` with ``back``) for block-diagonal ``Q_A``, ``Q_S``.
+
+    Args:
+      v: (K1, C) in the dtype of the ``q`` blocks.
+      qa: list of (b, b) eigenvector blocks of A covering rows ``a_bounds`` [(start, stop)].
+      qs: list of (b, b) eigenvector blocks of S covering columns ``s_bounds``.
+      work: an optional (K1, C) array to overwrite on the way (may be ``v`` itself); saves one
+        temporary of ``v``'s size.
+
+    Returns:
+      (K1, C), a new array.
+    """
+    left = np.empty_like(v) if work is None else work
+    for (s, e), q in zip(a_bounds, qa):
+        left[s:e] = (q if back else q.T) @ v[s:e]
+    out = np.empty_like(v)
+    for (s, e), q in zip(s_bounds, qs):
+        out[:, s:e] = left[:, s:e] @ (q.T if back else q)
+    return out
+
+
+def rank_one(mat, rtol, rows=4096):
+    """``(u, w)`` with ``mat ≈ u wᵀ`` to relative Frobenius error ``rtol``, or None when it is not rank one.
+
+    A Dense layer on a flat input has a rank-one gradient for one image (``a δᵀ``, the bias row
+    included), so its rotation into the Kronecker eigenbasis costs ``K1² + C²`` instead of
+    ``K1²C + K1C²``. ``w`` is the row of largest norm and ``u = mat w / (w·w)``; the check reads
+    ``mat`` in blocks of ``rows`` rows (no full-size temporary).
+
+    Args:
+      mat: (K1, C) float array; rtol: the tolerance (100 ulps of the dtype in the solver).
+
+    Returns:
+      ((K1,), (C,)) arrays of ``mat``'s dtype, or None.
+    """
+    norms = np.einsum("ij,ij->i", mat, mat, dtype=np.float64)
+    total = float(norms.sum())
+    if total == 0.0 or not np.isfinite(total):
+        return None
+    w = mat[int(np.argmax(norms))]
+    u = (mat @ w) / np.dot(w, w)
+    err = 0.0
+    for s in range(0, len(mat), rows):
+        d = mat[s:s + rows] - np.outer(u[s:s + rows], w)
+        err += float(np.einsum("ij,ij->", d, d, dtype=np.float64))
+    return (u, w) if err <= rtol * rtol * total else None
+
+
+class KroneckerSolve:
+    """Mixin of :class:`influence.curvature.ekfac.KFACSolver`: ``solve``, ``solve_stacked``, ``precondition``.
+
+    Reads from the solver: ``plan``, ``name``, ``variables``, ``damping_spec``, ``info``,
+    ``_compute_dtype``, ``_fitted``, ``_eig`` and ``_undamped`` (the fitted state), ``fit``; keeps
+    the damped eigenvalues in ``_dens``.
+    """
+
+    #: solve_stacked writes each solution into its slot of the stacked result: gradient + solution
+    copies_per_vector = 2
+
+    @property
+    def workspace_bytes(self):
+        """Transient bytes of one :meth:`solve_stacked` vector: three (K1, C) matrices of the largest layer."""
+        item = np.dtype(self._compute_dtype.as_numpy_dtype).itemsize
+        return 3 * item * max([b.k1 * b.c_out for b in self.plan if isinstance(b, KronBlock)] + [0])
+
+    def _damped(self):
+        """{layer name: Λ + ρ + λ} in the model's dtype (Kronecker: (K1, C); diagonal: (size,)), formed
+        once per damping; fits first if needed."""
+        if not self._fitted:
+            self.fit()
+        key = str(self.damping_spec)
+        if self._dens is not None and self._dens[0] == key:
+            return self._dens[1]
+        dtype = self._compute_dtype.as_numpy_dtype
+        dens, lams = {}, {}
+        for b in self.plan:
+            den = self._undamped(b)
+            lams[b.name] = lam = self._block_damping(den)
+            den += lam
+            if den.min() <= SINGULAR * max(float(den.max()), 1e-300):
+                raise UserError(f"--solver {self.name}: F + λI is singular in layer {b.name} (a Fisher eigenvalue "
+                                f"is {float(den.min()) - lam:.3g}); use a --damping > 0")
+            dens[b.name] = den.astype(dtype, copy=False)
+            del den
+        if self.damping_spec.relative:
+            self.info["damping_per_layer"] = {name: float(f"{lam:.6g}") for name, lam in lams.items()}
+            log.info("%s: damping %s -> per layer %s", self.name, self.damping_spec,
+                     ", ".join(f"{name} {lam:.3g}" for name, lam in lams.items()))
+        self._dens = (key, dens)
+        return dens
+
+    def _block_damping(self, undamped):
+        """λ of one block from its ``Λ + ρ`` (float64 array): ``--damping`` itself, or the factor times
+        their mean (influence.curvature.damping)."""
+        return self.damping_spec.for_block(float(np.mean(undamped)) if undamped.size else 0.0)
+
+    def _inverse_into(self, v, parts):
+        """``(F + R + λI)⁻¹ v`` for one Vec ``v``, written into ``parts`` (numpy arrays shaped like the
+        variables, one per variable; the products run in the model's dtype)."""
+        dens = self._damped()
+        dtype = self._compute_dtype.as_numpy_dtype
+        for b in self.plan:
+            den = dens[b.name]
+            if isinstance(b, DiagBlock):
+                flat = vec_to_numpy([v[i] for i in b.positions]).astype(dtype, copy=False) / den
+                at = 0
+                for i, shape in zip(b.positions, b.shapes):
+                    size = int(np.prod(shape))
+                    parts[i][...] = flat[at:at + size].reshape(shape)
+                    at += size
+                continue
+            eig = self._eig[b.name]
+            qa, qs = ([q.astype(dtype, copy=False) for q in eig[k]] for k in ("QA", "QS"))
+            mat = np.empty((b.k1, b.c_out), dtype)
+            mat[:b.k_in] = np.asarray(v[b.kernel_pos]).reshape(b.k_in, b.c_out)
+            if b.bias_pos is not None:
+                mat[b.k_in] = np.asarray(v[b.bias_pos])
+            low = rank_one(mat, 100 * np.finfo(dtype).eps) if b.k1 * b.c_out >= RANK_ONE_MIN else None
+            if low is not None:         # one test image through a Dense layer: (Q_Aᵀ u)(Q_Sᵀ w)ᵀ
+                u, w = low
+                ut = np.concatenate([q.T @ u[s:e] for (s, e), q in zip(b.a_bounds, qa)])
+                wt = np.concatenate([w[s:e] @ q for (s, e), q in zip(b.s_bounds, qs)])
+                rot = np.multiply.outer(ut, wt, out=mat)
+            else:
+                rot = kron_rotate(mat, qa, b.a_bounds, qs, b.s_bounds, work=mat)
+            del mat
+            rot /= den
+            sol = kron_rotate(rot, qa, b.a_bounds, qs, b.s_bounds, back=True, work=rot)
+            del rot
+            parts[b.kernel_pos][...] = sol[:b.k_in].reshape(b.kernel_shape)
+            if b.bias_pos is not None:
+                parts[b.bias_pos][...] = sol[b.k_in]
+
+    def _inverse(self, vectors):
+        """[(F + R + λI)⁻¹ v] for Vecs ``v`` -> list of Vecs (dtype of the model)."""
+        out = []
+        for v in vectors:
+            parts = [np.empty(tuple(var.shape), self._compute_dtype.as_numpy_dtype) for var in self.variables]
+            self._inverse_into(v, parts)
+            out.append(tuple(tf.constant(p) for p in parts))
+        return out
+
+    def solve(self, vectors, ids=None):
+        return self._inverse(list(vectors))
+
+    def solve_stacked(self, vectors, ids=None):
+        """The inverse-HVPs of ``vectors`` stacked (a Vec with a leading axis T), written in place: the
+        only full-size arrays are the T results (no per-vector copies). ``vectors`` is emptied as each
+        is solved, so the caller's test gradients are freed on the way."""
+        if not isinstance(vectors, list):
+            vectors = list(vectors)
+        t = len(vectors)
+        dtype = self._compute_dtype.as_numpy_dtype
+        stacked = [np.empty((t,) + tuple(var.shape), dtype) for var in self.variables]
+        for j in range(t):
+            v = vectors[j]
+            vectors[j] = None
+            self._inverse_into(v, [s[j] for s in stacked])
+            del v
+        out = []
+        while stacked:          # one part at a time into TensorFlow, so at most one part is held twice
+            out.append(tf.constant(stacked.pop(0)))
+        return tuple(out)
+
+    def precondition(self, vec):
+        """``(F + R + λI)⁻¹ vec`` for one Vec (the same as one :meth:`solve`)."""
+        return self._inverse([vec])[0]

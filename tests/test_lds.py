@@ -173,6 +173,9 @@ def test_validate_cli_calls_the_lds_panel(monkeypatch, tmp_path):
     assert [r.name for r in results] == ["lds"] and results[0].ok
     assert seen["subsets"] == 8 and seen["seeds"] == 3 and seen["cache"] == str(tmp_path)
     assert seen["folders"] == ["orig", "noisy"] and seen["out"] == tmp_path and not seen["quick"]
+    assert seen["model"] == "demo"
+    validate.validate(validate.build_parser().parse_args(["--panels", "lds", "--lds-model", "bn"]))
+    assert seen["model"] == "bn"
     quick = validate.build_parser().parse_args(["--panels", "lds", "--quick"])
     validate.validate(quick)
     assert seen["subsets"] == 6 and seen["cache"] == "lds_cache/quick" and seen["quick"]
@@ -207,7 +210,7 @@ def test_score_raising_damping(monkeypatch):
 
     tried = []
 
-    def fake(data, out, options, folders, keys):
+    def fake(data, out, options, folders, keys, model=None):
         tried.append(list(options))
         damping = float(options[options.index("--damping") + 1]) if "--damping" in options else 0.01
         if damping < 1:
@@ -221,3 +224,25 @@ def test_score_raising_damping(monkeypatch):
     tried.clear()
     scores, seconds, _, options = lds.score_raising_damping("d", "o", ["--solver", "cg"], ["orig"], ["k"], tries=1)
     assert scores is None and np.isnan(seconds) and "FAILED at λ = 0.01, 0.1" in options[-1] and len(tried) == 2
+
+
+def test_test_losses_of_a_softmax_model_are_those_of_its_logits():
+    """The second panel model ends in a Softmax layer: its losses are taken from log-probabilities."""
+    import keras
+
+    keras.utils.set_random_seed(0)
+    logits = keras.Sequential([keras.Input((4, 4, 3)), keras.layers.Flatten(), keras.layers.Dense(10)])
+    probs = keras.Sequential([logits, keras.layers.Softmax()])
+    x = np.random.default_rng(0).integers(0, 256, (5, 4, 4, 3)).astype(np.uint8)
+    y = np.arange(5)
+    want, want_pred = lds.test_losses(logits, x, y)
+    got, got_pred = lds.test_losses(probs, x, y)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    np.testing.assert_array_equal(got_pred, want_pred)
+
+
+def test_panel_models_refuse_an_unknown_name(tmp_path):
+    from influence.errors import SettingError
+
+    with pytest.raises(SettingError, match="lds_model: must be one of demo, bn"):
+        lds.prepare_model(tmp_path, "resnet")

@@ -57,9 +57,17 @@ SOLVERS = (
 GRAD_DOT, RANDOM = "gradient dot product", "random"
 TOP = 5
 RETRAIN_FILE = "retrain.npz"
+#: the seed of the base models (the demo's)
+BASE_SEED = 0
 #: the demo recipe (influence.demo.train_model), recorded with the runs
 RECIPE = {"epochs": 30, "batch_size": 32, "optimizer": "Adam(3e-3)", "n_train": 1500, "size": 32}
 QUICK_RECIPE = {"epochs": 8, "batch_size": 32, "optimizer": "Adam(3e-3)", "n_train": 500, "size": 32}
+#: the second model (:func:`build_bn_model`): BatchNorm, max-pooling, a final softmax, 8 epochs -- less
+#: confident than the demo CNN, so its curvature is not hidden under the damping (issue 17)
+BN_RECIPE = {"model": "bn_cnn", "epochs": 8, "batch_size": 32, "optimizer": "Adam(3e-3)", "n_train": 1500,
+             "size": 32}
+#: ``--lds-model``: the panel's models; the demo archives serve both, each model has its own cache folder
+MODELS = {"demo": RECIPE, "bn": BN_RECIPE}
 
 
 # ----------------------------------------------------------------------------- pure functions
@@ -158,10 +166,11 @@ class DemoData:
     x_test: np.ndarray
     y_test: np.ndarray
     test_keys: np.ndarray
+    model_file: Path = None     # the base model; default ``root/model.keras`` (the demo CNN)
 
     @property
     def model_path(self):
-        return self.root / "model.keras"
+        return Path(self.model_file) if self.model_file is not None else self.root / "model.keras"
 
 
 def test_items(test, folders):
@@ -192,8 +201,8 @@ def prepare_demo(root, recipe):
             log.info("lds: prepare_data.py %s", " ".join(argv))
             prepare_data(build_prepare_data_parser().parse_args(argv))
         if not (root / "model.keras").is_file():
-            model, seconds = demo.train_model(*data["train"][:2], epochs=recipe["epochs"], seed=demo.SEED)
-            log.info("lds: base model (all %d images, seed %d) trained in %.1f s", recipe["n_train"], demo.SEED,
+            model, seconds = demo.train_model(*data["train"][:2], epochs=recipe["epochs"], seed=BASE_SEED)
+            log.info("lds: base model (all %d images, seed %d) trained in %.1f s", recipe["n_train"], BASE_SEED,
                      seconds)
             model.save(root / "model.keras")
     with TrainArchive(root / "train.npz") as train:
@@ -213,21 +222,94 @@ def prepare_demo(root, recipe):
                     np.asarray(ys, dtype=np.int64), np.asarray(keys))
 
 
+def prepare_model(cache, name, quick=False):
+    """:class:`DemoData` for panel model ``name`` (:data:`MODELS`) under the folder ``cache``.
+
+    ``demo``: :func:`prepare_demo` in ``cache/demo``. Any other model reads the same archives and
+    keeps its base model (trained on all images with seed 0) in ``cache/<name>/model.keras``.
+    ``quick``: the demo's :data:`QUICK_RECIPE` archives (500 images). Returns ``(data, recipe,
+    folder of its retraining cache and scores)``.
+    """
+    from influence.errors import SettingError
+
+    if name not in MODELS:
+        raise SettingError("lds_model", f"must be one of {', '.join(MODELS)}, got {name!r}")
+    cache = Path(cache)
+    demo_recipe = QUICK_RECIPE if quick else RECIPE
+    data = prepare_demo(cache / "demo", demo_recipe)
+    if name == "demo":
+        return data, demo_recipe, cache
+    recipe, folder = dict(MODELS[name], n_train=demo_recipe["n_train"]), cache / name
+    folder.mkdir(parents=True, exist_ok=True)
+    data.model_file = folder / "model.keras"
+    if not data.model_file.is_file():
+        from influence.io import atomic_write
+
+        start = time.perf_counter()
+        model = train_model(data.x_train, data.y_train, recipe, BASE_SEED)
+        log.info("lds: base model %s (all %d images, seed %d) trained in %.1f s", name, len(data.y_train),
+                 BASE_SEED, time.perf_counter() - start)
+        with atomic_write(data.model_file) as tmp:
+            model.save(tmp)
+    return data, recipe, folder
+
+
+def build_bn_model(seed):
+    """The panel's second CNN: float (None, 32, 32, 3) in [0, 1] -> softmax probabilities (None, 10).
+
+    Conv(8, no bias) -> BatchNorm -> ReLU -> MaxPool, Conv(16, no bias) -> BatchNorm -> ReLU -> MaxPool,
+    Dense(10) -> Softmax; L2 1e-4 on the kernels. calculate.py strips the softmax in memory.
+    """
+    import keras
+
+    from influence.data import digits
+
+    keras.utils.set_random_seed(seed)
+    l2 = keras.regularizers.L2(1e-4)
+    layers = keras.layers
+    return keras.Sequential([
+        keras.Input((32, 32, 3)),
+        layers.Conv2D(8, 3, use_bias=False, kernel_regularizer=l2, name="conv1"),
+        layers.BatchNormalization(name="bn1"), layers.ReLU(), layers.MaxPooling2D(2),
+        layers.Conv2D(16, 3, use_bias=False, kernel_regularizer=l2, name="conv2"),
+        layers.BatchNormalization(name="bn2"), layers.ReLU(), layers.MaxPooling2D(2),
+        layers.Flatten(),
+        layers.Dense(digits.N_CLASSES, kernel_regularizer=l2, name="logits"),
+        layers.Softmax(name="probs"),
+    ], name="digits_bn_cnn")
+
+
+def train_model(x, y, recipe, seed):
+    """One model of ``recipe`` trained on uint8 images ``x`` (N, 32, 32, 3) and labels ``y`` (N,) -> Keras model."""
+    import keras
+
+    from influence.experiments import demo
+
+    if recipe.get("model", "demo_cnn") == "demo_cnn":
+        return demo.train_model(x, y, epochs=recipe["epochs"], seed=seed)[0]
+    model = build_bn_model(seed)
+    model.compile(optimizer=keras.optimizers.Adam(3e-3), loss=keras.losses.SparseCategoricalCrossentropy())
+    model.fit(x.astype(np.float32) / 255.0, np.asarray(y), batch_size=recipe["batch_size"],
+              epochs=recipe["epochs"], shuffle=True, verbose=0)
+    return model
+
+
 def test_losses(model, x, y):
     """Cross-entropy in float64 from the model's logits: ``(losses (T,), predictions (T,))``."""
-    logits = np.asarray(model(x.astype(np.float32) / 255.0, training=False), dtype=np.float64)
+    out = model(x.astype(np.float32) / 255.0, training=False)
+    if model.layers and type(model.layers[-1]).__name__ == "Softmax":      # probabilities: back to logits
+        out = np.log(np.maximum(np.asarray(out, dtype=np.float64), np.finfo(np.float64).tiny))
+    logits = np.asarray(out, dtype=np.float64)
     shift = logits.max(axis=1, keepdims=True)
     lse = shift[:, 0] + np.log(np.exp(logits - shift).sum(axis=1))
     return lse - logits[np.arange(len(y)), y], np.argmax(logits, axis=1)
 
 
-def train_and_evaluate(x, y, x_test, y_test, epochs, seed):
-    """One retraining with the demo recipe (:func:`influence.demo.train_model`) -> test losses float64 (T,)."""
+def train_and_evaluate(x, y, x_test, y_test, recipe, seed):
+    """One retraining with ``recipe`` (:func:`train_model`) -> test losses float64 (T,)."""
     import keras
 
-    from influence.experiments import demo
-
-    model, _ = demo.train_model(x, y, epochs=epochs, seed=seed)
+    model = train_model(x, y, recipe, seed)
     losses, _ = test_losses(model, x_test, y_test)
     del model
     keras.backend.clear_session()
@@ -302,8 +384,7 @@ def retrain(cache_path, x_train, y_train, x_test, y_test, *, subsets, seeds, rec
     start = time.perf_counter()
     for k, (si, m) in enumerate(todo, start=1):
         keep = masks[m]
-        losses[si, m] = train_and_evaluate(x_train[keep], y_train[keep], x_test, y_test, recipe["epochs"],
-                                           all_seeds[si])
+        losses[si, m] = train_and_evaluate(x_train[keep], y_train[keep], x_test, y_test, recipe, all_seeds[si])
         done[si, m] = True
         save_cache(cache_path, masks, all_seeds, losses, done, meta, base_losses, base_preds)
         elapsed = time.perf_counter() - start
@@ -318,12 +399,14 @@ def retrain(cache_path, x_train, y_train, x_test, y_test, *, subsets, seeds, rec
 
 # ----------------------------------------------------------------------------- scoring
 
-def calculate_settings(data, out, options, folders):
-    """Settings of ``calculate.py --data DATA --model DATA/model.keras --preprocess unit OPTIONS`` (demo's line)."""
+def calculate_settings(data, out, options, folders, model=None):
+    """Settings of ``calculate.py --data DATA --model MODEL --preprocess unit OPTIONS`` (the demo's line;
+    ``model`` defaults to ``DATA/model.keras``)."""
     from influence.calculate_cli import build_parser
     from influence.engine import Settings
 
-    argv = ["--data", str(data), "--model", str(Path(data) / "model.keras"), "--preprocess", "unit",
+    model = Path(data) / "model.keras" if model is None else model
+    argv = ["--data", str(data), "--model", str(model), "--preprocess", "unit",
             "-sf", "png", "--out", str(out), "--folders", *folders, "--overwrite", *options]
     return Settings.from_args(build_parser().parse_args(argv))
 
@@ -332,7 +415,7 @@ def calculate_settings(data, out, options, folders):
 COMPUTE_TIMINGS = ("curvature_s", "test_gradients_s", "inverse_hvp_s", "scoring_s")
 
 
-def score_with_calculate(data, out, options, folders, keys):
+def score_with_calculate(data, out, options, folders, keys, model=None):
     """Run the calculate job from scratch (``out`` removed first: no curvature cache).
 
     Returns ``(scores (T, N), seconds of the whole job, seconds of the computing phases)``: the latter is
@@ -346,7 +429,7 @@ def score_with_calculate(data, out, options, folders, keys):
     out = Path(out)
     if out.exists():
         shutil.rmtree(out)
-    settings = calculate_settings(data, out, options, folders)
+    settings = calculate_settings(data, out, options, folders, model)
     start = time.perf_counter()
     code = calculate(settings)
     seconds = time.perf_counter() - start
@@ -361,7 +444,7 @@ def score_with_calculate(data, out, options, folders, keys):
     return np.stack(rows).astype(np.float64), seconds, compute
 
 
-def score_raising_damping(data, out, options, folders, keys, tries=3):
+def score_raising_damping(data, out, options, folders, keys, tries=3, model=None):
     """:func:`score_with_calculate`; when the solver meets negative curvature (cg on the demo CNN, which is not
     at a minimum, at calculate.py's default λ = 0.01), retry with ``--damping`` ×10, at most ``tries`` times.
 
@@ -376,7 +459,7 @@ def score_raising_damping(data, out, options, folders, keys, tries=3):
     for attempt in range(tries + 1):
         log.info("lds: scoring with calculate %s", " ".join(options))
         try:
-            scores, seconds, compute = score_with_calculate(data, out, options, folders, keys)
+            scores, seconds, compute = score_with_calculate(data, out, options, folders, keys, model)
             if failed:
                 options = options + [f"(λ = {', '.join(failed)}: negative curvature)"]
             return scores, seconds, compute, options
@@ -446,6 +529,7 @@ class LdsResult:
     wrong: int
     retrain_seconds: float
     trained: int
+    model: str = "demo"
     markdown: str = ""
     figures: list = dataclasses.field(default_factory=list)
     ok: bool = True
@@ -472,7 +556,8 @@ def markdown(result):
                      f"{f(r.useful_right)} | {sec(r.compute)} | {sec(r.seconds)} |")
     lines.append(f"| noise ceiling (seed vs seed) | | {f(result.ceiling)} | {f(result.ceiling_wrong)} | | | | |")
     lines.append("")
-    lines.append(f"{result.subsets} random half-subsets of the n = {result.n} training digits × {len(result.seeds)} "
+    model = "the demo CNN" if result.model == "demo" else f"panel model {result.model!r}"
+    lines.append(f"{model}; {result.subsets} random half-subsets of the n = {result.n} training digits × {len(result.seeds)} "
                  f"seeds ({', '.join(map(str, result.seeds))}); test images: {len(result.test_keys)} "
                  f"({result.wrong} misclassified by the base model); {result.trained} retraining runs done in this "
                  f"call ({result.retrain_seconds:.0f} s), the rest from the cache.")
@@ -520,34 +605,35 @@ def plot(result, path):
     ax.set_ylabel(f"LDS (mean over {len(result.test_keys)} test images)")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8, loc="best", title="LDS (mean) in seconds computing", title_fontsize=8)
-    ax.set_title(f"linear datamodeling score: {result.subsets} half-subsets × {len(result.seeds)} seeds, "
-                 f"n = {result.n}", fontsize=9)
+    ax.set_title(f"linear datamodeling score ({result.model}): {result.subsets} half-subsets × {len(result.seeds)} "
+                 f"seeds, n = {result.n}", fontsize=9)
     fig.savefig(path, dpi=130)
 
 
 def run(cache="lds_cache", out=".", subsets=64, seeds=2, folders=("orig",), quick=False, mask_seed=0,
-        solvers=SOLVERS):
-    """The whole panel (module docstring): retrain (cached), score every solver, write ``out/lds.md`` and
-    ``out/lds.png``. Returns :class:`LdsResult`."""
-    from influence.errors import UserError
+        solvers=SOLVERS, model="demo"):
+    """The whole panel (module docstring) for panel model ``model`` (:data:`MODELS`): retrain (cached),
+    score every solver, write ``out/lds.md``, ``lds.png`` and ``lds.json`` (``lds_<model>.*`` for a model
+    other than the demo CNN). Returns :class:`LdsResult`."""
+    from influence.errors import SettingError, UserError
 
-    if subsets < 3 or seeds < 2:
-        raise UserError(f"--lds-subsets must be >= 3 and --lds-seeds >= 2, got {subsets} and {seeds}")
-    recipe = QUICK_RECIPE if quick else RECIPE
-    cache = Path(cache)
-    data = prepare_demo(cache / "demo", recipe)
+    if subsets < 3:
+        raise SettingError("lds_subsets", f"must be >= 3, got {subsets}")
+    if seeds < 2:
+        raise SettingError("lds_seeds", f"must be >= 2 (the noise ceiling compares seeds), got {seeds}")
+    data, recipe, folder = prepare_model(cache, model, quick)
     import keras
 
     base = keras.models.load_model(data.model_path)
     base_losses, base_preds = test_losses(base, data.x_test, data.y_test)
     del base
-    retrained = retrain(cache / RETRAIN_FILE, data.x_train, data.y_train, data.x_test, data.y_test,
+    retrained = retrain(folder / RETRAIN_FILE, data.x_train, data.y_train, data.x_test, data.y_test,
                         subsets=subsets, seeds=list(range(seeds)), recipe=recipe, train_ids=data.train_ids,
                         test_keys=data.test_keys, base_losses=base_losses, base_preds=base_preds,
                         mask_seed=mask_seed)
     idx = np.array([k for k, key in enumerate(data.test_keys) if key.split("/")[0] in folders])
     if not len(idx):
-        raise UserError(f"--lds-folders: none of {', '.join(folders)} in the demo's test folders")
+        raise SettingError("lds_folders", f"none of {', '.join(folders)} in the demo's test folders")
     keys = data.test_keys[idx]
     masks = retrained["masks"]
     by_seed = retrained["losses"][:, :, idx]
@@ -555,8 +641,8 @@ def run(cache="lds_cache", out=".", subsets=64, seeds=2, folders=("orig",), quic
     wrong = base_preds[idx] != data.y_test[idx]
     rows = []
     for name, options in solvers:
-        scores, seconds, compute, options = score_raising_damping(data.root, cache / "scores" / name.replace(" ", "_"),
-                                                         options, list(folders), keys)
+        scores, seconds, compute, options = score_raising_damping(
+            data.root, folder / "scores" / name.replace(" ", "_"), options, list(folders), keys, model=data.model_path)
         if scores is None:
             rows.append(LdsRow(name, " ".join(options), np.full(len(idx), np.nan), math.nan, math.nan, math.nan,
                                math.nan, seconds, compute))
@@ -571,19 +657,20 @@ def run(cache="lds_cache", out=".", subsets=64, seeds=2, folders=("orig",), quic
     ceiling = noise_ceiling(by_seed)
     result = LdsResult("lds", rows, nanmean(ceiling), nanmean(ceiling[wrong]) if wrong.any() else math.nan,
                        subsets, list(range(seeds)), len(data.y_train), keys.tolist(), int(wrong.sum()),
-                       retrained["seconds"], retrained["trained"])
+                       retrained["seconds"], retrained["trained"], model=model)
     result.markdown = markdown(result)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    from influence.outputs.report import atomic_write
+    from influence.io import atomic_write
 
-    with atomic_write(out / "lds.md") as tmp:
+    stem = "lds" if model == "demo" else f"lds_{model}"
+    with atomic_write(out / f"{stem}.md") as tmp:
         tmp.write_text(result.markdown + "\n")
-    with atomic_write(out / "lds.png") as tmp:
+    with atomic_write(out / f"{stem}.png") as tmp:
         plot(result, tmp)
-    with atomic_write(out / "lds.json") as tmp:     # the numbers behind the table, per test image too
+    with atomic_write(out / f"{stem}.json") as tmp:     # the numbers behind the table, per test image too
         tmp.write_text(json.dumps(to_json(result), indent=1))
-    result.figures = [str(out / "lds.png"), str(out / "lds.md"), str(out / "lds.json")]
+    result.figures = [str(out / f"{stem}.{ext}") for ext in ("png", "md", "json")]
     return result
 
 
@@ -594,6 +681,6 @@ def run_from_args(args):
     cache = args.lds_cache or ("lds_cache/quick" if quick else "lds_cache")
     folders = [f.strip() for f in args.lds_folders.split(",") if f.strip()]
     result = run(cache=cache, out=Path(args.out).parent, subsets=subsets, seeds=args.lds_seeds, folders=folders,
-                 quick=quick, mask_seed=args.seed)
+                 quick=quick, mask_seed=args.seed, model=getattr(args, "lds_model", "demo"))
     print(result.markdown)
     return result

@@ -101,6 +101,9 @@ def build_parser():
     p.add_argument("--lds-seeds", type=int, default=2, help="lds: retraining seeds per subset (default 2)")
     p.add_argument("--lds-cache", default=None, help="lds: folder of the retraining cache (default lds_cache)")
     p.add_argument("--lds-folders", default="orig", help="lds: demo test folders scored (default orig)")
+    p.add_argument("--lds-model", default="demo", choices=("demo", "bn"),
+                   help="lds: the model retrained: demo (the demo CNN, confident) or bn (BatchNorm CNN with a final "
+                        "softmax, 8 epochs, less confident); each has its own cache under --lds-cache")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 

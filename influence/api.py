@@ -16,7 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
-from influence.errors import UserError
+from influence.errors import SettingError, UserError
+
+#: the settings of a calculate run that are solver options (each solver takes those it knows)
+SOLVER_SETTINGS = ("iter", "bsize", "repeats", "seed", "cg_tol", "cg_maxiter", "max_exact_params", "fisher",
+                   "ekfac_max_block", "memory_budget")
 
 
 @dataclass
@@ -35,8 +39,9 @@ class Influence:
     """Influence of every training image of ``train`` on predictions of ``model``.
 
     Args:
-      model: a ``.keras``/``.h5`` file, a ``keras.applications`` name (``"vgg16"``), or a Keras model
-        object (a final softmax is stripped in memory; a mixed-precision model computes in float32).
+      model: a ``.keras``/``.h5`` file, a ``keras.applications`` name (``"vgg16"``), a Keras model
+        object (a final softmax is stripped in memory; a mixed-precision model computes in float32), or
+        a loaded :class:`influence.model.models.Classifier`.
       train: a training archive written by ``prepare_data.py`` (path) or a ``TrainArchive``.
       solver: a registered method (``influence.curvature.REGISTRY``): ekfac, kfac, cg, pcg, lissa, exact.
       damping: λ, or ``"auto"`` / ``"0.3x"`` (relative to each layer's eigenvalues; kfac, ekfac).
@@ -47,22 +52,25 @@ class Influence:
       cache: a folder for the fitted curvature (reused while model, archive and settings agree).
       score_batch: training images per scoring step; chunk: training images per HVP / fitting step.
       progress: show progress bars.
+      backend: where the training-set passes run (:mod:`influence.backends`): None for this process,
+        or a backend object (``influence.distributed.RayBackend(settings)``).
       **options: the solver's own settings (``iter``, ``bsize``, ``cg_tol``, ``fisher``, ``seed``, ...);
         an option the solver does not take is refused, named.
+
+    :meth:`from_settings` builds one from a calculate run's :class:`influence.settings.Settings` (the
+    calculate job is a client of this class).
     """
 
     def __init__(self, model, train, *, solver="ekfac", damping=0.01, hessian="full", preprocess="auto",
                  params="all", weights="imagenet", cache=None, score_batch=256, chunk=256, progress=True,
-                 **options):
-        from influence.curvature import REGISTRY, make_solver, solver_options
-        from influence.data.archives import TrainArchive
-        from influence.model.hvp import HESSIANS, Derivatives, TrainingObjective
-        from influence.scoring import Scorer
+                 backend=None, **options):
+        from influence.curvature import REGISTRY, solver_options
+        from influence.model.hvp import HESSIANS
 
         if solver not in REGISTRY:
-            raise UserError(f"solver must be one of {', '.join(REGISTRY)}, got {solver!r}")
+            raise SettingError("solver", f"must be one of {', '.join(REGISTRY)}, got {solver!r}")
         if hessian not in HESSIANS:
-            raise UserError(f"hessian must be one of {', '.join(HESSIANS)}, got {hessian!r}")
+            raise SettingError("hessian", f"must be one of {', '.join(HESSIANS)}, got {hessian!r}")
         accepted = solver_options(REGISTRY[solver])
         unknown = sorted(set(options) - accepted)
         if unknown:
@@ -70,33 +78,113 @@ class Influence:
                             f"{', '.join(sorted(accepted))}")
         if int(score_batch) < 1 or int(chunk) < 1:
             raise UserError(f"score_batch and chunk must be at least 1, got {score_batch} and {chunk}")
-        self.train = train if isinstance(train, TrainArchive) else TrainArchive(Path(train))
-        self.model_name = model if isinstance(model, (str, Path)) else getattr(model, "name", "model")
-        self.preprocess = preprocess
-        self.clf = _classifier(model, weights, preprocess, params)
+        name = model if isinstance(model, (str, Path)) else getattr(model, "name", "model")
+        train = _train_archive(train)
+        self._setup(_classifier(model, weights, preprocess, params), train, name, preprocess, hessian, chunk)
+        self._set_solver(solver, damping, options, progress)
+        self.cache = None if cache is None else Path(cache)
+        self.score_batch = int(score_batch)
+        self.backend = backend if backend is not None else _local()
+        self.solver                       # built now: a setting the solver refuses is an error here
+
+    @classmethod
+    def from_settings(cls, settings, train=None, *, check=None):
+        """An Influence with the settings of a calculate run (:class:`influence.settings.Settings`).
+
+        The model is ``settings.model`` (``weights``, ``preprocess``, ``params``); ``train`` (default:
+        ``<data>/train.npz``); the solver gets every option of the settings it takes, and is built on
+        first use (:attr:`solver`); the cache is ``settings.cache`` or ``<out>/curvature``; the backend
+        is Ray with ``workers`` / ``ray_address``, else this process. ``check(classifier)`` runs on the
+        loaded model before anything is built on it.
+        """
+        from influence.backends import backend_for
+        from influence.model.models import load_classifier
+
+        clf = load_classifier(settings.model, settings.weights, settings.preprocess, settings.params)
+        train = _train_archive(train if train is not None else Path(settings.data) / "train.npz")
+        if check is not None:
+            check(clf)
+        self = cls.__new__(cls)
+        self._setup(clf, train, settings.model, settings.preprocess, settings.hessian, 256)
+        options = {k: getattr(settings, k) for k in SOLVER_SETTINGS}
+        options["scale"] = settings.scale_value()
+        self._set_solver(settings.solver, settings.damping, options, True)
+        self.cache = Path(settings.cache or Path(settings.out) / "curvature")
+        self.score_batch = int(settings.score_batch)
+        self.backend = backend_for(settings)
+        return self
+
+    def _setup(self, clf, train, model_name, preprocess, hessian, chunk):
+        from influence.model.hvp import Derivatives, TrainingObjective
+        from influence.scoring import Scorer
+
+        self.train, self.clf, self.model_name, self.preprocess = train, clf, model_name, preprocess
         self.derivs = Derivatives(self.clf, self.train.image_shape)
         self.objective = TrainingObjective(self.derivs, self.train, chunk=int(chunk), hessian=hessian)
-        self.solver = make_solver(solver, self.objective, damping, progress=progress, **options)
         self.scorer = Scorer(self.derivs)
-        self.score_batch = int(score_batch)
-        self.progress = progress
-        self.cache = None if cache is None else Path(cache)
         self._fitted = False
         self._keys = None
+        self._key = None
+        #: after :meth:`fit`: True when the curvature came from the cache
+        self.loaded = False
+
+    def _set_solver(self, name, damping, options, progress):
+        self.solver_name, self.progress = name, progress
+        self._solver = None
+        self._solver_args = (name, damping, dict(options))
+
+    @property
+    def solver(self):
+        """The inverse-HVP method (:mod:`influence.curvature`), built on first use."""
+        if self._solver is None:
+            from influence.curvature import make_solver
+
+            name, damping, options = self._solver_args
+            self._solver = make_solver(name, self.objective, damping, progress=self.progress, **options)
+        return self._solver
+
+    @property
+    def layer_names(self):
+        """Names of the per-layer score columns (``["all"]`` when the model gives no split)."""
+        return list(self.scorer.layer_names if self.scorer.split else ["all"])
+
+    @property
+    def curvature_key(self):
+        """What the fitted curvature depends on (:func:`influence.curvature.cache.curvature_key`)."""
+        if self._key is None:
+            from influence.curvature.cache import curvature_key
+
+            self._key = curvature_key(self.clf, self.train, model=self.model_name, preprocess=self.preprocess,
+                                      solver=self.solver)
+        return self._key
+
+    def cache_path(self):
+        """The curvature cache file of this solver, or None without a cache."""
+        from influence.curvature.cache import CurvatureCache
+
+        return None if self.cache is None else CurvatureCache(self.cache).path(self.solver)
 
     # --- curvature ------------------------------------------------------------------------------
-    def fit(self):
-        """Fit the solver's curvature on the training set (or load it from ``cache``); returns self."""
+    def fit(self, before_fit=None):
+        """Fit the solver's curvature on the training set (or load it from ``cache``); returns self.
+
+        ``before_fit(solver)``: called before a fit (not before a cache load), e.g. to set the chunk.
+        """
         if self._fitted:
             return self
-        if self.cache is not None:
-            from influence.curvature.cache import CurvatureCache, curvature_key
+        solver = self.solver
 
-            key = curvature_key(self.clf, self.train, model=self.model_name, preprocess=self.preprocess,
-                                solver=self.solver)
-            CurvatureCache(self.cache).load_or_fit(self.solver, key)
+        def fit():
+            if before_fit is not None:
+                before_fit(solver)
+            self.backend.fit(solver, self.train, chunk=self.objective.chunk, key=self.curvature_key)
+
+        if self.cache is not None:
+            from influence.curvature.cache import CurvatureCache
+
+            self.loaded = CurvatureCache(self.cache).load_or_fit(solver, self.curvature_key, fit)
         else:
-            self.solver.fit()
+            fit()
         self._fitted = True
         return self
 
@@ -112,16 +200,39 @@ class Influence:
         Returns:
           float32 (T, N) in training-archive order; with ``per_layer``, (T, N, L) and the layer names.
         """
-        from influence.engine import score_archive
-
         x, y = self._test_arrays(images, labels)
         self.fit()
-        grads = [self.derivs.gradient(x[t:t + 1], y[t:t + 1]) for t in range(len(y))]
-        stacked = self.solver.solve_stacked(grads, ids=[("api", t) for t in range(len(y))])
-        shares = score_archive(self.scorer, self.train, stacked, self.score_batch)
+        grads = self._gradients(x, y)
+        stacked = self.inverse_hvps(grads, ids=[("api", t) for t in range(len(grads))])
+        shares = self.score_stacked(stacked)
         if per_layer:
-            return shares, list(self.scorer.layer_names if self.scorer.split else ["all"])
+            return shares, self.layer_names
         return shares.sum(axis=2)
+
+    def predict(self, images, batch=256):
+        """Class probabilities (T, classes) of uint8 ``images``, ``batch`` at a time."""
+        x = np.asarray(images)
+        return np.concatenate([np.zeros((0, self.clf.num_classes))] +
+                              [self.derivs.predict(x[s:s + batch]).numpy() for s in range(0, len(x), batch)])
+
+    def test_gradients(self, images, labels):
+        """``∇L(z_t)`` of each test image (a list of T Vecs), one image per call."""
+        return self._gradients(*self._test_arrays(images, labels))
+
+    def _gradients(self, x, y):
+        return [self.derivs.gradient(x[t:t + 1], y[t:t + 1]) for t in range(len(y))]
+
+    def inverse_hvps(self, grads, ids):
+        """``(H + λI)⁻¹ ∇L(z_t)`` of each gradient, stacked (a Vec with leading axis T); ``ids`` name the
+        vectors (LiSSA seeds its stream by them). Fits first."""
+        self.fit()
+        return self.solver.solve_stacked(grads, ids=ids)
+
+    def score_stacked(self, stacked, *, work=None, desc="scoring", score_batch=None):
+        """Shares float32 (T, N, L) of every training image against stacked inverse-HVPs, on the backend
+        (``work``: :class:`influence.backends.Work`, what is scored, for a backend that resumes)."""
+        return self.backend.score(self.scorer, self.train, stacked, int(score_batch or self.score_batch),
+                                  key=self.curvature_key, work=work, desc=desc)
 
     def top(self, scores, k=5):
         """The ``k`` most harmful (most negative) and most useful (most positive) training images of
@@ -129,30 +240,36 @@ class Influence:
         from influence.outputs.report import top_indices
 
         scores = np.atleast_2d(np.asarray(scores))
-        keys, files, labels = self._catalogue()
+        cat = self.catalogue()
         out = []
         for row in scores:
             harmful, useful = top_indices(row, int(k))
-            out.append({name: [Ranked(int(i), keys[i], str(files[i]), int(labels[i]), float(row[i])) for i in idx]
+            out.append({name: [Ranked(int(i), cat.keys[i], str(cat.files[i]), int(cat.labels[i]), float(row[i]))
+                               for i in idx]
                         for name, idx in (("harmful", harmful), ("useful", useful))})
         return out
 
-    def self_influence(self, limit=None):
+    def self_influence(self, limit=None, *, batch=None, vectors=None):
         """``∇L(z_i)ᵀ (H + λI)⁻¹ ∇L(z_i)`` of every training image (or the ``limit`` of highest loss)
-        -> :class:`influence.scoring.self_influence.SelfInfluence` (``values``, ``indices``, ``ranking()``)."""
+        -> :class:`influence.scoring.self_influence.SelfInfluence` (``values``, ``indices``, ``ranking()``).
+
+        ``batch``: training images per step (default ``score_batch``); ``vectors``: inverse-HVPs held at
+        once on the one-per-image route."""
         from influence.scoring.self_influence import self_influence
 
         self.fit()
-        return self_influence(self.solver, self.derivs, self.train, batch=self.score_batch, limit=limit,
-                              progress=self.progress)
+        return self_influence(self.solver, self.derivs, self.train, batch=batch or self.score_batch, limit=limit,
+                              vectors=vectors, progress=self.progress)
 
-    # --- helpers --------------------------------------------------------------------------------
-    def _catalogue(self):
+    def catalogue(self):
+        """The training images' keys, files and labels (:class:`influence.catalogue.TrainCatalogue`)."""
         if self._keys is None:
-            self._keys = ([k for b in self.train.batches for k in self.train.keys(b)], self.train.files(),
-                          self.train.labels())
+            from influence.catalogue import TrainCatalogue
+
+            self._keys = TrainCatalogue.of(self.train)
         return self._keys
 
+    # --- helpers --------------------------------------------------------------------------------
     def _test_arrays(self, images, labels):
         x = np.asarray(images)
         y = np.asarray(labels).reshape(-1).astype(np.int64)
@@ -172,12 +289,26 @@ class Influence:
         return x, y
 
 
+def _local():
+    from influence.backends import LocalBackend
+
+    return LocalBackend()
+
+
+def _train_archive(train):
+    from influence.data.archives import TrainArchive
+
+    return train if isinstance(train, TrainArchive) else TrainArchive(Path(train))
+
+
 def _classifier(model, weights, preprocess, params):
     """A :class:`influence.model.models.Classifier` from a path/name or a Keras model object."""
     from influence.model import models
 
     if isinstance(model, (str, Path)):
         return models.load_classifier(str(model), weights, preprocess, params)
+    if isinstance(model, models.Classifier):
+        return model
     model, _ = models.at_least_float32(model)
     model, note = models.strip_softmax(model)
     mode = "none" if preprocess == "auto" else preprocess

@@ -47,7 +47,7 @@ from pathlib import Path
 
 import numpy as np
 
-from influence.errors import UserError
+from influence.errors import SettingError, UserError
 from influence.progress import progress
 
 log = logging.getLogger(__name__)
@@ -68,20 +68,21 @@ _STATE = {}
 # ----------------------------------------------------------------------------- settings and runtime
 
 def enabled(settings):
-    """True when ``--workers`` or ``--ray-address`` asks for Ray."""
+    """True when ``workers`` or ``ray_address`` asks for Ray."""
     return bool(getattr(settings, "workers", 0) or getattr(settings, "ray_address", None))
 
 
-def _flag(settings):
-    return "--ray-address" if getattr(settings, "ray_address", None) else "--workers"
+def _setting(settings):
+    """The setting that asks for Ray: ``ray_address`` or ``workers``."""
+    return "ray_address" if getattr(settings, "ray_address", None) else "workers"
 
 
 def check(settings):
-    """One-line errors for the scale-out flags, before any work (Ray is looked up, not imported)."""
+    """One-line errors for the scale-out settings, before any work (Ray is looked up, not imported)."""
     if settings.workers < 0:
-        raise UserError(f"--workers must be >= 0 (0 = no Ray), got {settings.workers}")
+        raise SettingError("workers", f"must be >= 0 (0 = no Ray), got {settings.workers}")
     if importlib.util.find_spec("ray") is None:
-        raise UserError(f"{_flag(settings)} needs Ray: {INSTALL}")
+        raise SettingError(_setting(settings), f"needs Ray: {INSTALL}")
     if settings.ray_address:
         _check_reachable(settings.ray_address)
 
@@ -91,7 +92,7 @@ def _import_ray():
     try:
         import ray
     except ImportError:
-        raise UserError(f"--workers needs Ray: {INSTALL}") from None
+        raise SettingError("workers", f"needs Ray: {INSTALL}") from None
     return ray
 
 
@@ -122,7 +123,7 @@ def init_ray(workers=0, address=None, gpus=None):
         try:
             ray.init(address=address, **common)
         except (ConnectionError, RuntimeError, ValueError) as exc:
-            raise UserError(f"--ray-address {address}: cannot join the Ray cluster ({str(exc).splitlines()[0]}); "
+            raise SettingError("ray_address", f"{address}: cannot join the Ray cluster ({str(exc).splitlines()[0]}); "
                             f"start it with `ray start --head` (see README)") from None
         return ray
     gpus = _local_gpus() if gpus is None else gpus
@@ -140,7 +141,7 @@ def _check_reachable(address, timeout=10.0):
     try:
         socket.create_connection((host, int(port)), timeout=timeout).close()
     except OSError as exc:
-        raise UserError(f"--ray-address {address}: nothing answers there ({exc.strerror or exc}); start the "
+        raise SettingError("ray_address", f"{address}: nothing answers there ({exc.strerror or exc}); start the "
                         f"cluster with `ray start --head --port {port}` on {host} (see README)") from None
 
 
@@ -179,7 +180,7 @@ def _connect(settings):
         options, slots = {"num_cpus": 1}, max(1, cpus)
     if settings.workers:
         if gpus and settings.workers > gpus:
-            log.warning("--workers %d but %d GPU(s): one task per GPU, %d at once", settings.workers, gpus, gpus)
+            log.warning("workers %d but %d GPU(s): one task per GPU, %d at once", settings.workers, gpus, gpus)
         slots = min(slots, settings.workers)
     seconds = time.perf_counter() - t0
     log.info("ray: %s in %.1f s; %d task(s) at once, one %s each (%d CPU, %d GPU in all)", how, seconds, slots,
@@ -421,7 +422,7 @@ def fit(solver, settings, train, chunk, curvature_key):
     else equal to float64 rounding; it never depends on the number of workers (:func:`plan_fit_shards`)."""
     kfac = _kfac_of(solver)
     if kfac is None:
-        log.info("--solver %s: its fit is not sharded; fitting in the driver", settings.solver)
+        log.info("solver %s: its fit is not sharded; fitting in the driver", settings.solver)
         solver.fit()
         return
     n = kfac.obj.n
@@ -547,6 +548,40 @@ def score_archive(settings, train, stacked, score_batch, parts, curvature_key, p
             out = np.empty((t, len(train), arr.shape[2]), np.float32)
         out[:, s.start:s.stop] = arr
     return out
+
+
+class RayBackend:
+    """The :mod:`influence.backends` interface over Ray (``workers`` / ``ray_address``): the
+    kfac/ekfac/pcg fit sharded (:func:`fit`), scoring sharded (:func:`score_archive`) with each
+    :class:`influence.backends.Work`'s shard scores kept under ``<out>/parts`` until :meth:`release`."""
+
+    name = "ray"
+
+    def __init__(self, settings):
+        self.settings = settings
+        self._parts = {}
+
+    def fit(self, solver, archive, *, chunk, key):
+        fit(solver, self.settings, archive, chunk, key)
+
+    def score(self, scorer, archive, stacked, score_batch, *, key, work=None, desc="scoring"):
+        """Shares (T, N, L); ``scorer`` is the driver's (each worker builds its own)."""
+        if work is None:                  # nothing to resume: a folder of its own, removed at once
+            import uuid
+
+            parts = Path(self.settings.out).resolve() / PARTS / f"call-{uuid.uuid4().hex[:12]}"
+            try:
+                return score_archive(self.settings, archive, stacked, score_batch, parts, key, progress_desc=desc)
+            finally:
+                remove_parts(parts)
+        parts = group_parts(self.settings, key, work.fingerprints, work.items, score_batch)
+        self._parts[id(work)] = parts
+        return score_archive(self.settings, archive, stacked, score_batch, parts, key, progress_desc=desc)
+
+    def release(self, work):
+        parts = self._parts.pop(id(work), None)
+        if parts is not None:
+            remove_parts(parts)
 
 
 def remove_parts(parts):

@@ -1,11 +1,12 @@
 """The settings of a calculate run: one dataclass, saved in run.json, and which of them change the numbers.
 
-Field names match calculate.py's long options (the CLI maps flags onto them); :mod:`influence.engine`
+Field names match calculate.py's long options (the CLI maps flags onto them, and shows a
+:class:`influence.errors.SettingError` of a field as its flag); :mod:`influence.engine`
 runs a job from a :class:`Settings`; :mod:`influence.distributed` sends them to its workers.
 """
 import dataclasses
 
-from influence.errors import UserError
+from influence.errors import SettingError
 
 #: settings that change the numbers: a resumed run must agree on them
 MATH_SETTINGS = ("model", "weights", "preprocess", "params", "solver", "hessian", "damping", "scale", "iter", "bsize",
@@ -60,7 +61,7 @@ class Settings:
         try:
             value = float(self.scale)
         except ValueError:
-            raise UserError(f"--scale must be a number or 'auto', got {self.scale!r}") from None
+            raise SettingError("scale", f"must be a number or 'auto', got {self.scale!r}") from None
         if not value > 0:
-            raise UserError(f"--scale must be > 0, got {self.scale}")
+            raise SettingError("scale", f"must be > 0, got {self.scale}")
         return value

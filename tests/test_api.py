@@ -76,9 +76,9 @@ def test_mistakes_are_one_line_errors_naming_the_setting(data):
     model = str(data / "model.keras")
     with pytest.raises(UserError, match=r"takes no option iters; it takes: .*ekfac_max_block"):
         influence.Influence(model, train=train, solver="ekfac", preprocess="unit", iters=3)
-    with pytest.raises(UserError, match="solver must be one of"):
+    with pytest.raises(UserError, match="^solver: must be one of"):
         influence.Influence(model, train=train, solver="newton", preprocess="unit")
-    with pytest.raises(UserError, match="hessian must be one of"):
+    with pytest.raises(UserError, match="^hessian: must be one of"):
         influence.Influence(model, train=train, solver="cg", hessian="fisher", preprocess="unit")
     inf = influence.Influence(model, train=train, solver="exact", preprocess="unit", progress=False)
     x, y, _ = TestArchive(data / "test.npz").read("a")

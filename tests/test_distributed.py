@@ -115,16 +115,16 @@ def test_parts_key_changes_with_settings_and_test_images(data, tmp_path):
 
 
 def test_missing_ray_and_bad_workers_are_one_line_errors(data, tmp_path, monkeypatch):
-    with pytest.raises(UserError, match="--workers must be >= 0"):
+    with pytest.raises(UserError, match="^workers: must be >= 0"):
         calculate(settings(data, tmp_path / "neg", workers=-1))
     if distributed.importlib.util.find_spec("ray") is not None:
-        with pytest.raises(UserError, match=r"^--ray-address 127.0.0.1:1: nothing answers there"):
+        with pytest.raises(UserError, match=r"^ray_address: 127.0.0.1:1: nothing answers there"):
             calculate(settings(data, tmp_path / "nobody", ray_address="127.0.0.1:1"))
         assert not (tmp_path / "nobody" / "b").exists()             # refused before any work
     monkeypatch.setattr(distributed.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(UserError, match=r"^--workers needs Ray: pip install -r requirements-distributed.txt$"):
+    with pytest.raises(UserError, match=r"^workers: needs Ray: pip install -r requirements-distributed.txt$"):
         calculate(settings(data, tmp_path / "none", workers=2))
-    with pytest.raises(UserError, match=r"^--ray-address needs Ray"):
+    with pytest.raises(UserError, match=r"^ray_address: needs Ray"):
         calculate(settings(data, tmp_path / "none", ray_address="127.0.0.1:6379"))
 
 

@@ -70,7 +70,7 @@ def test_curvature_cache_is_reused_and_invalidated(data, tmp_path, caplog):
 
     caplog.clear()
     calculate(cached(data, tmp_path / "three", cache=str(cache), params="dense"))
-    assert "--params changed" in caplog.text and "refitting" in caplog.text
+    assert "curvature cache: params changed" in caplog.text and "refitting" in caplog.text
 
     # another training archive (same path, other contents) invalidates it
     other = with_other_training_set(data, tmp_path / "other", seed=9)
@@ -130,7 +130,7 @@ def test_negative_labels_are_refused_before_any_work(data, tmp_path):
 
 @pytest.mark.parametrize("limit", [-1])
 def test_negative_limit_is_an_error(data, tmp_path, limit):
-    with pytest.raises(UserError, match="--limit must be >= 0"):
+    with pytest.raises(UserError, match="^limit: must be >= 0"):
         calculate(settings(data, tmp_path / "out", limit=limit))
 
 
@@ -198,6 +198,6 @@ def test_self_influence_through_the_job(data, tmp_path, caplog, monkeypatch):
     calculate(settings(data, out, self_influence=True, folders=["b"], params="dense", solver="ekfac"))
     assert "self_influence.csv exists" in caplog.text
     assert rows[0]["key"] in (out / "index.html").read_text(encoding="utf-8")
-    with pytest.raises(UserError, match="--self-influence with --solver lissa.*--solver ekfac"):
+    with pytest.raises(UserError, match="^self_influence: with solver lissa.*solver ekfac"):
         calculate(settings(data, tmp_path / "lissa", self_influence=True, solver="lissa"))
     assert not (tmp_path / "lissa" / "a").exists()

@@ -33,7 +33,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from influence.errors import UserError
+from influence.errors import SettingError
 from influence.progress import progress as progress_bar
 from influence.io import atomic_write
 from influence.outputs.report import FIGURE_FORMATS, _short_class, _short_file, _show, format_score
@@ -85,18 +85,18 @@ def rank_descending(values, indices):
 # ----------------------------------------------------------------------------- checks
 
 def check_solver(name, limit, n_train=None):
-    """Raise a one-line :class:`UserError` when ``--solver name`` cannot score every training image.
+    """Raise a one-line :class:`SettingError` when solver ``name`` cannot score every training image.
 
-    ``limit``: ``--self-influence-limit`` (None or 0: all images). Call it before any heavy work.
+    ``limit``: the ``self_influence_limit`` setting (None or 0: all images). Call it before any heavy work.
     """
     if limit is not None and int(limit) < 0:
-        raise UserError(f"--self-influence-limit must be >= 1 (0 = every training image), got {limit}")
+        raise SettingError("self_influence_limit", f"must be >= 1 (0 = every training image), got {limit}")
     if name in fast_solvers() or limit:
         return
     many = f" ({n_train} here)" if n_train is not None else ""
-    raise UserError(f"--self-influence with --solver {name} needs one inverse-HVP per training image{many}: use "
-                    f"--solver ekfac (or exact for small models), or --self-influence-limit N to score only the N "
-                    f"highest-loss training images")
+    raise SettingError("self_influence", f"with solver {name} needs one inverse-HVP per training image{many}: "
+                                          f"use solver ekfac (or exact for small models), or self_influence_limit N to "
+                                          f"score only the N highest-loss training images")
 
 
 def highest_loss(losses, limit):
@@ -137,7 +137,7 @@ def self_influence(solver, derivs, train, *, batch, limit=None, vectors=None, pr
         ``MemoryPlan.vectors``).
       progress: show progress bars.
 
-    Raises :class:`UserError` (see :func:`check_solver`) for a solver without a fast route and no limit.
+    Raises :class:`SettingError` (see :func:`check_solver`) for a solver without a fast route and no limit.
     """
     from influence.model.hvp import vec_dot
 

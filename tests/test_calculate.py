@@ -207,8 +207,9 @@ def test_errors_through_the_script_are_one_line_with_exit_code_2(project, tmp_pa
     (("--scale", "big"), ["--scale"]),
     (("--top", "0"), ["--top"]),
     (("--folders", "styled"), ["no test folder styled", "orig, wb"]),
-    (("--solver", "lissa", "--scale", "0.0001", "-i", "300", "--folders", "wb"), ["diverged", "--scale", "--damping"]),
-    (("--model", "nosuchnet"), ["unknown --model"]),
+    (("--solver", "lissa", "--scale", "0.0001", "-i", "300", "--folders", "wb"),
+     ["diverged", "larger damping", "larger scale"]),
+    (("--model", "nosuchnet"), ["--model: unknown 'nosuchnet'"]),
     (("--model", "missing.keras"), ["model file not found"]),
     (("--model", "m8.keras"), ["6x6x3 images", "--size 8 8"]),
     (("--model", "m2.keras"), ["label 3", "2 outputs"]),
@@ -237,7 +238,7 @@ def test_missing_imagenet_weights_name_the_fix(monkeypatch):
         raise OSError("URL fetch failure: no network")
 
     monkeypatch.setattr(keras.applications, "VGG16", offline)
-    with pytest.raises(UserError, match=r"--weights PATH.*--model"):
+    with pytest.raises(UserError, match=r"^weights: could not get .*give weights a file path.*model"):
         models.load_keras_model("vgg16", "imagenet")
     with pytest.raises(UserError, match="not found"):
         models.load_keras_model("vgg16", "/no/such/weights.h5")

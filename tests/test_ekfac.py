@@ -12,7 +12,7 @@ import tensorflow as tf
 from engine_helpers import CLASSES, IMAGE, random_data, to_vec, write_train_archive
 from influence.curvature import make_solver
 from influence.curvature.ekfac import kron_factor_bytes, sample_labels, split_blocks
-from influence.errors import UserError
+from influence.errors import SettingError, UserError
 from influence.model.hvp import Derivatives, TrainingObjective, vec_to_numpy
 from influence.model.models import Classifier, select_params, strip_softmax
 
@@ -227,7 +227,7 @@ def test_split_blocks_cover_in_near_equal_parts():
         widths = [e - s for s, e in b]
         assert max(widths) <= mb and max(widths) - min(widths) <= 1
         assert len(b) == -(-size // mb)
-    with pytest.raises(UserError, match="ekfac-max-block"):
+    with pytest.raises(SettingError, match="^ekfac_max_block: must be >= 1, got 0$"):
         split_blocks(5, 0)
 
 
@@ -367,8 +367,8 @@ def test_memory_budget_error_names_layers_and_ways_out(tiny):
     with pytest.raises(UserError) as err:
         make_solver("ekfac", tiny["obj"], DAMPING, memory_budget=1e-6, progress=False)
     msg = str(err.value)
-    assert "\n" not in msg
-    for part in ("--memory-budget", "--params", "--ekfac-max-block", "dense", "conv", "GB"):
+    assert "\n" not in msg and "--" not in msg                 # settings by their Python names
+    for part in ("memory_budget", "params", "ekfac_max_block", "dense", "conv", "GB"):
         assert part in msg, (part, msg)
     make_solver("ekfac", tiny["obj"], DAMPING, memory_budget=1e-3, progress=False)   # ~50 kB: fits
 
@@ -381,7 +381,7 @@ def test_l1_regulariser_is_a_clear_error(tmp_path):
 def test_singular_fisher_without_damping_is_a_clear_error(tmp_path):
     clf, d, obj, x, y = _dense_only(tmp_path, 1)
     solver = make_solver("ekfac", obj, 0.0, progress=False)
-    with pytest.raises(UserError, match="singular.*--damping"):
+    with pytest.raises(SettingError, match="^damping: .*singular.*give a damping > 0"):
         solver.solve([to_vec(np.ones(clf.num_params), d)])
 
 
@@ -400,7 +400,7 @@ def test_fisher_sampled_is_deterministic_and_differs_from_empirical(tiny):
     f = dense_fisher(tiny["clf"], d, tiny["x"], tiny["y"], "ekfac", fisher="empirical")
     want = np.linalg.solve(f + DAMPING * np.eye(len(f)), V.T).T
     np.testing.assert_allclose(solve_all(empirical, d, V), want, rtol=1e-7, atol=1e-9 * np.abs(want).max())
-    with pytest.raises(UserError, match="--fisher"):
+    with pytest.raises(SettingError, match="^fisher: must be one of sampled, true, empirical, got 'exact'"):
         make_solver("ekfac", obj, DAMPING, fisher="exact")
 
 

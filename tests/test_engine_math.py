@@ -185,7 +185,7 @@ def test_lissa_divergence_is_a_clear_error(tmp_path):
     d, obj, H, lam = _convex_setup(tmp_path)
     tiny_scale = 0.05 * np.linalg.eigvalsh(H)[-1]
     solver = LissaSolver(obj, lam, iter=500, bsize=40, scale=tiny_scale, progress=False)
-    with pytest.raises(UserError, match="diverged.*larger --damping.*larger --scale"):
+    with pytest.raises(UserError, match="diverged.*larger damping.*larger scale"):
         solver.solve([to_vec(np.ones(H.shape[0]), d)])
 
 

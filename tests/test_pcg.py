@@ -94,5 +94,5 @@ def test_negative_curvature_is_the_cg_message(tmp_path):
     clf, d, obj, archive, x, y = tiny_setup(tmp_path, n=16)
     pcg = make_solver("pcg", obj, 1e-3, cg_tol=1e-10, cg_maxiter=300, progress=False)
     vs = [to_vec(v, d) for v in np.random.default_rng(5).standard_normal((2, clf.num_params))]
-    with pytest.raises(UserError, match="pcg met negative curvature.*raise --damping"):
+    with pytest.raises(UserError, match="pcg met negative curvature.*raise damping"):
         pcg.solve(vs)

@@ -15,7 +15,7 @@ import inspect
 
 from influence.curvature import cg, exact, lissa  # noqa: F401  (registers the methods)
 from influence.curvature.base import REGISTRY, InverseHVP, stable_seed  # noqa: F401
-from influence.errors import UserError
+from influence.errors import SettingError, UserError
 
 for _optional in ("ekfac", "pcg"):
     try:
@@ -50,7 +50,7 @@ def make_solver(name, objective, damping, progress=True, **options):
     """
     cls = REGISTRY.get(name)
     if cls is None:
-        raise UserError(f"unknown --solver {name!r}: choose one of {', '.join(REGISTRY)}")
+        raise SettingError("solver", f"must be one of {', '.join(REGISTRY)}, got {name!r}")
     known = set().union(*(solver_options(c) for c in REGISTRY.values()))
     unknown = sorted(set(options) - known)
     if unknown:

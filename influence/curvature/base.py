@@ -16,7 +16,7 @@ Life of a solver (docs/DESIGN.md, "Curvature")::
 import zlib
 
 from influence.curvature.damping import parse_damping
-from influence.errors import UserError
+from influence.errors import SettingError
 from influence.model.hvp import vec_axpy, vec_size, vec_stack
 
 #: name -> class of every registered method, in definition order
@@ -52,12 +52,12 @@ class InverseHVP:
 
     @classmethod
     def check_damping(cls, damping):
-        """``damping`` parsed (influence.curvature.damping); UserError when this method cannot take it."""
+        """``damping`` parsed (influence.curvature.damping); SettingError when this method cannot take it."""
         spec = parse_damping(damping)
         if spec.relative and not cls.relative_damping:
             able = ", ".join(n for n, c in REGISTRY.items() if c.relative_damping)
-            raise UserError(f"--solver {cls.name}: damping {damping} is relative to a fitted spectrum, which only "
-                            f"{able} have; give --damping a number (e.g. 0.01)")
+            raise SettingError("damping", f"{damping} is relative to a fitted spectrum, which only {able} have; "
+                                          f"give solver {cls.name} a number (e.g. 0.01)")
         return spec
 
     @property

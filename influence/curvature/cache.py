@@ -61,13 +61,13 @@ def _plain(value):
 
 
 _WHAT = {"weights": "the model weights", "train": "the training archive", "train_images": "the training archive",
-         "params": "--params", "model": "--model", "preprocess": "--preprocess", "dtype": "the model dtype"}
+         "params": "params", "model": "model", "preprocess": "preprocess", "dtype": "the model dtype"}
 
 
 def _describe(changed):
     names = []
     for k in changed:
-        text = _WHAT.get(k, f"--{k.replace('_', '-')}" if k not in ("format", "solver", "loss") else k)
+        text = _WHAT.get(k, k)
         if text not in names:
             names.append(text)
     return ", ".join(names)

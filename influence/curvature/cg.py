@@ -10,7 +10,7 @@ from influence.progress import progress as progress_bar
 log = logging.getLogger(__name__)
 
 NEGATIVE_CURVATURE = ("{solver} met negative curvature: H + λI is not positive definite here; "
-                      "raise --damping, or use --hessian ggn (positive semi-definite, for a model away from a minimum)")
+                      "raise damping, or use hessian='ggn' (positive semi-definite, for a model away from a minimum)")
 
 
 def conjugate_gradient(apply, v, *, tol, maxiter, x0=None, precondition=None, bar=None, solver="cg"):
@@ -93,7 +93,7 @@ class CGSolver(InverseHVP):
             x, it, residual = conjugate_gradient(self.apply, v, tol=self.tol, maxiter=self.maxiter, x0=x0,
                                                  precondition=precondition, bar=bar, solver=self.name)
         if residual > self.tol:
-            log.warning("%s stopped after %d iterations at relative residual %.2e (--cg-tol %.0e)",
+            log.warning("%s stopped after %d iterations at relative residual %.2e (cg_tol %.0e)",
                         self.name, it, residual, self.tol)
         self.info["iterations"].append(it)
         self.info["hvp_passes"].append(it + (x0 is not None))

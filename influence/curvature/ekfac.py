@@ -55,7 +55,7 @@ from influence.curvature.kfac_signals import (FISHER_KINDS, MAX_TRUE_CLASSES, La
                                               sample_labels)
 from influence.curvature.kfac_solve import RANK_ONE_MIN, SINGULAR, KroneckerSolve, kron_rotate, rank_one
 from influence.curvature.kfac_state import FittedState
-from influence.errors import UserError
+from influence.errors import SettingError, UserError
 from influence.model.taps import linear_kind
 
 __all__ = ["KFACSolver", "EKFACSolver", "FISHER_KINDS", "MAX_TRUE_CLASSES", "MAX_BLOCK", "MICRO_BYTES", "SINGULAR",
@@ -95,8 +95,8 @@ class KFACSolver(LayerSignals, FittingPasses, FittedState, KroneckerSolve, SelfI
         d = objective.d
         self.variables = list(d.variables)
         if not d.clf.supports_tap:
-            raise UserError(f"--solver {self.name} needs a functional or Sequential Keras model "
-                            "(its layers are tapped); use --solver cg/lissa/exact for a subclassed model")
+            raise SettingError("solver", f"{self.name} needs a functional or Sequential Keras model (its layers "
+                                         "are tapped); use cg, lissa or exact for a subclassed model")
         self._kinds = {id(g.layer): linear_kind(g.layer) for g in d.clf.groups}
         self.plan = make_plan(d.clf.groups, self._kinds, self.max_block, self.strict_regularisers, self.name)
         self.factor_bytes = sum(b.bytes(self.corrected) for b in self.plan)

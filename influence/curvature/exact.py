@@ -4,7 +4,7 @@ import logging
 import numpy as np
 
 from influence.curvature.base import InverseHVP
-from influence.errors import UserError
+from influence.errors import SettingError
 from influence.model.hvp import numpy_to_vec, vec_size, vec_to_numpy
 from influence.progress import progress as progress_bar
 
@@ -34,9 +34,10 @@ class ExactSolver(InverseHVP):
     def _check_size(self):
         p = vec_size(self.obj.d.variables)
         if p > self.max_params:
-            raise UserError(
-                f"--solver exact needs a dense {p}x{p} Hessian: {p} parameters is above the limit of "
-                f"{self.max_params} (raise --max-exact-params, choose fewer with --params, or use ekfac/cg/lissa)"
+            raise SettingError(
+                "max_exact_params",
+                f"solver exact needs a dense {p}x{p} Hessian: {p} parameters is above the limit of "
+                f"{self.max_params} (raise it, choose fewer with params, or use solver ekfac, cg or lissa)"
             )
         return p
 
@@ -65,8 +66,8 @@ class ExactSolver(InverseHVP):
         w = np.linalg.eigvalsh(a)
         self.info.update(lambda_min=float(w[0]), lambda_max=float(w[-1]), num_params=len(h))
         if w[0] <= 0:
-            log.warning("H + λI is not positive definite (smallest eigenvalue %.3g): raise --damping, or use "
-                        "--hessian ggn", w[0])
+            log.warning("H + λI is not positive definite (smallest eigenvalue %.3g): raise damping, or use "
+                        "hessian='ggn'", w[0])
         self._matrix = a
 
     @property

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from influence.errors import UserError
+from influence.errors import SettingError, UserError
 from influence.model.taps import patch_support
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ def split_blocks(size, max_block):
     Returns a list of ``(start, stop)``; one block when ``size <= max_block``.
     """
     if max_block < 1:
-        raise UserError(f"--ekfac-max-block must be >= 1, got {max_block}")
+        raise SettingError("ekfac_max_block", f"must be >= 1, got {max_block}")
     count = max(1, math.ceil(size / max_block))
     edges = [round(i * size / count) for i in range(count + 1)]
     return [(edges[i], edges[i + 1]) for i in range(count)]
@@ -86,7 +86,7 @@ def l2_hessian(variable, layer_name, strict=True):
     what = f"layer {layer_name!r} has a {type(reg).__name__} regulariser on {variable.path}"
     if strict:
         raise UserError(f"{what}: K-FAC/EK-FAC only add the Hessian of Keras L2 weight regularisers; "
-                        "remove it or use --solver exact/cg/lissa")
+                        "remove it, or use solver exact, cg or lissa")
     log.warning("%s: its Hessian is left out of the EK-FAC preconditioner", what)
     return 0.0
 
@@ -178,7 +178,7 @@ def make_plan(groups, kinds, max_block, strict_regularisers, solver_name):
         log.info("%s: diagonal Fisher blocks for %s", solver_name, ", ".join(diag_names))
     for b in plan:
         if isinstance(b, KronBlock) and (len(b.a_bounds) > 1 or len(b.s_bounds) > 1):
-            log.info("%s: layer %s: A (%d) split into %d blocks, S (%d) into %d (--ekfac-max-block %d)",
+            log.info("%s: layer %s: A (%d) split into %d blocks, S (%d) into %d (ekfac_max_block %d)",
                      solver_name, b.name, b.k1, len(b.a_bounds), b.c_out, len(b.s_bounds), max_block)
     return plan
 
@@ -244,8 +244,8 @@ def check_budget(plan, solver_name, corrected, factor_bytes, fit_bytes, memory_b
     worst = sorted(plan, key=lambda b: -b.bytes(corrected))[:3]
     largest = ", ".join(f"{b.name} {format_gb(b.bytes(corrected))}" for b in worst)
     raise UserError(
-        f"--solver {solver_name}: the Kronecker factors need {format_gb(factor_bytes)} (float64"
+        f"solver {solver_name}: the Kronecker factors need {format_gb(factor_bytes)} (float64"
         + (f"; {format_gb(fit_bytes)} at the fit's peak" if fit_bytes > factor_bytes else "")
         + f"), over "
-        f"--memory-budget {memory_budget:g} GB; largest layers: {largest}; choose fewer layers with "
-        f"--params, a smaller --ekfac-max-block (now {max_block}) or a larger --memory-budget")
+        f"memory_budget {memory_budget:g} GB; largest layers: {largest}; choose fewer layers with "
+        f"params, a smaller ekfac_max_block (now {max_block}) or a larger memory_budget")

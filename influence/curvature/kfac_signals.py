@@ -23,7 +23,7 @@ Labels (``fisher``):
 """
 import tensorflow as tf
 
-from influence.errors import UserError
+from influence.errors import SettingError
 from influence.model.taps import Tap, flat_signal, linear, patches
 
 FISHER_KINDS = ("sampled", "true", "empirical")
@@ -33,13 +33,13 @@ _ZERO = tf.UnconnectedGradients.ZERO
 
 
 def check_fisher(fisher, classes):
-    """UserError unless ``fisher`` is one of :data:`FISHER_KINDS` and, for ``"true"``, the model has at
+    """SettingError unless ``fisher`` is one of :data:`FISHER_KINDS` and, for ``"true"``, the model has at
     most :data:`MAX_TRUE_CLASSES` classes."""
     if fisher not in FISHER_KINDS:
-        raise UserError(f"--fisher must be one of {', '.join(FISHER_KINDS)}, got {fisher!r}")
+        raise SettingError("fisher", f"must be one of {', '.join(FISHER_KINDS)}, got {fisher!r}")
     if fisher == "true" and classes > MAX_TRUE_CLASSES:
-        raise UserError(f"--fisher true runs one backward pass per class: {classes} classes is above "
-                        f"{MAX_TRUE_CLASSES}; use --fisher sampled")
+        raise SettingError("fisher", f"'true' runs one backward pass per class: {classes} classes is above "
+                                     f"{MAX_TRUE_CLASSES}; use 'sampled'")
 
 
 def sample_labels(probs, uniforms):

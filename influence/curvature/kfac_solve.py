@@ -20,7 +20,7 @@ import numpy as np
 import tensorflow as tf
 
 from influence.curvature.kfac_plan import DiagBlock, KronBlock
-from influence.errors import UserError
+from influence.errors import SettingError
 from influence.model.hvp import vec_to_numpy
 
 log = logging.getLogger(__name__)
@@ -112,8 +112,8 @@ class KroneckerSolve:
             lams[b.name] = lam = self._block_damping(den)
             den += lam
             if den.min() <= SINGULAR * max(float(den.max()), 1e-300):
-                raise UserError(f"--solver {self.name}: F + λI is singular in layer {b.name} (a Fisher eigenvalue "
-                                f"is {float(den.min()) - lam:.3g}); use a --damping > 0")
+                raise SettingError("damping", f"F + λI of solver {self.name} is singular in layer {b.name} (a Fisher "
+                                              f"eigenvalue is {float(den.min()) - lam:.3g}); give a damping > 0")
             dens[b.name] = den.astype(dtype, copy=False)
             del den
         if self.damping_spec.relative:

@@ -17,7 +17,7 @@ import numpy as np
 import tensorflow as tf
 
 from influence.curvature.base import InverseHVP, stable_seed
-from influence.errors import UserError
+from influence.errors import SettingError, UserError
 from influence.model.hvp import numpy_to_vec, vec_axpy, vec_dot, vec_norm, vec_scale, vec_size
 from influence.progress import progress as progress_bar
 
@@ -73,10 +73,11 @@ class LissaSolver(InverseHVP):
                  lambda_sample=LAMBDA_SAMPLE, progress=True):
         super().__init__(objective, damping, progress)
         depth, batch = iter, bsize
-        if depth < 1 or batch < 1 or repeats < 1:
-            raise UserError("LiSSA needs -i/--iter >= 1, -b/--bsize >= 1 and --repeats >= 1")
+        for setting, value in (("iter", depth), ("bsize", batch), ("repeats", repeats)):
+            if value < 1:
+                raise SettingError(setting, f"LiSSA needs >= 1, got {value}")
         if scale is not None and scale <= 0:
-            raise UserError(f"--scale must be > 0, got {scale}")
+            raise SettingError("scale", f"must be > 0, got {scale}")
         self.depth, self.batch, self.repeats = int(depth), int(batch), int(repeats)
         self.seed = int(seed)
         self.lambda_sample = int(lambda_sample)
@@ -182,8 +183,8 @@ class LissaSolver(InverseHVP):
                     if not np.isfinite(ratio) or (j >= 5 and ratio > 5.0 * min(j + 1, cap)):
                         raise UserError(
                             f"LiSSA diverged at step {j + 1} (‖h‖/‖v‖ = {ratio:.3g}): H + λI has negative "
-                            f"curvature or the scale is too small; use a larger --damping (now {self.damping:g}) "
-                            f"or a larger --scale (now {self.scale:.4g})"
+                            f"curvature or the scale is too small; use a larger damping (now {self.damping:g}) "
+                            f"or a larger scale (now {self.scale:.4g})"
                         )
                     bar.update(1)
                     if j % 10 == 0 or j == self.depth - 1:

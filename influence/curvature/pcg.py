@@ -179,7 +179,7 @@ class PCGSolver(CGSolver):
         out = []
         for x, it, residual in results:
             if residual > self.tol:
-                log.warning("%s stopped after %d iterations at relative residual %.2e (--cg-tol %.0e)",
+                log.warning("%s stopped after %d iterations at relative residual %.2e (cg_tol %.0e)",
                             self.name, it, residual, self.tol)
             self.info["iterations"].append(it)
             self.info["hvps"].append(it + 1)

@@ -15,7 +15,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from influence.errors import UserError
+from influence.errors import SettingError, UserError
 from influence.model import keras_private
 from influence.model.hvp import vec_size
 
@@ -45,7 +45,7 @@ def make_preprocess(mode, application_fn=None):
     ``keras.applications`` model's own ``preprocess_input``; ``none`` for a model file).
     """
     if mode not in PREPROCESS_MODES:
-        raise UserError(f"unknown --preprocess {mode!r}; choose one of {', '.join(PREPROCESS_MODES)}")
+        raise SettingError("preprocess", f"unknown {mode!r}; choose one of {', '.join(PREPROCESS_MODES)}")
     if mode == "auto":
         if application_fn is None:
             mode = "none"
@@ -81,8 +81,8 @@ def _weights_hint(name):
     cache = os.path.join(os.path.expanduser("~"), ".keras", "models")
     return (
         f"could not get the ImageNet weights for {name} (no internet?): put the weights file in "
-        f"{cache}/ or pass --weights PATH (or --weights none for random weights), "
-        f"or use --model path/to/model.keras"
+        f"{cache}/, give weights a file path (or none for random weights), "
+        f"or give model a .keras file"
     )
 
 
@@ -103,23 +103,23 @@ def load_keras_model(name, weights="imagenet"):
     apps = application_names()
     fn = apps.get(name.lower())
     if fn is None:
-        raise UserError(
-            f"unknown --model {name!r}: give a .keras/.h5 file or a keras.applications name "
+        raise SettingError(
+            "model", f"unknown {name!r}: give a .keras/.h5 file or a keras.applications name "
             f"(e.g. vgg16, resnet50, mobilenetv2)"
         )
     if weights is None or str(weights).lower() == "none":
-        log.warning("using RANDOM weights for %s (--weights none, seed %d: the same in every run): scores mean "
+        log.warning("using RANDOM weights for %s (weights none, seed %d: the same in every run): scores mean "
                     "nothing for a real model", name, RANDOM_WEIGHTS_SEED)
         # seeded, so that a rerun (and every Ray worker) builds the same weights and the curvature cache holds
         keras.utils.set_random_seed(RANDOM_WEIGHTS_SEED)
         return fn(weights=None), fn
     if weights != "imagenet" and not os.path.exists(weights):
-        raise UserError(f"--weights file not found: {weights}")
+        raise SettingError("weights", f"file not found: {weights}")
     try:
         return fn(weights=weights), fn
     except Exception as exc:
         if weights == "imagenet":
-            raise UserError(_weights_hint(name)) from None
+            raise SettingError("weights", _weights_hint(name)) from None
         raise UserError(f"could not load weights {weights} into {name}: {str(exc).splitlines()[0]}") from None
 
 
@@ -249,15 +249,16 @@ def select_params(model, spec):
         except ValueError:
             n = 0
         if n < 1:
-            raise UserError(f"--params {spec!r}: N in last:N must be a positive integer")
+            raise SettingError("params", f"{spec!r}: N in last:N must be a positive integer")
         chosen = layers[-n:]
     else:
         by_name = {l.name: l for l in layers}
         names = [s.strip() for s in spec.split(",") if s.strip()]
         unknown = [n for n in names if n not in by_name]
         if unknown:
-            raise UserError(
-                f"--params: no layer with weights named {', '.join(unknown)}; "
+            raise SettingError(
+                "params",
+                f"no layer with weights named {', '.join(unknown)}; "
                 f"layers with weights: {', '.join(by_name)}"
             )
         chosen = [by_name[n] for n in names]
@@ -369,9 +370,9 @@ def check_classifier(clf, probe_size=224, seed=0):
         at += len(group.variables)
     if cut:
         reach = [g.name for g in clf.groups if g.name not in cut]
-        raise UserError(f"--params: no gradient flows from the model's output to layer(s) {', '.join(cut)} "
-                        f"(off the path to the logits): leave them out of --params"
-                        + (f" (selected layers that reach it: {', '.join(reach)})" if reach else ""))
+        raise SettingError("params", f"no gradient flows from the model's output to layer(s) {', '.join(cut)} "
+                                     f"(off the path to the logits): leave them out"
+                                     + (f" (selected layers that reach it: {', '.join(reach)})" if reach else ""))
 
 
 #: compute dtypes below float32: influence arithmetic never runs in them (gradients of a confident

@@ -20,6 +20,21 @@ def damping_arg(text):
     return str(spec) if spec.relative else spec.value
 
 
+def fisher_arg(text):
+    """``--fisher``: sampled, true, empirical or top:K (checked here, so a typo fails before the model loads)."""
+    import argparse
+
+    from influence.curvature.kfac_signals import FISHER_KINDS, top_classes
+    from influence.errors import UserError
+
+    try:
+        if text in FISHER_KINDS or top_classes(text) is not None:
+            return text
+    except UserError as exc:
+        raise argparse.ArgumentTypeError(exc.message) from None
+    raise argparse.ArgumentTypeError(f"choose sampled, true, empirical or top:K, got {text!r}")
+
+
 def build_parser():
     import_tensorflow_quietly()  # the --solver registry imports the methods, and they import TensorFlow
     from influence.curvature import method_help, method_names
@@ -77,10 +92,12 @@ def build_parser():
     s.add_argument("--cg-maxiter", type=int, default=D.cg_maxiter, metavar="N", help=f"cg iteration cap (default: {D.cg_maxiter})")
     s.add_argument("--max-exact-params", type=int, default=D.max_exact_params, metavar="P",
                    help=f"refuse --solver exact above this many parameters (default: {D.max_exact_params})")
-    s.add_argument("--fisher", default=D.fisher, choices=("sampled", "true", "empirical"),
+    s.add_argument("--fisher", default=D.fisher, type=fisher_arg, metavar="{sampled,true,top:K,empirical}",
                    help="kfac/ekfac/pcg: the Fisher's labels: one sampled from the model's own prediction per "
                         "image, true = the expectation over all classes (one backward pass per class, at most "
-                        "100 classes; better on confident models), or empirical = the true labels (default: sampled)")
+                        "100 classes; better on confident models), top:K = the K most probable classes of each "
+                        "image weighted by their probability (K backward passes; for many classes), or "
+                        f"empirical = the true labels (default: {D.fisher})")
     s.add_argument("--ekfac-max-block", type=int, default=D.ekfac_max_block, metavar="D",
                    help="kfac/ekfac/pcg: split Kronecker factors larger than D x D into diagonal blocks, bounding "
                         f"memory and eigendecomposition time (VGG16's fc1 has 25 088 inputs) (default: {D.ekfac_max_block})")

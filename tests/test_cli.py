@@ -37,3 +37,16 @@ def test_user_error_and_unknown_setting_print_unchanged(capsys):
     assert main(_parser, lambda a: (_ for _ in ()).throw(UserError("plain")), []) == 2
     assert capsys.readouterr().err.strip() == "error: plain"
     assert isinstance(_parser().parse_args([]), argparse.Namespace)
+
+
+def test_calculate_fisher_flag_takes_top_k_and_refuses_typos_before_any_work(capsys):
+    import pytest
+
+    from influence.calculate_cli import build_parser
+
+    assert build_parser().parse_args(["--fisher", "top:3"]).fisher == "top:3"
+    assert build_parser().parse_args(["--fisher", "true"]).fisher == "true"
+    for bad, says in (("top:0", "whole number of classes"), ("exact", "choose sampled, true, empirical or top:K")):
+        with pytest.raises(SystemExit) as stop:
+            build_parser().parse_args(["--fisher", bad])
+        assert stop.value.code == 2 and says in capsys.readouterr().err

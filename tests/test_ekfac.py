@@ -40,7 +40,13 @@ def numpy_labels(clf, x, y, fisher, seed):
 def label_sets(clf, x, y, fisher, seed):
     """[(labels (N,), weights (N,))]: the Fisher is Σ over sets of Σ_n w_n² ∇L_n ∇L_nᵀ / N.
 
-    One set of weight 1 (sampled, empirical), or one per class c with weight √p_c (true)."""
+    One set of weight 1 (sampled, empirical), one per class c with weight √p_c (true), or one per rank
+    j < K with each image's j-th most probable class and weight √p (top:K)."""
+    if fisher.startswith("top:"):
+        p = softmax(clf, x)
+        order = np.argsort(-p, axis=1, kind="stable")
+        return [(order[:, j], np.sqrt(p[np.arange(len(x)), order[:, j]]))
+                for j in range(min(int(fisher[4:]), p.shape[1]))]
     if fisher != "true":
         return [(numpy_labels(clf, x, y, fisher, seed), np.ones(len(x)))]
     p = softmax(clf, x)
@@ -400,8 +406,11 @@ def test_fisher_sampled_is_deterministic_and_differs_from_empirical(tiny):
     f = dense_fisher(tiny["clf"], d, tiny["x"], tiny["y"], "ekfac", fisher="empirical")
     want = np.linalg.solve(f + DAMPING * np.eye(len(f)), V.T).T
     np.testing.assert_allclose(solve_all(empirical, d, V), want, rtol=1e-7, atol=1e-9 * np.abs(want).max())
-    with pytest.raises(SettingError, match="^fisher: must be one of sampled, true, empirical, got 'exact'"):
+    with pytest.raises(SettingError, match="^fisher: must be one of sampled, true, empirical or top:K, got 'exact'"):
         make_solver("ekfac", obj, DAMPING, fisher="exact")
+    for bad in ("top:0", "top:x", "top:"):
+        with pytest.raises(SettingError, match="^fisher: top:K takes a whole number of classes K >= 1"):
+            make_solver("ekfac", obj, DAMPING, fisher=bad)
 
 
 @pytest.mark.parametrize("method", ["kfac", "ekfac"])
@@ -413,6 +422,24 @@ def test_true_fisher_is_the_expectation_over_classes(tiny, method):
     V = tiny["rng"].standard_normal((2, clf.num_params))
     want = np.linalg.solve(f + DAMPING * np.eye(len(f)), V.T).T
     np.testing.assert_allclose(solve_all(solver, d, V), want, rtol=1e-7, atol=1e-9 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("method", ["kfac", "ekfac"])
+def test_top_k_fisher_is_the_probability_weighted_sum_over_each_images_top_classes(tiny, method):
+    """top:2 against the dense Fisher of each image's 2 most probable classes (weights p_c); top:K with
+    K >= the number of classes is the true Fisher (another order of summation)."""
+    clf, d, obj = tiny["clf"], tiny["d"], tiny["obj"]
+    V = tiny["rng"].standard_normal((2, clf.num_params))
+    solver = make_solver(method, obj, DAMPING, fisher="top:2", progress=False)
+    assert solver.cache_key() == {"fisher": "top:2", "ekfac_max_block": 4096}
+    f = dense_fisher(clf, d, tiny["x"], tiny["y"], method, fisher="top:2")
+    want = np.linalg.solve(f + DAMPING * np.eye(len(f)), V.T).T
+    got = solve_all(solver, d, V)
+    np.testing.assert_allclose(got, want, rtol=1e-7, atol=1e-9 * np.abs(want).max())
+    true = solve_all(make_solver(method, obj, DAMPING, fisher="true", progress=False), d, V)
+    assert np.linalg.norm(got - true) > 1e-4 * np.linalg.norm(true)       # the dropped classes count
+    every = solve_all(make_solver(method, obj, DAMPING, fisher=f"top:{clf.num_classes + 3}", progress=False), d, V)
+    np.testing.assert_allclose(every, true, rtol=1e-9, atol=1e-12 * np.abs(true).max())
 
 
 def test_a_float32_model_fits_the_same_factors_as_float64(tmp_path, tiny):

@@ -44,7 +44,3 @@ class TrainCatalogue:
 
     def __len__(self):
         return len(self.keys)
-
-    def shared(self):
-        """The keyword arguments of :func:`influence.outputs.report.write_test_outputs` it fills."""
-        return dict(keys=self.keys, train_files=self.files, train_labels=self.labels, class_name=self.namer)

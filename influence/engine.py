@@ -35,7 +35,7 @@ from influence.data.archives import TestArchive, TrainArchive, check_same_classe
 from influence.data.classes import ClassMap
 from influence.errors import SettingError, UserError
 from influence.memory import MemoryPlan, layer_shapes, plan_memory  # noqa: F401  (re-exported)
-from influence.outputs.report import outputs_complete, write_predictions_csv, write_test_outputs
+from influence.outputs.report import TestImage, outputs_complete, write_predictions_csv, write_test_outputs
 from influence.run_record import (RUN_FILE, RunRecord, check_resume, data_fingerprints,  # noqa: F401
                                   peak_rss_bytes, previous_run)
 from influence.settings import MATH_SETTINGS, Settings  # noqa: F401  (Settings: the job's input)
@@ -100,11 +100,10 @@ class TestSet:
     todo: list
     folders: dict = dataclasses.field(default_factory=dict)
 
-    def facts(self, it):
-        """``(image, label, prediction, confidence, file)`` of test image ``it``."""
-        f = self.folders[it.folder]
-        i = it.index
-        return f.images[i], int(f.labels[i]), int(f.preds[i]), float(f.confs[i]), str(f.files[i])
+    def test_image(self, it):
+        """Test image ``it`` with its label, prediction, confidence and file (a :class:`TestImage`)."""
+        f, i = self.folders[it.folder], it.index
+        return TestImage(f.images[i], int(f.labels[i]), int(f.preds[i]), float(f.confs[i]), str(f.files[i]))
 
     def arrays(self, group):
         """uint8 images (T, H, W, C) and int64 labels (T,) of the test images ``group``."""
@@ -175,7 +174,7 @@ def _calculate(settings):
 
     from influence.outputs.writer import OutputWriter, default_workers
 
-    shared = dict(layer_names=inf.layer_names, **catalogue.shared(), top=settings.top, fmt=settings.save_format)
+    shared = dict(layer_names=inf.layer_names, catalogue=catalogue, top=settings.top, fmt=settings.save_format)
     pending = []      # (test images done once a group's outputs are written, its Work): kept results to release
     with OutputWriter(default_workers(len(tests.todo)), shared=shared) as writer:
         for start in range(0, len(tests.todo), plan.vectors):
@@ -420,18 +419,19 @@ def _submit_item(job, writer, tests, it, shares, train):
     from influence.outputs.report import top_indices
     from influence.outputs.writer import Prefetched
 
-    image, label, pred, conf, file = tests.facts(it)
+    test = tests.test_image(it)
     scores = shares.sum(axis=1)
     harmful, useful = top_indices(scores, job.settings.top)
     shown = sorted(set(harmful.tolist()) | set(useful.tolist()))
     fetched = Prefetched(zip(shown, train.take(np.asarray(shown, np.int64))[0])) if shown else Prefetched({})
     label_dir = Path(job.settings.out) / it.folder / str(it.label)
-    facts = dict(item=it, file=file, label=label, pred=pred, conf=conf, worst=int(np.argmin(scores)),
-                 best=int(np.argmax(scores)), worst_score=float(scores.min()), best_score=float(scores.max()),
-                 dir=label_dir, image=image, harmful=[(int(j), float(scores[j])) for j in harmful],
+    facts = dict(item=it, file=test.file, label=test.label, pred=test.pred, conf=test.conf,
+                 worst=int(np.argmin(scores)), best=int(np.argmax(scores)), worst_score=float(scores.min()),
+                 best_score=float(scores.max()), dir=label_dir, image=test.image,
+                 harmful=[(int(j), float(scores[j])) for j in harmful],
                  useful=[(int(j), float(scores[j])) for j in useful])
-    writer.submit(facts, write_test_outputs, label_dir, it.n, scores=scores, shares=shares, fetch_image=fetched,
-                  test_image=image, test_label=label, test_pred=pred, test_conf=conf, test_file=file)
+    writer.submit(facts, write_test_outputs, label_dir, it.n, scores=scores, shares=shares, test=test,
+                  fetch_image=fetched)
 
 
 def _release_written(job, backend, pending):
@@ -467,9 +467,13 @@ def _report_written(job, catalogue, done):
 SELF_INFLUENCE_ROWS = 50
 
 
-def _self_row(rank, key, file, label, class_name, prediction, confidence, value, loss):
-    return (int(rank), str(key), str(file), int(label), str(class_name), str(prediction), float(confidence),
-            float(value), float(loss))
+_SELF_ROW_TYPES = (int, str, str, int, str, str, float, float, float)
+
+
+def _self_row(values):
+    """A row of the report's self-influence section: (rank, key, file, label, class name, prediction
+    name, confidence, self-influence, loss), each of its type."""
+    return tuple(t(v) for t, v in zip(_SELF_ROW_TYPES, values))
 
 
 def _self_influence_done(job, catalogue):
@@ -484,9 +488,9 @@ def _self_influence_done(job, catalogue):
 
     with open(csv_path, newline="", encoding="utf-8") as fh:
         rows = [r for _, r in zip(range(SELF_INFLUENCE_ROWS), csv.DictReader(fh))]
-    job.page.add_self_influence([_self_row(r["rank"], r["key"], r["file"], r["label"], r["class_name"],
-                                           r["prediction_name"], r["confidence"], r["self_influence"], r["loss"])
-                                 for r in rows], os.path.relpath(fig_path, settings.out))
+    columns = ("rank", "key", "file", "label", "class_name", "prediction_name", "confidence", "self_influence", "loss")
+    job.page.add_self_influence([_self_row([r[c] for c in columns]) for r in rows],
+                                os.path.relpath(fig_path, settings.out))
     job.page.write()
     log.info("self-influence: %s exists (set overwrite to redo it)", csv_path)
     return True
@@ -503,15 +507,14 @@ def self_influence_phase(job, inf, plan, catalogue):
              f"the {limit} highest-loss" if limit else f"all {len(inf.train)}", settings.solver)
     result = inf.self_influence(limit, batch=plan.score_batch, vectors=plan.vectors)
     train, cat = inf.train, catalogue
-    csv_path, fig_path = write_self_influence(settings.out, result, cat.keys, cat.files, cat.labels, cat.namer,
-                                              lambda gi: train.take([gi])[0][0], settings.top,
-                                              settings.save_format)
+    csv_path, fig_path = write_self_influence(settings.out, result, cat, lambda gi: train.take([gi])[0][0],
+                                              top=settings.top, fmt=settings.save_format)
     order = result.ranking()
     rows = []
     for rank, j in enumerate(order[:SELF_INFLUENCE_ROWS].tolist(), start=1):
         i = int(result.indices[j])
-        rows.append(_self_row(rank, cat.keys[i], cat.files[i], cat.labels[i], cat.namer(int(cat.labels[i])),
-                              cat.namer(int(result.preds[j])), result.confs[j], result.values[j], result.losses[j]))
+        rows.append(_self_row((rank, cat.keys[i], cat.files[i], cat.labels[i], cat.namer(int(cat.labels[i])),
+                               cat.namer(int(result.preds[j])), result.confs[j], result.values[j], result.losses[j])))
     job.page.add_self_influence(rows, os.path.relpath(fig_path, settings.out))   # the report takes it from out
     job.page.write()
     if len(order):

@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from engine_helpers import IMAGE, random_data, write_train_archive
+from influence.catalogue import TrainCatalogue
 from influence.outputs import report as outputs
 from influence.data.archives import ArchiveWriter, TestArchive
 from influence.outputs.html_report import (GLOBAL_MIN_TESTS, INDEX, SELF_INFLUENCE_COLUMNS, RunReport,
@@ -44,7 +45,7 @@ def _run_engine(out, train, test, fmt="png", first_n=1, **report_kw):
     """What calculate.py does, without a model: random scores, the real output writers, the report."""
     rng = np.random.default_rng(5)
     report = RunReport(out, train, class_name, SETTINGS, fmt, **report_kw)
-    keys = [k for b in train.batches for k in train.keys(b)]
+    catalogue = TrainCatalogue.of(train, class_name)
     expected, wrong = set(), set()
     for folder in test.folders:
         x, y, files = test.read(folder)
@@ -59,9 +60,8 @@ def _run_engine(out, train, test, fmt="png", first_n=1, **report_kw):
                 scores = rng.normal(size=len(train)) * 10.0 ** rng.integers(-6, 3)
                 outputs.write_test_outputs(
                     label_dir, n, scores=scores, shares=np.column_stack([0.25 * scores, 0.75 * scores]),
-                    layer_names=["conv", "dense"], keys=keys, train_files=train.files(), train_labels=train.labels(),
-                    class_name=class_name, fetch_image=lambda gi: train.take([gi])[0][0], test_image=x[i],
-                    test_label=int(y[i]), test_pred=int(preds[i]), test_conf=float(confs[i]), test_file=str(files[i]),
+                    layer_names=["conv", "dense"], catalogue=catalogue, fetch_image=lambda gi: train.take([gi])[0][0],
+                    test=outputs.TestImage(x[i], int(y[i]), int(preds[i]), float(confs[i]), str(files[i])),
                     top=TOP, fmt=fmt)
                 harmful, useful = outputs.top_indices(scores, TOP)
                 report.add(folder, int(label), n, x[i], str(files[i]), int(y[i]), int(preds[i]), float(confs[i]),

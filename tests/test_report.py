@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from influence.catalogue import TrainCatalogue
 from influence.outputs import report
 
 NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight",
@@ -71,6 +72,14 @@ def test_top_indices_never_ranks_nan_first():
 
 # ----------------------------------------------------------------------------- write_test_outputs
 
+def write(folder, n, *, keys, train_files, train_labels, class_name, test_image, test_label, test_pred, test_conf,
+          test_file, **rest):
+    """:func:`report.write_test_outputs` of a :func:`make_case` (its flat facts grouped as the writer takes them)."""
+    return report.write_test_outputs(folder, n, catalogue=TrainCatalogue(keys, train_files, train_labels, class_name),
+                                     test=report.TestImage(test_image, test_label, test_pred, test_conf, test_file),
+                                     **rest)
+
+
 def make_case(size, n_train=50, n_layers=3, seed=0):
     rng = np.random.default_rng(seed)
     shares = rng.normal(scale=1e-2, size=(n_train, n_layers))
@@ -102,7 +111,7 @@ def make_case(size, n_train=50, n_layers=3, seed=0):
 def test_write_test_outputs_files_and_contents(tmp_path, fmt, size):
     kwargs, fetched = make_case(size)
     folder = tmp_path / "out" / "test" / "3"
-    paths = report.write_test_outputs(folder, 2, top=5, fmt=fmt, **kwargs)
+    paths = write(folder, 2, top=5, fmt=fmt, **kwargs)
 
     assert paths == report.expected_outputs(folder, 2, fmt)
     assert [p.name for p in paths] == [f"harmful_2.{fmt}", f"useful_2.{fmt}", "harmful_2.csv",
@@ -166,13 +175,13 @@ def test_write_test_outputs_files_and_contents(tmp_path, fmt, size):
     for path in (paths[1], paths[6], paths[7]):
         path.unlink()
         assert not report.outputs_complete(folder, 2, fmt)
-        report.write_test_outputs(folder, 2, top=5, fmt=fmt, **kwargs)
+        write(folder, 2, top=5, fmt=fmt, **kwargs)
         assert report.outputs_complete(folder, 2, fmt)
 
 
 def test_png_figure_has_sensible_size(tmp_path):
     kwargs, _ = make_case(32)
-    paths = report.write_test_outputs(tmp_path, 1, top=5, fmt="png", **kwargs)
+    paths = write(tmp_path, 1, top=5, fmt="png", **kwargs)
     for path in paths[:2]:
         with Image.open(path) as img:
             width, height = img.size
@@ -185,11 +194,11 @@ def test_png_figure_has_sensible_size(tmp_path):
 
 def test_pdf_and_svg_and_jpg_are_real_files(tmp_path):
     kwargs, _ = make_case(8)
-    pdf = report.write_test_outputs(tmp_path, 1, top=3, fmt="pdf", **kwargs)
+    pdf = write(tmp_path, 1, top=3, fmt="pdf", **kwargs)
     assert pdf[0].read_bytes().startswith(b"%PDF") and pdf[7].read_bytes().startswith(b"%PDF")
-    svg = report.write_test_outputs(tmp_path, 1, top=3, fmt="svg", **kwargs)
+    svg = write(tmp_path, 1, top=3, fmt="svg", **kwargs)
     assert b"<svg" in svg[0].read_bytes()[:2000] and b"<svg" in svg[7].read_bytes()[:2000]
-    jpg = report.write_test_outputs(tmp_path, 1, top=3, fmt="jpg", **kwargs)
+    jpg = write(tmp_path, 1, top=3, fmt="jpg", **kwargs)
     for path in (jpg[0], jpg[7]):
         with Image.open(path) as img:
             assert img.format == "JPEG"
@@ -198,11 +207,11 @@ def test_pdf_and_svg_and_jpg_are_real_files(tmp_path):
 
 def test_top_larger_than_n_and_wrapping(tmp_path):
     kwargs, fetched = make_case(8, n_train=4)
-    paths = report.write_test_outputs(tmp_path, 1, top=10, fmt="png", **kwargs)
+    paths = write(tmp_path, 1, top=10, fmt="png", **kwargs)
     assert len(read_csv(paths[2])) == 1 + 4 and len(read_csv(paths[3])) == 1 + 4
     assert sorted(fetched) == [0, 1, 2, 3]                    # overlapping lists fetched once
     kwargs, _ = make_case(32, n_train=30)
-    paths = report.write_test_outputs(tmp_path, 2, top=12, fmt="png", **kwargs)
+    paths = write(tmp_path, 2, top=12, fmt="png", **kwargs)
     with Image.open(paths[0]) as img:
         assert img.size[1] > 2 * 250                          # 12 images wrap onto 3 rows
 
@@ -213,7 +222,7 @@ def test_large_224_images_and_grayscale(tmp_path):
     kwargs["fetch_image"] = lambda i: rng.integers(0, 256, size=(224, 224, 3), dtype=np.uint8)
     kwargs["test_image"] = rng.integers(0, 256, size=(224, 224), dtype=np.uint8)
     kwargs["train_labels"] = np.full(6, 9)                    # the long ImageNet-style name
-    paths = report.write_test_outputs(tmp_path, 1, top=2, fmt="png", **kwargs)
+    paths = write(tmp_path, 1, top=2, fmt="png", **kwargs)
     assert report.outputs_complete(tmp_path, 1, "png")
     assert read_csv(paths[2])[1][4] == NAMES[9]               # the CSV keeps the full name
 
@@ -221,16 +230,16 @@ def test_large_224_images_and_grayscale(tmp_path):
 def test_bad_inputs_raise_before_writing(tmp_path):
     kwargs, _ = make_case(8)
     with pytest.raises(ValueError, match="format"):
-        report.write_test_outputs(tmp_path / "a", 1, fmt="gif", **kwargs)
+        write(tmp_path / "a", 1, fmt="gif", **kwargs)
     bad = dict(kwargs, shares=kwargs["shares"][:, :2])
     with pytest.raises(ValueError, match="shape"):
-        report.write_test_outputs(tmp_path / "b", 1, **bad)
+        write(tmp_path / "b", 1, **bad)
     bad = dict(kwargs, layer_names=["a", "total", "c"])
     with pytest.raises(ValueError, match="total"):
-        report.write_test_outputs(tmp_path / "c", 1, **bad)
+        write(tmp_path / "c", 1, **bad)
     bad = dict(kwargs, keys=kwargs["keys"][:-1])
     with pytest.raises(ValueError, match="keys"):
-        report.write_test_outputs(tmp_path / "d", 1, **bad)
+        write(tmp_path / "d", 1, **bad)
     assert not any(tmp_path.iterdir())
 
 
@@ -317,7 +326,7 @@ def test_summary_figure_stays_readable_for_1000_classes_and_many_layers(tmp_path
         shares = rng.normal(size=(n, n_layers))
         kwargs.update(shares=shares, scores=shares.sum(axis=1), layer_names=[f"layer_{j}" for j in range(n_layers)],
                       train_labels=rng.integers(0, 1000, n), class_name=lambda c: f"class {c}")
-        summary = report.write_test_outputs(tmp_path / str(n_layers), 1, top=2, fmt=fmt, **kwargs)[7]
+        summary = write(tmp_path / str(n_layers), 1, top=2, fmt=fmt, **kwargs)[7]
         with Image.open(summary) as img:
             width, height = img.size
             assert 1200 <= width <= 1600 and 400 <= height <= 1200     # 13 in wide; 30 rows at most
@@ -401,5 +410,5 @@ def test_shares_that_do_not_add_up_are_logged(tmp_path, caplog):
     kwargs, _ = make_case(8, n_train=6)
     kwargs["shares"] = kwargs["shares"] * 2.0
     with caplog.at_level("WARNING", logger="influence.outputs.report"):
-        report.write_test_outputs(tmp_path, 1, top=2, fmt="png", **kwargs)
+        write(tmp_path, 1, top=2, fmt="png", **kwargs)
     assert "do not add up" in caplog.text

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from engine_helpers import dense_hessian, per_example_gradients
+from influence.catalogue import TrainCatalogue
 from influence.curvature import make_solver
 from influence.errors import UserError
 from influence.scoring.self_influence import CSV_HEADER, SelfInfluence, check_solver, self_influence, write_self_influence
@@ -125,7 +126,8 @@ def test_csv_is_sorted_with_the_columns_and_the_figure_is_written(tiny, tmp_path
         return x[i]
 
     names = ["zero", "one", "two", "three"]
-    paths = write_self_influence(tmp_path / "out", res, keys, files, y, lambda k: names[k], fetch, top=4, fmt="png")
+    paths = write_self_influence(tmp_path / "out", res, TrainCatalogue(keys, files, y, lambda k: names[k]), fetch,
+                                 top=4, fmt="png")
     assert [p.name for p in paths] == ["self_influence.csv", "self_influence.png"]
     with open(paths[0], newline="") as fh:
         rows = list(csv.reader(fh))
@@ -149,8 +151,8 @@ def test_limited_result_keeps_archive_keys_and_ties_by_index(tmp_path):
     res = SelfInfluence(indices=np.array([4, 1, 2]), values=np.array([1.0, 2.0, 2.0]), losses=np.array([3., 2., 1.]),
                         preds=np.array([0, 1, 0]), confs=np.array([0.5, 0.6, 0.7]))
     keys = [f"0_{i}" for i in range(5)]
-    paths = write_self_influence(tmp_path, res, keys, [f"f{i}.png" for i in range(5)], [0, 1, 1, 0, 1], str,
-                                 lambda i: np.zeros((6, 6, 3), np.uint8), top=10, fmt="svg")
+    catalogue = TrainCatalogue(keys, [f"f{i}.png" for i in range(5)], [0, 1, 1, 0, 1], str)
+    paths = write_self_influence(tmp_path, res, catalogue, lambda i: np.zeros((6, 6, 3), np.uint8), top=10, fmt="svg")
     with open(paths[0], newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert [r["key"] for r in rows] == ["0_1", "0_2", "0_4"]

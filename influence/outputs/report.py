@@ -34,6 +34,7 @@ This module does not import TensorFlow and never prints; figures use matplotlib'
 API with the Agg canvas (no pyplot, no global state).
 """
 import csv
+import dataclasses
 import logging
 import pathlib
 
@@ -140,9 +141,23 @@ def outputs_complete(folder_dir, n, fmt):
 
 # ----------------------------------------------------------------------------- main entry
 
-def write_test_outputs(folder_dir, n, *, scores, shares, layer_names, keys, train_files,
-                       train_labels, class_name, fetch_image, test_image, test_label, test_pred,
-                       test_conf, test_file, top=5, fmt="pdf"):
+@dataclasses.dataclass
+class TestImage:
+    """The test image a set of output files explains: ``image`` uint8 (H, W, 3); its true ``label``
+    and predicted ``pred`` class indices; ``conf`` the prediction's probability in [0, 1] (or None);
+    ``file`` its file name."""
+
+    __test__ = False
+
+    image: np.ndarray
+    label: int
+    pred: int
+    conf: float
+    file: str
+
+
+def write_test_outputs(folder_dir, n, *, scores, shares, layer_names, catalogue, test, fetch_image, top=5,
+                       fmt="pdf"):
     """Write the eight output files of test image ``n`` into ``folder_dir`` (created if missing).
 
     Args:
@@ -152,15 +167,12 @@ def write_test_outputs(folder_dir, n, *, scores, shares, layer_names, keys, trai
       scores: (N,) float, the total score of every training image, in archive order.
       shares: (N, L) float, per-layer split of the scores; each row sums to ``scores``.
       layer_names: L str, the names of the share columns (unique, not ``"total"``).
-      keys: N str, ``"{batch}_{index}"`` of every training image.
-      train_files: (N,) str, training file names.
-      train_labels: (N,) int, training class indices.
-      class_name: callable int -> str.
+      catalogue: the training images (:class:`influence.catalogue.TrainCatalogue`): ``keys`` N str
+        ``"{batch}_{index}"``, ``files`` (N,) str, ``labels`` (N,) int class indices, ``namer``
+        callable int -> str.
+      test: the test image (:class:`TestImage`).
       fetch_image: callable(global_index: int) -> uint8 (H, W, 3); called only for the at most
         ``2 * top`` displayed training images.
-      test_image: uint8 (H, W, 3).
-      test_label, test_pred: int class indices; test_conf: float in [0, 1] (or None);
-      test_file: str, the test image's file name.
       top: number of training images per figure and CSV (clipped to N).
       fmt: figure format, one of :data:`FIGURE_FORMATS`.
 
@@ -177,16 +189,17 @@ def write_test_outputs(folder_dir, n, *, scores, shares, layer_names, keys, trai
                          f"got {shares.shape}")
     if len(set(layer_names)) != len(layer_names) or TOTAL_KEY in layer_names:
         raise ValueError(f"layer names must be unique and not {TOTAL_KEY!r}: {layer_names}")
-    keys = [str(key) for key in np.asarray(keys).tolist()]
-    train_files = np.asarray(train_files).reshape(-1)
-    train_labels = np.asarray(train_labels).reshape(-1)
-    for name, arr in (("keys", keys), ("train_files", train_files), ("train_labels", train_labels)):
+    keys = [str(key) for key in np.asarray(catalogue.keys).tolist()]
+    train_files = np.asarray(catalogue.files).reshape(-1)
+    train_labels = np.asarray(catalogue.labels).reshape(-1)
+    class_name = catalogue.namer
+    for name, arr in (("keys", keys), ("files", train_files), ("labels", train_labels)):
         if len(arr) != n_train:
-            raise ValueError(f"{name} has {len(arr)} entries, scores has {n_train}")
+            raise ValueError(f"the catalogue's {name} has {len(arr)} entries, scores has {n_train}")
     if n_train and not np.allclose(shares.sum(axis=1), scores, rtol=1e-3,
                                    atol=1e-6 * float(np.max(np.abs(scores)))):
         log.warning("test image %s: per-layer shares do not add up to the scores (max gap %.3g)",
-                    test_file, float(np.max(np.abs(shares.sum(axis=1) - scores))))
+                    test.file, float(np.max(np.abs(shares.sum(axis=1) - scores))))
 
     folder_dir = pathlib.Path(folder_dir)
     folder_dir.mkdir(parents=True, exist_ok=True)
@@ -208,8 +221,8 @@ def write_test_outputs(folder_dir, n, *, scores, shares, layer_names, keys, trai
         if i not in images:
             images[i] = fetch_image(i)
     test_info = {
-        "image": test_image, "label": test_label, "pred": test_pred, "conf": test_conf,
-        "file": test_file, "class_name": class_name,
+        "image": test.image, "label": test.label, "pred": test.pred, "conf": test.conf,
+        "file": test.file, "class_name": class_name,
     }
     for path, kind, idx in ((fig_harmful, "harmful", harmful), (fig_useful, "useful", useful)):
         panels = [
@@ -218,10 +231,10 @@ def write_test_outputs(folder_dir, n, *, scores, shares, layer_names, keys, trai
             for r, i in enumerate(idx.tolist(), start=1)
         ]
         _save_figure(_build_figure(kind, test_info, panels), path, fmt)
-    keep = [c for c in (test_label, test_pred) if c is not None]
+    keep = [c for c in (test.label, test.pred) if c is not None]
     summary = summarize(scores, shares, train_labels, layer_names, keep_classes=keep)
     _save_figure(_build_summary_figure(summary, test_info), summary_path, fmt)
-    log.debug("wrote %d files for test image %s into %s", len(paths), test_file, folder_dir)
+    log.debug("wrote %d files for test image %s into %s", len(paths), test.file, folder_dir)
     return paths
 
 

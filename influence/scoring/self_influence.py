@@ -191,14 +191,14 @@ def expected_outputs(out_dir, fmt):
     return [out / CSV_NAME, out / f"{FIGURE_STEM}.{fmt}"]
 
 
-def write_self_influence(out_dir, result, keys, files, labels, class_name, fetch_image, top, fmt):
+def write_self_influence(out_dir, result, catalogue, fetch_image, *, top, fmt):
     """Write ``self_influence.csv`` and the figure ``self_influence.<fmt>`` into ``out_dir``, atomically.
 
     Args:
       out_dir: the run's output folder (created if missing).
       result: a :class:`SelfInfluence`.
-      keys, files, labels: (N,) of the WHOLE training archive (``"{batch}_{index}"``, paths, class indices).
-      class_name: callable int -> str.
+      catalogue: the WHOLE training archive (:class:`influence.catalogue.TrainCatalogue`: ``keys``
+        ``"{batch}_{index}"``, ``files``, ``labels`` class indices, ``namer`` callable int -> str).
       fetch_image: callable(global index) -> uint8 (H, W, 3); called for the ``top`` shown images only.
       top: images in the figure (clipped to the scored ones).
       fmt: figure format, one of :data:`influence.outputs.report.FIGURE_FORMATS`.
@@ -207,9 +207,10 @@ def write_self_influence(out_dir, result, keys, files, labels, class_name, fetch
       ``[csv path, figure path]``. The CSV has every scored image, sorted by self-influence descending.
     """
     csv_path, fig_path = expected_outputs(out_dir, fmt)
-    keys = [str(k) for k in np.asarray(keys).tolist()]
-    files = np.asarray(files).reshape(-1)
-    labels = np.asarray(labels).reshape(-1)
+    keys = [str(k) for k in np.asarray(catalogue.keys).tolist()]
+    files = np.asarray(catalogue.files).reshape(-1)
+    labels = np.asarray(catalogue.labels).reshape(-1)
+    class_name = catalogue.namer
     order = result.ranking()
     csv_path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(csv_path) as tmp:

@@ -425,9 +425,8 @@ def _submit_item(job, writer, tests, it, shares, train):
     shown = sorted(set(harmful.tolist()) | set(useful.tolist()))
     fetched = Prefetched(zip(shown, train.take(np.asarray(shown, np.int64))[0])) if shown else Prefetched({})
     label_dir = Path(job.settings.out) / it.folder / str(it.label)
-    facts = dict(item=it, file=test.file, label=test.label, pred=test.pred, conf=test.conf,
-                 worst=int(np.argmin(scores)), best=int(np.argmax(scores)), worst_score=float(scores.min()),
-                 best_score=float(scores.max()), dir=label_dir, image=test.image,
+    facts = dict(item=it, test=test, worst=int(np.argmin(scores)), best=int(np.argmax(scores)),
+                 worst_score=float(scores.min()), best_score=float(scores.max()), dir=label_dir,
                  harmful=[(int(j), float(scores[j])) for j in harmful],
                  useful=[(int(j), float(scores[j])) for j in useful])
     writer.submit(facts, write_test_outputs, label_dir, it.n, scores=scores, shares=shares, test=test,
@@ -449,14 +448,13 @@ def _report_written(job, catalogue, done):
     """Log and count the test images whose files are written; add them to the HTML report."""
     keys, namer = catalogue.keys, catalogue.namer
     for f, written in done:
-        it = f["item"]
+        it, test = f["item"], f["test"]
         log.info("   %s/%d [%d] %s: true %s, predicted %s (%.1f%%); most harmful %s (%.3g), most useful %s (%.3g)",
-                 it.folder, it.label, it.n, f["file"] or f"#{it.index}", namer(f["label"]), namer(f["pred"]),
-                 100 * f["conf"], keys[f["worst"]], f["worst_score"], keys[f["best"]], f["best_score"])
+                 it.folder, it.label, it.n, test.file or f"#{it.index}", namer(test.label), namer(test.pred),
+                 100 * test.conf, keys[f["worst"]], f["worst_score"], keys[f["best"]], f["best_score"])
         log.info("       wrote %s/: %s", f["dir"], " ".join(p.name for p in written))
         job.record.data["counts"]["test_images_done"] += 1
-        job.page.add(it.folder, it.label, it.n, f["image"], f["file"], f["label"], f["pred"], f["conf"],
-                     f["harmful"], f["useful"])
+        job.page.add(it.folder, it.label, it.n, test, f["harmful"], f["useful"])
     if done:
         job.page.write()
 

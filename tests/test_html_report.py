@@ -14,6 +14,7 @@ from PIL import Image
 from engine_helpers import IMAGE, random_data, write_train_archive
 from influence.catalogue import TrainCatalogue
 from influence.outputs import report as outputs
+from influence.outputs.report import TestImage
 from influence.data.archives import ArchiveWriter, TestArchive
 from influence.outputs.html_report import (GLOBAL_MIN_TESTS, INDEX, SELF_INFLUENCE_COLUMNS, RunReport,
                                            global_threshold)
@@ -56,16 +57,16 @@ def _run_engine(out, train, test, fmt="png", first_n=1, **report_kw):
         for label in np.unique(y):
             for j, i in enumerate(np.nonzero(y == label)[0]):
                 n = first_n + j
+                image = outputs.TestImage(x[i], int(y[i]), int(preds[i]), float(confs[i]), str(files[i]))
                 label_dir = out / folder / str(int(label))
                 scores = rng.normal(size=len(train)) * 10.0 ** rng.integers(-6, 3)
                 outputs.write_test_outputs(
                     label_dir, n, scores=scores, shares=np.column_stack([0.25 * scores, 0.75 * scores]),
                     layer_names=["conv", "dense"], catalogue=catalogue, fetch_image=lambda gi: train.take([gi])[0][0],
-                    test=outputs.TestImage(x[i], int(y[i]), int(preds[i]), float(confs[i]), str(files[i])),
-                    top=TOP, fmt=fmt)
+                    test=image, top=TOP, fmt=fmt)
                 harmful, useful = outputs.top_indices(scores, TOP)
-                report.add(folder, int(label), n, x[i], str(files[i]), int(y[i]), int(preds[i]), float(confs[i]),
-                           [(h, scores[h]) for h in harmful], [(u, scores[u]) for u in useful])
+                report.add(folder, int(label), n, image, [(h, scores[h]) for h in harmful],
+                           [(u, scores[u]) for u in useful])
                 report.write()
                 expected.add((folder, int(label), n))
                 if preds[i] != y[i]:
@@ -243,7 +244,7 @@ def test_overwrite_replaces_an_image_instead_of_duplicating_it(run, tmp_path):
     folder, label, n = sorted(run.wrong)[0]
     x, y, files = run.test.read(folder)
     i = np.nonzero(y == label)[0][n - 1]
-    report.add(folder, label, n, x[i], files[i], label, label, 0.99, [(0, -1.0)], [(1, 2.0)])  # now right
+    report.add(folder, label, n, TestImage(x[i], label, label, 0.99, files[i]), [(0, -1.0)], [(1, 2.0)])  # now right
     report.write()
     articles = _articles(out)
     assert sorted(t for t, _ in articles) == sorted(run.expected)
@@ -296,7 +297,7 @@ def test_thumbnails_are_small_and_written_once(tmp_path):
     big = np.random.default_rng(0).integers(0, 256, (3, 200, 150, 3), dtype=np.uint8)
     train = write_train_archive(tmp_path / "train.npz", big, y, batch=2)
     report = RunReport(tmp_path / "out", train, class_name, None, "png", thumb_px=48)
-    report.add("f", 0, 1, big[0], "a.png", 0, 0, 0.9, [(2, -1.0)], [(1, 3.0)])
+    report.add("f", 0, 1, TestImage(big[0], 0, 0, 0.9, "a.png"), [(2, -1.0)], [(1, 3.0)])
     thumbs = sorted((tmp_path / "out" / "thumbs").rglob("*.png"))
     assert sorted(t.relative_to(tmp_path / "out" / "thumbs").as_posix() for t in thumbs) == \
         ["test/f/0_1.png", f"train_{train.fingerprint()}/0_1.png", f"train_{train.fingerprint()}/1_0.png"]
@@ -304,10 +305,10 @@ def test_thumbnails_are_small_and_written_once(tmp_path):
     train_thumb = tmp_path / "out" / f"thumbs/train_{train.fingerprint()}/1_0.png"
     assert train_thumb.is_file()
     train_thumb.write_bytes(b"kept")                                # an existing thumbnail is not redone
-    report.add("f", 0, 2, big[1], "b.png", 0, 0, 0.9, [(2, -1.0)], [(1, 3.0)])
+    report.add("f", 0, 2, TestImage(big[1], 0, 0, 0.9, "b.png"), [(2, -1.0)], [(1, 3.0)])
     assert train_thumb.read_bytes() == b"kept"
     with pytest.raises(IndexError):
-        report.add("f", 0, 3, big[1], "c.png", 0, 0, 0.9, [(3, -1.0)], [])
+        report.add("f", 0, 3, TestImage(big[1], 0, 0, 0.9, "c.png"), [(3, -1.0)], [])
 
 
 def test_self_influence_section(run, tmp_path):
@@ -364,7 +365,7 @@ def _report_with_lists(out, train, tests, common=5, once=7):
     x, _ = random_data(tests, seed=4)
     for j in range(tests):
         harmful = [(once if j == 0 else common, -2.0), (10 + j, -1.0)]
-        report.add("f", 0, j + 1, x[j], f"0/t{j}.png", 0, j % 2, 0.7, harmful, [(20 + j, 1.5)])
+        report.add("f", 0, j + 1, TestImage(x[j], 0, j % 2, 0.7, f"0/t{j}.png"), harmful, [(20 + j, 1.5)])
     return report
 
 
@@ -392,7 +393,7 @@ def test_training_image_in_many_lists_is_flagged(run, tmp_path):
     _check_links(tmp_path / "out")
     # the flag follows the count: one more image without it (7 test images, still 5 >= 3)
     x, _ = random_data(1, seed=9)
-    report.add("f", 1, 1, x[0], "1/u.png", 1, 1, 0.9, [(3, -1.0)], [(4, 1.0)])
+    report.add("f", 1, 1, TestImage(x[0], 1, 1, 0.9, "1/u.png"), [(3, -1.0)], [(4, 1.0)])
     assert "in 5 of 7 lists" in report.pages()[INDEX]
 
 

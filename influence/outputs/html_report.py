@@ -215,19 +215,21 @@ class RunReport:
             raise ValueError(f"labels and preds differ in length: {labels.size}, {preds.size}")
         self._folders[str(folder)] = (int(labels.size), int(np.sum(labels != preds)))
 
-    def add(self, folder, label, n, test_image, test_file, true_label, pred, conf, harmful, useful):
+    def add(self, folder, label, n, test, harmful, useful):
         """Add (or replace) test image ``n`` of ``<folder>/<label>``; call after its files are written.
 
         Args:
-          test_image: uint8 (H, W, 3) or None; its thumbnail is (re)written.
-          test_file: str; true_label, pred: int class indices; conf: float in [0, 1] or None.
+          test: a :class:`influence.outputs.report.TestImage`: ``image`` uint8 (H, W, 3) or None (its
+            thumbnail is (re)written), ``file`` str, ``label``, ``pred`` int class indices, ``conf``
+            float in [0, 1] or None.
           harmful, useful: lists of ``(train_index, score)``, rank order (index in archive order).
         """
         rows = [[self._train_row(rank, int(i), float(s)) for rank, (i, s) in enumerate(pairs, start=1)]
                 for pairs in (harmful, useful)]
-        thumb = self._test_thumb(folder, label, n, test_image, replace=True)
-        self._put(folder, label, n, str(test_file), int(true_label), self.class_name(int(true_label)),
-                  int(pred), self.class_name(int(pred)), conf, thumb, *rows)
+        thumb = self._test_thumb(folder, label, n, test.image, replace=True)
+        facts = (str(test.file), int(test.label), self.class_name(int(test.label)), int(test.pred),
+                 self.class_name(int(test.pred)), test.conf)
+        self._put((folder, label, n), facts, thumb, rows)
 
     def add_self_influence(self, rows, figure_path=None):
         """Set the self-influence section: ``rows`` of :data:`SELF_INFLUENCE_COLUMNS` (sequences in
@@ -289,11 +291,16 @@ class RunReport:
                         log.warning("report: test image %d of %s/%d left out (%s)", n, folder, label, exc)
                         continue
                     image = None if _has(out / _test_thumb_path(folder, label, n)) else test_image(i)
-                    report._put(folder, label, n, *facts, report._test_thumb(folder, label, n, image, replace=False),
-                                *rows)
+                    report._put((folder, label, n), facts, report._test_thumb(folder, label, n, image, replace=False),
+                                rows)
         return report
 
-    def _put(self, folder, label, n, file, true, true_name, pred, pred_name, conf, thumb, harmful, useful):
+    def _put(self, where, facts, thumb, rows):
+        """``where``: (folder, label, n); ``facts``: (file, true, true name, prediction, prediction name,
+        confidence); ``rows``: the harmful and useful training rows."""
+        folder, label, n = where
+        file, true, true_name, pred, pred_name, conf = facts
+        harmful, useful = rows
         folder = str(folder)
         label_dir = self.out / folder / str(label)
         extra = [label_dir / f"{n}_layerwise.csv", label_dir / f"{n}_summary.{self.fmt}"]

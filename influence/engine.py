@@ -476,7 +476,7 @@ def _self_row(values):
 
 def _self_influence_done(job, catalogue):
     """True when both self-influence files exist (a resume): the report gets its section back."""
-    from influence.scoring.self_influence import expected_outputs
+    from influence.outputs.self_influence import expected_outputs
 
     settings = job.settings
     csv_path, fig_path = expected_outputs(settings.out, settings.save_format)
@@ -497,7 +497,7 @@ def _self_influence_done(job, catalogue):
 def self_influence_phase(job, inf, plan, catalogue):
     """``∇L(z_i)ᵀ(H + λI)⁻¹∇L(z_i)`` of every training image (or the ``self_influence_limit``
     highest-loss ones): ``self_influence.csv``, its figure and the report's section."""
-    from influence.scoring.self_influence import write_self_influence
+    from influence.outputs.self_influence import write_self_influence
 
     settings, t1 = job.settings, timer()
     limit = settings.self_influence_limit or None

@@ -8,7 +8,8 @@ from engine_helpers import dense_hessian, per_example_gradients
 from influence.catalogue import TrainCatalogue
 from influence.curvature import make_solver
 from influence.errors import UserError
-from influence.scoring.self_influence import CSV_HEADER, SelfInfluence, check_solver, self_influence, write_self_influence
+from influence.outputs.self_influence import CSV_HEADER, write_self_influence
+from influence.scoring.self_influence import SelfInfluence, check_solver, self_influence
 from test_ekfac import SEED, dense_fisher, tiny_setup
 
 N = 40

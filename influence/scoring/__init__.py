@@ -5,7 +5,7 @@ Owns the scores: training-image gradients against the curvature's inverse-HVPs, 
 (:mod:`.self_influence`).
 
 ``from influence.scoring import Scorer`` works. It is imported on first use: :mod:`.scorer` needs
-TensorFlow, and importing :mod:`.self_influence` (numpy and matplotlib only) should not load it.
+TensorFlow, and importing :mod:`.self_influence` (numpy only) should not load it.
 """
 
 

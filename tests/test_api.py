@@ -88,3 +88,38 @@ def test_mistakes_are_one_line_errors_naming_the_setting(data):
         inf.scores(x[:, :4], y)
     with pytest.raises(UserError, match="class indices 0..3"):
         inf.scores(x, y + 10)
+
+
+def test_calculate_is_a_client_of_the_api_and_a_backend_sees_every_pass(data, tmp_path):
+    """Influence.from_settings gives calculate's numbers bit for bit (the job runs through it), and a
+    backend object passed in does the training-set passes: the fit and the scoring."""
+    import dataclasses
+
+    from influence.backends import LocalBackend
+
+    settings = calc_settings(data, tmp_path / "out", damping=DAMPING, solver="ekfac")
+    calculate(settings)
+    calls = []
+
+    class Recording(LocalBackend):
+        def fit(self, solver, archive, *, chunk, key):
+            calls.append(("fit", solver.name, chunk, key["weights"]))
+            super().fit(solver, archive, chunk=chunk, key=key)
+
+        def score(self, scorer, archive, stacked, score_batch, *, key, work=None, desc="scoring"):
+            calls.append(("score", int(stacked[0].shape[0]), score_batch))
+            return super().score(scorer, archive, stacked, score_batch, key=key, work=work, desc=desc)
+
+    inf = influence.Influence.from_settings(dataclasses.replace(settings, cache=str(tmp_path / "fresh")))
+    assert inf.solver_name == "ekfac" and inf.cache == tmp_path / "fresh"
+    inf.backend = Recording()
+    x, y, _ = TestArchive(data / "test.npz").read("a")
+    scores = inf.scores(x, y)
+    assert [c[0] for c in calls] == ["fit", "score"] and calls[1][1:] == (3, settings.score_batch)
+    assert not inf.loaded and (tmp_path / "fresh" / "ekfac.npz").is_file()
+    for t in range(3):
+        n = int(np.sum(y[:t + 1] == y[t]))
+        np.testing.assert_array_equal(scores[t], np.load(tmp_path / "out" / "a" / str(int(y[t])) / f"{n}_scores.npy"))
+    # the same settings with calculate's cache load the curvature calculate fitted
+    again = influence.Influence.from_settings(settings).fit()
+    assert again.loaded

@@ -239,6 +239,23 @@ def test_two_workers_score_exactly_like_one_process(ray_runtime, data, reference
     assert_same_outputs(tmp_path / "out", reference)
 
 
+def test_the_api_scores_on_the_ray_backend(ray_runtime, data, reference, tmp_path):
+    """influence.Influence with the settings of a --workers run scores through distributed.RayBackend:
+    the same bits as the single-process job, and the shard files of a call are removed after it."""
+    import influence
+    from influence.data.archives import TestArchive
+
+    inf = influence.Influence.from_settings(settings(data, tmp_path / "out", workers=2, cache=reference["cache"]))
+    assert isinstance(inf.backend, distributed.RayBackend)
+    x, y, _ = TestArchive(data / "test.npz").read("a")
+    scores = inf.scores(x, y)
+    assert inf.loaded
+    for t in range(len(y)):
+        n = int(np.sum(y[:t + 1] == y[t]))
+        np.testing.assert_array_equal(scores[t], reference["arrays"][f"a/{int(y[t])}/{n}_scores.npy"])
+    assert not list((tmp_path / "out" / distributed.PARTS).glob("*"))
+
+
 def _descendants(root):
     children = {}
     for name in os.listdir("/proc"):

@@ -217,7 +217,7 @@ def _check_settings(settings):
     if settings.self_influence_limit < 0:
         raise SettingError("self_influence_limit", f"must be >= 0 (0 = every training image), "
                                                    f"got {settings.self_influence_limit}")
-    return settings.scale_value()
+    settings.scale_value()                         # a scale that is neither "auto" nor > 0 is refused here
 
 
 def load_inputs(settings):

@@ -123,7 +123,7 @@ class Influence:
         self.objective = TrainingObjective(self.derivs, self.train, chunk=int(chunk), hessian=hessian)
         self.scorer = Scorer(self.derivs)
         self._fitted = False
-        self._keys = None
+        self._catalogue = None
         self._key = None
         #: after :meth:`fit`: True when the curvature came from the cache
         self.loaded = False
@@ -263,11 +263,11 @@ class Influence:
 
     def catalogue(self):
         """The training images' keys, files and labels (:class:`influence.catalogue.TrainCatalogue`)."""
-        if self._keys is None:
+        if self._catalogue is None:
             from influence.catalogue import TrainCatalogue
 
-            self._keys = TrainCatalogue.of(self.train)
-        return self._keys
+            self._catalogue = TrainCatalogue.of(self.train)
+        return self._catalogue
 
     # --- helpers --------------------------------------------------------------------------------
     def _test_arrays(self, images, labels):

@@ -173,7 +173,7 @@ def test_validate_cli_calls_the_lds_panel(monkeypatch, tmp_path):
     assert [r.name for r in results] == ["lds"] and results[0].ok
     assert seen["subsets"] == 8 and seen["seeds"] == 3 and seen["cache"] == str(tmp_path)
     assert seen["folders"] == ["orig", "noisy"] and seen["out"] == tmp_path and not seen["quick"]
-    assert seen["model"] == "demo"
+    assert seen["model"] == "demo" and seen["dense"]
     validate.validate(validate.build_parser().parse_args(["--panels", "lds", "--lds-model", "bn"]))
     assert seen["model"] == "bn"
     quick = validate.build_parser().parse_args(["--panels", "lds", "--quick"])
@@ -246,3 +246,23 @@ def test_panel_models_refuse_an_unknown_name(tmp_path):
 
     with pytest.raises(SettingError, match="lds_model: must be one of demo, bn"):
         lds.prepare_model(tmp_path, "resnet")
+
+
+def test_dense_reference_rows_one_per_damping(tmp_path):
+    """The panel's yardstick rows: the dense GGN scores of a tiny model, one row per λ, named and timed."""
+    import keras
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((4, 4, 3)), keras.layers.Flatten(),
+                              keras.layers.Dense(3, kernel_regularizer=keras.regularizers.L2(1e-4), name="logits")])
+    model.save(tmp_path / "m.keras")
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (12, 4, 4, 3)).astype(np.uint8)
+    data = lds.DemoData(tmp_path, x[:10], np.arange(10) % 3, np.arange(10), x[10:], np.array([0, 1]),
+                        np.array(["orig/0/1", "orig/1/1"]), model_file=tmp_path / "m.keras")
+    masks = lds.subset_masks(10, 6)
+    rows = lds.dense_rows(data, np.array([0, 1]), masks, rng.normal(size=(6, 2)), np.array([False, True]),
+                          dampings=(1e-3, 1e-1))
+    assert [r.name for r in rows] == [lds.DENSE] * 2
+    assert rows[0].options.startswith("λ = 0.001") and rows[1].options.startswith("λ = 0.1")
+    assert all(np.isfinite(r.lds_mean) and r.seconds > 0 for r in rows)

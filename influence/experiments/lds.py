@@ -499,6 +499,34 @@ def gradient_dot_scores(data, idx, chunk=256):
     return np.concatenate(parts, axis=1).astype(np.float64), time.perf_counter() - start
 
 
+#: dampings of the dense Gauss-Newton reference rows
+DENSE_DAMPINGS = (1e-4, 1e-3, 1e-2)
+DENSE = "dense GGN (reference)"
+
+
+def dense_rows(data, idx, masks, actual, wrong, dampings=DENSE_DAMPINGS):
+    """Rows of the dense float64 Gauss-Newton reference (:mod:`influence.experiments.dense_reference`):
+    ``g_tᵀ (G + Ω'' + λI)⁻¹ g_i`` with the whole matrix, one eigendecomposition, one row per λ -- what the
+    curvature could give, the yardstick of the solvers. None (a log line) above its parameter limit."""
+    from influence.errors import UserError
+    from influence.experiments import dense_reference
+    from influence.model.models import load_classifier
+
+    start = time.perf_counter()
+    clf = load_classifier(str(data.model_path), preprocess="unit")
+    try:
+        G, g_train = dense_reference.dense_ggn(clf, data.x_train, data.y_train)
+    except UserError as exc:
+        log.info("lds: no dense reference row: %s", exc)
+        return []
+    g_test = dense_reference.loss_gradients(clf, data.x_test[idx], data.y_test[idx])
+    by_damping = dense_reference.reference_scores(G, g_test, g_train, dampings)
+    seconds = time.perf_counter() - start
+    log.info("lds: dense GGN reference (%d parameters) in %.0f s", len(G), seconds)
+    return [evaluate(DENSE, f"λ = {lam:g} (float64, eigendecomposition of the {len(G)}² matrix)", scores, masks,
+                     actual, wrong, seconds) for lam, scores in by_damping.items()]
+
+
 # ----------------------------------------------------------------------------- the panel
 
 @dataclasses.dataclass
@@ -592,9 +620,11 @@ def plot(result, path):
         if not math.isfinite(r.lds_mean):      # a solver that failed has no point
             continue
         x = max(r.compute, 0.01)
-        colour, marker = ("0.45", "X") if r.name == RANDOM else ("0.45", "o") if r.name == GRAD_DOT else next(styles)
+        colour, marker = ("0.45", "X") if r.name == RANDOM else ("0.45", "o") if r.name == GRAD_DOT else \
+            ("black", "*") if r.name == DENSE else next(styles)
+        name = f"{r.name}, {r.options.split(' (')[0]}" if r.name == DENSE else r.name
         ax.plot([x], [r.lds_mean], marker, color=colour, ms=8, ls="none",
-                label=f"{r.name}: {r.lds_mean:.3f} in {r.compute:.1f} s")
+                label=f"{name}: {r.lds_mean:.3f} in {r.compute:.1f} s")
     xs = [max(r.compute, 0.01) for r in result.rows if math.isfinite(r.compute)] or [1.0]
     ax.set_xlim(min(xs) / 2, max(xs) * 6)
     ax.axhline(result.ceiling, color="#1f4e79", ls="--", lw=1.2, label=f"noise ceiling (seed vs seed) {result.ceiling:.3f}")
@@ -611,7 +641,7 @@ def plot(result, path):
 
 
 def run(cache="lds_cache", out=".", subsets=64, seeds=2, folders=("orig",), quick=False, mask_seed=0,
-        solvers=SOLVERS, model="demo"):
+        solvers=SOLVERS, model="demo", dense=True):
     """The whole panel (module docstring) for panel model ``model`` (:data:`MODELS`): retrain (cached),
     score every solver, write ``out/lds.md``, ``lds.png`` and ``lds.json`` (``lds_<model>.*`` for a model
     other than the demo CNN). Returns :class:`LdsResult`."""
@@ -649,6 +679,8 @@ def run(cache="lds_cache", out=".", subsets=64, seeds=2, folders=("orig",), quic
             continue
         rows.append(evaluate(name, " ".join(options), scores, masks, actual, wrong, seconds, compute))
         log.info("lds: %s: LDS %.3f in %.1f s", name, rows[-1].lds_mean, seconds)
+    if dense:
+        rows.extend(dense_rows(data, idx, masks, actual, wrong))
     scores, seconds = gradient_dot_scores(data, idx)
     rows.append(evaluate(GRAD_DOT, "g_tᵀ g_i (Derivatives + Scorer)", scores, masks, actual, wrong, seconds))
     start = time.perf_counter()
@@ -681,6 +713,7 @@ def run_from_args(args):
     cache = args.lds_cache or ("lds_cache/quick" if quick else "lds_cache")
     folders = [f.strip() for f in args.lds_folders.split(",") if f.strip()]
     result = run(cache=cache, out=Path(args.out).parent, subsets=subsets, seeds=args.lds_seeds, folders=folders,
-                 quick=quick, mask_seed=args.seed, model=getattr(args, "lds_model", "demo"))
+                 quick=quick, mask_seed=args.seed, model=getattr(args, "lds_model", "demo"),
+                 dense=not getattr(args, "no_lds_dense", False))
     print(result.markdown)
     return result

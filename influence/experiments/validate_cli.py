@@ -101,6 +101,8 @@ def build_parser():
     p.add_argument("--lds-seeds", type=int, default=2, help="lds: retraining seeds per subset (default 2)")
     p.add_argument("--lds-cache", default=None, help="lds: folder of the retraining cache (default lds_cache)")
     p.add_argument("--lds-folders", default="orig", help="lds: demo test folders scored (default orig)")
+    p.add_argument("--no-lds-dense", action="store_true",
+                   help="lds: skip the dense float64 Gauss-Newton reference rows (a few minutes on the demo CNN)")
     p.add_argument("--lds-model", default="demo", choices=("demo", "bn"),
                    help="lds: the model retrained: demo (the demo CNN, confident) or bn (BatchNorm CNN with a final "
                         "softmax, 8 epochs, less confident); each has its own cache under --lds-cache")

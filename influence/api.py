@@ -44,7 +44,8 @@ class Influence:
         a loaded :class:`influence.model.models.Classifier`.
       train: a training archive written by ``prepare_data.py`` (path) or a ``TrainArchive``.
       solver: a registered method (``influence.curvature.REGISTRY``): ekfac, kfac, cg, pcg, lissa, exact.
-      damping: λ, or ``"auto"`` / ``"0.3x"`` (relative to each layer's eigenvalues; kfac, ekfac).
+      damping: λ, or ``"auto"`` / ``"0.3x"``: relative to the curvature's scale (each layer's mean
+        eigenvalue for kfac/ekfac, the mean eigenvalue trace(H)/P for the Hessian methods).
       hessian: ``"full"`` or ``"ggn"`` (exact, cg, lissa, pcg).
       preprocess: ``auto``, ``none``, ``caffe``, ``tf``, ``torch``, ``unit`` (x/255) -- what the model expects.
       params: ``all``, ``last:N`` or layer names: the parameters the influence is taken over.

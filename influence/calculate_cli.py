@@ -79,8 +79,10 @@ def build_parser():
                         "Gauss-Newton part (positive semi-definite: works away from a minimum); kfac/ekfac "
                         f"approximate the Fisher either way (default: {D.hessian})")
     s.add_argument("--damping", type=damping_arg, default=D.damping, metavar="LAMBDA|auto|Fx",
-                   help=f"solve (H + LAMBDA I) x = v; kfac/ekfac also take 'auto' ({AUTO_FACTOR:g} x each layer's "
-                        f"mean Fisher eigenvalue) or a factor like 0.3x (default: {D.damping})")
+                   help=f"solve (H + LAMBDA I) x = v; or relative to the curvature's scale: 'auto' = "
+                        f"{AUTO_FACTOR:g}x, or a factor like 0.3x: x each layer's mean Fisher eigenvalue "
+                        f"(kfac/ekfac), x the mean eigenvalue trace(H)/P (exact; cg/lissa/pcg estimate it "
+                        f"with 10 products over the training set) (default: {D.damping})")
     s.add_argument("-i", "--iter", type=int, default=D.iter, metavar="T", help=f"LiSSA recursion depth (default: {D.iter})")
     s.add_argument("-b", "--bsize", type=int, default=D.bsize, metavar="B",
                    help=f"LiSSA minibatch, drawn uniformly from the whole training archive (default: {D.bsize})")

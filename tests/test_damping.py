@@ -1,4 +1,5 @@
-"""``--damping``: absolute λ, or relative to each layer's fitted eigenvalues (``auto``, ``0.3x``)."""
+"""``--damping``: absolute λ, or relative to the curvature's scale (``auto``, ``0.3x``): per fitted layer for
+kfac/ekfac, from trace(H)/P for the Hessian methods."""
 import numpy as np
 import pytest
 
@@ -57,15 +58,51 @@ def test_relative_damping_is_per_layer_and_self_influence_follows_it(tmp_path):
     np.testing.assert_allclose(solver.self_influence_batch(x[:3], y[:3]), fixed, rtol=1e-6)
 
 
-@pytest.mark.parametrize("method", ["cg", "lissa", "exact", "pcg"])
-def test_methods_without_a_fitted_spectrum_refuse_a_relative_damping(tmp_path, method):
-    clf, d, obj, x, y = _dense_only(tmp_path, 8)
-    with pytest.raises(UserError, match=r"relative to a fitted spectrum, which only kfac, ekfac have"):
-        make_solver(method, obj, "auto", progress=False)
+def test_hutchinson_trace_is_unbiased_and_exact_for_a_diagonal():
+    from influence.curvature.damping import hutchinson_trace
+
+    d = np.array([1.0, 2.0, 3.0, 4.0])
+    assert hutchinson_trace(lambda z: d * z, 4, probes=3) == (10.0, 0.0)       # z_j² = 1: exact, no spread
+    a = np.random.default_rng(0).standard_normal((30, 30))
+    a = a @ a.T
+    est, err = hutchinson_trace(lambda z: a @ z, 30, probes=400, seed=1)
+    assert abs(est - np.trace(a)) < 4 * err and err < 0.1 * np.trace(a)
+
+
+def test_exact_relative_damping_is_the_factor_times_the_mean_eigenvalue(tmp_path):
+    clf, d, obj, x, y = _dense_only(tmp_path, 24)
+    rel = make_solver("exact", obj, "0.3x", progress=False)
+    v = [to_vec(np.random.default_rng(1).standard_normal(clf.num_params), d)]
+    got = vec_to_numpy(rel.solve(v)[0])
+    h = rel._hessian
+    lam = 0.3 * np.trace(h) / len(h)
+    np.testing.assert_allclose(got, np.linalg.solve(h + lam * np.eye(len(h)), vec_to_numpy(v[0])), rtol=1e-9)
+    assert rel.damping == pytest.approx(lam) and rel.info["damping"] == pytest.approx(lam)
+    assert rel.info["damping_rule"] == "0.3x" and rel.info["trace_probes"] == 0
+
+
+@pytest.mark.parametrize("method", ["cg", "lissa", "pcg"])
+def test_hessian_methods_take_a_relative_damping_from_a_trace_estimate(tmp_path, method):
+    """cg / lissa / pcg: λ = factor × Hutchinson's trace(H)/P, within its error of the dense trace, recorded."""
+    from influence.curvature.damping import TRACE_PROBES
+
+    clf, d, obj, x, y = _dense_only(tmp_path, 24)
+    h = make_solver("exact", obj, 0.0, progress=False).matrix()
+    rel = make_solver(method, obj, "auto", progress=False)
+    lam = rel.damping
+    mean, err = rel.info["mean_eigenvalue"], rel.info["mean_eigenvalue_error"]
+    assert lam == pytest.approx(AUTO_FACTOR * mean) and rel.info["damping"] == lam
+    assert rel.info["damping_rule"] == "0.1x" and rel.info["trace_probes"] == TRACE_PROBES
+    assert abs(mean - np.trace(h) / len(h)) <= 4 * err + 1e-12
+    assert rel.damping is lam or rel.damping == lam                       # estimated once
+    if method == "cg":
+        v = [to_vec(np.random.default_rng(2).standard_normal(clf.num_params), d)]
+        want = np.linalg.solve(h + lam * np.eye(len(h)), vec_to_numpy(v[0]))
+        np.testing.assert_allclose(vec_to_numpy(rel.solve(v)[0]), want, rtol=1e-5, atol=1e-8 * np.abs(want).max())
 
 
 def test_calculate_flag(tmp_path, capsys):
-    """``--damping auto`` is refused with cg before any work; ``--damping abc`` is a usage error."""
+    """``--damping abc`` is a usage error, before any work."""
     from engine_helpers import write_project
     from influence.calculate_cli import build_parser, job
     from influence.cli import main
@@ -73,9 +110,6 @@ def test_calculate_flag(tmp_path, capsys):
     data = write_project(tmp_path / "data", 16, 8, {"a": 2})
     common = ["--data", str(data), "--model", str(data / "model.keras"), "--preprocess", "unit", "-sf", "png",
               "--out", str(tmp_path / "out")]
-    assert main(build_parser, job, common + ["--solver", "cg", "--damping", "auto"]) == 2
-    assert "relative to a fitted spectrum" in capsys.readouterr().err
-    assert not (tmp_path / "out" / "curvature").exists()
     with pytest.raises(SystemExit) as exc:
         main(build_parser, job, common + ["--damping", "abc"])
     assert exc.value.code == 2 and "damping must be a number" in capsys.readouterr().err

@@ -15,9 +15,13 @@ Life of a solver (docs/DESIGN.md, "Curvature")::
 """
 import zlib
 
-from influence.curvature.damping import parse_damping
+import logging
+
+from influence.curvature.damping import TRACE_PROBES, hutchinson_trace, parse_damping
 from influence.errors import SettingError
-from influence.model.hvp import vec_axpy, vec_size, vec_stack
+from influence.model.hvp import numpy_to_vec, vec_axpy, vec_size, vec_stack, vec_to_numpy
+
+log = logging.getLogger(__name__)
 
 #: name -> class of every registered method, in definition order
 REGISTRY = {}
@@ -35,8 +39,10 @@ class InverseHVP:
     name = None
     summary = ""
     cache_name = None
-    #: takes a damping relative to its fitted spectrum (``auto``, ``0.3x``: influence.curvature.damping)
-    relative_damping = False
+    #: how it takes a relative damping (``auto``, ``0.3x``: influence.curvature.damping): ``"blocks"``
+    #: (λ per fitted block from its own eigenvalues: kfac, ekfac), ``"trace"`` (one λ from the mean
+    #: eigenvalue trace(H)/P: :meth:`mean_eigenvalue`), or None (refused)
+    relative_damping = None
     #: a method that scores the whole training set against itself without one inverse-HVP per image
     #: names its route here and implements ``self_influence_batch(x, y) -> (N,) float64``
     #: (``gᵢᵀ (H + λI)⁻¹ gᵢ`` with each image's own label; influence.scoring.self_influence)
@@ -56,21 +62,47 @@ class InverseHVP:
         spec = parse_damping(damping)
         if spec.relative and not cls.relative_damping:
             able = ", ".join(n for n, c in REGISTRY.items() if c.relative_damping)
-            raise SettingError("damping", f"{damping} is relative to a fitted spectrum, which only {able} have; "
-                                          f"give solver {cls.name} a number (e.g. 0.01)")
+            raise SettingError("damping", f"{damping} is relative to the curvature's scale, which only {able} "
+                                          f"take; give solver {cls.name} a number (e.g. 0.01)")
         return spec
 
     @property
     def damping(self):
-        """λ (a float); None for a relative damping, which a method resolves per block after its fit."""
-        return None if self.damping_spec.relative else self.damping_spec.value
+        """λ (a float). A relative damping: None for a per-block method (resolved per block after its
+        fit); for a ``"trace"`` method ``factor × trace(H)/P``, estimated on first use and kept."""
+        spec = self.damping_spec
+        if not spec.relative:
+            return spec.value
+        if self.relative_damping != "trace":
+            return None
+        if self._resolved is None:
+            mean, error, probes = self.mean_eigenvalue()
+            self._resolved = spec.value * mean
+            self.info.update(damping=self._resolved, damping_rule=str(spec), mean_eigenvalue=mean,
+                             mean_eigenvalue_error=error, trace_probes=probes)
+            log.info("%s: damping %s -> λ = %.3g (%s x the mean eigenvalue %.3g ± %.1g%s)", self.name, spec,
+                     self._resolved, f"{spec.value:g}", mean, error,
+                     f", {probes} Hutchinson probes" if probes else "")
+        return self._resolved
 
     @damping.setter
     def damping(self, value):
         self.damping_spec = self.check_damping(value)
+        self._resolved = None
+
+    def mean_eigenvalue(self):
+        """``(trace(H)/P, its standard error, probes)`` of the matrix the method solves with, without
+        damping: Hutchinson's estimate from :data:`TRACE_PROBES` products over the training set (a method
+        holding its dense matrix overrides it with the exact trace and 0 probes)."""
+        like = self.obj.d.variables
+        size = vec_size(like)
+        trace, error = hutchinson_trace(lambda z: vec_to_numpy(self.obj.hvp_full(numpy_to_vec(z, like))), size,
+                                        TRACE_PROBES)
+        return trace / size, error / size, TRACE_PROBES
 
     def __init__(self, objective, damping, progress=True):
         self.damping_spec = self.check_damping(damping)
+        self._resolved = None
         self.obj = objective
         self.progress = progress
         self.info = {"solver": self.name,

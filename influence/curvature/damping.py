@@ -1,10 +1,14 @@
-"""What ``--damping`` means: an absolute ``λ``, or a factor of the fitted spectrum's scale.
+"""What ``--damping`` means: an absolute ``λ``, or a factor of the curvature's own scale.
 
-A fixed ``λ`` serves no two models: on the demo CNN the Fisher's eigenvalues are at most 1.3e-3
-(``λ = 0.01`` flattens 99 % of the curvature into ``I/λ``), on a less confident BatchNorm CNN the
-best ``λ`` is 0.1 (issue 17's measurements, docs/DESIGN.md "Damping"). A relative damping follows
-the curvature instead: for a Kronecker-factored method, ``λ_b = f × mean(Λ_b + ρ_b)`` for each block
-``b`` (each layer's own eigenvalues; kronfluence's heuristic is ``f = 0.1``).
+A fixed ``λ`` serves no two models: on the demo CNN the Gauss-Newton matrix's mean eigenvalue is
+9.7e-4 and its best ``λ`` for the LDS 1e-4, on a less confident BatchNorm CNN they are 0.13 and 0.1
+(docs/DESIGN.md "Damping"). A relative damping follows the curvature instead:
+
+* a Kronecker-factored method (kfac, ekfac): ``λ_b = f × mean(Λ_b + ρ_b)`` for each block ``b``
+  (each layer's own eigenvalues; kronfluence's heuristic is ``f = 0.1``);
+* a Hessian method (exact, cg, pcg, lissa): one ``λ = f × trace(H)/P``, the mean eigenvalue of the
+  matrix it solves with (exact: the dense matrix's trace; the others: :func:`hutchinson_trace`,
+  :data:`TRACE_PROBES` products over the training set, once per run).
 
 Accepted values (a number or text, as on the command line):
 
@@ -12,12 +16,39 @@ Accepted values (a number or text, as on the command line):
 * ``auto``  -- relative with the default factor :data:`AUTO_FACTOR`;
 * ``0.3x``  -- relative with factor 0.3.
 """
+import math
 from dataclasses import dataclass
+
+import numpy as np
 
 from influence.errors import UserError
 
 #: the factor of ``auto``: λ_b = AUTO_FACTOR × mean eigenvalue of block b
 AUTO_FACTOR = 0.1
+#: Rademacher probes of the trace estimate of a Hessian method's relative damping
+TRACE_PROBES = 10
+
+
+def hutchinson_trace(apply, size, probes=TRACE_PROBES, seed=0):
+    """Hutchinson's estimate of ``trace(A)`` from products: ``mean_j z_jᵀ A z_j``, ``z_j`` ±1 at random.
+
+    Args:
+      apply: float64 (size,) -> float64 (size,), the product ``A z``.
+      size: the dimension ``P``.
+      probes: how many ``z`` (each costs one product).
+      seed: of ``numpy.random.default_rng``: the same probes every run.
+
+    Returns:
+      ``(estimate, standard error)`` of the trace (the error 0.0 with one probe).
+    """
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(int(probes)):
+        z = rng.integers(0, 2, size).astype(np.float64) * 2.0 - 1.0
+        values.append(float(z @ np.asarray(apply(z), dtype=np.float64)))
+    values = np.asarray(values)
+    error = float(values.std(ddof=1) / math.sqrt(len(values))) if len(values) > 1 else 0.0
+    return float(values.mean()), error
 
 
 @dataclass(frozen=True)

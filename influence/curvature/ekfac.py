@@ -79,7 +79,7 @@ class KFACSolver(LayerSignals, FittingPasses, FittedState, KroneckerSolve, SelfI
     name = "kfac"
     summary = "Kronecker-factored Fisher (K-FAC), fitted once; an approximation, no HVPs per test image"
     approximates = "kfac"
-    relative_damping = True  # λ per layer from its own eigenvalues (--damping auto / 0.3x)
+    relative_damping = "blocks"  # λ per layer from its own eigenvalues (damping auto / 0.3x)
     self_influence_route = "Kronecker eigenbasis"     # self_influence_batch: no inverse-HVP per image
     corrected = False        # EK-FAC: eigenvalues corrected by a second pass
     strict_regularisers = True

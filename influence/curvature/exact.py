@@ -20,6 +20,7 @@ class ExactSolver(InverseHVP):
     name = "exact"
     summary = "dense Hessian solved in float64 (small models, the reference)"
     approximates = "hessian"   # what the contract test (tests/test_curvature_contract.py) compares with
+    relative_damping = "trace"   # λ = factor × trace(H)/P (influence.curvature.damping)
 
     def __init__(self, objective, damping, max_exact_params=10_000, progress=True):
         super().__init__(objective, damping, progress)
@@ -59,6 +60,12 @@ class ExactSolver(InverseHVP):
         if h.shape != (p, p):
             raise ValueError(f"cached Hessian is {h.shape}, expected {(p, p)}")
         self._set_hessian(h)
+
+    def mean_eigenvalue(self):
+        """The dense matrix's exact ``trace(H)/P`` (fits on first use)."""
+        if self._hessian is None:
+            self.fit()
+        return float(np.trace(self._hessian)) / len(self._hessian), 0.0, 0
 
     def _set_hessian(self, h):
         self._hessian = h

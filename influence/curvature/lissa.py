@@ -68,6 +68,7 @@ class LissaSolver(InverseHVP):
     name = "lissa"
     summary = "stochastic recursion of Koh & Liang (-i depth, -b minibatch; any model size)"
     approximates = "hessian"   # what the contract test (tests/test_curvature_contract.py) compares with
+    relative_damping = "trace"   # λ = factor × trace(H)/P (influence.curvature.damping)
 
     def __init__(self, objective, damping, iter=1000, bsize=10, repeats=1, scale=None, seed=0,
                  lambda_sample=LAMBDA_SAMPLE, progress=True):
@@ -90,7 +91,8 @@ class LissaSolver(InverseHVP):
 
     # --- the auto scale: training-set work, cached -----------------------------------------------
     def cache_key(self):
-        return {"damping": self.damping, "bsize": self.batch, "seed": self.seed, "lambda_sample": self.lambda_sample,
+        damping = str(self.damping_spec) if self.damping_spec.relative else self.damping
+        return {"damping": damping, "bsize": self.batch, "seed": self.seed, "lambda_sample": self.lambda_sample,
                 **self.matrix_key()}
 
     def fit(self):

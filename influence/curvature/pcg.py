@@ -122,6 +122,7 @@ class PCGSolver(CGSolver):
     summary = ("conjugate gradient preconditioned by EK-FAC (exact answer like cg, a few HVP passes per test "
                "image; shares the ekfac fit)")
     approximates = "hessian"
+    relative_damping = "trace"   # CG's λ from trace(H)/P; the EK-FAC preconditioner's per layer
     cache_name = "ekfac"
 
     def __init__(self, objective, damping, fisher="sampled", seed=0, ekfac_max_block=MAX_BLOCK, memory_budget=2.0,

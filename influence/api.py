@@ -45,8 +45,10 @@ class Influence:
       train: a training archive written by ``prepare_data.py`` (path) or a ``TrainArchive``.
       solver: a registered method (``influence.curvature.REGISTRY``): ekfac, kfac, cg, pcg, lissa, exact.
       damping: λ, or ``"auto"`` / ``"0.3x"``: relative to the curvature's scale (each layer's mean
-        eigenvalue for kfac/ekfac, the mean eigenvalue trace(H)/P for the Hessian methods).
-      hessian: ``"full"`` or ``"ggn"`` (exact, cg, lissa, pcg).
+        eigenvalue for kfac/ekfac, the mean eigenvalue trace(H)/P for the Hessian methods). Default
+        ``"auto"`` (0.1x), chosen by the LDS panel (README, "Is it right?").
+      hessian: ``"ggn"`` (default: the Gauss-Newton matrix, positive semi-definite) or ``"full"`` (the
+        Hessian, as Koh & Liang) for exact, cg, lissa, pcg; kfac/ekfac fit the Fisher either way.
       preprocess: ``auto``, ``none``, ``caffe``, ``tf``, ``torch``, ``unit`` (x/255) -- what the model expects.
       params: ``all``, ``last:N`` or layer names: the parameters the influence is taken over.
       weights: for a ``keras.applications`` name: ``imagenet``, a file, or ``none``.
@@ -62,7 +64,7 @@ class Influence:
     calculate job is a client of this class).
     """
 
-    def __init__(self, model, train, *, solver="ekfac", damping=0.01, hessian="full", preprocess="auto",
+    def __init__(self, model, train, *, solver="ekfac", damping="auto", hessian="ggn", preprocess="auto",
                  params="all", weights="imagenet", cache=None, score_batch=256, chunk=256, progress=True,
                  backend=None, **options):
         from influence.curvature import REGISTRY, solver_options

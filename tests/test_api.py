@@ -22,11 +22,11 @@ def data(tmp_path_factory):
 def test_scores_equal_calculate_and_the_dense_reference(data, tmp_path):
     x, y, _ = TestArchive(data / "test.npz").read("a")
     inf = influence.Influence(str(data / "model.keras"), train=data / "train.npz", solver="exact", damping=DAMPING,
-                              preprocess="unit", progress=False)
+                              hessian="full", preprocess="unit", progress=False)
     scores = inf.scores(x, y)
     assert scores.shape == (3, 24) and scores.dtype == np.float32
     # calculate.py's files hold the same numbers
-    calculate(calc_settings(data, tmp_path / "out", damping=DAMPING))
+    calculate(calc_settings(data, tmp_path / "out", damping=DAMPING, hessian="full"))
     for t in range(3):
         n = int(np.sum(y[:t + 1] == y[t]))
         np.testing.assert_allclose(scores[t], np.load(tmp_path / "out" / "a" / str(int(y[t])) / f"{n}_scores.npy"),

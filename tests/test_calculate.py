@@ -79,7 +79,7 @@ def one_line_error(result, *fragments):
         assert f in last, last
 
 
-EXACT = ("--solver", "exact", "--damping", "0.1", "-sf", "png", "--top", "3")
+EXACT = ("--solver", "exact", "--hessian", "full", "--damping", "0.1", "-sf", "png", "--top", "3")
 
 
 def test_end_to_end_outputs_and_numbers(project):

@@ -28,7 +28,7 @@ def test_cg_on_the_gauss_newton_matrix_runs_where_the_hessian_has_negative_curva
     lam = 1e-3
     assert np.linalg.eigvalsh(dense_hessian(d, x, y))[0] < -10 * lam        # the random tiny model is no minimum
     with pytest.raises(UserError, match="negative curvature"):
-        calculate(calc_settings(data, tmp_path / "full", solver="cg", damping=lam))
+        calculate(calc_settings(data, tmp_path / "full", solver="cg", hessian="full", damping=lam))
     out = tmp_path / "ggn"
     assert calculate(calc_settings(data, out, solver="cg", hessian="ggn", damping=lam, cg_tol=1e-8)) == 0
     run = json.loads((out / "run.json").read_text())
@@ -43,4 +43,4 @@ def test_cg_on_the_gauss_newton_matrix_runs_where_the_hessian_has_negative_curva
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
     # another --hessian into the same --out is refused (it changes the numbers)
     with pytest.raises(UserError, match="hessian ggn -> full"):
-        calculate(calc_settings(data, out, solver="cg", damping=lam))
+        calculate(calc_settings(data, out, solver="cg", hessian="full", damping=lam))

@@ -212,18 +212,22 @@ def test_score_raising_damping(monkeypatch):
 
     def fake(data, out, options, folders, keys, model=None):
         tried.append(list(options))
-        damping = float(options[options.index("--damping") + 1]) if "--damping" in options else 0.01
+        damping = float(options[options.index("--damping") + 1].rstrip("x")) if "--damping" in options else 0.01
         if damping < 1:
             raise UserError("cg met negative curvature: raise --damping")
         return np.ones((1, 2)), 3.0, 2.0
 
     monkeypatch.setattr(lds, "score_with_calculate", fake)
-    scores, seconds, compute, options = lds.score_raising_damping("d", "o", ["--solver", "cg"], ["orig"], ["orig/0/1"])
+    cg = ["--solver", "cg", "--damping", "0.01"]
+    scores, seconds, compute, options = lds.score_raising_damping("d", "o", cg, ["orig"], ["orig/0/1"])
     assert tried[-1] == ["--solver", "cg", "--damping", "1"] and len(tried) == 3 and seconds == 3.0
     assert options[-1] == "(λ = 0.01, 0.1: negative curvature)"
     tried.clear()
-    scores, seconds, _, options = lds.score_raising_damping("d", "o", ["--solver", "cg"], ["orig"], ["k"], tries=1)
+    scores, seconds, _, options = lds.score_raising_damping("d", "o", cg, ["orig"], ["k"], tries=1)
     assert scores is None and np.isnan(seconds) and "FAILED at λ = 0.01, 0.1" in options[-1] and len(tried) == 2
+    tried.clear()           # the default damping is relative (auto = 0.1x): its factor grows
+    lds.score_raising_damping("d", "o", ["--solver", "cg"], ["orig"], ["k"], tries=1)
+    assert tried == [["--solver", "cg"], ["--solver", "cg", "--damping", "1x"]]
 
 
 def test_test_losses_of_a_softmax_model_are_those_of_its_logits():

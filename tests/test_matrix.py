@@ -6,8 +6,9 @@ training images of 8×8, 3 test images) and checks:
 * the outputs of every test image are complete and finite, ``self_influence.csv`` and ``index.html``
   are written;
 * the scores agree with a dense float64 reference to the solver's tolerance: ``gᵢᵀ (M + λI)⁻¹ g_t``
-  with per-image float64 gradients, where ``M`` is the dense Hessian (``exact``, ``cg``, ``lissa``,
-  ``pcg``: the same reference as the exact solver's) or, for a Kronecker-factored method, its own
+  with per-image float64 gradients, where ``M`` is the dense matrix calculate.py takes by default
+  (``--hessian ggn``: the Gauss-Newton matrix; ``exact``, ``cg``, ``lissa``, ``pcg``: the same reference
+  as the exact solver's) or, for a Kronecker-factored method, its own
   fitted matrix applied by the solver loaded from the run's curvature cache (that matrix is checked
   against a hand-built dense Fisher in tests/test_curvature_contract.py);
 * the self-influence values agree with ``gᵢᵀ (M + λI)⁻¹ gᵢ``.
@@ -31,6 +32,7 @@ from influence.model.hvp import Derivatives, TrainingObjective, vec_to_numpy
 from influence.model.models import load_classifier
 from influence.outputs.report import expected_outputs
 from influence.scoring.self_influence import fast_solvers
+from influence.settings import Settings
 
 SIZE, CLASSES, N_TRAIN, N_TEST = 8, 3, 64, 2
 #: images held per training archive member (several members: the batching is exercised)
@@ -117,7 +119,7 @@ def project(kind, root):
     assert clf.dtype == "float32"
     train = TrainArchive(data / "train.npz")
     d = Derivatives(clf, train.image_shape)
-    obj = TrainingObjective(d, train, chunk=32)
+    obj = TrainingObjective(d, train, chunk=32, hessian=Settings().hessian)     # the matrix calculate.py takes
     exact = make_solver("exact", obj, 1.0, progress=False)     # the damping of the cells comes later
     exact.fit()
     cache = root / f"{kind}-cache"

@@ -17,7 +17,9 @@ import zlib
 
 import logging
 
-from influence.curvature.damping import TRACE_PROBES, hutchinson_trace, parse_damping
+import numpy as np
+
+from influence.curvature.damping import TRACE_PROBES, TRACE_SAMPLE, hutchinson_trace, parse_damping
 from influence.errors import SettingError
 from influence.model.hvp import numpy_to_vec, vec_axpy, vec_size, vec_stack, vec_to_numpy
 
@@ -93,11 +95,14 @@ class InverseHVP:
     def mean_eigenvalue(self):
         """``(trace(H)/P, its standard error, probes)`` of the matrix the method solves with, without
         damping: Hutchinson's estimate from :data:`TRACE_PROBES` products over the training set (a method
-        holding its dense matrix overrides it with the exact trace and 0 probes)."""
+        holding its dense matrix overrides it with the exact trace and 0 probes). Each product is taken
+        over the same random sample of at most :data:`TRACE_SAMPLE` training images (all when fewer)."""
         like = self.obj.d.variables
         size = vec_size(like)
-        trace, error = hutchinson_trace(lambda z: vec_to_numpy(self.obj.hvp_full(numpy_to_vec(z, like))), size,
-                                        TRACE_PROBES)
+        n = self.obj.n
+        sample = None if n <= TRACE_SAMPLE else np.sort(np.random.default_rng(0).choice(n, TRACE_SAMPLE, replace=False))
+        trace, error = hutchinson_trace(lambda z: vec_to_numpy(self.obj.hvp_full(numpy_to_vec(z, like), sample)),
+                                        size, TRACE_PROBES)
         return trace / size, error / size, TRACE_PROBES
 
     def __init__(self, objective, damping, progress=True):

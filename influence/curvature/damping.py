@@ -8,7 +8,8 @@ A fixed ``λ`` serves no two models: on the demo CNN the Gauss-Newton matrix's m
   (each layer's own eigenvalues; kronfluence's heuristic is ``f = 0.1``);
 * a Hessian method (exact, cg, pcg, lissa): one ``λ = f × trace(H)/P``, the mean eigenvalue of the
   matrix it solves with (exact: the dense matrix's trace; the others: :func:`hutchinson_trace`,
-  :data:`TRACE_PROBES` products over the training set, once per run).
+  :data:`TRACE_PROBES` products over a fixed sample of at most :data:`TRACE_SAMPLE` training images,
+  once per run).
 
 Accepted values (a number or text, as on the command line):
 
@@ -27,6 +28,9 @@ from influence.errors import UserError
 AUTO_FACTOR = 0.1
 #: Rademacher probes of the trace estimate of a Hessian method's relative damping
 TRACE_PROBES = 10
+#: training images (a fixed random sample) each probe's product is taken over: the cost stays
+#: 10 products over at most this many images, whatever the size of the training set
+TRACE_SAMPLE = 2048
 
 
 def hutchinson_trace(apply, size, probes=TRACE_PROBES, seed=0):

@@ -454,8 +454,10 @@ def score_raising_damping(data, out, options, folders, keys, tries=3, model=None
     from influence.engine import Settings
     from influence.errors import UserError
 
+    from influence.curvature.damping import Damping, parse_damping
+
     options, failed = list(options), []
-    damping = Settings().damping
+    damping = parse_damping(options[options.index("--damping") + 1] if "--damping" in options else Settings().damping)
     for attempt in range(tries + 1):
         log.info("lds: scoring with calculate %s", " ".join(options))
         try:
@@ -466,17 +468,17 @@ def score_raising_damping(data, out, options, folders, keys, tries=3, model=None
         except UserError as exc:
             if "negative curvature" not in str(exc):
                 raise
-            failed.append(f"{damping:g}")
+            failed.append(str(damping))
             if attempt == tries:
                 log.warning("lds: %s; giving up on %s", exc, " ".join(options))
                 return None, math.nan, math.nan, options + [f"(FAILED at λ = {', '.join(failed)}: {exc})"]
             if "--damping" in options:
                 at = options.index("--damping") + 1
-                damping = float(options[at])
+                damping = parse_damping(options[at])
                 del options[at - 1:at + 1]
-            damping *= 10
-            log.warning("lds: %s; retrying with --damping %g", exc, damping)
-            options += ["--damping", f"{damping:g}"]
+            damping = Damping(damping.value * 10, damping.relative)
+            log.warning("lds: %s; retrying with --damping %s", exc, damping)
+            options += ["--damping", str(damping)]
 
 
 def gradient_dot_scores(data, idx, chunk=256):

@@ -9,7 +9,8 @@ from influence.cli import quiet_tensorflow
 
 if __name__ == "__main__":
     quiet_tensorflow()
-    from influence.data.prepare import build_prepare_only_test_parser, prepare_only_test
+    from influence.data.prepare import prepare_only_test
+    from influence.prepare_cli import build_prepare_only_test_parser
     from influence.cli import main
 
     sys.exit(main(build_prepare_only_test_parser, prepare_only_test))

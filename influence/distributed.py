@@ -280,7 +280,7 @@ _CONTEXT = {}
 
 def import_tensorflow():
     """Import TensorFlow quietly in a worker; returns its version (a warm-up task, too)."""
-    from influence.cli import import_tensorflow_quietly
+    from influence.tf_import import import_tensorflow_quietly
 
     import_tensorflow_quietly()
     import tensorflow as tf

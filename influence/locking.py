@@ -10,7 +10,7 @@ import contextlib
 import fcntl
 import os
 
-from influence.errors import UserError
+from influence.errors import SettingError, UserError
 
 LOCK_NAME = ".lock"
 
@@ -30,7 +30,7 @@ def folder_lock(folder, what="prepare_data.py"):
     """Hold the write lock of ``folder`` (an existing folder) for the ``with`` block.
 
     Raises :class:`UserError` ``"another run (pid N) is writing into <folder>; wait for it or
-    use another --out"`` when another process holds it. ``what`` (the script's name) is written
+    use another folder"`` (a :class:`SettingError` about ``out``) when another process holds it. ``what`` (the script's name) is written
     into the lock file with this process's pid, for a person looking at the file. The lock file is
     removed on exit when this run still owns it.
     """
@@ -45,8 +45,8 @@ def folder_lock(folder, what="prepare_data.py"):
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise UserError(f"another run (pid {_holder(path)}) is writing into {folder}; "
-                            "wait for it or use another --out") from None
+            raise SettingError("out", f"another run (pid {_holder(path)}) is writing into {folder}; "
+                                      "wait for it or use another folder") from None
         except BaseException:
             os.close(fd)
             raise

@@ -19,8 +19,8 @@ from influence.cli import run_main
 from influence.errors import UserError
 from influence.data.images import BadImage, decode_image
 from influence.locking import folder_lock
-from influence.data.prepare import (build_prepare_data_parser, build_prepare_only_test_parser,
-                               check_test_folders, prepare_data, prepare_only_test)
+from influence.data.prepare import check_test_folders, prepare_data, prepare_only_test
+from influence.prepare_cli import build_prepare_data_parser, build_prepare_only_test_parser
 
 from conftest import REPO, random_tree, save_image
 
@@ -524,8 +524,8 @@ def test_folder_lock(tmp_path):
         with pytest.raises(UserError) as err:  # another open file: flock refuses it
             with folder_lock(folder):
                 pass
-        assert str(err.value) == (f"another run (pid {os.getpid()}) is writing into {folder}; "
-                                  "wait for it or use another --out")
+        assert str(err.value) == (f"out: another run (pid {os.getpid()}) is writing into {folder}; "
+                                  "wait for it or use another folder")
     assert os.listdir(folder) == []  # released and removed
     with folder_lock(folder):  # free again
         pass
@@ -550,8 +550,8 @@ def test_second_run_into_one_folder_is_refused(tmp_path, run_script):
             res = run_script(script, *args, "--size", 3, "--out", out, cwd=tmp_path)
             assert res.returncode == 2
             assert res.stderr.splitlines()[-1] == (
-                f"error: another run (pid {os.getpid()}) is writing into {out}; wait for it or "
-                "use another --out")
+                f"error: --out: another run (pid {os.getpid()}) is writing into {out}; wait for it or "
+                "use another folder")
             assert "Traceback" not in res.stderr
         assert sorted(os.listdir(out)) == sorted(leftovers + ["keep.partial", ".lock"])
     res = run_script("prepare_data.py", "-tr", "train", "--size", 3, "--out", out, cwd=tmp_path)

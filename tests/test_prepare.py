@@ -2,6 +2,7 @@
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -342,17 +343,25 @@ def test_killed_process_leaves_no_archive(tmp_path):
     cmd = [sys.executable, os.path.join(REPO, "prepare_data.py"), "-tr", "train", "--size",
            "160", "-bs", "10", "--workers", "1", "--out", "out"]
     for sig in (signal.SIGINT, signal.SIGKILL):
-        proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
-        deadline = time.time() + 60
-        while (not list((tmp_path / "out").glob(".train.npz.*.partial")) and proc.poll() is None
-               and time.time() < deadline):
-            time.sleep(0.005)
-        time.sleep(0.05)
-        assert proc.poll() is None, "finished before it could be interrupted"
-        proc.send_signal(sig)
-        _, err = proc.communicate(timeout=60)
-        assert not (tmp_path / "out" / "train.npz").exists()
+        for attempt in range(3):
+            proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True)
+            deadline = time.time() + 60
+            while (not list((tmp_path / "out").glob(".train.npz.*.partial")) and proc.poll() is None
+                   and time.time() < deadline):
+                time.sleep(0.005)
+            time.sleep(0.05)
+            assert proc.poll() is None, "finished before it could be interrupted"
+            proc.send_signal(sig)
+            _, err = proc.communicate(timeout=60)
+            if not (tmp_path / "out" / "train.npz").exists():
+                break
+            # on a starved machine the signal can land after the final rename: then the archive must be whole
+            with TrainArchive(tmp_path / "out" / "train.npz") as done:
+                assert len(done) == 300
+            shutil.rmtree(tmp_path / "out")
+        else:
+            pytest.fail("the run finished before the signal three times")
         assert not (tmp_path / "out" / "labels.json").exists()
         if sig == signal.SIGINT:
             assert proc.returncode == 130 and "Traceback" not in err

@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from influence.experiments import lds
+from influence.experiments import lds, lds_retrain
 
 
 def test_subset_masks_half_and_prefix_stable():
@@ -102,7 +102,7 @@ def _retrain(path, subsets, seeds, **kw):
 
 def test_retrain_resumes_and_extends(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(lds, "train_and_evaluate", _fake_trainer(calls))
+    monkeypatch.setattr(lds_retrain, "train_and_evaluate", _fake_trainer(calls))
     path = tmp_path / "retrain.npz"
     first = _retrain(path, 3, [0, 1])
     assert len(calls) == 6 and first["trained"] == 6
@@ -129,7 +129,7 @@ def test_retrain_resumes_and_extends(tmp_path, monkeypatch):
 def test_retrain_resumes_a_partial_cache(tmp_path, monkeypatch):
     """k of M runs done (an interrupted run): only the missing ones are trained."""
     calls = []
-    monkeypatch.setattr(lds, "train_and_evaluate", _fake_trainer(calls))
+    monkeypatch.setattr(lds_retrain, "train_and_evaluate", _fake_trainer(calls))
     path = tmp_path / "retrain.npz"
     full = _retrain(path, 4, [0, 1])
     cache = lds.load_cache(path)
@@ -148,7 +148,7 @@ def test_retrain_resumes_a_partial_cache(tmp_path, monkeypatch):
 def test_retrain_refuses_another_recipe(tmp_path, monkeypatch):
     from influence.errors import UserError
 
-    monkeypatch.setattr(lds, "train_and_evaluate", _fake_trainer([]))
+    monkeypatch.setattr(lds_retrain, "train_and_evaluate", _fake_trainer([]))
     path = tmp_path / "retrain.npz"
     _retrain(path, 2, [0, 1])
     with pytest.raises(UserError, match="another recipe"):

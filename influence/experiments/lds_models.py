@@ -1,0 +1,189 @@
+"""The models the LDS panel retrains (:mod:`influence.experiments.lds`): the demo's archives and base
+models, their recipes, one retraining and its test losses."""
+import dataclasses
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+#: the seed of the base models (the demo's)
+BASE_SEED = 0
+#: the demo recipe (influence.demo.train_model), recorded with the runs
+RECIPE = {"epochs": 30, "batch_size": 32, "optimizer": "Adam(3e-3)", "n_train": 1500, "size": 32}
+QUICK_RECIPE = {"epochs": 8, "batch_size": 32, "optimizer": "Adam(3e-3)", "n_train": 500, "size": 32}
+#: the second model (:func:`build_bn_model`): BatchNorm, max-pooling, a final softmax, 8 epochs -- less
+#: confident than the demo CNN, so its curvature is not hidden under the damping (issue 17)
+BN_RECIPE = {"model": "bn_cnn", "epochs": 8, "batch_size": 32, "optimizer": "Adam(3e-3)", "n_train": 1500,
+             "size": 32}
+#: ``--lds-model``: the panel's models; the demo archives serve both, each model has its own cache folder
+MODELS = {"demo": RECIPE, "bn": BN_RECIPE}
+
+
+@dataclasses.dataclass
+class DemoData:
+    """The demo's archives, in the engine's order.
+
+    ``x_train`` uint8 (N, 32, 32, 3) and ``y_train`` (N,) in ARCHIVE order (the order of the scores);
+    ``train_ids`` (N,) the bundled digit ids; ``x_test``, ``y_test`` (T,) every image of every test
+    folder, ``test_keys`` (T,) ``"<folder>/<label>/<n>"`` as calculate.py names its outputs.
+    """
+
+    root: Path
+    x_train: np.ndarray
+    y_train: np.ndarray
+    train_ids: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    test_keys: np.ndarray
+    model_file: Path = None     # the base model; default ``root/model.keras`` (the demo CNN)
+
+    @property
+    def model_path(self):
+        return Path(self.model_file) if self.model_file is not None else self.root / "model.keras"
+
+
+def test_items(test, folders):
+    """The engine's test items of ``folders`` (folder, label, number order) -> list of TestItem."""
+    from influence.engine import Settings, list_test_items
+
+    items, _ = list_test_items(test, folders, Settings(out=str(Path("/nonexistent-lds"))))
+    return items
+
+
+def prepare_demo(root, recipe):
+    """Demo folders, archives (prepare_data.py in-process, demo arguments) and base model under ``root``.
+
+    Each step is skipped when its output exists. Returns :class:`DemoData`.
+    """
+    from influence.experiments import demo
+    from influence.data.archives import TestArchive, TrainArchive
+    from influence.data.prepare import prepare_data
+    from influence.prepare_cli import build_prepare_data_parser
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    have_archives = (root / "train.npz").is_file() and (root / "test.npz").is_file()
+    if not have_archives or not (root / "model.keras").is_file():
+        log.info("lds: writing the demo folders (%d training digits) under %s", recipe["n_train"], root)
+        data = demo.write_folders(root, n_train=recipe["n_train"])
+        if not have_archives:
+            argv = [a.replace("{root}", str(root)) for a in demo.COMMANDS[0][1:]] + ["--workers", "1"]
+            log.info("lds: prepare_data.py %s", " ".join(argv))
+            prepare_data(build_prepare_data_parser().parse_args(argv))
+        if not (root / "model.keras").is_file():
+            model, seconds = demo.train_model(*data["train"][:2], epochs=recipe["epochs"], seed=BASE_SEED)
+            log.info("lds: base model (all %d images, seed %d) trained in %.1f s", recipe["n_train"], BASE_SEED,
+                     seconds)
+            model.save(root / "model.keras")
+    with TrainArchive(root / "train.npz") as train:
+        x_train, y_train = train.take(np.arange(len(train)))
+        files = train.files()
+    train_ids = np.array([int(Path(f).stem) for f in files], dtype=np.int64)
+    xs, ys, keys = [], [], []
+    with TestArchive(root / "test.npz") as test:
+        folders = list(test.folders)
+        arrays = {f: test.read(f) for f in folders}
+        for it in test_items(test, folders):
+            x, y, _ = arrays[it.folder]
+            xs.append(x[it.index])
+            ys.append(y[it.index])
+            keys.append(f"{it.folder}/{it.label}/{it.n}")
+    return DemoData(root, np.asarray(x_train), np.asarray(y_train, dtype=np.int64), train_ids, np.stack(xs),
+                    np.asarray(ys, dtype=np.int64), np.asarray(keys))
+
+
+def prepare_model(cache, name, quick=False):
+    """:class:`DemoData` for panel model ``name`` (:data:`MODELS`) under the folder ``cache``.
+
+    ``demo``: :func:`prepare_demo` in ``cache/demo``. Any other model reads the same archives and
+    keeps its base model (trained on all images with seed 0) in ``cache/<name>/model.keras``.
+    ``quick``: the demo's :data:`QUICK_RECIPE` archives (500 images). Returns ``(data, recipe,
+    folder of its retraining cache and scores)``.
+    """
+    from influence.errors import SettingError
+
+    if name not in MODELS:
+        raise SettingError("lds_model", f"must be one of {', '.join(MODELS)}, got {name!r}")
+    cache = Path(cache)
+    demo_recipe = QUICK_RECIPE if quick else RECIPE
+    data = prepare_demo(cache / "demo", demo_recipe)
+    if name == "demo":
+        return data, demo_recipe, cache
+    recipe, folder = dict(MODELS[name], n_train=demo_recipe["n_train"]), cache / name
+    folder.mkdir(parents=True, exist_ok=True)
+    data.model_file = folder / "model.keras"
+    if not data.model_file.is_file():
+        from influence.io import atomic_write
+
+        start = time.perf_counter()
+        model = train_model(data.x_train, data.y_train, recipe, BASE_SEED)
+        log.info("lds: base model %s (all %d images, seed %d) trained in %.1f s", name, len(data.y_train),
+                 BASE_SEED, time.perf_counter() - start)
+        with atomic_write(data.model_file) as tmp:
+            model.save(tmp)
+    return data, recipe, folder
+
+
+def build_bn_model(seed):
+    """The panel's second CNN: float (None, 32, 32, 3) in [0, 1] -> softmax probabilities (None, 10).
+
+    Conv(8, no bias) -> BatchNorm -> ReLU -> MaxPool, Conv(16, no bias) -> BatchNorm -> ReLU -> MaxPool,
+    Dense(10) -> Softmax; L2 1e-4 on the kernels. calculate.py strips the softmax in memory.
+    """
+    import keras
+
+    from influence.data import digits
+
+    keras.utils.set_random_seed(seed)
+    l2 = keras.regularizers.L2(1e-4)
+    layers = keras.layers
+    return keras.Sequential([
+        keras.Input((32, 32, 3)),
+        layers.Conv2D(8, 3, use_bias=False, kernel_regularizer=l2, name="conv1"),
+        layers.BatchNormalization(name="bn1"), layers.ReLU(), layers.MaxPooling2D(2),
+        layers.Conv2D(16, 3, use_bias=False, kernel_regularizer=l2, name="conv2"),
+        layers.BatchNormalization(name="bn2"), layers.ReLU(), layers.MaxPooling2D(2),
+        layers.Flatten(),
+        layers.Dense(digits.N_CLASSES, kernel_regularizer=l2, name="logits"),
+        layers.Softmax(name="probs"),
+    ], name="digits_bn_cnn")
+
+
+def train_model(x, y, recipe, seed):
+    """One model of ``recipe`` trained on uint8 images ``x`` (N, 32, 32, 3) and labels ``y`` (N,) -> Keras model."""
+    import keras
+
+    from influence.experiments import demo
+
+    if recipe.get("model", "demo_cnn") == "demo_cnn":
+        return demo.train_model(x, y, epochs=recipe["epochs"], seed=seed)[0]
+    model = build_bn_model(seed)
+    model.compile(optimizer=keras.optimizers.Adam(3e-3), loss=keras.losses.SparseCategoricalCrossentropy())
+    model.fit(x.astype(np.float32) / 255.0, np.asarray(y), batch_size=recipe["batch_size"],
+              epochs=recipe["epochs"], shuffle=True, verbose=0)
+    return model
+
+
+def test_losses(model, x, y):
+    """Cross-entropy in float64 from the model's logits: ``(losses (T,), predictions (T,))``."""
+    out = model(x.astype(np.float32) / 255.0, training=False)
+    if model.layers and type(model.layers[-1]).__name__ == "Softmax":      # probabilities: back to logits
+        out = np.log(np.maximum(np.asarray(out, dtype=np.float64), np.finfo(np.float64).tiny))
+    logits = np.asarray(out, dtype=np.float64)
+    shift = logits.max(axis=1, keepdims=True)
+    lse = shift[:, 0] + np.log(np.exp(logits - shift).sum(axis=1))
+    return lse - logits[np.arange(len(y)), y], np.argmax(logits, axis=1)
+
+
+def train_and_evaluate(x, y, x_test, y_test, recipe, seed):
+    """One retraining with ``recipe`` (:func:`train_model`) -> test losses float64 (T,)."""
+    import keras
+
+    model = train_model(x, y, recipe, seed)
+    losses, _ = test_losses(model, x_test, y_test)
+    del model
+    keras.backend.clear_session()
+    return losses

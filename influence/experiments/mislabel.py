@@ -81,10 +81,11 @@ class MislabelResult:
         return bool(si >= loss and si >= 3 * 0.10)
 
 
-def run_mislabel_panel(n_train=1500, epochs=30, fraction=0.10, damping=0.01, seed=0):
+def run_mislabel_panel(n_train=1500, epochs=30, fraction=0.10, damping="auto", seed=0):
     """Koh & Liang Fig. 6 on the demo digits (module docstring). Returns a :class:`MislabelResult`.
 
-    ``n_train`` digits, ``round(fraction * n_train)`` of them flipped; ``damping``: EK-FAC's λ. The
+    ``n_train`` digits, ``round(fraction * n_train)`` of them flipped; ``damping``: EK-FAC's λ (a number,
+    or relative: ``auto``, ``0.3x``, as calculate.py's default). The
     result's curves are (n_train + 1,) each.
     """
     from influence.experiments import demo
@@ -114,7 +115,7 @@ def run_mislabel_panel(n_train=1500, epochs=30, fraction=0.10, damping=0.01, see
     curves = {"self-influence": fraction_found(res.ranking(), flipped),
               "loss": fraction_found(np.lexsort((np.arange(len(y)), -res.losses)), flipped),
               "random (seeded)": fraction_found(rng.permutation(len(y)), flipped)}
-    result = MislabelResult(name="mislabel", settings=f"ekfac λ={damping:g} (sampled Fisher), n={len(y)}, "
+    result = MislabelResult(name="mislabel", settings=f"ekfac λ={damping} (sampled Fisher), n={len(y)}, "
                             f"{int(flipped.sum())} flipped, {epochs} epochs", curves=curves,
                             seconds=time.perf_counter() - start, n=len(y), flipped=int(flipped.sum()),
                             memorised=memorised)

@@ -45,7 +45,7 @@ has none: EK-FAC on a CNN is reported, not promised).
 ``mislabel`` (not in the default set; ``--panels mislabel``), after Koh & Liang Fig. 6: flip the
 labels of 10 % of the demo's 1500 training digits (seeded; each to another class drawn uniformly),
 train the demo CNN on them with the demo's recipe, then check the training images in the order of
-self-influence (``--solver ekfac``, ``--mislabel-damping``, default 0.01 as calculate.py), of
+self-influence (``--solver ekfac``, ``--mislabel-damping``, default auto as calculate.py), of
 training loss, and at random. Its figure (fraction of the flipped images found against the fraction
 of the training set checked) goes to ``--mislabel-out``. Goal: at 10 % checked, self-influence
 finds at least as many as the loss ranking and at least 3x random (random finds 10 % on average).
@@ -91,8 +91,9 @@ def build_parser():
     p.add_argument("--cnn-train", type=int, default=None, help="CNN training images (default 500; quick 300)")
     p.add_argument("--cnn-steps", type=int, default=30, help="full-batch steps of the CNN retraining recipe")
     p.add_argument("--cnn-damping", default="auto", help="damping for the CNN: a number or auto (= λ_max/steps)")
-    p.add_argument("--mislabel-damping", type=float, default=0.01,
-                   help="damping of the mislabel panel's EK-FAC (default 0.01, as calculate.py)")
+    p.add_argument("--mislabel-damping", default="auto",
+                   help="damping of the mislabel panel's EK-FAC: a number, auto or a factor like 0.3x "
+                        "(default auto, as calculate.py)")
     p.add_argument("--mislabel-out", default=None,
                    help="figure of the mislabel panel (default: --out with _mislabel before the extension)")
     p.add_argument("--ekfac-fisher", default="sampled", choices=("sampled", "true", "empirical"),
@@ -175,8 +176,12 @@ def validate(args):
                                     reference=("cg", cg_scores) if cg_scores is not None else None,
                                     settings=f", {steps} GD steps"))
     if "mislabel" in panels:
-        if not args.mislabel_damping > 0:
-            raise UserError(f"--mislabel-damping must be > 0, got {args.mislabel_damping}")
+        from influence.curvature.damping import parse_damping
+
+        try:
+            parse_damping(args.mislabel_damping)
+        except UserError as exc:
+            raise UserError(f"--mislabel-damping: {exc}") from None
         n_train, epochs = (500, 8) if quick else (1500, 30)     # the demo's own (--quick) recipe
         results.append(run_mislabel_panel(n_train=n_train, epochs=epochs, damping=args.mislabel_damping,
                                           seed=args.seed))

@@ -204,7 +204,12 @@ def mislabel_path(args):
 
 def _job(args):
     """Run the panels, draw their figures, print one line per panel; returns 0, or 1 when a goal is missed."""
+    from pathlib import Path
+
     start = time.perf_counter()
+    for figure in (args.out, args.mislabel_out):      # their folders, made before hours of work
+        if figure:
+            Path(figure).parent.mkdir(parents=True, exist_ok=True)
     results = validate(args)
     loo = [r for r in results if isinstance(r, PanelResult)]
     figures = []

@@ -339,13 +339,18 @@ def test_interrupt_leaves_no_archive(tmp_path, monkeypatch, stop_after):
 
 
 def test_killed_process_leaves_no_archive(tmp_path):
-    random_tree(tmp_path / "train", ["a", "b"], 150, size=(48, 48))
+    # enough work (800 images resized to 224) that the signal lands mid-run on a fast machine too:
+    # 300 images at 160 were packed within the 50 ms below on an idle machine
+    random_tree(tmp_path / "train", ["a", "b"], 400, size=(48, 48))
     cmd = [sys.executable, os.path.join(REPO, "prepare_data.py"), "-tr", "train", "--size",
-           "160", "-bs", "10", "--workers", "1", "--out", "out"]
+           "224", "-bs", "10", "--workers", "1", "--out", "out"]
     for sig in (signal.SIGINT, signal.SIGKILL):
         for attempt in range(3):
-            proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, text=True)
+            # Ctrl-C as in a terminal: a pytest started in the background by a non-interactive shell
+            # (`make test &`) ignores SIGINT, a child inherits that, and Python then installs no
+            # KeyboardInterrupt handler, so the run would finish regardless
+            proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                    preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
             deadline = time.time() + 60
             while (not list((tmp_path / "out").glob(".train.npz.*.partial")) and proc.poll() is None
                    and time.time() < deadline):
@@ -358,7 +363,7 @@ def test_killed_process_leaves_no_archive(tmp_path):
                 break
             # on a starved machine the signal can land after the final rename: then the archive must be whole
             with TrainArchive(tmp_path / "out" / "train.npz") as done:
-                assert len(done) == 300
+                assert len(done) == 800
             shutil.rmtree(tmp_path / "out")
         else:
             pytest.fail("the run finished before the signal three times")

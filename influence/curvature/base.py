@@ -13,9 +13,8 @@ Life of a solver (docs/DESIGN.md, "Curvature")::
     solver.load_state(state)      # ... or loaded instead of fit() on a rerun
     solver.solve(vectors, ids)    # (H + λI)⁻¹ v for each test vector
 """
-import zlib
-
 import logging
+import zlib
 
 import numpy as np
 

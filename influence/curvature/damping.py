@@ -2,7 +2,7 @@
 
 A fixed ``λ`` serves no two models: on the demo CNN the Gauss-Newton matrix's mean eigenvalue is
 9.7e-4 and its best ``λ`` for the LDS 1e-4, on a less confident BatchNorm CNN they are 0.13 and 0.1
-(docs/DESIGN.md "Damping"). A relative damping follows the curvature instead:
+(docs/DESIGN.md "Damping and the matrix"). A relative damping follows the curvature instead:
 
 * a Kronecker-factored method (kfac, ekfac): ``λ_b = f × mean(Λ_b + ρ_b)`` for each block ``b``
   (each layer's own eigenvalues; kronfluence's heuristic is ``f = 0.1``);

@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 
 #: (name shown, calculate.py options) of the solvers compared; damping, hessian etc. are calculate.py's
 #: defaults (damping auto, hessian ggn) unless given; cg is capped at 50 iterations (the LDS does not move
-#: past a residual of about 1e-2 on the demo CNN: docs/DESIGN.md "Damping"), the old defaults kept as rows
+#: past a residual of about 1e-2 on the demo CNN: docs/DESIGN.md "Damping and the matrix"), the old defaults kept as rows
 SOLVERS = (
     ("ekfac", ["--solver", "ekfac"]),
     ("ekfac, λ 0.01", ["--solver", "ekfac", "--damping", "0.01"]),

@@ -199,25 +199,13 @@ def _calculate(settings):
 # ----------------------------------------------------------------------------- phase: load
 
 def _check_settings(settings):
-    """The settings' own limits, before any work (each error names its setting)."""
-    if settings.top < 1:
-        raise SettingError("top", "must be at least 1")
-    if settings.memory_budget <= 0:
-        raise SettingError("memory_budget", "must be > 0 (GB)")
-    if settings.score_batch < 1:
-        raise SettingError("score_batch", "must be at least 1")
-    if settings.limit < 0:
-        raise SettingError("limit", f"must be >= 0 (0 = all test images), got {settings.limit}")
-    if settings.ekfac_max_block < 2:
-        raise SettingError("ekfac_max_block", f"must be at least 2, got {settings.ekfac_max_block}")
+    """The settings' own limits, before any work (each error names its setting): each field's check
+    (:meth:`Settings.check`), then the damping against the solver that will take it."""
+    settings.check()
     from influence.curvature import REGISTRY
 
     if settings.solver in REGISTRY:
         REGISTRY[settings.solver].check_damping(settings.damping)
-    if settings.self_influence_limit < 0:
-        raise SettingError("self_influence_limit", f"must be >= 0 (0 = every training image), "
-                                                   f"got {settings.self_influence_limit}")
-    settings.scale_value()                         # a scale that is neither "auto" nor > 0 is refused here
 
 
 def load_inputs(settings):

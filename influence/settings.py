@@ -1,8 +1,12 @@
 """The settings of a calculate run: one dataclass, saved in run.json, and which of them change the numbers.
 
-Field names match calculate.py's long options (the CLI maps flags onto them, and shows a
-:class:`influence.errors.SettingError` of a field as its flag); :mod:`influence.engine`
-runs a job from a :class:`Settings`; :mod:`influence.distributed` sends them to its workers.
+Each field carries its concern (:data:`GROUPS`: data and outputs, model, inverse-HVP, self-influence,
+resources, scale-out), its help text and its own check, in one place (kronfluence's ``arguments.py``
+is the model): calculate.py's parser takes help and argument groups from here, and
+:meth:`Settings.check` refuses a wrong value with a :class:`influence.errors.SettingError` naming
+the field (the CLI shows its flag). Field names match calculate.py's long options;
+:mod:`influence.engine` runs a job from a :class:`Settings`; :mod:`influence.distributed` sends them
+to its workers.
 """
 import dataclasses
 
@@ -13,41 +17,106 @@ MATH_SETTINGS = ("model", "weights", "preprocess", "params", "solver", "hessian"
                  "repeats", "seed", "cg_tol", "cg_maxiter", "fisher", "ekfac_max_block")
 
 
+#: the concerns the settings are grouped by, in the order calculate.py's --help shows them
+GROUPS = ("data and outputs", "model", "inverse Hessian-vector product",
+          "self-influence: which training images look mislabelled?", "resources",
+          "scale-out (needs Ray: pip install -r requirements-distributed.txt)")
+
+
+def _setting(default, group, help, check=None):
+    """A field with its concern (one of :data:`GROUPS`), its help text and, optionally, its own check:
+    ``check(value) -> None`` or a message (the value is wrong), raised by :meth:`Settings.check`."""
+    assert group in GROUPS, group
+    return dataclasses.field(default=default, metadata={"group": group, "help": help, "check": check})
+
+
+def _at_least(low, note=""):
+    return lambda v: None if v >= low else f"must be >= {low}{note}, got {v}"
+
+
+_DATA, _MODEL, _IHVP, _SELF, _RES, _RAY = GROUPS
+
+
 @dataclasses.dataclass
 class Settings:
-    """Every setting of a run (saved in run.json). Field names match calculate.py's options."""
+    """Every setting of a run (saved in run.json), each with its concern, help text and check (the
+    fields' metadata: :func:`help_of`, :meth:`check`). Field names match calculate.py's options."""
 
-    data: str = "."
-    out: str = "calc_output"
-    model: str = "vgg16"
-    weights: str = "imagenet"
-    preprocess: str = "auto"
-    params: str = "all"
-    solver: str = "lissa"
-    hessian: str = "ggn"        # the LDS panel: cg 0.079 (full, the least damping that runs) -> 0.37 (ggn)
-    iter: int = 1000
-    bsize: int = 10
-    repeats: int = 1
-    damping: object = "auto"    # 0.1 x the curvature's mean eigenvalue (per layer for kfac/ekfac)
-    scale: str = "auto"
-    seed: int = 0
-    cg_tol: float = 1e-6
-    cg_maxiter: int = 200
-    fisher: str = "sampled"
-    ekfac_max_block: int = 4096
-    cache: str = None
-    self_influence: bool = False
-    self_influence_limit: int = 0
-    max_exact_params: int = 10_000
-    top: int = 5
-    save_format: str = "pdf"
-    folders: list = None
-    limit: int = 0
-    overwrite: bool = False
-    memory_budget: float = 2.0
-    score_batch: int = 256
-    workers: int = 0
-    ray_address: str = None
+    data: str = _setting(".", _DATA, "folder with train.npz, test.npz and labels.json from prepare_data.py")
+    out: str = _setting("calc_output", _DATA, "output folder")
+    model: str = _setting("vgg16", _MODEL, "keras.applications name (vgg16, resnet50, ...) or a .keras/.h5 file")
+    weights: str = _setting("imagenet", _MODEL, "weights of a keras.applications model: imagenet (downloaded once "
+                                                "by Keras), a local weights file for offline machines, or none (random)")
+    preprocess: str = _setting("auto", _MODEL, "input transform: auto = the application's own, none for a model file")
+    params: str = _setting("all", _MODEL, "parameters the influence is taken over: all, the last N layers with "
+                                          "weights, or comma-separated layer names")
+    solver: str = _setting("lissa", _IHVP, "the inverse-HVP method")
+    # the LDS panel: cg 0.079 (full, the least damping that runs) -> 0.366 (ggn) on the demo CNN
+    hessian: str = _setting("ggn", _IHVP, "the matrix of exact/cg/lissa/pcg: ggn = the Gauss-Newton matrix "
+                                          "(positive semi-definite: works away from a minimum), full = the Hessian "
+                                          "of the training loss (as Koh & Liang); kfac/ekfac approximate the "
+                                          "Fisher either way")
+    iter: int = _setting(1000, _IHVP, "LiSSA recursion depth", _at_least(1))
+    bsize: int = _setting(10, _IHVP, "LiSSA minibatch, drawn uniformly from the whole training archive", _at_least(1))
+    repeats: int = _setting(1, _IHVP, "LiSSA runs averaged", _at_least(1))
+    # 0.1 x the curvature's mean eigenvalue (per layer for kfac/ekfac): the LDS panel's choice
+    damping: object = _setting("auto", _IHVP, "solve (H + LAMBDA I) x = v; or relative to the curvature's scale: "
+                                              "'auto' = 0.1x, or a factor like 0.3x: x each layer's mean Fisher "
+                                              "eigenvalue (kfac/ekfac), x the mean eigenvalue trace(H)/P (exact; "
+                                              "cg/lissa/pcg estimate it with 10 products over the training set)")
+    scale: str = _setting("auto", _IHVP, "LiSSA scale; auto = 1.1 x lambda_max(H + LAMBDA I) by power iteration, "
+                                         "the largest of the whole-sample and minibatch estimates")
+    seed: int = _setting(0, _IHVP, "seed of the LiSSA minibatches and power iteration, and of the sampled Fisher's "
+                                   "labels")
+    cg_tol: float = _setting(1e-6, _IHVP, "cg relative residual", lambda v: None if v > 0 else f"must be > 0, got {v}")
+    cg_maxiter: int = _setting(200, _IHVP, "cg iteration cap (50 reaches the final LDS on the demo CNN)", _at_least(1))
+    fisher: str = _setting("sampled", _IHVP, "kfac/ekfac/pcg: the Fisher's labels: one sampled from the model's own "
+                                             "prediction per image, true = the expectation over all classes (one "
+                                             "backward pass per class, at most 100 classes), top:K = the K most "
+                                             "probable classes of each image weighted by their probability (K "
+                                             "backward passes; for many classes), or empirical = the true labels")
+    ekfac_max_block: int = _setting(4096, _IHVP, "kfac/ekfac/pcg: split Kronecker factors larger than D x D into "
+                                                 "diagonal blocks, bounding memory and eigendecomposition time (VGG16's "
+                                                 "fc1 has 25 088 inputs)", _at_least(2))
+    cache: str = _setting(None, _IHVP, "curvature cache: training-set work (EK-FAC factors, LiSSA scale, exact "
+                                       "Hessian) saved once and reused while the model, params and train.npz are "
+                                       "unchanged (default: OUT/curvature)")
+    self_influence: bool = _setting(False, _SELF, "also score every training image against itself, grad L_i . "
+                                                  "(H + damping I)^-1 grad L_i: writes OUT/self_influence.csv (highest "
+                                                  "first) and a figure; cheap with ekfac or exact")
+    self_influence_limit: int = _setting(0, _SELF, "only the N highest-loss training images (lets lissa/cg/pcg do it: "
+                                                   "one inverse-HVP each); 0 = all",
+                                         _at_least(0, " (0 = every training image)"))
+    max_exact_params: int = _setting(10_000, _IHVP, "refuse solver exact above this many parameters", _at_least(1))
+    top: int = _setting(5, _DATA, "training images per harmful/useful figure and CSV", _at_least(1))
+    save_format: str = _setting("pdf", _DATA, "figure format")
+    folders: list = _setting(None, _DATA, "only these test folders (default: all)")
+    limit: int = _setting(0, _DATA, "at most N test images per label and folder; 0 = all",
+                          _at_least(0, " (0 = all test images)"))
+    overwrite: bool = _setting(False, _DATA, "redo test images whose outputs exist (default: skip them, so a rerun "
+                                             "resumes)")
+    memory_budget: float = _setting(2.0, _RES, "bound for everything a run holds: inverse-HVPs scored together, one "
+                                               "scoring or HVP call, curvature factors (GB)",
+                                    lambda v: None if v > 0 else f"must be > 0 (GB), got {v}")
+    score_batch: int = _setting(256, _RES, "training images per scoring step, at most", _at_least(1))
+    workers: int = _setting(0, _RAY, "start a local Ray runtime with N workers (one GPU each when there are GPUs) "
+                                     "that fit kfac/ekfac/pcg curvature and score the training archive in shards; "
+                                     "with ray_address, at most N tasks at once; 0 = no Ray, one process",
+                            _at_least(0, " (0 = no Ray)"))
+    ray_address: str = _setting(None, _RAY, "join a running Ray cluster (`ray start --head` prints ADDR, host:6379) "
+                                            "instead of starting one; every node must see data and out at the same "
+                                            "paths")
+
+    def check(self):
+        """Each setting's own check (its field's metadata), and the scale: the first wrong one raises a
+        :class:`SettingError` naming it. Checks that need the solver registry live with the solvers."""
+        for f in dataclasses.fields(self):
+            check = f.metadata.get("check")
+            message = check(getattr(self, f.name)) if check else None
+            if message:
+                raise SettingError(f.name, message)
+        self.scale_value()
+        return self
 
     @classmethod
     def from_args(cls, args):
@@ -65,3 +134,13 @@ class Settings:
         if not value > 0:
             raise SettingError("scale", f"must be > 0, got {self.scale}")
         return value
+
+
+def help_of(name):
+    """The help text of setting ``name`` (the CLI adds its default)."""
+    return {f.name: f.metadata["help"] for f in dataclasses.fields(Settings)}[name]
+
+
+def group_of(name):
+    """The concern of setting ``name``: one of :data:`GROUPS`."""
+    return {f.name: f.metadata["group"] for f in dataclasses.fields(Settings)}[name]

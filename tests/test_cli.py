@@ -50,3 +50,37 @@ def test_calculate_fisher_flag_takes_top_k_and_refuses_typos_before_any_work(cap
         with pytest.raises(SystemExit) as stop:
             build_parser().parse_args(["--fisher", bad])
         assert stop.value.code == 2 and says in capsys.readouterr().err
+
+
+def test_every_setting_has_its_flag_group_and_help_from_one_place():
+    """influence.settings holds each setting's concern, help and check; calculate.py's parser reads them."""
+    import dataclasses
+
+    from influence.calculate_cli import build_parser
+    from influence.settings import GROUPS, Settings, group_of, help_of
+
+    parser = build_parser()
+    by_dest = {a.dest: a for a in parser._actions if a.option_strings}
+    groups = {a.dest: g.title for g in parser._action_groups for a in g._group_actions}
+    for f in dataclasses.fields(Settings):
+        assert f.name in by_dest, f"setting {f.name} has no flag"
+        assert groups[f.name] == group_of(f.name) and group_of(f.name) in GROUPS
+        if f.name != "solver":                                  # the solver's help lists the registry
+            assert by_dest[f.name].help.startswith(help_of(f.name))
+    assert set(vars(parser.parse_args([]))) - {f.name for f in dataclasses.fields(Settings)} == {"verbose"}
+
+
+def test_settings_check_names_the_wrong_setting():
+    import pytest
+
+    from influence.settings import Settings
+
+    assert Settings().check() == Settings()
+    for bad, says in ((dict(top=0), "top: must be >= 1, got 0"), (dict(memory_budget=0), "memory_budget: must be > 0"),
+                      (dict(limit=-1), "limit: must be >= 0 (0 = all test images)"),
+                      (dict(ekfac_max_block=1), "ekfac_max_block: must be >= 2"),
+                      (dict(cg_tol=0.0), "cg_tol: must be > 0"), (dict(scale="-1"), "scale: must be > 0"),
+                      (dict(workers=-2), "workers: must be >= 0 (0 = no Ray)")):
+        with pytest.raises(SettingError) as err:
+            Settings(**bad).check()
+        assert str(err.value).startswith(says)

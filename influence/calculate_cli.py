@@ -24,15 +24,14 @@ def fisher_arg(text):
     """``--fisher``: sampled, true, empirical or top:K (checked here, so a typo fails before the model loads)."""
     import argparse
 
-    from influence.curvature.kfac_signals import FISHER_KINDS, top_classes
-    from influence.errors import UserError
+    from influence.curvature.kfac_signals import check_fisher
+    from influence.errors import SettingError
 
     try:
-        if text in FISHER_KINDS or top_classes(text) is not None:
-            return text
-    except UserError as exc:
+        check_fisher(text, classes=0)      # the number of classes is checked once the model is loaded
+    except SettingError as exc:
         raise argparse.ArgumentTypeError(exc.message) from None
-    raise argparse.ArgumentTypeError(f"choose sampled, true, empirical or top:K, got {text!r}")
+    return text
 
 
 def build_parser():
@@ -46,12 +45,12 @@ def build_parser():
                            "negative = harmful) and write the top images, CSVs and score dicts.")
     groups = {name: p.add_argument_group(name) for name in GROUPS}
 
-    def add(*flags, dest=None, shown=True, **kw):
+    def add(*flags, **kw):
         """One flag of a setting: its argument group and help text come from influence.settings."""
-        name = dest or flags[-1].lstrip("-").replace("-", "_")
+        name = flags[-1].lstrip("-").replace("-", "_")
         default = getattr(D, name)
         text = help_of(name)
-        if shown and kw.get("action") != "store_true" and "(default:" not in text:
+        if kw.get("action") != "store_true" and "(default:" not in text:
             text += f" (default: {default})" if default is not None else ""
         groups[group_of(name)].add_argument(*flags, default=default, help=text, **kw)
 

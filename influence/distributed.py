@@ -78,9 +78,8 @@ def _setting(settings):
 
 
 def check(settings):
-    """One-line errors for the scale-out settings, before any work (Ray is looked up, not imported)."""
-    if settings.workers < 0:
-        raise SettingError("workers", f"must be >= 0 (0 = no Ray), got {settings.workers}")
+    """One-line errors for the scale-out settings, before any work (Ray is looked up, not imported;
+    the bound of ``workers`` is the setting's own check, :meth:`influence.settings.Settings.check`)."""
     if importlib.util.find_spec("ray") is None:
         raise SettingError(_setting(settings), f"needs Ray: {INSTALL}")
     if settings.ray_address:

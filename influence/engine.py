@@ -134,6 +134,7 @@ def calculate(settings):
     """
     from influence.locking import folder_lock
 
+    _check_settings(settings)             # every setting's own check, before any work (Ray included)
     with logging_redirect_tqdm():
         try:
             Path(settings.out).mkdir(parents=True, exist_ok=True)
@@ -150,7 +151,6 @@ def calculate(settings):
 def _calculate(settings):
     """The pipeline: load -> predict -> fit curvature -> self-influence -> per group of test images:
     test gradients -> inverse-HVPs -> score -> write."""
-    _check_settings(settings)
     inputs = load_inputs(settings)
     job, inf = load_model(settings, inputs)
     tests = list_tests(inputs.test, inputs.folders, settings)

@@ -76,7 +76,7 @@ def calculate_settings(data, out, options, folders, model=None):
     """Settings of ``calculate.py --data DATA --model MODEL --preprocess unit OPTIONS`` (the demo's line;
     ``model`` defaults to ``DATA/model.keras``)."""
     from influence.calculate_cli import build_parser
-    from influence.engine import Settings
+    from influence.settings import Settings
 
     model = Path(data) / "model.keras" if model is None else model
     argv = ["--data", str(data), "--model", str(model), "--preprocess", "unit",
@@ -124,7 +124,7 @@ def score_raising_damping(data, out, options, folders, keys, tries=3, model=None
     Returns ``(scores, seconds, compute seconds of the run that worked, its options + a note of the failed λ)``;
     scores None and nan seconds when every try failed (the table shows the row as failed).
     """
-    from influence.engine import Settings
+    from influence.settings import Settings
     from influence.errors import UserError
 
     from influence.curvature.damping import Damping, parse_damping

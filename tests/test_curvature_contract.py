@@ -1,8 +1,9 @@
 """Every registered ``--solver`` against the dense float64 matrix it claims to invert.
 
 Each method class says what it approximates (``approximates``): ``"hessian"`` -> ``(H + λI)⁻¹ v``
-(``H`` by nested tapes), ``"kfac"`` / ``"ekfac"`` -> the dense Kronecker-factored Fisher built here
-from explicit per-image patches, backward signals and gradients (tests/test_ekfac.py). A new method
+(``H`` by nested tapes), ``"lowrank"`` -> the same from ``H``'s top eigenpairs and a floor (exact at full
+rank), ``"kfac"`` / ``"ekfac"`` -> the dense Kronecker-factored Fisher built here from explicit per-image
+patches, backward signals and gradients (tests/test_ekfac.py). A new method
 runs through the same ``make_solver -> fit -> solve`` path; one with an unknown ``approximates``
 fails until its reference is added here.
 """
@@ -19,7 +20,7 @@ from test_ekfac import dense_fisher, tiny_setup
 OPTIONS = dict(cg_tol=1e-10, cg_maxiter=500, seed=0, max_exact_params=10_000, fisher="sampled",
                ekfac_max_block=4096, memory_budget=1.0)
 #: per-method options and relative error allowed (default 1e-7)
-EXTRA = {"lissa": dict(iter=400, bsize=512)}
+EXTRA = {"lissa": dict(iter=400, bsize=512), "krylov": dict(rank=100_000), "dpcg": dict(rank=8)}
 TOLERANCE = {"lissa": 0.05}
 
 
@@ -62,6 +63,14 @@ def reference(name, cls, problem):
     lam, p = problem["lam"], problem["clf"].num_params
     if kind == "hessian":
         matrix = problem["H"]
+    elif kind == "lowrank":
+        # the top-k eigenpairs with the floor σ_{k+1} for the rest; k = P (the whole spectrum) is exact
+        w, q = np.linalg.eigh(problem["H"])
+        w, q = w[::-1], q[:, ::-1]
+        k = min(EXTRA[name]["rank"], p)
+        floor = max(w[k], 0.0) if k < p else 0.0
+        c = problem["V"] @ q[:, :k]
+        return (problem["V"] - c @ q[:, :k].T) / (floor + lam) + (c / (w[:k] + lam)) @ q[:, :k].T
     elif kind in ("kfac", "ekfac"):
         if kind not in problem["fisher"]:
             problem["fisher"][kind] = dense_fisher(problem["clf"], problem["d"], problem["x"], problem["y"], kind,

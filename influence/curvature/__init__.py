@@ -7,7 +7,9 @@ Every method is one module; defining its class registers it (:mod:`influence.cur
 * ``cg``     -- conjugate gradient on whole-training-set HVPs;
 * ``lissa``  -- the stochastic recursion of Koh & Liang;
 * ``kfac`` / ``ekfac`` -- Kronecker-factored (eigenvalue-corrected) Fisher, fitted once;
-* ``pcg``    -- conjugate gradient preconditioned by EK-FAC (exact answer, few HVPs).
+* ``pcg``    -- conjugate gradient preconditioned by EK-FAC (exact answer, few HVPs);
+* ``krylov`` -- the top eigenpairs of the matrix (Lanczos, fitted once) with a floor for the rest;
+* ``dpcg``   -- conjugate gradient preconditioned (deflated) by the krylov basis (exact answer).
 
 Training-set work (a fitted state) is cached by :mod:`influence.curvature.cache`.
 """
@@ -17,7 +19,7 @@ from influence.curvature import cg, exact, lissa  # noqa: F401  (registers the m
 from influence.curvature.base import REGISTRY, InverseHVP, stable_seed  # noqa: F401
 from influence.errors import SettingError, UserError
 
-for _optional in ("ekfac", "pcg"):
+for _optional in ("ekfac", "pcg", "krylov", "dpcg"):
     try:
         __import__(f"influence.curvature.{_optional}")
     except ModuleNotFoundError as _exc:  # a method module not written yet

@@ -170,20 +170,24 @@ class PCGSolver(CGSolver):
 
     def solve(self, vectors, ids=None):
         vectors = list(vectors)
-        if not vectors:
-            return []
-        x0s = self.ekfac.solve(vectors)
-        with progress_bar(total=self.maxiter + 1, desc=f"{self.name} x{len(vectors)}", unit="pass",
-                          disable=not self.progress) as bar:
-            results = lockstep_pcg(self.apply_many, vectors, tol=self.tol, maxiter=self.maxiter,
-                                   precondition=self.ekfac.precondition, x0s=x0s, bar=bar, solver=self.name)
-        out = []
-        for x, it, residual in results:
-            if residual > self.tol:
-                log.warning("%s stopped after %d iterations at relative residual %.2e (cg_tol %.0e)",
-                            self.name, it, residual, self.tol)
-            self.info["iterations"].append(it)
-            self.info["hvps"].append(it + 1)
-            self.info["hvp_passes"].append(it + 1)
-            out.append(x)
-        return out
+        return solve_in_lockstep(self, vectors, self.ekfac.solve(vectors), self.ekfac.precondition) if vectors else []
+
+
+def solve_in_lockstep(solver, vectors, x0s, precondition):
+    """The preconditioned CG solutions of ``vectors`` (a list of Vecs) from ``x0s``, all in lockstep
+    (:func:`lockstep_pcg` over ``solver.apply_many``), with ``solver``'s tolerance and cap, a progress bar, a
+    warning per vector left above the tolerance, and ``solver.info``'s iterations, hvps and hvp_passes."""
+    with progress_bar(total=solver.maxiter + 1, desc=f"{solver.name} x{len(vectors)}", unit="pass",
+                      disable=not solver.progress) as bar:
+        results = lockstep_pcg(solver.apply_many, vectors, tol=solver.tol, maxiter=solver.maxiter,
+                               precondition=precondition, x0s=x0s, bar=bar, solver=solver.name)
+    out = []
+    for x, it, residual in results:
+        if residual > solver.tol:
+            log.warning("%s stopped after %d iterations at relative residual %.2e (cg_tol %.0e)",
+                        solver.name, it, residual, solver.tol)
+        solver.info["iterations"].append(it)
+        solver.info["hvps"].append(it + 1)
+        solver.info["hvp_passes"].append(it + 1)
+        out.append(x)
+    return out

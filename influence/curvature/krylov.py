@@ -1,0 +1,249 @@
+"""``--solver krylov``: the top eigenpairs of the curvature, fitted once, with a floor for the rest.
+
+The matrix is the one the Hessian solvers take (``--hessian``: by default the Gauss–Newton matrix plus the
+regulariser's Hessian). Lanczos with full reorthogonalisation (:func:`influence.curvature.lowrank.lanczos`)
+takes one product per step, each a pass over the training archive, until the top ``--rank`` Ritz pairs
+have converged or after ``2 × rank`` products. The solution of every test vector is then::
+
+    (A + λI)⁻¹ v  ≈  U (Σ + λ)⁻¹ Uᵀ v + (v − U Uᵀ v) / (φ + λ)
+
+with ``φ = σ_{k+1}`` the floor (docs/DESIGN.md, "Low-rank curvature with a floor"). Per test vector it
+costs ``2·k·P`` multiply-adds and no product; self-influence needs each training image's gradient only.
+
+Which pairs are kept: the leading ones whose residual ``‖A u − σ u‖`` is at most ``RTOL × σ`` (a Ritz
+pair further down the Krylov space is not an eigenpair yet); ``φ`` is the first Ritz value not kept.
+
+``--hessian full``: the largest eigenvalues are kept whatever their sign; negative curvature that falls
+outside the basis is not inverted: the complement is damped by ``max(φ, 0) + λ``. A kept ``σ_j + λ ≤ 0``
+(a Hessian more negative than the damping along an eigenvector) is refused, as cg refuses negative
+curvature.
+
+``--rank auto`` reads the rank from the spectrum: Lanczos runs for :data:`AUTO_MAX_RANK` pairs (fewer when
+the memory budget holds fewer) and keeps the pairs with ``σ_j ≥ AUTO_RATIO × (φ_∞ + λ)``, where ``φ_∞``
+is the smallest Ritz value found (the bottom of the spectrum the Krylov space saw).
+"""
+import logging
+import math
+
+import numpy as np
+
+from influence.curvature import lowrank
+from influence.curvature.base import InverseHVP
+from influence.errors import SettingError, UserError
+from influence.model.hvp import numpy_to_vec, vec_size, vec_to_numpy
+from influence.progress import progress as progress_bar
+
+log = logging.getLogger(__name__)
+
+#: a Ritz pair is kept when its residual is at most RTOL × its value
+RTOL = 1e-2
+#: ``--rank auto``: the most pairs fitted, and the ratio to the floor + λ that a kept pair must reach
+AUTO_MAX_RANK = 256
+AUTO_RATIO = 3.0
+#: products per pair asked, at most (Lanczos stops earlier when the pairs asked have converged)
+STEPS_PER_PAIR = 2
+
+
+def parse_rank(rank):
+    """``"auto"`` or a positive int (from a string too); SettingError naming ``rank`` otherwise."""
+    if isinstance(rank, str) and rank.strip().lower() == "auto":
+        return "auto"
+    try:
+        value = int(rank)
+    except (TypeError, ValueError):
+        raise SettingError("rank", f"must be a positive integer or auto, got {rank!r}") from None
+    if value < 1 or value != float(rank):
+        raise SettingError("rank", f"must be a positive integer or auto, got {rank!r}")
+    return value
+
+
+class KrylovSolver(InverseHVP):
+    """Low-rank eigen-decomposition of the curvature with a floor (module docstring)."""
+
+    name = "krylov"
+    summary = ("top eigenpairs of the Gauss-Newton matrix by Lanczos, fitted once, with a floor for the rest "
+               "(sees across layers; no product per test image)")
+    approximates = "lowrank"     # tests/test_curvature_contract.py: the same formula from the dense eigenpairs
+    relative_damping = "trace"   # λ = factor × trace(A)/P (influence.curvature.damping)
+    self_influence_route = "low-rank"
+
+    def __init__(self, objective, damping, rank="auto", seed=0, memory_budget=2.0, progress=True):
+        super().__init__(objective, damping, progress)
+        self.rank = parse_rank(rank)
+        self.seed = int(seed)
+        self.memory_budget = memory_budget
+        self._u = self._sigma = self._floor = None
+        self._theta = self._residual = None
+        self.info.update(rank_asked=self.rank)
+
+    # --- sizes -------------------------------------------------------------------------------------
+    @property
+    def _itemsize(self):
+        return self.obj.d.dtype.size
+
+    @property
+    def _params(self):
+        return vec_size(self.obj.d.variables)
+
+    def max_rank(self):
+        """The most pairs the memory budget holds while fitting (basis of ``STEPS_PER_PAIR × k + k`` rows)."""
+        if self.memory_budget is None:
+            return None
+        rows = self.memory_budget * 2**30 / (self._params * self._itemsize)
+        return int(rows // (STEPS_PER_PAIR + 1))
+
+    def fitted_rank(self):
+        """The pairs Lanczos is asked for: ``--rank``, or for ``auto`` :data:`AUTO_MAX_RANK` capped by memory."""
+        p = self._params
+        if self.rank == "auto":
+            cap = self.max_rank()
+            return max(1, min(AUTO_MAX_RANK, p if cap is None else cap, p))
+        return min(self.rank, p)
+
+    def check_memory(self):
+        """SettingError naming ``rank`` and ``params`` when the fit's basis exceeds ``memory_budget``."""
+        cap = self.max_rank()
+        if cap is None:
+            return
+        k = self.fitted_rank()
+        if cap < 1 or (self.rank != "auto" and k > cap):
+            need = (STEPS_PER_PAIR + 1) * k * self._params * self._itemsize / 2**30
+            raise SettingError("rank", f"solver krylov with rank {k} over {self._params:,} parameters needs "
+                                       f"{need:.1f} GB for its Lanczos basis, above memory_budget "
+                                       f"{self.memory_budget:g} GB: lower rank (at most {max(cap, 0)} fits), "
+                                       f"choose fewer parameters with params (e.g. last:2), or use solver ekfac")
+
+    @property
+    def resident_bytes(self):
+        k = self.fitted_rank() if self._u is None else len(self._u)
+        return k * self._params * self._itemsize
+
+    @property
+    def fit_bytes(self):
+        return (STEPS_PER_PAIR + 1) * self.fitted_rank() * self._params * self._itemsize
+
+    # --- the fit (cached) --------------------------------------------------------------------------
+    def cache_key(self):
+        return {**self.matrix_key(), "rank": self.fitted_rank(), "seed": self.seed}
+
+    def fit(self):
+        self.check_memory()
+        like = self.obj.d.variables
+        p = self._params
+        want = self.fitted_rank()
+        steps = min(p, max(STEPS_PER_PAIR * want, want + 10))
+        dtype = np.dtype(self.obj.d.dtype.as_numpy_dtype)
+        with progress_bar(total=steps, desc=f"krylov: Lanczos for {want} pairs", unit="pass",
+                          disable=not self.progress) as bar:
+            def apply(q):
+                bar.update(1)
+                return vec_to_numpy(self.obj.hvp_full(numpy_to_vec(q, like)))
+
+            def done(alpha, beta):
+                if len(alpha) < want:
+                    return False
+                theta, residual = lowrank.ritz_values(alpha, beta)
+                ok = lowrank.converged(theta[:want], residual[:want], RTOL).sum()
+                bar.set_postfix(converged=f"{ok}/{want}")
+                return ok == want
+            alpha, beta, basis = lowrank.lanczos(apply, p, steps, dtype=dtype, seed=self.seed, check=done)
+        theta, residual, u = lowrank.ritz_pairs(alpha, beta, basis, want)
+        del basis
+        self._set(u, theta, residual, products=len(alpha))
+
+    def _set(self, u, theta, residual, products=None):
+        """Keep the leading converged pairs of ``u`` (k, P) with Ritz values ``theta`` (m,) and their
+        residuals; the floor is the first Ritz value not kept."""
+        self._theta, self._residual = np.asarray(theta, np.float64), np.asarray(residual, np.float64)
+        ok = lowrank.converged(self._theta, self._residual, RTOL)[:len(u)]
+        complete = len(self._theta) == self._params       # the Krylov space is the whole space: all exact
+        kept = len(u) if ok.all() or complete else int(np.argmin(ok))
+        if kept < len(u):
+            log.warning("krylov: %d of the %d pairs asked converged (residual <= %g x eigenvalue) after %d "
+                        "products; the rest is taken as the floor", kept, len(u), RTOL, len(self._theta))
+        self._all_u = u
+        self._kept = kept
+        self.info.update(products=products if products is not None else self.info.get("products"),
+                         rank_fitted=len(u), converged=int(kept), ritz_values=self._theta.tolist(),
+                         residuals=self._residual.tolist(), num_params=self._params)
+        self._choose_rank()
+
+    def _choose_rank(self):
+        """The rank used (``--rank`` or the auto rule over the converged pairs), σ, U and the floor φ."""
+        kept = self._kept
+        theta = self._theta
+        if self.rank == "auto":
+            bottom = max(float(theta[-1]), 0.0)
+            limit = AUTO_RATIO * (bottom + self.damping)
+            k = int(np.sum(theta[:kept] >= limit))
+            self.info.update(auto_rule=f"sigma >= {AUTO_RATIO:g} x (smallest Ritz value {bottom:.3g} + damping)")
+        else:
+            k = min(kept, self.rank)
+        self._u = self._all_u[:k]
+        self._sigma = theta[:k]
+        floor = float(theta[k]) if k < len(theta) else float(theta[-1])
+        self._floor = max(floor, 0.0)
+        lam = self.damping
+        if k and self._sigma[-1] + lam <= 0 or self._floor + lam <= 0:
+            raise UserError(f"krylov: A + λI is not positive definite along its eigenvectors (eigenvalue "
+                            f"{min(self._sigma.min() if k else floor, floor):.3g}, damping {lam:.3g}): raise "
+                            f"damping, or use hessian='ggn'")
+        negative = float(theta[-1])
+        if negative < -lam:
+            log.warning("krylov: the matrix has eigenvalues down to %.3g, below -λ = %.3g: those directions are "
+                        "damped by the floor, not inverted (hessian='ggn' has none)", negative, -lam)
+        self.info.update(rank=k, floor=self._floor, sigma_max=float(theta[0]) if len(theta) else 0.0,
+                         residual_max=float(self._residual[:k].max()) if k else 0.0,
+                         smallest_ritz_value=negative)
+        log.info("krylov: rank %d (%d pairs converged of %d fitted), σ from %.3g to %.3g, floor %.3g, λ %.3g",
+                 k, kept, len(self._all_u), theta[0], self._sigma[-1] if k else math.nan, self._floor, lam)
+
+    def state(self):
+        return {"u": self._all_u, "theta": self._theta, "residual": self._residual,
+                "products": np.array(self.info.get("products") or 0)}
+
+    def load_state(self, arrays):
+        u = np.asarray(arrays["u"])
+        if u.ndim != 2 or u.shape[1] != self._params:
+            raise ValueError(f"cached krylov basis is {u.shape}, expected (k, {self._params})")
+        self._set(u, arrays["theta"], arrays["residual"], products=int(arrays["products"]))
+
+    def compact(self):
+        if self._u is not None and self._all_u is not self._u:
+            self._all_u = self._u
+
+    # --- per test vector -----------------------------------------------------------------------------
+    def _ready(self):
+        if self._u is None:
+            self.fit()
+
+    def solve_numpy(self, v):
+        """(T, P) -> (T, P) float64, the low-rank ``(A + λI)⁻¹ v``."""
+        self._ready()
+        return lowrank.lowrank_inverse(self._u, self._sigma, self._floor, self.damping, v)
+
+    def precondition_numpy(self, v):
+        """(T, P) -> (T, P): the Nyström preconditioner of the same basis (``(φ + λ) ×`` :meth:`solve_numpy`)."""
+        self._ready()
+        return lowrank.nystrom_precondition(self._u, self._sigma, self._floor, self.damping, v)
+
+    def solve(self, vectors, ids=None):
+        vectors = list(vectors)
+        if not vectors:
+            return []
+        like = self.obj.d.variables
+        sol = self.solve_numpy(np.stack([vec_to_numpy(v) for v in vectors]))
+        return [numpy_to_vec(s, like) for s in sol]
+
+    def self_influence_batch(self, x, y):
+        """``gᵢᵀ (A + λI)⁻¹ gᵢ`` of each image with its own label: uint8 (N, H, W, C), (N,) -> float64 (N,),
+        from ``U gᵢ`` and ``‖gᵢ‖²`` (one tape per image for the gradients)."""
+        self._ready()
+        d = self.obj.d
+        y = np.asarray(y, np.int64)
+        if not len(y):
+            return np.zeros(0)
+        grads = np.stack([vec_to_numpy(d.gradient(x[i:i + 1], y[i:i + 1])) for i in range(len(y))])
+        proj = grads @ self._u.T.astype(np.float64)
+        return lowrank.self_quadratic(proj, np.einsum("np,np->n", grads, grads), self._sigma, self._floor,
+                                      self.damping)

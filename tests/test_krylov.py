@@ -169,7 +169,7 @@ def test_krylov_auto_rank_keeps_the_pairs_well_above_the_floor(tiny):
 def test_krylov_refuses_a_basis_above_the_memory_budget_naming_rank_and_params(tiny):
     s = make_solver("krylov", tiny["ggn_obj"], 0.01, rank=50, memory_budget=1e-5, progress=False)
     with pytest.raises(SettingError, match=r"^rank: solver krylov with rank 50 over [\d,]+ parameters needs .* "
-                                           r"above memory_budget 1e-05 GB: lower rank \(at most \d+ fits\), "
+                                           r"above 50% of memory_budget 1e-05 GB: lower rank \(at most \d+ fits\), "
                                            r"choose fewer parameters with params"):
         s.fit()
     with pytest.raises(SettingError, match="^rank: must be a positive integer or auto, got 'ten'$"):

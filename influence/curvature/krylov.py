@@ -42,6 +42,19 @@ AUTO_MAX_RANK = 256
 AUTO_RATIO = 3.0
 #: products per pair asked, at most (Lanczos stops earlier when the pairs asked have converged)
 STEPS_PER_PAIR = 2
+#: the share of ``memory_budget`` the fit's Lanczos basis may take (the rest: test vectors, scoring)
+BASIS_SHARE = 0.5
+#: ``--solver auto`` takes krylov when the budget holds at least this many pairs
+AUTO_MIN_RANK = 64
+
+
+def affordable_rank(num_params, itemsize, memory_budget):
+    """The most pairs whose fit (a Lanczos basis of ``STEPS_PER_PAIR × k`` rows and the ``k`` pairs, each
+    ``num_params × itemsize`` bytes) takes at most ``BASIS_SHARE`` of ``memory_budget`` GB; None: no budget."""
+    if memory_budget is None:
+        return None
+    rows = BASIS_SHARE * float(memory_budget) * 2**30 / (int(num_params) * int(itemsize))
+    return int(rows // (STEPS_PER_PAIR + 1))
 
 
 def parse_rank(rank):
@@ -86,11 +99,8 @@ class KrylovSolver(InverseHVP):
         return vec_size(self.obj.d.variables)
 
     def max_rank(self):
-        """The most pairs the memory budget holds while fitting (basis of ``STEPS_PER_PAIR × k + k`` rows)."""
-        if self.memory_budget is None:
-            return None
-        rows = self.memory_budget * 2**30 / (self._params * self._itemsize)
-        return int(rows // (STEPS_PER_PAIR + 1))
+        """The most pairs the memory budget holds while fitting (:func:`affordable_rank`)."""
+        return affordable_rank(self._params, self._itemsize, self.memory_budget)
 
     def fitted_rank(self):
         """The pairs Lanczos is asked for: ``--rank``, or for ``auto`` :data:`AUTO_MAX_RANK` capped by memory."""
@@ -109,8 +119,8 @@ class KrylovSolver(InverseHVP):
         if cap < 1 or (self.rank != "auto" and k > cap):
             need = (STEPS_PER_PAIR + 1) * k * self._params * self._itemsize / 2**30
             raise SettingError("rank", f"solver krylov with rank {k} over {self._params:,} parameters needs "
-                                       f"{need:.1f} GB for its Lanczos basis, above memory_budget "
-                                       f"{self.memory_budget:g} GB: lower rank (at most {max(cap, 0)} fits), "
+                                       f"{need:.1f} GB for its Lanczos basis, above {BASIS_SHARE:.0%} of "
+                                       f"memory_budget {self.memory_budget:g} GB: lower rank (at most {max(cap, 0)} fits), "
                                        f"choose fewer parameters with params (e.g. last:2), or use solver ekfac")
 
     @property

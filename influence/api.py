@@ -1,7 +1,7 @@
 """The Python face of the package: influence scores as arrays, for notebooks and scripts.
 
     import influence
-    inf = influence.Influence("demo/model.keras", train="demo/train.npz", solver="ekfac", preprocess="unit")
+    inf = influence.Influence("demo/model.keras", train="demo/train.npz", preprocess="unit")
     scores = inf.scores(images, labels)        # float32 (tests, train): positive = useful, negative = harmful
     inf.top(scores, k=5)                       # the most harmful / useful training images of each test image
     inf.self_influence()                       # which training images look mislabelled
@@ -11,16 +11,19 @@ The same numbers as ``calculate.py`` with the same settings (docs/DESIGN.md, "Wh
 it (or :meth:`Influence.fit`), and kept in ``cache`` (a folder, the same cache calculate.py uses) when
 one is given. Errors are :class:`influence.errors.UserError` with one line naming the setting.
 """
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from influence.errors import SettingError, UserError
 
+log = logging.getLogger(__name__)
+
 #: the settings of a calculate run that are solver options (each solver takes those it knows)
 SOLVER_SETTINGS = ("iter", "bsize", "repeats", "seed", "cg_tol", "cg_maxiter", "max_exact_params", "fisher",
-                   "ekfac_max_block", "memory_budget")
+                   "ekfac_max_block", "memory_budget", "rank")
 
 
 @dataclass
@@ -43,7 +46,10 @@ class Influence:
         object (a final softmax is stripped in memory; a mixed-precision model computes in float32), or
         a loaded :class:`influence.model.models.Classifier`.
       train: a training archive written by ``prepare_data.py`` (path) or a ``TrainArchive``.
-      solver: a registered method (``influence.curvature.REGISTRY``): ekfac, kfac, cg, pcg, lissa, exact.
+      solver: ``"auto"`` (default: :mod:`influence.curvature.choice`: lissa when ``iter``, ``bsize``, ``scale``
+        or ``repeats`` is passed, else krylov when ``memory_budget`` holds its basis over the model's
+        parameters, else ekfac; :attr:`solver_name` and :attr:`solver_choice` say which and why) or a
+        registered method (``influence.curvature.REGISTRY``): ekfac, kfac, cg, pcg, lissa, exact, krylov, dpcg.
       damping: λ, or ``"auto"`` / ``"0.3x"``: relative to the curvature's scale (each layer's mean
         eigenvalue for kfac/ekfac, the mean eigenvalue trace(H)/P for the Hessian methods). Default
         ``"auto"`` (0.1x), chosen by the LDS panel (README, "Is it right?").
@@ -57,48 +63,51 @@ class Influence:
       progress: show progress bars.
       backend: where the training-set passes run (:mod:`influence.backends`): None for this process,
         or a backend object (``influence.distributed.RayBackend(settings)``).
-      **options: the solver's own settings (``iter``, ``bsize``, ``cg_tol``, ``fisher``, ``seed``, ...);
-        an option the solver does not take is refused, named.
+      **options: the solver's own settings (``iter``, ``bsize``, ``cg_tol``, ``fisher``, ``seed``, ``rank``,
+        ``memory_budget``, ...); an option the solver does not take is refused, named.
 
     :meth:`from_settings` builds one from a calculate run's :class:`influence.settings.Settings` (the
     calculate job is a client of this class).
     """
 
-    def __init__(self, model, train, *, solver="ekfac", damping="auto", hessian="ggn", preprocess="auto",
+    def __init__(self, model, train, *, solver="auto", damping="auto", hessian="ggn", preprocess="auto",
                  params="all", weights="imagenet", cache=None, score_batch=256, chunk=256, progress=True,
                  backend=None, **options):
-        from influence.curvature import REGISTRY, solver_options
+        from influence.curvature.choice import AUTO, CANDIDATES, solver_choices
         from influence.model.hvp import HESSIANS
 
-        if solver not in REGISTRY:
-            raise SettingError("solver", f"must be one of {', '.join(REGISTRY)}, got {solver!r}")
+        if solver not in solver_choices():
+            raise SettingError("solver", f"must be one of {', '.join(solver_choices())}, got {solver!r}")
         if hessian not in HESSIANS:
             raise SettingError("hessian", f"must be one of {', '.join(HESSIANS)}, got {hessian!r}")
-        accepted = solver_options(REGISTRY[solver])
-        unknown = sorted(set(options) - accepted)
-        if unknown:
-            raise UserError(f"solver {solver!r} takes no option {', '.join(unknown)}; it takes: "
-                            f"{', '.join(sorted(accepted))}")
+        if solver == AUTO:                                   # before the model loads: a typo fails at once
+            _check_options(CANDIDATES, options, f"'auto' ({', '.join(CANDIDATES)})")
+        else:
+            _check_options([solver], options, repr(solver))
         if int(score_batch) < 1 or int(chunk) < 1:
             raise UserError(f"score_batch and chunk must be at least 1, got {score_batch} and {chunk}")
         name = model if isinstance(model, (str, Path)) else getattr(model, "name", "model")
         train = _train_archive(train)
         self._setup(_classifier(model, weights, preprocess, params), train, name, preprocess, hessian, chunk)
-        self._set_solver(solver, damping, options, progress)
+        self._set_solver(solver, damping, options, progress, given=options)
+        if solver == AUTO:
+            _check_options([self.solver_name], options, f"{self.solver_name!r} ({self.solver_choice})")
         self.cache = None if cache is None else Path(cache)
         self.score_batch = int(score_batch)
         self.backend = backend if backend is not None else _local()
         self.solver                       # built now: a setting the solver refuses is an error here
 
     @classmethod
-    def from_settings(cls, settings, train=None, *, check=None):
+    def from_settings(cls, settings, train=None, *, check=None, given=()):
         """An Influence with the settings of a calculate run (:class:`influence.settings.Settings`).
 
         The model is ``settings.model`` (``weights``, ``preprocess``, ``params``); ``train`` (default:
-        ``<data>/train.npz``); the solver gets every option of the settings it takes, and is built on
-        first use (:attr:`solver`); the cache is ``settings.cache`` or ``<out>/curvature``; the backend
-        is Ray with ``workers`` / ``ray_address``, else this process. ``check(classifier)`` runs on the
-        loaded model before anything is built on it.
+        ``<data>/train.npz``); the solver (``auto`` resolved on the loaded model, :attr:`solver_name`)
+        gets every option of the settings it takes, and is built on first use (:attr:`solver`); the cache
+        is ``settings.cache`` or ``<out>/curvature``; the backend is Ray with ``workers`` /
+        ``ray_address``, else this process. ``check(classifier)`` runs on the loaded model before anything
+        is built on it. ``given``: names of the settings given explicitly (calculate.py's flags,
+        :func:`influence.settings.given_settings`), which ``solver auto`` reads.
         """
         from influence.backends import backend_for
         from influence.model.models import load_classifier
@@ -111,10 +120,10 @@ class Influence:
         self._setup(clf, train, settings.model, settings.preprocess, settings.hessian, 256)
         options = {k: getattr(settings, k) for k in SOLVER_SETTINGS}
         options["scale"] = settings.scale_value()
-        self._set_solver(settings.solver, settings.damping, options, True)
+        self._set_solver(settings.solver, settings.damping, options, True, given=given)
         self.cache = Path(settings.cache or Path(settings.out) / "curvature")
         self.score_batch = int(settings.score_batch)
-        self.backend = backend_for(settings)
+        self.backend = backend_for(replace(settings, solver=self.solver_name))
         return self
 
     def _setup(self, clf, train, model_name, preprocess, hessian, chunk):
@@ -131,8 +140,17 @@ class Influence:
         #: after :meth:`fit`: True when the curvature came from the cache
         self.loaded = False
 
-    def _set_solver(self, name, damping, options, progress):
-        self.solver_name, self.progress = name, progress
+    def _set_solver(self, requested, damping, options, progress, given):
+        """The method: ``requested``, or for ``auto`` the choice on the loaded model
+        (:func:`influence.curvature.choice.choose_solver`, one log line) -> :attr:`solver_name`,
+        :attr:`solver_choice` (why)."""
+        from influence.curvature.choice import AUTO, choose_solver
+
+        budget = options.get("memory_budget", _option_default("krylov", "memory_budget"))
+        name, reason = choose_solver(requested, given, self.clf.num_params, self.clf.dtype.size, budget)
+        if requested == AUTO:
+            log.info("%s", reason)
+        self.solver_name, self.solver_choice, self.progress = name, reason, progress
         self._solver = None
         self._solver_args = (name, damping, dict(options))
 
@@ -290,6 +308,27 @@ class Influence:
         if len(y) and (y.min() < 0 or y.max() >= k):
             raise UserError(f"labels must be class indices 0..{k - 1}, got {int(y.min())}..{int(y.max())}")
         return x, y
+
+
+def _check_options(names, options, shown):
+    """UserError naming the ``options`` that none of the methods ``names`` takes (``shown``: the solver
+    as the message names it)."""
+    from influence.curvature import REGISTRY, solver_options
+
+    accepted = set().union(*(solver_options(REGISTRY[n]) for n in names))
+    unknown = sorted(set(options) - accepted)
+    if unknown:
+        raise UserError(f"solver {shown} takes no option {', '.join(unknown)}; it takes: "
+                        f"{', '.join(sorted(accepted))}")
+
+
+def _option_default(method, option):
+    """The default of ``option`` of the registered ``method`` (its ``__init__``'s)."""
+    import inspect
+
+    from influence.curvature import REGISTRY
+
+    return inspect.signature(REGISTRY[method].__init__).parameters[option].default
 
 
 def _local():

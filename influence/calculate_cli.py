@@ -1,6 +1,11 @@
-"""Command line of ``calculate.py`` (the original's -i/-b/-sf kept, long options added)."""
+"""Command line of ``calculate.py`` (the original's -i/-b/-sf kept, long options added).
+
+Every flag's default is None, so the parsed arguments tell a setting given from one left out
+(:func:`influence.settings.given_settings`); the defaults live in :class:`influence.settings.Settings`
+(shown in the help) and :meth:`Settings.from_args` fills them in. ``--solver auto`` reads which were given.
+"""
 from influence.cli import Parser, import_tensorflow_quietly
-from influence.settings import GROUPS, Settings, group_of, help_of
+from influence.settings import GROUPS, Settings, given_settings, group_of, help_of
 from influence.outputs.report import FIGURE_FORMATS
 
 D = Settings()
@@ -34,9 +39,23 @@ def fisher_arg(text):
     return text
 
 
+def rank_arg(text):
+    """``--rank``: auto or a positive integer (checked here, so a typo fails before the model loads)."""
+    import argparse
+
+    from influence.curvature.krylov import parse_rank
+    from influence.errors import SettingError
+
+    try:
+        return parse_rank(text)
+    except SettingError as exc:
+        raise argparse.ArgumentTypeError(exc.message) from None
+
+
 def build_parser():
     import_tensorflow_quietly()  # the --solver registry imports the methods, and they import TensorFlow
-    from influence.curvature import method_help, method_names
+    from influence.curvature import method_help
+    from influence.curvature.choice import solver_choices
     from influence.model.hvp import HESSIANS
 
     p = Parser(prog="calculate.py",
@@ -46,13 +65,14 @@ def build_parser():
     groups = {name: p.add_argument_group(name) for name in GROUPS}
 
     def add(*flags, **kw):
-        """One flag of a setting: its argument group and help text come from influence.settings."""
+        """One flag of a setting: its argument group, help text and default (shown, not set: the parsed
+        value is None unless given) come from influence.settings."""
         name = flags[-1].lstrip("-").replace("-", "_")
         default = getattr(D, name)
-        text = help_of(name)
+        text = kw.pop("help", help_of(name))
         if kw.get("action") != "store_true" and "(default:" not in text:
             text += f" (default: {default})" if default is not None else ""
-        groups[group_of(name)].add_argument(*flags, default=default, help=text, **kw)
+        groups[group_of(name)].add_argument(*flags, default=None, help=text, **kw)
 
     add("--data", metavar="DIR")
     add("--out", metavar="DIR")
@@ -67,8 +87,7 @@ def build_parser():
     add("--preprocess", choices=("auto", "none", "caffe", "tf", "torch", "unit"))
     add("--params", metavar="all|last:N|NAMES")
 
-    groups[group_of("solver")].add_argument("--solver", default=D.solver, choices=method_names(),
-                                            help=f"{method_help()} (default: {D.solver})")
+    add("--solver", choices=solver_choices(), help=f"{help_of('solver')}; {method_help()}")
     add("--hessian", choices=HESSIANS)
     add("--damping", type=damping_arg, metavar="LAMBDA|auto|Fx")
     add("-i", "--iter", type=int, metavar="T")
@@ -77,6 +96,7 @@ def build_parser():
     add("--scale", metavar="auto|S")
     add("--cg-tol", type=float, metavar="TOL")
     add("--cg-maxiter", type=int, metavar="N")
+    add("--rank", type=rank_arg, metavar="auto|K")
     add("--max-exact-params", type=int, metavar="P")
     add("--fisher", type=fisher_arg, metavar="{sampled,true,top:K,empirical}")
     add("--ekfac-max-block", type=int, metavar="D")
@@ -100,4 +120,4 @@ def job(args):
 
     import_tensorflow_quietly()
 
-    return calculate(Settings.from_args(args))
+    return calculate(Settings.from_args(args), given=set(given_settings(args)))

@@ -421,7 +421,7 @@ def fit(solver, settings, train, chunk, curvature_key):
     else equal to float64 rounding; it never depends on the number of workers (:func:`plan_fit_shards`)."""
     kfac = _kfac_of(solver)
     if kfac is None:
-        log.info("solver %s: its fit is not sharded; fitting in the driver", settings.solver)
+        log.info("solver %s: its fit is not sharded; fitting in the driver", solver.name)
         solver.fit()
         return
     n = kfac.obj.n

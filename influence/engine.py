@@ -6,7 +6,9 @@ every number from its methods. The job is a pipeline of phases (docs/DESIGN.md, 
 each a function of small value objects:
 
 1. **load** (:func:`load_inputs`, :func:`load_model`): checks of the settings, archives, model and
-   labels; the resume check (settings and archive fingerprints in run.json, :mod:`influence.run_record`);
+   labels; ``solver auto`` resolved on the loaded model (:mod:`influence.curvature.choice`: the job runs
+   on settings naming the method chosen); the resume check (settings and archive fingerprints in
+   run.json, :mod:`influence.run_record`);
 2. **predict** (:func:`predict`): predictions of every test folder (``<folder>_preds.csv``) and the
    :class:`TestSet` still to do;
 3. **fit** (:func:`fit_curvature`): the solver's training-set work, loaded from the curvature cache or
@@ -127,10 +129,12 @@ class Job:
 _WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS)
 
 
-def calculate(settings):
+def calculate(settings, given=()):
     """Run the whole job (see the module docstring). Returns the exit code.
 
-    One run at a time writes into an ``out`` folder (a lock; a second run exits with code 2).
+    ``given``: names of the settings given explicitly (calculate.py's flags,
+    :func:`influence.settings.given_settings`), which ``solver auto`` reads. One run at a time writes
+    into an ``out`` folder (a lock; a second run exits with code 2).
     """
     from influence.locking import folder_lock
 
@@ -139,7 +143,7 @@ def calculate(settings):
         try:
             Path(settings.out).mkdir(parents=True, exist_ok=True)
             with folder_lock(settings.out, what="calculate.py"), distributed.runtime(settings):
-                return _calculate(settings)
+                return _calculate(settings, frozenset(given))
         except OSError as exc:
             if exc.errno not in _WRITE_ERRORS:
                 raise
@@ -148,17 +152,19 @@ def calculate(settings):
                             f"(finished test images are kept: a rerun resumes)") from None
 
 
-def _calculate(settings):
+def _calculate(settings, given):
     """The pipeline: load -> predict -> fit curvature -> self-influence -> per group of test images:
     test gradients -> inverse-HVPs -> score -> write."""
     inputs = load_inputs(settings)
-    job, inf = load_model(settings, inputs)
+    job, inf = load_model(settings, inputs, given)
+    settings = job.settings               # solver auto resolved
     tests = list_tests(inputs.test, inputs.folders, settings)
     plan = plan_memory(inf.clf, settings, len(tests.todo))
     inf.objective.chunk = plan.chunk
     catalogue = TrainCatalogue.of(inputs.train, class_namer(inputs.classmap, inf.clf.num_classes))
     solver_info = (inputs.old_run or {}).get("solver_info")
-    job.record.save(num_params=inf.clf.num_params, layers=inf.layer_names, train_images=len(inputs.train),
+    job.record.save(solver=inf.solver_name, solver_choice=inf.solver_choice,
+                    num_params=inf.clf.num_params, layers=inf.layer_names, train_images=len(inputs.train),
                     fingerprints=inputs.fingerprints, memory_plan=dataclasses.asdict(plan), solver_info=solver_info)
     job.page = _open_report(settings, inputs, catalogue.namer, inf.clf)
     predict(job, inf, inputs, tests)
@@ -200,39 +206,52 @@ def _calculate(settings):
 
 def _check_settings(settings):
     """The settings' own limits, before any work (each error names its setting): each field's check
-    (:meth:`Settings.check`), then the damping against the solver that will take it."""
+    (:meth:`Settings.check`), then the damping against the solver that will take it (for ``auto``,
+    every method it may choose)."""
     settings.check()
     from influence.curvature import REGISTRY
+    from influence.curvature.choice import AUTO, CANDIDATES
 
-    if settings.solver in REGISTRY:
-        REGISTRY[settings.solver].check_damping(settings.damping)
+    for name in CANDIDATES if settings.solver == AUTO else [settings.solver]:
+        if name in REGISTRY:
+            REGISTRY[name].check_damping(settings.damping)
 
 
 def load_inputs(settings):
-    """Archives, labels.json, test folders, fingerprints; the resume check -> :class:`Inputs`."""
+    """Archives, labels.json, test folders, fingerprints -> :class:`Inputs` (the checks that need the
+    solver: :func:`check_run`, once it is chosen)."""
     train, test, classmap = open_archives(settings)
     folders = settings.folders or list(test.folders)
     unknown = [f for f in folders if f not in test.folders]
     if unknown:
         raise SettingError("folders", f"no test folder {', '.join(unknown)} in {test.path}; it has: "
                                       f"{', '.join(test.folders)}")
-    if settings.self_influence:
-        from influence.scoring.self_influence import check_solver
-
-        check_solver(settings.solver, settings.self_influence_limit or None, len(train))
     old_run = previous_run(settings.out) if not settings.overwrite else None
     fingerprints = data_fingerprints(train, test, folders, (old_run or {}).get("fingerprints"))
-    check_resume(settings.out, settings, fingerprints)
     return Inputs(train, test, classmap, folders, fingerprints, old_run)
 
 
-def load_model(settings, inputs):
-    """The model checked against the archives, as an :class:`influence.Influence` -> (:class:`Job`, it)."""
+def check_run(settings, inputs):
+    """The checks that need the solver (``settings.solver`` a method, not ``auto``): self-influence
+    with it, and the resume check against an earlier run in ``out``."""
+    if settings.self_influence:
+        from influence.scoring.self_influence import check_solver
+
+        check_solver(settings.solver, settings.self_influence_limit or None, len(inputs.train))
+    check_resume(settings.out, settings, inputs.fingerprints)
+
+
+def load_model(settings, inputs, given=()):
+    """The model checked against the archives, as an :class:`influence.Influence` (``solver auto``
+    resolved on it, ``given`` the settings given explicitly), and the run checked (:func:`check_run`)
+    -> (:class:`Job` with the resolved settings, it)."""
     from influence.api import Influence
 
     t0 = timer()
-    inf = Influence.from_settings(settings, inputs.train,
+    inf = Influence.from_settings(settings, inputs.train, given=given,
                                   check=lambda clf: check_compatible(clf, inputs.train, inputs.test, inputs.folders))
+    settings = dataclasses.replace(settings, solver=inf.solver_name)
+    check_run(settings, inputs)
     job = Job(settings, RunRecord(settings.out, settings), None, t0)
     job.record.add_time("load_model_s", timer() - t0)
     log.info("model %s: %d parameters over %d layers (params %s); %d training images in %s",

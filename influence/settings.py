@@ -14,7 +14,7 @@ from influence.errors import SettingError
 
 #: settings that change the numbers: a resumed run must agree on them
 MATH_SETTINGS = ("model", "weights", "preprocess", "params", "solver", "hessian", "damping", "scale", "iter", "bsize",
-                 "repeats", "seed", "cg_tol", "cg_maxiter", "fisher", "ekfac_max_block")
+                 "repeats", "seed", "cg_tol", "cg_maxiter", "fisher", "ekfac_max_block", "rank")
 
 
 #: the concerns the settings are grouped by, in the order calculate.py's --help shows them
@@ -34,6 +34,17 @@ def _at_least(low, note=""):
     return lambda v: None if v >= low else f"must be >= {low}{note}, got {v}"
 
 
+def _rank(value):
+    """``rank``'s check: ``auto`` or a positive integer (:func:`influence.curvature.krylov.parse_rank`)."""
+    from influence.curvature.krylov import parse_rank
+
+    try:
+        parse_rank(value)
+    except SettingError as exc:
+        return exc.message
+    return None
+
+
 _DATA, _MODEL, _IHVP, _SELF, _RES, _RAY = GROUPS
 
 
@@ -50,7 +61,9 @@ class Settings:
     preprocess: str = _setting("auto", _MODEL, "input transform: auto = the application's own, none for a model file")
     params: str = _setting("all", _MODEL, "parameters the influence is taken over: all, the last N layers with "
                                           "weights, or comma-separated layer names")
-    solver: str = _setting("lissa", _IHVP, "the inverse-HVP method")
+    solver: str = _setting("auto", _IHVP, "the inverse-HVP method; auto = lissa when iter, bsize, scale or repeats "
+                                          "is given (the original tool's), else krylov when memory_budget holds "
+                                          "its basis of 64 eigenpairs, else ekfac (influence.curvature.choice)")
     # the LDS panel: cg 0.079 (full, the least damping that runs) -> 0.366 (ggn) on the demo CNN
     hessian: str = _setting("ggn", _IHVP, "the matrix of exact/cg/lissa/pcg: ggn = the Gauss-Newton matrix "
                                           "(positive semi-definite: works away from a minimum), full = the Hessian "
@@ -70,6 +83,9 @@ class Settings:
                                    "labels")
     cg_tol: float = _setting(1e-6, _IHVP, "cg relative residual", lambda v: None if v > 0 else f"must be > 0, got {v}")
     cg_maxiter: int = _setting(200, _IHVP, "cg iteration cap (50 reaches the final LDS on the demo CNN)", _at_least(1))
+    rank: object = _setting("auto", _IHVP, "krylov/dpcg: eigenpairs of the curvature kept; auto = read from the "
+                                           "spectrum (those above 3 x (floor + damping), at most 256, capped by "
+                                           "memory_budget)", _rank)
     fisher: str = _setting("sampled", _IHVP, "kfac/ekfac/pcg: the Fisher's labels: one sampled from the model's own "
                                              "prediction per image, true = the expectation over all classes (one "
                                              "backward pass per class, at most 100 classes), top:K = the K most "
@@ -120,8 +136,9 @@ class Settings:
 
     @classmethod
     def from_args(cls, args):
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in vars(args).items() if k in names})
+        """The settings of calculate.py's parsed ``args``: those given (:func:`given_settings`), the rest
+        at this class's defaults."""
+        return cls(**given_settings(args))
 
     def scale_value(self):
         """None for ``auto``, else the number."""
@@ -134,6 +151,13 @@ class Settings:
         if not value > 0:
             raise SettingError("scale", f"must be > 0, got {self.scale}")
         return value
+
+
+def given_settings(args):
+    """``{name: value}`` of the settings given on calculate.py's command line: its parser's defaults are
+    None (the defaults live in :class:`Settings` only), so a value that is not None was given."""
+    names = {f.name for f in dataclasses.fields(Settings)}
+    return {k: v for k, v in vars(args).items() if k in names and v is not None}
 
 
 def help_of(name):

@@ -1,0 +1,61 @@
+"""``--solver auto``: the inverse-HVP method of a run, from the settings given and the model's size.
+
+The rule (:func:`choose_solver`), in order:
+
+1. ``lissa`` when any of the original tool's LiSSA settings is given explicitly: ``iter`` (``-i``),
+   ``bsize`` (``-b``), ``scale`` or ``repeats`` (calculate.py's flags, or the Python API's options), so
+   ``calculate.py -i 20 -b 10 -sf pdf`` keeps its original meaning;
+2. ``krylov`` when the memory budget holds its fit with at least :data:`AUTO_MIN_RANK` eigenpairs over
+   the selected parameters (:func:`influence.curvature.krylov.affordable_rank`: the Lanczos basis may
+   take half of ``memory_budget``);
+3. ``ekfac`` otherwise (its Kronecker factors do not grow with parameters × rank).
+
+It is resolved once the model is loaded (the parameter count is known) and before the solver is built;
+everything after sees the method chosen, never ``auto``.
+"""
+from influence.curvature.base import REGISTRY
+from influence.curvature.krylov import AUTO_MAX_RANK, AUTO_MIN_RANK, BASIS_SHARE, STEPS_PER_PAIR, affordable_rank
+from influence.errors import SettingError
+
+AUTO = "auto"
+#: the original tool's LiSSA settings: any of them given picks lissa
+LISSA_SETTINGS = ("iter", "bsize", "scale", "repeats")
+#: the methods ``auto`` may choose
+CANDIDATES = ("lissa", "krylov", "ekfac")
+
+
+def solver_choices():
+    """``--solver``'s values: ``auto`` and the registered methods."""
+    return [AUTO, *REGISTRY]
+
+
+def choose_solver(requested, given, num_params, itemsize, memory_budget):
+    """The method of a run and why -> ``(name, reason)``, ``reason`` one sentence.
+
+    Args:
+      requested: the ``solver`` setting: ``auto`` or a registered method (returned as is).
+      given: names of the settings given explicitly (calculate.py's flags, or the API's options).
+      num_params: parameters the influence is taken over (the model's selected ones).
+      itemsize: bytes of one of them (4 for float32).
+      memory_budget: GB (None: no budget).
+    """
+    if requested != AUTO:
+        if requested not in REGISTRY:
+            raise SettingError("solver", f"must be one of {', '.join(solver_choices())}, got {requested!r}")
+        return requested, f"{requested}, as asked"
+    lissa = [name for name in LISSA_SETTINGS if name in set(given)]
+    if lissa:
+        return "lissa", f"auto: lissa ({', '.join(lissa)} given: the original tool's LiSSA)"
+    cap = affordable_rank(num_params, itemsize, memory_budget)
+    if cap is None:
+        pairs = min(AUTO_MAX_RANK, num_params)
+        return "krylov", (f"auto: krylov (no memory budget; its basis of up to {pairs} pairs over {num_params:,} "
+                          f"parameters)")
+    if cap >= AUTO_MIN_RANK:
+        pairs = min(AUTO_MAX_RANK, cap, num_params)
+        return "krylov", (f"auto: krylov (its basis of up to {pairs} pairs over {num_params:,} parameters fits the "
+                          f"{memory_budget:g} GB memory budget)")
+    need = (STEPS_PER_PAIR + 1) * AUTO_MIN_RANK * num_params * itemsize / 2**30
+    return "ekfac", (f"auto: ekfac (a krylov basis of {AUTO_MIN_RANK} pairs over {num_params:,} parameters needs "
+                     f"{need:.3g} GB, above {BASIS_SHARE:.0%} of memory_budget {memory_budget:g} GB; choose fewer "
+                     f"parameters with params (e.g. last:1) for krylov)")

@@ -1,0 +1,131 @@
+"""``--solver auto``: the rule (influence.curvature.choice), what the parser tells it, the API default and
+what a calculate run records."""
+import contextlib
+import inspect
+import io
+import json
+
+import pytest
+
+import influence
+from engine_helpers import write_project
+from influence.curvature.choice import choose_solver
+from influence.errors import SettingError, UserError
+
+VGG16 = 138_357_544
+VGG16_LAST = 4_097_000          # --params last:1 (predictions: 4096 x 1000 + 1000)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_project(tmp_path_factory.mktemp("choice"), 12, 6, {"a": 1})
+
+
+# ----------------------------------------------------------------------------- the rule
+
+@pytest.mark.parametrize("flag", ["iter", "bsize", "scale", "repeats"])
+def test_any_lissa_setting_given_picks_lissa(flag):
+    name, reason = choose_solver("auto", {flag, "save_format"}, VGG16_LAST, 4, 8)
+    assert name == "lissa" and reason == f"auto: lissa ({flag} given: the original tool's LiSSA)"
+    assert choose_solver("auto", ["iter", "bsize"], 100, 4, 2)[1].startswith("auto: lissa (iter, bsize given")
+
+
+def test_krylov_when_its_basis_fits_the_budget_else_ekfac():
+    name, reason = choose_solver("auto", (), VGG16_LAST, 4, 8)
+    assert name == "krylov", reason
+    assert reason == ("auto: krylov (its basis of up to 87 pairs over 4,097,000 parameters fits the 8 GB memory "
+                      "budget)")
+    name, reason = choose_solver("auto", (), VGG16, 4, 8)
+    assert name == "ekfac"
+    assert reason.startswith("auto: ekfac (a krylov basis of 64 pairs over 138,357,544 parameters needs 99 GB, "
+                             "above 50% of memory_budget 8 GB") and "params" in reason
+    assert choose_solver("auto", (), VGG16_LAST, 4, 2)[0] == "ekfac"          # 21 pairs fit in 2 GB
+    assert choose_solver("auto", (), VGG16_LAST, 8, 8)[0] == "ekfac"          # float64: half as many
+    assert "up to 256 pairs over 7,162" in choose_solver("auto", (), 7162, 4, 2)[1]
+    assert "up to 100 pairs" in choose_solver("auto", (), 100, 4, 2)[1]
+    assert choose_solver("auto", (), VGG16, 4, None)[0] == "krylov"           # no budget
+
+
+def test_a_named_solver_is_kept_and_an_unknown_one_refused():
+    assert choose_solver("exact", {"iter"}, VGG16, 4, 1) == ("exact", "exact, as asked")
+    with pytest.raises(SettingError, match=r"^solver: must be one of auto, .*krylov.*got 'newton'"):
+        choose_solver("newton", (), 10, 4, 1)
+
+
+# ----------------------------------------------------------------------------- settings and parser
+
+def test_settings_default_to_auto_and_check_rank():
+    from influence.settings import MATH_SETTINGS, Settings, group_of
+
+    assert Settings().solver == "auto" and Settings().rank == "auto" and "rank" in MATH_SETTINGS
+    assert group_of("rank") == "inverse Hessian-vector product"
+    Settings(rank=32).check()
+    for bad in ("x", 0, "2.5"):
+        with pytest.raises(SettingError) as err:
+            Settings(rank=bad).check()
+        assert err.value.setting == "rank" and "positive integer or auto" in err.value.message
+
+
+def test_the_parser_tells_given_from_default(data, capsys):
+    from influence.calculate_cli import build_parser
+    from influence.settings import Settings, given_settings
+
+    parser = build_parser()
+    assert given_settings(parser.parse_args([])) == {}
+    assert Settings.from_args(parser.parse_args([])) == Settings()
+    args = parser.parse_args(["-i", "20", "-b", "10", "-sf", "pdf"])
+    assert given_settings(args) == {"iter": 20, "bsize": 10, "save_format": "pdf"}
+    assert choose_solver("auto", given_settings(args), 280, 8, 2)[0] == "lissa"
+    assert given_settings(parser.parse_args(["--iter", str(Settings().iter)])) == {"iter": 1000}  # given = default
+    assert parser.parse_args(["--rank", "12"]).rank == 12 and parser.parse_args(["--rank", "AUTO"]).rank == "auto"
+    with pytest.raises(SystemExit) as stop:
+        parser.parse_args(["--rank", "0"])
+    assert stop.value.code == 2 and "positive integer or auto" in capsys.readouterr().err
+    assert "auto" in next(a for a in parser._actions if a.dest == "solver").choices
+
+    # on the tiny model: no flag -> krylov; -i/-b -> lissa (resolved once the model is loaded)
+    base = ["--data", str(data), "--model", str(data / "model.keras"), "--preprocess", "unit"]
+    for argv, want in ((base, "krylov"), (base + ["-i", "20", "-b", "10"], "lissa")):
+        args = parser.parse_args(argv)
+        inf = influence.Influence.from_settings(Settings.from_args(args), given=given_settings(args))
+        assert inf.solver_name == want and inf.solver_choice.startswith(f"auto: {want} (")
+        assert inf.backend is not None and inf.solver.name == want
+
+
+# ----------------------------------------------------------------------------- the API
+
+def test_the_api_defaults_to_auto(data, caplog):
+    assert inspect.signature(influence.Influence).parameters["solver"].default == "auto"
+    kw = dict(train=data / "train.npz", preprocess="unit", progress=False)
+    model = str(data / "model.keras")
+    with caplog.at_level("INFO", logger="influence.api"):
+        inf = influence.Influence(model, **kw)
+    assert inf.solver_name == "krylov" and inf.solver.name == "krylov"
+    assert [r.getMessage() for r in caplog.records] == [inf.solver_choice]
+    assert influence.Influence(model, **kw, iter=5, bsize=4).solver_name == "lissa"
+    assert influence.Influence(model, **kw, memory_budget=5e-4).solver_name == "ekfac"  # 39 pairs
+    assert influence.Influence(model, **kw, solver="ekfac").solver_choice == "ekfac, as asked"
+    with pytest.raises(UserError, match=r"solver 'krylov' \(auto: krylov .*\) takes no option fisher"):
+        influence.Influence(model, **kw, fisher="true")
+    with pytest.raises(UserError, match=r"solver 'auto' \(lissa, krylov, ekfac\) takes no option cg_tol"):
+        influence.Influence(model, **kw, cg_tol=1e-3)
+
+
+# ----------------------------------------------------------------------------- a calculate run
+
+def test_a_run_records_the_choice_and_its_reason(data, tmp_path):
+    from influence.calculate_cli import build_parser, job
+    from influence.cli import main
+
+    out = tmp_path / "out"
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(build_parser, job, ["--data", str(data), "--model", str(data / "model.keras"), "--preprocess",
+                                        "unit", "--params", "dense", "-sf", "png", "--top", "2", "--out", str(out)])
+    assert code == 0, err.getvalue()
+    run = json.loads((out / "run.json").read_text())
+    assert run["solver"] == run["settings"]["solver"] == run["solver_info"]["solver"] == "krylov"
+    assert run["solver_choice"].startswith("auto: krylov (its basis of up to 196 pairs over 196 parameters")
+    assert err.getvalue().count(run["solver_choice"]) == 1
+    assert (out / "curvature" / "krylov.npz").is_file()
+    assert not [p for p in out.rglob("*") if "auto" in p.name]

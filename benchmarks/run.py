@@ -39,7 +39,7 @@ sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
 
-SECTIONS = ("demo", "vgg16", "prepare", "calculate")
+SECTIONS = ("demo", "vgg16", "prepare", "calculate", "krylov", "truth")
 RESULTS = []  # dicts: section, name, value, unit, target (str), ok (bool/None), note, failed (bool)
 TAIL_LINES = 5  # lines of a failure's error shown under the table
 
@@ -522,6 +522,96 @@ def bench_calculate(args):
         record("calculate", "peak RSS of calculate.py", peak, "MiB", note=f"{run['train_images']} training images")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _krylov_model(tmp):
+    """(model path, train archive path) of the LDS panel's frozen demo CNN (``lds_cache/demo``) when it is
+    there, else of the demo built under ``tmp``."""
+    panel = REPO / "lds_cache" / "demo"
+    if (panel / "model.keras").exists() and (panel / "train.npz").exists():
+        return panel / "model.keras", panel / "train.npz"
+    root = _demo_data(tmp)
+    return root / "model.keras", root / "train.npz"
+
+
+def bench_krylov(args):
+    """The krylov fit (products, seconds; a cached rerun takes none) and dpcg against cg: whole-set passes
+    per test image to the same relative residual, auto damping, on the demo CNN."""
+    from influence.api import Influence
+    from influence.curvature import make_solver
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench_krylov_"))
+    try:
+        model, train = _krylov_model(tmp)
+        say(f"[krylov] {model}")
+        inf = Influence(str(model), str(train), solver="krylov", preprocess="unit", cache=tmp / "curvature",
+                        progress=False)
+        obj = inf.objective
+        t0 = time.perf_counter()
+        inf.fit()
+        fit_s = time.perf_counter() - t0
+        info = inf.solver.info
+        record("krylov", "fit: whole-set products per pair asked", info["products"] / info["rank_fitted"], "x",
+               2.0, "<=", note=f"{info['products']} products for {info['rank_fitted']} pairs "
+                               f"({info['converged']} converged, rank {info['rank']} kept), {fit_s:.0f} s")
+        calls = []
+        inner = obj.hvp_full
+        obj.hvp_full = lambda v, indices=None: calls.append(1) or inner(v, indices)
+        again = Influence(str(model), str(train), solver="krylov", preprocess="unit", cache=tmp / "curvature",
+                          progress=False)
+        again.objective.hvp_full = obj.hvp_full
+        again.fit()
+        record("krylov", "cached rerun: products", len(calls), "", 0, "<=", note=f"loaded: {again.loaded}")
+        obj.hvp_full = inner
+        hvp_s = min(timed(lambda: obj.hvp_full(inf.solver.obj.d.variables)) for _ in range(3))
+        rng = np.random.default_rng(0)
+        tests = 2 if args.quick else 3
+        idx = rng.choice(obj.n, tests, replace=False)
+        x, y = obj.archive.take(np.sort(idx))
+        vs = [obj.d.gradient(x[k:k + 1], y[k:k + 1].astype(np.int64)) for k in range(tests)]
+        tol = 1e-3
+        lam = inf.solver.damping
+        passes = {}
+        for name in ("cg", "dpcg"):
+            s = make_solver(name, obj, lam, cg_tol=tol, cg_maxiter=2000, progress=False)
+            if name == "dpcg":
+                s.load_state(inf.solver.state())
+            t0 = time.perf_counter()
+            s.solve(vs)
+            passes[name] = (float(np.mean(s.info["hvp_passes"])), time.perf_counter() - t0)
+        record("krylov", f"dpcg / cg whole-set passes to residual {tol:g}", passes["dpcg"][0] / passes["cg"][0], "x",
+               1 / 3, "<=", note=f"cg {passes['cg'][0]:.0f}, dpcg {passes['dpcg'][0]:.0f} per test image "
+                                f"(λ = {lam:.3g}; one pass {hvp_s:.2f} s)")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def bench_truth(args):
+    """Truth per second from the LDS panels' last runs (``docs/lds*.json``, written by ``make lds``):
+    per solver its LDS, its compute, the distance to the dense GGN at calculate.py's damping, and its
+    compute over cg's."""
+    import json
+
+    files = sorted((REPO / "docs").glob("lds*.json"))
+    if not files:
+        raise RuntimeError("no docs/lds*.json: run the LDS panels first (python -m influence.validate --panels lds "
+                           "--out docs/validate.png [--lds-model bn])")
+    for path in files:
+        panel = json.loads(path.read_text())
+        rows = {r["name"]: r for r in panel["rows"]}
+        model = panel.get("model", "demo")
+        dense = [r for r in panel["rows"] if r["name"].startswith("dense")]
+        cg = rows.get("cg")
+        say(f"[truth] {path.name}: {model}, {len(panel['test_keys'])} test images, {panel['subsets']} subsets")
+        for r in panel["rows"]:
+            if r["lds_mean"] is None or r["name"].startswith("dense") or r["name"] == "random":
+                continue
+            note = f"LDS {r['lds_mean']:.3f}, compute {r['compute']:.0f} s"
+            if cg and cg.get("compute") and r["name"] != "gradient dot product":
+                note += f", {r['compute'] / cg['compute']:.2f} x cg's compute"
+            record(f"truth ({model})", r["name"], r["lds_mean"], "LDS", note=note)
+        for r in dense:
+            record(f"truth ({model})", r["name"] + " " + r["options"].split(" (")[0], r["lds_mean"], "LDS")
 
 
 # ----------------------------------------------------------------------------- report

@@ -153,6 +153,18 @@ def test_krylov_cached_state_gives_the_same_answer_with_no_product(tiny):
     b = [vec_to_numpy(o) for o in s.solve([to_vec(v, d) for v in tiny["V"]])]
     np.testing.assert_array_equal(a, b)
     assert again.info["products"] == s.info["products"]
+    # a relative damping: the mean eigenvalue's estimate is cached with the basis, so no product either
+    s = make_solver("krylov", tiny["ggn_obj"], "0.1x", rank=10, progress=False)
+    s.fit()
+    state = {k: np.array(v) for k, v in s.state().items()}
+    calls, restore = counting(tiny["ggn_obj"])
+    try:
+        again = make_solver("krylov", tiny["ggn_obj"], "0.1x", rank=10, progress=False)
+        again.load_state(state)
+        assert again.damping == s.damping > 0
+    finally:
+        restore()
+    assert calls == []
 
 
 def test_krylov_auto_rank_keeps_the_pairs_well_above_the_floor(tiny):

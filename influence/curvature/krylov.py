@@ -87,6 +87,7 @@ class KrylovSolver(InverseHVP):
         self.memory_budget = memory_budget
         self._u = self._sigma = self._floor = None
         self._theta = self._residual = None
+        self._trace = None
         self.info.update(rank_asked=self.rank)
 
     # --- sizes -------------------------------------------------------------------------------------
@@ -208,14 +209,27 @@ class KrylovSolver(InverseHVP):
         log.info("krylov: rank %d (%d pairs converged of %d fitted), σ from %.3g to %.3g, floor %.3g, λ %.3g",
                  k, kept, len(self._all_u), theta[0], self._sigma[-1] if k else math.nan, self._floor, lam)
 
+    def mean_eigenvalue(self):
+        """Hutchinson's ``trace(A)/P`` (base class), estimated once and cached with the basis, so that a
+        rerun with a relative damping takes no product."""
+        if self._trace is None:
+            self._trace = tuple(super().mean_eigenvalue())
+        return self._trace
+
     def state(self):
-        return {"u": self._all_u, "theta": self._theta, "residual": self._residual,
-                "products": np.array(self.info.get("products") or 0)}
+        state = {"u": self._all_u, "theta": self._theta, "residual": self._residual,
+                 "products": np.array(self.info.get("products") or 0)}
+        if self._trace is not None:
+            state["trace"] = np.array(self._trace, np.float64)
+        return state
 
     def load_state(self, arrays):
         u = np.asarray(arrays["u"])
         if u.ndim != 2 or u.shape[1] != self._params:
             raise ValueError(f"cached krylov basis is {u.shape}, expected (k, {self._params})")
+        if "trace" in arrays:
+            mean, error, probes = (float(t) for t in np.asarray(arrays["trace"]))
+            self._trace = (mean, error, int(probes))
         self._set(u, arrays["theta"], arrays["residual"], products=int(arrays["products"]))
 
     def compact(self):

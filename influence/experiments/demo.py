@@ -31,7 +31,7 @@ COMMANDS = [
     ["prepare_data.py", "-tr", "{root}/train", "-ts", "{root}/orig", "{root}/noisy",
      "{root}/inverted", "-bs", "200", "--size", "32", "32", "--out", "{root}"],
     ["calculate.py", "--data", "{root}", "--model", "{root}/model.keras", "--preprocess", "unit",
-     "--solver", "ekfac", "--self-influence", "-sf", "png", "--out", "{root}/calc_output"],
+     "--self-influence", "-sf", "png", "--out", "{root}/calc_output"],
 ]
 TEST_FOLDERS = ("orig", "noisy", "inverted")
 SIZE = 32

@@ -54,6 +54,11 @@ log = logging.getLogger(__name__)
 #: defaults (damping auto, hessian ggn) unless given; cg is capped at 50 iterations (the LDS does not move
 #: past a residual of about 1e-2 on the demo CNN: docs/DESIGN.md "Damping and the matrix"), the old defaults kept as rows
 SOLVERS = (
+    ("auto (default)", []),
+    ("krylov, rank 50", ["--solver", "krylov", "--rank", "50"]),
+    ("krylov, rank 100", ["--solver", "krylov", "--rank", "100"]),
+    ("krylov, rank 200", ["--solver", "krylov", "--rank", "200"]),
+    ("dpcg", ["--solver", "dpcg"]),
     ("ekfac", ["--solver", "ekfac"]),
     ("ekfac, λ 0.01", ["--solver", "ekfac", "--damping", "0.01"]),
     ("ekfac true Fisher", ["--solver", "ekfac", "--fisher", "true"]),

@@ -84,8 +84,8 @@ class Settings:
     cg_tol: float = _setting(1e-6, _IHVP, "cg relative residual", lambda v: None if v > 0 else f"must be > 0, got {v}")
     cg_maxiter: int = _setting(200, _IHVP, "cg iteration cap (50 reaches the final LDS on the demo CNN)", _at_least(1))
     rank: object = _setting("auto", _IHVP, "krylov/dpcg: eigenpairs of the curvature kept; auto = read from the "
-                                           "spectrum (those above 3 x (floor + damping), at most 256, capped by "
-                                           "memory_budget)", _rank)
+                                           "spectrum (those >= 3 x (the smallest eigenvalue found + damping), at "
+                                           "most 200, fewer when memory_budget holds fewer)", _rank)
     fisher: str = _setting("sampled", _IHVP, "kfac/ekfac/pcg: the Fisher's labels: one sampled from the model's own "
                                              "prediction per image, true = the expectation over all classes (one "
                                              "backward pass per class, at most 100 classes), top:K = the K most "

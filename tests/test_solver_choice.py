@@ -41,7 +41,7 @@ def test_krylov_when_its_basis_fits_the_budget_else_ekfac():
                              "above 50% of memory_budget 8 GB") and "params" in reason
     assert choose_solver("auto", (), VGG16_LAST, 4, 2)[0] == "ekfac"          # 21 pairs fit in 2 GB
     assert choose_solver("auto", (), VGG16_LAST, 8, 8)[0] == "ekfac"          # float64: half as many
-    assert "up to 256 pairs over 7,162" in choose_solver("auto", (), 7162, 4, 2)[1]
+    assert "up to 200 pairs over 7,162" in choose_solver("auto", (), 7162, 4, 2)[1]
     assert "up to 100 pairs" in choose_solver("auto", (), 100, 4, 2)[1]
     assert choose_solver("auto", (), VGG16, 4, None)[0] == "krylov"           # no budget
 

@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 #: a Ritz pair is kept when its residual is at most RTOL × its value
 RTOL = 1e-2
 #: ``--rank auto``: the most pairs fitted, and the ratio to the floor + λ that a kept pair must reach
-AUTO_MAX_RANK = 256
+AUTO_MAX_RANK = 200
 AUTO_RATIO = 3.0
 #: products per pair asked, at most (Lanczos stops earlier when the pairs asked have converged)
 STEPS_PER_PAIR = 2

@@ -26,7 +26,7 @@ def damping_arg(text):
 
 
 def fisher_arg(text):
-    """``--fisher``: sampled, true, empirical or top:K (checked here, so a typo fails before the model loads)."""
+    """``--fisher``: auto, sampled, true, empirical or top:K (checked here, so a typo fails before the model loads)."""
     import argparse
 
     from influence.curvature.kfac_signals import check_fisher

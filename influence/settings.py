@@ -86,11 +86,12 @@ class Settings:
     rank: object = _setting("auto", _IHVP, "krylov/dpcg: eigenpairs of the curvature kept; auto = read from the "
                                            "spectrum (those >= 3 x (the smallest eigenvalue found + damping), at "
                                            "most 200, fewer when memory_budget holds fewer)", _rank)
-    fisher: str = _setting("sampled", _IHVP, "kfac/ekfac/pcg: the Fisher's labels: one sampled from the model's own "
-                                             "prediction per image, true = the expectation over all classes (one "
-                                             "backward pass per class, at most 100 classes), top:K = the K most "
-                                             "probable classes of each image weighted by their probability (K "
-                                             "backward passes; for many classes), or empirical = the true labels")
+    fisher: str = _setting("auto", _IHVP, "kfac/ekfac/pcg: the Fisher's labels: auto = true up to 10 classes, else "
+                                          "top:10; sampled = one sampled from the model's own prediction per image; "
+                                          "true = the expectation over all classes (one backward pass per class, at "
+                                          "most 100 classes); top:K = the K most probable classes of each image "
+                                          "weighted by their probability (K backward passes; for many classes); "
+                                          "empirical = the true labels")
     ekfac_max_block: int = _setting(4096, _IHVP, "kfac/ekfac/pcg: split Kronecker factors larger than D x D into "
                                                  "diagonal blocks, bounding memory and eigendecomposition time (VGG16's "
                                                  "fc1 has 25 088 inputs)", _at_least(2))

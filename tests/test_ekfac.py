@@ -216,7 +216,7 @@ def tiny(tmp_path_factory):
     clf, d, obj, archive, x, y = tiny_setup(tmp_path_factory.mktemp("ekfac"))
     fitted = {}
     for method in ("kfac", "ekfac"):
-        s = make_solver(method, obj, DAMPING, seed=SEED, progress=False)
+        s = make_solver(method, obj, DAMPING, seed=SEED, fisher="sampled", progress=False)
         s.fit()
         fitted[method] = s
     return dict(clf=clf, d=d, obj=obj, archive=archive, x=x, y=y, fitted=fitted,
@@ -327,7 +327,7 @@ def test_one_dense_layer_one_image_is_the_exact_fisher(tmp_path, method, fisher)
 def test_results_do_not_depend_on_chunk_size(tiny):
     d, archive = tiny["d"], tiny["archive"]
     V = tiny["rng"].standard_normal((2, tiny["clf"].num_params))
-    small = make_solver("ekfac", TrainingObjective(d, archive, chunk=7), DAMPING, seed=SEED, progress=False)
+    small = make_solver("ekfac", TrainingObjective(d, archive, chunk=7), DAMPING, seed=SEED, fisher="sampled", progress=False)
     np.testing.assert_allclose(solve_all(small, d, V), solve_all(tiny["fitted"]["ekfac"], d, V), rtol=1e-9,
                                atol=1e-12)
 
@@ -336,11 +336,11 @@ def test_state_round_trip_gives_identical_solves(tiny):
     d, obj, fitted = tiny["d"], tiny["obj"], tiny["fitted"]["ekfac"]
     V = tiny["rng"].standard_normal((2, tiny["clf"].num_params))
     state = {k: np.array(v) for k, v in fitted.state().items()}
-    loaded = make_solver("ekfac", obj, DAMPING, seed=SEED, progress=False)
+    loaded = make_solver("ekfac", obj, DAMPING, seed=SEED, fisher="sampled", progress=False)
     loaded.load_state(state)
     np.testing.assert_array_equal(solve_all(loaded, d, V), solve_all(fitted, d, V))
     # the damping is not part of the state: another λ reuses it
-    other = make_solver("ekfac", obj, 1.0, seed=SEED, progress=False)
+    other = make_solver("ekfac", obj, 1.0, seed=SEED, fisher="sampled", progress=False)
     other.load_state(state)
     assert other.cache_key() == fitted.cache_key() and "damping" not in other.cache_key()
     assert not np.allclose(solve_all(other, d, V), solve_all(fitted, d, V))
@@ -351,7 +351,7 @@ def test_state_round_trip_gives_identical_solves(tiny):
 
 def test_split_blocks_give_block_diagonal_factors(tiny):
     clf, d, x, y, obj = tiny["clf"], tiny["d"], tiny["x"], tiny["y"], tiny["obj"]
-    solver = make_solver("ekfac", obj, DAMPING, seed=SEED, ekfac_max_block=10, progress=False)
+    solver = make_solver("ekfac", obj, DAMPING, seed=SEED, fisher="sampled", ekfac_max_block=10, progress=False)
     solver.fit()
     whole = tiny["fitted"]["kfac"].kronecker_factors()
     for name, (a, s) in solver.kronecker_factors().items():
@@ -395,9 +395,9 @@ def test_fisher_sampled_is_deterministic_and_differs_from_empirical(tiny):
     obj, d = tiny["obj"], tiny["d"]
     V = tiny["rng"].standard_normal((1, tiny["clf"].num_params))
     base = solve_all(tiny["fitted"]["ekfac"], d, V)
-    again = make_solver("ekfac", obj, DAMPING, seed=SEED, progress=False)
+    again = make_solver("ekfac", obj, DAMPING, seed=SEED, fisher="sampled", progress=False)
     np.testing.assert_array_equal(solve_all(again, d, V), base)
-    other_seed = make_solver("ekfac", obj, DAMPING, seed=SEED + 1, progress=False)
+    other_seed = make_solver("ekfac", obj, DAMPING, seed=SEED + 1, fisher="sampled", progress=False)
     empirical = make_solver("ekfac", obj, DAMPING, fisher="empirical", progress=False)
     assert empirical.cache_key() == {"fisher": "empirical", "ekfac_max_block": 4096}
     for s in (other_seed, empirical):
@@ -406,7 +406,7 @@ def test_fisher_sampled_is_deterministic_and_differs_from_empirical(tiny):
     f = dense_fisher(tiny["clf"], d, tiny["x"], tiny["y"], "ekfac", fisher="empirical")
     want = np.linalg.solve(f + DAMPING * np.eye(len(f)), V.T).T
     np.testing.assert_allclose(solve_all(empirical, d, V), want, rtol=1e-7, atol=1e-9 * np.abs(want).max())
-    with pytest.raises(SettingError, match="^fisher: must be one of sampled, true, empirical or top:K, got 'exact'"):
+    with pytest.raises(SettingError, match="^fisher: must be one of auto, sampled, true, empirical or top:K, got 'exact'"):
         make_solver("ekfac", obj, DAMPING, fisher="exact")
     for bad in ("top:0", "top:x", "top:"):
         with pytest.raises(SettingError, match="^fisher: top:K takes a whole number of classes K >= 1"):
@@ -454,7 +454,7 @@ def test_a_float32_model_fits_the_same_factors_as_float64(tmp_path, tiny):
     clf = Classifier(model32, lambda x: tf.cast(x, tf.float32) / 255.0, select_params(model32, "all"))
     d = Derivatives(clf, IMAGE)
     obj = TrainingObjective(d, tiny["archive"], chunk=16)
-    s32 = make_solver("ekfac", obj, DAMPING, seed=SEED, progress=False)
+    s32 = make_solver("ekfac", obj, DAMPING, seed=SEED, fisher="sampled", progress=False)
     s32.fit()
     want, got = tiny["fitted"]["ekfac"].state(), s32.state()
     assert set(want) == set(got)
@@ -471,7 +471,7 @@ def test_compact_keeps_the_solves_and_solve_stacked_writes_in_place(tiny):
     the same solutions, solve_stacked equal to stacking solve's, and state() refused."""
     d, obj = tiny["d"], tiny["obj"]
     V = tiny["rng"].standard_normal((3, tiny["clf"].num_params))
-    s = make_solver("ekfac", obj, DAMPING, seed=SEED, progress=False)
+    s = make_solver("ekfac", obj, DAMPING, seed=SEED, fisher="sampled", progress=False)
     s.load_state({k: np.array(v) for k, v in tiny["fitted"]["ekfac"].state().items()})
     before = solve_all(s, d, V)
     s.compact()
@@ -515,3 +515,18 @@ def test_rank_one_test_vectors_take_the_cheap_rotation_with_the_same_answer(tiny
     assert calls.count(True) == 2 and calls.count(False) == 2     # dense is rank one, the conv is not
     for f, c in zip(full, cheap):
         np.testing.assert_allclose(c, f, rtol=1e-9, atol=1e-12 * np.abs(f).max())
+
+
+def test_fisher_auto_is_the_expectation_over_the_classes_that_carry_the_mass(tiny):
+    """``--fisher auto`` (the default): ``true`` up to AUTO_TRUE_CLASSES classes, else ``top:10``."""
+    from influence.curvature.kfac_signals import AUTO_TRUE_CLASSES, resolve_fisher
+
+    assert resolve_fisher("auto", AUTO_TRUE_CLASSES) == "true"
+    assert resolve_fisher("auto", 1000) == f"top:{AUTO_TRUE_CLASSES}"
+    assert resolve_fisher("sampled", 1000) == "sampled"
+    obj, d = tiny["obj"], tiny["d"]
+    default = make_solver("ekfac", obj, DAMPING, progress=False)
+    assert default.fisher == "true" and default.cache_key()["fisher"] == "true"
+    V = tiny["rng"].standard_normal((1, tiny["clf"].num_params))
+    true = make_solver("ekfac", obj, DAMPING, fisher="true", progress=False)
+    np.testing.assert_array_equal(solve_all(default, d, V), solve_all(true, d, V))

@@ -23,7 +23,7 @@ def tiny(tmp_path_factory):
     grads = per_example_gradients(d, x, y)                       # true labels, (N, P)
     exact = make_solver("exact", obj, lam, progress=False)
     exact.load_state({"hessian": h})      # as from the curvature cache (tests/test_curvature_contract.py: = fit)
-    ekfac = make_solver("ekfac", obj, 0.05, seed=SEED, progress=False)
+    ekfac = make_solver("ekfac", obj, 0.05, seed=SEED, fisher="sampled", progress=False)
     ekfac.fit()
     return dict(clf=clf, d=d, obj=obj, archive=archive, x=x, y=y, H=h, lam=lam, G=grads, exact=exact,
                 exact_result=self_influence(exact, d, archive, batch=16, progress=False), ekfac=ekfac)
@@ -57,7 +57,7 @@ def test_ekfac_route_equals_dense_ekfac_reference(tiny, max_block):
     if max_block == 4096:
         solver = tiny["ekfac"]
     else:
-        solver = make_solver(method, tiny["obj"], lam, seed=SEED, ekfac_max_block=max_block, progress=False)
+        solver = make_solver(method, tiny["obj"], lam, seed=SEED, fisher="sampled", ekfac_max_block=max_block, progress=False)
         solver.fit()
     res = self_influence(solver, tiny["d"], tiny["archive"], batch=16, progress=False)
     f = dense_fisher(tiny["clf"], tiny["d"], tiny["x"], tiny["y"], method, seed=SEED, max_block=max_block)

@@ -52,7 +52,7 @@ from influence.curvature.kfac_plan import (MAX_BLOCK, block_entries, check_budge
                                            format_gb, kron_factor_bytes, l2_hessian, make_plan, split_blocks)
 from influence.curvature.kfac_self_influence import SelfInfluence
 from influence.curvature.kfac_signals import (FISHER_KINDS, MAX_TRUE_CLASSES, LayerSignals, check_fisher,
-                                              sample_labels)
+                                              resolve_fisher, sample_labels)
 from influence.curvature.kfac_solve import RANK_ONE_MIN, SINGULAR, KroneckerSolve, kron_rotate, rank_one
 from influence.curvature.kfac_state import FittedState
 from influence.errors import SettingError, UserError
@@ -84,11 +84,11 @@ class KFACSolver(LayerSignals, FittingPasses, FittedState, KroneckerSolve, SelfI
     corrected = False        # EK-FAC: eigenvalues corrected by a second pass
     strict_regularisers = True
 
-    def __init__(self, objective, damping, fisher="sampled", seed=0, ekfac_max_block=MAX_BLOCK,
+    def __init__(self, objective, damping, fisher="auto", seed=0, ekfac_max_block=MAX_BLOCK,
                  memory_budget=2.0, progress=True):
         super().__init__(objective, damping, progress)
         check_fisher(fisher, objective.d.clf.num_classes)
-        self.fisher = fisher
+        self.fisher = resolve_fisher(fisher, objective.d.clf.num_classes)
         self.seed = int(seed)
         self.max_block = int(ekfac_max_block)
         self.memory_budget = None if memory_budget is None else float(memory_budget)

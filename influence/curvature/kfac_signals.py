@@ -9,7 +9,12 @@ vectorised tapes (:meth:`LayerSignals._per_image_grads`).
 
 Labels (``fisher``):
 
-* ``"sampled"`` (default): a one-sample estimate of the true Fisher. One label per training image
+* ``"auto"`` (default): ``"true"`` for a model of at most :data:`AUTO_TRUE_CLASSES` classes, else
+  ``"top:10"`` (:func:`resolve_fisher`) -- the expectation over the classes that carry the probability
+  mass, at no more than 10 backward passes per image. On a confident model the one-sample estimate is
+  nearly always the predicted class, whose gradient is near zero, so the sampled Fisher shrinks to the
+  regulariser and EK-FAC scores like a gradient dot product (README, "LDS").
+* ``"sampled"``: a one-sample estimate of the true Fisher. One label per training image
   drawn from the model's own softmax by inverse-CDF sampling with the uniform ``u_n`` of image ``n``
   (global archive index); all ``u`` come from ``numpy.random.default_rng(seed).random(n)`` drawn
   once, so the labels do not depend on chunking.
@@ -31,7 +36,9 @@ import tensorflow as tf
 from influence.errors import SettingError
 from influence.model.taps import Tap, flat_signal, linear, patches
 
-FISHER_KINDS = ("sampled", "true", "empirical")
+FISHER_KINDS = ("auto", "sampled", "true", "empirical")
+#: --fisher auto: the exact expectation ("true") up to this many classes, else the top 10 classes
+AUTO_TRUE_CLASSES = 10
 #: --fisher true runs one backward pass per class: refused above this many classes
 MAX_TRUE_CLASSES = 100
 _ZERO = tf.UnconnectedGradients.ZERO
@@ -59,6 +66,14 @@ def check_fisher(fisher, classes):
         raise SettingError("fisher", f"'true' runs one backward pass per class: {classes} classes is above "
                                      f"{MAX_TRUE_CLASSES}; use 'top:10' (the 10 most probable classes of "
                                      f"each image, weighted by their probability)")
+
+
+def resolve_fisher(fisher, classes):
+    """The Fisher a run uses: ``"auto"`` -> ``"true"`` for at most :data:`AUTO_TRUE_CLASSES` classes, else
+    ``"top:10"``; any other kind as given."""
+    if fisher != "auto":
+        return fisher
+    return "true" if classes <= AUTO_TRUE_CLASSES else f"top:{AUTO_TRUE_CLASSES}"
 
 
 def sample_labels(probs, uniforms):

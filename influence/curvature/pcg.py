@@ -125,7 +125,7 @@ class PCGSolver(CGSolver):
     relative_damping = "trace"   # CG's λ from trace(H)/P; the EK-FAC preconditioner's per layer
     cache_name = "ekfac"
 
-    def __init__(self, objective, damping, fisher="sampled", seed=0, ekfac_max_block=MAX_BLOCK, memory_budget=2.0,
+    def __init__(self, objective, damping, fisher="auto", seed=0, ekfac_max_block=MAX_BLOCK, memory_budget=2.0,
                  cg_tol=1e-6, cg_maxiter=200, progress=True):
         super().__init__(objective, damping, cg_tol=cg_tol, cg_maxiter=cg_maxiter, progress=progress)
         self.ekfac = _Preconditioner(objective, damping, fisher=fisher, seed=seed, ekfac_max_block=ekfac_max_block,

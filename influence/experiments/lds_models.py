@@ -18,8 +18,12 @@ QUICK_RECIPE = {"epochs": 8, "batch_size": 32, "optimizer": "Adam(3e-3)", "n_tra
 #: confident than the demo CNN, so its curvature is not hidden under the damping (issue 17)
 BN_RECIPE = {"model": "bn_cnn", "epochs": 8, "batch_size": 32, "optimizer": "Adam(3e-3)", "n_train": 1500,
              "size": 32}
-#: ``--lds-model``: the panel's models; the demo archives serve both, each model has its own cache folder
-MODELS = {"demo": RECIPE, "bn": BN_RECIPE}
+#: the third model (:func:`build_mlp_model`): a ReLU MLP with L2, another family than the two CNNs, trained
+#: to convergence, small enough (7 562 parameters) for the dense reference
+MLP_RECIPE = {"model": "mlp", "epochs": 40, "batch_size": 32, "optimizer": "Adam(3e-3)", "n_train": 1500,
+              "size": 32}
+#: ``--lds-model``: the panel's models; the demo archives serve all, each model has its own cache folder
+MODELS = {"demo": RECIPE, "bn": BN_RECIPE, "mlp": MLP_RECIPE}
 
 
 @dataclasses.dataclass
@@ -152,6 +156,29 @@ def build_bn_model(seed):
     ], name="digits_bn_cnn")
 
 
+def build_mlp_model(seed):
+    """The panel's third model: float (None, 32, 32, 3) in [0, 1] -> softmax probabilities (None, 10).
+
+    AveragePool(4) -> Flatten (192) -> Dense(32, ReLU) -> Dense(32, ReLU) -> Dense(10) -> Softmax; L2 1e-4 on
+    the kernels.
+    """
+    import keras
+
+    from influence.data import digits
+
+    keras.utils.set_random_seed(seed)
+    l2 = keras.regularizers.L2(1e-4)
+    layers = keras.layers
+    return keras.Sequential([
+        keras.Input((32, 32, 3)),
+        layers.AveragePooling2D(4), layers.Flatten(),
+        layers.Dense(32, activation="relu", kernel_regularizer=l2, name="hidden1"),
+        layers.Dense(32, activation="relu", kernel_regularizer=l2, name="hidden2"),
+        layers.Dense(digits.N_CLASSES, kernel_regularizer=l2, name="logits"),
+        layers.Softmax(name="probs"),
+    ], name="digits_mlp")
+
+
 def train_model(x, y, recipe, seed):
     """One model of ``recipe`` trained on uint8 images ``x`` (N, 32, 32, 3) and labels ``y`` (N,) -> Keras model."""
     import keras
@@ -160,7 +187,7 @@ def train_model(x, y, recipe, seed):
 
     if recipe.get("model", "demo_cnn") == "demo_cnn":
         return demo.train_model(x, y, epochs=recipe["epochs"], seed=seed)[0]
-    model = build_bn_model(seed)
+    model = build_mlp_model(seed) if recipe["model"] == "mlp" else build_bn_model(seed)
     model.compile(optimizer=keras.optimizers.Adam(3e-3), loss=keras.losses.SparseCategoricalCrossentropy())
     model.fit(x.astype(np.float32) / 255.0, np.asarray(y), batch_size=recipe["batch_size"],
               epochs=recipe["epochs"], shuffle=True, verbose=0)

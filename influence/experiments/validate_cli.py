@@ -45,10 +45,11 @@ has none: EK-FAC on a CNN is reported, not promised).
 ``mislabel`` (not in the default set; ``--panels mislabel``), after Koh & Liang Fig. 6: flip the
 labels of 10 % of the demo's 1500 training digits (seeded; each to another class drawn uniformly),
 train the demo CNN on them with the demo's recipe, then check the training images in the order of
-self-influence (``--solver ekfac``, ``--mislabel-damping``, default auto as calculate.py), of
-training loss, and at random. Its figure (fraction of the flipped images found against the fraction
-of the training set checked) goes to ``--mislabel-out``. Goal: at 10 % checked, self-influence
-finds at least as many as the loss ranking and at least 3x random (random finds 10 % on average).
+self-influence (the default solver's choice, krylov, and ekfac beside it; ``--mislabel-damping``,
+default auto as calculate.py), of training loss, and at random. Its figure (fraction of the flipped
+images found against the fraction of the training set checked) goes to ``--mislabel-out``. Goal: at
+10 % checked, self-influence finds at least as many as the loss ranking and at least 3x random
+(random finds 10 % on average).
 
 ``lds`` (not in the default set; ``--panels lds``): the linear datamodeling score of every solver against the
 demo CNN retrained on random half-subsets (``--lds-subsets``, ``--lds-seeds``, cached in ``--lds-cache``);
@@ -92,7 +93,7 @@ def build_parser():
     p.add_argument("--cnn-steps", type=int, default=30, help="full-batch steps of the CNN retraining recipe")
     p.add_argument("--cnn-damping", default="auto", help="damping for the CNN: a number or auto (= λ_max/steps)")
     p.add_argument("--mislabel-damping", default="auto",
-                   help="damping of the mislabel panel's EK-FAC: a number, auto or a factor like 0.3x "
+                   help="damping of the mislabel panel's solvers: a number, auto or a factor like 0.3x "
                         "(default auto, as calculate.py)")
     p.add_argument("--mislabel-out", default=None,
                    help="figure of the mislabel panel (default: --out with _mislabel before the extension)")
@@ -104,9 +105,10 @@ def build_parser():
     p.add_argument("--lds-folders", default="orig", help="lds: demo test folders scored (default orig)")
     p.add_argument("--no-lds-dense", action="store_true",
                    help="lds: skip the dense float64 Gauss-Newton reference rows (a few minutes on the demo CNN)")
-    p.add_argument("--lds-model", default="demo", choices=("demo", "bn"),
-                   help="lds: the model retrained: demo (the demo CNN, confident) or bn (BatchNorm CNN with a final "
-                        "softmax, 8 epochs, less confident); each has its own cache under --lds-cache")
+    p.add_argument("--lds-model", default="demo", choices=("demo", "bn", "mlp"),
+                   help="lds: the model retrained: demo (the demo CNN, confident), bn (BatchNorm CNN with a final "
+                        "softmax, 8 epochs, less confident) or mlp (a ReLU MLP with L2, 7 562 parameters); each has "
+                        "its own cache under --lds-cache")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 

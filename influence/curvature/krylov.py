@@ -121,8 +121,9 @@ class KrylovSolver(InverseHVP):
             need = (STEPS_PER_PAIR + 1) * k * self._params * self._itemsize / 2**30
             raise SettingError("rank", f"solver krylov with rank {k} over {self._params:,} parameters needs "
                                        f"{need:.1f} GB for its Lanczos basis, above {BASIS_SHARE:.0%} of "
-                                       f"memory_budget {self.memory_budget:g} GB: lower rank (at most {max(cap, 0)} fits), "
-                                       f"choose fewer parameters with params (e.g. last:2), or use solver ekfac")
+                                       f"memory_budget {self.memory_budget:g} GB: lower rank (at most "
+                                       f"{max(cap, 0)} fits), choose fewer parameters with params (e.g. last:1), "
+                                       f"or use solver ekfac")
 
     @property
     def resident_bytes(self):
@@ -200,9 +201,10 @@ class KrylovSolver(InverseHVP):
                             f"{min(self._sigma.min() if k else floor, floor):.3g}, damping {lam:.3g}): raise "
                             f"damping, or use hessian='ggn'")
         negative = float(theta[-1])
-        if negative < -lam:
-            log.warning("krylov: the matrix has eigenvalues down to %.3g, below -λ = %.3g: those directions are "
-                        "damped by the floor, not inverted (hessian='ggn' has none)", negative, -lam)
+        if k < len(theta) and negative < -lam:
+            log.warning("krylov: the matrix has eigenvalues down to %.3g, below -λ = %.3g, outside the rank kept: "
+                        "those directions are damped by the floor, not inverted (hessian='ggn' has none)",
+                        negative, -lam)
         self.info.update(rank=k, floor=self._floor, sigma_max=float(theta[0]) if len(theta) else 0.0,
                          residual_max=float(self._residual[:k].max()) if k else 0.0,
                          smallest_ritz_value=negative)

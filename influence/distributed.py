@@ -414,11 +414,71 @@ def _run(cluster, task, jobs, on_result, window=None, held=lambda: 0):
             on_result(index, value)
 
 
+def _krylov_of(solver):
+    """The krylov object whose Lanczos products are sharded (dpcg's preconditioner), or None."""
+    from influence.curvature.krylov import KrylovSolver
+
+    target = getattr(solver, "krylov", solver)
+    return target if isinstance(target, KrylovSolver) else None
+
+
+def product_shard(spec, start, stop, flat):
+    """Task: the share of images ``[start, stop)`` of the whole-set product ``A v`` (``v`` = ``flat``, the
+    model's dtype), summed over the objective's chunks in order, in the model's dtype
+    (``{"sums": {"product": (P,) array}, "pid", "node", "seconds"}``)."""
+    from influence.model.hvp import numpy_to_vec, vec_to_numpy
+
+    t0 = time.perf_counter()
+    ctx = _context(spec)
+    obj = ctx["objective"]
+    chunk = max(1, int(spec["chunk"]))
+    derivs = ctx["derivs"]
+    vp = derivs.hvp if spec["hessian"] == "full" else derivs.ggn_vp          # the driver's matrix
+    v = numpy_to_vec(flat, derivs.variables)
+    weight = obj._scalar(1.0 / obj.n)
+    total = None
+    for at in range(start, stop, chunk):
+        x, y = obj.archive.take(np.arange(at, min(at + chunk, stop)))
+        part = vp(x, y.astype(np.int64), v, weight, obj._scalar(1.0 if at == 0 else 0.0))
+        total = part if total is None else tuple(a + b for a, b in zip(total, part))
+    sums = {"product": vec_to_numpy(total).astype(flat.dtype)}
+    return {"sums": sums, "pid": os.getpid(), "node": os.uname().nodename, "seconds": time.perf_counter() - t0}
+
+
+def _fit_krylov(krylov, settings, train, chunk, curvature_key):
+    """krylov's Lanczos with every product ``A v`` sharded over Ray (:func:`product_shard`) and the shards'
+    shares added in shard order in the model's dtype: bit for bit the one-process product when each shard
+    is one chunk (at most :data:`MAX_SHARDS` chunks), else equal to float rounding."""
+    from influence.model.hvp import numpy_to_vec, vec_to_numpy
+
+    cluster = _connect(settings)
+    obj = krylov.obj
+    shards = plan_fit_shards(obj.n, chunk)
+    spec = dict(_spec(settings, chunk, train, curvature_key), hessian=obj.hessian)
+    task = _remote(cluster, product_shard)
+    dtype = np.dtype(obj.d.dtype.as_numpy_dtype)
+    like = obj.d.variables
+    log.info("krylov: each Lanczos product over %d training images in %d shards of %d images over Ray", obj.n,
+             len(shards), shards[0][1] - shards[0][0])
+
+    def product(v):
+        flat = cluster.ray.put(vec_to_numpy(v).astype(dtype))
+        total = _sharded_sum(cluster, task, shards, spec, flat, None, dtype=dtype)
+        return numpy_to_vec(total["product"], like)
+
+    krylov.fit(product=product)
+
+
 def fit(solver, settings, train, chunk, curvature_key):
-    """``solver.fit()`` with the training-set passes sharded over Ray (kfac, ekfac, pcg); any other
-    solver fits in the driver. ``chunk`` must be the objective's (images per fitting call). The
-    result is bit for bit ``solver.fit()``'s when the archive has at most :data:`MAX_SHARDS` chunks,
-    else equal to float64 rounding; it never depends on the number of workers (:func:`plan_fit_shards`)."""
+    """``solver.fit()`` with the training-set passes sharded over Ray (kfac, ekfac, pcg; krylov and
+    dpcg: each Lanczos product); any other solver fits in the driver. ``chunk`` must be the objective's
+    (images per fitting call). The result is bit for bit ``solver.fit()``'s when the archive has at most
+    :data:`MAX_SHARDS` chunks, else equal to float rounding; it never depends on the number of workers
+    (:func:`plan_fit_shards`)."""
+    krylov = _krylov_of(solver)
+    if krylov is not None:
+        _fit_krylov(krylov, settings, train, chunk, curvature_key)
+        return
     kfac = _kfac_of(solver)
     if kfac is None:
         log.info("solver %s: its fit is not sharded; fitting in the driver", solver.name)
@@ -441,10 +501,11 @@ def fit(solver, settings, train, chunk, curvature_key):
     kfac.fit_from(lambda: _sharded_sum(cluster, task, shards, spec, None, f"{kfac.name} factors"), eigen_sums)
 
 
-def _sharded_sum(cluster, task, shards, spec, basis, desc):
-    """Σ over the ``(start, stop)`` shards of the tasks' ``{key: float64 array}``, added in shard
+def _sharded_sum(cluster, task, shards, spec, basis, desc, dtype=np.float64):
+    """Σ over the ``(start, stop)`` shards of the tasks' ``{key: array}``, added in ``dtype`` in shard
     order (so the sum does not depend on which shard finished first, nor on the number of workers):
-    ``((s0 + s1) + s2) + ...``, the order of one process's running sum when each shard is one chunk."""
+    ``((s0 + s1) + s2) + ...``, the order of one process's running sum when each shard is one chunk.
+    ``desc``: the progress bar's (None: no bar)."""
     total, buffered, nxt = None, {}, [0]
 
     def add(index, value):
@@ -455,7 +516,7 @@ def _sharded_sum(cluster, task, shards, spec, basis, desc):
         while nxt[0] in buffered:
             part = buffered.pop(nxt[0])
             if total is None:
-                total = {k: np.array(v, np.float64) for k, v in part.items()}
+                total = {k: np.array(v, dtype) for k, v in part.items()}
             else:
                 for k, v in part.items():
                     total[k] += v
@@ -463,7 +524,7 @@ def _sharded_sum(cluster, task, shards, spec, basis, desc):
             bar.update(shards[nxt[0]][1] - shards[nxt[0]][0])
             nxt[0] += 1
 
-    with progress(total=shards[-1][1], desc=desc, unit="img") as bar:
+    with progress(total=shards[-1][1], desc=desc or "", unit="img", disable=desc is None) as bar:
         _run(cluster, task, [(i, (spec, start, stop, basis)) for i, (start, stop) in enumerate(shards)], add,
              held=lambda: len(buffered))
     return total

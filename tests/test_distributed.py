@@ -391,3 +391,25 @@ def test_a_worker_refuses_another_archive_or_model(data, tmp_path):
             distributed._context({**spec, "weights_fingerprint": "0" * 32})
     finally:
         distributed._CONTEXT.clear()
+
+
+def test_sharded_krylov_fit_is_the_same_bits_as_one_process(ray_runtime, data32, tmp_path, caplog):
+    """--solver krylov on a float32 model: every Lanczos product is sharded over Ray (6 shards of one
+    8-image chunk), the shares added in shard order in float32: one process, 1 worker and 2 workers fit
+    the same basis and write the same scores, bit for bit."""
+    caplog.set_level(logging.INFO)
+    runs = {}
+    for workers in (0, 1, 2):
+        out = tmp_path / f"workers{workers}"
+        calculate(settings(data32, out, solver="krylov", rank=6, damping=1e-3, score_batch=8, workers=workers))
+        with np.load(out / "curvature" / "krylov.npz") as npz:
+            runs[workers] = outputs(out)[0], {k: npz[k] for k in npz.files if not k.startswith("__")}
+    assert f"in {TRAIN // 8} shards of 8 images over Ray" in caplog.text
+    scores, state = runs[0]
+    assert len(scores) == 2 and state["u"].shape[0] == 6
+    for workers in (1, 2):
+        assert runs[workers][0].keys() == scores.keys() and runs[workers][1].keys() == state.keys()
+        for name, value in scores.items():
+            assert np.array_equal(runs[workers][0][name], value), (workers, name)
+        for name, value in state.items():
+            assert np.array_equal(runs[workers][1][name], value), (workers, name)

@@ -138,8 +138,11 @@ class KrylovSolver(InverseHVP):
     def cache_key(self):
         return {**self.matrix_key(), "rank": self.fitted_rank(), "seed": self.seed}
 
-    def fit(self):
+    def fit(self, product=None):
+        """Lanczos on ``product`` (Vec -> Vec, ``A v`` over the whole training set; default the objective's
+        ``hvp_full``; influence.distributed passes one sharded over Ray workers)."""
         self.check_memory()
+        product = product or self.obj.hvp_full
         like = self.obj.d.variables
         p = self._params
         want = self.fitted_rank()
@@ -149,7 +152,7 @@ class KrylovSolver(InverseHVP):
                           disable=not self.progress) as bar:
             def apply(q):
                 bar.update(1)
-                return vec_to_numpy(self.obj.hvp_full(numpy_to_vec(q, like)))
+                return vec_to_numpy(product(numpy_to_vec(q, like)))
 
             def done(alpha, beta):
                 if len(alpha) < want:

@@ -46,7 +46,7 @@ def test_calculate_fisher_flag_takes_top_k_and_refuses_typos_before_any_work(cap
 
     assert build_parser().parse_args(["--fisher", "top:3"]).fisher == "top:3"
     assert build_parser().parse_args(["--fisher", "true"]).fisher == "true"
-    for bad, says in (("top:0", "whole number of classes"), ("exact", "must be one of sampled, true, empirical or top:K, got 'exact'")):
+    for bad, says in (("top:0", "whole number of classes"), ("exact", "must be one of auto, sampled, true, empirical or top:K, got 'exact'")):
         with pytest.raises(SystemExit) as stop:
             build_parser().parse_args(["--fisher", bad])
         assert stop.value.code == 2 and says in capsys.readouterr().err

@@ -7,10 +7,10 @@ training images of 8×8, 3 test images) and checks:
   are written;
 * the scores agree with a dense float64 reference to the solver's tolerance: ``gᵢᵀ (M + λI)⁻¹ g_t``
   with per-image float64 gradients, where ``M`` is the dense matrix calculate.py takes by default
-  (``--hessian ggn``: the Gauss-Newton matrix; ``exact``, ``cg``, ``lissa``, ``pcg``: the same reference
-  as the exact solver's) or, for a Kronecker-factored method, its own
-  fitted matrix applied by the solver loaded from the run's curvature cache (that matrix is checked
-  against a hand-built dense Fisher in tests/test_curvature_contract.py);
+  (``--hessian ggn``: the Gauss-Newton matrix; ``exact``, ``cg``, ``lissa``, ``pcg``, ``dpcg``: the same
+  reference as the exact solver's) or, for a Kronecker-factored or low-rank method, its own fitted
+  matrix applied by the solver loaded from the run's curvature cache (that matrix is checked against a
+  hand-built dense Fisher or dense eigenpairs in tests/test_curvature_contract.py);
 * the self-influence values agree with ``gᵢᵀ (M + λI)⁻¹ gᵢ``.
 
 The cells come from the solver registry: a new method joins by registering. One with an unknown
@@ -65,7 +65,8 @@ MODELS = {
 }
 
 #: extra flags per solver (defaults for any other) and the relative error allowed against the reference
-FLAGS = {"lissa": ["-i", "120", "-b", str(N_TRAIN)], "cg": ["--cg-tol", "1e-9"], "pcg": ["--cg-tol", "1e-9"]}
+FLAGS = {"lissa": ["-i", "120", "-b", str(N_TRAIN)], "cg": ["--cg-tol", "1e-9"], "pcg": ["--cg-tol", "1e-9"],
+         "dpcg": ["--cg-tol", "1e-9"]}
 TOLERANCE = {"exact": 2e-4, "cg": 2e-4, "pcg": 2e-4, "lissa": 0.08, "kfac": 2e-4, "ekfac": 2e-4}
 DEFAULT_TOLERANCE = 2e-4
 #: training images scored for self-influence by solvers without a whole-training-set route
@@ -144,7 +145,7 @@ def solver_reference(name, p, options):
     kind = getattr(REGISTRY[name], "approximates", None)
     if kind == "hessian":
         return p["hessian_scores"], p["hessian_self"]
-    if kind in ("kfac", "ekfac"):
+    if kind in ("kfac", "ekfac", "lowrank"):
         solver = make_solver(name, p["obj"], p["damping"], progress=False, **options)
         key = curvature_key(p["clf"], p["train"], model=str(p["data"] / "model.keras"), preprocess="unit",
                             solver=solver)
@@ -209,7 +210,7 @@ def test_solver_on_model_end_to_end(solver, kind, matrix_root):
     assert (out / "self_influence.png").is_file()
 
     # the numbers: the dense reference of what this solver approximates
-    options = dict(fisher="sampled", seed=0, ekfac_max_block=4096, memory_budget=2.0)
+    options = dict(fisher="auto", seed=0, ekfac_max_block=4096, memory_budget=2.0, rank="auto")   # calculate.py's
     want_scores, want_self = solver_reference(solver, p, options)
     tol = TOLERANCE.get(solver, DEFAULT_TOLERANCE)
     assert rel_err(scores, want_scores) <= tol, (solver, kind, rel_err(scores, want_scores))

@@ -66,10 +66,14 @@ def lissa_curve(objective, damping, v, batch, checkpoints, seed):
     rng = np.random.default_rng(seed)
     h = tuple(v)
     out = []
+    import tensorflow as tf
+
+    dtype = objective.d.dtype
+    inv_s, keep = tf.constant(1.0 / solver.scale, dtype), tf.constant(1.0 - damping / solver.scale, dtype)
     n = objective.n
     for j in range(1, max(checkpoints) + 1):
         x, y = objective.archive.take(np.sort(rng.integers(0, n, batch)))
-        h, _ = solver._step(x, y.astype(np.int64), v, h)
+        h, _ = solver._step(x, y.astype(np.int64), v, h, inv_s, keep)
         if j in checkpoints:
             est = vec_scale(1.0 / solver.scale, h)
             out.append((j, j * batch / n, residual(solver, v, est)))

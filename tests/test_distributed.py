@@ -214,22 +214,29 @@ def test_ekfac_scores_are_the_same_bits_with_any_number_of_workers(ray_runtime, 
     batches of 5: one process, 1 worker and 2 workers write the same scores and curvature, bit for bit
     (when the fit's shards were archive batches, they cut other chunks: one process and Ray differed)."""
     caplog.set_level(logging.INFO)
+    scores, state = runs_with_any_workers_agree(data32, tmp_path, "ekfac", damping=1e-3, score_batch=8)
+    assert f"in {TRAIN // 8} shards of 8 images over Ray" in caplog.text
+    assert "1 task(s) at once" in caplog.text and "2 task(s) at once" in caplog.text
+    assert len(scores) == 2 and len(state) > 5
+
+
+def runs_with_any_workers_agree(data, tmp_path, solver, **kw):
+    """calculate with ``solver`` in one process, on 1 and on 2 Ray workers; asserts the three wrote the same
+    scores and curvature state, bit for bit, and returns one process's ``(scores, state)``."""
     runs = {}
     for workers in (0, 1, 2):
         out = tmp_path / f"workers{workers}"
-        calculate(settings(data32, out, solver="ekfac", damping=1e-3, score_batch=8, workers=workers))
-        with np.load(out / "curvature" / "ekfac.npz") as npz:
+        calculate(settings(data, out, solver=solver, workers=workers, **kw))
+        with np.load(out / "curvature" / f"{solver}.npz") as npz:
             runs[workers] = outputs(out)[0], {k: npz[k] for k in npz.files if not k.startswith("__")}
-    assert f"in {TRAIN // 8} shards of 8 images over Ray" in caplog.text
-    assert "1 task(s) at once" in caplog.text and "2 task(s) at once" in caplog.text
     scores, state = runs[0]
-    assert len(scores) == 2 and len(state) > 5
     for workers in (1, 2):
         assert runs[workers][0].keys() == scores.keys() and runs[workers][1].keys() == state.keys()
         for name, value in scores.items():
             assert np.array_equal(runs[workers][0][name], value), (workers, name)
         for name, value in state.items():
             assert np.array_equal(runs[workers][1][name], value), (workers, name)
+    return scores, state
 
 
 def test_two_workers_score_exactly_like_one_process(ray_runtime, data, reference, tmp_path, caplog):
@@ -398,18 +405,6 @@ def test_sharded_krylov_fit_is_the_same_bits_as_one_process(ray_runtime, data32,
     8-image chunk), the shares added in shard order in float32: one process, 1 worker and 2 workers fit
     the same basis and write the same scores, bit for bit."""
     caplog.set_level(logging.INFO)
-    runs = {}
-    for workers in (0, 1, 2):
-        out = tmp_path / f"workers{workers}"
-        calculate(settings(data32, out, solver="krylov", rank=6, damping=1e-3, score_batch=8, workers=workers))
-        with np.load(out / "curvature" / "krylov.npz") as npz:
-            runs[workers] = outputs(out)[0], {k: npz[k] for k in npz.files if not k.startswith("__")}
+    scores, state = runs_with_any_workers_agree(data32, tmp_path, "krylov", rank=6, damping=1e-3, score_batch=8)
     assert f"in {TRAIN // 8} shards of 8 images over Ray" in caplog.text
-    scores, state = runs[0]
     assert len(scores) == 2 and state["u"].shape[0] == 6
-    for workers in (1, 2):
-        assert runs[workers][0].keys() == scores.keys() and runs[workers][1].keys() == state.keys()
-        for name, value in scores.items():
-            assert np.array_equal(runs[workers][0][name], value), (workers, name)
-        for name, value in state.items():
-            assert np.array_equal(runs[workers][1][name], value), (workers, name)

@@ -28,7 +28,6 @@ class DeflatedPCGSolver(CGSolver):
     approximates = "hessian"
     relative_damping = "trace"
     cache_name = "krylov"
-    self_influence_route = None
     #: lockstep CG holds x, r, p, z and A p of every vector of the group, beside gradient, solution, stack
     copies_per_vector = 8
     apply_many = PCGSolver.apply_many

@@ -238,8 +238,10 @@ class KrylovSolver(InverseHVP):
         self._set(u, arrays["theta"], arrays["residual"], products=int(arrays["products"]))
 
     def compact(self):
-        if self._u is not None and self._all_u is not self._u:
-            self._all_u = self._u
+        """Keep only the pairs in use (a copy: the slice would hold the whole fitted basis)."""
+        if self._u is not None and self._u.base is not None:
+            self._u = self._u.copy()
+        self._all_u = self._u
 
     # --- per test vector -----------------------------------------------------------------------------
     def _ready(self):

@@ -13,24 +13,18 @@ each iteration one pass over the training archive for all of them
 import numpy as np
 
 from influence.curvature.base import InverseHVP
-from influence.curvature.cg import CGSolver
 from influence.curvature.krylov import KrylovSolver
-from influence.curvature.pcg import PCGSolver, solve_in_lockstep
+from influence.curvature.pcg import LockstepCG, solve_in_lockstep
 from influence.model.hvp import numpy_to_vec, vec_to_numpy
 
 
-class DeflatedPCGSolver(CGSolver):
+class DeflatedPCGSolver(LockstepCG):
     """CG preconditioned by the krylov eigenpairs, started from the krylov solution; vectors in lockstep."""
 
     name = "dpcg"
     summary = ("conjugate gradient preconditioned by the krylov eigenpairs (exact answer like cg in a few passes "
                "per group of test images; shares the krylov fit)")
-    approximates = "hessian"
-    relative_damping = "trace"
     cache_name = "krylov"
-    #: lockstep CG holds x, r, p, z and A p of every vector of the group, beside gradient, solution, stack
-    copies_per_vector = 8
-    apply_many = PCGSolver.apply_many
 
     def __init__(self, objective, damping, rank="auto", seed=0, memory_budget=2.0, cg_tol=1e-6, cg_maxiter=200,
                  progress=True):
@@ -53,25 +47,9 @@ class DeflatedPCGSolver(CGSolver):
         if hasattr(self, "krylov"):
             self.krylov.damping = value
 
-    # --- the krylov fit, shared with --solver krylov -------------------------------------------------
-    def cache_key(self):
-        return self.krylov.cache_key()
-
-    def fit(self):
-        self.krylov.fit()
-
-    def state(self):
-        return self.krylov.state()
-
-    def load_state(self, arrays):
-        self.krylov.load_state(arrays)
-
-    def compact(self):
-        self.krylov.compact()
-
     @property
-    def resident_bytes(self):
-        return self.krylov.resident_bytes
+    def part(self):
+        return self.krylov
 
     @property
     def fit_bytes(self):

@@ -115,15 +115,54 @@ class _Preconditioner(EKFACSolver):
     strict_regularisers = False
 
 
-class PCGSolver(CGSolver):
+class LockstepCG(CGSolver):
+    """CG preconditioned by a fitted method (``part``) whose fit, cache entry and resident state it shares;
+    the test vectors of a group iterate in lockstep (:func:`solve_in_lockstep`). Not registered: pcg and
+    dpcg name their part."""
+
+    approximates = "hessian"
+    relative_damping = "trace"   # CG's λ from trace(H)/P
+    #: lockstep CG holds x, r, p, z and A p of every vector of the group, beside gradient, solution, stack
+    copies_per_vector = 8
+
+    @property
+    def part(self):  # pragma: no cover - interface
+        """The fitted method that preconditions."""
+        raise NotImplementedError
+
+    # --- the part's fit, shared with its own --solver ----------------------------------------------------
+    def cache_key(self):
+        return self.part.cache_key()
+
+    def fit(self):
+        self.part.fit()
+
+    def state(self):
+        return self.part.state()
+
+    def load_state(self, arrays):
+        self.part.load_state(arrays)
+
+    def compact(self):
+        self.part.compact()
+
+    @property
+    def resident_bytes(self):
+        return self.part.resident_bytes
+
+    # --- per test vector -----------------------------------------------------------------------------------
+    def apply_many(self, vecs):
+        """``[(H + λI) v for v in vecs]`` in one pass over the training set."""
+        return [vec_axpy(self.damping, v, hv) for v, hv in zip(vecs, hvp_full_many(self.obj, vecs))]
+
+
+class PCGSolver(LockstepCG):
     """CG preconditioned by EK-FAC, started from the EK-FAC solution; test vectors in lockstep."""
 
     name = "pcg"
     summary = ("conjugate gradient preconditioned by EK-FAC (exact answer like cg, a few HVP passes per test "
                "image; shares the ekfac fit)")
-    approximates = "hessian"
-    relative_damping = "trace"   # CG's λ from trace(H)/P; the EK-FAC preconditioner's per layer
-    cache_name = "ekfac"
+    cache_name = "ekfac"         # (its EK-FAC preconditioner takes λ per layer, CG one from trace(H)/P)
 
     def __init__(self, objective, damping, fisher="auto", seed=0, ekfac_max_block=MAX_BLOCK, memory_budget=2.0,
                  cg_tol=1e-6, cg_maxiter=200, progress=True):
@@ -132,41 +171,17 @@ class PCGSolver(CGSolver):
                                      memory_budget=memory_budget, progress=progress)
         self.info.update(preconditioner=self.ekfac.info, hvps=[])
 
-    # --- the EK-FAC fit, shared with --solver ekfac -----------------------------------------------------
-    def cache_key(self):
-        return self.ekfac.cache_key()
-
-    def fit(self):
-        self.ekfac.fit()
-
-    def state(self):
-        return self.ekfac.state()
-
-    def load_state(self, arrays):
-        self.ekfac.load_state(arrays)
-
-    #: lockstep CG holds x, r, p, z and A p of every vector of the group, beside gradient, solution, stack
-    copies_per_vector = 8
-
-    def compact(self):
-        self.ekfac.compact()
-
     @property
-    def resident_bytes(self):
-        return self.ekfac.resident_bytes
+    def part(self):
+        return self.ekfac
 
     @property
     def workspace_bytes(self):
         return self.ekfac.workspace_bytes
 
-    # --- per test vector -----------------------------------------------------------------------------------
     def _start(self, v):
         """Start and preconditioner of the single-vector path (CGSolver._solve_one)."""
         return self.ekfac.precondition(v), self.ekfac.precondition
-
-    def apply_many(self, vecs):
-        """``[(H + λI) v for v in vecs]`` in one pass over the training set."""
-        return [vec_axpy(self.damping, v, hv) for v, hv in zip(vecs, hvp_full_many(self.obj, vecs))]
 
     def solve(self, vectors, ids=None):
         vectors = list(vectors)

@@ -29,7 +29,7 @@ def test_relative_damping_of_one_layer_is_that_absolute_damping(tmp_path, method
     rel = make_solver(method, obj, "0.3x", seed=SEED, progress=False)
     rel.fit()
     (block,) = rel.plan
-    lam = 0.3 * float(np.mean(rel._undamped(block)))
+    lam = 0.3 * float(np.mean(rel.undamped(block)))
     absolute = make_solver(method, obj, lam, seed=SEED, progress=False)
     absolute.load_state(rel.state())
     v = [to_vec(np.random.default_rng(1).standard_normal(clf.num_params), d)]
@@ -42,7 +42,7 @@ def test_relative_damping_is_per_layer_and_self_influence_follows_it(tmp_path):
     clf, d, obj, archive, x, y = tiny_setup(tmp_path, n=32)
     solver = make_solver("ekfac", obj, "auto", seed=SEED, progress=False)
     solver.fit()
-    per_layer = {b.name: AUTO_FACTOR * float(np.mean(solver._undamped(b))) for b in solver.plan}
+    per_layer = {b.name: AUTO_FACTOR * float(np.mean(solver.undamped(b))) for b in solver.plan}
     solver.solve([to_vec(np.ones(clf.num_params), d)])
     assert solver.info["damping_per_layer"] == pytest.approx(per_layer, rel=1e-5)
     assert len(set(np.round(list(per_layer.values()), 12))) == len(per_layer)     # one λ per layer

@@ -349,6 +349,41 @@ def test_state_round_trip_gives_identical_solves(tiny):
         make_solver("ekfac", obj, DAMPING, progress=False).load_state(state)
 
 
+@pytest.mark.parametrize("method", ["kfac", "ekfac"])
+def test_fitted_state_is_one_value_that_round_trips_through_its_arrays(tiny, method):
+    """KroneckerFit -> to_arrays -> from_arrays: the same solve and self-influence, bit for bit, through
+    the parts themselves (damped_eigenvalues, KroneckerSolve, SelfInfluenceGraph), and the same arrays."""
+    from influence.curvature.kfac_self_influence import SelfInfluenceGraph
+    from influence.curvature.kfac_solve import KroneckerSolve, damped_eigenvalues
+    from influence.curvature.kfac_state import KroneckerFit
+
+    d, solver = tiny["d"], tiny["fitted"][method]
+    fit = solver.fitted
+    arrays = {k: np.array(v) for k, v in fit.to_arrays().items()}
+    back = KroneckerFit.from_arrays(solver.plan, arrays, fit.corrected)
+    assert back.corrected == (method == "ekfac") and not back.compacted
+    assert back.to_arrays().keys() == fit.to_arrays().keys()
+    for key, value in back.to_arrays().items():
+        np.testing.assert_array_equal(value, fit.to_arrays()[key], err_msg=key)
+    for name, rho in fit.rho.items():
+        np.testing.assert_array_equal(back.rho[name], rho, err_msg=name)
+    parts = KroneckerSolve(solver.plan, solver.variables, np.float64)
+    vecs = [to_vec(v, d) for v in tiny["rng"].standard_normal((2, tiny["clf"].num_params))]
+
+    def solved(f):
+        dens, _ = damped_eigenvalues(f, solver.damping_spec, np.float64, method)
+        return [vec_to_numpy(s) for s in parts.inverse(f.eig, dens, vecs)]
+
+    got = solved(back)
+    np.testing.assert_array_equal(got, solved(fit))
+    np.testing.assert_array_equal(got, [vec_to_numpy(s) for s in solver.solve(vecs)])
+    x, y = tiny["x"][:5], tiny["y"][:5].astype(np.int64)
+    self_back = SelfInfluenceGraph(solver.signals, back, solver.damping_spec, d.x_spec, d.y_spec)(x, y)
+    np.testing.assert_array_equal(self_back, solver.self_influence_batch(x, y))
+    with pytest.raises(ValueError, match="dense.QS.0"):
+        KroneckerFit.from_arrays(solver.plan, {k: v for k, v in arrays.items() if k != "dense.QS.0"}, fit.corrected)
+
+
 def test_split_blocks_give_block_diagonal_factors(tiny):
     clf, d, x, y, obj = tiny["clf"], tiny["d"], tiny["x"], tiny["y"], tiny["obj"]
     solver = make_solver("ekfac", obj, DAMPING, seed=SEED, fisher="sampled", ekfac_max_block=10, progress=False)
@@ -481,10 +516,10 @@ def test_compact_keeps_the_solves_and_solve_stacked_writes_in_place(tiny):
     assert vecs == [None] * 3                      # the caller's gradients were released on the way
     got = np.concatenate([np.reshape(p.numpy(), (3, -1)) for p in stacked], axis=1)
     np.testing.assert_array_equal(got, before)
-    held = sum(q.nbytes for e in s._eig.values() for k in ("QA", "QS") for q in e[k])
-    held += sum(a.nbytes for a in s._damped().values())
+    held = sum(q.nbytes for e in s.fitted.eig.values() for k in ("QA", "QS") for q in e[k])
+    held += sum(a.nbytes for a in s.damped().values())
     assert s.resident_bytes == held
-    assert not s._lambda and "eA" not in s._eig["dense"]
+    assert s.fitted.compacted and not s.fitted.lam and "eA" not in s.fitted.eig["dense"]
     with pytest.raises(RuntimeError, match="compact"):
         s.state()
 

@@ -26,22 +26,33 @@ it is the KFC convention (Grosse & Martens 2016: A averaged over positions, S su
 
 where ``R_l`` is the layer's L2 regulariser Hessian and ``ρ`` its diagonal in the Kronecker eigenbasis.
 
-The solver classes here compose one module per job:
+The solver classes here compose parts with explicit inputs and outputs, one module per job::
 
-* :mod:`influence.curvature.kfac_plan` -- which layers get a Kronecker or a diagonal block, splitting
-  of large factors (``ekfac_max_block``), the regularisers, and the memory estimates refused above
-  ``memory_budget``;
-* :mod:`influence.curvature.kfac_signals` -- one chunk through the tapped model: each layer's inputs
-  and backward signals, and the labels of the Fisher (``fisher``: sampled, true, empirical);
-* :mod:`influence.curvature.kfac_passes` -- the two TensorFlow passes (factors; EK-FAC's eigenvalues)
-  as float64 sums over any range of images (sharded by :mod:`influence.distributed`);
-* :mod:`influence.curvature.kfac_state` -- eigendecompositions, ``Λ``, ``ρ``, the cached state and
-  :meth:`compact`;
-* :mod:`influence.curvature.kfac_solve` -- the numpy solve per test vector;
-* :mod:`influence.curvature.kfac_self_influence` -- ``gᵢᵀ (F + R + λI)⁻¹ gᵢ`` in one graph per chunk.
+    plan ──> passes (float64 sums) ──> KroneckerFit ──> solve / self-influence (+ damping)
+                                            └──> to_arrays() / from_arrays(): the curvature cache
 
-The names those modules define that other code imports from here stay importable from here.
+* :mod:`influence.curvature.kfac_plan` -- the plan, a value (:func:`make_plan`): which layers get a
+  Kronecker or a diagonal block, splitting of large factors (``ekfac_max_block``), the regularisers,
+  and the memory estimates refused above ``memory_budget``;
+* :mod:`influence.curvature.kfac_signals` -- :class:`LayerSignals`: one chunk through the tapped model,
+  each layer's inputs and backward signals, and the labels of the Fisher (``fisher``: sampled, true,
+  empirical, top:K);
+* :mod:`influence.curvature.kfac_passes` -- :class:`FittingPasses`: the two TensorFlow passes (factors;
+  EK-FAC's eigenvalues in a given eigenbasis) as float64 sums over any range of images (sharded by
+  :mod:`influence.distributed`);
+* :mod:`influence.curvature.kfac_state` -- :class:`KroneckerFit`, the fitted state as one value: the
+  eigendecompositions of the summed factors (:func:`fit_factors`), ``Λ``, ``ρ``, the diagonal blocks,
+  its array form for the cache and its compaction;
+* :mod:`influence.curvature.kfac_solve` -- :func:`damped_eigenvalues` (``Λ + ρ + λ`` of a fit for a
+  damping) and :class:`KroneckerSolve`, the numpy solve per test vector given the eigenvectors and those;
+* :mod:`influence.curvature.kfac_self_influence` -- :class:`SelfInfluenceGraph`: ``gᵢᵀ (F + R + λI)⁻¹ gᵢ``
+  for a fit and a damping, in one graph per chunk.
+
+:class:`KFACSolver` holds the parts and the current :class:`KroneckerFit` (``fitted``), and implements
+the :class:`~influence.curvature.base.InverseHVP` interface by calling them. The names those modules
+define that other code imports from here stay importable from here.
 """
+import gc
 import logging
 
 import numpy as np
@@ -50,30 +61,35 @@ from influence.curvature.base import InverseHVP
 from influence.curvature.kfac_passes import MICRO_BYTES, FittingPasses
 from influence.curvature.kfac_plan import (MAX_BLOCK, block_entries, check_budget, describe_block, fit_bytes,
                                            format_gb, kron_factor_bytes, l2_hessian, make_plan, split_blocks)
-from influence.curvature.kfac_self_influence import SelfInfluence
+from influence.curvature.kfac_self_influence import SelfInfluenceGraph
 from influence.curvature.kfac_signals import (FISHER_KINDS, MAX_TRUE_CLASSES, LayerSignals, check_fisher,
                                               resolve_fisher, sample_labels)
-from influence.curvature.kfac_solve import RANK_ONE_MIN, SINGULAR, KroneckerSolve, kron_rotate, rank_one
-from influence.curvature.kfac_state import FittedState
+from influence.curvature.kfac_solve import (RANK_ONE_MIN, SINGULAR, KroneckerSolve, damped_eigenvalues, kron_rotate,
+                                            rank_one)
+from influence.curvature.kfac_state import KroneckerFit, fit_factors, resident_bytes
 from influence.errors import SettingError, UserError
 from influence.model.taps import linear_kind
 
-__all__ = ["KFACSolver", "EKFACSolver", "FISHER_KINDS", "MAX_TRUE_CLASSES", "MAX_BLOCK", "MICRO_BYTES", "SINGULAR",
-           "RANK_ONE_MIN", "split_blocks", "sample_labels", "kron_rotate", "rank_one", "block_entries",
-           "kron_factor_bytes", "l2_hessian"]
+__all__ = ["KFACSolver", "EKFACSolver", "KroneckerFit", "FISHER_KINDS", "MAX_TRUE_CLASSES", "MAX_BLOCK",
+           "MICRO_BYTES", "SINGULAR", "RANK_ONE_MIN", "split_blocks", "sample_labels", "kron_rotate", "rank_one",
+           "block_entries", "kron_factor_bytes", "l2_hessian"]
 
 log = logging.getLogger(__name__)
 
 
-class KFACSolver(LayerSignals, FittingPasses, FittedState, KroneckerSolve, SelfInfluence, InverseHVP):
+class KFACSolver(InverseHVP):
     """K-FAC: ``(A ⊗ S + R + λI)⁻¹`` per layer with ``Λ = e_A e_Sᵀ`` (see the module docstring).
 
     Args (beyond objective, damping, progress):
       fisher: "sampled" (a label drawn from the model's softmax), "true" (the expectation over all
-        classes) or "empirical" (the true labels).
+        classes), "empirical" (the true labels), "top:K" or "auto".
       seed: seed of the sampled labels.
       ekfac_max_block: largest factor block; larger factors are split block-diagonally.
       memory_budget: GB allowed for the factors (float64 while fitting); None: no limit.
+
+    Parts: ``plan`` (the blocks), ``signals`` (:class:`LayerSignals`), ``passes``
+    (:class:`FittingPasses`), ``kron_solve`` (:class:`KroneckerSolve`); ``fitted``: the current
+    :class:`KroneckerFit` (None before :meth:`fit` / :meth:`load_state`).
     """
 
     name = "kfac"
@@ -83,6 +99,8 @@ class KFACSolver(LayerSignals, FittingPasses, FittedState, KroneckerSolve, SelfI
     self_influence_route = "Kronecker eigenbasis"     # self_influence_batch: no inverse-HVP per image
     corrected = False        # EK-FAC: eigenvalues corrected by a second pass
     strict_regularisers = True
+    #: solve_stacked writes each solution into its slot of the stacked result: gradient + solution
+    copies_per_vector = 2
 
     def __init__(self, objective, damping, fisher="auto", seed=0, ekfac_max_block=MAX_BLOCK,
                  memory_budget=2.0, progress=True):
@@ -97,21 +115,21 @@ class KFACSolver(LayerSignals, FittingPasses, FittedState, KroneckerSolve, SelfI
         if not d.clf.supports_tap:
             raise SettingError("solver", f"{self.name} needs a functional or Sequential Keras model (its layers "
                                          "are tapped); use cg, lissa or exact for a subclassed model")
-        self._kinds = {id(g.layer): linear_kind(g.layer) for g in d.clf.groups}
-        self.plan = make_plan(d.clf.groups, self._kinds, self.max_block, self.strict_regularisers, self.name)
+        kinds = {id(g.layer): linear_kind(g.layer) for g in d.clf.groups}
+        self.plan = make_plan(d.clf.groups, kinds, self.max_block, self.strict_regularisers, self.name)
         self.factor_bytes = sum(b.bytes(self.corrected) for b in self.plan)
-        self.fit_bytes = fit_bytes(self.plan, self._kinds, self.corrected,
-                                   np.dtype(objective.d.dtype.as_numpy_dtype).itemsize)
+        self.fit_bytes = fit_bytes(self.plan, kinds, self.corrected, np.dtype(d.dtype.as_numpy_dtype).itemsize)
         check_budget(self.plan, self.name, self.corrected, self.factor_bytes, self.fit_bytes, self.memory_budget,
                      self.max_block)
-        self._fitted = False
-        self._compacted = False   # compact(): only what solving needs is left
-        self._fits = 0            # fits and loads so far (keys the self-influence graph)
-        self._dens = None         # (damping, {layer: Λ + ρ + λ}) once formed
-        self._self_key = None     # (fits, damping) of the compiled self-influence graph
-        #: dtype of the per-chunk products of the fitting passes: the model's (sums are float64)
-        self._compute_dtype = objective.d.dtype
-        self._kept = {}           # accumulators and compiled passes kept between calls (keep=True)
+        #: numpy dtype of the solve and of the compacted state: the model's
+        self.dtype = np.dtype(d.dtype.as_numpy_dtype)
+        self.signals = LayerSignals(d, kinds, self.variables, self.fisher)
+        self.passes = FittingPasses(self.signals, self.plan, objective, self.seed, self.name, progress)
+        self.kron_solve = KroneckerSolve(self.plan, self.variables, self.dtype)
+        self.fitted = None        # the KroneckerFit solved with
+        self._pass1 = None        # the K-FAC fit of pass 1 while an EK-FAC fit waits for pass 2
+        self._dens = None         # (damping, {layer: Λ + ρ + λ}) of `fitted` once formed
+        self._self = None         # (damping, SelfInfluenceGraph) of `fitted` once built
         self.info.update(fisher=self.fisher, ekfac_max_block=self.max_block,
                          factor_bytes=int(self.factor_bytes), fit_bytes=int(self.fit_bytes),
                          layers={b.name: describe_block(b) for b in self.plan})
@@ -122,6 +140,7 @@ class KFACSolver(LayerSignals, FittingPasses, FittedState, KroneckerSolve, SelfI
             key["seed"] = self.seed
         return key
 
+    # --- fitting -----------------------------------------------------------------------------------------
     def fit(self):
         """Pass 1, the eigendecompositions and (EK-FAC) pass 2 in this process (:meth:`fit_from`)."""
         n = self.obj.n
@@ -130,6 +149,165 @@ class KFACSolver(LayerSignals, FittingPasses, FittedState, KroneckerSolve, SelfI
         log.info("%s: fitting on %d training images (%s Fisher), factors %s", self.name, n, self.fisher,
                  format_gb(self.factor_bytes))
         self.fit_from(self.factor_sums, self.eigen_sums)
+
+    def factor_sums(self, start=0, stop=None, keep=False):
+        """Pass 1's float64 sums over images ``[start, stop)`` (:meth:`FittingPasses.factor_sums`)."""
+        return self.passes.factor_sums(start, stop, keep)
+
+    def eigen_sums(self, start=0, stop=None, basis=None, keep=False):
+        """Pass 2's float64 sums over images ``[start, stop)`` in ``basis`` (default: this solver's
+        :meth:`eigenbasis`; :meth:`FittingPasses.eigen_sums`)."""
+        return self.passes.eigen_sums(start, stop, self.eigenbasis() if basis is None else basis, keep)
+
+    def set_factors(self, sums, n=None):
+        """Eigendecompose pass 1's ``sums`` over ``n`` images (default: the archive's; consumed): K-FAC's
+        fit, adopted at once; EK-FAC waits for :meth:`set_lambda`."""
+        fit = fit_factors(self.plan, sums, self.obj.n if n is None else n)
+        if self.corrected:
+            self._pass1 = fit
+        else:
+            self._adopt(fit)
+
+    def set_lambda(self, sums, n=None):
+        """EK-FAC: the corrected eigenvalues from pass 2's ``sums`` over ``n`` images (default: all;
+        consumed) on the fit of :meth:`set_factors`, adopted."""
+        fit, self._pass1 = self._pass1, None
+        self._adopt(fit.with_lambda(sums, self.obj.n if n is None else n))
+
+    def eigenbasis(self):
+        """``{layer: {"QA": [...], "QS": [...]}}`` of pass 1 (after :meth:`set_factors`): what pass 2 needs."""
+        fit = self._pass1 or self.fitted
+        if fit is None:
+            raise RuntimeError(f"{self.name}: eigenbasis() before set_factors()")
+        return fit.eigenbasis()
+
+    def fit_from(self, factor_sums, eigen_sums):
+        """Fit from summed statistics, however they were summed (one process, or Ray shards).
+
+        ``factor_sums()`` -> pass 1's ``{key: float64 array}`` (as :meth:`factor_sums`); then the float64
+        eigendecompositions, one block at a time; ``eigen_sums()`` -> pass 2's sums in this solver's
+        eigenbasis (as :meth:`eigen_sums`; :meth:`eigenbasis` gives it to other processes), EK-FAC only.
+        """
+        self.set_factors(factor_sums())
+        if self.corrected:
+            self.set_lambda(eigen_sums())
+
+    def _adopt(self, fit):
+        """Make ``fit`` the solver's state: the damped eigenvalues and the self-influence graph of the
+        previous one are dropped; ``info`` gets the range of ``Λ + ρ``."""
+        self.fitted = fit
+        self._dens = None
+        self._self = None
+        low, high = fit.undamped_range()
+        self.info.update(fisher_min=low, fisher_max=high)
+
+    def _fit(self):
+        """The fitted state, fitting first if there is none."""
+        if self.fitted is None:
+            self.fit()
+        return self.fitted
+
+    # --- cache -------------------------------------------------------------------------------------------
+    def state(self):
+        fit = self._fit()
+        if fit.compacted:
+            raise RuntimeError(f"{self.name}: state() after compact(); cache the state before compacting")
+        return fit.to_arrays()
+
+    def load_state(self, arrays):
+        self._adopt(KroneckerFit.from_arrays(self.plan, arrays, self.corrected, self.name))
+
+    def kronecker_factors(self):
+        """{layer name: (A (K1, K1), S (C, C))} dense float64, block-diagonal when split (after fit)."""
+        return self.fitted.kronecker_factors()
+
+    @property
+    def resident_bytes(self):
+        """Bytes held between test vectors after :meth:`compact`: eigenvectors and ``Λ + ρ + λ`` in
+        the model's dtype."""
+        return resident_bytes(self.plan, self.dtype.itemsize)
+
+    def compact(self):
+        """Keep only what :meth:`solve` needs: the eigenvectors and ``Λ + ρ + λ`` in the model's dtype.
+
+        Frees the float64 eigenvectors (VGG16 ``--params all``: 1.8 GB), ``Λ`` and the eigenvalues;
+        call it once the state is cached. :meth:`state` and self-influence are refused afterwards.
+        """
+        if self.fitted is None or self.fitted.compacted:
+            return
+        self._self = None
+        # the eigenvectors first, one block at a time (float64 freed as its copy is made), then Λ + ρ + λ
+        # from Λ and the eigenvalues, then those: the float64 eigenvectors and Λ are never held together
+        # with the damped copy and its float64 temporary
+        self.fitted.compact(self.dtype, self.damped)
+        gc.collect()
+
+    # --- solving -----------------------------------------------------------------------------------------
+    def undamped(self, b):
+        """``Λ + ρ`` of block ``b`` of the fitted state, float64 (fits first if needed)."""
+        return self._fit().undamped(b)
+
+
+    def damped(self):
+        """{layer name: Λ + ρ + λ} in the model's dtype (Kronecker: (K1, C); diagonal: (size,)), formed
+        once per damping; fits first if needed."""
+        fit = self._fit()
+        key = str(self.damping_spec)
+        if self._dens is not None and self._dens[0] == key:
+            return self._dens[1]
+        dens, lams = damped_eigenvalues(fit, self.damping_spec, self.dtype, self.name)
+        if self.damping_spec.relative:
+            self.info["damping_per_layer"] = {name: float(f"{lam:.6g}") for name, lam in lams.items()}
+            log.info("%s: damping %s -> per layer %s", self.name, self.damping_spec,
+                     ", ".join(f"{name} {lam:.3g}" for name, lam in lams.items()))
+        self._dens = (key, dens)
+        return dens
+
+    @property
+    def workspace_bytes(self):
+        """Transient bytes of one :meth:`solve_stacked` vector: three (K1, C) matrices of the largest layer."""
+        return self.kron_solve.workspace_bytes
+
+    def solve(self, vectors, ids=None):
+        vectors = list(vectors)
+        if not vectors:
+            return []
+        dens = self.damped()
+        return self.kron_solve.inverse(self.fitted.eig, dens, vectors)
+
+    def solve_stacked(self, vectors, ids=None):
+        """The inverse-HVPs of ``vectors`` stacked (a Vec with a leading axis T), written in place: the
+        only full-size arrays are the T results (no per-vector copies). ``vectors`` is emptied as each
+        is solved, so the caller's test gradients are freed on the way."""
+        if not isinstance(vectors, list):
+            vectors = list(vectors)
+        if not vectors:
+            return self.kron_solve.stacked(None, None, vectors)
+        dens = self.damped()
+        return self.kron_solve.stacked(self.fitted.eig, dens, vectors)
+
+    def precondition(self, vec):
+        """``(F + R + λI)⁻¹ vec`` for one Vec (the same as one :meth:`solve`)."""
+        return self.solve([vec])[0]
+
+    # --- self-influence ----------------------------------------------------------------------------------
+    def self_influence_batch(self, x, y):
+        """``gᵢᵀ (F + R + λI)⁻¹ gᵢ`` of each image with its TRUE label, without forming the inverse-HVP
+        (:class:`SelfInfluenceGraph`, rebuilt when the fit or the damping changes).
+
+        Args:
+          x: uint8 (N, H, W, C) images; y: int64 (N,) their labels.
+
+        Returns:
+          float64 (N,).
+        """
+        self.damped()      # fits first if needed; refuses a singular F + λI
+        key = str(self.damping_spec)
+        if self._self is None or self._self[0] != key:
+            d = self.obj.d
+            self._self = (key, SelfInfluenceGraph(self.signals, self.fitted, self.damping_spec, d.x_spec,
+                                                  d.y_spec, self.name))
+        return self._self[1](x, y)
 
 
 class EKFACSolver(KFACSolver):

@@ -1,6 +1,10 @@
 """The two TensorFlow passes over the training archive that fit K-FAC / EK-FAC, as float64 sums over
 any range of images (so :mod:`influence.distributed` can shard them and add the shards up).
 
+:class:`FittingPasses` takes its inputs explicitly -- the chunk's layer signals
+(:class:`~influence.curvature.kfac_signals.LayerSignals`), the plan, the training objective (archive,
+``n``, ``chunk``), the Fisher's seed -- and returns its sums; it keeps nothing of the fit.
+
 Pass 1 (:meth:`FittingPasses.factor_sums`), with the patches ``a_{n,p}`` and signals ``δ_{n,p}`` of
 :mod:`influence.curvature.kfac_signals`, sums per Kronecker layer (divided by ``n`` once all are in)::
 
@@ -15,8 +19,8 @@ per-image weight gradient ``(K+1, C_out)``.
 Fitting streams the training archive in chunks of ``objective.chunk`` images: one pass for the
 factors (float64 numpy sums of each chunk's products), float64 eigendecompositions one block at a
 time (:mod:`influence.curvature.kfac_state`), and (EK-FAC) one more pass for ``Λ``. The products of a
-chunk run in the model's dtype; the sums are numpy float64 arrays, not TensorFlow variables (issue
-16: TensorFlow's CPU allocator keeps freed memory, so nothing large is summed inside TensorFlow).
+chunk run in the model's dtype; the sums are numpy float64 arrays, not TensorFlow variables
+(TensorFlow's CPU allocator keeps freed memory, so nothing large is summed inside TensorFlow).
 """
 import gc
 
@@ -24,6 +28,7 @@ import numpy as np
 import tensorflow as tf
 
 from influence.curvature.kfac_plan import KronBlock
+from influence.curvature.kfac_signals import kron_inputs, rotate_last
 from influence.progress import progress as progress_bar
 
 #: bytes of the per-image rotated gradients held at once in the eigenvalue pass of a conv layer
@@ -31,12 +36,31 @@ MICRO_BYTES = 64 * 2**20
 
 
 class FittingPasses:
-    """Mixin of :class:`influence.curvature.ekfac.KFACSolver`: pass 1 and pass 2 as float64 sums.
+    """Pass 1 and pass 2 over ranges of training images, as float64 sums.
 
-    Reads from the solver: ``obj``, ``plan``, ``name``, ``fisher``, ``seed``, ``progress``,
-    ``_compute_dtype``, ``_kept`` and :class:`~influence.curvature.kfac_signals.LayerSignals`'s methods;
-    :meth:`eigen_sums` reads the solver's :meth:`eigenbasis` when it is given none.
+    Args:
+      signals: a :class:`~influence.curvature.kfac_signals.LayerSignals` (the tapped model and its Fisher).
+      plan: the blocks (:func:`influence.curvature.kfac_plan.make_plan`).
+      objective: the training objective: ``archive``, ``n``, ``chunk`` and ``d`` (the model's dtype
+        and input specs).
+      seed: seed of the sampled Fisher labels (read when ``signals.fisher`` is ``"sampled"``).
+      name: prefix of the progress bars; progress: show them.
+
+    It holds nothing of the fit; only, with ``keep=True``, the traced passes and the eigenvector
+    variables of pass 2 for the next call.
     """
+
+    def __init__(self, signals, plan, objective, seed, name, progress=True):
+        self.signals = signals
+        self.plan = plan
+        self.obj = objective
+        self.seed = int(seed)
+        self.name = name
+        self.progress = progress
+        #: dtype of the per-chunk products: the model's (the sums are float64)
+        self.compute_dtype = objective.d.dtype
+        self._kept = {}           # traced passes and pass-2 variables kept between calls (keep=True)
+        self._bases = {}          # {layer: {"QA": [tf.Variable], "QS": [...]}} while pass 2 runs
 
     def _factor_chunk(self, x, y, u):
         """Pass 1 on one chunk: ``{key: product}`` added by :meth:`factor_sums` to its float64 sums.
@@ -47,7 +71,7 @@ class FittingPasses:
         TensorFlow variables: TensorFlow's CPU allocator keeps what it once held (oneDNN's pool), so
         float64 sums inside it would stay resident next to their numpy copies for the rest of the run.
         """
-        grouped = self._signals(x, y, u)
+        grouped = self.signals.signals(x, y, u)
         images = tf.shape(x)[0]
         out, prev = {}, []
         for b in self.plan:
@@ -59,7 +83,7 @@ class FittingPasses:
             with tf.control_dependencies(prev):
                 mine = {}
                 if isinstance(b, KronBlock):
-                    a, dl, _ = self._kron_inputs(b, recs, self._compute_dtype)
+                    a, dl, _ = kron_inputs(b, recs, self.compute_dtype)
                     mine[f"{b.name}.P"] = tf.cast(tf.shape(a)[1], tf.float64)
                     af = tf.reshape(a[:images], [-1, b.k1])        # A: each image once
                     df = tf.reshape(dl, [-1, b.c_out])
@@ -68,7 +92,7 @@ class FittingPasses:
                     for i, (s, e) in enumerate(b.s_bounds):
                         mine[f"{b.name}.S.{i}"] = tf.matmul(df[:, s:e], df[:, s:e], transpose_a=True)
                 else:
-                    for i, g in enumerate(self._per_image_grads(b, recs)):
+                    for i, g in enumerate(self.signals.per_image_grads(b, recs)):
                         mine[f"{b.name}.diag.{i}"] = tf.reduce_sum(tf.square(g), axis=0)
             out.update(mine)
             prev = list(mine.values())
@@ -77,8 +101,9 @@ class FittingPasses:
     def _eigen_chunk(self, x, y, u):
         """Pass 2 on one chunk: ``{"L.Lambda": Σ_n (Q_Aᵀ G_n Q_S)²}`` of the chunk per Kronecker layer,
         added by :meth:`eigen_sums` to its float64 sum (the flat Dense product in the model's dtype;
-        conv layers' micro-batch sums in float64). The eigenvectors are variables in the model's dtype."""
-        grouped = self._signals(x, y, u)
+        conv layers' micro-batch sums in float64). The eigenvectors are variables in the model's dtype
+        (``_bases``, set by :meth:`eigen_sums`)."""
+        grouped = self.signals.signals(x, y, u)
         out, prev = {}, []
         for b in self.plan:
             recs = grouped.get(id(b.layer))
@@ -91,10 +116,11 @@ class FittingPasses:
 
     def _eigen_layer(self, b, recs):
         """One Kronecker layer's ``Σ_n (Q_Aᵀ G_n Q_S)²`` over the chunk (see :meth:`_eigen_chunk`)."""
-        dtype = self._compute_dtype
-        a, dl, flat = self._kron_inputs(b, recs, dtype)
-        at = self._rotate_last(a, b.acc["QA"], b.a_bounds)     # (N, P, K1)
-        dt = self._rotate_last(dl, b.acc["QS"], b.s_bounds)    # (N, P, C)
+        dtype = self.compute_dtype
+        a, dl, flat = kron_inputs(b, recs, dtype)
+        basis = self._bases[b.name]
+        at = rotate_last(a, basis["QA"], b.a_bounds)     # (N, P, K1)
+        dt = rotate_last(dl, basis["QS"], b.s_bounds)    # (N, P, C)
         if flat:   # G̃_n = ã_n δ̃_nᵀ: Σ_n G̃_n² = (ã²)ᵀ (δ̃²)
             return tf.matmul(tf.square(at[:, 0]), tf.square(dt[:, 0]), transpose_a=True)
         m = max(1, MICRO_BYTES // (8 * b.k1 * b.c_out))
@@ -110,7 +136,7 @@ class FittingPasses:
 
     # --- passes ----------------------------------------------------------------------------------------
     def _uniforms(self):
-        if self.fisher == "sampled":
+        if self.signals.fisher == "sampled":
             return np.random.default_rng(self.seed).random(self.obj.n)
         return np.zeros(self.obj.n)
 
@@ -187,27 +213,29 @@ class FittingPasses:
 
     def eigen_sums(self, start=0, stop=None, basis=None, keep=False):
         """Pass 2 (EK-FAC) over images ``[start, stop)``: ``{"L.Lambda": Σ_n (Q_Aᵀ G_n Q_S)²}`` per
-        Kronecker layer, float64, not yet divided by n. ``basis``: an :meth:`eigenbasis` (default: this
-        solver's own, after :meth:`set_factors`); ``keep`` as in :meth:`factor_sums` (the eigenvector
-        variables are kept too).
+        Kronecker layer, ``(K1, C)`` float64, not yet divided by n. ``basis``: the eigenbasis of pass 1,
+        ``{layer: {"QA": [(b, b), ...], "QS": [...]}}``
+        (:meth:`influence.curvature.kfac_state.KroneckerFit.eigenbasis`); ``keep`` as in
+        :meth:`factor_sums` (the eigenvector variables are kept too).
 
         TensorFlow holds the eigenvectors in the model's dtype (the pass's products run in it anyway)
         and one chunk's ``Λ`` products; the float64 sums are numpy arrays added to in place."""
-        basis = self.eigenbasis() if basis is None else basis
-        dtype = self._compute_dtype.as_numpy_dtype
+        if basis is None:
+            raise ValueError(f"{self.name}: pass 2 needs the eigenbasis of pass 1")
+        dtype = self.compute_dtype.as_numpy_dtype
         kept = self._kept.get("eigen") if keep else None
         for b in self.plan:
             if isinstance(b, KronBlock):
                 if kept is not None:
-                    b.acc = kept[b.name]
+                    self._bases[b.name] = kept[b.name]
                     for which in ("QA", "QS"):
-                        for var, q in zip(b.acc[which], basis[b.name][which]):
+                        for var, q in zip(kept[b.name][which], basis[b.name][which]):
                             var.assign(q.astype(dtype, copy=False))
                     continue
-                b.acc = {which: [tf.Variable(q.astype(dtype, copy=False), trainable=False)
-                                 for q in basis[b.name][which]] for which in ("QA", "QS")}
+                self._bases[b.name] = {which: [tf.Variable(q.astype(dtype, copy=False), trainable=False)
+                                               for q in basis[b.name][which]] for which in ("QA", "QS")}
         if keep:
-            self._kept["eigen"] = {b.name: b.acc for b in self.plan if isinstance(b, KronBlock)}
+            self._kept["eigen"] = dict(self._bases)
         sums = {f"{b.name}.Lambda": np.zeros((b.k1, b.c_out)) for b in self.plan if isinstance(b, KronBlock)}
 
         def add(out):
@@ -220,7 +248,5 @@ class FittingPasses:
             self._stream(self._eigen_chunk, f"{self.name} eigenvalues", start, stop, keep, add)
         finally:
             if not keep:
-                for b in self.plan:
-                    if isinstance(b, KronBlock):
-                        b.acc = {}
+                self._bases = {}
         return sums

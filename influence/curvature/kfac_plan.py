@@ -28,12 +28,12 @@ unfolded, ...) get a diagonal block: ``E_n[g_n²]`` per parameter from per-image
 Memory. The factor memory (factors + eigenbases + ``Λ``, float64, :func:`kron_factor_bytes` summed:
 ``factor_bytes``) and the fit's peak with its copies and workspaces (:func:`fit_bytes`) are estimated
 first and refused with a :class:`UserError` when they exceed ``memory_budget`` (:func:`check_budget`);
-``engine.plan_memory`` gives the fit's chunk what is left (issue 16: TensorFlow's CPU allocator keeps
-freed memory, so nothing large is summed inside TensorFlow).
+``engine.plan_memory`` gives the fit's chunk what is left (TensorFlow's CPU allocator keeps freed
+memory, so nothing large is summed inside TensorFlow).
 """
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -111,7 +111,6 @@ class KronBlock:
     a_bounds: list
     s_bounds: list
     reg_rows: np.ndarray      # (K1,) regulariser Hessian per row
-    acc: dict = field(default_factory=dict)
 
     @property
     def k1(self):
@@ -131,7 +130,6 @@ class DiagBlock:
     shapes: list
     reg: np.ndarray           # (size,) regulariser Hessian per parameter
     why: str = ""
-    acc: list = field(default_factory=list)
 
     @property
     def size(self):
@@ -227,7 +225,7 @@ def fit_bytes(plan, kinds, corrected, item):
     steps = [8 * entries + item * entries + 16 * diag,                       # pass 1
              held + 8 * 5 * block,                                           # eigh, one block
              held + 8 * lam + item * entries + lam_out,                      # pass 2
-             held + 8 * lam + 8 * big,                                       # _damped without compact
+             held + 8 * lam + 8 * big,                                       # damped without compact
              held + 8 * lam + item * entries,                                # compact: the eigenvectors
              8 * (eig + diag + lam + big) + item * (entries + lam_all)]      # compact: the damped Λ
     return int(max(steps))

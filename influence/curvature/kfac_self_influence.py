@@ -7,24 +7,54 @@ The matrix is block-diagonal, so the score is a sum over layers. A Kronecker lay
 with ``ã = Q_Aᵀa``, ``δ̃ = Q_Sᵀδ`` (no per-image matrix); conv layers form ``G̃_i`` in micro-batches of
 ``MICRO_BYTES``. A diagonal layer's share is ``Σ_k g_ik² / (d_k + r_k + λ)``. The graph works in
 float64 whatever the model's dtype (influence.scoring.self_influence drives it).
+
+:class:`SelfInfluenceGraph` is built from its inputs -- the layer signals, a
+:class:`~influence.curvature.kfac_state.KroneckerFit` (float64, not compacted) and a damping -- and is
+valid for that pair only; the solver builds a new one when either changes.
 """
 import numpy as np
 import tensorflow as tf
 
 from influence.curvature.kfac_passes import MICRO_BYTES
 from influence.curvature.kfac_plan import DiagBlock, KronBlock
+from influence.curvature.kfac_signals import kron_inputs, rotate_last
+from influence.curvature.kfac_solve import block_damping
 
 
-class SelfInfluence:
-    """Mixin of :class:`influence.curvature.ekfac.KFACSolver`: :meth:`self_influence_batch`.
+class SelfInfluenceGraph:
+    """``gᵢᵀ (F + R + λI)⁻¹ gᵢ`` of training images for one fitted state and one damping.
 
-    Reads from the solver: ``obj``, ``plan``, ``name``, ``damping_spec``, ``_fits``, ``_compacted``,
-    ``_eig``, ``_undamped``, ``_block_damping``, ``_damped`` and the
-    :class:`~influence.curvature.kfac_signals.LayerSignals` methods; keeps its compiled graph and
-    its float64 variables in ``_self_fn``, ``_self_vars`` (keyed by ``_self_key``).
+    Args:
+      signals: a :class:`~influence.curvature.kfac_signals.LayerSignals` (the tapped model; the labels
+        here are the images' own).
+      fit: a :class:`~influence.curvature.kfac_state.KroneckerFit` with its float64 eigenvectors and
+        eigenvalues (RuntimeError when compacted).
+      spec: the damping (influence.curvature.damping): ``λ`` per block from the fit's ``Λ + ρ``.
+      x_spec, y_spec: the TensorSpecs of a batch of images and of their labels.
+
+    Holds ``1 / (Λ + ρ + λ)`` and the eigenvectors as float64 TensorFlow variables and one compiled graph.
     """
 
-    def self_influence_batch(self, x, y):
+    def __init__(self, signals, fit, spec, x_spec, y_spec, name="kfac"):
+        if fit.compacted:
+            raise RuntimeError(f"{name}: self-influence after compact(); run it before compacting")
+        self.signals = signals
+        self.plan = fit.plan
+        self.vars = {}
+        for b in self.plan:
+            # this graph works in float64 whatever the model's dtype: 1 / (Λ + ρ + λ) from the float64
+            # eigenvalues, not from the solve's copy in the model's dtype
+            den = fit.undamped(b)
+            den += block_damping(spec, den)
+            parts = {"inv": tf.Variable(1.0 / den, trainable=False)}
+            if isinstance(b, KronBlock):
+                eig = fit.eig[b.name]
+                parts["QA"] = [tf.Variable(q, trainable=False) for q in eig["QA"]]
+                parts["QS"] = [tf.Variable(q, trainable=False) for q in eig["QS"]]
+            self.vars[b.name] = parts
+        self.fn = tf.function(self.graph, input_signature=[x_spec, y_spec])
+
+    def __call__(self, x, y):
         """``gᵢᵀ (F + R + λI)⁻¹ gᵢ`` of each image with its TRUE label, without forming the inverse-HVP.
 
         Args:
@@ -36,43 +66,25 @@ class SelfInfluence:
           is ``(ã_i²)ᵀ D⁻¹ (δ̃_i²)`` with ``ã = Q_Aᵀa``, ``δ̃ = Q_Sᵀδ`` (no per-image matrix); conv layers
           form ``G̃_i`` in micro-batches. Diagonal layer: ``Σ_k g_ik² / (d_k + r_k + λ)``.
         """
-        self._damped()      # fits first if needed; refuses a singular F + λI
-        key = (self._fits, str(self.damping_spec))
-        if self._self_key != key:
-            if self._compacted:
-                raise RuntimeError(f"{self.name}: self-influence after compact(); run it before compacting")
-            self._self_vars = {}
-            for b in self.plan:
-                # this graph works in float64 whatever the model's dtype: 1 / (Λ + ρ + λ) from the float64
-                # eigenvalues, not from the solve's copy in the model's dtype
-                den = self._undamped(b)
-                den += self._block_damping(den)
-                parts = {"inv": tf.Variable(1.0 / den, trainable=False)}
-                if isinstance(b, KronBlock):
-                    eig = self._eig[b.name]
-                    parts["QA"] = [tf.Variable(q, trainable=False) for q in eig["QA"]]
-                    parts["QS"] = [tf.Variable(q, trainable=False) for q in eig["QS"]]
-                self._self_vars[b.name] = parts
-            d = self.obj.d
-            self._self_fn = tf.function(self._self_influence_graph, input_signature=[d.x_spec, d.y_spec])
-            self._self_key = key
-        return self._self_fn(x, np.asarray(y, np.int64)).numpy()
+        return self.fn(x, np.asarray(y, np.int64)).numpy()
 
-    def _self_influence_graph(self, x, y):
-        grouped = self._signals(x, y, None, true_labels=True)
+    def graph(self, x, y):
+        """The traced body of :meth:`__call__`: (N, ...) images, (N,) int64 labels -> (N,) float64."""
+        grouped = self.signals.signals(x, y, None, true_labels=True)
         total = tf.zeros(tf.shape(y), tf.float64)
         for b in self.plan:
             recs = grouped.get(id(b.layer))
             if not recs:
                 continue
-            v = self._self_vars[b.name]
+            v = self.vars[b.name]
             if isinstance(b, DiagBlock):
-                g = tf.concat([tf.reshape(t, [tf.shape(t)[0], -1]) for t in self._per_image_grads(b, recs)], 1)
+                g = tf.concat([tf.reshape(t, [tf.shape(t)[0], -1])
+                               for t in self.signals.per_image_grads(b, recs)], 1)
                 total += tf.reduce_sum(tf.square(g) * v["inv"], axis=1)
                 continue
-            a, dl, flat = self._kron_inputs(b, recs)
-            at = self._rotate_last(a, v["QA"], b.a_bounds)      # (N, P, K1)
-            dt = self._rotate_last(dl, v["QS"], b.s_bounds)     # (N, P, C)
+            a, dl, flat = kron_inputs(b, recs)
+            at = rotate_last(a, v["QA"], b.a_bounds)      # (N, P, K1)
+            dt = rotate_last(dl, v["QS"], b.s_bounds)     # (N, P, C)
             if flat:
                 total += tf.reduce_sum(tf.matmul(tf.square(at[:, 0]), v["inv"]) * tf.square(dt[:, 0]), axis=1)
                 continue

@@ -4,8 +4,8 @@ self-influence graph (:mod:`influence.curvature.kfac_self_influence`).
 
 For image ``n`` a Kronecker layer sees input patches ``a_{n,p} = [patch_p, 1]`` (``P`` output
 positions; ``P = 1`` for Dense on flat input) and backward signals ``δ_{n,p} = ∂L_n/∂z_p``
-(:meth:`LayerSignals._kron_inputs`); a diagonal layer's per-image gradients come from its own
-vectorised tapes (:meth:`LayerSignals._per_image_grads`).
+(:func:`kron_inputs`); a diagonal layer's per-image gradients come from its own vectorised tapes
+(:meth:`LayerSignals.per_image_grads`).
 
 Labels (``fisher``):
 
@@ -91,15 +91,47 @@ def sample_labels(probs, uniforms):
     return tf.minimum(k, tf.cast(tf.shape(probs)[1] - 1, tf.int64))
 
 
+def kron_inputs(b, recs, dtype=tf.float64):
+    """``(a, δ, flat)`` of a Kronecker block ``b`` from its records ``recs`` (:meth:`LayerSignals.signals`):
+    ``a`` (N, P, K1) with the bias column and ``δ`` (N, P, C), both cast to ``dtype``; ``flat``: P = 1
+    statically (a Dense layer on a flat input)."""
+    flat = len(recs) == 1 and recs[0][0] == "dense" and recs[0][1].shape.rank == 2
+    if flat:
+        a = recs[0][1][:, None, :]
+        dl = recs[0][2][:, None, :]
+    else:
+        a = tf.concat([patches(b.layer, kind, x_l) for kind, x_l, _ in recs], axis=1)
+        dl = tf.concat([flat_signal(delta) for _, _, delta in recs], axis=1)
+    a = tf.cast(a, dtype)
+    if b.bias_pos is not None:
+        a = tf.concat([a, tf.ones_like(a[..., :1])], axis=-1)
+    return a, tf.cast(dl, dtype), flat
+
+
+def rotate_last(t, qs, bounds):
+    """``t @ blockdiag(qs)``: (…, D) -> (…, D), ``qs`` the (b, b) blocks covering ``bounds`` [(start, stop)]."""
+    return tf.concat([tf.tensordot(t[..., s:e], q, axes=[[t.shape.rank - 1], [0]])
+                      for (s, e), q in zip(bounds, qs)], axis=-1)
+
 
 class LayerSignals:
-    """Mixin of :class:`influence.curvature.ekfac.KFACSolver`: one chunk's per-layer records.
+    """One chunk's per-layer records of a tapped model, for one Fisher.
 
-    Reads from the solver: ``obj`` (the training objective), ``fisher``, ``_kinds``
-    (``{id(layer): linear_kind}``), ``variables`` (the flat variable list) and ``plan``'s blocks.
+    Args:
+      derivs: the model's derivatives (:class:`influence.model.hvp.Derivatives`: ``clf``,
+        ``per_example_loss``).
+      kinds: ``{id(layer): linear_kind(layer)}`` of the layers to tap.
+      variables: the flat variable list (the plan's positions index it).
+      fisher: the resolved Fisher kind (:func:`resolve_fisher`).
     """
 
-    def _signals(self, x, y, u, true_labels=False):
+    def __init__(self, derivs, kinds, variables, fisher):
+        self.derivs = derivs
+        self.kinds = kinds
+        self.variables = list(variables)
+        self.fisher = fisher
+
+    def signals(self, x, y, u, true_labels=False):
         """Records of one chunk grouped by layer: {id(layer): [(kind, input, δ), ...]}.
 
         Rows are images; for the "true" Fisher they are (class, image) pairs, class-major: the
@@ -108,11 +140,11 @@ class LayerSignals:
         every input are the chunk's images. With ``true_labels`` (self-influence) δ is taken with the
         labels ``y``.
         """
-        d = self.obj.d
+        d = self.derivs
         true = self.fisher == "true" and not true_labels
         top = None if true_labels else top_classes(self.fisher)
         with tf.GradientTape(persistent=true or top is not None) as tape:
-            tap = Tap(tape, self._kinds)
+            tap = Tap(tape, self.kinds)
             logits = d.clf.image_logits(x, tap=tap)
             probs = tf.nn.softmax(tf.cast(tf.stop_gradient(logits), tf.float64))
             if true:
@@ -147,22 +179,7 @@ class LayerSignals:
             grouped.setdefault(id(layer), []).append((kind, x_l, delta))
         return grouped
 
-    @staticmethod
-    def _kron_inputs(b, recs, dtype=tf.float64):
-        """float64 ``a`` (N, P, K1) with the bias column and ``δ`` (N, P, C); ``flat``: P = 1 statically."""
-        flat = len(recs) == 1 and recs[0][0] == "dense" and recs[0][1].shape.rank == 2
-        if flat:
-            a = recs[0][1][:, None, :]
-            dl = recs[0][2][:, None, :]
-        else:
-            a = tf.concat([patches(b.layer, kind, x_l) for kind, x_l, _ in recs], axis=1)
-            dl = tf.concat([flat_signal(delta) for _, _, delta in recs], axis=1)
-        a = tf.cast(a, dtype)
-        if b.bias_pos is not None:
-            a = tf.concat([a, tf.ones_like(a[..., :1])], axis=-1)
-        return a, tf.cast(dl, dtype), flat
-
-    def _per_image_grads(self, b, recs):
+    def per_image_grads(self, b, recs):
         """Per-image gradients of a diagonal layer's variables: list of (N, *shape) float64."""
         weights = [self.variables[i] for i in b.positions]
         layer = b.layer
@@ -196,9 +213,3 @@ class LayerSignals:
             g = [tf.cast(gi, tf.float64) for gi in g]
             total = g if total is None else [p + q for p, q in zip(total, g)]
         return total
-
-    @staticmethod
-    def _rotate_last(t, qs, bounds):
-        """(…, D) @ blockdiag(qs) -> (…, D)."""
-        return tf.concat([tf.tensordot(t[..., s:e], q, axes=[[t.shape.rank - 1], [0]])
-                          for (s, e), q in zip(bounds, qs)], axis=-1)

@@ -10,20 +10,19 @@ solved as::
 
 and a diagonal layer's part as ``v ⊘ (E[g²] + 2c + λ)``. ``λ`` is the damping, or per layer a factor
 of the mean of its ``Λ + ρ`` when the damping is relative (influence.curvature.damping). The
-damped eigenvalues are formed once per damping, in the model's dtype, and every product runs in it.
+damped eigenvalues ``Λ + ρ + λ`` are formed from a :class:`~influence.curvature.kfac_state.KroneckerFit`
+and a damping by :func:`damped_eigenvalues` (once per damping, by the caller), in the model's dtype,
+and every product runs in it; :class:`KroneckerSolve` takes the eigenvectors and those damped
+eigenvalues as arguments of every call.
 A rank-one ``V`` (one image through a Dense layer on a flat input: ``a δᵀ``) is rotated as
 ``(Q_Aᵀ a)(Q_Sᵀ δ)ᵀ`` (:func:`rank_one`), checked only on layers of at least ``RANK_ONE_MIN`` weights.
 """
-import logging
-
 import numpy as np
 import tensorflow as tf
 
 from influence.curvature.kfac_plan import DiagBlock, KronBlock
 from influence.errors import SettingError
 from influence.model.hvp import vec_to_numpy
-
-log = logging.getLogger(__name__)
 
 #: a layer's F + R + λI counts as singular below this fraction of its largest eigenvalue
 SINGULAR = 1e-12
@@ -80,59 +79,64 @@ def rank_one(mat, rtol, rows=4096):
     return (u, w) if err <= rtol * rtol * total else None
 
 
-class KroneckerSolve:
-    """Mixin of :class:`influence.curvature.ekfac.KFACSolver`: ``solve``, ``solve_stacked``, ``precondition``.
+def block_damping(spec, undamped):
+    """λ of one block from its ``Λ + ρ`` (float64 array): the damping ``spec``'s value, or its factor
+    times their mean when relative (influence.curvature.damping)."""
+    return spec.for_block(float(np.mean(undamped)) if undamped.size else 0.0)
 
-    Reads from the solver: ``plan``, ``name``, ``variables``, ``damping_spec``, ``info``,
-    ``_compute_dtype``, ``_fitted``, ``_eig`` and ``_undamped`` (the fitted state), ``fit``; keeps
-    the damped eigenvalues in ``_dens``.
+
+def damped_eigenvalues(fit, spec, dtype, name):
+    """``Λ + ρ + λ`` of every block of a :class:`~influence.curvature.kfac_state.KroneckerFit`.
+
+    Args:
+      fit: the fitted state; spec: the damping (influence.curvature.damping); dtype: the numpy dtype of
+        the result (the model's); name: the solver's name for the error.
+
+    Returns:
+      ``(dens, lams)``: ``{layer: Λ + ρ + λ}`` in ``dtype`` (Kronecker: (K1, C); diagonal: (size,)) and
+      ``{layer: λ}`` (floats). SettingError when a block of ``F + R + λI`` is singular.
+    """
+    dens, lams = {}, {}
+    for b in fit.plan:
+        den = fit.undamped(b)
+        lams[b.name] = lam = block_damping(spec, den)
+        den += lam
+        if den.min() <= SINGULAR * max(float(den.max()), 1e-300):
+            raise SettingError("damping", f"F + λI of solver {name} is singular in layer {b.name} (a Fisher "
+                                          f"eigenvalue is {float(den.min()) - lam:.3g}); give a damping > 0")
+        dens[b.name] = den.astype(dtype, copy=False)
+        del den
+    return dens, lams
+
+
+class KroneckerSolve:
+    """``(F + R + λI)⁻¹ v`` for the blocks of ``plan``, written into arrays shaped like ``variables``.
+
+    Args:
+      plan: the blocks (:func:`influence.curvature.kfac_plan.make_plan`).
+      variables: the flat variable list (shapes of the results).
+      dtype: the model's numpy dtype (every product runs in it).
+
+    Every call takes the fitted part explicitly: ``basis`` ``{layer: {"QA": [(b, b)], "QS": [(b, b)]}}``
+    (:attr:`KroneckerFit.eig <influence.curvature.kfac_state.KroneckerFit>`) and ``dens`` ``{layer:
+    Λ + ρ + λ}`` (:func:`damped_eigenvalues`).
     """
 
-    #: solve_stacked writes each solution into its slot of the stacked result: gradient + solution
-    copies_per_vector = 2
+    def __init__(self, plan, variables, dtype):
+        self.plan = plan
+        self.shapes = [tuple(var.shape) for var in variables]
+        self.dtype = dtype
 
     @property
     def workspace_bytes(self):
-        """Transient bytes of one :meth:`solve_stacked` vector: three (K1, C) matrices of the largest layer."""
-        item = np.dtype(self._compute_dtype.as_numpy_dtype).itemsize
+        """Transient bytes of one :meth:`stacked` vector: three (K1, C) matrices of the largest layer."""
+        item = np.dtype(self.dtype).itemsize
         return 3 * item * max([b.k1 * b.c_out for b in self.plan if isinstance(b, KronBlock)] + [0])
 
-    def _damped(self):
-        """{layer name: Λ + ρ + λ} in the model's dtype (Kronecker: (K1, C); diagonal: (size,)), formed
-        once per damping; fits first if needed."""
-        if not self._fitted:
-            self.fit()
-        key = str(self.damping_spec)
-        if self._dens is not None and self._dens[0] == key:
-            return self._dens[1]
-        dtype = self._compute_dtype.as_numpy_dtype
-        dens, lams = {}, {}
-        for b in self.plan:
-            den = self._undamped(b)
-            lams[b.name] = lam = self._block_damping(den)
-            den += lam
-            if den.min() <= SINGULAR * max(float(den.max()), 1e-300):
-                raise SettingError("damping", f"F + λI of solver {self.name} is singular in layer {b.name} (a Fisher "
-                                              f"eigenvalue is {float(den.min()) - lam:.3g}); give a damping > 0")
-            dens[b.name] = den.astype(dtype, copy=False)
-            del den
-        if self.damping_spec.relative:
-            self.info["damping_per_layer"] = {name: float(f"{lam:.6g}") for name, lam in lams.items()}
-            log.info("%s: damping %s -> per layer %s", self.name, self.damping_spec,
-                     ", ".join(f"{name} {lam:.3g}" for name, lam in lams.items()))
-        self._dens = (key, dens)
-        return dens
-
-    def _block_damping(self, undamped):
-        """λ of one block from its ``Λ + ρ`` (float64 array): ``--damping`` itself, or the factor times
-        their mean (influence.curvature.damping)."""
-        return self.damping_spec.for_block(float(np.mean(undamped)) if undamped.size else 0.0)
-
-    def _inverse_into(self, v, parts):
+    def inverse_into(self, basis, dens, v, parts):
         """``(F + R + λI)⁻¹ v`` for one Vec ``v``, written into ``parts`` (numpy arrays shaped like the
         variables, one per variable; the products run in the model's dtype)."""
-        dens = self._damped()
-        dtype = self._compute_dtype.as_numpy_dtype
+        dtype = self.dtype
         for b in self.plan:
             den = dens[b.name]
             if isinstance(b, DiagBlock):
@@ -143,7 +147,7 @@ class KroneckerSolve:
                     parts[i][...] = flat[at:at + size].reshape(shape)
                     at += size
                 continue
-            eig = self._eig[b.name]
+            eig = basis[b.name]
             qa, qs = ([q.astype(dtype, copy=False) for q in eig[k]] for k in ("QA", "QS"))
             mat = np.empty((b.k1, b.c_out), dtype)
             mat[:b.k_in] = np.asarray(v[b.kernel_pos]).reshape(b.k_in, b.c_out)
@@ -165,37 +169,27 @@ class KroneckerSolve:
             if b.bias_pos is not None:
                 parts[b.bias_pos][...] = sol[b.k_in]
 
-    def _inverse(self, vectors):
+    def inverse(self, basis, dens, vectors):
         """[(F + R + λI)⁻¹ v] for Vecs ``v`` -> list of Vecs (dtype of the model)."""
         out = []
         for v in vectors:
-            parts = [np.empty(tuple(var.shape), self._compute_dtype.as_numpy_dtype) for var in self.variables]
-            self._inverse_into(v, parts)
+            parts = [np.empty(shape, self.dtype) for shape in self.shapes]
+            self.inverse_into(basis, dens, v, parts)
             out.append(tuple(tf.constant(p) for p in parts))
         return out
 
-    def solve(self, vectors, ids=None):
-        return self._inverse(list(vectors))
-
-    def solve_stacked(self, vectors, ids=None):
-        """The inverse-HVPs of ``vectors`` stacked (a Vec with a leading axis T), written in place: the
-        only full-size arrays are the T results (no per-vector copies). ``vectors`` is emptied as each
-        is solved, so the caller's test gradients are freed on the way."""
-        if not isinstance(vectors, list):
-            vectors = list(vectors)
+    def stacked(self, basis, dens, vectors):
+        """The inverse-HVPs of ``vectors`` (a list of T Vecs) stacked (a Vec with a leading axis T),
+        written in place: the only full-size arrays are the T results (no per-vector copies).
+        ``vectors`` is emptied as each is solved, so the caller's test gradients are freed on the way."""
         t = len(vectors)
-        dtype = self._compute_dtype.as_numpy_dtype
-        stacked = [np.empty((t,) + tuple(var.shape), dtype) for var in self.variables]
+        stacked = [np.empty((t,) + shape, self.dtype) for shape in self.shapes]
         for j in range(t):
             v = vectors[j]
             vectors[j] = None
-            self._inverse_into(v, [s[j] for s in stacked])
+            self.inverse_into(basis, dens, v, [s[j] for s in stacked])
             del v
         out = []
         while stacked:          # one part at a time into TensorFlow, so at most one part is held twice
             out.append(tf.constant(stacked.pop(0)))
         return tuple(out)
-
-    def precondition(self, vec):
-        """``(F + R + λI)⁻¹ vec`` for one Vec (the same as one :meth:`solve`)."""
-        return self._inverse([vec])[0]

@@ -39,7 +39,7 @@ sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
 
-SECTIONS = ("demo", "vgg16", "prepare", "calculate", "krylov", "truth")
+SECTIONS = ("demo", "vgg16", "prepare", "calculate", "krylov", "truth", "outputs")
 RESULTS = []  # dicts: section, name, value, unit, target (str), ok (bool/None), note, failed (bool)
 TAIL_LINES = 5  # lines of a failure's error shown under the table
 
@@ -618,6 +618,65 @@ def bench_truth(args):
 
 
 # ----------------------------------------------------------------------------- report
+
+def bench_outputs(args):
+    """Writing a test image's files against scoring it, before (:data:`benchmarks.outputs.BASELINE`) and now:
+    per output kind in one process, and whole calculate.py runs (benchmarks/outputs.py)."""
+    import json
+
+    from benchmarks import outputs as bo
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench_outputs_"))
+    base = None
+    try:
+        demo_root = _demo_data(tmp)
+        base = bo.baseline_tree(tmp, say)
+        trees = ([("before", base)] if base else []) + [("after", REPO)]
+        say(f"[outputs] per output kind, {bo.KIND_IMAGES} test images of the demo's training archive, png")
+        kinds = {label: bo.kind_times(tree, demo_root / "train.npz") for label, tree in trees}
+        for kind in kinds["after"]:
+            before = kinds.get("before", {}).get(kind)
+            record("outputs", f"{kind}: ms per test image", kinds["after"][kind] * 1e3, "ms",
+                   note="" if before is None else f"before {before * 1e3:.1f} ms "
+                                                 f"({before / kinds['after'][kind]:.1f}x)")
+        totals = {label: sum(k.values()) for label, k in kinds.items()}
+        mlp = bo.build_mlp_data(tmp / "mlp")
+        cases = {"make demo": ["--data", str(demo_root), "--model", str(demo_root / "model.keras"), "--preprocess",
+                               "unit", "--self-influence", "-sf", "png"],
+                 "MLP, 1 000 images, ekfac, 40 test images": ["--data", str(mlp), "--model", str(mlp / "model.keras"),
+                                                              "--preprocess", "unit", "--solver", "ekfac", "-sf",
+                                                              "png", "--folders", "orig"]}
+        peaks = {}
+        for case, case_args in cases.items():
+            for label, tree in trees:
+                out = tmp / f"out_{label}_{len(peaks)}"
+                say(f"  calculate.py ({label}): {case}")
+                code, wall, peak, _, tail = run_measured([sys.executable, str(Path(tree) / "calculate.py"),
+                                                          *case_args, "--out", str(out)])
+                if code != 0:
+                    raise RuntimeError(f"calculate.py ({label}, {case}) exited {code}:\n{tail}")
+                run = json.loads((out / "run.json").read_text())
+                tm, done = run["timings"], run["counts"]["test_images_done"]
+                scoring = sum(tm.get(k, 0.0) for k in ("test_gradients_s", "inverse_hvp_s", "scoring_s"))
+                say("    run.json timings: " + ", ".join(f"{k} {v:.2f}" for k, v in tm.items()))
+                target = dict(target=25, op="<=") if label == "after" else {}
+                record("outputs", f"{case} ({label}): writing, % of the run", 100 * tm["writing_s"] / tm["total_s"],
+                       "%", note=f"writing {tm['writing_s']:.1f} s of {tm['total_s']:.1f} s, {done} test images",
+                       **target)
+                record("outputs", f"{case} ({label}): writing / scoring per test image",
+                       tm["writing_s"] / max(scoring, 1e-9), "x",
+                       note=f"scoring (gradients, inverse-HVPs, scores) {1e3 * scoring / done:.0f} ms per test image; "
+                            f"one process writes {1e3 * totals[label]:.0f} ms per test image (per-kind rows)",
+                       **(dict(target=4, op="<=") if label == "after" else {}))
+                peaks[(case, label)] = peak
+            if ("before" in kinds) and (case, "before") in peaks:
+                record("outputs", f"{case}: peak RSS after / before", peaks[(case, "after")] / peaks[(case, "before")],
+                       "x", target=1.05, op="<=",
+                       note=f"{peaks[(case, 'before')]:.0f} -> {peaks[(case, 'after')]:.0f} MiB (main process)")
+    finally:
+        bo.drop_tree(base)
+        shutil.rmtree(tmp, ignore_errors=True)
+
 
 def table(rows):
     lines = ["| section | measure | value | target | result | note |", "|---|---|---:|---|---|---|"]

@@ -258,7 +258,7 @@ class Influence:
     def top(self, scores, k=5):
         """The ``k`` most harmful (most negative) and most useful (most positive) training images of
         each row of ``scores`` (T, N) -> list of ``{"harmful": [Ranked], "useful": [Ranked]}``."""
-        from influence.outputs.report import top_indices
+        from influence.outputs.ranking import top_indices
 
         scores = np.atleast_2d(np.asarray(scores))
         cat = self.catalogue()

@@ -6,7 +6,7 @@ Every flag's default is None, so the parsed arguments tell a setting given from 
 """
 from influence.cli import Parser, import_tensorflow_quietly
 from influence.settings import GROUPS, Settings, given_settings, group_of, help_of
-from influence.outputs.report import FIGURE_FORMATS
+from influence.outputs.figure_style import FIGURE_FORMATS
 
 D = Settings()
 
@@ -81,6 +81,8 @@ def build_parser():
     add("-sf", "--save-format", choices=FIGURE_FORMATS)
     add("--top", type=int, metavar="K")
     add("--overwrite", action="store_true")
+    groups[group_of("figures")].add_argument("--no-figures", dest="figures", action="store_false", default=None,
+                                             help=help_of("figures"))
 
     add("--model")
     add("--weights", metavar="imagenet|none|PATH")

@@ -178,13 +178,17 @@ def _calculate(settings, given):
         return _finish(job, inf.solver.info)
     plan = plan_scoring(job, inf, len(tests.todo))
 
+    from influence.outputs.figure_book import FigureBook
     from influence.outputs.writer import OutputWriter, default_workers
 
-    shared = dict(layer_names=inf.layer_names, catalogue=catalogue, top=settings.top, fmt=settings.save_format)
+    shared = dict(layer_names=inf.layer_names, catalogue=catalogue, top=settings.top, fmt=settings.save_format,
+                  figures=settings.figures, book=FigureBook())
     pending = []      # (test images done once a group's outputs are written, its Work): kept results to release
-    with OutputWriter(default_workers(len(tests.todo)), shared=shared) as writer:
+    workers = default_workers(len(tests.todo)) if settings.figures else 0    # the numbers alone: written here
+    with OutputWriter(workers, shared=shared) as writer:
         for start in range(0, len(tests.todo), plan.vectors):
             group = tests.todo[start:start + plan.vectors]
+            t_group = timer()
             grads = test_gradients(job, inf, tests, group)
             stacked = inverse_hvps(job, inf, grads, group)
             del grads
@@ -192,6 +196,7 @@ def _calculate(settings, given):
             shares = score(job, inf, stacked, work, plan)
             del stacked
             pending.append((start + len(group), work))
+            writer.expect(score_s=(timer() - t_group) / len(group), scoring_left=start + len(group) < len(tests.todo))
             write(job, writer, tests, group, shares, catalogue, inputs.train)
             _release_written(job, inf.backend, pending)
             job.record.save(solver_info=inf.solver.info)
@@ -318,7 +323,7 @@ def list_test_items(test, folders, settings):
             for n, i in enumerate(members, start=1):
                 item = TestItem(folder, int(label), n, int(i))
                 items.append(item)
-                if settings.overwrite or not outputs_complete(label_dir, n, settings.save_format):
+                if settings.overwrite or not outputs_complete(label_dir, n, settings.save_format, settings.figures):
                     todo.append(item)
     return items, todo
 
@@ -423,14 +428,15 @@ def write(job, writer, tests, group, shares, catalogue, train):
 
 def _submit_item(job, writer, tests, it, shares, train):
     """One test image's output files to the writer (the displayed training images read here)."""
-    from influence.outputs.report import top_indices
+    from influence.outputs.ranking import top_indices
     from influence.outputs.writer import Prefetched
 
     test = tests.test_image(it)
     scores = shares.sum(axis=1)
     harmful, useful = top_indices(scores, job.settings.top)
     shown = sorted(set(harmful.tolist()) | set(useful.tolist()))
-    fetched = Prefetched(zip(shown, train.take(np.asarray(shown, np.int64))[0])) if shown else Prefetched({})
+    fetched = Prefetched(zip(shown, train.take(np.asarray(shown, np.int64))[0]) if shown and job.settings.figures
+                         else {})
     label_dir = Path(job.settings.out) / it.folder / str(it.label)
     facts = dict(item=it, test=test, worst=int(np.argmin(scores)), best=int(np.argmax(scores)),
                  worst_score=float(scores.min()), best_score=float(scores.max()), dir=label_dir,
@@ -540,8 +546,8 @@ def _open_report(settings, inputs, namer, clf):
     summary = {"model": settings.model, "params": f"{settings.params} ({clf.num_params:,} parameters)",
                "solver": settings.solver, "damping": settings.damping, "training images": len(inputs.train),
                "score": "grad L_test . (H + damping I)^-1 grad L_train; positive = useful, negative = harmful"}
-    return RunReport.scan(settings.out, inputs.train, namer, summary, settings.save_format, test_archive=inputs.test,
-                          first_n=1)
+    return RunReport.scan(settings.out, inputs.train, namer, summary, settings.save_format, figures=settings.figures,
+                          test_archive=inputs.test, first_n=1)
 
 
 def _finish(job, solver_info):

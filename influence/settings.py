@@ -107,6 +107,9 @@ class Settings:
     max_exact_params: int = _setting(10_000, _IHVP, "refuse solver exact above this many parameters", _at_least(1))
     top: int = _setting(5, _DATA, "training images per harmful/useful figure and CSV", _at_least(1))
     save_format: str = _setting("pdf", _DATA, "figure format")
+    figures: bool = _setting(True, _DATA, "draw each test image's harmful/useful strips and summary figure; "
+                                          "--no-figures writes only the CSVs, score dicts and the HTML report "
+                                          "(with its thumbnails), for users who want the numbers")
     folders: list = _setting(None, _DATA, "only these test folders (default: all)")
     limit: int = _setting(0, _DATA, "at most N test images per label and folder; 0 = all",
                           _at_least(0, " (0 = all test images)"))

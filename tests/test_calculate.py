@@ -157,6 +157,26 @@ def test_rerun_skips_finished_images_and_redoes_missing_ones(project):
                         "--folders", "orig"), "other settings", "damping 0.1 -> 0.5")
 
 
+def test_no_figures_writes_the_numbers_and_a_later_run_adds_the_figures(project):
+    args = (*EXACT, "--out", "numbers", "--folders", "orig")
+    r = calc(project, *args, "--no-figures")
+    assert r.returncode == 0, r.stderr
+    out = project / "numbers"
+    d = out / "orig" / "2"
+    assert sorted(p.name for p in d.iterdir()) == ["1.npy", "1_layerwise.csv", "1_scores.npy", "2.npy",
+                                                   "2_layerwise.csv", "2_scores.npy", "harmful_1.csv", "harmful_2.csv",
+                                                   "useful_1.csv", "useful_2.csv"]
+    page = (out / "index.html").read_text()
+    assert "harmful_2.csv" in page and "harmful_2.png" not in page
+    assert json.loads((out / "run.json").read_text())["counts"]["test_images_done"] == 4
+    scores = np.load(d / "2_scores.npy")
+    r = calc(project, *args)                    # figures are not a math setting: the same folder takes them
+    assert r.returncode == 0, r.stderr
+    assert (d / "harmful_2.png").is_file() and (d / "2_summary.png").is_file()
+    assert "harmful_2.png" in (out / "index.html").read_text()
+    np.testing.assert_array_equal(np.load(d / "2_scores.npy"), scores)
+
+
 def test_killed_run_resumes(project):
     cmd = [sys.executable, os.path.join(REPO, "calculate.py"), "--data", "data", "--model", "model.keras",
            "--preprocess", "unit", *EXACT, "--out", "killed"]

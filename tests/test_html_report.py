@@ -14,6 +14,7 @@ from PIL import Image
 from engine_helpers import IMAGE, random_data, write_train_archive
 from influence.catalogue import TrainCatalogue
 from influence.outputs import report as outputs
+from influence.outputs.figure_style import format_score
 from influence.outputs.report import TestImage
 from influence.data.archives import ArchiveWriter, TestArchive
 from influence.outputs.html_report import (GLOBAL_MIN_TESTS, INDEX, SELF_INFLUENCE_COLUMNS, RunReport,
@@ -184,7 +185,7 @@ def test_card_shows_prediction_scores_and_links(run):
     for folder, label, n in run.expected:
         for kind in ("harmful", "useful"):
             for row in csv.DictReader(open(run.out / folder / str(label) / f"{kind}_{n}.csv", encoding="utf-8")):
-                assert outputs.format_score(float(row["score"])) in text and row["file"] in text
+                assert format_score(float(row["score"])) in text and row["file"] in text
                 assert f"thumbs/train_{run.train.fingerprint()}/{row['key']}.png" in index.urls
         for p in outputs.expected_outputs(pathlib.Path(folder) / str(label), n, "png"):
             assert urllib.parse.quote(p.as_posix(), safe="/") in index.urls

@@ -11,6 +11,9 @@ from PIL import Image
 
 from influence.catalogue import TrainCatalogue
 from influence.outputs import report
+from influence.outputs.figure_style import format_score
+from influence.outputs.ranking import layer_leaders, top_indices
+from influence.outputs.summary import summarize
 
 NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight",
          "German shepherd, German shepherd dog, German police dog, alsatian"]
@@ -30,7 +33,7 @@ def read_csv(path):
 
 def test_top_indices_orders_most_negative_and_most_positive_first():
     scores = np.array([0.5, -2.0, 3.0, -0.1, 1.0, -5.0, 0.0])
-    harmful, useful = report.top_indices(scores, 3)
+    harmful, useful = top_indices(scores, 3)
     np.testing.assert_array_equal(harmful, [5, 1, 3])
     np.testing.assert_array_equal(useful, [2, 4, 0])
     assert harmful.dtype.kind == "i" and useful.dtype.kind == "i"
@@ -38,34 +41,34 @@ def test_top_indices_orders_most_negative_and_most_positive_first():
 
 def test_top_indices_breaks_ties_by_index():
     scores = np.array([1.0, -1.0, 1.0, -1.0, 1.0, -1.0, 0.0])
-    harmful, useful = report.top_indices(scores, 4)
+    harmful, useful = top_indices(scores, 4)
     np.testing.assert_array_equal(harmful, [1, 3, 5, 6])
     np.testing.assert_array_equal(useful, [0, 2, 4, 6])
 
 
 def test_top_indices_clips_k_to_n_and_handles_empty():
     scores = np.array([0.3, -0.2])
-    harmful, useful = report.top_indices(scores, 10)
+    harmful, useful = top_indices(scores, 10)
     np.testing.assert_array_equal(harmful, [1, 0])
     np.testing.assert_array_equal(useful, [0, 1])
-    h0, u0 = report.top_indices(np.zeros(0), 5)
+    h0, u0 = top_indices(np.zeros(0), 5)
     assert h0.shape == (0,) and u0.shape == (0,)
-    h, u = report.top_indices(scores, 0)
+    h, u = top_indices(scores, 0)
     assert h.size == 0 and u.size == 0
     with pytest.raises(ValueError):
-        report.top_indices(scores, -1)
+        top_indices(scores, -1)
 
 
 def test_top_indices_matches_full_sort_on_random_scores():
     rng = np.random.default_rng(3)
     scores = rng.normal(size=1000)
-    harmful, useful = report.top_indices(scores, 7)
+    harmful, useful = top_indices(scores, 7)
     np.testing.assert_array_equal(harmful, np.argsort(scores)[:7])
     np.testing.assert_array_equal(useful, np.argsort(-scores)[:7])
 
 
 def test_top_indices_never_ranks_nan_first():
-    harmful, useful = report.top_indices(np.array([np.nan, 1.0, -1.0]), 2)
+    harmful, useful = top_indices(np.array([np.nan, 1.0, -1.0]), 2)
     np.testing.assert_array_equal(harmful, [2, 1])
     np.testing.assert_array_equal(useful, [1, 2])
 
@@ -125,7 +128,7 @@ def test_write_test_outputs_files_and_contents(tmp_path, fmt, size):
     assert len(fetched) <= 10
 
     scores = kwargs["scores"]
-    harmful, useful = report.top_indices(scores, 5)
+    harmful, useful = top_indices(scores, 5)
     assert harmful[0] == 7 and harmful[1] == 11                          # the tie, by index
     assert set(fetched) == set(harmful.tolist()) | set(useful.tolist())
     for path, idx in ((paths[2], harmful), (paths[3], useful)):
@@ -269,10 +272,10 @@ def test_layer_leaders_take_the_largest_share_first_index_on_ties_never_nan():
     shares = np.array([[1.0, -3.0, np.nan],
                        [5.0, -1.0, -2.0],
                        [5.0, -2.0, np.nan]])
-    np.testing.assert_array_equal(report.layer_leaders(shares), [1, 1, 1])
-    assert report.layer_leaders(shares).dtype == np.int64
+    np.testing.assert_array_equal(layer_leaders(shares), [1, 1, 1])
+    assert layer_leaders(shares).dtype == np.int64
     with pytest.raises(ValueError):
-        report.layer_leaders(np.zeros((0, 3)))
+        layer_leaders(np.zeros((0, 3)))
 
 
 def test_layerwise_csv_without_training_images_is_header_only(tmp_path):
@@ -288,7 +291,7 @@ def test_summarize_sums_to_the_totals_by_class_and_by_layer():
     scores = shares.sum(axis=1)
     labels = rng.integers(0, 1000, n)
     names = [f"layer{j}" for j in range(n_layers)]
-    s = report.summarize(scores, shares, labels, names, top_classes=12, keep_classes=[999, 5000])
+    s = summarize(scores, shares, labels, names, top_classes=12, keep_classes=[999, 5000])
     present = np.unique(labels)
     assert sorted(s["class_index"].tolist()) == present.tolist()
     assert s["class_count"].sum() == n
@@ -315,7 +318,7 @@ def test_summarize_sums_to_the_totals_by_class_and_by_layer():
     np.testing.assert_allclose(s["layer_pos"].sum() + s["layer_neg"].sum(), scores.sum(), rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(s["layer_pos"], np.where(shares > 0, shares, 0).sum(axis=0), rtol=1e-12)
     with pytest.raises(ValueError):
-        report.summarize(scores, shares[:, :3], labels, names)
+        summarize(scores, shares[:, :3], labels, names)
 
 
 def test_summary_figure_stays_readable_for_1000_classes_and_many_layers(tmp_path):
@@ -334,11 +337,11 @@ def test_summary_figure_stays_readable_for_1000_classes_and_many_layers(tmp_path
 
 
 def test_format_score_is_compact():
-    assert report.format_score(-0.0123456) == "-0.01235"
-    assert report.format_score(-0.00123456) == "-1.23e-03"
-    assert report.format_score(123.456) == "123.5"
-    assert report.format_score(1.5e6) == "1.50e+06"
-    assert report.format_score(0.0) == "0"
+    assert format_score(-0.0123456) == "-0.01235"
+    assert format_score(-0.00123456) == "-1.23e-03"
+    assert format_score(123.456) == "123.5"
+    assert format_score(1.5e6) == "1.50e+06"
+    assert format_score(0.0) == "0"
 
 
 # ----------------------------------------------------------------------------- atomic_write

@@ -1,7 +1,9 @@
 """Step 5 of the flow (data -> model -> curvature -> scoring -> outputs; ``engine.py`` drives them).
 
-Owns what a run leaves on disk: per-test-image figures, CSV files and score dicts, written
-atomically (:mod:`.report`); drawing them in background processes (:mod:`.writer`, whose children
-import this package without TensorFlow: keep it light); the offline ``index.html`` (:mod:`.html_report`);
+Owns what a run leaves on disk: per-test-image CSV files, score dicts and figures, written
+atomically (:mod:`.report`); which training images they show (:mod:`.ranking`); the figures, laid
+out once and reused (:mod:`.strips`, :mod:`.summary`, :mod:`.figure_book`, their shared look in
+:mod:`.figure_style`); writing them in background processes (:mod:`.writer`, whose children import
+this package without TensorFlow: keep it light); the offline ``index.html`` (:mod:`.html_report`);
 the self-influence CSV and figure (:mod:`.self_influence`).
 """

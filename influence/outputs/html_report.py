@@ -53,7 +53,8 @@ import numpy as np
 from PIL import Image
 
 from influence.io import atomic_write
-from influence.outputs.report import expected_outputs, format_score, outputs_complete
+from influence.outputs.figure_style import format_score
+from influence.outputs.report import expected_outputs, outputs_complete
 
 log = logging.getLogger(__name__)
 
@@ -180,12 +181,14 @@ class RunReport:
       class_name: callable int -> str.
       settings_summary: dict shown as a table on the index (None: no table).
       fmt: the figure format of the run (``png``, ``pdf``, ...).
+      figures: whether the run draws each test image's figures (``--no-figures``: it does not; a test
+        image is then complete without them).
       page_size: while the run has at most this many scored test images they all sit on the
         index; beyond, every folder gets its own pages of at most ``page_size`` images.
       thumb_px: longest side of a thumbnail file, in pixels (smaller images are kept as they are).
     """
 
-    def __init__(self, out_dir, train_archive, class_name, settings_summary, fmt, *, page_size=200,
+    def __init__(self, out_dir, train_archive, class_name, settings_summary, fmt, *, figures=True, page_size=200,
                  thumb_px=96):
         if page_size < 1:
             raise ValueError(f"page_size must be at least 1, got {page_size}")
@@ -194,6 +197,7 @@ class RunReport:
         self.class_name = class_name
         self.settings = dict(settings_summary or {})
         self.fmt = fmt
+        self.figures = bool(figures)
         self.page_size = int(page_size)
         self.thumb_px = int(thumb_px)
         self._train_dir = f"{THUMBS}/train_{train_archive.fingerprint()}"
@@ -279,7 +283,7 @@ class RunReport:
                 label_dir = out / folder / str(label)
                 for j, i in enumerate(np.nonzero(labels == label)[0].tolist()):
                     n = first_n + j
-                    if not outputs_complete(label_dir, n, fmt):
+                    if not outputs_complete(label_dir, n, fmt, report.figures):
                         continue
                     try:
                         rows = [[report._csv_row(r) for r in _read_csv(label_dir / f"{kind}_{n}.csv")]

@@ -9,7 +9,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from influence.io import atomic_write
-from influence.outputs.report import FIGURE_FORMATS, _short_class, _short_file, _show, format_score
+from influence.outputs.figure_style import (COLOURS, FIGURE_FORMATS, format_score, save_figure, short_class,
+                                            short_file, show)
 
 #: Header of ``self_influence.csv``.
 CSV_HEADER = ("rank", "key", "file", "label", "class_name", "prediction", "prediction_name", "confidence",
@@ -36,7 +37,7 @@ def write_self_influence(out_dir, result, catalogue, fetch_image, *, top, fmt):
         ``"{batch}_{index}"``, ``files``, ``labels`` class indices, ``namer`` callable int -> str).
       fetch_image: callable(global index) -> uint8 (H, W, 3); called for the ``top`` shown images only.
       top: images in the figure (clipped to the scored ones).
-      fmt: figure format, one of :data:`influence.outputs.report.FIGURE_FORMATS`.
+      fmt: figure format, one of :data:`influence.outputs.figure_style.FIGURE_FORMATS`.
 
     Returns:
       ``[csv path, figure path]``. The CSV has every scored image, sorted by self-influence descending.
@@ -66,8 +67,7 @@ def write_self_influence(out_dir, result, catalogue, fetch_image, *, top, fmt):
                        "wrong": int(labels[i]) != int(result.preds[j]), "conf": float(result.confs[j]),
                        "loss": float(result.losses[j]), "file": str(files[i])})
     fig = _figure(panels, len(order), len(keys))
-    with atomic_write(fig_path) as tmp:
-        fig.savefig(tmp, format=fmt, **({} if fmt in ("pdf", "svg") else {"dpi": 110}))
+    save_figure(fig, fig_path, fmt)
     return [csv_path, fig_path]
 
 
@@ -79,10 +79,10 @@ def _figure(panels, scored, total, cols=5):
     grid = fig.add_gridspec(rows, min(max(len(panels), 1), cols))
     for k, p in enumerate(panels):
         ax = fig.add_subplot(grid[k // cols, k % cols])
-        _show(ax, p["image"], "#b03a2e" if p["wrong"] else "#1f4e79")
-        ax.set_title(f"#{p['rank']}  self-inf. {format_score(p['value'])}\nlabel: {_short_class(p['label'], 18)}\n"
-                     f"pred: {_short_class(p['pred'], 14)} ({100 * p['conf']:.0f}%)\n{_short_file(p['file'])}",
-                     fontsize=9, color="#b03a2e" if p["wrong"] else "black")
+        show(ax, p["image"], COLOURS["wrong"] if p["wrong"] else COLOURS["test"])
+        ax.set_title(f"#{p['rank']}  self-inf. {format_score(p['value'])}\nlabel: {short_class(p['label'], 18)}\n"
+                     f"pred: {short_class(p['pred'], 14)} ({100 * p['conf']:.0f}%)\n{short_file(p['file'])}",
+                     fontsize=9, color=COLOURS["wrong"] if p["wrong"] else "black")
     if not panels:
         ax = fig.add_subplot(grid[0, 0])
         ax.set_axis_off()

@@ -1,0 +1,137 @@
+"""The ``outputs`` section of ``benchmarks/run.py``: what writing a test image's files costs, against
+scoring it, before and after the figure work, on the same machine in one run.
+
+* per output kind (harmful and useful strips, summary figure, CSVs, score dicts, the report's
+  thumbnails), milliseconds per test image, written in one process one after another, on the demo's
+  training archive (:func:`kind_times`; the same script runs against a checkout of the baseline
+  commit, whose figures were drawn anew for every test image);
+* whole runs of calculate.py: the demo's own command (``make demo``) and an MLP of about 37 000
+  parameters on 1 000 training images with ``--solver ekfac`` and 40 test images: writing's share of
+  the run (run.json ``writing_s`` / ``total_s``), writing against scoring per test image, peak RSS.
+
+The baseline is a ``git worktree`` of :data:`BASELINE` (the commit before the figure work); without
+git, or without that commit, only the current rows are measured.
+"""
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+#: the last commit whose figures were drawn anew per test image
+BASELINE = "1b60b6a"
+
+#: test images of the per-kind timing (after one more to warm up)
+KIND_IMAGES = 10
+
+# Runs in a subprocess with the tree to measure first on sys.path: prints {kind: seconds per test image}.
+KIND_SCRIPT = r'''
+import json, sys, tempfile, time, pathlib
+sys.path.insert(0, sys.argv[1])
+import numpy as np
+from influence.catalogue import TrainCatalogue
+from influence.data.archives import TrainArchive
+from influence.outputs import report as R
+from influence.outputs.html_report import RunReport
+train = TrainArchive(sys.argv[2]); n_images = int(sys.argv[3])
+cat = TrainCatalogue.of(train); N = len(cat); layers = ["conv1", "conv2", "logits"]
+try:                                           # the figures laid out once (after the figure work) ...
+    from influence.outputs.figure_book import FigureBook
+    from influence.outputs.summary import rows_of, summarize
+    from influence.outputs.ranking import top_indices
+    book = FigureBook()
+    def strip(kind, test, panels, path):
+        book.strip(kind, len(panels)).render(test, panels, path, "png")
+    def summary(s, test, path):
+        book.summary(rows_of(s), cat, layers).render(s, test, path, "png")
+except ImportError:                            # ... or drawn anew for every test image (before)
+    from influence.outputs.report import summarize, top_indices
+    def strip(kind, test, panels, path):
+        R._save_figure(R._build_figure(kind, test, panels), path, "png")
+    def summary(s, test, path):
+        R._save_figure(R._build_summary_figure(s, test), path, "png")
+out = pathlib.Path(tempfile.mkdtemp()); rng = np.random.default_rng(0)
+page = RunReport(out, train, str, {}, "png")
+times = {}
+def timed(kind, fn, count):
+    t0 = time.perf_counter(); fn()
+    if count:
+        times[kind] = times.get(kind, 0.0) + time.perf_counter() - t0
+for n in range(n_images + 1):
+    count = n > 0                              # the first test image warms up
+    shares = rng.normal(size=(N, len(layers))); scores = shares.sum(1)
+    h, u = top_indices(scores, 5)
+    images = dict(zip(h.tolist() + u.tolist(), train.take(np.concatenate([h, u]))[0]))
+    test = {"image": images[int(h[0])], "label": 3, "pred": 5, "conf": 0.9, "file": "orig/3/0799.png",
+            "class_name": str}
+    for kind, idx in (("harmful", h), ("useful", u)):
+        panels = [{"image": images[i], "rank": r, "score": float(scores[i]), "class": str(cat.labels[i]),
+                   "file": str(cat.files[i])} for r, i in enumerate(idx.tolist(), 1)]
+        timed(f"{kind} strip", lambda: strip(kind, test, panels, out / f"{kind}_{n}.png"), count)
+    s = summarize(scores, shares, cat.labels, layers, keep_classes=[3, 5])
+    timed("summary figure", lambda: summary(s, test, out / f"{n}_summary.png"), count)
+    timed("CSVs", lambda: ([R._write_top_csv(out / f"{k}_{n}.csv", idx, cat.keys, cat.files, cat.labels, scores, str)
+                           for k, idx in (("harmful", h), ("useful", u))],
+                           R._write_layerwise_csv(out / f"{n}_layerwise.csv", layers, shares, cat.keys, cat.files,
+                                                  cat.labels, str)), count)
+    def npys():
+        R._save_score_dict(out / f"{n}.npy", cat.keys, layers, shares, scores)
+        np.save(out / f"{n}_scores.npy", scores.astype(np.float32))
+    timed("score dicts (npy)", npys, count)
+    test_image = R.TestImage(test["image"], 3, 5, 0.9, "0799.png")
+    rows = [(int(i), float(scores[i])) for i in h], [(int(i), float(scores[i])) for i in u]
+    timed("report (thumbnails, index.html)", lambda: (page.add("orig", 3, n + 1, test_image, *rows), page.write()),
+          count)
+print(json.dumps({k: v / n_images for k, v in times.items()}))
+'''
+
+
+def kind_times(tree, train_archive, images=KIND_IMAGES):
+    """{output kind: seconds per test image} of the code in ``tree`` (a checkout), one process."""
+    done = subprocess.run([sys.executable, "-c", KIND_SCRIPT, str(tree), str(train_archive), str(images)],
+                          capture_output=True, text=True, cwd=tempfile.gettempdir())
+    if done.returncode != 0:
+        raise RuntimeError(f"per-kind timing in {tree} failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def baseline_tree(tmp, say):
+    """A ``git worktree`` of :data:`BASELINE` under ``tmp`` (removed by :func:`drop_tree`), or None."""
+    where = Path(tmp) / "baseline"
+    done = subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(where), BASELINE],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        say(f"  no baseline rows: git worktree of {BASELINE} failed ({done.stderr.strip()[-200:]})")
+        return None
+    return where
+
+
+def drop_tree(where):
+    if where is not None:
+        subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(where)], capture_output=True)
+
+
+def build_mlp_data(root, n_train=1000, per_class=4, epochs=20):
+    """The MLP case under ``root``: the demo's digits (``n_train`` training images, ``per_class`` test images
+    per class in each test folder), archives, and a trained Flatten -> Dense(12, relu) -> Dense(10) model
+    (37 006 parameters) saved as ``root/model.keras``."""
+    import keras
+
+    from influence.experiments import demo
+
+    data = demo.write_folders(root, n_train=n_train, per_class=per_class)
+    x, y = data["train"][:2]
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((demo.SIZE, demo.SIZE, 3)), keras.layers.Flatten(),
+                              keras.layers.Dense(12, activation="relu"), keras.layers.Dense(10)])
+    model.compile(optimizer=keras.optimizers.Adam(1e-3),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(x.astype("float32") / 255.0, y, epochs=epochs, batch_size=64, verbose=0)
+    model.save(root / "model.keras")
+    argv, _, _ = demo._command(demo.COMMANDS[0], str(root))
+    done = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"prepare_data.py failed building {root}:\n{done.stderr[-2000:]}")
+    return root

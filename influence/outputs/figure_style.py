@@ -61,6 +61,8 @@ def frame(ax, colour):
     """An image panel's axes: no ticks, a thick frame in ``colour``."""
     ax.set_xticks([])
     ax.set_yticks([])
+    ax.xaxis.set_visible(False)      # nothing to draw without ticks: skip the axes' tick machinery at each draw
+    ax.yaxis.set_visible(False)
     for spine in ax.spines.values():
         spine.set_edgecolor(colour)
         spine.set_linewidth(3)

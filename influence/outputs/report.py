@@ -178,7 +178,7 @@ def write_test_outputs(folder_dir, n, *, scores, shares, layer_names, catalogue,
         log.debug("wrote the numbers of test image %s into %s (no figures)", test.file, folder_dir)
         return expected_outputs(folder_dir, n, fmt, figures=False)
 
-    book = book or FigureBook()
+    book = FigureBook() if book is None else book
     images = {}                      # the displayed training images, each fetched once
     for i in np.concatenate([harmful, useful]).tolist():
         if i not in images:

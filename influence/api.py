@@ -18,12 +18,13 @@ from pathlib import Path
 import numpy as np
 
 from influence.errors import SettingError, UserError
+from influence.settings import DEFAULTS, SOLVER_OPTIONS, check_setting, parse_setting
 
 log = logging.getLogger(__name__)
 
-#: the settings of a calculate run that are solver options (each solver takes those it knows)
-SOLVER_SETTINGS = ("iter", "bsize", "repeats", "seed", "cg_tol", "cg_maxiter", "max_exact_params", "fisher",
-                   "ekfac_max_block", "memory_budget", "rank")
+#: the settings of a calculate run that are solver options (each solver takes those it knows): derived
+#: from the fields' metadata (:data:`influence.settings.SOLVER_OPTIONS`)
+SOLVER_SETTINGS = SOLVER_OPTIONS
 
 
 @dataclass
@@ -67,19 +68,21 @@ class Influence:
         ``memory_budget``, ...); an option the solver does not take is refused, named.
 
     :meth:`from_settings` builds one from a calculate run's :class:`influence.settings.Settings` (the
-    calculate job is a client of this class).
+    calculate job is a client of this class). The defaults of the settings calculate.py has too are its
+    (:data:`influence.settings.DEFAULTS`); a solver option not given takes the solver's own default, which
+    is calculate.py's as well (tests/test_settings.py).
     """
 
-    def __init__(self, model, train, *, solver="auto", damping="auto", hessian="ggn", preprocess="auto",
-                 params="all", weights="imagenet", cache=None, score_batch=256, chunk=256, progress=True,
-                 backend=None, **options):
+    def __init__(self, model, train, *, solver=DEFAULTS["solver"], damping=DEFAULTS["damping"],
+                 hessian=DEFAULTS["hessian"], preprocess=DEFAULTS["preprocess"], params=DEFAULTS["params"],
+                 weights=DEFAULTS["weights"], cache=DEFAULTS["cache"], score_batch=DEFAULTS["score_batch"], chunk=256,
+                 progress=True, backend=None, **options):
         from influence.curvature.choice import AUTO, CANDIDATES, solver_choices
-        from influence.model.hvp import HESSIANS
 
         if solver not in solver_choices():
             raise SettingError("solver", f"must be one of {', '.join(solver_choices())}, got {solver!r}")
-        if hessian not in HESSIANS:
-            raise SettingError("hessian", f"must be one of {', '.join(HESSIANS)}, got {hessian!r}")
+        check_setting("hessian", hessian)
+        damping = parse_setting("damping", damping)        # once: the solver takes the parsed value
         if solver == AUTO:                                   # before the model loads: a typo fails at once
             _check_options(CANDIDATES, options, f"'auto' ({', '.join(CANDIDATES)})")
         else:
@@ -118,8 +121,7 @@ class Influence:
             check(clf)
         self = cls.__new__(cls)
         self._setup(clf, train, settings.model, settings.preprocess, settings.hessian, 256)
-        options = {k: getattr(settings, k) for k in SOLVER_SETTINGS}
-        options["scale"] = settings.scale_value()
+        options = settings.solver_options()
         self._set_solver(settings.solver, settings.damping, options, True, given=given)
         self.cache = Path(settings.cache or Path(settings.out) / "curvature")
         self.score_batch = int(settings.score_batch)
@@ -146,7 +148,7 @@ class Influence:
         :attr:`solver_choice` (why)."""
         from influence.curvature.choice import AUTO, choose_solver
 
-        budget = options.get("memory_budget", _option_default("krylov", "memory_budget"))
+        budget = options.get("memory_budget", DEFAULTS["memory_budget"])
         name, reason = choose_solver(requested, given, self.clf.num_params, self.clf.dtype.size, budget)
         if requested == AUTO:
             log.info("%s", reason)
@@ -320,15 +322,6 @@ def _check_options(names, options, shown):
     if unknown:
         raise UserError(f"solver {shown} takes no option {', '.join(unknown)}; it takes: "
                         f"{', '.join(sorted(accepted))}")
-
-
-def _option_default(method, option):
-    """The default of ``option`` of the registered ``method`` (its ``__init__``'s)."""
-    import inspect
-
-    from influence.curvature import REGISTRY
-
-    return inspect.signature(REGISTRY[method].__init__).parameters[option].default
 
 
 def _local():

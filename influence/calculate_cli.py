@@ -3,26 +3,37 @@
 Every flag's default is None, so the parsed arguments tell a setting given from one left out
 (:func:`influence.settings.given_settings`); the defaults live in :class:`influence.settings.Settings`
 (shown in the help) and :meth:`Settings.from_args` fills them in. ``--solver auto`` reads which were given.
+A setting's type function is its field's own parser and check (:func:`setting_arg`): ``--damping`` gives
+the :class:`influence.settings.Damping` the run takes, parsed once.
 """
 from influence.cli import Parser, import_tensorflow_quietly
-from influence.settings import GROUPS, Settings, given_settings, group_of, help_of
+from influence.settings import (DEFAULTS, GROUPS, Settings, check_setting, given_settings, group_of, help_of,
+                                parse_setting)
 from influence.outputs.figure_style import FIGURE_FORMATS
 
-D = Settings()
 
 
-def damping_arg(text):
-    """``--damping``: a float (absolute λ) or the normalised text of a relative damping (``0.1x``)."""
+def setting_arg(name):
+    """The type function of setting ``name``'s flag: its field's parser (influence.settings) and its
+    check, so a wrong value is a usage error before the model loads, with the message of the library."""
     import argparse
 
-    from influence.curvature.damping import parse_damping
-    from influence.errors import UserError
+    from influence.errors import SettingError, UserError
 
-    try:
-        spec = parse_damping(text)
-    except UserError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return str(spec) if spec.relative else spec.value
+    def parse(text):
+        try:
+            return check_setting(name, parse_setting(name, text))
+        except SettingError as exc:
+            raise argparse.ArgumentTypeError(exc.message) from None
+        except UserError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    parse.__name__ = name
+    return parse
+
+
+#: ``--damping``: a :class:`influence.settings.Damping` (``influence.settings.parse_damping``)
+damping_arg = setting_arg("damping")
 
 
 def fisher_arg(text):
@@ -68,7 +79,7 @@ def build_parser():
         """One flag of a setting: its argument group, help text and default (shown, not set: the parsed
         value is None unless given) come from influence.settings."""
         name = flags[-1].lstrip("-").replace("-", "_")
-        default = getattr(D, name)
+        default = DEFAULTS[name]
         text = kw.pop("help", help_of(name))
         if kw.get("action") != "store_true" and "(default:" not in text:
             text += f" (default: {default})" if default is not None else ""
@@ -90,7 +101,7 @@ def build_parser():
     add("--params", metavar="all|last:N|NAMES")
 
     add("--solver", choices=solver_choices(), help=f"{help_of('solver')}; {method_help()}")
-    add("--hessian", choices=HESSIANS)
+    add("--hessian", type=setting_arg("hessian"), metavar="{" + ",".join(HESSIANS) + "}")
     add("--damping", type=damping_arg, metavar="LAMBDA|auto|Fx")
     add("-i", "--iter", type=int, metavar="T")
     add("-b", "--bsize", type=int, metavar="B")

@@ -49,6 +49,7 @@ import numpy as np
 
 from influence.errors import SettingError, UserError
 from influence.progress import progress
+from influence.settings import Settings, names as settings_names
 
 log = logging.getLogger(__name__)
 
@@ -260,7 +261,7 @@ def plan_fit_shards(n, chunk, max_shards=None):
 def _spec(settings, chunk, train, curvature_key):
     """Everything a worker needs, with paths made absolute (workers run elsewhere) and the
     fingerprints a worker checks its archive and model against."""
-    spec = dataclasses.asdict(settings)
+    spec = settings.values()                         # a parsed value (damping) travels as it is
     for key in ("data", "out"):
         spec[key] = str(Path(spec[key]).resolve())
     for key in ("model", "weights"):
@@ -290,7 +291,7 @@ def import_tensorflow():
 def _context(spec):
     """This worker process's model, archive and derivative functions for ``spec`` (loaded once per
     settings; a task with other settings replaces them)."""
-    key = json.dumps({k: spec[k] for k in ("data", "model", "weights", "preprocess", "params", "train_fingerprint",
+    key = json.dumps({k: spec[k] for k in ("data", *settings_names(group="model"), "train_fingerprint",
                                            "weights_fingerprint")}, sort_keys=True)
     if _CONTEXT.get("key") == key:
         return _CONTEXT
@@ -329,14 +330,13 @@ def _kfac_of(solver):
 def _worker_kfac(spec):
     ctx = _context(spec)
     ctx["objective"].chunk = spec["chunk"]          # images per compiled call, as in the driver
-    opts = ("solver", "damping", "fisher", "seed", "ekfac_max_block", "memory_budget")
-    key = tuple(spec[k] for k in opts)
+    settings = Settings.from_values(spec)           # the driver's settings; the solver options derived from them
+    options = settings.solver_options()              # (influence.settings.SOLVER_OPTIONS): each method takes its own
+    key = (settings.solver, settings.damping, *sorted(options.items()))
     if key not in ctx["solvers"]:
         from influence.curvature import make_solver
 
-        solver = make_solver(spec["solver"], ctx["objective"], spec["damping"], progress=False,
-                             fisher=spec["fisher"], seed=spec["seed"], ekfac_max_block=spec["ekfac_max_block"],
-                             memory_budget=spec["memory_budget"])
+        solver = make_solver(settings.solver, ctx["objective"], settings.damping, progress=False, **options)
         ctx["solvers"] = {key: _kfac_of(solver)}
     return ctx["solvers"][key]
 

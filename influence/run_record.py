@@ -1,11 +1,11 @@
 """``run.json``: what a calculate run records, and the resume check that reads it back.
 
 A run into an ``--out`` folder that already holds results must agree with them: same math settings
-(:data:`influence.settings.MATH_SETTINGS`), same training archive, same images in every test folder
+(:data:`influence.settings.MATH_SETTINGS`, each compared as run.json records it:
+:func:`influence.settings.same_setting`), same training archive, same images in every test folder
 that has results (:func:`check_resume`, from the content fingerprints of :func:`data_fingerprints`).
 :class:`RunRecord` writes every setting, the versions, solver facts, timings and peak memory.
 """
-import dataclasses
 import json
 import platform
 import time
@@ -16,7 +16,7 @@ import numpy as np
 from influence import __version__
 from influence.errors import SettingError
 from influence.io import atomic_write
-from influence.settings import MATH_SETTINGS
+from influence.settings import MATH_SETTINGS, same_setting
 
 RUN_FILE = "run.json"
 
@@ -57,8 +57,8 @@ def check_resume(out, settings, fingerprints=None):
     if settings.overwrite or old_run is None or not any(Path(out).rglob("*_scores.npy")):
         return
     old = old_run.get("settings", {})
-    mine = dataclasses.asdict(settings)
-    diff = [k for k in MATH_SETTINGS if k in old and str(old[k]) != str(mine[k])]
+    mine = settings.recorded()
+    diff = [k for k in MATH_SETTINGS if k in old and not same_setting(k, old[k], mine[k])]
     if diff:
         changes = ", ".join(f"{k} {old[k]} -> {mine[k]}" for k in diff)
         raise SettingError("out", f"{out} holds results computed with other settings ({changes}): {_ELSEWHERE}")
@@ -101,7 +101,7 @@ class RunRecord:
 
         self.path = Path(out) / RUN_FILE
         self.data = {
-            "settings": dataclasses.asdict(settings),
+            "settings": settings.recorded(),
             "versions": {"influence": __version__, "tensorflow": tf.__version__, "keras": keras.__version__,
                          "numpy": np.__version__, "python": platform.python_version()},
             "started": time.strftime("%Y-%m-%d %H:%M:%S"),

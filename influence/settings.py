@@ -1,33 +1,96 @@
 """The settings of a calculate run: one dataclass, saved in run.json, and which of them change the numbers.
 
 Each field carries its concern (:data:`GROUPS`: data and outputs, model, inverse-HVP, self-influence,
-resources, scale-out), its help text and its own check, in one place (kronfluence's ``arguments.py``
-is the model): calculate.py's parser takes help and argument groups from here, and
-:meth:`Settings.check` refuses a wrong value with a :class:`influence.errors.SettingError` naming
-the field (the CLI shows its flag). Field names match calculate.py's long options;
+resources, scale-out), its help text, its own check and its roles, in one place (kronfluence's
+``arguments.py`` is the model): calculate.py's parser takes help, argument groups and type functions
+from here, and :meth:`Settings.check` refuses a wrong value with a :class:`influence.errors.SettingError`
+naming the field (the CLI shows its flag). Every list of setting names is derived from the fields'
+metadata, never kept by hand:
+
+* :data:`MATH_SETTINGS` (``math=True``): the settings that change the numbers (the resume check of
+  :mod:`influence.run_record`, the Ray parts' key);
+* :data:`SOLVER_OPTIONS` (``solver=True``): the options a solver takes (:meth:`Settings.solver_options`,
+  what :meth:`influence.Influence.from_settings` and the Ray workers build a solver with);
+* :data:`DEFAULTS`: every setting's default, shared by calculate.py and :class:`influence.Influence`.
+
+A setting with a value type (``damping``: a :class:`Damping`) names its parser (``parse``): calculate.py's
+type function, the construction of :class:`Settings` (``__post_init__``) and the solvers all use that one
+parser, which returns a parsed value as it is. Field names match calculate.py's long options;
 :mod:`influence.engine` runs a job from a :class:`Settings`; :mod:`influence.distributed` sends them
-to its workers.
+to its workers (:meth:`Settings.values`).
 """
 import dataclasses
 
-from influence.errors import SettingError
-
-#: settings that change the numbers: a resumed run must agree on them
-MATH_SETTINGS = ("model", "weights", "preprocess", "params", "solver", "hessian", "damping", "scale", "iter", "bsize",
-                 "repeats", "seed", "cg_tol", "cg_maxiter", "fisher", "ekfac_max_block", "rank")
-
+from influence.errors import SettingError, UserError
 
 #: the concerns the settings are grouped by, in the order calculate.py's --help shows them
 GROUPS = ("data and outputs", "model", "inverse Hessian-vector product",
           "self-influence: which training images look mislabelled?", "resources",
           "scale-out (needs Ray: pip install -r requirements-distributed.txt)")
 
+#: the factor of ``damping auto``: λ_b = AUTO_FACTOR × mean eigenvalue of block b
+#: (:mod:`influence.curvature.damping` says how each method takes it)
+AUTO_FACTOR = 0.1
 
-def _setting(default, group, help, check=None):
-    """A field with its concern (one of :data:`GROUPS`), its help text and, optionally, its own check:
-    ``check(value) -> None`` or a message (the value is wrong), raised by :meth:`Settings.check`."""
+
+@dataclasses.dataclass(frozen=True)
+class Damping:
+    """The ``damping`` setting parsed: ``value`` is λ when ``relative`` is False, else the factor of the
+    curvature's mean eigenvalue (:mod:`influence.curvature.damping`)."""
+
+    value: float
+    relative: bool = False
+
+    def __str__(self):
+        return f"{self.value:g}x" if self.relative else f"{self.value:g}"
+
+    def for_block(self, mean_eigenvalue):
+        """λ of one block whose eigenvalues (``Λ + ρ``) have mean ``mean_eigenvalue``."""
+        return self.value * float(mean_eigenvalue) if self.relative else self.value
+
+    def recorded(self):
+        """As run.json (and calculate.py's flag) spells it: λ a number, a relative damping its text (``0.1x``)."""
+        return str(self) if self.relative else self.value
+
+
+def parse_damping(spec):
+    """``0.01`` / ``"0.01"`` / ``"auto"`` / ``"0.3x"`` (or a :class:`Damping`, returned as is) -> :class:`Damping`.
+
+    The one parser of ``damping``. Raises UserError (naming the setting ``damping``) for anything else
+    or a negative value.
+    """
+    if isinstance(spec, Damping):
+        return spec
+    text = str(spec).strip().lower()
+    relative = text == "auto" or text.endswith("x")
+    try:
+        value = AUTO_FACTOR if text == "auto" else float(text[:-1] if relative else text)
+    except ValueError:
+        raise UserError(f"damping must be a number (0.01), 'auto' ({AUTO_FACTOR:g} x each block's mean eigenvalue) "
+                        f"or a factor like 0.3x, got {spec!r}") from None
+    if not value >= 0 or (relative and value == 0):
+        raise UserError(f"damping must be >= 0 (a factor > 0), got {spec!r}")
+    return Damping(value, relative)
+
+
+def _setting(default, group, help, check=None, *, math=False, solver=False, lissa=False, parse=None, option=None):
+    """A field with its concern (one of :data:`GROUPS`), its help text and its roles.
+
+    Args:
+      check: ``check(value) -> None`` or a message (the value is wrong), raised by :meth:`Settings.check`
+        (and :func:`check_setting`).
+      math: the setting changes the numbers (:data:`MATH_SETTINGS`: a resumed run must agree on it).
+      solver: the setting is a solver option (:data:`SOLVER_OPTIONS`).
+      lissa: one of the original tool's LiSSA settings: given explicitly, ``solver auto`` picks lissa
+        (:data:`LISSA_SETTINGS`, :mod:`influence.curvature.choice`).
+      parse: the value type's one parser (text or parsed value -> parsed value): the default and any value
+        given are parsed when a :class:`Settings` is made; calculate.py's type function is the same parser.
+      option: ``option(value)`` -> the value a solver takes (``scale``: ``auto`` -> None); default: as is.
+    """
     assert group in GROUPS, group
-    return dataclasses.field(default=default, metadata={"group": group, "help": help, "check": check})
+    return dataclasses.field(default=default, metadata={"group": group, "help": help, "check": check, "math": math,
+                                                        "solver": solver, "lissa": lissa, "parse": parse,
+                                                        "option": option})
 
 
 def _at_least(low, note=""):
@@ -45,56 +108,81 @@ def _rank(value):
     return None
 
 
+def _hessian(value):
+    """``hessian``'s check: one of :data:`influence.model.hvp.HESSIANS` (the one check of the setting:
+    calculate.py's flag, :meth:`Settings.check` and :class:`influence.Influence` use it)."""
+    from influence.model.hvp import HESSIANS
+
+    return None if value in HESSIANS else f"must be one of {', '.join(HESSIANS)}, got {value!r}"
+
+
+def _scale_option(value):
+    """``scale`` as LiSSA takes it: None for ``auto``, else the number (:func:`scale_value`)."""
+    return scale_value(value)
+
+
 _DATA, _MODEL, _IHVP, _SELF, _RES, _RAY = GROUPS
 
 
 @dataclasses.dataclass
 class Settings:
-    """Every setting of a run (saved in run.json), each with its concern, help text and check (the
-    fields' metadata: :func:`help_of`, :meth:`check`). Field names match calculate.py's options."""
+    """Every setting of a run (saved in run.json), each with its concern, help text, check and roles (the
+    fields' metadata: :func:`help_of`, :meth:`check`, :data:`MATH_SETTINGS`, :data:`SOLVER_OPTIONS`).
+    Field names match calculate.py's options. A field with a parser (``damping``) declares its default as
+    text (what ``--help`` shows) and holds the parsed value (``Settings().damping == Damping(0.1, True)``)."""
 
     data: str = _setting(".", _DATA, "folder with train.npz, test.npz and labels.json from prepare_data.py")
     out: str = _setting("calc_output", _DATA, "output folder")
-    model: str = _setting("vgg16", _MODEL, "keras.applications name (vgg16, resnet50, ...) or a .keras/.h5 file")
+    model: str = _setting("vgg16", _MODEL, "keras.applications name (vgg16, resnet50, ...) or a .keras/.h5 file",
+                          math=True)
     weights: str = _setting("imagenet", _MODEL, "weights of a keras.applications model: imagenet (downloaded once "
-                                                "by Keras), a local weights file for offline machines, or none (random)")
-    preprocess: str = _setting("auto", _MODEL, "input transform: auto = the application's own, none for a model file")
+                                                "by Keras), a local weights file for offline machines, or none (random)",
+                            math=True)
+    preprocess: str = _setting("auto", _MODEL, "input transform: auto = the application's own, none for a model file",
+                               math=True)
     params: str = _setting("all", _MODEL, "parameters the influence is taken over: all, the last N layers with "
-                                          "weights, or comma-separated layer names")
+                                          "weights, or comma-separated layer names", math=True)
     solver: str = _setting("auto", _IHVP, "the inverse-HVP method; auto = lissa when iter, bsize, scale or repeats "
                                           "is given (the original tool's), else krylov when memory_budget holds "
-                                          "its basis of 64 eigenpairs, else ekfac (influence.curvature.choice)")
+                                          "its basis of 64 eigenpairs, else ekfac (influence.curvature.choice)",
+                           math=True)
     # the LDS panel: cg 0.079 (full, the least damping that runs) -> 0.366 (ggn) on the demo CNN
     hessian: str = _setting("ggn", _IHVP, "the matrix of exact/cg/lissa/pcg: ggn = the Gauss-Newton matrix "
                                           "(positive semi-definite: works away from a minimum), full = the Hessian "
                                           "of the training loss (as Koh & Liang); kfac/ekfac approximate the "
-                                          "Fisher either way")
-    iter: int = _setting(1000, _IHVP, "LiSSA recursion depth", _at_least(1))
-    bsize: int = _setting(10, _IHVP, "LiSSA minibatch, drawn uniformly from the whole training archive", _at_least(1))
-    repeats: int = _setting(1, _IHVP, "LiSSA runs averaged", _at_least(1))
+                                          "Fisher either way", check=_hessian, math=True)
+    iter: int = _setting(1000, _IHVP, "LiSSA recursion depth", _at_least(1), math=True, solver=True, lissa=True)
+    bsize: int = _setting(10, _IHVP, "LiSSA minibatch, drawn uniformly from the whole training archive",
+                          _at_least(1), math=True, solver=True, lissa=True)
+    repeats: int = _setting(1, _IHVP, "LiSSA runs averaged", _at_least(1), math=True, solver=True, lissa=True)
     # 0.1 x the curvature's mean eigenvalue (per layer for kfac/ekfac): the LDS panel's choice
-    damping: object = _setting("auto", _IHVP, "solve (H + LAMBDA I) x = v; or relative to the curvature's scale: "
+    damping: Damping = _setting("auto", _IHVP, "solve (H + LAMBDA I) x = v; or relative to the curvature's scale: "
                                               "'auto' = 0.1x, or a factor like 0.3x: x each layer's mean Fisher "
                                               "eigenvalue (kfac/ekfac), x the mean eigenvalue trace(H)/P (exact; "
-                                              "cg/lissa/pcg estimate it with 10 products over the training set)")
+                                              "cg/lissa/pcg estimate it with 10 products over the training set)",
+                                math=True, parse=parse_damping)
     scale: str = _setting("auto", _IHVP, "LiSSA scale; auto = 1.1 x lambda_max(H + LAMBDA I) by power iteration, "
-                                         "the largest of the whole-sample and minibatch estimates")
+                                         "the largest of the whole-sample and minibatch estimates",
+                          math=True, solver=True, lissa=True, option=_scale_option)
     seed: int = _setting(0, _IHVP, "seed of the LiSSA minibatches and power iteration, and of the sampled Fisher's "
-                                   "labels")
-    cg_tol: float = _setting(1e-6, _IHVP, "cg relative residual", lambda v: None if v > 0 else f"must be > 0, got {v}")
-    cg_maxiter: int = _setting(200, _IHVP, "cg iteration cap (50 reaches the final LDS on the demo CNN)", _at_least(1))
+                                   "labels", math=True, solver=True)
+    cg_tol: float = _setting(1e-6, _IHVP, "cg relative residual", lambda v: None if v > 0 else f"must be > 0, got {v}",
+                             math=True, solver=True)
+    cg_maxiter: int = _setting(200, _IHVP, "cg iteration cap (50 reaches the final LDS on the demo CNN)",
+                               _at_least(1), math=True, solver=True)
     rank: object = _setting("auto", _IHVP, "krylov/dpcg: eigenpairs of the curvature kept; auto = read from the "
                                            "spectrum (those >= 3 x (the smallest eigenvalue found + damping), at "
-                                           "most 200, fewer when memory_budget holds fewer)", _rank)
+                                           "most 200, fewer when memory_budget holds fewer)",
+                            _rank, math=True, solver=True)
     fisher: str = _setting("auto", _IHVP, "kfac/ekfac/pcg: the Fisher's labels: auto = true up to 10 classes, else "
                                           "top:10; sampled = one sampled from the model's own prediction per image; "
                                           "true = the expectation over all classes (one backward pass per class, at "
                                           "most 100 classes); top:K = the K most probable classes of each image "
                                           "weighted by their probability (K backward passes; for many classes); "
-                                          "empirical = the true labels")
+                                          "empirical = the true labels", math=True, solver=True)
     ekfac_max_block: int = _setting(4096, _IHVP, "kfac/ekfac/pcg: split Kronecker factors larger than D x D into "
                                                  "diagonal blocks, bounding memory and eigendecomposition time (VGG16's "
-                                                 "fc1 has 25 088 inputs)", _at_least(2))
+                                                 "fc1 has 25 088 inputs)", _at_least(2), math=True, solver=True)
     cache: str = _setting(None, _IHVP, "curvature cache: training-set work (EK-FAC factors, LiSSA scale, exact "
                                        "Hessian) saved once and reused while the model, params and train.npz are "
                                        "unchanged (default: OUT/curvature)")
@@ -104,7 +192,8 @@ class Settings:
     self_influence_limit: int = _setting(0, _SELF, "only the N highest-loss training images (lets lissa/cg/pcg do it: "
                                                    "one inverse-HVP each); 0 = all",
                                          _at_least(0, " (0 = every training image)"))
-    max_exact_params: int = _setting(10_000, _IHVP, "refuse solver exact above this many parameters", _at_least(1))
+    max_exact_params: int = _setting(10_000, _IHVP, "refuse solver exact above this many parameters",
+                                     _at_least(1), solver=True)
     top: int = _setting(5, _DATA, "training images per harmful/useful figure and CSV", _at_least(1))
     save_format: str = _setting("pdf", _DATA, "figure format")
     figures: bool = _setting(True, _DATA, "draw each test image's harmful/useful strips and summary figure; "
@@ -117,7 +206,7 @@ class Settings:
                                              "resumes)")
     memory_budget: float = _setting(2.0, _RES, "bound for everything a run holds: inverse-HVPs scored together, one "
                                                "scoring or HVP call, curvature factors (GB)",
-                                    lambda v: None if v > 0 else f"must be > 0 (GB), got {v}")
+                                    lambda v: None if v > 0 else f"must be > 0 (GB), got {v}", solver=True)
     score_batch: int = _setting(256, _RES, "training images per scoring step, at most", _at_least(1))
     workers: int = _setting(0, _RAY, "start a local Ray runtime with N workers (one GPU each when there are GPUs) "
                                      "that fit kfac/ekfac/pcg curvature and score the training archive in shards; "
@@ -127,14 +216,18 @@ class Settings:
                                             "instead of starting one; every node must see data and out at the same "
                                             "paths")
 
+    def __post_init__(self):
+        # a setting with a value type is parsed here, once: its parser returns a parsed value as it is
+        for f in dataclasses.fields(self):
+            parse = f.metadata.get("parse")
+            if parse is not None:
+                setattr(self, f.name, parse(getattr(self, f.name)))
+
     def check(self):
         """Each setting's own check (its field's metadata), and the scale: the first wrong one raises a
         :class:`SettingError` naming it. Checks that need the solver registry live with the solvers."""
         for f in dataclasses.fields(self):
-            check = f.metadata.get("check")
-            message = check(getattr(self, f.name)) if check else None
-            if message:
-                raise SettingError(f.name, message)
+            check_setting(f.name, getattr(self, f.name))
         self.scale_value()
         return self
 
@@ -144,31 +237,119 @@ class Settings:
         at this class's defaults."""
         return cls(**given_settings(args))
 
+    @classmethod
+    def from_values(cls, values):
+        """The settings in ``values`` (a mapping that may hold other keys too: a Ray worker's spec)."""
+        return cls(**{k: v for k, v in values.items() if k in NAMES})
+
+    def values(self):
+        """``{name: value}`` of every setting, values as they are (a :class:`Damping` stays one; what a Ray
+        worker gets). Unlike ``dataclasses.asdict``, a parsed value is not taken apart."""
+        return {name: getattr(self, name) for name in NAMES}
+
+    def recorded(self):
+        """``{name: value}`` as run.json records them: JSON values (``damping`` as calculate.py spells it:
+        a number, or a relative damping's text ``0.1x``)."""
+        return {name: value.recorded() if isinstance(value, Damping) else value
+                for name, value in self.values().items()}
+
+    def solver_options(self):
+        """``{option: value}`` of every solver option (:data:`SOLVER_OPTIONS`) as a solver takes it (each
+        method takes those it knows: :func:`influence.curvature.make_solver`)."""
+        out = {}
+        for f in _fields(solver=True):
+            convert = f.metadata.get("option")
+            value = getattr(self, f.name)
+            out[f.name] = convert(value) if convert else value
+        return out
+
     def scale_value(self):
         """None for ``auto``, else the number."""
-        if str(self.scale).lower() == "auto":
-            return None
+        return scale_value(self.scale)
+
+
+def scale_value(scale):
+    """``scale``: None for ``auto``, else the number (SettingError naming ``scale`` when neither)."""
+    if str(scale).lower() == "auto":
+        return None
+    try:
+        value = float(scale)
+    except ValueError:
+        raise SettingError("scale", f"must be a number or 'auto', got {scale!r}") from None
+    if not value > 0:
+        raise SettingError("scale", f"must be > 0, got {scale}")
+    return value
+
+
+def _fields(of=None, **metadata):
+    """The fields of :class:`Settings` (or the dataclass ``of``) whose metadata has every value of
+    ``metadata`` (all without)."""
+    return [f for f in dataclasses.fields(of or Settings) if all(f.metadata.get(k) == v for k, v in metadata.items())]
+
+
+def names(of=None, **metadata):
+    """The names of the settings whose fields' metadata has every value of ``metadata``, in field order:
+    ``names(math=True)``, ``names(group="model")``; every setting without. ``of``: another dataclass of
+    such fields (default :class:`Settings`)."""
+    return tuple(f.name for f in _fields(of, **metadata))
+
+
+#: every setting's name, in the order of the fields
+NAMES = names()
+#: settings that change the numbers (``math=True``): a resumed run must agree on them
+MATH_SETTINGS = names(math=True)
+#: the settings that are solver options (``solver=True``): each solver takes those it knows
+SOLVER_OPTIONS = names(solver=True)
+#: the original tool's LiSSA settings (``lissa=True``): any of them given picks lissa for ``solver auto``
+LISSA_SETTINGS = names(lissa=True)
+#: every setting's default, as declared (text where the setting has a parser: ``damping`` ``auto``): the
+#: defaults of calculate.py and of :class:`influence.Influence`
+DEFAULTS = {f.name: f.default for f in _fields()}
+
+
+def _field(name):
+    return Settings.__dataclass_fields__[name]
+
+
+def parse_setting(name, value):
+    """``value`` of setting ``name`` through its field's parser (as is when it has none)."""
+    parse = _field(name).metadata.get("parse")
+    return parse(value) if parse is not None else value
+
+
+def check_setting(name, value):
+    """The field's own check of setting ``name``: SettingError naming it when ``value`` is wrong; returns
+    ``value``. The one check of a setting, whichever face (calculate.py, the API) gives it."""
+    check = _field(name).metadata.get("check")
+    message = check(value) if check else None
+    if message:
+        raise SettingError(name, message)
+    return value
+
+
+def same_setting(name, recorded, value):
+    """Whether a value of setting ``name`` that run.json recorded (``recorded``) is ``value``: parsed when
+    the setting has a parser (``damping``: ``auto`` and ``0.1x`` are the same), else compared as text
+    (the way every run.json so far compares)."""
+    if _field(name).metadata.get("parse") is not None:
         try:
-            value = float(self.scale)
-        except ValueError:
-            raise SettingError("scale", f"must be a number or 'auto', got {self.scale!r}") from None
-        if not value > 0:
-            raise SettingError("scale", f"must be > 0, got {self.scale}")
-        return value
+            return parse_setting(name, recorded) == parse_setting(name, value)
+        except UserError:
+            return False
+    return str(recorded) == str(value)
 
 
 def given_settings(args):
     """``{name: value}`` of the settings given on calculate.py's command line: its parser's defaults are
     None (the defaults live in :class:`Settings` only), so a value that is not None was given."""
-    names = {f.name for f in dataclasses.fields(Settings)}
-    return {k: v for k, v in vars(args).items() if k in names and v is not None}
+    return {k: v for k, v in vars(args).items() if k in NAMES and v is not None}
 
 
 def help_of(name):
     """The help text of setting ``name`` (the CLI adds its default)."""
-    return {f.name: f.metadata["help"] for f in dataclasses.fields(Settings)}[name]
+    return _field(name).metadata["help"]
 
 
 def group_of(name):
     """The concern of setting ``name``: one of :data:`GROUPS`."""
-    return {f.name: f.metadata["group"] for f in dataclasses.fields(Settings)}[name]
+    return _field(name).metadata["group"]

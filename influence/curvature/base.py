@@ -59,7 +59,9 @@ class InverseHVP:
 
     @classmethod
     def check_damping(cls, damping):
-        """``damping`` parsed (influence.curvature.damping); SettingError when this method cannot take it."""
+        """``damping`` as a :class:`Damping` (parsed by :func:`parse_damping`, the setting's one parser, when
+        it is text or a number; a Damping, what calculate.py and the API give, as it is); SettingError when
+        this method cannot take it."""
         spec = parse_damping(damping)
         if spec.relative and not cls.relative_damping:
             able = ", ".join(n for n, c in REGISTRY.items() if c.relative_damping)

@@ -16,10 +16,9 @@ everything after sees the method chosen, never ``auto``.
 from influence.curvature.base import REGISTRY
 from influence.curvature.krylov import AUTO_MAX_RANK, AUTO_MIN_RANK, BASIS_SHARE, STEPS_PER_PAIR, affordable_rank
 from influence.errors import SettingError
+from influence.settings import LISSA_SETTINGS  # the original tool's LiSSA settings (the fields' lissa flag)
 
 AUTO = "auto"
-#: the original tool's LiSSA settings: any of them given picks lissa
-LISSA_SETTINGS = ("iter", "bsize", "scale", "repeats")
 #: the methods ``auto`` may choose
 CANDIDATES = ("lissa", "krylov", "ekfac")
 

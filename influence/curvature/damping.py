@@ -16,16 +16,19 @@ Accepted values (a number or text, as on the command line):
 * ``0.01``  -- absolute: every solver solves ``(H + λI) x = v``;
 * ``auto``  -- relative with the default factor :data:`AUTO_FACTOR`;
 * ``0.3x``  -- relative with factor 0.3.
+
+:func:`parse_damping` turns any of them into a :class:`Damping` (``value`` and whether it is relative),
+once: calculate.py's ``--damping``, :class:`influence.settings.Settings` and :class:`influence.Influence`
+parse with it, and it returns a :class:`Damping` as it is, so a solver given one does not parse again.
 """
 import math
-from dataclasses import dataclass
 
 import numpy as np
 
-from influence.errors import UserError
+# the value and its one parser live with the setting (TensorFlow-free: calculate.py's flag and
+# influence.settings.Settings parse with it before any model loads); the solvers take a Damping
+from influence.settings import AUTO_FACTOR, Damping, parse_damping  # noqa: F401  (this module's names)
 
-#: the factor of ``auto``: λ_b = AUTO_FACTOR × mean eigenvalue of block b
-AUTO_FACTOR = 0.1
 #: Rademacher probes of the trace estimate of a Hessian method's relative damping
 TRACE_PROBES = 10
 #: training images (a fixed random sample) each probe's product is taken over: the cost stays
@@ -53,37 +56,3 @@ def hutchinson_trace(apply, size, probes=TRACE_PROBES, seed=0):
     values = np.asarray(values)
     error = float(values.std(ddof=1) / math.sqrt(len(values))) if len(values) > 1 else 0.0
     return float(values.mean()), error
-
-
-@dataclass(frozen=True)
-class Damping:
-    """``value`` is λ when ``relative`` is False, else the factor of the mean eigenvalue."""
-
-    value: float
-    relative: bool = False
-
-    def __str__(self):
-        return f"{self.value:g}x" if self.relative else f"{self.value:g}"
-
-    def for_block(self, mean_eigenvalue):
-        """λ of one block whose eigenvalues (``Λ + ρ``) have mean ``mean_eigenvalue``."""
-        return self.value * float(mean_eigenvalue) if self.relative else self.value
-
-
-def parse_damping(spec):
-    """``0.01`` / ``"0.01"`` / ``"auto"`` / ``"0.3x"`` (or a :class:`Damping`) -> :class:`Damping`.
-
-    Raises UserError (naming the setting ``damping``) for anything else or a negative value.
-    """
-    if isinstance(spec, Damping):
-        return spec
-    text = str(spec).strip().lower()
-    relative = text == "auto" or text.endswith("x")
-    try:
-        value = AUTO_FACTOR if text == "auto" else float(text[:-1] if relative else text)
-    except ValueError:
-        raise UserError(f"damping must be a number (0.01), 'auto' ({AUTO_FACTOR:g} x each block's mean eigenvalue) "
-                        f"or a factor like 0.3x, got {spec!r}") from None
-    if not value >= 0 or (relative and value == 0):
-        raise UserError(f"damping must be >= 0 (a factor > 0), got {spec!r}")
-    return Damping(value, relative)

@@ -435,11 +435,11 @@ def product_shard(spec, start, stop, flat):
     derivs = ctx["derivs"]
     vp = derivs.hvp if spec["hessian"] == "full" else derivs.ggn_vp          # the driver's matrix
     v = numpy_to_vec(flat, derivs.variables)
-    weight = obj._scalar(1.0 / obj.n)
+    weight = obj.scalar(1.0 / obj.n)
     total = None
     for at in range(start, stop, chunk):
         x, y = obj.archive.take(np.arange(at, min(at + chunk, stop)))
-        part = vp(x, y.astype(np.int64), v, weight, obj._scalar(1.0 if at == 0 else 0.0))
+        part = vp(x, y.astype(np.int64), v, weight, obj.scalar(1.0 if at == 0 else 0.0))
         total = part if total is None else tuple(a + b for a, b in zip(total, part))
     sums = {"product": vec_to_numpy(total).astype(flat.dtype)}
     return {"sums": sums, "pid": os.getpid(), "node": os.uname().nodename, "seconds": time.perf_counter() - t0}

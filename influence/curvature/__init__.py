@@ -15,16 +15,9 @@ Training-set work (a fitted state) is cached by :mod:`influence.curvature.cache`
 """
 import inspect
 
-from influence.curvature import cg, exact, lissa  # noqa: F401  (registers the methods)
+from influence.curvature import cg, dpcg, ekfac, exact, krylov, lissa, pcg  # noqa: F401  (registers the methods)
 from influence.curvature.base import REGISTRY, InverseHVP, stable_seed  # noqa: F401
 from influence.errors import SettingError, UserError
-
-for _optional in ("ekfac", "pcg", "krylov", "dpcg"):
-    try:
-        __import__(f"influence.curvature.{_optional}")
-    except ModuleNotFoundError as _exc:  # a method module not written yet
-        if _exc.name != f"influence.curvature.{_optional}":
-            raise
 
 
 def method_names():

@@ -122,8 +122,9 @@ class InverseHVP:
         return {}
 
     def matrix_key(self):
-        """``{"hessian": "ggn"}`` when the objective's products are Gauss–Newton ones, else ``{}`` (so the
-        keys of states fitted on the full Hessian stay what they were)."""
+        """``{"hessian": "ggn"}`` when the objective's products are Gauss–Newton ones, else ``{}``: the full
+        Hessian is the matrix a key names when it names none, so caches written before the choice existed
+        still match."""
         kind = getattr(self.obj, "hessian", "full")
         return {} if kind == "full" else {"hessian": kind}
 

@@ -36,12 +36,12 @@ def hvp_full_many(objective, vecs):
     if not vecs:
         return []
     d, n, chunk = objective.d, objective.n, objective.chunk
-    weight = objective._scalar(1.0 / n)
+    weight = objective.scalar(1.0 / n)
     totals = [None] * len(vecs)
     for start in range(0, n, chunk):
         x, y = objective.archive.take(np.arange(start, min(start + chunk, n)))
         y = np.asarray(y, np.int64)
-        reg = objective._scalar(1.0 if start == 0 else 0.0)
+        reg = objective.scalar(1.0 if start == 0 else 0.0)
         for k, v in enumerate(vecs):
             part = objective.vp(x, y, v, weight, reg)
             totals[k] = part if totals[k] is None else tuple(a + b for a, b in zip(totals[k], part))

@@ -15,7 +15,7 @@ BASE_SEED = 0
 RECIPE = {"epochs": 30, "batch_size": 32, "optimizer": "Adam(3e-3)", "n_train": 1500, "size": 32}
 QUICK_RECIPE = {"epochs": 8, "batch_size": 32, "optimizer": "Adam(3e-3)", "n_train": 500, "size": 32}
 #: the second model (:func:`build_bn_model`): BatchNorm, max-pooling, a final softmax, 8 epochs -- less
-#: confident than the demo CNN, so its curvature is not hidden under the damping (issue 17)
+#: confident than the demo CNN, so its curvature is not hidden under the damping
 BN_RECIPE = {"model": "bn_cnn", "epochs": 8, "batch_size": 32, "optimizer": "Adam(3e-3)", "n_train": 1500,
              "size": 32}
 #: the third model (:func:`build_mlp_model`): a ReLU MLP with L2, another family than the two CNNs, trained

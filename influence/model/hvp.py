@@ -116,6 +116,8 @@ class Derivatives:
         self.hvp = tf.function(self._hvp, input_signature=[x_spec, y_spec, vec_spec, scalar, scalar])
         self.ggn_vp = tf.function(self._ggn_vp, input_signature=[x_spec, y_spec, vec_spec, scalar, scalar])
         self.jvp_losses = tf.function(self._jvp_losses, input_signature=[x_spec, y_spec, vec_spec])
+        #: the same, as a graph function to call inside another tf.function (the scorer's)
+        self.jvp_losses_graph = self._jvp_losses
         self.dtype = dtype
 
     def _primals(self):
@@ -227,20 +229,21 @@ class TrainingObjective:
         self.vp = derivs.hvp if hessian == "full" else derivs.ggn_vp
         self.vp_graph = derivs._hvp if hessian == "full" else derivs._ggn_vp
 
-    def _scalar(self, value):
+    def scalar(self, value):
+        """``value`` as a scalar tensor of the model's dtype (the products' weights)."""
         return tf.constant(value, self.dtype)
 
     def hvp_full(self, v, indices=None):
         """(H + 0)·v with H = ∇²R over all training images (or over ``indices`` as the data term)."""
         idx = np.arange(self.n) if indices is None else np.asarray(indices)
         total = None
-        weight = self._scalar(1.0 / len(idx))
+        weight = self.scalar(1.0 / len(idx))
         for start in range(0, len(idx), self.chunk):
             x, y = self.archive.take(idx[start:start + self.chunk])
-            part = self.vp(x, y.astype(np.int64), v, weight, self._scalar(1.0 if start == 0 else 0.0))
+            part = self.vp(x, y.astype(np.int64), v, weight, self.scalar(1.0 if start == 0 else 0.0))
             total = part if total is None else tuple(a + b for a, b in zip(total, part))
         return total
 
     def hvp_minibatch(self, v, x, y):
         """H̃ v for one minibatch: ∇²(mean over the batch of L + Ω) v."""
-        return self.vp(x, y, v, self._scalar(1.0 / len(y)), self._scalar(1.0))
+        return self.vp(x, y, v, self.scalar(1.0 / len(y)), self.scalar(1.0))

@@ -75,7 +75,7 @@ class Scorer:
     # --- graph functions ------------------------------------------------------------------------
     def _totals_fn(self, x, y, stacked):
         t = tf.shape(stacked[0])[0]
-        out = tf.map_fn(lambda v: self.d._jvp_losses(x, y, v), stacked,
+        out = tf.map_fn(lambda v: self.d.jvp_losses_graph(x, y, v), stacked,
                         fn_output_signature=tf.TensorSpec((None,), self.d.dtype))
         return tf.reshape(out, [t, -1, 1])
 

@@ -28,7 +28,7 @@ unfolded, ...) get a diagonal block: ``E_n[g_n²]`` per parameter from per-image
 Memory. The factor memory (factors + eigenbases + ``Λ``, float64, :func:`kron_factor_bytes` summed:
 ``factor_bytes``) and the fit's peak with its copies and workspaces (:func:`fit_bytes`) are estimated
 first and refused with a :class:`UserError` when they exceed ``memory_budget`` (:func:`check_budget`);
-``engine.plan_memory`` gives the fit's chunk what is left (TensorFlow's CPU allocator keeps freed
+:func:`influence.memory.plan_memory` gives the fit's chunk what is left (TensorFlow's CPU allocator keeps freed
 memory, so nothing large is summed inside TensorFlow).
 """
 import logging
@@ -190,7 +190,7 @@ def describe_block(b):
 
 def fit_bytes(plan, kinds, corrected, item):
     """The most bytes the fit holds at once besides one chunk's activations (``objective.chunk``,
-    planned by ``engine.plan_memory`` from what is left of the budget), by step; ``item``: bytes of
+    planned by :func:`influence.memory.plan_memory` from what is left of the budget), by step; ``item``: bytes of
     one number in the model's dtype, ``corrected``: EK-FAC (a pass 2 and ``Λ``):
 
     * pass 1: the float64 factor sums and one chunk's products (model dtype);

@@ -111,7 +111,7 @@ class Stats:
 
 
 @dataclass
-class TestFolder:
+class TestImageFolder:
     """A validated test folder: its archive name and ``{subfolder: class index}``."""
     path: str
     name: str
@@ -175,7 +175,7 @@ def pack_train(writer, root, entries, classmap, size, batch_size, seed, decoder,
 
 
 def check_test_folders(paths, classmap):
-    """Validate test folders before anything is written; returns a list of :class:`TestFolder`."""
+    """Validate test folders before anything is written; returns a list of :class:`TestImageFolder`."""
     folders, seen = [], {}
     for path in paths:
         require_folder(path, "test folder")
@@ -191,7 +191,7 @@ def check_test_folders(paths, classmap):
             raise UserError(f"test folder {path!r} has no class subfolders "
                             "(name them by class index 0, 1, ... or by train class name)")
         indices = {s: test_subfolder_index(classmap, s) for s in subs}
-        folders.append(TestFolder(path, name, indices))
+        folders.append(TestImageFolder(path, name, indices))
     return folders
 
 

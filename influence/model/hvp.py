@@ -116,8 +116,8 @@ class Derivatives:
         self.hvp = tf.function(self._hvp, input_signature=[x_spec, y_spec, vec_spec, scalar, scalar])
         self.ggn_vp = tf.function(self._ggn_vp, input_signature=[x_spec, y_spec, vec_spec, scalar, scalar])
         self.jvp_losses = tf.function(self._jvp_losses, input_signature=[x_spec, y_spec, vec_spec])
-        #: the same, as a graph function to call inside another tf.function (the scorer's)
-        self.jvp_losses_graph = self._jvp_losses
+        #: the products as graph functions, to call inside another tf.function (the scorer's, the objective's)
+        self.jvp_losses_graph, self.hvp_graph, self.ggn_vp_graph = self._jvp_losses, self._hvp, self._ggn_vp
         self.dtype = dtype
 
     def _primals(self):
@@ -227,7 +227,7 @@ class TrainingObjective:
         self.hessian = hessian
         #: the product, compiled (``vp``) and as a graph function to call inside another tf.function
         self.vp = derivs.hvp if hessian == "full" else derivs.ggn_vp
-        self.vp_graph = derivs._hvp if hessian == "full" else derivs._ggn_vp
+        self.vp_graph = derivs.hvp_graph if hessian == "full" else derivs.ggn_vp_graph
 
     def scalar(self, value):
         """``value`` as a scalar tensor of the model's dtype (the products' weights)."""

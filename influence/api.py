@@ -1,12 +1,13 @@
 """The Python face of the package: influence scores as arrays, for notebooks and scripts.
 
     import influence
-    inf = influence.Influence("demo/model.keras", train="demo/train.npz", preprocess="unit")
+    inf = influence.Influence("demo/model.keras", train=(x_train, y_train), preprocess="unit")   # or "train.npz"
     scores = inf.scores(images, labels)        # float32 (tests, train): positive = useful, negative = harmful
     inf.top(scores, k=5)                       # the most harmful / useful training images of each test image
     inf.self_influence()                       # which training images look mislabelled
 
-The same numbers as ``calculate.py`` with the same settings (docs/DESIGN.md, "What is computed"):
+The same numbers as ``calculate.py`` with the same settings, by the same path (:meth:`Influence.score_groups`;
+docs/DESIGN.md, "What is computed"):
 ``score[t, i] = ∇L(z_t)ᵀ (H + λI)⁻¹ ∇L(z_i)``. The curvature is fitted on the first call that needs
 it (or :meth:`Influence.fit`), and kept in ``cache`` (a folder, the same cache calculate.py uses) when
 one is given. Errors are :class:`influence.errors.UserError` with one line naming the setting.
@@ -46,7 +47,10 @@ class Influence:
       model: a ``.keras``/``.h5`` file, a ``keras.applications`` name (``"vgg16"``), a Keras model
         object (a final softmax is stripped in memory; a mixed-precision model computes in float32), or
         a loaded :class:`influence.model.models.Classifier`.
-      train: a training archive written by ``prepare_data.py`` (path) or a ``TrainArchive``.
+      train: the training set: a ``train.npz`` written by ``prepare_data.py`` (path) or a ``TrainArchive``;
+        ``(x, y)`` arrays in memory (:class:`influence.data.arrays.ArrayTrainSet`); or any object with
+        ``len(train)`` batches and ``train[b] -> (x, y)`` (a ``keras.utils.PyDataset`` qualifies). Images
+        uint8, or float read as ``preprocess`` says (:func:`influence.data.arrays.as_pixels`).
       solver: ``"auto"`` (default: :mod:`influence.curvature.choice`: lissa when ``iter``, ``bsize``, ``scale``
         or ``repeats`` is passed, else krylov when ``memory_budget`` holds its basis over the model's
         parameters, else ekfac; :attr:`solver_name` and :attr:`solver_choice` say which and why) or a
@@ -60,23 +64,30 @@ class Influence:
       params: ``all``, ``last:N`` or layer names: the parameters the influence is taken over.
       weights: for a ``keras.applications`` name: ``imagenet``, a file, or ``none``.
       cache: a folder for the fitted curvature (reused while model, archive and settings agree).
-      score_batch: training images per scoring step; chunk: training images per HVP / fitting step.
+      score_batch: training images per scoring step, at most; chunk: training images per HVP / fitting
+        step (default: the memory plan's, as calculate.py).
+      memory_budget: GB for everything scoring holds at once (:meth:`plan`): :meth:`scores` scores the
+        test images in groups whose inverse-HVPs fit it, as calculate.py does.
       progress: show progress bars.
       backend: where the training-set passes run (:mod:`influence.backends`): None for this process,
         or a backend object (``influence.distributed.RayBackend(settings)``).
       **options: the solver's own settings (``iter``, ``bsize``, ``cg_tol``, ``fisher``, ``seed``, ``rank``,
-        ``memory_budget``, ...); an option the solver does not take is refused, named.
+        ...); an option the solver does not take is refused, named.
+      given, check, all_options: for :meth:`from_settings` (the settings given explicitly, a check of the
+        loaded model, every solver option of a ``Settings``).
 
     :meth:`from_settings` builds one from a calculate run's :class:`influence.settings.Settings` (the
-    calculate job is a client of this class). The defaults of the settings calculate.py has too are its
-    (:data:`influence.settings.DEFAULTS`); a solver option not given takes the solver's own default, which
-    is calculate.py's as well (tests/test_settings.py).
+    calculate job is a client of this class: it scores with :meth:`score_groups`, the loop of
+    :meth:`scores`, and adds only the output folder, the lock, resuming and the files). The defaults of
+    the settings calculate.py has too are its (:data:`influence.settings.DEFAULTS`); a solver option not
+    given takes the solver's own default, which is calculate.py's as well (tests/test_settings.py).
     """
 
     def __init__(self, model, train, *, solver=DEFAULTS["solver"], damping=DEFAULTS["damping"],
                  hessian=DEFAULTS["hessian"], preprocess=DEFAULTS["preprocess"], params=DEFAULTS["params"],
-                 weights=DEFAULTS["weights"], cache=DEFAULTS["cache"], score_batch=DEFAULTS["score_batch"], chunk=256,
-                 progress=True, backend=None, **options):
+                 weights=DEFAULTS["weights"], cache=DEFAULTS["cache"], score_batch=DEFAULTS["score_batch"], chunk=None,
+                 memory_budget=DEFAULTS["memory_budget"], progress=True, backend=None, given=None, check=None,
+                 all_options=None, **options):
         from influence.curvature.choice import AUTO, CANDIDATES, solver_choices
 
         if solver not in solver_choices():
@@ -87,17 +98,29 @@ class Influence:
             _check_options(CANDIDATES, options, f"'auto' ({', '.join(CANDIDATES)})")
         else:
             _check_options([solver], options, repr(solver))
-        if int(score_batch) < 1 or int(chunk) < 1:
+        if int(score_batch) < 1 or (chunk is not None and int(chunk) < 1):
             raise UserError(f"score_batch and chunk must be at least 1, got {score_batch} and {chunk}")
+        given, explicit = (options if given is None else given), dict(options)
+        # all_options: a Settings' (each method takes its own); memory_budget: the plan's, and the solver's
+        # when it takes it (krylov's rank, the K-FAC fit)
+        options = {**(all_options or {}), **options, "memory_budget": check_setting("memory_budget", memory_budget)}
+        budget = options["memory_budget"]
         name = model if isinstance(model, (str, Path)) else getattr(model, "name", "model")
-        train = _train_archive(train)
-        self._setup(_classifier(model, weights, preprocess, params), train, name, preprocess, hessian, chunk)
-        self._set_solver(solver, damping, options, progress, given=options)
+        train = train_data(train, preprocess)
+        clf = _classifier(model, weights, preprocess, params)
+        if check is not None:
+            check(clf)
+        #: GB: everything the scoring holds at once (:meth:`plan`); score_batch: training images per
+        #: scoring step, at most (the plan may take fewer)
+        self.memory_budget, self.score_batch = float(budget), int(score_batch)
+        self._chunk_given = chunk is not None
+        self._setup(clf, train, name, preprocess, hessian, chunk)
+        self._set_solver(solver, damping, options, progress, given=given)
         if solver == AUTO:
-            _check_options([self.solver_name], options, f"{self.solver_name!r} ({self.solver_choice})")
+            _check_options([self.solver_name], explicit, f"{self.solver_name!r} ({self.solver_choice})")
         self.cache = None if cache is None else Path(cache)
-        self.score_batch = int(score_batch)
-        self.backend = backend if backend is not None else _local()
+        self.backend = (backend(self) if callable(backend) and not hasattr(backend, "score")
+                        else backend if backend is not None else _local())
         self.solver                       # built now: a setting the solver refuses is an error here
 
     @classmethod
@@ -110,23 +133,18 @@ class Influence:
         is ``settings.cache`` or ``<out>/curvature``; the backend is Ray with ``workers`` /
         ``ray_address``, else this process. ``check(classifier)`` runs on the loaded model before anything
         is built on it. ``given``: names of the settings given explicitly (calculate.py's flags,
-        :func:`influence.settings.given_settings`), which ``solver auto`` reads.
+        :func:`influence.settings.given_settings`), which ``solver auto`` reads. The object is built by
+        ``__init__`` like any other: the same checks, the same memory plan.
         """
         from influence.backends import backend_for
-        from influence.model.models import load_classifier
 
-        clf = load_classifier(settings.model, settings.weights, settings.preprocess, settings.params)
-        train = _train_archive(train if train is not None else Path(settings.data) / "train.npz")
-        if check is not None:
-            check(clf)
-        self = cls.__new__(cls)
-        self._setup(clf, train, settings.model, settings.preprocess, settings.hessian, 256)
-        options = settings.solver_options()
-        self._set_solver(settings.solver, settings.damping, options, True, given=given)
-        self.cache = Path(settings.cache or Path(settings.out) / "curvature")
-        self.score_batch = int(settings.score_batch)
-        self.backend = backend_for(replace(settings, solver=self.solver_name))
-        return self
+        return cls(settings.model, train if train is not None else Path(settings.data) / "train.npz",
+                   solver=settings.solver, damping=settings.damping, hessian=settings.hessian,
+                   preprocess=settings.preprocess, params=settings.params, weights=settings.weights,
+                   cache=settings.cache or Path(settings.out) / "curvature", score_batch=settings.score_batch,
+                   memory_budget=settings.memory_budget, progress=True, given=given, check=check,
+                   all_options=settings.solver_options(),
+                   backend=lambda inf: backend_for(replace(settings, solver=inf.solver_name)))
 
     def _setup(self, clf, train, model_name, preprocess, hessian, chunk):
         from influence.model.hvp import Derivatives, TrainingObjective
@@ -134,9 +152,12 @@ class Influence:
 
         self.train, self.clf, self.model_name, self.preprocess = train, clf, model_name, preprocess
         self.derivs = Derivatives(self.clf, self.train.image_shape)
+        if chunk is None:                       # the memory plan's, before any solver is built
+            chunk = self.plan().chunk
         self.objective = TrainingObjective(self.derivs, self.train, chunk=int(chunk), hessian=hessian)
         self.scorer = Scorer(self.derivs)
         self._fitted = False
+        self._compacted = False
         self._catalogue = None
         self._key = None
         #: after :meth:`fit`: True when the curvature came from the cache
@@ -187,17 +208,33 @@ class Influence:
 
         return None if self.cache is None else CurvatureCache(self.cache).path(self.solver)
 
+    # --- the memory plan ------------------------------------------------------------------------
+    def plan(self, n_test=1, *, solver=None, fitting=False):
+        """How ``memory_budget`` splits the work (:func:`influence.memory.plan_memory`) for ``n_test`` test
+        images: without ``solver``, before any fit (only ``chunk`` is meaningful); with the fitted solver,
+        the scoring groups (``vectors``), ``score_batch`` and ``chunk``; ``fitting``: the fit's chunk.
+        -> :class:`influence.memory.MemoryPlan`."""
+        from influence.memory import Budget, plan_memory
+
+        return plan_memory(self.clf, Budget(self.memory_budget, self.score_batch), n_test, solver, fitting=fitting)
+
     # --- curvature ------------------------------------------------------------------------------
     def fit(self, before_fit=None):
         """Fit the solver's curvature on the training set (or load it from ``cache``); returns self.
 
-        ``before_fit(solver)``: called before a fit (not before a cache load), e.g. to set the chunk.
+        A solver whose fit holds large state (K-FAC/EK-FAC: ``fit_bytes``) fits in chunks of what the
+        fit leaves of ``memory_budget``. ``before_fit(solver)``: called before a fit (not before a cache
+        load).
         """
         if self._fitted:
             return self
         solver = self.solver
 
         def fit():
+            if getattr(solver, "fit_bytes", None) is not None and not self._chunk_given:
+                self.objective.chunk = self.plan(solver=solver, fitting=True).chunk
+                log.info("%s fit: %.2f GB of the %g GB memory budget held at its peak; %d training image(s) per "
+                         "chunk", solver.name, solver.fit_bytes / 2**30, self.memory_budget, self.objective.chunk)
             if before_fit is not None:
                 before_fit(solver)
             self.backend.fit(solver, self.train, chunk=self.objective.chunk, key=self.curvature_key)
@@ -211,30 +248,99 @@ class Influence:
         self._fitted = True
         return self
 
+    def prepare(self, n_test):
+        """Ready to score ``n_test`` test images: fitted (or loaded), the solver compacted to what solving
+        needs, the plan of the scoring groups taken (``chunk`` of the HVPs set from it) -> the
+        :class:`influence.memory.MemoryPlan` that :meth:`score_groups` follows."""
+        self.fit()
+        self.solver.compact()
+        self._compacted = True
+        plan = self.plan(n_test, solver=self.solver)
+        if not self._chunk_given:
+            self.objective.chunk = plan.chunk
+        log.info("scoring %d test image(s) in %d group(s) of at most %d (memory budget %g GB); %d training images "
+                 "per scoring step", n_test, -(-n_test // plan.vectors), plan.vectors, self.memory_budget,
+                 plan.score_batch)
+        return plan
+
     # --- scores ---------------------------------------------------------------------------------
-    def scores(self, images, labels, per_layer=False):
+    def score_groups(self, images, labels, ids=None, *, plan=None, work=None, timings=None):
+        """Score test images group by group under ``memory_budget``: yields a :class:`Scored` (``start``,
+        ``stop``: the rows of ``images``; ``shares``: float32 (stop - start, N, L)) per group.
+
+        The one scoring loop of the package: :meth:`scores` collects it, calculate.py's job writes each
+        group's files as it comes. A group holds at most ``plan.vectors`` inverse-HVPs (:meth:`prepare`):
+        its test gradients, inverse-HVPs, then ONE pass over the training set.
+
+        Args:
+          images: (T, H, W, C) uint8 or float images (:func:`influence.data.arrays.as_pixels`), or any
+            object with ``len`` whose slices ``images[a:b]`` are such arrays (read a group at a time);
+          labels: (T,) classes (the label the loss is taken with);
+          ids: one hashable tuple/str/int per test image, naming it for the solvers that draw random
+            numbers (LiSSA seeds each vector's stream by ``seed`` and its id): the same image with the
+            same id gives the same numbers, whatever else is scored with it. Default ``("api", t)``;
+            calculate.py's are ``(folder, label, n)``.
+          plan: the plan of :meth:`prepare` (default: prepared here); work: ``work(start, stop)`` ->
+            :class:`influence.backends.Work` of a group (a backend that resumes); timings:
+            ``timings(phase, seconds)`` (``test_gradients_s``, ``inverse_hvp_s``, ``scoring_s``).
+        """
+        import time
+
+        y_all = self._labels(labels, len(images))
+        ids = [("api", t) for t in range(len(y_all))] if ids is None else list(ids)
+        if len(ids) != len(y_all):
+            raise UserError(f"ids: {len(ids)} for {len(y_all)} images")
+        plan = plan if plan is not None else self.prepare(len(y_all))
+        clock = time.perf_counter
+        note = timings or (lambda phase, seconds: None)
+        for start in range(0, len(y_all), plan.vectors):
+            stop = min(start + plan.vectors, len(y_all))
+            t0 = clock()
+            x, y = self._test_arrays(images[start:stop], y_all[start:stop])
+            grads = self._gradients(x, y)
+            t1 = clock()
+            note("test_gradients_s", t1 - t0)
+            stacked = self.solver.solve_stacked(grads, ids=ids[start:stop])
+            del grads
+            t2 = clock()
+            note("inverse_hvp_s", t2 - t1)
+            shares = self.score_stacked(stacked, work=None if work is None else work(start, stop),
+                                        desc=f"scoring {stop - start} test image(s)", score_batch=plan.score_batch)
+            del stacked
+            note("scoring_s", clock() - t2)
+            yield Scored(start, stop, shares)
+
+    def scores(self, images, labels, per_layer=False, ids=None):
         """Influence of every training image on each test image.
 
         Args:
-          images: uint8 (T, H, W, C) test images, the archives' size; labels: (T,) their classes (the
-            label the loss is taken with: the true one, or the prediction to explain).
+          images: (T, H, W, C) test images of the training set's size: uint8 pixels, or float with the
+            model's ``preprocess`` saying how to read them (``unit``: 0..1; otherwise 0..255; see
+            :func:`influence.data.arrays.as_pixels`); labels: (T,) their classes (the label the loss is
+            taken with: the true one, or the prediction to explain).
           per_layer: also split each score by layer.
+          ids: names of the test images for stochastic solvers (:meth:`score_groups`).
+
+        Scored in groups under ``memory_budget`` (:meth:`score_groups`, the loop calculate.py runs):
+        at most a group's inverse-HVPs are held at once.
 
         Returns:
-          float32 (T, N) in training-archive order; with ``per_layer``, (T, N, L) and the layer names.
+          float32 (T, N) in training-set order; with ``per_layer``, (T, N, L) and the layer names.
         """
-        x, y = self._test_arrays(images, labels)
-        self.fit()
-        grads = self._gradients(x, y)
-        stacked = self.inverse_hvps(grads, ids=[("api", t) for t in range(len(grads))])
-        shares = self.score_stacked(stacked)
+        if np.asarray(images).ndim == 3:
+            images = np.asarray(images)[None]
+        parts = [g.shares for g in self.score_groups(images, labels, ids)]
+        width = len(self.layer_names)
+        shares = np.concatenate(parts) if parts else np.zeros((0, len(self.train), width), np.float32)
         if per_layer:
             return shares, self.layer_names
         return shares.sum(axis=2)
 
     def predict(self, images, batch=256):
-        """Class probabilities (T, classes) of uint8 ``images``, ``batch`` at a time."""
-        x = np.asarray(images)
+        """Class probabilities (T, classes) of ``images`` (uint8 or float, as :meth:`scores`), ``batch`` at a time."""
+        from influence.data.arrays import as_pixels
+
+        x = as_pixels(images, self._unit, "images")
         return np.concatenate([np.zeros((0, self.clf.num_classes))] +
                               [self.derivs.predict(x[s:s + batch]).numpy() for s in range(0, len(x), batch)])
 
@@ -280,6 +386,10 @@ class Influence:
         once on the one-per-image route."""
         from influence.scoring.self_influence import self_influence
 
+        if self._compacted and self.solver_name in ("kfac", "ekfac", "pcg"):
+            # scoring compacted the fit to what solving needs; self-influence needs the whole of it
+            log.info("self-influence: the %s curvature again (scoring compacted it)", self.solver_name)
+            self._solver, self._fitted, self._compacted = None, False, False
         self.fit()
         return self_influence(self.solver, self.derivs, self.train, batch=batch or self.score_batch, limit=limit,
                               vectors=vectors, progress=self.progress)
@@ -293,23 +403,44 @@ class Influence:
         return self._catalogue
 
     # --- helpers --------------------------------------------------------------------------------
+    @property
+    def _unit(self):
+        return self.preprocess == "unit"
+
+    def _labels(self, labels, n):
+        y = np.asarray(labels).reshape(-1)
+        if len(y) and not np.issubdtype(y.dtype, np.integer):
+            raise UserError(f"labels must be integer class indices, got {y.dtype}")
+        y = y.astype(np.int64)
+        if len(y) != n:
+            raise UserError(f"labels: {len(y)} for {n} images")
+        k = self.clf.num_classes
+        if len(y) and (y.min() < 0 or y.max() >= k):
+            raise UserError(f"labels must be class indices 0..{k - 1}, got {int(y.min())}..{int(y.max())}")
+        return y
+
     def _test_arrays(self, images, labels):
+        from influence.data.arrays import as_pixels
+
         x = np.asarray(images)
-        y = np.asarray(labels).reshape(-1).astype(np.int64)
         if x.ndim == 3:
             x = x[None]
         want = tuple(self.train.image_shape)
         if x.ndim != 4 or tuple(x.shape[1:]) != want:
-            raise UserError(f"images must be (T, {', '.join(map(str, want))}) like the training archive, "
+            raise UserError(f"images must be (T, {', '.join(map(str, want))}) like the training images, "
                             f"got {x.shape}")
-        if x.dtype != np.uint8:
-            raise UserError(f"images must be uint8 pixels 0..255 (as the archives hold), got {x.dtype}")
-        if len(y) != len(x):
-            raise UserError(f"labels: {len(y)} for {len(x)} images")
-        k = self.clf.num_classes
-        if len(y) and (y.min() < 0 or y.max() >= k):
-            raise UserError(f"labels must be class indices 0..{k - 1}, got {int(y.min())}..{int(y.max())}")
-        return x, y
+        x = as_pixels(x, self._unit, "images")
+        return x, self._labels(labels, len(x))
+
+
+@dataclass
+class Scored:
+    """One group of :meth:`Influence.score_groups`: test images ``start:stop`` and their float32 shares
+    (stop - start, N, L)."""
+
+    start: int
+    stop: int
+    shares: np.ndarray
 
 
 def _check_options(names, options, shown):
@@ -330,10 +461,24 @@ def _local():
     return LocalBackend()
 
 
-def _train_archive(train):
+def train_data(train, preprocess=DEFAULTS["preprocess"]):
+    """What :class:`Influence` reads the training set through: a ``TrainArchive`` as it is; a path:
+    the archive there; ``(x, y)`` arrays: an :class:`influence.data.arrays.ArrayTrainSet`; any object of
+    the batch protocol (``len(data)`` batches, ``data[b] -> (x, y)``, e.g. a ``keras.utils.PyDataset``)
+    adapted by :class:`influence.data.arrays.TrainSet` (float images read by ``preprocess``)."""
     from influence.data.archives import TrainArchive
+    from influence.data.arrays import ArrayTrainSet, TrainSet, is_batched
 
-    return train if isinstance(train, TrainArchive) else TrainArchive(Path(train))
+    if isinstance(train, (TrainArchive, TrainSet)):
+        return train
+    if isinstance(train, (str, Path)):
+        return TrainArchive(Path(train))
+    if isinstance(train, (tuple, list)) and len(train) == 2:
+        train = ArrayTrainSet(*train)
+    if is_batched(train):
+        return TrainSet(train, preprocess == "unit")
+    raise UserError(f"train: a train.npz path, (x, y) arrays or an object with len() batches and data[b] -> (x, y); "
+                    f"got {type(train).__name__}")
 
 
 def _classifier(model, weights, preprocess, params):

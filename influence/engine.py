@@ -13,12 +13,15 @@ each a function of small value objects:
    :class:`TestSet` still to do;
 3. **fit** (:func:`fit_curvature`): the solver's training-set work, loaded from the curvature cache or
    fitted and saved; then **self-influence** (:func:`self_influence_phase`) when asked for;
-4. the test images of ALL folders and labels in as few groups as ``memory_budget`` allows
-   (:class:`influence.memory.MemoryPlan`): per group **test gradients**, **inverse-HVPs**, ONE
-   **scoring** pass over the training archive, then **writing** each image's output files.
+4. the test images of ALL folders and labels still to do, scored by the API's own loop
+   (:meth:`influence.Influence.score_groups`: as few groups as ``memory_budget`` allows, per group test
+   gradients, inverse-HVPs, ONE scoring pass over the training archive), then **writing** each
+   image's output files as its group comes.
 
-Numbers do not depend on the grouping: every solver treats each test vector on its own (LiSSA's
-random stream is seeded by the test image's folder, label and number).
+The job adds only what a command line adds: the output folder and its lock, resuming (the work list,
+run.json) and the files. Numbers do not depend on the grouping: every solver treats each test vector
+on its own (LiSSA's random stream is seeded by the test image's id, here its folder, label and
+number: ``Influence.scores(..., ids=...)`` with the same ids gives the same numbers).
 """
 import dataclasses
 import errno
@@ -109,9 +112,29 @@ class TestSet:
 
     def arrays(self, group):
         """uint8 images (T, H, W, C) and int64 labels (T,) of the test images ``group``."""
-        x = np.stack([self.folders[it.folder].images[it.index] for it in group])
-        y = np.array([self.folders[it.folder].labels[it.index] for it in group], np.int64)
-        return x, y
+        return self.view(group)[:len(group)], self.labels(group)
+
+    def labels(self, group):
+        """int64 labels (T,) of the test images ``group``."""
+        return np.array([self.folders[it.folder].labels[it.index] for it in group], np.int64)
+
+    def view(self, group):
+        """The images of ``group`` as :meth:`influence.Influence.score_groups` reads them: ``len`` and
+        slices stacked on demand (a group's images at a time, not the whole run's)."""
+        return _Images(self, list(group))
+
+
+class _Images:
+    """``len`` and ``[a:b]`` -> uint8 (b - a, H, W, C): the test images of a list of items, stacked per slice."""
+
+    def __init__(self, tests, items):
+        self.tests, self.items = tests, items
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, sl):
+        return np.stack([self.tests.folders[it.folder].images[it.index] for it in self.items[sl]])
 
 
 @dataclasses.dataclass
@@ -159,8 +182,7 @@ def _calculate(settings, given):
     job, inf = load_model(settings, inputs, given)
     settings = job.settings               # solver auto resolved
     tests = list_tests(inputs.test, inputs.folders, settings)
-    plan = plan_memory(inf.clf, settings, len(tests.todo))
-    inf.objective.chunk = plan.chunk
+    plan = inf.plan(len(tests.todo))       # before the fit: what self-influence holds at once
     catalogue = TrainCatalogue.of(inputs.train, class_namer(inputs.classmap, inf.clf.num_classes))
     solver_info = (inputs.old_run or {}).get("solver_info")
     job.record.save(solver=inf.solver_name, solver_choice=inf.solver_choice,
@@ -171,7 +193,7 @@ def _calculate(settings, given):
     self_todo = settings.self_influence and not _self_influence_done(job, catalogue)
     if not tests.todo and not self_todo:
         return _finish(job, solver_info)
-    fit_curvature(job, inf, plan, len(tests.todo))
+    fit_curvature(job, inf)
     if self_todo:
         self_influence_phase(job, inf, plan, catalogue)
     if not tests.todo:
@@ -184,22 +206,22 @@ def _calculate(settings, given):
     shared = dict(layer_names=inf.layer_names, catalogue=catalogue, top=settings.top, fmt=settings.save_format,
                   figures=settings.figures, book=FigureBook())
     pending = []      # (test images done once a group's outputs are written, its Work): kept results to release
+    works = {}        # the Work of each group being scored (the backend keeps its results until released)
     workers = default_workers(len(tests.todo)) if settings.figures else 0    # the numbers alone: written here
     with OutputWriter(workers, shared=shared) as writer:
-        for start in range(0, len(tests.todo), plan.vectors):
-            group = tests.todo[start:start + plan.vectors]
-            t_group = timer()
-            grads = test_gradients(job, inf, tests, group)
-            stacked = inverse_hvps(job, inf, grads, group)
-            del grads
-            work = Work(tuple(group), inputs.fingerprints)
-            shares = score(job, inf, stacked, work, plan)
-            del stacked
-            pending.append((start + len(group), work))
+        groups = inf.score_groups(tests.view(tests.todo), tests.labels(tests.todo), [it.ident for it in tests.todo],
+                                  plan=plan, timings=job.record.add_time,
+                                  work=lambda a, b: works.setdefault(a, Work(tuple(tests.todo[a:b]), inputs.fingerprints)))
+        t_group = timer()
+        for scored in groups:
+            start, group, shares = scored.start, tests.todo[scored.start:scored.stop], scored.shares
+            pending.append((start + len(group), works.pop(start)))
             writer.expect(score_s=(timer() - t_group) / len(group), scoring_left=start + len(group) < len(tests.todo))
             write(job, writer, tests, group, shares, catalogue, inputs.train)
             _release_written(job, inf.backend, pending)
             job.record.save(solver_info=inf.solver.info)
+            del shares, scored
+            t_group = timer()
         t1 = timer()
         _report_written(job, catalogue, writer.collect(wait=True))
         _release_written(job, inf.backend, pending)
@@ -358,64 +380,25 @@ def predict(job, inf, inputs, tests):
 
 # ----------------------------------------------------------------------------- phase: fit curvature
 
-def fit_curvature(job, inf, plan, n_todo):
-    """The solver's curvature: loaded from the cache, or fitted (on the backend) and saved."""
-    settings = job.settings
+def fit_curvature(job, inf):
+    """The solver's curvature: loaded from the cache, or fitted (on the backend, in chunks of the memory
+    plan: :meth:`influence.Influence.fit`) and saved."""
     t1 = timer()
-
-    def before_fit(solver):
-        if getattr(solver, "fit_bytes", None) is not None:
-            # K-FAC/EK-FAC: the fit's chunk from what the fit itself leaves of the memory budget
-            inf.objective.chunk = plan_memory(inf.clf, settings, n_todo, solver, fitting=True).chunk
-            log.info("%s fit: %.2f GB of the %g GB memory budget held at its peak; %d training image(s) per chunk",
-                     solver.name, solver.fit_bytes / 2**30, settings.memory_budget, inf.objective.chunk)
-
-    inf.fit(before_fit)
+    inf.fit()
     job.record.add_time("curvature_s", timer() - t1)
     job.record.data["curvature"] = {"cache": str(inf.cache_path()), "loaded": inf.loaded}
     job.record.save(solver_info=inf.solver.info)
 
 
 def plan_scoring(job, inf, n_todo):
-    """After the fit: the solver compacted, the memory plan of the scoring groups -> :class:`MemoryPlan`."""
-    settings = job.settings
-    inf.solver.compact()
-    plan = plan_memory(inf.clf, settings, n_todo, inf.solver)
-    inf.objective.chunk = plan.chunk
-    inf.score_batch = plan.score_batch
+    """After the fit: the plan of the scoring groups (:meth:`influence.Influence.prepare`: the solver
+    compacted, chunk and score_batch from the memory budget), recorded -> :class:`MemoryPlan`."""
+    plan = inf.prepare(n_todo)
     job.record.save(memory_plan=dataclasses.asdict(plan))
-    log.info("scoring %d test image(s) in %d group(s) of at most %d (memory budget %g GB); %d training images "
-             "per scoring step", n_todo, -(-n_todo // plan.vectors), plan.vectors, settings.memory_budget,
-             plan.score_batch)
     return plan
 
 
 # ----------------------------------------------------------------------------- phases of a group
-
-def test_gradients(job, inf, tests, group):
-    """``∇L(z_t)`` of each test image of ``group`` (a list of Vecs)."""
-    t1 = timer()
-    grads = inf.test_gradients(*tests.arrays(group))
-    job.record.add_time("test_gradients_s", timer() - t1)
-    return grads
-
-
-def inverse_hvps(job, inf, grads, group):
-    """The group's inverse-HVPs, stacked (LiSSA seeds each by its test image's folder, label, number)."""
-    t1 = timer()
-    stacked = inf.inverse_hvps(grads, ids=[it.ident for it in group])
-    job.record.add_time("inverse_hvp_s", timer() - t1)
-    return stacked
-
-
-def score(job, inf, stacked, work, plan):
-    """ONE pass over the training archive for the whole group -> float32 shares (T, N, L)."""
-    t1 = timer()
-    shares = inf.score_stacked(stacked, work=work, desc=f"scoring {len(work.items)} test image(s)",
-                               score_batch=plan.score_batch)
-    job.record.add_time("scoring_s", timer() - t1)
-    return shares
-
 
 def write(job, writer, tests, group, shares, catalogue, train):
     """Hand each test image's output files to the writer; report and count those written."""

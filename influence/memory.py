@@ -31,6 +31,15 @@ def layer_shapes(clf):
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    """What :func:`plan_memory` reads of a run's settings: ``memory_budget`` (GB) and ``score_batch``
+    (training images per scoring step, at most). A :class:`influence.settings.Settings` serves as well."""
+
+    memory_budget: float
+    score_batch: int
+
+
 @dataclasses.dataclass
 class MemoryPlan:
     """How a run splits its work to stay within ``memory_budget`` (docs/DESIGN.md, "Memory").
@@ -50,6 +59,9 @@ class MemoryPlan:
 
 def plan_memory(clf, settings, n_test, solver=None, fitting=False):
     """Split ``memory_budget`` (GB) between the fitted curvature, the held test vectors and one call.
+
+    ``settings``: a :class:`Budget` (or anything with ``memory_budget`` and ``score_batch``);
+    :meth:`influence.Influence.plan` is the caller that runs.
 
     The solver's resident state and workspace (``solver.resident_bytes``, ``workspace_bytes``; the
     EK-FAC eigenvectors and eigenvalues) come off first; the rest goes half to the inverse-HVPs held

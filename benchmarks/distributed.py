@@ -116,7 +116,7 @@ def per_image_costs(data):
     """ms per training image of F, the two EK-FAC passes, scoring (T = 1, 30) and reading."""
     from influence.data.archives import TrainArchive
     from influence.curvature import make_solver
-    from influence.engine import score_archive
+    from influence.backends import score_archive
     from influence.model.hvp import Derivatives, TrainingObjective, vec_stack
     from influence.model.models import load_classifier
     from influence.scoring import Scorer

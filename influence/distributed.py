@@ -16,7 +16,7 @@ still finds its finished shards and gets the same bits): scoring into runs of wh
   otherwise (still the same for any number of workers; last-bit differences from one process).
   Other solvers fit in the driver, as without Ray.
 * **Scoring**: the driver puts a group's inverse-HVPs into the object store once; each shard's task
-  scores its training images exactly as :func:`influence.engine.score_archive` does (same batches,
+  scores its training images exactly as :func:`influence.backends.score_archive` does (same batches,
   same ``--score-batch`` steps, so the same numbers) and writes its slice of every test image's scores
   atomically as ``<out>/parts/<group key>/<first>-<last>.npy``. The driver assembles them and the
   engine writes the usual outputs; a group's parts are removed once its outputs are written.
@@ -562,8 +562,8 @@ def _part_ok(path, t, n):
     return False
 
 
-def score_archive(settings, train, stacked, score_batch, parts, curvature_key, progress_desc="scoring"):
-    """:func:`influence.engine.score_archive` over Ray: float32 (T, N, L), in archive order.
+def score_sharded(settings, train, stacked, score_batch, parts, curvature_key, progress_desc="scoring"):
+    """:func:`influence.backends.score_archive` over Ray: float32 (T, N, L), in archive order.
 
     Shards whose part is already in ``parts`` (see :func:`group_parts`) are not scored again.
     """
@@ -612,7 +612,7 @@ def score_archive(settings, train, stacked, score_batch, parts, curvature_key, p
 
 class RayBackend:
     """The :mod:`influence.backends` interface over Ray (``workers`` / ``ray_address``): the
-    kfac/ekfac/pcg fit sharded (:func:`fit`), scoring sharded (:func:`score_archive`) with each
+    kfac/ekfac/pcg fit sharded (:func:`fit`), scoring sharded (:func:`score_sharded`) with each
     :class:`influence.backends.Work`'s shard scores kept under ``<out>/parts`` until :meth:`release`."""
 
     name = "ray"
@@ -631,12 +631,12 @@ class RayBackend:
 
             parts = Path(self.settings.out).resolve() / PARTS / f"call-{uuid.uuid4().hex[:12]}"
             try:
-                return score_archive(self.settings, archive, stacked, score_batch, parts, key, progress_desc=desc)
+                return score_sharded(self.settings, archive, stacked, score_batch, parts, key, progress_desc=desc)
             finally:
                 remove_parts(parts)
         parts = group_parts(self.settings, key, work.fingerprints, work.items, score_batch)
         self._parts[id(work)] = parts
-        return score_archive(self.settings, archive, stacked, score_batch, parts, key, progress_desc=desc)
+        return score_sharded(self.settings, archive, stacked, score_batch, parts, key, progress_desc=desc)
 
     def release(self, work):
         parts = self._parts.pop(id(work), None)

@@ -34,16 +34,14 @@ import numpy as np
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from influence import distributed
-from influence.backends import Work, score_archive  # noqa: F401  (score_archive: re-exported)
-from influence.catalogue import NameList, TrainCatalogue, class_namer  # noqa: F401  (re-exported)
+from influence.backends import Work
+from influence.catalogue import TrainCatalogue, class_namer
 from influence.data.archives import TestArchive, TrainArchive, check_same_classes
 from influence.data.classes import ClassMap
 from influence.errors import SettingError, UserError
-from influence.memory import MemoryPlan, layer_shapes, plan_memory  # noqa: F401  (re-exported)
 from influence.outputs.report import TestImage, outputs_complete, write_predictions_csv, write_test_outputs
-from influence.run_record import (RUN_FILE, RunRecord, check_resume, data_fingerprints,  # noqa: F401
-                                  peak_rss_bytes, previous_run)
-from influence.settings import MATH_SETTINGS, Settings  # noqa: F401  (Settings: the job's input)
+from influence.run_record import RunRecord, check_resume, data_fingerprints, previous_run
+from influence.settings import Settings
 
 log = logging.getLogger(__name__)
 timer = time.perf_counter
@@ -193,40 +191,50 @@ def _calculate(settings, given):
     self_todo = settings.self_influence and not _self_influence_done(job, catalogue)
     if not tests.todo and not self_todo:
         return _finish(job, solver_info)
-    fit_curvature(job, inf)
-    if self_todo:
-        self_influence_phase(job, inf, plan, catalogue)
-    if not tests.todo:
-        return _finish(job, inf.solver.info)
-    plan = plan_scoring(job, inf, len(tests.todo))
+    with _writer(settings, inf, catalogue, len(tests.todo)) as writer:    # its processes start during the fit
+        fit_curvature(job, inf)
+        if self_todo:
+            self_influence_phase(job, inf, plan, catalogue)
+        if tests.todo:
+            score_and_write(job, inf, inputs, tests, catalogue, writer)
+    return _finish(job, inf.solver.info)
 
-    from influence.outputs.figure_book import FigureBook
+
+def _writer(settings, inf, catalogue, n_todo):
+    """The writer of the test images' files (:mod:`influence.outputs.writer`), made before the fit: its
+    processes start, import matplotlib and lay out their figures while the curvature is fitted."""
+    from influence.outputs.figure_book import FigureBook, warm_up
     from influence.outputs.writer import OutputWriter, default_workers
 
     shared = dict(layer_names=inf.layer_names, catalogue=catalogue, top=settings.top, fmt=settings.save_format,
                   figures=settings.figures, book=FigureBook())
+    workers = default_workers(n_todo) if settings.figures else 0    # the numbers alone: written here
+    return OutputWriter(workers, shared=shared, warm=warm_up)
+
+
+def score_and_write(job, inf, inputs, tests, catalogue, writer):
+    """The test images still to do, scored by the API's loop group by group (:meth:`Influence.score_groups`),
+    each group's files handed to ``writer`` as it comes."""
+    plan = plan_scoring(job, inf, len(tests.todo))
     pending = []      # (test images done once a group's outputs are written, its Work): kept results to release
     works = {}        # the Work of each group being scored (the backend keeps its results until released)
-    workers = default_workers(len(tests.todo)) if settings.figures else 0    # the numbers alone: written here
-    with OutputWriter(workers, shared=shared) as writer:
-        groups = inf.score_groups(tests.view(tests.todo), tests.labels(tests.todo), [it.ident for it in tests.todo],
-                                  plan=plan, timings=job.record.add_time,
-                                  work=lambda a, b: works.setdefault(a, Work(tuple(tests.todo[a:b]), inputs.fingerprints)))
-        t_group = timer()
-        for scored in groups:
-            start, group, shares = scored.start, tests.todo[scored.start:scored.stop], scored.shares
-            pending.append((start + len(group), works.pop(start)))
-            writer.expect(score_s=(timer() - t_group) / len(group), scoring_left=start + len(group) < len(tests.todo))
-            write(job, writer, tests, group, shares, catalogue, inputs.train)
-            _release_written(job, inf.backend, pending)
-            job.record.save(solver_info=inf.solver.info)
-            del shares, scored
-            t_group = timer()
-        t1 = timer()
-        _report_written(job, catalogue, writer.collect(wait=True))
+    groups = inf.score_groups(tests.view(tests.todo), tests.labels(tests.todo), [it.ident for it in tests.todo],
+                              plan=plan, timings=job.record.add_time,
+                              work=lambda a, b: works.setdefault(a, Work(tuple(tests.todo[a:b]), inputs.fingerprints)))
+    t_group = timer()
+    for scored in groups:
+        start, group, shares = scored.start, tests.todo[scored.start:scored.stop], scored.shares
+        pending.append((start + len(group), works.pop(start)))
+        writer.expect(score_s=(timer() - t_group) / len(group), scoring_left=start + len(group) < len(tests.todo))
+        write(job, writer, tests, group, shares, catalogue, inputs.train)
         _release_written(job, inf.backend, pending)
-        job.record.add_time("writing_s", timer() - t1)
-    return _finish(job, inf.solver.info)
+        job.record.save(solver_info=inf.solver.info)
+        del shares, scored
+        t_group = timer()
+    t1 = timer()
+    _report_written(job, catalogue, writer.collect(wait=True))
+    _release_written(job, inf.backend, pending)
+    job.record.add_time("writing_s", timer() - t1)
 
 
 # ----------------------------------------------------------------------------- phase: load
@@ -392,7 +400,7 @@ def fit_curvature(job, inf):
 
 def plan_scoring(job, inf, n_todo):
     """After the fit: the plan of the scoring groups (:meth:`influence.Influence.prepare`: the solver
-    compacted, chunk and score_batch from the memory budget), recorded -> :class:`MemoryPlan`."""
+    compacted, chunk and score_batch from the memory budget), recorded -> :class:`influence.memory.MemoryPlan`."""
     plan = inf.prepare(n_todo)
     job.record.save(memory_plan=dataclasses.asdict(plan))
     return plan

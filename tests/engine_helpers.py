@@ -109,8 +109,8 @@ def write_project(root, n_train, batch, test_sizes, batchnorm=False):
 
 
 def calc_settings(data, out, **kw):
-    """influence.engine.Settings for a :func:`write_project` folder: exact solver, png, top 2."""
-    from influence.engine import Settings
+    """influence.settings.Settings for a :func:`write_project` folder: exact solver, png, top 2."""
+    from influence.settings import Settings
 
     base = dict(data=str(data), out=str(out), model=str(data / "model.keras"), preprocess="unit", solver="exact",
                 save_format="png", top=2)

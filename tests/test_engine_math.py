@@ -5,7 +5,7 @@ import tensorflow as tf
 
 from engine_helpers import (IMAGE, classifier, dense_hessian, per_example_gradients, random_data, setup,
                             tiny_model, to_vec, write_train_archive)
-from influence.engine import score_archive
+from influence.backends import score_archive
 from influence.errors import UserError
 from influence.model.hvp import Derivatives, vec_to_numpy
 from influence.scoring import Scorer
@@ -236,7 +236,7 @@ def test_memory_plan_takes_the_fitted_curvature_off_the_budget(tiny):
     get their half: a solver holding most of the budget leaves room for fewer vectors."""
     from types import SimpleNamespace
 
-    from influence.engine import plan_memory
+    from influence.memory import plan_memory
 
     clf, p = tiny["clf"], tiny["P"]
     budget_gb = 64 * p * 8 / 2**30                         # room for 64 parameter-sized float64 arrays

@@ -87,3 +87,17 @@ def test_figures_without_a_template_and_the_book_keeps_a_few(tmp_path):
     assert len(book) <= 8
     import pickle
     assert len(pickle.loads(pickle.dumps(book))) == 0      # each writer process lays out its own
+
+
+def test_warm_up_lays_out_the_first_figures():
+    from influence.outputs.figure_book import warm_up
+
+    book = FigureBook()
+    catalogue = TrainCatalogue([str(i) for i in range(30)], np.array(["f"] * 30), np.arange(30) % 10, str)
+    warm_up(book=book, catalogue=catalogue, layer_names=["a", "b"], top=5, fmt="png")
+    assert len(book) == 3                              # two strips and the summary of 10 classes
+    many = TrainCatalogue([str(i) for i in range(30)], np.array(["f"] * 30), np.arange(30), str)
+    warm_up(book=FigureBook(), catalogue=many, layer_names=["a"], top=50, figures=False)   # nothing to draw
+    other = FigureBook()
+    warm_up(book=other, catalogue=many, layer_names=["a"], top=50)
+    assert len(other) == 2 and other.strip("harmful", 30) is other.strip("harmful", 30)    # top clipped to N

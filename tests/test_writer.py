@@ -46,3 +46,16 @@ def test_children_report_their_times():
         assert writer.busy() == 1                  # measured, but 2 processes leave the scoring 1 core
         writer.expect(score_s=1e-6, scoring_left=False)
         assert writer.busy() == 2
+
+
+def _boom(**shared):
+    raise RuntimeError(f"warm-up failed with {sorted(shared)}")
+
+
+def test_warm_up_runs_in_each_process_and_its_error_is_raised_at_close():
+    writer = OutputWriter(2, shared={"a": 1}, warm=_boom)
+    writer.expect(score_s=0.01, scoring_left=False)
+    writer.submit(0, dict, b=0)
+    assert writer.collect() == [(0, {"a": 1, "b": 0})]      # the writing itself is not held up
+    with pytest.raises(RuntimeError, match=r"warm-up failed with \['a'\]"):
+        writer.close()

@@ -5,8 +5,10 @@ training images) and a :class:`~influence.outputs.summary.SummaryFigure` per row
 width. Handed to the writer processes, each process gets an empty book and fills its own (figures are
 not pickled).
 """
+import numpy as np
+
 from influence.outputs.strips import StripFigure
-from influence.outputs.summary import SummaryFigure, widest_class_label, widest_layer_label
+from influence.outputs.summary import MAX_LAYERS, TOP_CLASSES, SummaryFigure, widest_class_label, widest_layer_label
 
 #: figures kept at most (a run needs 2 strips and one summary per row count: a handful)
 MAX_KEPT = 8
@@ -49,3 +51,17 @@ class FigureBook:
         class_hint, layer_hint = kept[1], widest_layer_label(layer_names)
         return self._get(("summary", tuple(rows), class_hint, layer_hint),
                          lambda: SummaryFigure(*rows, class_hint, layer_hint))
+
+
+def warm_up(*, book, catalogue, layer_names, top, figures=True, **_):
+    """Lay out the figures a run will draw first, in ``book``: the two strips of ``top`` training images and,
+    when every class is drawn by name (at most :data:`~influence.outputs.summary.TOP_CLASSES` classes), the
+    summary. A writer process runs it as it starts (:class:`influence.outputs.writer.OutputWriter`)."""
+    if not figures:
+        return
+    n = min(int(top), len(catalogue))
+    book.strip("harmful", n)
+    book.strip("useful", n)
+    classes = np.unique(np.asarray(catalogue.labels)).size
+    if classes <= TOP_CLASSES:
+        book.summary((classes, min(len(layer_names), MAX_LAYERS)), catalogue, layer_names)

@@ -97,9 +97,12 @@ class OutputWriter:
     ``shared``: keyword arguments every call gets (sent to each child once, not per call: the
     training set's keys, files and labels, an empty figure book that each child fills).
     ``workers``: processes of the pool (0 = write in the calling thread).
+    ``warm``: ``warm(**shared)``, run once in each process as the pool starts (import and lay out what the
+    writing needs, while the caller still computes); its result is dropped, an error in it raised at
+    :meth:`close`.
     """
 
-    def __init__(self, workers=0, shared=None):
+    def __init__(self, workers=0, shared=None, warm=None):
         self.workers = int(workers)
         self._shared = dict(shared or {})
         self._pool = None
@@ -107,10 +110,13 @@ class OutputWriter:
         self._waiting = collections.deque()   # entries not handed to a child yet: (entry, fn, args, kwargs)
         self._write_s = []                    # seconds a child took per test image
         self._score_s, self._scoring_left = 0.0, True
+        self._warming = []
         if self.workers > 0:
             ctx = multiprocessing.get_context("spawn")
             self._pool = concurrent.futures.ProcessPoolExecutor(max_workers=self.workers, mp_context=ctx,
                                                                 initializer=_init, initargs=(self._shared,))
+            if warm is not None:        # one task per process: each starts one more until all are started
+                self._warming = [self._pool.submit(_call, warm, (), {}) for _ in range(self.workers)]
 
     def expect(self, score_s, scoring_left):
         """``score_s`` seconds of scoring per test image, and whether any are left to score after those
@@ -179,6 +185,9 @@ class OutputWriter:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
+            for future in self._warming:
+                if not future.cancelled() and future.exception() is not None:
+                    raise future.exception()
 
     def __enter__(self):
         return self

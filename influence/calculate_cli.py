@@ -50,19 +50,6 @@ def fisher_arg(text):
     return text
 
 
-def rank_arg(text):
-    """``--rank``: auto or a positive integer (checked here, so a typo fails before the model loads)."""
-    import argparse
-
-    from influence.curvature.krylov import parse_rank
-    from influence.errors import SettingError
-
-    try:
-        return parse_rank(text)
-    except SettingError as exc:
-        raise argparse.ArgumentTypeError(exc.message) from None
-
-
 def build_parser():
     import_tensorflow_quietly()  # the --solver registry imports the methods, and they import TensorFlow
     from influence.curvature import method_help
@@ -109,7 +96,7 @@ def build_parser():
     add("--scale", metavar="auto|S")
     add("--cg-tol", type=float, metavar="TOL")
     add("--cg-maxiter", type=int, metavar="N")
-    add("--rank", type=rank_arg, metavar="auto|K")
+    add("--rank", type=setting_arg("rank"), metavar="auto|K")
     add("--max-exact-params", type=int, metavar="P")
     add("--fisher", type=fisher_arg, metavar="{sampled,true,top:K,empirical}")
     add("--ekfac-max-block", type=int, metavar="D")

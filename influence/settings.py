@@ -97,15 +97,18 @@ def _at_least(low, note=""):
     return lambda v: None if v >= low else f"must be >= {low}{note}, got {v}"
 
 
-def _rank(value):
-    """``rank``'s check: ``auto`` or a positive integer (:func:`influence.curvature.krylov.parse_rank`)."""
-    from influence.curvature.krylov import parse_rank
-
+def parse_rank(rank):
+    """``rank``'s one parser: ``"auto"`` or a positive int (from a string too; an int is returned as is);
+    SettingError naming ``rank`` otherwise."""
+    if isinstance(rank, str) and rank.strip().lower() == "auto":
+        return "auto"
     try:
-        parse_rank(value)
-    except SettingError as exc:
-        return exc.message
-    return None
+        value = int(rank)
+    except (TypeError, ValueError):
+        raise SettingError("rank", f"must be a positive integer or auto, got {rank!r}") from None
+    if value < 1 or value != float(rank):
+        raise SettingError("rank", f"must be a positive integer or auto, got {rank!r}")
+    return value
 
 
 def _hessian(value):
@@ -170,10 +173,10 @@ class Settings:
                              math=True, solver=True)
     cg_maxiter: int = _setting(200, _IHVP, "cg iteration cap (50 reaches the final LDS on the demo CNN)",
                                _at_least(1), math=True, solver=True)
-    rank: object = _setting("auto", _IHVP, "krylov/dpcg: eigenpairs of the curvature kept; auto = read from the "
-                                           "spectrum (those >= 3 x (the smallest eigenvalue found + damping), at "
-                                           "most 200, fewer when memory_budget holds fewer)",
-                            _rank, math=True, solver=True)
+    rank: int | str = _setting("auto", _IHVP, "krylov/dpcg: eigenpairs of the curvature kept; auto = read from the "
+                                            "spectrum (those >= 3 x (the smallest eigenvalue found + damping), at "
+                                            "most 200, fewer when memory_budget holds fewer)",
+                            math=True, solver=True, parse=parse_rank)
     fisher: str = _setting("auto", _IHVP, "kfac/ekfac/pcg: the Fisher's labels: auto = true up to 10 classes, else "
                                           "top:10; sampled = one sampled from the model's own prediction per image; "
                                           "true = the expectation over all classes (one backward pass per class, at "

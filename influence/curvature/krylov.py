@@ -30,6 +30,7 @@ import numpy as np
 from influence.curvature import lowrank
 from influence.curvature.base import InverseHVP
 from influence.errors import SettingError, UserError
+from influence.settings import parse_rank
 from influence.model.hvp import numpy_to_vec, vec_size, vec_to_numpy
 from influence.progress import progress as progress_bar
 
@@ -55,19 +56,6 @@ def affordable_rank(num_params, itemsize, memory_budget):
         return None
     rows = BASIS_SHARE * float(memory_budget) * 2**30 / (int(num_params) * int(itemsize))
     return int(rows // (STEPS_PER_PAIR + 1))
-
-
-def parse_rank(rank):
-    """``"auto"`` or a positive int (from a string too); SettingError naming ``rank`` otherwise."""
-    if isinstance(rank, str) and rank.strip().lower() == "auto":
-        return "auto"
-    try:
-        value = int(rank)
-    except (TypeError, ValueError):
-        raise SettingError("rank", f"must be a positive integer or auto, got {rank!r}") from None
-    if value < 1 or value != float(rank):
-        raise SettingError("rank", f"must be a positive integer or auto, got {rank!r}")
-    return value
 
 
 class KrylovSolver(InverseHVP):

@@ -13,7 +13,7 @@ it (or :meth:`Influence.fit`), and kept in ``cache`` (a folder, the same cache c
 one is given. Errors are :class:`influence.errors.UserError` with one line naming the setting.
 """
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -70,7 +70,9 @@ class Influence:
         test images in groups whose inverse-HVPs fit it, as calculate.py does.
       progress: show progress bars.
       backend: where the training-set passes run (:mod:`influence.backends`): None for this process,
-        or a backend object (``influence.distributed.RayBackend(settings)``).
+        a backend object, or ``backend(inf)`` -> one, built once the solver is: Ray is
+        ``lambda inf: influence.backends.backend_for(inf, workers=2)`` (its workers rebuild the model and
+        solver from :meth:`worker_spec`: it needs a model file or name and a ``train.npz`` archive).
       **options: the solver's own settings (``iter``, ``bsize``, ``cg_tol``, ``fisher``, ``seed``, ``rank``,
         ...); an option the solver does not take is refused, named.
       given, check, all_options: for :meth:`from_settings` (the settings given explicitly, a check of the
@@ -106,6 +108,9 @@ class Influence:
         options = {**(all_options or {}), **options, "memory_budget": check_setting("memory_budget", memory_budget)}
         budget = options["memory_budget"]
         name = model if isinstance(model, (str, Path)) else getattr(model, "name", "model")
+        #: how a Ray worker loads the model (:meth:`worker_spec`): None for a model object
+        self._model_source = ((str(model), weights, preprocess, params) if isinstance(model, (str, Path))
+                              else None)
         train = train_data(train, preprocess)
         clf = _classifier(model, weights, preprocess, params)
         if check is not None:
@@ -119,9 +124,10 @@ class Influence:
         if solver == AUTO:
             _check_options([self.solver_name], explicit, f"{self.solver_name!r} ({self.solver_choice})")
         self.cache = None if cache is None else Path(cache)
+        self.solver                       # built now: a setting the solver refuses is an error here
+        # after the solver: a Ray backend's worker spec (worker_spec) names the driver's solver
         self.backend = (backend(self) if callable(backend) and not hasattr(backend, "score")
                         else backend if backend is not None else _local())
-        self.solver                       # built now: a setting the solver refuses is an error here
 
     @classmethod
     def from_settings(cls, settings, train=None, *, check=None, given=()):
@@ -144,7 +150,44 @@ class Influence:
                    cache=settings.cache or Path(settings.out) / "curvature", score_batch=settings.score_batch,
                    memory_budget=settings.memory_budget, progress=True, given=given, check=check,
                    all_options=settings.solver_options(),
-                   backend=lambda inf: backend_for(replace(settings, solver=inf.solver_name)))
+                   backend=lambda inf: backend_for(inf, workers=settings.workers, address=settings.ray_address,
+                                                   out=settings.out))
+
+    def worker_spec(self, parts=None):
+        """What a Ray worker rebuilds this object's model, derivatives, objective and solver from
+        (:class:`influence.distributed.WorkerSpec`): the model file or name, weights, preprocess, params,
+        hessian, the solver with its parsed damping and options (this object's own), the training
+        archive's path, the fingerprints a worker checks, and ``parts``: the folder of the shard scores
+        (default ``<cache>/parts``, or a folder under the system's temporary folder without a cache).
+        Paths are absolute. A training set in memory, or a model object, has no path a worker could read:
+        a one-line :class:`UserError`."""
+        import tempfile
+
+        from influence.data.archives import TrainArchive
+        from influence.distributed import PARTS, WorkerSpec
+
+        if not isinstance(self.train, TrainArchive):
+            raise UserError(f"train: Ray needs a train.npz archive (its workers read it from disk), not a training "
+                            f"set in memory ({type(self.train).__name__}): write one with prepare_data.py, or run "
+                            f"without workers")
+        if self._model_source is None:
+            raise UserError(f"model: Ray needs a model file or keras.applications name (its workers load it), not a "
+                            f"model object ({self.model_name}): save it as .keras, or run without workers")
+
+        def absolute(value):
+            return str(Path(value).resolve()) if value and Path(value).exists() else value
+
+        model, weights, preprocess, params = self._model_source
+        name, damping, options = self._solver_args
+        if parts is None:
+            parts = (self.cache / PARTS if self.cache is not None
+                     else Path(tempfile.gettempdir()) / f"influence-{PARTS}")
+        return WorkerSpec(model=absolute(model), weights=absolute(weights), preprocess=preprocess, params=params,
+                          hessian=self.objective.hessian, solver=name, damping=damping,
+                          options=tuple(sorted(options.items())), train=str(Path(self.train.path).resolve()),
+                          train_fingerprint=self.train.fingerprint(),
+                          weights_fingerprint=self.curvature_key["weights"], parts=str(Path(parts).resolve()),
+                          chunk=int(self.objective.chunk))
 
     def _setup(self, clf, train, model_name, preprocess, hessian, chunk):
         from influence.model.hvp import Derivatives, TrainingObjective

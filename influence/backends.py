@@ -11,7 +11,8 @@ A backend has three methods, and the calculate job and :class:`influence.Influen
 * ``release(work)``: the partial results of ``work`` are no longer needed (its outputs are written).
 
 :class:`LocalBackend` runs both in this process; :class:`influence.distributed.RayBackend` shards them
-over Ray workers. Both score with the one loop :func:`influence.scoring.scorer.score_batches` (each
+over Ray workers, which rebuild the model and solver from the :class:`influence.distributed.WorkerSpec`
+that :meth:`influence.Influence.worker_spec` makes (:func:`backend_for`). Both score with the one loop :func:`influence.scoring.scorer.score_batches` (each
 Ray shard runs it over its batches), so the numbers are the same bits whichever runs.
 """
 import dataclasses
@@ -55,8 +56,18 @@ class LocalBackend:
         pass
 
 
-def backend_for(settings):
-    """The backend the settings ask for: Ray with ``workers`` or ``ray_address``, else local."""
+def backend_for(inf, *, workers=0, address=None, out=None):
+    """The backend of :class:`influence.Influence` ``inf``: Ray with ``workers`` or ``address``
+    (:class:`influence.distributed.RayBackend`, its workers rebuilt from ``inf.worker_spec()`` alone,
+    their shard scores under ``<out>/parts``), else this process (:class:`LocalBackend`).
+
+    Pass it as ``Influence(..., backend=lambda inf: backend_for(inf, workers=2))``; calculate.py's job
+    gets it from :meth:`influence.Influence.from_settings` (``workers``, ``ray_address``, ``out``)."""
+    if not (workers or address):
+        return LocalBackend()
+    from pathlib import Path
+
     from influence import distributed
 
-    return distributed.RayBackend(settings) if distributed.enabled(settings) else LocalBackend()
+    parts = None if out is None else Path(out) / distributed.PARTS
+    return distributed.RayBackend(inf.worker_spec(parts=parts), workers=workers, address=address)

@@ -21,15 +21,21 @@ still finds its finished shards and gets the same bits): scoring into runs of wh
   atomically as ``<out>/parts/<group key>/<first>-<last>.npy``. The driver assembles them and the
   engine writes the usual outputs; a group's parts are removed once its outputs are written.
 
-Tasks are stateless and retried (``max_retries``) when their worker dies; a worker process keeps the
-loaded model, archive and compiled functions of the last settings it saw (:func:`_context`), so it
-pays the model load once. The group key (:func:`group_parts`) covers the settings, the model weights,
-the training archive, the test images of the group and their order, so a rerun after a killed driver
-skips the shards it finds only when they are the same work.
+Workers are built from a :class:`WorkerSpec` that :meth:`influence.Influence.worker_spec` makes (never
+from calculate.py's settings): the model file or name, weights, preprocess, params, hessian, the solver
+and its parsed damping and options (the driver's own), the training archive's path, the parts folder
+and the fingerprints a worker checks. :class:`RayBackend` takes that spec and the runtime options
+(number of workers, cluster address). Tasks are stateless and retried (``max_retries``) when their
+worker dies; a worker process keeps the loaded model, archive and compiled functions of the last spec
+it saw (:func:`_context`), so it pays the model load once. The group key (:func:`group_parts`) covers
+the spec's settings that change the numbers, the model weights, the training archive, the test images
+of the group and their order, so a rerun after a killed driver skips the shards it finds only when they
+are the same work.
 
-Workers read ``train.npz`` (memory-mapped) and write ``<out>/parts`` at the driver's absolute paths:
-on a cluster these must be on a shared filesystem, or (the archive only) copied to the same path on
-every node; a worker checks the archive's fingerprint against the driver's.
+Workers read ``train.npz`` (memory-mapped) and write the parts folder (calculate.py: ``<out>/parts``) at
+the driver's absolute paths: on a cluster these must be on a shared filesystem, or (the archive only)
+copied to the same path on every node; a worker checks the archive's fingerprint against the driver's.
+An :class:`influence.Influence` whose training set is in memory has no such path: Ray refuses it.
 
 Ray is optional: it is imported only here, inside the functions that need it.
 """
@@ -49,7 +55,7 @@ import numpy as np
 
 from influence.errors import SettingError, UserError
 from influence.progress import progress
-from influence.settings import Settings, names as settings_names
+from influence.settings import MATH_SETTINGS
 
 log = logging.getLogger(__name__)
 
@@ -156,8 +162,8 @@ class Cluster:
     seconds: float
 
 
-def _connect(settings):
-    """The Ray runtime of this run, started (or joined) on first use."""
+def _connect(workers=0, address=None):
+    """The Ray runtime of this run, started with ``workers`` slots (or joined at ``address``) on first use."""
     cluster = _STATE.get("cluster")
     if cluster is not None:
         return cluster
@@ -166,11 +172,13 @@ def _connect(settings):
     started = False
     if ray.is_initialized():
         how = "using the running Ray runtime"
-    elif settings.ray_address:
-        init_ray(address=settings.ray_address)
-        started, how = True, f"joined the Ray cluster at {settings.ray_address}"
+    elif address:
+        init_ray(address=address)
+        started, how = True, f"joined the Ray cluster at {address}"
+    elif not workers:
+        raise SettingError("workers", "must be at least 1 to start a local Ray runtime (or give ray_address)")
     else:
-        init_ray(settings.workers)
+        init_ray(workers)
         started, how = True, "started a local Ray runtime"
     resources = ray.cluster_resources()
     gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 0))
@@ -178,10 +186,10 @@ def _connect(settings):
         options, slots = {"num_gpus": 1, "num_cpus": 0}, gpus
     else:
         options, slots = {"num_cpus": 1}, max(1, cpus)
-    if settings.workers:
-        if gpus and settings.workers > gpus:
-            log.warning("workers %d but %d GPU(s): one task per GPU, %d at once", settings.workers, gpus, gpus)
-        slots = min(slots, settings.workers)
+    if workers:
+        if gpus and workers > gpus:
+            log.warning("workers %d but %d GPU(s): one task per GPU, %d at once", workers, gpus, gpus)
+        slots = min(slots, workers)
     seconds = time.perf_counter() - t0
     log.info("ray: %s in %.1f s; %d task(s) at once, one %s each (%d CPU, %d GPU in all)", how, seconds, slots,
              "GPU" if gpus else "CPU", cpus, gpus)
@@ -258,19 +266,49 @@ def plan_fit_shards(n, chunk, max_shards=None):
     return [(s, min(s + per, n)) for s in range(0, n, per)]
 
 
-def _spec(settings, chunk, train, curvature_key):
-    """Everything a worker needs, with paths made absolute (workers run elsewhere) and the
-    fingerprints a worker checks its archive and model against."""
-    spec = settings.values()                         # a parsed value (damping) travels as it is
-    for key in ("data", "out"):
-        spec[key] = str(Path(spec[key]).resolve())
-    for key in ("model", "weights"):
-        if spec[key] and os.path.exists(spec[key]):
-            spec[key] = str(Path(spec[key]).resolve())
-    spec["chunk"] = int(chunk)
-    spec["train_fingerprint"] = train.fingerprint()
-    spec["weights_fingerprint"] = curvature_key["weights"]
-    return spec
+@dataclasses.dataclass(frozen=True)
+class WorkerSpec:
+    """Everything a Ray worker rebuilds its model, derivatives, objective and solver from (made by
+    :meth:`influence.Influence.worker_spec`; picklable, hashable). Paths are absolute (workers run
+    elsewhere); the fingerprints are what a worker checks its archive and model against.
+
+    ``model``: a model file or a ``keras.applications`` name (``weights``, ``preprocess``, ``params`` as
+    :func:`influence.model.models.load_classifier` takes them); ``hessian``: the objective's matrix;
+    ``solver``, ``damping`` (parsed), ``options`` (sorted ``(name, value)`` pairs): exactly what the
+    driver built its solver with; ``train``: the ``train.npz`` path; ``parts``: the folder of the shard
+    scores; ``chunk``: training images per fitting/product call (set per fit by the backend).
+    """
+
+    model: str
+    weights: str
+    preprocess: str
+    params: str
+    hessian: str
+    solver: str
+    damping: object
+    options: tuple
+    train: str
+    train_fingerprint: str
+    weights_fingerprint: str
+    parts: str
+    chunk: int = 0
+
+    @property
+    def solver_options(self):
+        """``{option: value}`` the solver is built with (:func:`influence.curvature.make_solver`)."""
+        return dict(self.options)
+
+    @property
+    def seed(self):
+        return self.solver_options.get("seed")
+
+    def math(self):
+        """``{setting: text}`` of the settings that change the numbers (:data:`influence.settings.MATH_SETTINGS`)
+        the spec holds: part of the key of a group's parts (:func:`group_parts`)."""
+        values = {"model": self.model, "weights": self.weights, "preprocess": self.preprocess,
+                  "params": self.params, "solver": self.solver, "hessian": self.hessian, "damping": self.damping,
+                  **self.solver_options}
+        return {k: str(values[k]) for k in MATH_SETTINGS if k in values}
 
 
 # ----------------------------------------------------------------------------- worker side
@@ -289,10 +327,10 @@ def import_tensorflow():
 
 
 def _context(spec):
-    """This worker process's model, archive and derivative functions for ``spec`` (loaded once per
-    settings; a task with other settings replaces them)."""
-    key = json.dumps({k: spec[k] for k in ("data", *settings_names(group="model"), "train_fingerprint",
-                                           "weights_fingerprint")}, sort_keys=True)
+    """This worker process's model, archive and derivative functions for ``spec`` (a :class:`WorkerSpec`;
+    loaded once per model and archive; a task with another spec replaces them)."""
+    key = (spec.model, spec.weights, spec.preprocess, spec.params, spec.hessian, spec.train,
+           spec.train_fingerprint, spec.weights_fingerprint)
     if _CONTEXT.get("key") == key:
         return _CONTEXT
     _CONTEXT.clear()
@@ -301,21 +339,25 @@ def _context(spec):
     from influence.model.hvp import Derivatives, TrainingObjective
     from influence.model.models import load_classifier
 
-    path = Path(spec["data"]) / "train.npz"
+    path = Path(spec.train)
+    if not path.is_file():
+        raise UserError(f"{path} on {os.uname().nodename}: no such training archive: copy the driver's train.npz "
+                        f"to the same path on every node, or use a shared filesystem")
     train = TrainArchive(path)
-    if train.fingerprint() != spec["train_fingerprint"]:
+    if train.fingerprint() != spec.train_fingerprint:
         raise UserError(f"{path} on {os.uname().nodename} is not the driver's training archive (fingerprint "
-                        f"{train.fingerprint()}, driver {spec['train_fingerprint']}): copy the same train.npz to "
+                        f"{train.fingerprint()}, driver {spec.train_fingerprint}): copy the same train.npz to "
                         f"every node, or use a shared filesystem")
-    clf = load_classifier(spec["model"], spec["weights"], spec["preprocess"], spec["params"])
+    clf = load_classifier(spec.model, spec.weights, spec.preprocess, spec.params)
     from influence.curvature.cache import model_fingerprint
 
-    if model_fingerprint(clf.model) != spec["weights_fingerprint"]:
-        raise UserError(f"the model {spec['model']} (weights {spec['weights']}) on {os.uname().nodename} has other "
+    if model_fingerprint(clf.model) != spec.weights_fingerprint:
+        raise UserError(f"the model {spec.model} (weights {spec.weights}) on {os.uname().nodename} has other "
                         f"weights than the driver's: give every node the same model file")
     derivs = Derivatives(clf, train.image_shape)
     _CONTEXT.update(key=key, train=train, clf=clf, derivs=derivs,
-                    objective=TrainingObjective(derivs, train, chunk=max(1, spec["chunk"])), solvers={})
+                    objective=TrainingObjective(derivs, train, chunk=max(1, spec.chunk), hessian=spec.hessian),
+                    solvers={})
     return _CONTEXT
 
 
@@ -327,18 +369,23 @@ def _kfac_of(solver):
     return target if isinstance(target, KFACSolver) else None
 
 
-def _worker_kfac(spec):
+def worker_solver(spec):
+    """The solver a worker builds from ``spec`` alone (kept for the next task of the same spec): the
+    driver's method, parsed damping and options, on the worker's objective (``spec.chunk`` images per
+    call, as in the driver)."""
     ctx = _context(spec)
-    ctx["objective"].chunk = spec["chunk"]          # images per compiled call, as in the driver
-    settings = Settings.from_values(spec)           # the driver's settings; the solver options derived from them
-    options = settings.solver_options()              # (influence.settings.SOLVER_OPTIONS): each method takes its own
-    key = (settings.solver, settings.damping, *sorted(options.items()))
+    ctx["objective"].chunk = max(1, spec.chunk)
+    key = (spec.solver, spec.damping, spec.options)
     if key not in ctx["solvers"]:
         from influence.curvature import make_solver
 
-        solver = make_solver(settings.solver, ctx["objective"], settings.damping, progress=False, **options)
-        ctx["solvers"] = {key: _kfac_of(solver)}
+        solver = make_solver(spec.solver, ctx["objective"], spec.damping, progress=False, **spec.solver_options)
+        ctx["solvers"] = {key: solver}
     return ctx["solvers"][key]
+
+
+def _worker_kfac(spec):
+    return _kfac_of(worker_solver(spec))
 
 
 def fit_shard(spec, start, stop, basis=None):
@@ -431,9 +478,9 @@ def product_shard(spec, start, stop, flat):
     t0 = time.perf_counter()
     ctx = _context(spec)
     obj = ctx["objective"]
-    chunk = max(1, int(spec["chunk"]))
+    chunk = max(1, int(spec.chunk))
     derivs = ctx["derivs"]
-    vp = derivs.hvp if spec["hessian"] == "full" else derivs.ggn_vp          # the driver's matrix
+    vp = derivs.hvp if spec.hessian == "full" else derivs.ggn_vp             # the driver's matrix
     v = numpy_to_vec(flat, derivs.variables)
     weight = obj.scalar(1.0 / obj.n)
     total = None
@@ -445,16 +492,15 @@ def product_shard(spec, start, stop, flat):
     return {"sums": sums, "pid": os.getpid(), "node": os.uname().nodename, "seconds": time.perf_counter() - t0}
 
 
-def _fit_krylov(krylov, settings, train, chunk, curvature_key):
+def _fit_krylov(krylov, spec, cluster, chunk):
     """krylov's Lanczos with every product ``A v`` sharded over Ray (:func:`product_shard`) and the shards'
     shares added in shard order in the model's dtype: bit for bit the one-process product when each shard
     is one chunk (at most :data:`MAX_SHARDS` chunks), else equal to float rounding."""
     from influence.model.hvp import numpy_to_vec, vec_to_numpy
 
-    cluster = _connect(settings)
     obj = krylov.obj
     shards = plan_fit_shards(obj.n, chunk)
-    spec = dict(_spec(settings, chunk, train, curvature_key), hessian=obj.hessian)
+    spec = dataclasses.replace(spec, chunk=int(chunk), hessian=obj.hessian)
     task = _remote(cluster, product_shard)
     dtype = np.dtype(obj.d.dtype.as_numpy_dtype)
     like = obj.d.variables
@@ -469,15 +515,16 @@ def _fit_krylov(krylov, settings, train, chunk, curvature_key):
     krylov.fit(product=product)
 
 
-def fit(solver, settings, train, chunk, curvature_key):
+def fit(solver, spec, connect, chunk):
     """``solver.fit()`` with the training-set passes sharded over Ray (kfac, ekfac, pcg; krylov and
     dpcg: each Lanczos product); any other solver fits in the driver. ``chunk`` must be the objective's
-    (images per fitting call). The result is bit for bit ``solver.fit()``'s when the archive has at most
-    :data:`MAX_SHARDS` chunks, else equal to float rounding; it never depends on the number of workers
-    (:func:`plan_fit_shards`)."""
+    (images per fitting call); ``spec`` the workers' :class:`WorkerSpec`; ``connect()`` -> the
+    :class:`Cluster` (called only when the fit is sharded). The result is bit for bit ``solver.fit()``'s
+    when the archive has at most :data:`MAX_SHARDS` chunks, else equal to float rounding; it never
+    depends on the number of workers (:func:`plan_fit_shards`)."""
     krylov = _krylov_of(solver)
     if krylov is not None:
-        _fit_krylov(krylov, settings, train, chunk, curvature_key)
+        _fit_krylov(krylov, spec, connect(), chunk)
         return
     kfac = _kfac_of(solver)
     if kfac is None:
@@ -487,9 +534,9 @@ def fit(solver, settings, train, chunk, curvature_key):
     n = kfac.obj.n
     if n < 1:
         raise UserError("the training archive is empty")
-    cluster = _connect(settings)
+    cluster = connect()
     shards = plan_fit_shards(n, chunk)
-    spec = _spec(settings, chunk, train, curvature_key)
+    spec = dataclasses.replace(spec, chunk=int(chunk))
     log.info("%s: fitting on %d training images (%s Fisher), factors %.3g GB, in %d shards of %d images over Ray",
              kfac.name, n, kfac.fisher, kfac.factor_bytes / 2**30, len(shards), shards[0][1] - shards[0][0])
     task = _remote(cluster, fit_shard)
@@ -530,22 +577,21 @@ def _sharded_sum(cluster, task, shards, spec, basis, desc, dtype=np.float64):
     return total
 
 
-def group_parts(settings, curvature_key, fingerprints, group, score_batch):
-    """``<out>/parts/<key>``: the folder of one group's shard scores. The key covers every setting
-    that changes the numbers, the model weights and training archive (``curvature_key``), the test
-    images of the group (folder digests, folder/label/number/index, in order) and ``score_batch``."""
-    from influence.settings import MATH_SETTINGS
-
+def group_parts(spec, curvature_key, fingerprints, group, score_batch):
+    """``<parts>/<key>`` (``spec.parts``; calculate.py: ``<out>/parts``): the folder of one group's shard
+    scores. The key covers every setting of ``spec`` that changes the numbers (:meth:`WorkerSpec.math`),
+    the model weights and training archive (``curvature_key``), the test images of the group (folder
+    digests, folder/label/number/index, in order) and ``score_batch``."""
     folders = sorted({it.folder for it in group})
     what = {
-        "settings": {k: str(getattr(settings, k)) for k in MATH_SETTINGS},
+        "settings": spec.math(),
         "curvature": curvature_key,
         "test": {f: fingerprints["test"].get(f) for f in folders},
         "images": [[it.folder, it.label, it.n, it.index] for it in group],
         "score_batch": int(score_batch),
     }
     text = json.dumps(what, sort_keys=True, default=str)
-    return Path(settings.out).resolve() / PARTS / hashlib.sha256(text.encode()).hexdigest()[:20]
+    return Path(spec.parts) / hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
 def _part_ok(path, t, n):
@@ -562,14 +608,14 @@ def _part_ok(path, t, n):
     return False
 
 
-def score_sharded(settings, train, stacked, score_batch, parts, curvature_key, progress_desc="scoring"):
+def score_sharded(cluster, spec, train, stacked, score_batch, parts, progress_desc="scoring"):
     """:func:`influence.backends.score_archive` over Ray: float32 (T, N, L), in archive order.
 
-    Shards whose part is already in ``parts`` (see :func:`group_parts`) are not scored again.
+    ``spec``: the workers' :class:`WorkerSpec`; ``train``: the driver's archive (the same file). Shards
+    whose part is already in ``parts`` (see :func:`group_parts`) are not scored again.
     """
     from influence.io import atomic_write
 
-    cluster = _connect(settings)
     shards = plan_shards(train)
     stacked = [np.asarray(p) for p in stacked]
     t = int(stacked[0].shape[0])
@@ -584,7 +630,6 @@ def score_sharded(settings, train, stacked, score_batch, parts, curvature_key, p
     if done:
         log.info("scoring: %d of %d shard(s) already scored in %s: skipped", len(done), len(shards), parts)
     if todo:
-        spec = _spec(settings, 0, train, curvature_key)
         ref = cluster.ray.put(stacked)
         task = _remote(cluster, score_shard)
         pids = set()
@@ -611,32 +656,51 @@ def score_sharded(settings, train, stacked, score_batch, parts, curvature_key, p
 
 
 class RayBackend:
-    """The :mod:`influence.backends` interface over Ray (``workers`` / ``ray_address``): the
-    kfac/ekfac/pcg fit sharded (:func:`fit`), scoring sharded (:func:`score_sharded`) with each
-    :class:`influence.backends.Work`'s shard scores kept under ``<out>/parts`` until :meth:`release`."""
+    """The :mod:`influence.backends` interface over Ray: the kfac/ekfac/pcg fit and krylov/dpcg's products
+    sharded (:func:`fit`), scoring sharded (:func:`score_sharded`) with each
+    :class:`influence.backends.Work`'s shard scores kept under ``spec.parts`` until :meth:`release`.
+
+    ``spec``: the :class:`WorkerSpec` of the :class:`influence.Influence` it serves
+    (:meth:`influence.Influence.worker_spec`): the workers rebuild everything from it alone. ``workers``:
+    local worker slots (started on first use unless a Ray runtime is running), or at most that many tasks
+    at once on the cluster at ``address``.
+    """
 
     name = "ray"
 
-    def __init__(self, settings):
-        self.settings = settings
+    def __init__(self, spec, *, workers=0, address=None):
+        if not isinstance(spec, WorkerSpec):
+            raise TypeError(f"RayBackend takes a WorkerSpec (Influence.worker_spec()), got {type(spec).__name__}")
+        self.spec, self.workers, self.address = spec, int(workers or 0), address or None
         self._parts = {}
 
+    def _connect(self):
+        return _connect(self.workers, self.address)
+
+    def _check(self, key):
+        if key.get("weights", self.spec.weights_fingerprint) != self.spec.weights_fingerprint:
+            raise UserError("the model's weights changed after its Ray worker spec was made: build the Influence "
+                            "(and its backend) again")
+
     def fit(self, solver, archive, *, chunk, key):
-        fit(solver, self.settings, archive, chunk, key)
+        self._check(key)
+        fit(solver, self.spec, self._connect, chunk)
 
     def score(self, scorer, archive, stacked, score_batch, *, key, work=None, desc="scoring"):
         """Shares (T, N, L); ``scorer`` is the driver's (each worker builds its own)."""
+        self._check(key)
         if work is None:                  # nothing to resume: a folder of its own, removed at once
             import uuid
 
-            parts = Path(self.settings.out).resolve() / PARTS / f"call-{uuid.uuid4().hex[:12]}"
+            parts = Path(self.spec.parts) / f"call-{uuid.uuid4().hex[:12]}"
             try:
-                return score_sharded(self.settings, archive, stacked, score_batch, parts, key, progress_desc=desc)
+                return score_sharded(self._connect(), self.spec, archive, stacked, score_batch, parts,
+                                     progress_desc=desc)
             finally:
                 remove_parts(parts)
-        parts = group_parts(self.settings, key, work.fingerprints, work.items, score_batch)
+        parts = group_parts(self.spec, key, work.fingerprints, work.items, score_batch)
         self._parts[id(work)] = parts
-        return score_sharded(self.settings, archive, stacked, score_batch, parts, key, progress_desc=desc)
+        return score_sharded(self._connect(), self.spec, archive, stacked, score_batch, parts, progress_desc=desc)
 
     def release(self, work):
         parts = self._parts.pop(id(work), None)

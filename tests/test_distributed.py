@@ -97,19 +97,39 @@ def test_fit_shards_are_runs_of_whole_fitting_chunks():
     assert len(distributed.plan_fit_shards(10**6, 256)) <= distributed.MAX_SHARDS
 
 
+def worker_spec(data, tmp_path, **kw):
+    """A :class:`distributed.WorkerSpec` written out (what ``Influence.worker_spec()`` makes), without a model load."""
+    from influence.settings import parse_damping
+
+    values = dict(model=str(data / "model.keras"), weights="imagenet", preprocess="unit", params="all", hessian="ggn",
+                  solver="exact", damping=parse_damping(0.5), options=(("memory_budget", 2.0), ("seed", 0)),
+                  train=str(data / "train.npz"), train_fingerprint="t", weights_fingerprint="w",
+                  parts=str(tmp_path.resolve() / distributed.PARTS), chunk=8)
+    return distributed.WorkerSpec(**{**values, **kw})
+
+
 def test_parts_key_changes_with_settings_and_test_images(data, tmp_path):
+    from influence.settings import parse_damping
+
     fp = {"train": "t", "test": {"a": "A", "b": "B"}}
     group = [TestItem("a", 0, 1, 2), TestItem("a", 1, 1, 0)]
-    base = distributed.group_parts(settings(data, tmp_path), {"weights": "w"}, fp, group, 256)
+    spec = worker_spec(data, tmp_path)
+    base = distributed.group_parts(spec, {"weights": "w"}, fp, group, 256)
     assert base.parent == tmp_path.resolve() / distributed.PARTS
-    assert base == distributed.group_parts(settings(data, tmp_path, workers=2), {"weights": "w"}, fp, group, 256)
+    # not numbers: the fitting chunk, the memory budget
+    assert base == distributed.group_parts(worker_spec(data, tmp_path, chunk=4, options=(("memory_budget", 9.0),
+                                                                                          ("seed", 0))),
+                                           {"weights": "w"}, fp, group, 256)
     others = [
-        distributed.group_parts(settings(data, tmp_path, damping=0.1), {"weights": "w"}, fp, group, 256),
-        distributed.group_parts(settings(data, tmp_path), {"weights": "v"}, fp, group, 256),
-        distributed.group_parts(settings(data, tmp_path), {"weights": "w"}, {**fp, "test": {"a": "X"}}, group, 256),
-        distributed.group_parts(settings(data, tmp_path), {"weights": "w"}, fp, group[:1], 256),
-        distributed.group_parts(settings(data, tmp_path), {"weights": "w"}, fp, group[::-1], 256),
-        distributed.group_parts(settings(data, tmp_path), {"weights": "w"}, fp, group, 128),
+        distributed.group_parts(worker_spec(data, tmp_path, damping=parse_damping(0.1)), {"weights": "w"}, fp,
+                                group, 256),
+        distributed.group_parts(worker_spec(data, tmp_path, options=(("seed", 1),)), {"weights": "w"}, fp, group,
+                                256),
+        distributed.group_parts(spec, {"weights": "v"}, fp, group, 256),
+        distributed.group_parts(spec, {"weights": "w"}, {**fp, "test": {"a": "X"}}, group, 256),
+        distributed.group_parts(spec, {"weights": "w"}, fp, group[:1], 256),
+        distributed.group_parts(spec, {"weights": "w"}, fp, group[::-1], 256),
+        distributed.group_parts(spec, {"weights": "w"}, fp, group, 128),
     ]
     assert len({base, *others}) == 1 + len(others)
 
@@ -387,17 +407,70 @@ def test_a_worker_refuses_another_archive_or_model(data, tmp_path):
     from influence.curvature.cache import model_fingerprint
     from influence.model.models import load_classifier
 
+    from dataclasses import replace
+
     train = TrainArchive(data / "train.npz")
     weights = model_fingerprint(load_classifier(str(data / "model.keras"), "imagenet", "unit", "all").model)
-    spec = distributed._spec(settings(data, tmp_path), 8, train, {"weights": weights})
+    spec = worker_spec(data, tmp_path, train_fingerprint=train.fingerprint(), weights_fingerprint=weights)
     try:
         assert distributed._context(spec)["train"].fingerprint() == train.fingerprint()
         with pytest.raises(UserError, match="is not the driver's training archive"):
-            distributed._context({**spec, "train_fingerprint": "0" * 16})
+            distributed._context(replace(spec, train_fingerprint="0" * 16))
         with pytest.raises(UserError, match="has other weights than the driver's"):
-            distributed._context({**spec, "weights_fingerprint": "0" * 32})
+            distributed._context(replace(spec, weights_fingerprint="0" * 32))
+        with pytest.raises(UserError, match="no such training archive"):
+            distributed._context(replace(spec, train=str(tmp_path / "elsewhere" / "train.npz")))
     finally:
         distributed._CONTEXT.clear()
+
+
+def test_workers_rebuild_the_driver_solver_from_the_spec_alone(data, tmp_path):
+    """The API makes the spec its Ray backend sends; pickled (as Ray sends it) and rebuilt in a worker's
+    context (run here in-process, without Ray: no runtime starts), it gives the driver's solver: the same
+    method, parsed damping, options and state key."""
+    import pickle
+
+    import influence
+
+    inf = influence.Influence.from_settings(settings(data, tmp_path / "out", workers=2, solver="ekfac",
+                                                     ekfac_max_block=16, damping="0.3x", fisher="sampled", seed=3))
+    spec = inf.backend.spec
+    assert isinstance(inf.backend, distributed.RayBackend) and spec == inf.worker_spec(spec.parts)
+    assert spec.parts == str((tmp_path / "out").resolve() / distributed.PARTS)
+    assert spec.train == str((data / "train.npz").resolve()) and spec.train_fingerprint == inf.train.fingerprint()
+    assert spec.weights_fingerprint == inf.curvature_key["weights"] and spec.seed == 3
+    sent = pickle.loads(pickle.dumps(spec))
+    assert sent == spec and hash(sent) == hash(spec)
+    try:
+        worker = distributed.worker_solver(sent)
+        driver = inf.solver
+        assert type(worker) is type(driver) and worker is not driver
+        assert worker.damping_spec == driver.damping_spec and str(worker.damping_spec) == "0.3x"
+        assert worker.info == driver.info and worker.cache_key() == driver.cache_key()
+        assert (worker.seed, worker.max_block, worker.fisher, worker.memory_budget) == (3, 16, "sampled",
+                                                                                         driver.memory_budget)
+        assert worker.obj.hessian == driver.obj.hessian and worker.obj.chunk == spec.chunk
+        assert distributed._worker_kfac(sent) is worker                 # kept for the next task of the spec
+    finally:
+        distributed._CONTEXT.clear()
+
+
+def test_ray_refuses_a_training_set_in_memory(data, tmp_path):
+    """Ray workers read the training set from a train.npz: an Influence over arrays in memory is refused,
+    in one line, before any Ray runtime starts."""
+    import influence
+    from influence.backends import LocalBackend, backend_for
+    from influence.data.archives import TrainArchive
+
+    train = TrainArchive(data / "train.npz")
+    x, y = train.take(np.arange(len(train)))
+    kw = dict(preprocess="unit", solver="exact", damping=0.5, progress=False)
+    with pytest.raises(UserError, match=r"^train: Ray needs a train\.npz archive[^\n]*$"):
+        influence.Influence(str(data / "model.keras"), (x, y), backend=lambda inf: backend_for(inf, workers=2), **kw)
+    inf = influence.Influence(str(data / "model.keras"), (x, y), **kw)          # without Ray: fine
+    assert isinstance(inf.backend, LocalBackend)
+    with pytest.raises(UserError, match=r"^train: Ray needs a train\.npz archive"):
+        inf.worker_spec()
 
 
 def test_sharded_krylov_fit_is_the_same_bits_as_one_process(ray_runtime, data32, tmp_path, caplog):

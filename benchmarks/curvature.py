@@ -58,7 +58,9 @@ def row(section, measure, value, unit, target="", note=""):
 def _scoring(section, clf, x, y, ts, repeats):
     import tensorflow as tf
 
-    from influence.model.hvp import Derivatives, vec_stack
+    from influence.model.derivatives import Derivatives
+
+    from influence.model.vectors import vec_stack
     from influence.scoring import Scorer
 
     d = Derivatives(clf, x.shape[1:])
@@ -114,7 +116,8 @@ def bench_fit(args):
     from influence.data.archives import TrainArchive
     from influence.curvature import make_solver
     from influence.curvature.lissa import estimate_lambda_max
-    from influence.model.hvp import Derivatives, TrainingObjective
+    from influence.model.derivatives import Derivatives
+    from influence.model.objective import TrainingObjective
     from influence.model.models import load_classifier
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_fit_"))

@@ -117,7 +117,9 @@ def per_image_costs(data):
     from influence.data.archives import TrainArchive
     from influence.curvature import make_solver
     from influence.backends import score_archive
-    from influence.model.hvp import Derivatives, TrainingObjective, vec_stack
+    from influence.model.derivatives import Derivatives
+    from influence.model.objective import TrainingObjective
+    from influence.model.vectors import vec_stack
     from influence.model.models import load_classifier
     from influence.scoring import Scorer
 

@@ -37,7 +37,8 @@ def say(msg):
 def build(n_train, epochs, seed):
     """The demo CNN trained on ``n_train`` digits; returns (classifier, objective, held-out x, y)."""
     from influence.experiments import demo
-    from influence.model.hvp import Derivatives, TrainingObjective
+    from influence.model.derivatives import Derivatives
+    from influence.model.objective import TrainingObjective
     from influence.model.models import Classifier, make_preprocess, select_params
     from influence.experiments.arrays import ArrayArchive, digit_arrays
 
@@ -51,7 +52,7 @@ def build(n_train, epochs, seed):
 
 def residual(solver, v, x):
     """‖v − (H + λI) x‖ / ‖v‖ (one whole-set HVP)."""
-    from influence.model.hvp import vec_axpy, vec_norm
+    from influence.model.vectors import vec_axpy, vec_norm
 
     return vec_norm(vec_axpy(-1.0, solver.apply(x), v)) / vec_norm(v)
 
@@ -59,7 +60,7 @@ def residual(solver, v, x):
 def lissa_curve(objective, damping, v, batch, checkpoints, seed):
     """LiSSA's relative residual at each checkpoint depth; returns [(depth, whole-set HVPs, residual)]."""
     from influence.curvature import make_solver
-    from influence.model.hvp import vec_scale
+    from influence.model.vectors import vec_scale
 
     solver = make_solver("lissa", objective, damping, iter=max(checkpoints), bsize=batch, seed=seed, progress=False)
     solver.fit()

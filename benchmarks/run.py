@@ -183,7 +183,9 @@ def engine_bench(section, clf, x, y, lissa_x, lissa_y, repeats, t_many=8, orig_i
     """All the per-batch ratios of one model. ``x, y``: the batch; ``lissa_*``: the -b minibatch."""
     import tensorflow as tf
 
-    from influence.model.hvp import Derivatives, vec_stack
+    from influence.model.derivatives import Derivatives
+
+    from influence.model.vectors import vec_stack
     from influence.scoring import Scorer
     from influence.curvature.lissa import LissaSolver
 

@@ -190,7 +190,8 @@ class Influence:
                           chunk=int(self.objective.chunk))
 
     def _setup(self, clf, train, model_name, preprocess, hessian, chunk):
-        from influence.model.hvp import Derivatives, TrainingObjective
+        from influence.model.derivatives import Derivatives
+        from influence.model.objective import TrainingObjective
         from influence.scoring import Scorer
 
         self.train, self.clf, self.model_name, self.preprocess = train, clf, model_name, preprocess

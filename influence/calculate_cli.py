@@ -54,7 +54,7 @@ def build_parser():
     import_tensorflow_quietly()  # the --solver registry imports the methods, and they import TensorFlow
     from influence.curvature import method_help
     from influence.curvature.choice import solver_choices
-    from influence.model.hvp import HESSIANS
+    from influence.model.objective import HESSIANS
 
     p = Parser(prog="calculate.py",
                description="For every test image, score every training image by its influence "

@@ -336,7 +336,8 @@ def _context(spec):
     _CONTEXT.clear()
     import_tensorflow()
     from influence.data.archives import TrainArchive
-    from influence.model.hvp import Derivatives, TrainingObjective
+    from influence.model.derivatives import Derivatives
+    from influence.model.objective import TrainingObjective
     from influence.model.models import load_classifier
 
     path = Path(spec.train)
@@ -473,7 +474,7 @@ def product_shard(spec, start, stop, flat):
     """Task: the share of images ``[start, stop)`` of the whole-set product ``A v`` (``v`` = ``flat``, the
     model's dtype), summed over the objective's chunks in order, in the model's dtype
     (``{"sums": {"product": (P,) array}, "pid", "node", "seconds"}``)."""
-    from influence.model.hvp import numpy_to_vec, vec_to_numpy
+    from influence.model.vectors import numpy_to_vec, vec_to_numpy
 
     t0 = time.perf_counter()
     ctx = _context(spec)
@@ -496,7 +497,7 @@ def _fit_krylov(krylov, spec, cluster, chunk):
     """krylov's Lanczos with every product ``A v`` sharded over Ray (:func:`product_shard`) and the shards'
     shares added in shard order in the model's dtype: bit for bit the one-process product when each shard
     is one chunk (at most :data:`MAX_SHARDS` chunks), else equal to float rounding."""
-    from influence.model.hvp import numpy_to_vec, vec_to_numpy
+    from influence.model.vectors import numpy_to_vec, vec_to_numpy
 
     obj = krylov.obj
     shards = plan_fit_shards(obj.n, chunk)

@@ -112,9 +112,9 @@ def parse_rank(rank):
 
 
 def _hessian(value):
-    """``hessian``'s check: one of :data:`influence.model.hvp.HESSIANS` (the one check of the setting:
+    """``hessian``'s check: one of :data:`influence.model.objective.HESSIANS` (the one check of the setting:
     calculate.py's flag, :meth:`Settings.check` and :class:`influence.Influence` use it)."""
-    from influence.model.hvp import HESSIANS
+    from influence.model.objective import HESSIANS
 
     return None if value in HESSIANS else f"must be one of {', '.join(HESSIANS)}, got {value!r}"
 

@@ -8,7 +8,9 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from influence.data.archives import ArchiveWriter, TrainArchive  # noqa: E402
-from influence.model.hvp import Derivatives, TrainingObjective, numpy_to_vec, vec_to_numpy  # noqa: E402
+from influence.model.derivatives import Derivatives  # noqa: E402
+from influence.model.objective import TrainingObjective
+from influence.model.vectors import numpy_to_vec, vec_to_numpy
 from influence.model.models import Classifier, make_preprocess, select_params, strip_softmax  # noqa: E402
 
 IMAGE = (6, 6, 3)

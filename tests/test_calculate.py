@@ -101,7 +101,7 @@ def test_end_to_end_outputs_and_numbers(project):
 
     # the numbers: score = grad L_test . (H + λI)^-1 grad L_train, recomputed here with a dense Hessian
     from influence.data.archives import TestArchive, TrainArchive
-    from influence.model.hvp import Derivatives
+    from influence.model.derivatives import Derivatives
     from influence.model.models import load_classifier
 
     train = TrainArchive(project / "data" / "train.npz")

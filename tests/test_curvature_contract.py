@@ -13,7 +13,8 @@ import tensorflow as tf
 
 from engine_helpers import dense_hessian, to_vec
 from influence.curvature import REGISTRY, make_solver
-from influence.model.hvp import TrainingObjective, vec_to_numpy
+from influence.model.objective import TrainingObjective
+from influence.model.vectors import vec_to_numpy
 from influence.settings import SOLVER_OPTIONS, Settings
 from test_ekfac import dense_fisher, tiny_setup
 

@@ -7,7 +7,7 @@ from engine_helpers import to_vec
 from influence.curvature import make_solver
 from influence.curvature.damping import AUTO_FACTOR, Damping, parse_damping
 from influence.errors import UserError
-from influence.model.hvp import vec_to_numpy
+from influence.model.vectors import vec_to_numpy
 from test_ekfac import SEED, _dense_only, tiny_setup
 
 

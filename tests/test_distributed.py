@@ -188,7 +188,8 @@ def test_sharded_ekfac_fit_equals_a_single_process_fit(ray_runtime, data, tmp_pa
     solver.fit()'s in one process with the same chunks bit for bit, and with other chunks to rounding."""
     from influence.data.archives import TrainArchive
     from influence.curvature import make_solver
-    from influence.model.hvp import Derivatives, TrainingObjective
+    from influence.model.derivatives import Derivatives
+    from influence.model.objective import TrainingObjective
     from influence.model.models import load_classifier
 
     caplog.set_level(logging.INFO)

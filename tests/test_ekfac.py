@@ -13,7 +13,9 @@ from engine_helpers import CLASSES, IMAGE, random_data, to_vec, write_train_arch
 from influence.curvature import make_solver
 from influence.curvature.ekfac import kron_factor_bytes, sample_labels, split_blocks
 from influence.errors import SettingError, UserError
-from influence.model.hvp import Derivatives, TrainingObjective, vec_to_numpy
+from influence.model.derivatives import Derivatives
+from influence.model.objective import TrainingObjective
+from influence.model.vectors import vec_to_numpy
 from influence.model.models import Classifier, select_params, strip_softmax
 
 SEED = 3

@@ -7,7 +7,8 @@ from engine_helpers import (IMAGE, classifier, dense_hessian, per_example_gradie
                             tiny_model, to_vec, write_train_archive)
 from influence.backends import score_archive
 from influence.errors import UserError
-from influence.model.hvp import Derivatives, vec_to_numpy
+from influence.model.derivatives import Derivatives
+from influence.model.vectors import vec_to_numpy
 from influence.scoring import Scorer
 from influence.curvature.cg import CGSolver
 from influence.curvature.exact import ExactSolver

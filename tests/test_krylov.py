@@ -10,7 +10,8 @@ from engine_helpers import dense_hessian, per_example_gradients, to_vec
 from influence.curvature import krylov as krylov_module
 from influence.curvature import lowrank, make_solver
 from influence.errors import SettingError, UserError
-from influence.model.hvp import TrainingObjective, vec_dot, vec_to_numpy
+from influence.model.objective import TrainingObjective
+from influence.model.vectors import vec_dot, vec_to_numpy
 from test_curvature_contract import dense_ggn
 from test_ekfac import tiny_setup
 

@@ -14,7 +14,7 @@ from engine_helpers import dense_hessian, setup, to_vec
 from influence.curvature import lissa
 from influence.curvature.lissa import MAX_RESTARTS, LissaSolver
 from influence.errors import UserError
-from influence.model.hvp import vec_to_numpy
+from influence.model.vectors import vec_to_numpy
 
 LAM = 0.5
 #: relative error allowed against the dense solve: minibatches of 4n drawn with replacement leave

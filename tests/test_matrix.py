@@ -28,7 +28,9 @@ from influence.cli import main
 from influence.curvature import REGISTRY, make_solver
 from influence.curvature.cache import CurvatureCache, curvature_key
 from influence.data.archives import TrainArchive
-from influence.model.hvp import Derivatives, TrainingObjective, vec_to_numpy
+from influence.model.derivatives import Derivatives
+from influence.model.objective import TrainingObjective
+from influence.model.vectors import vec_to_numpy
 from influence.model.models import load_classifier
 from influence.outputs.report import expected_outputs
 from influence.scoring.self_influence import fast_solvers

@@ -10,7 +10,8 @@ import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from influence.errors import UserError  # noqa: E402
-from influence.model.hvp import Derivatives, vec_to_numpy  # noqa: E402
+from influence.model.derivatives import Derivatives  # noqa: E402
+from influence.model.vectors import vec_to_numpy
 from influence.model.models import (Classifier, check_classifier, load_classifier, make_preprocess,  # noqa: E402
                               select_params, strip_softmax)
 from influence.scoring import Scorer  # noqa: E402

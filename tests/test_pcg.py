@@ -9,7 +9,7 @@ from influence.curvature import make_solver
 from influence.curvature.cg import conjugate_gradient
 from influence.curvature.pcg import hvp_full_many, lockstep_pcg
 from influence.errors import UserError
-from influence.model.hvp import vec_to_numpy
+from influence.model.vectors import vec_to_numpy
 from test_ekfac import tiny_setup
 
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from influence.curvature.damping import TRACE_PROBES, TRACE_SAMPLE, hutchinson_trace, parse_damping
 from influence.errors import SettingError
-from influence.model.hvp import numpy_to_vec, vec_axpy, vec_size, vec_stack, vec_to_numpy
+from influence.model.vectors import numpy_to_vec, vec_axpy, vec_size, vec_stack, vec_to_numpy
 
 log = logging.getLogger(__name__)
 

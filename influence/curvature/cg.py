@@ -4,7 +4,7 @@ import math
 
 from influence.curvature.base import InverseHVP
 from influence.errors import UserError
-from influence.model.hvp import vec_axpy, vec_dot, vec_scale
+from influence.model.vectors import vec_axpy, vec_dot, vec_scale
 from influence.progress import progress as progress_bar
 
 log = logging.getLogger(__name__)

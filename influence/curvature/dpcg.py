@@ -15,7 +15,7 @@ import numpy as np
 from influence.curvature.base import InverseHVP
 from influence.curvature.krylov import KrylovSolver
 from influence.curvature.pcg import LockstepCG, solve_in_lockstep
-from influence.model.hvp import numpy_to_vec, vec_to_numpy
+from influence.model.vectors import numpy_to_vec, vec_to_numpy
 
 
 class DeflatedPCGSolver(LockstepCG):

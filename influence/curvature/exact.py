@@ -5,7 +5,7 @@ import numpy as np
 
 from influence.curvature.base import InverseHVP
 from influence.errors import SettingError
-from influence.model.hvp import numpy_to_vec, vec_size, vec_to_numpy
+from influence.model.vectors import numpy_to_vec, vec_size, vec_to_numpy
 from influence.progress import progress as progress_bar
 
 log = logging.getLogger(__name__)

@@ -118,7 +118,7 @@ class LayerSignals:
     """One chunk's per-layer records of a tapped model, for one Fisher.
 
     Args:
-      derivs: the model's derivatives (:class:`influence.model.hvp.Derivatives`: ``clf``,
+      derivs: the model's derivatives (:class:`influence.model.derivatives.Derivatives`: ``clf``,
         ``per_example_loss``).
       kinds: ``{id(layer): linear_kind(layer)}`` of the layers to tap.
       variables: the flat variable list (the plan's positions index it).

@@ -22,7 +22,7 @@ import tensorflow as tf
 
 from influence.curvature.kfac_plan import DiagBlock, KronBlock
 from influence.errors import SettingError
-from influence.model.hvp import vec_to_numpy
+from influence.model.vectors import vec_to_numpy
 
 #: a layer's F + R + λI counts as singular below this fraction of its largest eigenvalue
 SINGULAR = 1e-12

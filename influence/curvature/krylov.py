@@ -31,7 +31,7 @@ from influence.curvature import lowrank
 from influence.curvature.base import InverseHVP
 from influence.errors import SettingError, UserError
 from influence.settings import parse_rank
-from influence.model.hvp import numpy_to_vec, vec_size, vec_to_numpy
+from influence.model.vectors import numpy_to_vec, vec_size, vec_to_numpy
 from influence.progress import progress as progress_bar
 
 log = logging.getLogger(__name__)

@@ -59,7 +59,7 @@ import tensorflow as tf
 
 from influence.curvature.base import InverseHVP, stable_seed
 from influence.errors import SettingError, UserError
-from influence.model.hvp import numpy_to_vec, vec_axpy, vec_dot, vec_norm, vec_scale, vec_size
+from influence.model.vectors import numpy_to_vec, vec_axpy, vec_dot, vec_norm, vec_scale, vec_size
 from influence.progress import progress as progress_bar
 
 log = logging.getLogger(__name__)

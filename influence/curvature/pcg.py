@@ -20,7 +20,7 @@ import numpy as np
 from influence.curvature.cg import NEGATIVE_CURVATURE, CGSolver
 from influence.curvature.ekfac import MAX_BLOCK, EKFACSolver
 from influence.errors import UserError
-from influence.model.hvp import vec_axpy, vec_dot, vec_scale
+from influence.model.vectors import vec_axpy, vec_dot, vec_scale
 from influence.progress import progress as progress_bar
 
 log = logging.getLogger(__name__)
@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 def hvp_full_many(objective, vecs):
     """``[H v for v in vecs]`` over the whole training set, one archive read per chunk for all of them.
 
-    ``H = ∇²(mean_i L(z_i) + Ω)``, as :meth:`influence.model.hvp.TrainingObjective.hvp_full`; ``vecs`` is a
+    ``H = ∇²(mean_i L(z_i) + Ω)``, as :meth:`influence.model.objective.TrainingObjective.hvp_full`; ``vecs`` is a
     list of Vecs, the result a list of Vecs (same order).
     """
     vecs = list(vecs)

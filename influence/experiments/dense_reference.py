@@ -6,7 +6,7 @@ from per-image logit Jacobians ``J_i = ∂z_i/∂θ`` (K, P)::
     G = (1/n) Σ_i J_iᵀ (diag p_i − p_i p_iᵀ) J_i + ∇²Ω
 
 -- the very matrix ``solver="exact", hessian="ggn"`` builds column by column from Gauss–Newton
-products (:meth:`influence.model.hvp.Derivatives._ggn_vp`, mean over the training images, the
+products (:meth:`influence.model.derivatives.Derivatives._ggn_vp`, mean over the training images, the
 regulariser's exact Hessian added once), over the same parameters in the same order
 (``classifier.variables``, i.e. ``classifier.groups``). ``p_i = softmax(z_i)``. The data term is
 accumulated as ``Σ_i R_iᵀ R_i`` with the factor rows ``R_i[k] = √p_k (J_i[k] − p_iᵀ J_i)`` (K, P), since
@@ -20,7 +20,7 @@ Scores follow the tool's convention (docs/DESIGN.md, "What is computed"), positi
     score[t, i] = g_tᵀ (G + λI)⁻¹ g_i
 
 with ``g`` the per-image cross-entropy gradient ``J_iᵀ (p_i − e_y)``, whose true-class entry is taken
-as ``−Σ_{c≠y} p_c`` (no cancellation for a confident image, as :func:`influence.model.hvp.cross_entropy`).
+as ``−Σ_{c≠y} p_c`` (no cancellation for a confident image, as :func:`influence.model.derivatives.cross_entropy`).
 One ``eigh`` of ``G`` serves every damping.
 """
 import contextlib
@@ -108,7 +108,7 @@ def _quiet_pfor():
 def logit_jacobians(clf, x, chunk=50):
     """Yield ``(start, p, J)`` per chunk of ``chunk`` images of ``x`` (uint8 (N, H, W, C)):
     ``p`` float64 (B, K) softmax probabilities, ``J`` float64 (B, K, P) the logits' Jacobian over
-    ``clf.variables`` (flattened and concatenated as :func:`influence.model.hvp.vec_to_numpy` does)."""
+    ``clf.variables`` (flattened and concatenated as :func:`influence.model.vectors.vec_to_numpy` does)."""
     jac = _jacobian_fn(clf)
     x = np.asarray(x)
     for start in range(0, len(x), int(chunk)):

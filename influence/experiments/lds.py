@@ -18,7 +18,7 @@ Scores come from the real ``calculate.py`` job (:func:`influence.engine.calculat
 archives with the base model, timed from scratch (no curvature cache). Two baselines:
 
 * gradient dot product ``g_tᵀ g_i`` (identity curvature, no damping, no solve), computed with the
-  engine's own :class:`~influence.model.hvp.Derivatives` and :class:`~influence.scoring.Scorer` — the
+  engine's own :class:`~influence.model.derivatives.Derivatives` and :class:`~influence.scoring.Scorer` — the
   same pass over the training set that scores ``(H + λI)⁻¹ g_t``, with ``g_t`` itself;
 * random scores (seeded standard normal): LDS ≈ 0 up to noise.
 
@@ -164,7 +164,7 @@ def gradient_dot_scores(data, idx, chunk=256):
 
     The engine's Derivatives and Scorer, with the test gradients as the vectors (identity curvature).
     """
-    from influence.model.hvp import Derivatives
+    from influence.model.derivatives import Derivatives
     from influence.model.models import load_classifier
     from influence.scoring import Scorer
 

@@ -94,7 +94,8 @@ def run_mislabel_panel(n_train=1500, epochs=30, fraction=0.10, damping="auto", s
     from influence.experiments import demo
     from influence.curvature import make_solver
     from influence.curvature.choice import choose_solver
-    from influence.model.hvp import Derivatives, TrainingObjective
+    from influence.model.derivatives import Derivatives
+    from influence.model.objective import TrainingObjective
     from influence.model.models import Classifier, make_preprocess, select_params
     from influence.scoring.self_influence import self_influence
 

@@ -32,7 +32,9 @@ class Problem:
     def _setup_engine(self, image_shape, chunk):
         import tensorflow as tf
 
-        from influence.model.hvp import Derivatives, TrainingObjective
+        from influence.model.derivatives import Derivatives
+
+        from influence.model.objective import TrainingObjective
         from influence.scoring import Scorer
 
         self.archive = ArrayArchive(self.x_train, self.y_train)
@@ -123,7 +125,7 @@ class Problem:
     def regulariser_offset(self, s):
         """s_tᵀ∇Ω(θ̂)/(n−1) per test image (T,): what a mean over n−1 images would add
         (:mod:`influence.experiments.validate_cli`)."""
-        from influence.model.hvp import vec_to_numpy
+        from influence.model.vectors import vec_to_numpy
 
         w0 = np.zeros(self.n, dtype=self.clf.dtype.as_numpy_dtype)
         g_omega = np.concatenate([np.asarray(g, dtype=np.float64).ravel()

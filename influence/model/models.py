@@ -17,7 +17,7 @@ import tensorflow as tf
 
 from influence.errors import SettingError, UserError
 from influence.model import keras_private
-from influence.model.hvp import vec_size
+from influence.model.vectors import vec_size
 
 log = logging.getLogger(__name__)
 

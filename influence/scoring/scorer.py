@@ -27,14 +27,14 @@ a Dense layer on flat input (P = 1). Each route gives the same numbers (tests ch
 import numpy as np
 import tensorflow as tf
 
-from influence.model.hvp import vec_stack
+from influence.model.vectors import vec_stack
 from influence.model.taps import Tap, linear, linear_kind, patch_support, per_image_weight_grads
 
 
 class Scorer:
     """``shares(x, y, stacked) -> (T, N, L)`` per-layer scores of a batch of training images.
 
-    ``stacked``: a Vec whose parts have a leading axis T (see :func:`influence.model.hvp.vec_stack`).
+    ``stacked``: a Vec whose parts have a leading axis T (see :func:`influence.model.vectors.vec_stack`).
     Layer order is ``classifier.groups``; ``layer_names`` names the L columns.
     """
 

@@ -116,7 +116,7 @@ def self_influence(solver, derivs, train, *, batch, limit=None, vectors=None, pr
 
     Args:
       solver: a fitted (or cache-loaded) solver of :mod:`influence.curvature` (fits on demand).
-      derivs: the :class:`influence.model.hvp.Derivatives` of the model.
+      derivs: the :class:`influence.model.derivatives.Derivatives` of the model.
       train: the training archive (``len`` and ``take(indices) -> (x, y)``), labels as trained.
       batch: training images per step.
       limit: None/0 for every image, else only the ``limit`` images of highest training loss.
@@ -126,7 +126,7 @@ def self_influence(solver, derivs, train, *, batch, limit=None, vectors=None, pr
 
     Raises :class:`SettingError` (see :func:`check_solver`) for a solver without a fast route and no limit.
     """
-    from influence.model.hvp import vec_dot
+    from influence.model.vectors import vec_dot
 
     name = getattr(solver, "name", type(solver).__name__)
     n = len(train)

@@ -10,52 +10,6 @@ import numpy as np
 import tensorflow as tf
 
 
-# ----------------------------------------------------------------------------- Vec helpers
-
-def vec_dot(a, b):
-    """Σ a·b over all parts, as a float64 Python number."""
-    return float(sum(tf.reduce_sum(tf.cast(x, tf.float64) * tf.cast(y, tf.float64)) for x, y in zip(a, b)))
-
-
-def vec_norm(a):
-    return float(np.sqrt(max(vec_dot(a, a), 0.0)))
-
-
-def vec_axpy(alpha, x, y):
-    """alpha·x + y."""
-    return tuple(alpha * xi + yi for xi, yi in zip(x, y))
-
-
-def vec_scale(alpha, x):
-    return tuple(alpha * xi for xi in x)
-
-
-def vec_size(like):
-    """Number of scalars in a Vec (or a list of variables): P."""
-    return int(sum(int(np.prod(t.shape)) for t in like))
-
-
-def vec_to_numpy(v):
-    """Vec -> float64 array (P,)."""
-    return np.concatenate([np.asarray(t, dtype=np.float64).ravel() for t in v])
-
-
-def numpy_to_vec(flat, like):
-    """float array (P,) -> Vec shaped and typed like ``like`` (a list of variables or tensors)."""
-    out, at = [], 0
-    for ref in like:
-        shape = tuple(ref.shape)
-        size = int(np.prod(shape))
-        out.append(tf.constant(np.asarray(flat[at:at + size]).reshape(shape), dtype=ref.dtype))
-        at += size
-    return tuple(out)
-
-
-def vec_stack(vecs):
-    """list of T Vecs -> Vec whose parts have a leading axis T."""
-    return tuple(tf.stack(parts) for parts in zip(*vecs))
-
-
 # ----------------------------------------------------------------------------- the loss
 
 @tf.custom_gradient
@@ -202,48 +156,3 @@ class Derivatives:
         with tf.autodiff.ForwardAccumulator(self._primals(), list(v)) as acc:
             losses = self._losses(x, y)
         return acc.jvp(losses, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-
-
-#: the curvature matrices a Hessian solver can take: ``full`` ∇²R, ``ggn`` the Gauss–Newton part
-HESSIANS = ("full", "ggn")
-
-
-class TrainingObjective:
-    """HVPs of ``R(θ) = mean_i L(z_i) + Ω`` over a training archive, whole or by minibatch.
-
-    ``archive`` is a :class:`influence.data.archives.TrainArchive`; ``chunk`` bounds the images per call.
-    ``hessian``: which matrix every product takes (:data:`HESSIANS`): ``"full"`` ∇²R, or ``"ggn"``
-    the Gauss–Newton matrix ``mean_i J_iᵀ H_i J_i + ∇²Ω`` (:meth:`Derivatives._ggn_vp`).
-    """
-
-    def __init__(self, derivs, archive, chunk=256, hessian="full"):
-        if hessian not in HESSIANS:
-            raise ValueError(f"hessian must be one of {', '.join(HESSIANS)}, got {hessian!r}")
-        self.d = derivs
-        self.archive = archive
-        self.n = len(archive)
-        self.chunk = int(chunk)
-        self.dtype = derivs.dtype
-        self.hessian = hessian
-        #: the product, compiled (``vp``) and as a graph function to call inside another tf.function
-        self.vp = derivs.hvp if hessian == "full" else derivs.ggn_vp
-        self.vp_graph = derivs.hvp_graph if hessian == "full" else derivs.ggn_vp_graph
-
-    def scalar(self, value):
-        """``value`` as a scalar tensor of the model's dtype (the products' weights)."""
-        return tf.constant(value, self.dtype)
-
-    def hvp_full(self, v, indices=None):
-        """(H + 0)·v with H = ∇²R over all training images (or over ``indices`` as the data term)."""
-        idx = np.arange(self.n) if indices is None else np.asarray(indices)
-        total = None
-        weight = self.scalar(1.0 / len(idx))
-        for start in range(0, len(idx), self.chunk):
-            x, y = self.archive.take(idx[start:start + self.chunk])
-            part = self.vp(x, y.astype(np.int64), v, weight, self.scalar(1.0 if start == 0 else 0.0))
-            total = part if total is None else tuple(a + b for a, b in zip(total, part))
-        return total
-
-    def hvp_minibatch(self, v, x, y):
-        """H̃ v for one minibatch: ∇²(mean over the batch of L + Ω) v."""
-        return self.vp(x, y, v, self.scalar(1.0 / len(y)), self.scalar(1.0))

@@ -2,10 +2,13 @@
 
 Sub-packages in the order the data flows through them; :mod:`influence.engine` drives them:
   data       -- image folders <-> npz archives: images, classes, archives, prepare; bundled digits
-  model      -- the Keras classifier: models (loading, logits, --params), hvp (gradients, HVPs), taps
-  curvature  -- inverse-HVP methods behind one registry: exact, cg, lissa, kfac/ekfac, pcg; the cache
+  model      -- the Keras classifier: models (loading, logits, --params), derivatives (gradients, HVPs),
+                objective (the training set's products), vectors, taps
+  curvature  -- inverse-HVP methods behind one registry: exact, cg, lissa, kfac/ekfac, pcg, krylov, dpcg;
+                the choice of --solver auto; the cache
   scoring    -- scorer (batched influence scores with a per-layer split), self_influence
-  outputs    -- report (figures, CSV files, score dicts), writer (background drawing), html_report
+  outputs    -- report (CSV files, score dicts, figures), strips and summary (the figures, laid out once),
+                writer (background writing), html_report
 
 The Python API: :class:`influence.Influence` (:mod:`influence.api`) -- scores as arrays.
 

@@ -7,9 +7,9 @@ A setting's type function is its field's own parser and check (:func:`setting_ar
 the :class:`influence.settings.Damping` the run takes, parsed once.
 """
 from influence.cli import Parser, import_tensorflow_quietly
-from influence.settings import (DEFAULTS, GROUPS, Settings, check_setting, given_settings, group_of, help_of,
-                                parse_setting)
 from influence.outputs.figure_style import FIGURE_FORMATS
+from influence.settings import (DEFAULTS, GROUPS, HESSIANS, Settings, check_setting, given_settings, group_of,
+                                help_of, parse_setting)
 
 
 
@@ -54,7 +54,6 @@ def build_parser():
     import_tensorflow_quietly()  # the --solver registry imports the methods, and they import TensorFlow
     from influence.curvature import method_help
     from influence.curvature.choice import solver_choices
-    from influence.model.objective import HESSIANS
 
     p = Parser(prog="calculate.py",
                description="For every test image, score every training image by its influence "

@@ -111,11 +111,14 @@ def parse_rank(rank):
     return value
 
 
-def _hessian(value):
-    """``hessian``'s check: one of :data:`influence.model.objective.HESSIANS` (the one check of the setting:
-    calculate.py's flag, :meth:`Settings.check` and :class:`influence.Influence` use it)."""
-    from influence.model.objective import HESSIANS
+#: the curvature matrices a Hessian solver can take (:class:`influence.model.objective.TrainingObjective`):
+#: ``full`` ∇²R, ``ggn`` the Gauss–Newton part
+HESSIANS = ("full", "ggn")
 
+
+def _hessian(value):
+    """``hessian``'s check: one of :data:`HESSIANS` (the one check of the setting: calculate.py's flag,
+    :meth:`Settings.check` and :class:`influence.Influence` use it)."""
     return None if value in HESSIANS else f"must be one of {', '.join(HESSIANS)}, got {value!r}"
 
 

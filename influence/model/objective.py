@@ -3,9 +3,9 @@
 import numpy as np
 import tensorflow as tf
 
+from influence.settings import HESSIANS
 
-#: the curvature matrices a Hessian solver can take: ``full`` ∇²R, ``ggn`` the Gauss–Newton part
-HESSIANS = ("full", "ggn")
+
 
 
 class TrainingObjective:

@@ -50,7 +50,7 @@ class Influence:
       train: the training set: a ``train.npz`` written by ``prepare_data.py`` (path) or a ``TrainArchive``;
         ``(x, y)`` arrays in memory (:class:`influence.data.arrays.ArrayTrainSet`); or any object with
         ``len(train)`` batches and ``train[b] -> (x, y)`` (a ``keras.utils.PyDataset`` qualifies). Images
-        uint8, or float read as ``preprocess`` says (:func:`influence.data.arrays.as_pixels`).
+        uint8, or float read as ``preprocess`` says (:func:`influence.data.arrays.user_pixels`).
       solver: ``"auto"`` (default: :mod:`influence.curvature.choice`: lissa when ``iter``, ``bsize``, ``scale``
         or ``repeats`` is passed, else krylov when ``memory_budget`` holds its basis over the model's
         parameters, else ekfac; :attr:`solver_name` and :attr:`solver_choice` say which and why) or a
@@ -201,7 +201,6 @@ class Influence:
         self.objective = TrainingObjective(self.derivs, self.train, chunk=int(chunk), hessian=hessian)
         self.scorer = Scorer(self.derivs)
         self._fitted = False
-        self._compacted = False
         self._catalogue = None
         self._key = None
         #: after :meth:`fit`: True when the curvature came from the cache
@@ -298,7 +297,6 @@ class Influence:
         :class:`influence.memory.MemoryPlan` that :meth:`score_groups` follows."""
         self.fit()
         self.solver.compact()
-        self._compacted = True
         plan = self.plan(n_test, solver=self.solver)
         if not self._chunk_given:
             self.objective.chunk = plan.chunk
@@ -317,7 +315,7 @@ class Influence:
         its test gradients, inverse-HVPs, then ONE pass over the training set.
 
         Args:
-          images: (T, H, W, C) uint8 or float images (:func:`influence.data.arrays.as_pixels`), or any
+          images: (T, H, W, C) uint8 or float images (:func:`influence.data.arrays.user_pixels`), or any
             object with ``len`` whose slices ``images[a:b]`` are such arrays (read a group at a time);
           labels: (T,) classes (the label the loss is taken with);
           ids: one hashable tuple/str/int per test image, naming it for the solvers that draw random
@@ -360,7 +358,7 @@ class Influence:
         Args:
           images: (T, H, W, C) test images of the training set's size: uint8 pixels, or float with the
             model's ``preprocess`` saying how to read them (``unit``: 0..1; otherwise 0..255; see
-            :func:`influence.data.arrays.as_pixels`); labels: (T,) their classes (the label the loss is
+            :func:`influence.data.arrays.user_pixels`); labels: (T,) their classes (the label the loss is
             taken with: the true one, or the prediction to explain).
           per_layer: also split each score by layer.
           ids: names of the test images for stochastic solvers (:meth:`score_groups`).
@@ -382,9 +380,9 @@ class Influence:
 
     def predict(self, images, batch=256):
         """Class probabilities (T, classes) of ``images`` (uint8 or float, as :meth:`scores`), ``batch`` at a time."""
-        from influence.data.arrays import as_pixels
+        from influence.data.arrays import user_pixels
 
-        x = as_pixels(images, self._unit, "images")
+        x = user_pixels(images, self._unit, "images")
         return np.concatenate([np.zeros((0, self.clf.num_classes))] +
                               [self.derivs.predict(x[s:s + batch]).numpy() for s in range(0, len(x), batch)])
 
@@ -430,10 +428,10 @@ class Influence:
         once on the one-per-image route."""
         from influence.scoring.self_influence import self_influence
 
-        if self._compacted and self.solver_name in ("kfac", "ekfac", "pcg"):
+        if self._fitted and not self.solver.self_influence_ready():
             # scoring compacted the fit to what solving needs; self-influence needs the whole of it
             log.info("self-influence: the %s curvature again (scoring compacted it)", self.solver_name)
-            self._solver, self._fitted, self._compacted = None, False, False
+            self._solver, self._fitted = None, False
         self.fit()
         return self_influence(self.solver, self.derivs, self.train, batch=batch or self.score_batch, limit=limit,
                               vectors=vectors, progress=self.progress)
@@ -464,7 +462,7 @@ class Influence:
         return y
 
     def _test_arrays(self, images, labels):
-        from influence.data.arrays import as_pixels
+        from influence.data.arrays import user_pixels
 
         x = np.asarray(images)
         if x.ndim == 3:
@@ -473,7 +471,7 @@ class Influence:
         if x.ndim != 4 or tuple(x.shape[1:]) != want:
             raise UserError(f"images must be (T, {', '.join(map(str, want))}) like the training images, "
                             f"got {x.shape}")
-        x = as_pixels(x, self._unit, "images")
+        x = user_pixels(x, self._unit, "images")
         return x, self._labels(labels, len(x))
 
 

@@ -165,6 +165,10 @@ class InverseHVP:
     def compact(self):
         """Drop what only fitting and caching needed (called once the state is cached)."""
 
+    def self_influence_ready(self):
+        """False when :meth:`compact` dropped what self-influence needs (the caller fits again)."""
+        return True
+
     def apply(self, v):
         """(H + λI) v over the whole training set."""
         return vec_axpy(self.damping, v, self.obj.hvp_full(v))

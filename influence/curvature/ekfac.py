@@ -242,6 +242,10 @@ class KFACSolver(InverseHVP):
         self.fitted.compact(self.dtype, self.damped)
         gc.collect()
 
+    def self_influence_ready(self):
+        """False once compacted: :meth:`self_influence_batch` needs the float64 eigenvalues."""
+        return self.fitted is None or not self.fitted.compacted
+
     # --- solving -----------------------------------------------------------------------------------------
     def undamped(self, b):
         """``Λ + ρ`` of block ``b`` of the fitted state, float64 (fits first if needed)."""

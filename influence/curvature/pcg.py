@@ -146,6 +146,9 @@ class LockstepCG(CGSolver):
     def compact(self):
         self.part.compact()
 
+    def self_influence_ready(self):
+        return self.part.self_influence_ready()
+
     @property
     def resident_bytes(self):
         return self.part.resident_bytes

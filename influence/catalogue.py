@@ -30,12 +30,18 @@ def class_namer(classmap, num_classes):
 @dataclasses.dataclass
 class TrainCatalogue:
     """Every training image in archive order: ``keys`` (``"<batch>_<i>"``), ``files``, ``labels``, and
-    ``namer`` (class index -> name, picklable)."""
+    ``namer`` (class index -> name, picklable). Made once per run and read for every test image, so its
+    fields are normalised here: ``keys`` a list of str, ``files`` and ``labels`` flat arrays."""
 
     keys: list
     files: np.ndarray
     labels: np.ndarray
     namer: object = str
+
+    def __post_init__(self):
+        self.keys = [str(key) for key in np.asarray(self.keys).tolist()]
+        self.files = np.asarray(self.files).reshape(-1)
+        self.labels = np.asarray(self.labels).reshape(-1)
 
     @classmethod
     def of(cls, train, namer=str):

@@ -8,8 +8,9 @@ from PIL import Image
 
 from influence.catalogue import TrainCatalogue
 from influence.outputs.figure_book import FigureBook
-from influence.outputs.strips import StripFigure, draw_strip
-from influence.outputs.summary import SummaryFigure, draw_summary, rows_of, summarize, widest_class_label
+from influence.outputs.strips import StripFigure
+from influence.outputs.summary import (SummaryFigure, rows_of, summarize, widest_class_label,
+                                       widest_layer_label)
 
 
 def _test(rng, size, label, pred, name="test/3/a.png", grey=False):
@@ -33,7 +34,8 @@ def _pixels(path):
 @pytest.mark.parametrize("n_panels", [0, 3, 7])
 def test_a_used_strip_draws_the_same_pixels_as_a_new_one(tmp_path, fmt, n_panels):
     rng = np.random.default_rng(n_panels)
-    first = (_test(rng, 224, 3, 8, "test/3/a_very_long_file_name_of_a_test_image_0001.png"), _panels(rng, n_panels, 224))
+    first = (_test(rng, 224, 3, 8, "test/3/a_very_long_file_name_of_a_test_image_0001.png"),
+             _panels(rng, n_panels, 224))
     second = (_test(rng, 16, 2, 2, grey=True), _panels(rng, n_panels, 32))
     used = StripFigure("harmful", n_panels)
     used.render(*first, tmp_path / f"first.{fmt}", fmt)
@@ -70,10 +72,14 @@ def test_a_used_summary_draws_the_same_pixels_as_a_new_one(tmp_path, n_classes, 
     np.testing.assert_array_equal(_pixels(tmp_path / "used.png"), _pixels(tmp_path / "new.png"))
 
 
-def test_figures_without_a_template_and_the_book_keeps_a_few(tmp_path):
+def test_new_figures_draw_something_and_the_book_keeps_a_few(tmp_path):
     rng = np.random.default_rng(0)
-    for fig in (draw_strip("useful", _test(rng, 8, 1, 2), _panels(rng, 2, 8)),
-                draw_summary(_summary(rng, 50, 3, 10, 1, 2)[0], _test(rng, 8, 1, 2))):
+    summary, labels = _summary(rng, 50, 3, 10, 1, 2)
+    test = _test(rng, 8, 1, 2)
+    summary_figure = SummaryFigure(*rows_of(summary), widest_class_label(test["class_name"], labels),
+                                   widest_layer_label(summary["layer_names"]))
+    for fig in (StripFigure("useful", 2).update(_test(rng, 8, 1, 2), _panels(rng, 2, 8)),
+                summary_figure.update(summary, test)):
         buffer = io.BytesIO()
         fig.savefig(buffer, format="png")
         assert np.asarray(Image.open(buffer).convert("L")).std() > 10

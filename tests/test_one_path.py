@@ -11,7 +11,7 @@ import influence
 from engine_helpers import calc_settings, write_project
 from influence.curvature import REGISTRY
 from influence.data.archives import TestArchive, TrainArchive
-from influence.data.arrays import ArrayTrainSet, as_pixels
+from influence.data.arrays import ArrayTrainSet, user_pixels
 from influence.engine import calculate
 from influence.errors import UserError
 
@@ -104,15 +104,15 @@ def test_float_images_and_in_memory_arrays_give_the_archive_numbers(data):
 
 def test_the_pixel_rule():
     u = np.arange(256, dtype=np.uint8).reshape(1, 16, 16, 1)
-    assert as_pixels(u, unit=True) is u
-    np.testing.assert_array_equal(as_pixels(u / 255.0, unit=True), u)
-    np.testing.assert_array_equal(as_pixels(u.astype(np.float32), unit=False), u)
+    assert user_pixels(u, unit=True) is u
+    np.testing.assert_array_equal(user_pixels(u / 255.0, unit=True), u)
+    np.testing.assert_array_equal(user_pixels(u.astype(np.float32), unit=False), u)
     with pytest.raises(UserError, match=r"^images: float values 0\.\.255 outside 0\.\.1 \(preprocess 'unit'"):
-        as_pixels(u.astype(np.float32), unit=True)
+        user_pixels(u.astype(np.float32), unit=True)
     with pytest.raises(UserError, match=r"^images: float values must be whole pixel levels.*preprocess='unit'"):
-        as_pixels(u / 255.0, unit=False)
+        user_pixels(u / 255.0, unit=False)
     with pytest.raises(UserError, match=r"^train: float values must be whole pixel levels \(k / 255"):
-        as_pixels(np.full((1, 2, 2, 1), 0.5001), unit=True, what="train")
+        user_pixels(np.full((1, 2, 2, 1), 0.5001), unit=True, what="train")
 
 
 def test_data_mistakes_are_one_line_errors(data):

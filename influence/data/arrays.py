@@ -1,7 +1,7 @@
 """Data as a notebook user has it: in-memory arrays, float or uint8 images, any batched training set.
 
 **Pixels.** The derivatives read images as uint8 pixel levels 0..255 (what the archives hold), and
-the model's ``preprocess`` maps them to its inputs. :func:`as_pixels` takes images as the user has
+the model's ``preprocess`` maps them to its inputs. :func:`user_pixels` takes images as the user has
 them and returns those levels:
 
 * uint8: as they are;
@@ -30,7 +30,7 @@ from influence.errors import UserError
 LEVEL_TOLERANCE = 1e-3
 
 
-def as_pixels(x, unit, what="images"):
+def user_pixels(x, unit, what="images"):
     """uint8 pixel levels of images ``x`` (the rule in the module docstring); ``unit``: the model's
     preprocess is ``unit`` (it reads ``x / 255``); ``what``: the argument the error names."""
     x = np.asarray(x)
@@ -78,7 +78,7 @@ def as_labels(y, what="labels"):
 
 class ArrayTrainSet:
     """In-memory training images and labels as the batch protocol: ``len()`` batches of
-    ``batch_size``, ``data[b] -> (x, y)``. ``x``: (N, H, W, C) uint8 or float (see :func:`as_pixels`);
+    ``batch_size``, ``data[b] -> (x, y)``. ``x``: (N, H, W, C) uint8 or float (see :func:`user_pixels`);
     ``y``: (N,) or (N, 1) integer labels. ``rows(indices)`` reads any images at once."""
 
     def __init__(self, x, y, batch_size=256):
@@ -119,7 +119,7 @@ class TrainSet:
     ``image_shape``, ``fingerprint``, ``len`` in images).
 
     Opening reads every batch once: the batch sizes, labels, image shape and a digest of the pixels
-    (the curvature cache's key). Images are converted by :func:`as_pixels` (``unit``: the model's
+    (the curvature cache's key). Images are converted by :func:`user_pixels` (``unit``: the model's
     preprocess is ``unit``) on every read; the last batch read is kept.
     """
 
@@ -151,7 +151,7 @@ class TrainSet:
 
     def _read(self, b):
         x, y = self.data[b][:2]
-        x = as_pixels(x, self.unit, "train")
+        x = user_pixels(x, self.unit, "train")
         y = as_labels(y, "train labels")
         if x.ndim != 4 or len(x) != len(y):
             raise UserError(f"train: batch {b} gives images {x.shape} and {len(y)} labels")
@@ -189,7 +189,7 @@ class TrainSet:
         rows = getattr(self.data, "rows", None)
         if rows is not None:
             x, _ = rows(indices)
-            return as_pixels(x, self.unit, "train"), self._labels[indices]
+            return user_pixels(x, self.unit, "train"), self._labels[indices]
         x = np.empty((indices.size, *self.image_shape), np.uint8)
         pos = np.searchsorted(self._starts, indices, side="right") - 1
         for p in np.unique(pos):

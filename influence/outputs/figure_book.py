@@ -62,6 +62,6 @@ def warm_up(*, book, catalogue, layer_names, top, figures=True, **_):
     n = min(int(top), len(catalogue))
     book.strip("harmful", n)
     book.strip("useful", n)
-    classes = np.unique(np.asarray(catalogue.labels)).size
+    classes = np.unique(catalogue.labels).size
     if classes <= TOP_CLASSES:
         book.summary((classes, min(len(layer_names), MAX_LAYERS)), catalogue, layer_names)

@@ -46,7 +46,7 @@ import numpy as np
 
 from influence.io import atomic_write
 from influence.outputs.figure_book import FigureBook
-from influence.outputs.figure_style import FIGURE_FORMATS, check_format
+from influence.outputs.figure_style import check_format
 from influence.outputs.ranking import layer_leaders, top_indices
 from influence.outputs.summary import rows_of, summarize
 
@@ -130,7 +130,7 @@ def write_test_outputs(folder_dir, n, *, scores, shares, layer_names, catalogue,
       fetch_image: callable(global_index: int) -> uint8 (H, W, 3); called only for the at most
         ``2 * top`` displayed training images.
       top: number of training images per figure and CSV (clipped to N).
-      fmt: figure format, one of :data:`FIGURE_FORMATS`.
+      fmt: figure format, one of :data:`influence.outputs.figure_style.FIGURE_FORMATS`.
       figures: False writes the five files that are not figures (``fetch_image`` is not called).
       book: the :class:`~influence.outputs.figure_book.FigureBook` whose laid-out figures to reuse
         (a writer keeps one for all its test images); None lays out new ones.
@@ -148,10 +148,7 @@ def write_test_outputs(folder_dir, n, *, scores, shares, layer_names, catalogue,
                          f"got {shares.shape}")
     if len(set(layer_names)) != len(layer_names) or TOTAL_KEY in layer_names:
         raise ValueError(f"layer names must be unique and not {TOTAL_KEY!r}: {layer_names}")
-    keys = [str(key) for key in np.asarray(catalogue.keys).tolist()]
-    train_files = np.asarray(catalogue.files).reshape(-1)
-    train_labels = np.asarray(catalogue.labels).reshape(-1)
-    class_name = catalogue.namer
+    keys, train_files, train_labels, class_name = catalogue.keys, catalogue.files, catalogue.labels, catalogue.namer
     for name, arr in (("keys", keys), ("files", train_files), ("labels", train_labels)):
         if len(arr) != n_train:
             raise ValueError(f"the catalogue's {name} has {len(arr)} entries, scores has {n_train}")

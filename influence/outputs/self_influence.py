@@ -4,12 +4,11 @@
 import csv
 import pathlib
 
-import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from influence.io import atomic_write
-from influence.outputs.figure_style import (COLOURS, FIGURE_FORMATS, format_score, save_figure, short_class,
+from influence.outputs.figure_style import (COLOURS, check_format, format_score, save_figure, short_class,
                                             short_file, show)
 
 #: Header of ``self_influence.csv``.
@@ -21,8 +20,7 @@ FIGURE_STEM = "self_influence"
 
 def expected_outputs(out_dir, fmt):
     """``[self_influence.csv, self_influence.<fmt>]`` inside ``out_dir``."""
-    if fmt not in FIGURE_FORMATS:
-        raise ValueError(f"figure format must be one of {', '.join(FIGURE_FORMATS)}, got {fmt!r}")
+    check_format(fmt)
     out = pathlib.Path(out_dir)
     return [out / CSV_NAME, out / f"{FIGURE_STEM}.{fmt}"]
 
@@ -43,10 +41,7 @@ def write_self_influence(out_dir, result, catalogue, fetch_image, *, top, fmt):
       ``[csv path, figure path]``. The CSV has every scored image, sorted by self-influence descending.
     """
     csv_path, fig_path = expected_outputs(out_dir, fmt)
-    keys = [str(k) for k in np.asarray(catalogue.keys).tolist()]
-    files = np.asarray(catalogue.files).reshape(-1)
-    labels = np.asarray(catalogue.labels).reshape(-1)
-    class_name = catalogue.namer
+    keys, files, labels, class_name = catalogue.keys, catalogue.files, catalogue.labels, catalogue.namer
     order = result.ranking()
     csv_path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(csv_path) as tmp:

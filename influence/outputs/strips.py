@@ -12,7 +12,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from influence.outputs.figure_style import (COLOURS, TEXT_WIDTH, format_score, frame, is_wrong, put_image,
+from influence.outputs.figure_style import (COLOURS, TEXT_WIDTH, format_score, is_wrong, put_image,
                                             save_figure, short_class, short_file, shorten, show, verdict)
 
 PANEL_W = 2.3             # inches per image panel
@@ -99,7 +99,3 @@ class StripFigure:
     def render(self, test, panels, path, fmt):
         save_figure(self.update(test, panels), path, fmt)
 
-
-def draw_strip(kind, test, panels):
-    """A new figure of one strip, drawn as :meth:`StripFigure.render` draws it (for callers that keep no template)."""
-    return StripFigure(kind, len(panels)).update(test, panels)

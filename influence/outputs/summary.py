@@ -237,11 +237,3 @@ def rows_of(summary):
     return (int(summary["shown"].sum()) + (1 if summary["other_classes"] else 0),
             min(len(summary["layer_names"]), MAX_LAYERS))
 
-
-def draw_summary(summary, test, class_hint=None, layer_hint=None):
-    """A new summary figure (as :meth:`SummaryFigure.render` draws it); the hints default to this summary's
-    own widest labels."""
-    class_labels = class_rows(summary, test["class_name"], test["label"], test["pred"])[0]
-    class_hint = class_hint or max(class_labels + [""], key=len)
-    layer_hint = layer_hint or widest_layer_label(summary["layer_names"])
-    return SummaryFigure(*rows_of(summary), class_hint, layer_hint).update(summary, test)

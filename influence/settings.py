@@ -16,8 +16,8 @@ metadata, never kept by hand:
 A setting with a value type (``damping``: a :class:`Damping`) names its parser (``parse``): calculate.py's
 type function, the construction of :class:`Settings` (``__post_init__``) and the solvers all use that one
 parser, which returns a parsed value as it is. Field names match calculate.py's long options;
-:mod:`influence.engine` runs a job from a :class:`Settings`; :mod:`influence.distributed` sends them
-to its workers (:meth:`Settings.values`).
+:mod:`influence.engine` runs a job from a :class:`Settings` (its Ray workers get the API's
+:meth:`influence.Influence.worker_spec`, not the settings).
 """
 import dataclasses
 
@@ -243,14 +243,9 @@ class Settings:
         at this class's defaults."""
         return cls(**given_settings(args))
 
-    @classmethod
-    def from_values(cls, values):
-        """The settings in ``values`` (a mapping that may hold other keys too: a Ray worker's spec)."""
-        return cls(**{k: v for k, v in values.items() if k in NAMES})
-
     def values(self):
-        """``{name: value}`` of every setting, values as they are (a :class:`Damping` stays one; what a Ray
-        worker gets). Unlike ``dataclasses.asdict``, a parsed value is not taken apart."""
+        """``{name: value}`` of every setting, values as they are (a :class:`Damping` stays one). Unlike
+        ``dataclasses.asdict``, a parsed value is not taken apart."""
         return {name: getattr(self, name) for name in NAMES}
 
     def recorded(self):

@@ -127,10 +127,10 @@ def test_hessian_has_one_check():
     assert exc.value.code == 2
 
 
-def test_a_worker_rebuilds_the_drivers_solver_options():
+def test_settings_round_trip_through_their_values_and_give_the_solver_options():
+    # (a Ray worker rebuilds its solver from the API's WorkerSpec: tests/test_distributed.py)
     settings = Settings(damping="0.3x", scale="2.5", fisher="sampled", iter=7)
-    spec = dict(settings.values(), chunk=8, train_fingerprint="t", weights_fingerprint="w")
-    again = Settings.from_values(spec)
+    again = Settings(**settings.values())
     assert again == settings and again.damping is settings.damping
     assert again.solver_options() == settings.solver_options()
     assert again.solver_options()["scale"] == 2.5 and Settings().solver_options()["scale"] is None

@@ -11,7 +11,8 @@ calls after a warm-up (the first call traces the ``tf.function``). Units:
 Sections (``--only NAME``, repeatable): ``demo`` (the demo CNN, batch 256), ``vgg16`` (VGG16,
 random weights, batch 4 at 224x224, ``--params last:3`` and ``all``), ``prepare``
 (``prepare_data.py`` vs bare PIL, peak RSS at 1 000 and 10 000 images) and ``calculate``
-(end to end on the demo data). The table is printed and written to ``BENCHMARKS.md`` (the
+(end to end on the demo data), ``memory`` (VGG16 with every parameter at the defaults, ``--memory-budget
+8``: peak RSS per Fisher kind against the budget). The table is printed and written to ``BENCHMARKS.md`` (the
 "Findings" part of that file is kept; use ``--no-write`` to leave the file alone).
 
 A section that raises, or whose script exits non-zero, is a failure, not a missed target: it shows
@@ -39,7 +40,7 @@ sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
 
-SECTIONS = ("demo", "vgg16", "prepare", "calculate", "krylov", "truth", "outputs")
+SECTIONS = ("demo", "vgg16", "prepare", "calculate", "krylov", "truth", "outputs", "memory")
 RESULTS = []  # dicts: section, name, value, unit, target (str), ok (bool/None), note, failed (bool)
 TAIL_LINES = 5  # lines of a failure's error shown under the table
 
@@ -678,6 +679,14 @@ def bench_outputs(args):
     finally:
         bo.drop_tree(base)
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def bench_memory(args):
+    """VGG16 with every parameter at calculate.py's defaults, ``--memory-budget 8``: peak RSS per Fisher kind
+    against the budget plus the model's footprint (benchmarks/memory.py)."""
+    from benchmarks import memory
+
+    memory.run(args, say, record, run_script, run_measured)
 
 
 def table(rows):

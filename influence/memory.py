@@ -73,7 +73,10 @@ def plan_memory(clf, settings, n_test, solver=None, fitting=False):
 
     ``fitting``: the plan of ``solver``'s fit: what the fit holds at its peak (``solver.fit_bytes``,
     EK-FAC: float64 factors, eigenbases and ``Λ`` with their copies in the model's dtype) comes off
-    first, and ``chunk`` gets all the rest (no test vectors are held while fitting).
+    first, and ``chunk`` gets all the rest (no test vectors are held while fitting), at
+    :func:`fit_image_bytes` per training image: a K-FAC/EK-FAC fit holds ``solver.signal_rows``
+    backward signals per image (10 for ``fisher top:10``). When not even one image fits, a
+    :class:`~influence.errors.SettingError` names ``memory_budget`` and the settings that shrink the fit.
     """
     itemsize = np.dtype(clf.dtype.as_numpy_dtype).itemsize
     if solver is None:
@@ -91,7 +94,48 @@ def plan_memory(clf, settings, n_test, solver=None, fitting=False):
     patches = sum(p * k + k * c for p, k, c, _ in shapes if p >= 3)
     tangent = sum(p * c for p, k, c, _ in shapes if p < 3)
     per_image_score = itemsize * (4 * act + patches + vectors * tangent)
-    per_image_hvp = itemsize * (8 * act + patches)
+    rows = int(getattr(solver, "signal_rows", 1) or 1) if fitting else 1
+    per_image_hvp = fit_image_bytes(shapes, itemsize, rows)
     score_batch = int(max(1, min(settings.score_batch, (budget / 2) // per_image_score)))
-    chunk = int(max(1, min(256, settings.score_batch, (budget if fitting else budget / 2) // per_image_hvp)))
+    room = budget if fitting else budget / 2
+    if fitting and held and settings.memory_budget * 2**30 - held < per_image_hvp:
+        raise _no_room(solver, settings.memory_budget, held, per_image_hvp, rows)
+    chunk = int(max(1, min(256, settings.score_batch, room // per_image_hvp)))
     return MemoryPlan(vectors, score_batch, chunk, per_vector, held)
+
+
+def fit_image_bytes(shapes, itemsize, rows=1):
+    """Bytes one training image costs in one HVP or curvature-fitting call.
+
+    Args:
+      shapes: :func:`layer_shapes` of the selected layers, ``(P, K, C, activation floats)`` each.
+      itemsize: bytes of one number in the model's dtype.
+      rows: backward signals per image (``R``): 1 for an HVP or a one-label Fisher, the classes taken
+        for K-FAC/EK-FAC's ``fisher true`` / ``top:K`` (:func:`influence.curvature.kfac_signals.signal_rows`).
+
+    Returns:
+      ``itemsize × ((8 + 3(R − 1))·act + patches)``: the forward activations the tape keeps, the
+      backward and tangent signals and their copies (8 floats per activation, the HVP's count), each
+      further signal row 3 more (its ``δ``, the copy that stacks the rows, and its rotation into the
+      eigenbasis in EK-FAC's second pass; the layer inputs and conv patches are NOT repeated per row),
+      and the conv patches and per-image products of every layer.
+    """
+    act = sum(a for _, _, _, a in shapes)
+    patches = sum(p * k + k * c for p, k, c, _ in shapes if p >= 3)
+    return int(itemsize * ((8 + 3 * (max(int(rows), 1) - 1)) * act + patches))
+
+
+def _no_room(solver, memory_budget, held, per_image, rows):
+    """The SettingError of a fit whose state leaves no room for one training image."""
+    from influence.errors import SettingError
+
+    gb = 2**30
+    fisher = getattr(solver, "fisher", None)
+    signals = (f" with fisher {fisher} ({rows} backward signals per image)" if rows > 1 else "")
+    ways = ["raise memory_budget", "select fewer parameters with params (e.g. last:3)"]
+    if rows > 1:
+        ways.insert(1, "take fewer classes (fisher top:3, or sampled: 1 signal per image)")
+    return SettingError("memory_budget", f"the {solver.name} fit{signals} holds {held / gb:.2f} GB at its peak and "
+                                         f"one training image needs {per_image / gb:.2f} GB more: over memory_budget "
+                                         f"{memory_budget:g} GB (needs at least {(held + per_image) / gb:.1f}); "
+                                         + ", ".join(ways[:-1]) + " or " + ways[-1])

@@ -63,7 +63,7 @@ from influence.curvature.kfac_plan import (MAX_BLOCK, block_entries, check_budge
                                            format_gb, kron_factor_bytes, l2_hessian, make_plan, split_blocks)
 from influence.curvature.kfac_self_influence import SelfInfluenceGraph
 from influence.curvature.kfac_signals import (FISHER_KINDS, MAX_TRUE_CLASSES, LayerSignals, check_fisher,
-                                              resolve_fisher, sample_labels)
+                                              resolve_fisher, sample_labels, signal_rows)
 from influence.curvature.kfac_solve import (RANK_ONE_MIN, SINGULAR, KroneckerSolve, damped_eigenvalues, kron_rotate,
                                             rank_one)
 from influence.curvature.kfac_state import KroneckerFit, fit_factors, resident_bytes
@@ -133,6 +133,12 @@ class KFACSolver(InverseHVP):
         self.info.update(fisher=self.fisher, ekfac_max_block=self.max_block,
                          factor_bytes=int(self.factor_bytes), fit_bytes=int(self.fit_bytes),
                          layers={b.name: describe_block(b) for b in self.plan})
+
+    @property
+    def signal_rows(self):
+        """Backward signals per training image the fit holds (:func:`signal_rows`: 10 for ``top:10``);
+        :func:`influence.memory.plan_memory` sizes the fit's chunk by them."""
+        return signal_rows(self.fisher, self.obj.d.clf.num_classes)
 
     def cache_key(self):
         key = {"fisher": self.fisher, "ekfac_max_block": self.max_block}

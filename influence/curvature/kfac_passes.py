@@ -28,7 +28,7 @@ import numpy as np
 import tensorflow as tf
 
 from influence.curvature.kfac_plan import KronBlock
-from influence.curvature.kfac_signals import kron_inputs, rotate_last
+from influence.curvature.kfac_signals import image_of_rows, kron_inputs, rotate_last
 from influence.progress import progress as progress_bar
 
 #: bytes of the per-image rotated gradients held at once in the eigenvalue pass of a conv layer
@@ -72,7 +72,6 @@ class FittingPasses:
         float64 sums inside it would stay resident next to their numpy copies for the rest of the run.
         """
         grouped = self.signals.signals(x, y, u)
-        images = tf.shape(x)[0]
         out, prev = {}, []
         for b in self.plan:
             recs = grouped.get(id(b.layer))
@@ -85,8 +84,8 @@ class FittingPasses:
                 if isinstance(b, KronBlock):
                     a, dl, _ = kron_inputs(b, recs, self.compute_dtype)
                     mine[f"{b.name}.P"] = tf.cast(tf.shape(a)[1], tf.float64)
-                    af = tf.reshape(a[:images], [-1, b.k1])        # A: each image once
-                    df = tf.reshape(dl, [-1, b.c_out])
+                    af = tf.reshape(a, [-1, b.k1])                 # A: each image once
+                    df = tf.reshape(dl, [-1, b.c_out])             # S: every signal row
                     for i, (s, e) in enumerate(b.a_bounds):
                         mine[f"{b.name}.A.{i}"] = tf.matmul(af[:, s:e], af[:, s:e], transpose_a=True)
                     for i, (s, e) in enumerate(b.s_bounds):
@@ -119,18 +118,20 @@ class FittingPasses:
         dtype = self.compute_dtype
         a, dl, flat = kron_inputs(b, recs, dtype)
         basis = self._bases[b.name]
-        at = rotate_last(a, basis["QA"], b.a_bounds)     # (N, P, K1)
-        dt = rotate_last(dl, basis["QS"], b.s_bounds)    # (N, P, C)
-        if flat:   # G̃_n = ã_n δ̃_nᵀ: Σ_n G̃_n² = (ã²)ᵀ (δ̃²)
-            return tf.matmul(tf.square(at[:, 0]), tf.square(dt[:, 0]), transpose_a=True)
+        at = rotate_last(a, basis["QA"], b.a_bounds)     # (N, P, K1): each image once
+        dt = rotate_last(dl, basis["QS"], b.s_bounds)    # (R·N, P, C): every signal row
+        images, rows = tf.shape(at)[0], tf.shape(dt)[0]
+        if flat:   # G̃_r = ã_n(r) δ̃_rᵀ: Σ_r G̃_r² = (ã²)ᵀ (δ̃²), ã² repeated to the rows (K1 floats a row)
+            a2 = tf.gather(tf.square(at[:, 0]), image_of_rows(rows, images))
+            return tf.matmul(a2, tf.square(dt[:, 0]), transpose_a=True)
         m = max(1, MICRO_BYTES // (8 * b.k1 * b.c_out))
-        n = tf.shape(at)[0]
 
         def body(i, acc, at=at, dt=dt, m=m):
-            g = tf.matmul(at[i:i + m], dt[i:i + m], transpose_a=True)      # (m, K1, C)
+            rows_i = tf.range(i, tf.minimum(i + m, rows))
+            g = tf.matmul(tf.gather(at, tf.math.floormod(rows_i, images)), dt[i:i + m], transpose_a=True)  # (m, K1, C)
             return i + m, acc + tf.cast(tf.reduce_sum(tf.square(g), axis=0), tf.float64)
 
-        _, acc = tf.while_loop(lambda i, acc: i < n, body,
+        _, acc = tf.while_loop(lambda i, acc: i < rows, body,
                                (tf.constant(0), tf.zeros([b.k1, b.c_out], tf.float64)))
         return acc
 

@@ -91,10 +91,37 @@ def sample_labels(probs, uniforms):
     return tf.minimum(k, tf.cast(tf.shape(probs)[1] - 1, tf.int64))
 
 
+def signal_rows(fisher, classes):
+    """Backward-signal rows per image that a fit with ``fisher`` (resolved) holds for a model of
+    ``classes`` classes: ``classes`` for "true", ``min(K, classes)`` for "top:K", else 1."""
+    if fisher == "true":
+        return int(classes)
+    k = top_classes(fisher)
+    return 1 if k is None else min(k, int(classes))
+
+
+def image_of_rows(rows, n):
+    """Image index ``r mod n`` of each signal row ``r`` (rows are class- or rank-major): (R·N,) int32."""
+    return tf.math.floormod(tf.range(rows), n)
+
+
+def repeat_inputs(kind, x_l, delta):
+    """A layer's input record repeated to the rows of ``delta`` (``R·N`` rows against the input's N):
+    what a per-image gradient of every (class, image) row needs. The same record when ``R = 1``."""
+    def rows(t):
+        return tf.gather(t, image_of_rows(tf.shape(delta)[0], tf.shape(t)[0]))
+
+    if kind is None:
+        args, kwargs = x_l
+        return tuple(rows(a) if tf.is_tensor(a) else a for a in args), kwargs
+    return rows(x_l)
+
+
 def kron_inputs(b, recs, dtype=tf.float64):
     """``(a, δ, flat)`` of a Kronecker block ``b`` from its records ``recs`` (:meth:`LayerSignals.signals`):
-    ``a`` (N, P, K1) with the bias column and ``δ`` (N, P, C), both cast to ``dtype``; ``flat``: P = 1
-    statically (a Dense layer on a flat input)."""
+    ``a`` (N, P, K1) with the bias column, one row per image, and ``δ`` (R·N, P, C), ``R`` rows per image
+    (row ``r`` is image ``r mod N``), both cast to ``dtype``; ``flat``: P = 1 statically (a Dense layer
+    on a flat input)."""
     flat = len(recs) == 1 and recs[0][0] == "dense" and recs[0][1].shape.rank == 2
     if flat:
         a = recs[0][1][:, None, :]
@@ -134,11 +161,14 @@ class LayerSignals:
     def signals(self, x, y, u, true_labels=False):
         """Records of one chunk grouped by layer: {id(layer): [(kind, input, δ), ...]}.
 
-        Rows are images; for the "true" Fisher they are (class, image) pairs, class-major: the
-        input repeated once per class and ``δ = √p_c ∂L(c)/∂z``; for "top:K" (rank, image) pairs,
-        rank-major, the same way with each image's ``K`` most probable classes. The first N rows of
-        every input are the chunk's images. With ``true_labels`` (self-influence) δ is taken with the
-        labels ``y``.
+        The input ``x_l`` has one row per image (N). The signals ``δ`` have ``R`` rows per image, ``R·N``
+        in all: for the "true" Fisher (class, image) pairs, class-major, ``δ = √p_c
+        ∂L(c)/∂z``; for "top:K" (rank, image) pairs, rank-major, the same with each image's ``K`` most
+        probable classes; row ``r`` belongs to image ``r mod N`` (``R``: :func:`signal_rows`). The input
+        is NOT repeated per class (VGG16's conv patches are 0.3 GB per image; ten copies of them were
+        what killed a top:10 fit): :func:`kron_inputs` unfolds the patches once and :func:`image_of_rows`
+        maps rows to images. With ``true_labels`` (self-influence) δ is taken with the labels ``y``
+        (``R = 1``).
         """
         d = self.derivs
         true = self.fisher == "true" and not true_labels
@@ -170,21 +200,16 @@ class LayerSignals:
         grouped = {}
         for i, (layer, kind, x_l, _) in enumerate(tap.records):
             delta = per_loss[0][i] if reps == 1 else tf.concat([g[i] for g in per_loss], axis=0)
-            if reps > 1:
-                if kind is None:
-                    args, kwargs = x_l
-                    x_l = (tuple(tf.concat([a] * reps, axis=0) if tf.is_tensor(a) else a for a in args), kwargs)
-                else:
-                    x_l = tf.concat([x_l] * reps, axis=0)
             grouped.setdefault(id(layer), []).append((kind, x_l, delta))
         return grouped
 
     def per_image_grads(self, b, recs):
-        """Per-image gradients of a diagonal layer's variables: list of (N, *shape) float64."""
+        """Per-image gradients of a diagonal layer's variables, one per signal row: list of (R·N, *shape) float64."""
         weights = [self.variables[i] for i in b.positions]
         layer = b.layer
         total = None
         for kind, x_l, delta in recs:
+            x_l = repeat_inputs(kind, x_l, delta)
             if kind is None:
                 args, kwargs = x_l
                 tens = [i for i, a in enumerate(args) if tf.is_tensor(a)]

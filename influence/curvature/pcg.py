@@ -153,6 +153,16 @@ class LockstepCG(CGSolver):
     def resident_bytes(self):
         return self.part.resident_bytes
 
+    @property
+    def fit_bytes(self):
+        """The part's fit's peak (None when its fit holds nothing large): the fit's chunk is planned by it."""
+        return getattr(self.part, "fit_bytes", None)
+
+    @property
+    def signal_rows(self):
+        """Backward signals per training image of the part's fit (K-FAC's Fisher rows; 1 for an HVP)."""
+        return getattr(self.part, "signal_rows", 1)
+
     # --- per test vector -----------------------------------------------------------------------------------
     def apply_many(self, vecs):
         """``[(H + λI) v for v in vecs]`` in one pass over the training set."""

@@ -12,6 +12,7 @@ from influence.curvature import lowrank, make_solver
 from influence.errors import SettingError, UserError
 from influence.model.objective import TrainingObjective
 from influence.model.vectors import vec_dot, vec_to_numpy
+from influence.scoring.self_influence import check_solver
 from test_curvature_contract import dense_ggn
 from test_ekfac import tiny_setup
 
@@ -225,3 +226,22 @@ def test_dpcg_reaches_cg_answer_in_fewer_passes_than_cg(tiny):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
         passes[name] = sum(s.info["hvp_passes"])
     assert passes["dpcg"] <= 0.75 * passes["cg"], passes      # the demo CNN: BENCHMARKS.md
+
+
+def test_dpcg_self_influence_is_krylovs_from_the_same_basis(tiny):
+    """dpcg scores the training set against itself through its krylov basis, not by CG: the numbers of
+    ``--solver krylov`` with the same pairs and damping, through the whole-set route (no limit needed)."""
+    x, y = tiny["x"][:6], tiny["y"][:6]
+    k = make_solver("krylov", tiny["ggn_obj"], 0.01, rank=10, progress=False)
+    k.fit()
+    s = make_solver("dpcg", tiny["ggn_obj"], 0.01, rank=10, progress=False)
+    s.load_state({name: np.array(v) for name, v in k.state().items()})
+    calls, restore = counting(tiny["ggn_obj"])
+    try:
+        got = s.self_influence_batch(x, y)
+    finally:
+        restore()
+    assert calls == []                                   # no HVP: no CG per image
+    np.testing.assert_array_equal(got, k.self_influence_batch(x, y))
+    assert s.self_influence_route and s.self_influence_ready()
+    check_solver("dpcg", None)                           # no self_influence_limit asked for

@@ -19,13 +19,9 @@ from pathlib import Path
 import numpy as np
 
 from influence.errors import SettingError, UserError
-from influence.settings import DEFAULTS, SOLVER_OPTIONS, check_setting, parse_setting
+from influence.settings import DEFAULTS, check_setting, parse_setting
 
 log = logging.getLogger(__name__)
-
-#: the settings of a calculate run that are solver options (each solver takes those it knows): derived
-#: from the fields' metadata (:data:`influence.settings.SOLVER_OPTIONS`)
-SOLVER_SETTINGS = SOLVER_OPTIONS
 
 
 @dataclass
@@ -386,18 +382,8 @@ class Influence:
         return np.concatenate([np.zeros((0, self.clf.num_classes))] +
                               [self.derivs.predict(x[s:s + batch]).numpy() for s in range(0, len(x), batch)])
 
-    def test_gradients(self, images, labels):
-        """``∇L(z_t)`` of each test image (a list of T Vecs), one image per call."""
-        return self._gradients(*self._test_arrays(images, labels))
-
     def _gradients(self, x, y):
         return [self.derivs.gradient(x[t:t + 1], y[t:t + 1]) for t in range(len(y))]
-
-    def inverse_hvps(self, grads, ids):
-        """``(H + λI)⁻¹ ∇L(z_t)`` of each gradient, stacked (a Vec with leading axis T); ``ids`` name the
-        vectors (LiSSA seeds its stream by them). Fits first."""
-        self.fit()
-        return self.solver.solve_stacked(grads, ids=ids)
 
     def score_stacked(self, stacked, *, work=None, desc="scoring", score_batch=None):
         """Shares float32 (T, N, L) of every training image against stacked inverse-HVPs, on the backend

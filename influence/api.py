@@ -72,7 +72,11 @@ class Influence:
       **options: the solver's own settings (``iter``, ``bsize``, ``cg_tol``, ``fisher``, ``seed``, ``rank``,
         ...); an option the solver does not take is refused, named.
       given, check, all_options: for :meth:`from_settings` (the settings given explicitly, a check of the
-        loaded model, every solver option of a ``Settings``).
+        loaded model in place of the training set's, every solver option of a ``Settings``).
+
+    The training images must be the model's input size and their labels its class indices
+    (:func:`influence.model.models.check_training_set`, the check calculate.py runs): a one-line
+    :class:`UserError` naming ``train`` otherwise.
 
     :meth:`from_settings` builds one from a calculate run's :class:`influence.settings.Settings` (the
     calculate job is a client of this class: it scores with :meth:`score_groups`, the loop of
@@ -111,6 +115,10 @@ class Influence:
         clf = _classifier(model, weights, preprocess, params)
         if check is not None:
             check(clf)
+        else:                           # calculate.py's check runs it with its own wording (engine)
+            from influence.model.models import check_training_set
+
+            check_training_set(clf, train, "train")
         #: GB: everything the scoring holds at once (:meth:`plan`); score_batch: training images per
         #: scoring step, at most (the plan may take fewer)
         self.memory_budget, self.score_batch = float(budget), int(score_batch)

@@ -19,6 +19,7 @@ def data(tmp_path_factory):
     return write_project(tmp_path_factory.mktemp("api"), 24, 10, {"a": 3})
 
 
+@pytest.mark.slow
 def test_scores_equal_calculate_and_the_dense_reference(data, tmp_path):
     x, y, _ = TestArchive(data / "test.npz").read("a")
     inf = influence.Influence(str(data / "model.keras"), train=data / "train.npz", solver="exact", damping=DAMPING,
@@ -57,6 +58,7 @@ def test_scores_equal_calculate_and_the_dense_reference(data, tmp_path):
     np.testing.assert_allclose(res.values, want, rtol=1e-6, atol=1e-5 * np.abs(want).max())
 
 
+@pytest.mark.slow
 def test_a_keras_model_object_and_the_cache(data, tmp_path, caplog):
     x, y, _ = TestArchive(data / "test.npz").read("a")
     model = keras.models.load_model(data / "model.keras")
@@ -114,6 +116,7 @@ def test_the_api_runs_calculates_training_set_checks_naming_the_argument(data):
         assert "\n" not in str(err.value)
 
 
+@pytest.mark.slow
 def test_calculate_is_a_client_of_the_api_and_a_backend_sees_every_pass(data, tmp_path):
     """Influence.from_settings gives calculate's numbers bit for bit (the job runs through it), and a
     backend object passed in does the training-set passes: the fit and the scoring."""

@@ -38,6 +38,9 @@ from influence.outputs.report import expected_outputs
 from influence.scoring.self_influence import fast_solvers
 from influence.settings import Settings
 
+#: every cell runs calculate.py end to end (minutes in all): the whole matrix is in `make test` only
+pytestmark = pytest.mark.slow
+
 SIZE, CLASSES, N_TRAIN, N_TEST = 8, 3, 64, 2
 #: images held per training archive member (several members: the batching is exercised)
 BATCH = 24

@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: demo test bench validate lds clean
+.PHONY: demo test test-fast bench validate lds clean
 # the optional scale-out dependency (Ray), installed into the same venv for the tests
 DIST   := $(VENV)/.distributed-installed
 
@@ -22,6 +22,10 @@ $(DIST): $(PY) requirements-distributed.txt
 
 test: $(PY) $(DIST)
 	RAY_USAGE_STATS_ENABLED=0 $(PY) -m pytest -q --durations=15 tests
+
+# the quick tier for the edit-test loop: every test not marked slow (pytest.ini), each module of influence/ exercised
+test-fast: $(PY) $(DIST)
+	RAY_USAGE_STATS_ENABLED=0 $(PY) -m pytest -q -m "not slow" --durations=5 tests
 
 validate: $(PY)
 	$(PY) -m influence.validate

@@ -173,7 +173,7 @@ def driver_rates():
 def dict_write_ms(n=100_000, layers=16):
     """ms per training image of the part of a test image's outputs that grows with N: the original
     tool's score dict (``<n>.npy``) and ``<n>_scores.npy`` (N = 100 000, 16 layers)."""
-    from influence.outputs.report import _save_score_dict
+    from influence.outputs.report import save_score_dict
 
     rng = np.random.default_rng(0)
     shares = rng.standard_normal((n, layers)).astype(np.float32)
@@ -182,7 +182,7 @@ def dict_write_ms(n=100_000, layers=16):
     tmp = Path(tempfile.mkdtemp(prefix="bench_write_"))
     try:
         def write():
-            _save_score_dict(tmp / "0.npy", keys, names, shares, shares.sum(axis=1))
+            save_score_dict(tmp / "0.npy", keys, names, shares, shares.sum(axis=1))
             np.save(tmp / "0_scores.npy", shares.sum(axis=1))
 
         return median_time(write, 2) / n * 1e3

@@ -77,7 +77,7 @@ for n in range(n_images + 1):
                            R._write_layerwise_csv(out / f"{n}_layerwise.csv", layers, shares, cat.keys, cat.files,
                                                   cat.labels, str)), count)
     def npys():
-        R._save_score_dict(out / f"{n}.npy", cat.keys, layers, shares, scores)
+        R.save_score_dict(out / f"{n}.npy", cat.keys, layers, shares, scores)
         np.save(out / f"{n}_scores.npy", scores.astype(np.float32))
     timed("score dicts (npy)", npys, count)
     test_image = R.TestImage(test["image"], 3, 5, 0.9, "0799.png")

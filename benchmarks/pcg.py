@@ -74,7 +74,7 @@ def lissa_curve(objective, damping, v, batch, checkpoints, seed):
     n = objective.n
     for j in range(1, max(checkpoints) + 1):
         x, y = objective.archive.take(np.sort(rng.integers(0, n, batch)))
-        h, _ = solver._step(x, y.astype(np.int64), v, h, inv_s, keep)
+        h, _ = solver.step(x, y.astype(np.int64), v, h, inv_s, keep)
         if j in checkpoints:
             est = vec_scale(1.0 / solver.scale, h)
             out.append((j, j * batch / n, residual(solver, v, est)))

@@ -156,14 +156,14 @@ def machine():
 # ----------------------------------------------------------------------------- engine benchmarks
 
 class _Objective:
-    """The little of ``TrainingObjective`` that ``LissaSolver.__init__`` and ``_step`` touch."""
+    """The little of ``TrainingObjective`` that ``LissaSolver.__init__`` and ``step`` touch."""
 
     def __init__(self, derivs, n, hessian="ggn"):
         self.d = derivs
         self.n = n
         self.dtype = derivs.dtype
         self.hessian = hessian        # calculate.py's default matrix, as its LiSSA steps take it
-        self.vp_graph = derivs._hvp if hessian == "full" else derivs._ggn_vp
+        self.vp_graph = derivs.hvp_graph if hessian == "full" else derivs.ggn_vp_graph
 
 
 def original_scores(derivs, x, y, ihvp_flat_per_layer, slices):
@@ -217,7 +217,7 @@ def engine_bench(section, clf, x, y, lissa_x, lissa_y, repeats, t_many=8, orig_i
     solver = LissaSolver(_Objective(derivs, n), 0.01, iter=1, bsize=b, scale=100.0, progress=False)
     h = rand_vec()
     inv_s, keep = tf.constant(1.0 / 100.0, derivs.dtype), tf.constant(1.0 - 0.01 / 100.0, derivs.dtype)
-    step = timeit(lambda: solver._step(lissa_x, lissa_y, v, h, inv_s, keep), repeats, min_time=min_time)
+    step = timeit(lambda: solver.step(lissa_x, lissa_y, v, h, inv_s, keep), repeats, min_time=min_time)
     if b == n:
         record(section, f"LiSSA step (b={b}) / G", step / g, "G", 2.5, "<=", note=f"{step * 1e3:.4g} ms")
     else:

@@ -19,13 +19,9 @@ from pathlib import Path
 import numpy as np
 
 from influence.errors import SettingError, UserError
-from influence.settings import DEFAULTS, SOLVER_OPTIONS, check_setting, parse_setting
+from influence.settings import DEFAULTS, check_setting, parse_setting
 
 log = logging.getLogger(__name__)
-
-#: the settings of a calculate run that are solver options (each solver takes those it knows): derived
-#: from the fields' metadata (:data:`influence.settings.SOLVER_OPTIONS`)
-SOLVER_SETTINGS = SOLVER_OPTIONS
 
 
 @dataclass
@@ -76,7 +72,11 @@ class Influence:
       **options: the solver's own settings (``iter``, ``bsize``, ``cg_tol``, ``fisher``, ``seed``, ``rank``,
         ...); an option the solver does not take is refused, named.
       given, check, all_options: for :meth:`from_settings` (the settings given explicitly, a check of the
-        loaded model, every solver option of a ``Settings``).
+        loaded model in place of the training set's, every solver option of a ``Settings``).
+
+    The training images must be the model's input size and their labels its class indices
+    (:func:`influence.model.models.check_training_set`, the check calculate.py runs): a one-line
+    :class:`UserError` naming ``train`` otherwise.
 
     :meth:`from_settings` builds one from a calculate run's :class:`influence.settings.Settings` (the
     calculate job is a client of this class: it scores with :meth:`score_groups`, the loop of
@@ -115,6 +115,10 @@ class Influence:
         clf = _classifier(model, weights, preprocess, params)
         if check is not None:
             check(clf)
+        else:                           # calculate.py's check runs it with its own wording (engine)
+            from influence.model.models import check_training_set
+
+            check_training_set(clf, train, "train")
         #: GB: everything the scoring holds at once (:meth:`plan`); score_batch: training images per
         #: scoring step, at most (the plan may take fewer)
         self.memory_budget, self.score_batch = float(budget), int(score_batch)
@@ -386,18 +390,8 @@ class Influence:
         return np.concatenate([np.zeros((0, self.clf.num_classes))] +
                               [self.derivs.predict(x[s:s + batch]).numpy() for s in range(0, len(x), batch)])
 
-    def test_gradients(self, images, labels):
-        """``∇L(z_t)`` of each test image (a list of T Vecs), one image per call."""
-        return self._gradients(*self._test_arrays(images, labels))
-
     def _gradients(self, x, y):
         return [self.derivs.gradient(x[t:t + 1], y[t:t + 1]) for t in range(len(y))]
-
-    def inverse_hvps(self, grads, ids):
-        """``(H + λI)⁻¹ ∇L(z_t)`` of each gradient, stacked (a Vec with leading axis T); ``ids`` name the
-        vectors (LiSSA seeds its stream by them). Fits first."""
-        self.fit()
-        return self.solver.solve_stacked(grads, ids=ids)
 
     def score_stacked(self, stacked, *, work=None, desc="scoring", score_batch=None):
         """Shares float32 (T, N, L) of every training image against stacked inverse-HVPs, on the backend

@@ -66,8 +66,6 @@ MAX_RETRIES = 3
 #: folder under --out holding the scores of shards not yet assembled
 PARTS = "parts"
 INSTALL = "pip install -r requirements-distributed.txt"
-#: solvers whose fit is sharded (pcg shares the ekfac fit)
-SHARDED_FITS = ("kfac", "ekfac", "pcg")
 
 _STATE = {}
 

@@ -313,31 +313,13 @@ def open_archives(settings):
 
 
 def check_compatible(clf, train, test, folders):
-    """Image size = model input size; every label < number of outputs."""
-    want = clf.input_shape
-    have = tuple(train.image_shape)
-    if len(want) == 3 and want[2] is not None and want[2] != have[2]:
-        raise UserError(f"the model takes {want[2]}-channel images but the archives hold {have[2]}-channel (RGB) "
-                        f"images: give a model with {have[2]} input channels")
-    if len(want) != 3 or any(w is not None and w != h for w, h in zip(want, have)):
-        shown = "x".join("?" if w is None else str(w) for w in want)
-        raise UserError(f"the archives hold {have[0]}x{have[1]}x{have[2]} images but the model takes {shown}: "
-                        f"run prepare_data.py again with --size {want[0]} {want[1]}")
-    k = clf.num_classes
-    _check_labels("train", train.labels(), k)
+    """Image size = model input size; every label < number of outputs: the training set's checks, which the
+    Python API runs too (:func:`influence.model.models.check_training_set`), and the test folders' labels."""
+    from influence.model.models import check_labels, check_training_set
+
+    check_training_set(clf, train)
     for f in folders:
-        _check_labels(f"test folder {f}", test.labels(f), k)
-
-
-def _check_labels(what, y, k):
-    """Every label in 0..k-1, before any work (a GPU would turn a bad one into silent NaN)."""
-    if not len(y):
-        return
-    lo, hi = int(y.min()), int(y.max())
-    if lo < 0:
-        raise UserError(f"{what}: label {lo} is negative; labels are class indices 0..{k - 1}")
-    if hi >= k:
-        raise UserError(f"{what}: label {hi} does not exist in a model with {k} outputs (0..{k - 1})")
+        check_labels(f"test folder {f}", test.labels(f), clf.num_classes)
 
 
 def list_test_items(test, folders, settings):

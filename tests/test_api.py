@@ -19,6 +19,7 @@ def data(tmp_path_factory):
     return write_project(tmp_path_factory.mktemp("api"), 24, 10, {"a": 3})
 
 
+@pytest.mark.slow
 def test_scores_equal_calculate_and_the_dense_reference(data, tmp_path):
     x, y, _ = TestArchive(data / "test.npz").read("a")
     inf = influence.Influence(str(data / "model.keras"), train=data / "train.npz", solver="exact", damping=DAMPING,
@@ -57,6 +58,7 @@ def test_scores_equal_calculate_and_the_dense_reference(data, tmp_path):
     np.testing.assert_allclose(res.values, want, rtol=1e-6, atol=1e-5 * np.abs(want).max())
 
 
+@pytest.mark.slow
 def test_a_keras_model_object_and_the_cache(data, tmp_path, caplog):
     x, y, _ = TestArchive(data / "test.npz").read("a")
     model = keras.models.load_model(data / "model.keras")
@@ -90,6 +92,31 @@ def test_mistakes_are_one_line_errors_naming_the_setting(data):
         inf.scores(x, y + 10)
 
 
+def test_the_api_runs_calculates_training_set_checks_naming_the_argument(data):
+    """A training label the model has no output for, or training images of another size or channel count,
+    are refused before any work, as calculate.py refuses them (models.check_training_set), in one line
+    that starts with the argument; the test images' shape and labels likewise name theirs."""
+    model = str(data / "model.keras")
+    x, y = TrainArchive(data / "train.npz").take(np.arange(24))
+    y = y.astype(np.int64)
+    cases = [((x, np.where(np.arange(24) == 5, 4, y)), r"^train: label 4 does not exist in a model with 4 outputs"),
+             ((x, np.where(np.arange(24) == 5, -1, y)), r"^train: label -1 is negative"),
+             ((x[:, :5, :5], y), r"^train: the images are 5x5x3 but the model takes 6x6x3: resize them to 6x6"),
+             ((x[..., :1], y), r"^train: the model takes 3-channel images but these are 1-channel")]
+    for train, message in cases:
+        with pytest.raises(UserError, match=message) as err:
+            influence.Influence(model, train=train, solver="exact", preprocess="unit", progress=False)
+        assert "\n" not in str(err.value)
+    inf = influence.Influence(model, train=(x, y), solver="exact", preprocess="unit", progress=False)
+    xt, yt, _ = TestArchive(data / "test.npz").read("a")
+    for images, labels, message in ((xt[:, :5, :5], yt, r"^images must be \(T, 6, 6, 3\)"),
+                                    (xt, np.full_like(yt, 4), r"^labels must be class indices 0..3, got 4..4")):
+        with pytest.raises(UserError, match=message) as err:
+            inf.scores(images, labels)
+        assert "\n" not in str(err.value)
+
+
+@pytest.mark.slow
 def test_calculate_is_a_client_of_the_api_and_a_backend_sees_every_pass(data, tmp_path):
     """Influence.from_settings gives calculate's numbers bit for bit (the job runs through it), and a
     backend object passed in does the training-set passes: the fit and the scoring."""

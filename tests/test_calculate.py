@@ -82,6 +82,7 @@ def one_line_error(result, *fragments):
 EXACT = ("--solver", "exact", "--hessian", "full", "--damping", "0.1", "-sf", "png", "--top", "3")
 
 
+@pytest.mark.slow
 def test_end_to_end_outputs_and_numbers(project):
     r = calc_script(project, *EXACT, "--out", "out")
     assert r.returncode == 0, r.stderr
@@ -138,6 +139,7 @@ def test_end_to_end_outputs_and_numbers(project):
     assert label == int(top["label"]) and file == top["file"]
 
 
+@pytest.mark.slow
 def test_rerun_skips_finished_images_and_redoes_missing_ones(project):
     args = (*EXACT, "--out", "resume", "--folders", "orig")
     assert calc(project, *args).returncode == 0
@@ -157,6 +159,7 @@ def test_rerun_skips_finished_images_and_redoes_missing_ones(project):
                         "--folders", "orig"), "other settings", "damping 0.1 -> 0.5")
 
 
+@pytest.mark.slow
 def test_no_figures_writes_the_numbers_and_a_later_run_adds_the_figures(project):
     args = (*EXACT, "--out", "numbers", "--folders", "orig")
     r = calc(project, *args, "--no-figures")
@@ -177,6 +180,7 @@ def test_no_figures_writes_the_numbers_and_a_later_run_adds_the_figures(project)
     np.testing.assert_array_equal(np.load(d / "2_scores.npy"), scores)
 
 
+@pytest.mark.slow
 def test_killed_run_resumes(project):
     cmd = [sys.executable, os.path.join(REPO, "calculate.py"), "--data", "data", "--model", "model.keras",
            "--preprocess", "unit", *EXACT, "--out", "killed"]
@@ -198,6 +202,7 @@ def test_killed_run_resumes(project):
     assert run["counts"]["test_images_done"] + run["counts"]["test_images_skipped"] == 5
 
 
+@pytest.mark.slow
 def test_lissa_and_cg_run_through_the_script(project):
     # LiSSA needs H + λI positive definite: the last layer of a network is convex (plus L2)
     r = calc(project, "-i", "50", "-b", "8", "--damping", "0.1", "-sf", "png", "--out", "lissa", "--folders", "wb",
@@ -214,6 +219,7 @@ def test_lissa_and_cg_run_through_the_script(project):
     assert (project / "cg" / "wb" / "1" / "harmful_1.pdf").read_bytes()[:4] == b"%PDF"
 
 
+@pytest.mark.slow
 def test_errors_through_the_script_are_one_line_with_exit_code_2(project, tmp_path):
     one_line_error(subprocess.run([sys.executable, os.path.join(REPO, "calculate.py"), "--data", str(tmp_path)],
                                   capture_output=True, text=True), "run prepare_data.py first")
@@ -264,6 +270,7 @@ def test_missing_imagenet_weights_name_the_fix(monkeypatch):
         models.load_keras_model("vgg16", "/no/such/weights.h5")
 
 
+@pytest.mark.slow
 def test_vgg16_smoke_two_images(tmp_path):
     """Real VGG16 graph (random weights), 224x224, influence over the last layer only."""
     random_tree(str(tmp_path / "train"), ["n01440764", "n15075141"], 1, size=(224, 224), seed=5)

@@ -1,5 +1,9 @@
 """The scripts' one boundary: a SettingError names the setting's flag, a UserError prints as is (exit 2)."""
 import argparse
+import runpy
+import sys
+
+import pytest
 
 from influence.cli import Parser, flag_names, main
 from influence.errors import SettingError, UserError
@@ -83,3 +87,14 @@ def test_settings_check_names_the_wrong_setting():
         with pytest.raises(SettingError) as err:
             Settings(**bad).check()
         assert str(err.value).startswith(says)
+
+
+@pytest.mark.parametrize("module, prog", [("influence.demo", "python -m influence.demo"),
+                                          ("influence.validate", "python -m influence.validate")])
+def test_the_python_m_shims_reach_their_command_lines(module, prog, monkeypatch, capsys):
+    """``python -m influence.demo`` / ``influence.validate`` run the experiments' main (here its --help)."""
+    monkeypatch.setattr(sys, "argv", [module, "--help"])
+    with pytest.raises(SystemExit) as done:
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
+    assert done.value.code == 0
+    assert capsys.readouterr().out.startswith(f"usage: {prog}")

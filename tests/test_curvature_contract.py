@@ -18,6 +18,9 @@ from influence.model.vectors import vec_to_numpy
 from influence.settings import SOLVER_OPTIONS, Settings
 from test_ekfac import dense_fisher, tiny_setup
 
+#: every test here needs the dense float64 Hessian and Gauss–Newton matrix of the module's problem (seconds)
+pytestmark = pytest.mark.slow
+
 #: every solver option (influence.settings.SOLVER_OPTIONS, from the settings' metadata: a new option is
 #: passed here without an edit), at calculate.py's default as a solver takes it unless this test sets it
 #: (make_solver passes each method those it accepts)

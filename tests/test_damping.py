@@ -22,6 +22,7 @@ def test_parse_damping():
             parse_damping(bad)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["kfac", "ekfac"])
 def test_relative_damping_of_one_layer_is_that_absolute_damping(tmp_path, method):
     """One Kronecker block: ``0.3x`` is λ = 0.3 × mean(Λ + ρ) of that block, exactly."""
@@ -38,6 +39,7 @@ def test_relative_damping_of_one_layer_is_that_absolute_damping(tmp_path, method
     assert rel.damping is None and absolute.damping == lam
 
 
+@pytest.mark.slow
 def test_relative_damping_is_per_layer_and_self_influence_follows_it(tmp_path):
     clf, d, obj, archive, x, y = tiny_setup(tmp_path, n=32)
     solver = make_solver("ekfac", obj, "auto", seed=SEED, progress=False)
@@ -69,6 +71,7 @@ def test_hutchinson_trace_is_unbiased_and_exact_for_a_diagonal():
     assert abs(est - np.trace(a)) < 4 * err and err < 0.1 * np.trace(a)
 
 
+@pytest.mark.slow
 def test_exact_relative_damping_is_the_factor_times_the_mean_eigenvalue(tmp_path):
     clf, d, obj, x, y = _dense_only(tmp_path, 24)
     rel = make_solver("exact", obj, "0.3x", progress=False)
@@ -81,6 +84,7 @@ def test_exact_relative_damping_is_the_factor_times_the_mean_eigenvalue(tmp_path
     assert rel.info["damping_rule"] == "0.3x" and rel.info["trace_probes"] == 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["cg", "lissa", "pcg"])
 def test_hessian_methods_take_a_relative_damping_from_a_trace_estimate(tmp_path, method):
     """cg / lissa / pcg: λ = factor × Hutchinson's trace(H)/P, within its error of the dense trace, recorded."""

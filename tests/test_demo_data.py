@@ -85,6 +85,7 @@ def test_write_folders_tree(tmp_path):
     assert len(list(tmp_path.glob("orig/*/*.png"))) == 10
 
 
+@pytest.mark.slow
 def test_quick_cnn_trains(tmp_path):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     images, target = digits.load_digits()

@@ -40,6 +40,7 @@ def problem(tmp_path_factory):
     return dict(root=root, model=tiny_model(), archive=archive, x=x, y=y, xt=xt, yt=yt)
 
 
+@pytest.mark.slow
 def test_reference_scores_equal_the_exact_gauss_newton_solver(problem):
     p = problem
     cache = p["root"] / "curvature"          # the second damping reuses the exact solver's matrix

@@ -148,6 +148,7 @@ def test_missing_ray_and_bad_workers_are_one_line_errors(data, tmp_path, monkeyp
         calculate(settings(data, tmp_path / "none", ray_address="127.0.0.1:6379"))
 
 
+@pytest.mark.slow
 def test_without_the_flags_ray_is_not_imported(data, reference, tmp_path):
     code = ("import runpy, sys\n"
             "import influence, influence.engine, influence.distributed, influence.calculate_cli\n"
@@ -183,6 +184,7 @@ def _kron_state(path):
     return out
 
 
+@pytest.mark.slow
 def test_sharded_ekfac_fit_equals_a_single_process_fit(ray_runtime, data, tmp_path, caplog):
     """calculate --workers 2 fits EK-FAC over 12 shards (one 4-image chunk each); its cached state is
     solver.fit()'s in one process with the same chunks bit for bit, and with other chunks to rounding."""
@@ -230,6 +232,7 @@ def data32(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_ekfac_scores_are_the_same_bits_with_any_number_of_workers(ray_runtime, data32, tmp_path, caplog):
     """--solver ekfac --damping 1e-3 on a float32 model, fitting chunks of 8 images across archive
     batches of 5: one process, 1 worker and 2 workers write the same scores and curvature, bit for bit
@@ -260,6 +263,7 @@ def runs_with_any_workers_agree(data, tmp_path, solver, **kw):
     return scores, state
 
 
+@pytest.mark.slow
 def test_two_workers_score_exactly_like_one_process(ray_runtime, data, reference, tmp_path, caplog):
     caplog.set_level(logging.INFO)
     calculate(settings(data, tmp_path / "out", workers=2, cache=reference["cache"]))
@@ -267,6 +271,7 @@ def test_two_workers_score_exactly_like_one_process(ray_runtime, data, reference
     assert_same_outputs(tmp_path / "out", reference)
 
 
+@pytest.mark.slow
 def test_the_api_scores_on_the_ray_backend(ray_runtime, data, reference, tmp_path):
     """influence.Influence with the settings of a --workers run scores through distributed.RayBackend:
     the same bits as the single-process job, and the shard files of a call are removed after it."""
@@ -310,6 +315,7 @@ def _title(pid):
         return ""
 
 
+@pytest.mark.slow
 def test_a_worker_killed_mid_shard_is_retried(ray_runtime, data, reference, tmp_path, caplog):
     """SIGKILL the first worker seen running a scoring task; Ray retries the shard elsewhere."""
     caplog.set_level(logging.DEBUG, logger="influence.distributed")
@@ -355,6 +361,7 @@ def _ray_processes():
 FIRST_PART_S = 600
 
 
+@pytest.mark.slow
 def test_a_killed_driver_resumes_and_skips_finished_shards(ray_runtime, data, reference, tmp_path, caplog):
     """calculate.py --ray-address (a second driver on this runtime) is SIGKILLed once scores appear."""
     out = tmp_path / "out"
@@ -474,6 +481,7 @@ def test_ray_refuses_a_training_set_in_memory(data, tmp_path):
         inf.worker_spec()
 
 
+@pytest.mark.slow
 def test_sharded_krylov_fit_is_the_same_bits_as_one_process(ray_runtime, data32, tmp_path, caplog):
     """--solver krylov on a float32 model: every Lanczos product is sharded over Ray (6 shards of one
     8-image chunk), the shares added in shard order in float32: one process, 1 worker and 2 workers fit

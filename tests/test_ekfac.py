@@ -257,6 +257,7 @@ def test_vgg16_fc1_fits_8gb_only_with_split_blocks():
 
 # ----------------------------------------------------------------------------- against references
 
+@pytest.mark.slow
 def test_kfac_factors_of_dense_and_conv_match_numpy(tiny):
     clf, d, x, y = tiny["clf"], tiny["d"], tiny["x"], tiny["y"]
     labels = numpy_labels(clf, x, y, "sampled", SEED)
@@ -310,6 +311,7 @@ def _dense_only(tmp_path, n, regulariser=None):
     return clf, d, TrainingObjective(d, write_train_archive(tmp_path / "train.npz", x, y, 8), chunk=8), x, y
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method,fisher", [("kfac", "sampled"), ("ekfac", "sampled"), ("kfac", "true"),
                                            ("ekfac", "true")])
 def test_one_dense_layer_one_image_is_the_exact_fisher(tmp_path, method, fisher):
@@ -326,6 +328,7 @@ def test_one_dense_layer_one_image_is_the_exact_fisher(tmp_path, method, fisher)
     np.testing.assert_allclose(f, want, atol=1e-9 * np.abs(want).max())
 
 
+@pytest.mark.slow
 def test_results_do_not_depend_on_chunk_size(tiny):
     d, archive = tiny["d"], tiny["archive"]
     V = tiny["rng"].standard_normal((2, tiny["clf"].num_params))
@@ -386,6 +389,7 @@ def test_fitted_state_is_one_value_that_round_trips_through_its_arrays(tiny, met
         KroneckerFit.from_arrays(solver.plan, {k: v for k, v in arrays.items() if k != "dense.QS.0"}, fit.corrected)
 
 
+@pytest.mark.slow
 def test_split_blocks_give_block_diagonal_factors(tiny):
     clf, d, x, y, obj = tiny["clf"], tiny["d"], tiny["x"], tiny["y"], tiny["obj"]
     solver = make_solver("ekfac", obj, DAMPING, seed=SEED, fisher="sampled", ekfac_max_block=10, progress=False)
@@ -421,6 +425,7 @@ def test_l1_regulariser_is_a_clear_error(tmp_path):
         make_solver("ekfac", _dense_only(tmp_path, 4, keras.regularizers.L1(1e-3))[2], DAMPING, progress=False)
 
 
+@pytest.mark.slow
 def test_singular_fisher_without_damping_is_a_clear_error(tmp_path):
     clf, d, obj, x, y = _dense_only(tmp_path, 1)
     solver = make_solver("ekfac", obj, 0.0, progress=False)
@@ -428,6 +433,7 @@ def test_singular_fisher_without_damping_is_a_clear_error(tmp_path):
         solver.solve([to_vec(np.ones(clf.num_params), d)])
 
 
+@pytest.mark.slow
 def test_fisher_sampled_is_deterministic_and_differs_from_empirical(tiny):
     obj, d = tiny["obj"], tiny["d"]
     V = tiny["rng"].standard_normal((1, tiny["clf"].num_params))
@@ -450,6 +456,7 @@ def test_fisher_sampled_is_deterministic_and_differs_from_empirical(tiny):
             make_solver("ekfac", obj, DAMPING, fisher=bad)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["kfac", "ekfac"])
 def test_true_fisher_is_the_expectation_over_classes(tiny, method):
     clf, d, obj = tiny["clf"], tiny["d"], tiny["obj"]
@@ -461,6 +468,7 @@ def test_true_fisher_is_the_expectation_over_classes(tiny, method):
     np.testing.assert_allclose(solve_all(solver, d, V), want, rtol=1e-7, atol=1e-9 * np.abs(want).max())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["kfac", "ekfac"])
 def test_top_k_fisher_is_the_probability_weighted_sum_over_each_images_top_classes(tiny, method):
     """top:2 against the dense Fisher of each image's 2 most probable classes (weights p_c); top:K with
@@ -479,6 +487,7 @@ def test_top_k_fisher_is_the_probability_weighted_sum_over_each_images_top_class
     np.testing.assert_allclose(every, true, rtol=1e-9, atol=1e-12 * np.abs(true).max())
 
 
+@pytest.mark.slow
 def test_a_float32_model_fits_the_same_factors_as_float64(tmp_path, tiny):
     """Per-chunk products run in the model's dtype (float32 here), sums in float64: same state."""
     model64, _ = strip_softmax(tiny_model(0))
@@ -503,6 +512,7 @@ def test_a_float32_model_fits_the_same_factors_as_float64(tmp_path, tiny):
                                        err_msg=key)
 
 
+@pytest.mark.slow
 def test_compact_keeps_the_solves_and_solve_stacked_writes_in_place(tiny):
     """After the state is cached the solver keeps eigenvectors and Λ + ρ + λ only (model dtype):
     the same solutions, solve_stacked equal to stacking solve's, and state() refused."""
@@ -554,6 +564,7 @@ def test_rank_one_test_vectors_take_the_cheap_rotation_with_the_same_answer(tiny
         np.testing.assert_allclose(c, f, rtol=1e-9, atol=1e-12 * np.abs(f).max())
 
 
+@pytest.mark.slow
 def test_fisher_auto_is_the_expectation_over_the_classes_that_carry_the_mass(tiny):
     """``--fisher auto`` (the default): ``true`` up to AUTO_TRUE_CLASSES classes, else ``top:10``."""
     from influence.curvature.kfac_signals import AUTO_TRUE_CLASSES, resolve_fisher

@@ -24,6 +24,7 @@ def tiny(tmp_path_factory):
                 P=clf.num_params, rng=np.random.default_rng(1))
 
 
+@pytest.mark.slow
 def test_hvp_matches_dense_hessian(tiny):
     d, H, rng = tiny["d"], tiny["H"], tiny["rng"]
     v = rng.standard_normal(tiny["P"])
@@ -31,6 +32,7 @@ def test_hvp_matches_dense_hessian(tiny):
     np.testing.assert_allclose(hv, H @ v, rtol=1e-6, atol=1e-6 * np.abs(H @ v).max())
 
 
+@pytest.mark.slow
 def test_hvp_of_one_minibatch_matches_its_dense_hessian(tiny):
     d, x, y, rng = tiny["d"], tiny["x"][:5], tiny["y"][:5], tiny["rng"]
     H5 = dense_hessian(d, x, y)
@@ -132,6 +134,7 @@ def test_a_confident_float32_image_keeps_its_true_class_gradient():
     np.testing.assert_allclose(h32, h64, rtol=0, atol=1e-3 * np.abs(h64).max())
 
 
+@pytest.mark.slow
 def test_exact_solver_matches_numpy_solve(tiny):
     d, H, rng = tiny["d"], tiny["H"], tiny["rng"]
     V = rng.standard_normal((2, tiny["P"]))
@@ -155,6 +158,7 @@ def _convex_setup(tmp_path):
     return d, obj, H, lam
 
 
+@pytest.mark.slow
 def test_cg_matches_numpy_solve(tmp_path):
     d, obj, H, lam = _convex_setup(tmp_path)
     v = np.random.default_rng(2).standard_normal(H.shape[0])
@@ -163,6 +167,7 @@ def test_cg_matches_numpy_solve(tmp_path):
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7 * np.abs(want).max())
 
 
+@pytest.mark.slow
 def test_lissa_converges_to_numpy_solve(tmp_path):
     d, obj, H, lam = _convex_setup(tmp_path)
     lam = max(lam, 0.5)  # condition number ~ λ_max/λ sets the depth needed
@@ -182,6 +187,7 @@ def test_lissa_converges_to_numpy_solve(tmp_path):
     assert np.linalg.norm(got - want) / np.linalg.norm(want) < 0.15
 
 
+@pytest.mark.slow
 def test_lissa_divergence_is_a_clear_error(tmp_path):
     # a too-small scale now restarts with larger ones (tests/test_lissa_restart.py); one so small that
     # MAX_RESTARTS restarts (x100 at most each) cannot reach λ_max/2 still stops with the error

@@ -54,6 +54,7 @@ def _summary(rng, n, n_layers, n_classes, label, pred):
                      keep_classes=[label, pred]), labels
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n_classes,n_layers", [(10, 3), (1000, 40)])
 def test_a_used_summary_draws_the_same_pixels_as_a_new_one(tmp_path, n_classes, n_layers):
     rng = np.random.default_rng(n_layers)
@@ -72,6 +73,7 @@ def test_a_used_summary_draws_the_same_pixels_as_a_new_one(tmp_path, n_classes, 
     np.testing.assert_array_equal(_pixels(tmp_path / "used.png"), _pixels(tmp_path / "new.png"))
 
 
+@pytest.mark.slow
 def test_new_figures_draw_something_and_the_book_keeps_a_few(tmp_path):
     rng = np.random.default_rng(0)
     summary, labels = _summary(rng, 50, 3, 10, 1, 2)

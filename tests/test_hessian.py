@@ -15,6 +15,7 @@ def data(tmp_path_factory):
     return write_project(tmp_path_factory.mktemp("hessian"), 24, 10, {"a": 3}, batchnorm=True)
 
 
+@pytest.mark.slow
 def test_cg_on_the_gauss_newton_matrix_runs_where_the_hessian_has_negative_curvature(data, tmp_path):
     from influence.data.archives import TestArchive, TrainArchive
     from influence.model.derivatives import Derivatives

@@ -157,6 +157,7 @@ def _articles(out):
 # ----------------------------------------------------------------------------- tests
 
 
+@pytest.mark.slow
 def test_links_resolve_and_nothing_is_external(run):
     _check_links(run.out)
     index = (run.out / INDEX).read_text(encoding="utf-8")

@@ -12,6 +12,7 @@ from influence.curvature import lowrank, make_solver
 from influence.errors import SettingError, UserError
 from influence.model.objective import TrainingObjective
 from influence.model.vectors import vec_dot, vec_to_numpy
+from influence.scoring.self_influence import check_solver, self_influence
 from test_curvature_contract import dense_ggn
 from test_ekfac import tiny_setup
 
@@ -88,11 +89,19 @@ def test_lowrank_inverse_preconditioner_and_self_quadratic_match_dense_formulas(
 # ----------------------------------------------------------------------------- the solvers
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def small(tmp_path_factory):
+    """The tiny model, its objectives and two vectors: what the tests without a dense matrix need."""
     clf, d, obj, archive, x, y = tiny_setup(tmp_path_factory.mktemp("krylov"), n=64)
     ggn = TrainingObjective(d, archive, chunk=obj.chunk, hessian="ggn")
     v = np.random.default_rng(5).standard_normal((2, clf.num_params))
-    return dict(clf=clf, d=d, obj=obj, ggn_obj=ggn, x=x, y=y, GGN=dense_ggn(d, x, y), H=dense_hessian(d, x, y), V=v)
+    return dict(clf=clf, d=d, obj=obj, ggn_obj=ggn, archive=archive, x=x, y=y, V=v)
+
+
+@pytest.fixture(scope="module")
+def tiny(small):
+    """``small`` with the dense float64 Gauss–Newton matrix and Hessian (the costly part)."""
+    d, x, y = small["d"], small["x"], small["y"]
+    return dict(small, GGN=dense_ggn(d, x, y), H=dense_hessian(d, x, y))
 
 
 def counting(obj):
@@ -107,6 +116,7 @@ def counting(obj):
     return calls, lambda: setattr(obj, "hvp_full", inner)
 
 
+@pytest.mark.slow
 def test_krylov_on_the_gauss_newton_matrix_is_the_dense_top_k_with_a_floor(tiny):
     g, d, lam, k = tiny["GGN"], tiny["d"], 0.01, 12
     calls, restore = counting(tiny["ggn_obj"])
@@ -128,9 +138,9 @@ def test_krylov_on_the_gauss_newton_matrix_is_the_dense_top_k_with_a_floor(tiny)
     assert err < 1e-2, err
 
 
-def test_krylov_self_influence_is_g_dot_its_own_solution(tiny):
-    d, x, y = tiny["d"], tiny["x"][:6], tiny["y"][:6]
-    s = make_solver("krylov", tiny["ggn_obj"], 0.01, rank=10, progress=False)
+def test_krylov_self_influence_is_g_dot_its_own_solution(small):
+    d, x, y = small["d"], small["x"][:6], small["y"][:6]
+    s = make_solver("krylov", small["ggn_obj"], 0.01, rank=10, progress=False)
     s.fit()
     got = s.self_influence_batch(x, y)
     grads = per_example_gradients(d, x, y)
@@ -138,29 +148,29 @@ def test_krylov_self_influence_is_g_dot_its_own_solution(tiny):
     np.testing.assert_allclose(got, want, rtol=1e-8)
 
 
-def test_krylov_cached_state_gives_the_same_answer_with_no_product(tiny):
-    d = tiny["d"]
-    s = make_solver("krylov", tiny["ggn_obj"], 0.01, rank=10, progress=False)
+def test_krylov_cached_state_gives_the_same_answer_with_no_product(small):
+    d = small["d"]
+    s = make_solver("krylov", small["ggn_obj"], 0.01, rank=10, progress=False)
     s.fit()
     state = {k: np.array(v) for k, v in s.state().items()}
-    calls, restore = counting(tiny["ggn_obj"])
+    calls, restore = counting(small["ggn_obj"])
     try:
-        again = make_solver("krylov", tiny["ggn_obj"], 0.01, rank=10, progress=False)
+        again = make_solver("krylov", small["ggn_obj"], 0.01, rank=10, progress=False)
         again.load_state(state)
-        a = [vec_to_numpy(o) for o in again.solve([to_vec(v, d) for v in tiny["V"]])]
+        a = [vec_to_numpy(o) for o in again.solve([to_vec(v, d) for v in small["V"]])]
     finally:
         restore()
     assert calls == []
-    b = [vec_to_numpy(o) for o in s.solve([to_vec(v, d) for v in tiny["V"]])]
+    b = [vec_to_numpy(o) for o in s.solve([to_vec(v, d) for v in small["V"]])]
     np.testing.assert_array_equal(a, b)
     assert again.info["products"] == s.info["products"]
     # a relative damping: the mean eigenvalue's estimate is cached with the basis, so no product either
-    s = make_solver("krylov", tiny["ggn_obj"], "0.1x", rank=10, progress=False)
+    s = make_solver("krylov", small["ggn_obj"], "0.1x", rank=10, progress=False)
     s.fit()
     state = {k: np.array(v) for k, v in s.state().items()}
-    calls, restore = counting(tiny["ggn_obj"])
+    calls, restore = counting(small["ggn_obj"])
     try:
-        again = make_solver("krylov", tiny["ggn_obj"], "0.1x", rank=10, progress=False)
+        again = make_solver("krylov", small["ggn_obj"], "0.1x", rank=10, progress=False)
         again.load_state(state)
         assert again.damping == s.damping > 0
     finally:
@@ -168,6 +178,7 @@ def test_krylov_cached_state_gives_the_same_answer_with_no_product(tiny):
     assert calls == []
 
 
+@pytest.mark.slow
 def test_krylov_auto_rank_keeps_the_pairs_well_above_the_floor(tiny):
     lam = 0.01
     s = make_solver("krylov", tiny["ggn_obj"], lam, rank="auto", progress=False)
@@ -179,16 +190,17 @@ def test_krylov_auto_rank_keeps_the_pairs_well_above_the_floor(tiny):
     assert s.info["floor"] < limit
 
 
-def test_krylov_refuses_a_basis_above_the_memory_budget_naming_rank_and_params(tiny):
-    s = make_solver("krylov", tiny["ggn_obj"], 0.01, rank=50, memory_budget=1e-5, progress=False)
+def test_krylov_refuses_a_basis_above_the_memory_budget_naming_rank_and_params(small):
+    s = make_solver("krylov", small["ggn_obj"], 0.01, rank=50, memory_budget=1e-5, progress=False)
     with pytest.raises(SettingError, match=r"^rank: solver krylov with rank 50 over [\d,]+ parameters needs .* "
                                            r"above 50% of memory_budget 1e-05 GB: lower rank \(at most \d+ fits\), "
                                            r"choose fewer parameters with params"):
         s.fit()
     with pytest.raises(SettingError, match="^rank: must be a positive integer or auto, got 'ten'$"):
-        make_solver("krylov", tiny["ggn_obj"], 0.01, rank="ten", progress=False)
+        make_solver("krylov", small["ggn_obj"], 0.01, rank="ten", progress=False)
 
 
+@pytest.mark.slow
 def test_krylov_on_the_full_hessian_floors_negative_curvature_and_refuses_it_when_kept(tiny, caplog):
     """``--hessian full``: negative eigenvalues beyond the rank kept are damped by max(φ, 0) + λ (a warning);
     a kept eigenvalue with σ + λ <= 0 is refused."""
@@ -214,6 +226,7 @@ def test_krylov_on_the_full_hessian_floors_negative_curvature_and_refuses_it_whe
     assert any("damped by the floor, not inverted" in r.message for r in caplog.records)
 
 
+@pytest.mark.slow
 def test_dpcg_reaches_cg_answer_in_fewer_passes_than_cg(tiny):
     g, d, lam = tiny["GGN"], tiny["d"], 1e-3
     want = np.linalg.solve(g + lam * np.eye(len(g)), tiny["V"].T).T
@@ -225,3 +238,23 @@ def test_dpcg_reaches_cg_answer_in_fewer_passes_than_cg(tiny):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
         passes[name] = sum(s.info["hvp_passes"])
     assert passes["dpcg"] <= 0.75 * passes["cg"], passes      # the demo CNN: BENCHMARKS.md
+
+
+def test_dpcg_self_influence_is_krylovs_from_the_same_basis(small):
+    """dpcg scores the training set against itself through its krylov basis, not by CG: the numbers of
+    ``--solver krylov`` with the same pairs and damping, through the whole-set route (no limit needed)."""
+    k = make_solver("krylov", small["ggn_obj"], 0.01, rank=10, progress=False)
+    k.fit()
+    s = make_solver("dpcg", small["ggn_obj"], 0.01, rank=10, progress=False)
+    s.load_state({name: np.array(v) for name, v in k.state().items()})
+    calls, restore = counting(small["ggn_obj"])
+    try:
+        got = self_influence(s, small["d"], small["archive"], batch=16, progress=False)     # every image, no limit
+    finally:
+        restore()
+    assert calls == []                                   # no HVP: no CG per image
+    want = self_influence(k, small["d"], small["archive"], batch=16, progress=False)
+    assert len(got.values) == len(small["y"]) and got.method.startswith("dpcg (")
+    np.testing.assert_array_equal(got.values, want.values)
+    assert s.self_influence_route and s.self_influence_ready()
+    check_solver("dpcg", None)                           # no self_influence_limit asked for

@@ -41,6 +41,7 @@ def _err(got, want):
     return np.linalg.norm(got - want) / np.linalg.norm(want)
 
 
+@pytest.mark.slow
 def test_a_too_small_scale_restarts_and_converges_to_the_dense_solve(convex, caplog):
     caplog.set_level(logging.WARNING, logger="influence.curvature.lissa")
     small = 0.05 * convex["top"]
@@ -75,6 +76,7 @@ def test_a_too_small_scale_restarts_and_converges_to_the_dense_solve(convex, cap
     assert direct.info["restarts"] == []
 
 
+@pytest.mark.slow
 def test_a_vectors_result_does_not_depend_on_the_others_in_the_run(convex):
     """Restarts are per vector: solving a vector alone, first or after one that restarted gives the
     same numbers (the promise that a test image's result ignores which images share the run)."""
@@ -97,6 +99,7 @@ def test_after_max_restarts_it_is_a_clear_error(convex):
     assert solver.info["restarts"][-1]["scale_to"] == pytest.approx(1e-4 * convex["top"])
 
 
+@pytest.mark.slow
 def test_the_auto_scale_is_raised_once_by_a_deterministic_probe(convex, monkeypatch):
     """An auto scale that underestimates λ_max (here forced to 5 %): fit()'s probe restarts, every vector
     then starts from the raised scale without restarting, and the raised scale is cached state."""

@@ -201,6 +201,7 @@ def test_gradient_of_an_unconnected_variable_is_zero_not_none():
     assert np.abs(flat[side:]).max() > 0
 
 
+@pytest.mark.slow
 def test_random_weights_are_seeded_so_reruns_and_workers_agree():
     """--weights none builds the same weights every time (the curvature cache and Ray workers rely on it)."""
     from influence.model.models import load_keras_model
@@ -211,3 +212,28 @@ def test_random_weights_are_seeded_so_reruns_and_workers_agree():
     second, _ = load_keras_model("mobilenetv2", "none")
     for a, b in zip(first.weights[:5] + first.weights[-2:], second.weights[:5] + second.weights[-2:]):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_the_training_set_check_speaks_to_each_face():
+    """check_training_set: calculate.py's wording (the archives, prepare_data.py) and the API's (the argument)."""
+    from types import SimpleNamespace
+
+    from influence.model.models import check_training_set
+
+    clf = SimpleNamespace(input_shape=(8, 8, 3), num_classes=3)
+    fine = SimpleNamespace(image_shape=(8, 8, 3), labels=lambda: np.array([0, 2, 1]))
+    check_training_set(clf, fine)
+    check_training_set(clf, fine, "train")
+    free = SimpleNamespace(input_shape=(None, None, 3), num_classes=3)       # any size: only the channels count
+    check_training_set(free, SimpleNamespace(image_shape=(5, 7, 3), labels=lambda: np.array([0])))
+    cases = [((6, 6, 3), [0], None, "^the archives hold 6x6x3 images but the model takes 8x8x3: run prepare_data.py "
+                                    "again with --size 8 8$"),
+             ((6, 6, 3), [0], "train", "^train: the images are 6x6x3 but the model takes 8x8x3: resize them to 8x8$"),
+             ((8, 8, 1), [0], None, r"^the model takes 3-channel images but the archives hold 1-channel \(RGB\) images"),
+             ((8, 8, 1), [0], "train", "^train: the model takes 3-channel images but these are 1-channel: give a model"),
+             ((8, 8, 3), [0, 3], None, r"^train: label 3 does not exist in a model with 3 outputs \(0..2\)$"),
+             ((8, 8, 3), [-2, 1], "train", "^train: label -2 is negative; labels are class indices 0..2$")]
+    for shape, labels, argument, message in cases:
+        train = SimpleNamespace(image_shape=shape, labels=lambda labels=labels: np.array(labels))
+        with pytest.raises(UserError, match=message):
+            check_training_set(clf, train, argument)

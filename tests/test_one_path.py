@@ -42,6 +42,7 @@ def _ids(y, folder="a"):
     return [(folder, int(y[t]), int(np.sum(y[:t + 1] == y[t]))) for t in range(len(y))]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("solver", sorted(REGISTRY))
 def test_the_api_and_calculate_give_the_same_numbers(data, tmp_path, solver):
     x, y, _ = TestArchive(data / "test.npz").read("a")
@@ -66,6 +67,7 @@ def _options(solver):
     return solver_options(REGISTRY[solver])
 
 
+@pytest.mark.slow
 def test_memory_budget_groups_the_test_images(data):
     """A budget that holds one inverse-HVP at a time scores one test image per group; the numbers are
     those of one group of all."""
@@ -80,6 +82,7 @@ def test_memory_budget_groups_the_test_images(data):
     np.testing.assert_allclose(tight.scores(x, y), roomy.scores(x, y), rtol=1e-6, atol=1e-9)
 
 
+@pytest.mark.slow
 def test_float_images_and_in_memory_arrays_give_the_archive_numbers(data):
     x, y, _ = TestArchive(data / "test.npz").read("a")
     archive = TrainArchive(data / "train.npz")

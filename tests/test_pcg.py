@@ -56,6 +56,7 @@ def dense_layer(tmp_path_factory):
     return dict(clf=clf, d=d, obj=obj, x=x, y=y, H=dense_hessian(d, x, y))
 
 
+@pytest.mark.slow
 def test_hvps_of_several_vectors_share_each_pass(dense_layer):
     d, obj = dense_layer["d"], dense_layer["obj"]
     vs = [to_vec(v, d) for v in np.random.default_rng(1).standard_normal((3, dense_layer["clf"].num_params))]
@@ -64,6 +65,7 @@ def test_hvps_of_several_vectors_share_each_pass(dense_layer):
     assert hvp_full_many(obj, []) == []
 
 
+@pytest.mark.slow
 def test_pcg_needs_fewer_hvps_than_cg(dense_layer):
     d, obj, h = dense_layer["d"], dense_layer["obj"], dense_layer["H"]
     lam = 0.05
@@ -78,6 +80,7 @@ def test_pcg_needs_fewer_hvps_than_cg(dense_layer):
     assert max(pcg.info["hvps"]) < min(cg.info["iterations"]), (pcg.info["hvps"], cg.info["iterations"])
 
 
+@pytest.mark.slow
 def test_pcg_shares_the_ekfac_fit(dense_layer):
     d, obj = dense_layer["d"], dense_layer["obj"]
     ekfac = make_solver("ekfac", obj, 0.05, seed=4, progress=False)
@@ -89,6 +92,7 @@ def test_pcg_shares_the_ekfac_fit(dense_layer):
     assert set(pcg.state()) == set(ekfac.state())
 
 
+@pytest.mark.slow
 def test_negative_curvature_is_the_cg_message(tmp_path):
     # all layers of the untrained tiny model: H has eigenvalues near -2.8 (test_curvature_contract)
     clf, d, obj, archive, x, y = tiny_setup(tmp_path, n=16)

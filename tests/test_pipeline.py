@@ -36,6 +36,7 @@ def scores_of(out):
     return {str(p.relative_to(out)): np.load(p) for p in sorted(out.rglob("*_scores.npy"))}
 
 
+@pytest.mark.slow
 def test_lissa_numbers_do_not_depend_on_grouping_folders_or_limit(data, tmp_path):
     lissa = dict(solver="lissa", iter=30, bsize=4, params="dense", damping=0.3)
     calculate(settings(data, tmp_path / "full", **lissa))
@@ -50,6 +51,7 @@ def test_lissa_numbers_do_not_depend_on_grouping_folders_or_limit(data, tmp_path
     assert run["memory_plan"]["vectors"] == 1            # the tiny budget scored one image per group
 
 
+@pytest.mark.slow
 def test_curvature_cache_is_reused_and_invalidated(data, tmp_path, caplog):
     caplog.set_level(logging.INFO)
 
@@ -92,6 +94,7 @@ def test_curvature_cache_is_reused_and_invalidated(data, tmp_path, caplog):
         np.testing.assert_allclose(value, scores_of(tmp_path / "one")[name], rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_resume_refuses_another_training_archive(data, tmp_path):
     calculate(settings(data, tmp_path / "out", folders=["b"]))
     other = with_other_training_set(data, tmp_path / "other", seed=11)
@@ -108,6 +111,7 @@ def test_resume_refuses_another_training_archive(data, tmp_path):
     calculate(settings(other, tmp_path / "out", folders=["a"], model=same_model))
 
 
+@pytest.mark.slow
 def test_resumed_run_keeps_solver_facts(data, tmp_path):
     calculate(settings(data, tmp_path / "out", folders=["b"]))
     first = json.loads((tmp_path / "out" / "run.json").read_text())["solver_info"]
@@ -134,6 +138,7 @@ def test_negative_limit_is_an_error(data, tmp_path, limit):
         calculate(settings(data, tmp_path / "out", limit=limit))
 
 
+@pytest.mark.slow
 def test_disk_full_is_one_line_and_a_rerun_resumes(data, tmp_path, monkeypatch):
     real = engine.write_test_outputs
     calls = {"n": 0}
@@ -154,6 +159,7 @@ def test_disk_full_is_one_line_and_a_rerun_resumes(data, tmp_path, monkeypatch):
     assert run["counts"] == {"test_images_done": 2, "test_images_skipped": 1}
 
 
+@pytest.mark.slow
 def test_grayscale_model_gets_a_channel_message(data, tmp_path):
     import keras
 
@@ -168,6 +174,7 @@ def test_grayscale_model_gets_a_channel_message(data, tmp_path):
     assert "--size" not in str(err.value)
 
 
+@pytest.mark.slow
 def test_a_second_run_into_the_same_out_is_refused(data, tmp_path):
     from influence.locking import folder_lock
 
@@ -180,6 +187,7 @@ def test_a_second_run_into_the_same_out_is_refused(data, tmp_path):
     assert (out / "run.json").is_file()
 
 
+@pytest.mark.slow
 def test_self_influence_through_the_job(data, tmp_path, caplog, monkeypatch):
     import csv
 

@@ -338,6 +338,7 @@ def test_interrupt_leaves_no_archive(tmp_path, monkeypatch, stop_after):
     assert os.listdir(out) == []
 
 
+@pytest.mark.slow
 def test_killed_process_leaves_no_archive(tmp_path):
     # enough work (800 images resized to 224) that the signal lands mid-run on a fast machine too:
     # 300 images at 160 were packed within the 50 ms below on an idle machine
@@ -387,6 +388,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
 
 
+@pytest.mark.slow
 def test_peak_memory_does_not_grow_with_images(tmp_path):
     peaks = {}
     for n in (200, 1000):

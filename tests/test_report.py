@@ -110,6 +110,7 @@ def make_case(size, n_train=50, n_layers=3, seed=0):
     return kwargs, fetched
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt,size", [("png", 8), ("png", 32), ("pdf", 32), ("pdf", 8)])
 def test_write_test_outputs_files_and_contents(tmp_path, fmt, size):
     kwargs, fetched = make_case(size)
@@ -195,6 +196,7 @@ def test_png_figure_has_sensible_size(tmp_path):
             assert pixels.std() > 10                             # not a blank canvas
 
 
+@pytest.mark.slow
 def test_pdf_and_svg_and_jpg_are_real_files(tmp_path):
     kwargs, _ = make_case(8)
     pdf = write(tmp_path, 1, top=3, fmt="pdf", **kwargs)
@@ -208,6 +210,7 @@ def test_pdf_and_svg_and_jpg_are_real_files(tmp_path):
     assert not [p for p in os.listdir(tmp_path) if ".tmp" in p]
 
 
+@pytest.mark.slow
 def test_top_larger_than_n_and_wrapping(tmp_path):
     kwargs, fetched = make_case(8, n_train=4)
     paths = write(tmp_path, 1, top=10, fmt="png", **kwargs)
@@ -246,6 +249,7 @@ def test_bad_inputs_raise_before_writing(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_score_dict_is_fast_for_100k_images():
     n, layers = 100_000, 16
     rng = np.random.default_rng(0)
@@ -321,6 +325,7 @@ def test_summarize_sums_to_the_totals_by_class_and_by_layer():
         summarize(scores, shares[:, :3], labels, names)
 
 
+@pytest.mark.slow
 def test_summary_figure_stays_readable_for_1000_classes_and_many_layers(tmp_path):
     rng = np.random.default_rng(0)
     n = 2000

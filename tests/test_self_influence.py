@@ -35,6 +35,7 @@ def dense_values(matrix, lam, grads):
     return np.einsum("np,np->n", grads, sol)
 
 
+@pytest.mark.slow
 def test_exact_equals_dense_hessian_reference(tiny):
     res = tiny["exact_result"]
     np.testing.assert_array_equal(res.indices, np.arange(N))
@@ -49,6 +50,7 @@ def test_exact_equals_dense_hessian_reference(tiny):
     np.testing.assert_allclose(res.confs, probs.max(1), rtol=1e-12)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("max_block", [4096, 10])
 def test_ekfac_route_equals_dense_ekfac_reference(tiny, max_block):
     """The Fisher uses sampled labels (as the solver); the gradients gᵢ use the true labels.
@@ -70,6 +72,7 @@ def test_ekfac_route_equals_dense_ekfac_reference(tiny, max_block):
     np.testing.assert_allclose(solver.self_influence_batch(x, y), own, rtol=1e-9)
 
 
+@pytest.mark.slow
 def test_results_do_not_depend_on_batch_size(tiny):
     solver = tiny["ekfac"]
     a = self_influence(solver, tiny["d"], tiny["archive"], batch=N, progress=False)
@@ -86,6 +89,7 @@ def test_results_do_not_depend_on_batch_size(tiny):
         solver.damping = 0.05
 
 
+@pytest.mark.slow
 def test_limit_with_cg_scores_the_highest_loss_images_like_exact(tiny):
     exact = tiny["exact_result"]
     limit = 6
@@ -101,6 +105,7 @@ def test_limit_with_cg_scores_the_highest_loss_images_like_exact(tiny):
     np.testing.assert_allclose(lim.values, exact.values[want], rtol=1e-10)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["lissa", "cg", "pcg"])
 def test_per_image_solvers_without_limit_are_refused(tiny, name):
     solver = make_solver(name, tiny["obj"], tiny["lam"], progress=False)
@@ -116,6 +121,7 @@ def test_per_image_solvers_without_limit_are_refused(tiny, name):
         check_solver("ekfac", -1)
 
 
+@pytest.mark.slow
 def test_csv_is_sorted_with_the_columns_and_the_figure_is_written(tiny, tmp_path):
     res, x, y = tiny["exact_result"], tiny["x"], tiny["y"]
     keys = [f"{i // 16}_{i % 16}" for i in range(N)]

@@ -113,6 +113,7 @@ def test_the_api_defaults_to_auto(data, caplog):
 
 # ----------------------------------------------------------------------------- a calculate run
 
+@pytest.mark.slow
 def test_a_run_records_the_choice_and_its_reason(data, tmp_path):
     from influence.calculate_cli import build_parser, job
     from influence.cli import main

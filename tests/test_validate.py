@@ -19,6 +19,7 @@ def convex():
     return problems.ConvexProblem(tests=2, seed=0)
 
 
+@pytest.mark.slow
 def test_convex_model_is_at_its_optimum(convex):
     assert convex.fit_info["grad_norm"] < 1e-10
     # the engine's dense Hessian agrees with the hand-written one used for the Newton steps
@@ -29,6 +30,7 @@ def test_convex_model_is_at_its_optimum(convex):
     np.testing.assert_allclose(h_engine, h_hand, rtol=0, atol=1e-7 * np.abs(h_hand).max())
 
 
+@pytest.mark.slow
 def test_leave_one_out_exact(convex):
     from influence.curvature import make_solver
 

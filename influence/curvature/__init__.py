@@ -20,11 +20,6 @@ from influence.curvature.base import REGISTRY, InverseHVP, stable_seed  # noqa: 
 from influence.errors import SettingError, UserError
 
 
-def method_names():
-    """The registered ``--solver`` values, in registration order."""
-    return list(REGISTRY)
-
-
 def method_help():
     """``name: summary`` for every method, for ``--solver``'s help."""
     return "; ".join(f"{name} = {cls.summary}" for name, cls in REGISTRY.items())

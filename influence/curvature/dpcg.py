@@ -9,6 +9,11 @@ so CG sees a condition number of about ``(φ + λ) / λ`` instead of ``(σ_1 + �
 eigenvalue left out). The start is the krylov solution; the test vectors of a group iterate in lockstep,
 each iteration one pass over the training archive for all of them
 (:func:`influence.curvature.pcg.solve_in_lockstep`). The answer is cg's, to ``--cg-tol``.
+
+Self-influence comes from the same basis, without CG: it is krylov's, the low-rank
+``gᵢᵀ (U (Σ + λ)⁻¹ Uᵀ + (I − U Uᵀ) / (φ + λ)) gᵢ`` of each training image's gradient
+(:meth:`influence.curvature.krylov.KrylovSolver.self_influence_batch`, the same pairs, floor and λ), not
+the exact ``gᵢᵀ (A + λI)⁻¹ gᵢ`` that CG would give per image.
 """
 import numpy as np
 
@@ -25,6 +30,8 @@ class DeflatedPCGSolver(LockstepCG):
     summary = ("conjugate gradient preconditioned by the krylov eigenpairs (exact answer like cg in a few passes "
                "per group of test images; shares the krylov fit)")
     cache_name = "krylov"
+    #: self-influence from the krylov basis (no CG per training image): krylov's low-rank numbers
+    self_influence_route = "krylov's low-rank basis"
 
     def __init__(self, objective, damping, rank="auto", seed=0, memory_budget=2.0, cg_tol=1e-6, cg_maxiter=200,
                  progress=True):
@@ -63,6 +70,13 @@ class DeflatedPCGSolver(LockstepCG):
     def _start(self, v):
         """Start and preconditioner of the single-vector path (CGSolver._solve_one)."""
         return self._vec_map(self.krylov.solve_numpy)(v), self._vec_map(self.krylov.precondition_numpy)
+
+    def self_influence_batch(self, x, y):
+        """krylov's self-influence from the preconditioner's basis: uint8 (N, H, W, C), (N,) -> float64 (N,),
+        ``Σ_j (u_jᵀgᵢ)²/(σ_j + λ) + (‖gᵢ‖² − Σ_j (u_jᵀgᵢ)²)/(φ + λ)`` (module docstring), the formula and
+        numbers of ``--solver krylov`` with the same basis and damping; the low-rank approximation, not CG's
+        exact answer."""
+        return self.krylov.self_influence_batch(x, y)
 
     def solve(self, vectors, ids=None):
         vectors = list(vectors)

@@ -160,7 +160,8 @@ class LissaSolver(InverseHVP):
         d = objective.d
         scalar = tf.TensorSpec((), d.dtype)
         # the scale enters as arguments (1/s, 1 − λ/s): a restart changes it without a retrace
-        self._step = tf.function(self._step_fn, input_signature=[d.x_spec, d.y_spec, d.vec_spec, d.vec_spec,
+        #: one compiled recursion step ``(x, y, v, h, 1/s, 1 − λ/s) -> (h_new, ‖h_new‖²)`` (:meth:`_step_fn`)
+        self.step = tf.function(self._step_fn, input_signature=[d.x_spec, d.y_spec, d.vec_spec, d.vec_spec,
                                                                  scalar, scalar])
 
     # --- the auto scale: training-set work, cached -----------------------------------------------
@@ -313,7 +314,7 @@ class LissaSolver(InverseHVP):
             with progress_bar(total=self.depth, desc=label, unit="it", disable=not self.progress) as bar:
                 for j in range(self.depth):
                     x, y = self.obj.archive.take(np.sort(rng.integers(0, n, self.batch)))
-                    h, sq = self._step(x, y.astype(np.int64), v, h, inv_s, keep)
+                    h, sq = self.step(x, y.astype(np.int64), v, h, inv_s, keep)
                     ratio = math.sqrt(float(sq)) / norm_v
                     growth = max(growth, (ratio - 1.0) / previous) if np.isfinite(ratio) else float("inf")
                     previous = max(ratio, 1e-300)

@@ -9,7 +9,6 @@ import numpy as np
 from PIL import Image
 
 DATA_FILE = Path(__file__).resolve().parent / "digits.npz"
-N_IMAGES = 1797
 N_CLASSES = 10
 MAX_VALUE = 16
 

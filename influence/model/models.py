@@ -375,6 +375,47 @@ def check_classifier(clf, probe_size=224, seed=0):
                                      + (f" (selected layers that reach it: {', '.join(reach)})" if reach else ""))
 
 
+def check_training_set(clf, train, argument=None):
+    """Refuse, before any work, training images the model cannot take or labels it has no output for: one
+    check for calculate.py (``argument`` None: the messages speak of the archives and prepare_data.py) and the
+    Python API (``argument="train"``: the messages start with the argument's name). ``train``: anything
+    with ``image_shape`` (H, W, C) and ``labels()`` (N,)."""
+    check_image_shape(clf, train.image_shape, argument)
+    check_labels("train", train.labels(), clf.num_classes)
+
+
+def check_image_shape(clf, shape, argument=None):
+    """UserError unless images of ``shape`` (H, W, C) are the model's input size (``argument``: as in
+    :func:`check_training_set`)."""
+    want, have = clf.input_shape, tuple(shape)
+    if len(want) == 3 and want[2] is not None and len(have) == 3 and want[2] != have[2]:
+        if argument is None:
+            raise UserError(f"the model takes {want[2]}-channel images but the archives hold {have[2]}-channel (RGB) "
+                            f"images: give a model with {have[2]} input channels")
+        raise UserError(f"{argument}: the model takes {want[2]}-channel images but these are {have[2]}-channel: "
+                        f"give a model with {have[2]} input channels")
+    if len(want) != 3 or len(have) != 3 or any(w is not None and w != h for w, h in zip(want, have)):
+        shown = "x".join("?" if w is None else str(w) for w in want)
+        if argument is None:
+            raise UserError(f"the archives hold {'x'.join(map(str, have))} images but the model takes {shown}: "
+                            f"run prepare_data.py again with --size {want[0]} {want[1]}")
+        raise UserError(f"{argument}: the images are {'x'.join(map(str, have))} but the model takes {shown}: "
+                        f"resize them to {want[0]}x{want[1]}")
+
+
+def check_labels(what, y, k):
+    """Every label ``y`` in 0..k-1, before any work (a GPU would turn a bad one into silent NaN); ``what``
+    names them in the message."""
+    y = np.asarray(y)
+    if not len(y):
+        return
+    lo, hi = int(y.min()), int(y.max())
+    if lo < 0:
+        raise UserError(f"{what}: label {lo} is negative; labels are class indices 0..{k - 1}")
+    if hi >= k:
+        raise UserError(f"{what}: label {hi} does not exist in a model with {k} outputs (0..{k - 1})")
+
+
 #: compute dtypes below float32: influence arithmetic never runs in them (gradients of a confident
 #: model underflow in float16, and 1 - p_y cancels)
 LOW_PRECISION = ("float16", "bfloat16")

@@ -164,7 +164,7 @@ def write_test_outputs(folder_dir, n, *, scores, shares, layer_names, catalogue,
      summary_path) = paths
     harmful, useful = top_indices(scores, top)
 
-    _save_score_dict(dict_path, keys, layer_names, shares, scores)
+    save_score_dict(dict_path, keys, layer_names, shares, scores)
     with atomic_write(scores_path) as tmp:
         np.save(tmp, scores.astype(np.float32), allow_pickle=False)
     for path, idx in ((csv_harmful, harmful), (csv_useful, useful)):
@@ -214,7 +214,8 @@ def score_dict(keys, layer_names, shares, scores):
     return {keys[i]: dict(zip(names, row)) for i, row in zip(order.tolist(), rows)}
 
 
-def _save_score_dict(path, keys, layer_names, shares, scores):
+def save_score_dict(path, keys, layer_names, shares, scores):
+    """Write :func:`score_dict` to ``path`` (``<n>.npy``, the original's pickled dict), atomically."""
     table = score_dict(keys, layer_names, shares, scores)
     with atomic_write(path) as tmp:
         np.save(tmp, table, allow_pickle=True)     # a 0-d object array: np.load(...).item()

@@ -273,3 +273,26 @@ def test_calculate_calibrate_refuses_a_model_without_compile_config(project):
     assert r.returncode == 2 and "Traceback" not in r.stderr
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("error: --calibrate: the model bare.keras has no compile config"), last
+
+
+def test_calculate_calibrate_scores_with_the_cell_it_picks(project, monkeypatch):
+    """The best cell is not the run's own: the run is rebuilt with its solver and damping, and its scores are
+    that cell's (equal to a run that asked for it)."""
+    from influence.calibration import grid
+
+    names = ["krylov 0.1x", "krylov 1x", "krylov 10x", "kfac 1x", "kfac 10x"]
+    monkeypatch.setattr(grid, "choose", lambda means, allowed=None: names.index("kfac 10x"))
+    r = calc(project, "--model", "model.keras", *CAL, "--calibrate-seeds", "1", "--rank", "20", "--out", "picked")
+    assert r.returncode == 0, r.stderr
+    run = json.loads((project / "picked" / "run.json").read_text())
+    assert run["settings"]["solver"] == "kfac" and run["settings"]["damping"] == "10x"
+    assert run["calibration"]["applied"] == {"solver": "kfac", "damping": "10x", "changed": True}
+    assert run["solver_choice"].startswith("calibrate: kfac 10x") and run["solver_info"]["solver"] == "kfac"
+    assert "this run uses kfac 10x" in r.stderr
+    monkeypatch.undo()
+    asked = calc(project, "--model", "model.keras", "--solver", "kfac", "--damping", "10x", "--out", "asked")
+    assert asked.returncode == 0, asked.stderr
+    files = sorted((project / "picked" / "orig").rglob("*_scores.npy"))
+    assert len(files) == 4
+    for got in files:
+        np.testing.assert_array_equal(np.load(got), np.load(project / "asked" / got.relative_to(project / "picked")))

@@ -296,3 +296,25 @@ def test_calculate_calibrate_scores_with_the_cell_it_picks(project, monkeypatch)
     assert len(files) == 4
     for got in files:
         np.testing.assert_array_equal(np.load(got), np.load(project / "asked" / got.relative_to(project / "picked")))
+
+
+def test_calculate_calibrate_shards_the_retraining_over_two_ray_workers(project):
+    """--workers 2: the retrainings run as Ray tasks and give the losses, the table and the choice of one
+    process."""
+    pytest.importorskip("ray", reason="Ray is optional: pip install -r requirements-distributed.txt")
+    import os
+
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    args = ("--model", "model.keras", *CAL, "--calibrate-seeds", "1", "--solver", "kfac")
+    local = calc(project, *args, "--out", "one")
+    assert local.returncode == 0, local.stderr
+    sharded = calc(project, *args, "--workers", "2", "--out", "ray")
+    assert sharded.returncode == 0, sharded.stderr
+    assert "calibrate: 4 retraining(s) as Ray tasks, 2 at once" in sharded.stderr
+    one, ray = (json.loads((project / out / "run.json").read_text())["calibration"] for out in ("one", "ray"))
+    assert ray["ray"] and not one["ray"] and ray["runs_trained"] == one["runs_trained"] == 4
+    with np.load(project / one["cache"]) as a, np.load(project / ray["cache"]) as b:
+        assert a["done"].all() and b["done"].all()
+        np.testing.assert_allclose(b["losses"], a["losses"], rtol=1e-5)
+    assert [r["lds"] for r in ray["rows"]] == pytest.approx([r["lds"] for r in one["rows"]], abs=1e-9)
+    assert ray["best"] == one["best"] and ray["applied"] == one["applied"]

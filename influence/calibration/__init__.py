@@ -11,6 +11,7 @@ cell unless its solver or damping was given (:mod:`~influence.calibration.job`).
   scoring   -- each solver fitted once, its dampings scored in shared passes over the training set
   core      -- :func:`calibrate` and its result :class:`Calibration` (table, verdict, files)
   job       -- calculate.py's step: settings in, the run's solver and damping out, run.json and files
+  shards    -- with calculate.py's workers / ray_address: each retraining a Ray task
 """
 from influence.calibration.core import Calibration, calibrate  # noqa: F401
 

@@ -183,7 +183,7 @@ def _keras_model(inf):
 
 def calibrate(inf, test_images, test_labels, *, train_fn=None, subsets=16, seeds=2, epochs="auto",
               batch_size=retrain.DEFAULT_BATCH_SIZE, solvers=None, dampings=None, cache=None, mask_seed=0,
-              show=True):
+              show=True, runner=None):
     """How far the scores of ``inf`` can be trusted on its model -> :class:`Calibration`.
 
     1. retrain the model on ``subsets`` random half-subsets of the training set, under seeds ``0..seeds-1``
@@ -198,7 +198,8 @@ def calibrate(inf, test_images, test_labels, *, train_fn=None, subsets=16, seeds
     ``test_labels`` (T,). ``train_fn(x, y) -> model`` (x float32 as the model takes them, y int64; called
     after ``keras.utils.set_random_seed(seed)``) replaces the model's own compile config; ``epochs`` (``auto``:
     the length of the saved training, :func:`influence.calibration.retrain.default_epochs`) and ``batch_size``
-    are the compiled recipe's.
+    are the compiled recipe's. ``runner``: where the retrainings run (default this process; calculate.py's
+    ``workers`` / ``ray_address``: :class:`influence.calibration.shards.RayRunner`).
     """
     seeds = int(seeds)
     if seeds < 1:
@@ -213,8 +214,12 @@ def calibrate(inf, test_images, test_labels, *, train_fn=None, subsets=16, seeds
     path = None if cache is None else retrain.cache_path(Path(cache) / CACHE_FOLDER, key)
     t0 = time.perf_counter()
     trainer = retrain.Trainer(fit, inf.train, x_test, y_test, inf.clf.preprocess)
+    if runner is not None and hasattr(runner, "spec"):            # Ray: the workers rebuild the trainer
+        from influence.calibration.shards import spec_for
+
+        runner.spec = spec_for(inf, recipe, x_test, y_test)
     runs = retrain.retrain(trainer, len(inf.train), len(y_test), subsets=subsets, seeds=range(seeds), key=key,
-                           path=path, mask_seed=mask_seed, show=show and inf.progress)
+                           path=path, mask_seed=mask_seed, show=show and inf.progress, runner=runner)
     t1 = time.perf_counter()
     run_damping = inf._solver_args[1]
     cells = grid.grid_cells(inf.solver_name, run_damping, solvers, dampings)
@@ -232,6 +237,7 @@ def calibrate(inf, test_images, test_labels, *, train_fn=None, subsets=16, seeds
     means = np.array([grid.nanmean(row) for row in lds])
     facts = {"subsets": int(subsets), "seeds": [int(s) for s in runs["seeds"]], "mask_seed": int(mask_seed),
              "trainer": "train_fn" if train_fn is not None else "compile config",
+             "ray": runner is not None,
              "epochs": recipe.get("epochs"), "batch_size": recipe.get("batch_size"), "test_images": len(y_test),
              "runs_trained": runs["trained"], "runs_reused": runs["reused"],
              "retrain_s": round(runs["seconds"], 2), "retrain_now_s": round(t1 - t0, 2),

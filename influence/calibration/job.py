@@ -15,6 +15,7 @@ import time
 
 import numpy as np
 
+from influence import distributed
 from influence.errors import SettingError
 
 log = logging.getLogger(__name__)
@@ -63,9 +64,14 @@ def calibrate_run(settings, inputs, inf, given, rebuild):
         raise SettingError("calibrate", "the run has no test images to measure the test loss on")
     cache = Path(settings.cache) if settings.cache else Path(settings.out) / "curvature"
     t0 = time.perf_counter()
+    runner = None
+    if distributed.enabled(settings):                 # --workers / --ray-address: the retrainings as Ray tasks
+        from influence.calibration.shards import RayRunner
+
+        runner = RayRunner(settings.workers, settings.ray_address)
     result = calibrate(inf, x, y, subsets=settings.calibrate_subsets, seeds=settings.calibrate_seeds,
                        epochs=settings.epochs, batch_size=settings.batch_size, solvers=solvers,
-                       dampings=_split(settings.calibrate_damping), cache=cache)
+                       dampings=_split(settings.calibrate_damping), cache=cache, runner=runner)
     for line in result.table():
         log.info("   %s", line)
     log.info("%s", result.verdict())

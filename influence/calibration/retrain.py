@@ -177,7 +177,19 @@ def save_cache(path, key, masks, seeds, losses, done, seconds):
                      seeds=np.asarray(seeds, np.int64), losses=losses, done=done, seconds=seconds)
 
 
-def retrain(run, n_train, n_test, *, subsets, seeds, key, path=None, mask_seed=0, show=True):
+def run_locally(run):
+    """The default runner of :func:`retrain`: ``runner(jobs, on_result)`` calling ``run(indices, seed)`` for
+    each job ``(index, (indices, seed))`` in this process, ``on_result(index, (losses, seconds))`` after each."""
+    def runner(jobs, on_result):
+        for index, (indices, seed) in jobs:
+            t0 = time.perf_counter()
+            losses = run(indices, seed)
+            on_result(index, (losses, time.perf_counter() - t0))
+
+    return runner
+
+
+def retrain(run, n_train, n_test, *, subsets, seeds, key, path=None, mask_seed=0, show=True, runner=None):
     """Every (seed, subset) run not cached yet, saved after each; returns the dict of :func:`load_cache` for
     the ``subsets`` and ``seeds`` asked, plus ``trained`` (runs done now), ``reused`` (runs read from the
     cache) and ``seconds`` (the retraining time of the runs asked, cached ones included).
@@ -185,7 +197,8 @@ def retrain(run, n_train, n_test, *, subsets, seeds, key, path=None, mask_seed=0
     ``run(indices, seed) -> (T,)`` (a :class:`Trainer`); masks :func:`subset_masks` ``(n_train, subsets,
     mask_seed)``: subset ``m`` keeps ``n_train // 2`` images; ``seeds``: the training seeds (each subset is
     trained under every one); ``path``: the cache file (None: nothing cached). A cache with more subsets or
-    seeds keeps them.
+    seeds keeps them. ``runner``: where the runs train (default :func:`run_locally` with ``run``; Ray:
+    :class:`influence.calibration.shards.RayRunner`), the cache written after each finished run either way.
     """
     count, seeds = int(subsets), [int(s) for s in seeds]
     if count < 2:
@@ -212,14 +225,16 @@ def retrain(run, n_train, n_test, *, subsets, seeds, key, path=None, mask_seed=0
              "%d to train", subsets, len(seeds), n_train, n_train // 2, reused,
              f" in {path}" if path is not None and reused else "", len(todo))
     with progress(total=len(todo), desc="calibrate: retraining", unit="run", disable=not show or not todo) as bar:
-        for si, m in todo:
-            t0 = time.perf_counter()
-            losses[si, m] = run(np.flatnonzero(masks[m]), all_seeds[si])
-            seconds[si, m] = time.perf_counter() - t0
+        def finished(index, value):
+            si, m = todo[index]
+            losses[si, m], seconds[si, m] = np.asarray(value[0], np.float64), float(value[1])
             done[si, m] = True
             if path is not None:
                 save_cache(path, key, masks, all_seeds, losses, done, seconds)
             bar.update(1)
+
+        (runner or run_locally(run))([(j, (np.flatnonzero(masks[m]), all_seeds[si]))
+                                      for j, (si, m) in enumerate(todo)], finished)
     sub = np.ix_(rows, range(int(subsets)))
     return {"masks": masks[:subsets], "seeds": np.asarray(seeds, np.int64), "losses": losses[sub],
             "done": done[sub], "seconds": float(seconds[sub].sum()), "trained": len(todo), "reused": reused,

@@ -7,6 +7,8 @@ Sub-packages in the order the data flows through them; :mod:`influence.engine` d
   curvature  -- inverse-HVP methods behind one registry: exact, cg, lissa, kfac/ekfac, pcg, krylov, dpcg;
                 the choice of --solver auto; the cache
   scoring    -- scorer (batched influence scores with a per-layer split), self_influence
+  calibration -- --calibrate / Influence.calibrate: the LDS of a (solver, damping) grid against the model
+                retrained on random half-subsets (cached), the noise ceiling, the best cell
   outputs    -- report (CSV files, score dicts, figures), strips and summary (the figures, laid out once),
                 writer (background writing), html_report
 

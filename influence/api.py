@@ -111,6 +111,8 @@ class Influence:
         #: how a Ray worker loads the model (:meth:`worker_spec`): None for a model object
         self._model_source = ((str(model), weights, preprocess, params) if isinstance(model, (str, Path))
                               else None)
+        #: the Keras model object given (None for a file or name): :meth:`calibrate` retrains it from its compile config
+        self._model_object = None if isinstance(model, (str, Path)) else model
         train = train_data(train, preprocess)
         clf = _classifier(model, weights, preprocess, params)
         if check is not None:
@@ -429,6 +431,42 @@ class Influence:
         self.fit()
         return self_influence(self.solver, self.derivs, self.train, batch=batch or self.score_batch, limit=limit,
                               vectors=vectors, progress=self.progress)
+
+    # --- calibration (influence.calibration) ---------------------------------------------------------
+    def with_solver(self, solver, damping=None, **options):
+        """An Influence on the same model, training set, curvature cache and memory budget with another
+        registered ``solver`` and ``damping`` (default: this one's); the solver options are this one's updated
+        by ``options``. Nothing is reloaded; its fit is its own (loaded from the cache when there), in this
+        process (no Ray backend)."""
+        import copy
+
+        from influence.curvature import REGISTRY
+
+        if solver not in REGISTRY:
+            raise SettingError("solver", f"must be one of {', '.join(REGISTRY)}, got {solver!r}")
+        _check_options([solver], options, repr(solver))
+        _, own_damping, own_options = self._solver_args
+        other = copy.copy(self)
+        other._set_solver(solver, parse_setting("damping", own_damping if damping is None else damping),
+                          {**own_options, **options}, self.progress, given=())
+        other._fitted, other.loaded, other._key = False, False, None
+        other.backend = _local()
+        return other
+
+    def calibrate(self, test_images, test_labels, train_fn=None, subsets=16, seeds=2, epochs="auto",
+                  batch_size=32, solvers=None, dampings=None, cache=None):
+        """How far the scores can be trusted on this model: the LDS of a (solver, damping) grid against the
+        model retrained from scratch on ``subsets`` random half-subsets of the training set (``seeds`` seeds
+        each; 2 measure the noise ceiling) -> :class:`influence.calibration.Calibration` (``rows``, ``best``,
+        ``ceiling``, ``verdict()``, ``table()``). ``train_fn(x, y) -> model`` trains one model (default: a
+        fresh clone of the model compiled from its own compile config, ``epochs`` x ``batch_size``);
+        ``cache``: a folder for the retrainings (default: this object's ``cache``; None: not kept).
+        See :func:`influence.calibration.calibrate`."""
+        from influence.calibration import calibrate
+
+        return calibrate(self, test_images, test_labels, train_fn=train_fn, subsets=subsets, seeds=seeds,
+                         epochs=epochs, batch_size=batch_size, solvers=solvers, dampings=dampings,
+                         cache=self.cache if cache is None else cache)
 
     def catalogue(self):
         """The training images' keys, files and labels (:class:`influence.catalogue.TrainCatalogue`)."""

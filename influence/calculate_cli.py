@@ -109,6 +109,13 @@ def build_parser():
     add("--score-batch", type=int, metavar="N")
     add("--workers", type=int, metavar="N")
     add("--ray-address", metavar="ADDR")
+    add("--calibrate", action="store_true")
+    add("--calibrate-subsets", type=int, metavar="M")
+    add("--calibrate-seeds", type=int, metavar="S")
+    add("--calibrate-solvers", metavar="NAME,...")
+    add("--calibrate-damping", metavar="D,...")
+    add("--epochs", type=setting_arg("epochs"), metavar="auto|E")
+    add("--batch-size", type=int, metavar="B")
     p.add_argument("-v", "--verbose", action="store_true", help="more log messages")
     return p
 

@@ -283,12 +283,25 @@ def load_model(settings, inputs, given=()):
     from influence.api import Influence
 
     t0 = timer()
-    inf = Influence.from_settings(settings, inputs.train, given=given,
-                                  check=lambda clf: check_compatible(clf, inputs.train, inputs.test, inputs.folders))
+
+    def build(s):
+        return Influence.from_settings(s, inputs.train, given=given,
+                                       check=lambda clf: check_compatible(clf, inputs.train, inputs.test,
+                                                                          inputs.folders))
+
+    inf = build(settings)
     settings = dataclasses.replace(settings, solver=inf.solver_name)
+    calibration, t_load = None, timer() - t0
+    if settings.calibrate:               # --calibrate: may change the solver and damping the run uses
+        from influence.calibration.job import calibrate_run
+
+        settings, inf, calibration = calibrate_run(settings, inputs, inf, frozenset(given), build)
     check_run(settings, inputs)
     job = Job(settings, RunRecord(settings.out, settings), None, t0)
-    job.record.add_time("load_model_s", timer() - t0)
+    job.record.add_time("load_model_s", t_load)
+    if calibration is not None:
+        job.record.data["calibration"] = calibration
+        job.record.add_time("calibrate_s", calibration["seconds"])
     log.info("model %s: %d parameters over %d layers (params %s); %d training images in %s",
              settings.model, inf.clf.num_params, len(inf.clf.groups), settings.params, len(inputs.train),
              inputs.train.path)

@@ -26,7 +26,8 @@ from influence.errors import SettingError, UserError
 #: the concerns the settings are grouped by, in the order calculate.py's --help shows them
 GROUPS = ("data and outputs", "model", "inverse Hessian-vector product",
           "self-influence: which training images look mislabelled?", "resources",
-          "scale-out (needs Ray: pip install -r requirements-distributed.txt)")
+          "scale-out (needs Ray: pip install -r requirements-distributed.txt)",
+          "calibration: how far can the scores be trusted on this model? (retrains it)")
 
 #: the factor of ``damping auto``: λ_b = AUTO_FACTOR × mean eigenvalue of block b
 #: (:mod:`influence.curvature.damping` says how each method takes it)
@@ -127,7 +128,42 @@ def _scale_option(value):
     return scale_value(value)
 
 
-_DATA, _MODEL, _IHVP, _SELF, _RES, _RAY = GROUPS
+def parse_epochs(epochs):
+    """``epochs``' one parser: ``"auto"`` or a positive int (from a string too); SettingError otherwise."""
+    if isinstance(epochs, str) and epochs.strip().lower() == "auto":
+        return "auto"
+    try:
+        value = int(epochs)
+    except (TypeError, ValueError):
+        raise SettingError("epochs", f"must be a positive integer or auto, got {epochs!r}") from None
+    if value < 1 or value != float(epochs):
+        raise SettingError("epochs", f"must be a positive integer or auto, got {epochs!r}")
+    return value
+
+
+def _dampings(text):
+    """``calibrate_damping``'s check: comma-separated dampings, each as ``damping`` takes it."""
+    if text is None:
+        return None
+    items = [t for t in str(text).split(",") if t.strip()]
+    if not items:
+        return "must name at least one damping (e.g. 0.1x,1x,10x)"
+    for item in items:
+        try:
+            parse_damping(item)
+        except UserError as exc:
+            return f"{item.strip()!r}: {exc}"
+    return None
+
+
+def _names(text):
+    """``calibrate_solvers``' check: comma-separated names (checked against the registry when calibrating)."""
+    if text is None:
+        return None
+    return None if [t for t in str(text).split(",") if t.strip()] else "must name at least one solver (e.g. ekfac)"
+
+
+_DATA, _MODEL, _IHVP, _SELF, _RES, _RAY, _CAL = GROUPS
 
 
 @dataclasses.dataclass
@@ -221,6 +257,28 @@ class Settings:
     ray_address: str = _setting(None, _RAY, "join a running Ray cluster (`ray start --head` prints ADDR, host:6379) "
                                             "instead of starting one; every node must see data and out at the same "
                                             "paths")
+
+    calibrate: bool = _setting(False, _CAL, "before scoring, retrain the model from scratch on random half-subsets "
+                                            "of the training set (its own compiled optimizer and loss), measure the "
+                                            "LDS of a small (solver, damping) grid against those retrainings and the "
+                                            "noise ceiling, write OUT/calibration.csv/.json and run.json's "
+                                            "calibration entry, and use the best (solver, damping) unless solver or "
+                                            "damping is given (then the best that agrees with them); retrainings "
+                                            "are cached under the curvature cache")
+    calibrate_subsets: int = _setting(16, _CAL, "calibrate: random half-subsets retrained (M)", _at_least(2))
+    calibrate_seeds: int = _setting(2, _CAL, "calibrate: training seeds per subset; 2 measure the noise ceiling "
+                                             "(seed-to-seed Spearman), 1 halves the retraining and leaves it "
+                                             "unmeasured", _at_least(1))
+    calibrate_solvers: str = _setting(None, _CAL, "calibrate: comma-separated solvers scored besides the run's "
+                                                   "(default: ekfac)", _names)
+    calibrate_damping: str = _setting(None, _CAL, "calibrate: comma-separated dampings of every solver of the grid, "
+                                                   "besides the run's own (default: 0.1x,1x,10x)", _dampings)
+    epochs: int | str = _setting("auto", _CAL, "calibrate: epochs of each retraining; auto = as long as the saved "
+                                             "training: the optimizer steps saved in the model file x batch_size / "
+                                             "training images (refused when the file holds no steps)",
+                                 parse=parse_epochs)
+    batch_size: int = _setting(32, _CAL, "calibrate: batch size of each retraining (Keras' fit default)",
+                               _at_least(1))
 
     def __post_init__(self):
         # a setting with a value type is parsed here, once: its parser returns a parsed value as it is

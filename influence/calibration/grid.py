@@ -1,0 +1,102 @@
+"""The pure numbers of ``--calibrate``: the (solver, λ) grid, the LDS of each cell, the noise ceiling, the
+choice and the verdict. Arrays in, arrays out; shapes in each docstring. The LDS itself is the panel's
+(:mod:`influence.experiments.lds_metrics`: :func:`predicted_changes`, :func:`lds`, :func:`noise_ceiling`).
+"""
+import dataclasses
+
+import numpy as np
+
+from influence.experiments.lds_metrics import lds, nanmean, noise_ceiling, predicted_changes  # noqa: F401
+from influence.settings import Damping, parse_damping
+
+#: the default grid: the run's solver and EK-FAC (block-diagonal: the other family of curvature), each at
+#: three dampings a decade apart around the mean eigenvalue (the issue-30 measurements put the best λ of
+#: four models between 0.1x and 10x), plus the run's own (solver, damping)
+DEFAULT_SOLVERS = ("ekfac",)
+DEFAULT_DAMPINGS = ("0.1x", "1x", "10x")
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    """One (solver, damping) of the grid; ``run``: the run's own setting."""
+
+    solver: str
+    damping: Damping
+    run: bool = False
+
+    @property
+    def name(self):
+        return f"{self.solver} {self.damping}"
+
+
+def grid_cells(run_solver, run_damping, solvers=None, dampings=None):
+    """The cells to score, the run's own first: ``[Cell]``.
+
+    ``solvers``: names (default: the run's and :data:`DEFAULT_SOLVERS`); ``dampings``: values or text
+    (``0.01``, ``1x``; default :data:`DEFAULT_DAMPINGS`); the run's damping joins the run's solver's row.
+    Duplicates are dropped (``auto`` and ``0.1x`` are one).
+    """
+    run_damping = parse_damping(run_damping)
+    names = [run_solver] + [s for s in (solvers if solvers else DEFAULT_SOLVERS)]
+    values = [parse_damping(d) for d in (dampings if dampings else DEFAULT_DAMPINGS)]
+    cells, seen = [Cell(run_solver, run_damping, run=True)], {(run_solver, run_damping)}
+    for name in dict.fromkeys(names):
+        for value in values:
+            if (name, value) not in seen:
+                seen.add((name, value))
+                cells.append(Cell(name, value))
+    return cells
+
+
+def actual_losses(losses):
+    """The retrained models' test losses averaged over the seeds: ``(S, M, T)`` -> float64 ``(M, T)``."""
+    a = np.asarray(losses, dtype=np.float64)
+    if a.ndim != 3:
+        raise ValueError(f"losses must be (seeds, subsets, tests), got {a.shape}")
+    return a.mean(axis=0)
+
+
+def cell_lds(scores, masks, losses):
+    """LDS of one cell per test image: ``(T,)``.
+
+    ``scores`` float ``(T, N)`` (``score ≈ N × change of the test loss when the image is removed``),
+    ``masks`` bool ``(M, N)`` (True = kept in subset m), ``losses`` ``(S, M, T)``: Spearman over the ``M``
+    subsets of the predicted change (:func:`predicted_changes`) against the seed-mean actual loss.
+    """
+    return lds(predicted_changes(scores, masks), actual_losses(losses))
+
+
+def ceiling(losses):
+    """Seed-to-seed Spearman over the subsets, mean over the test images (float), or None with one seed.
+
+    ``losses``: ``(S, M, T)``. Comparing one seed's losses with another's, it bounds how well any score
+    can predict a single retraining (the LDS compares with the mean over the seeds, so a cell may pass it).
+    """
+    a = np.asarray(losses, dtype=np.float64)
+    if a.shape[0] < 2:
+        return None
+    return nanmean(noise_ceiling(a))
+
+
+def choose(means, allowed=None):
+    """Index of the best cell: the largest finite mean LDS among ``allowed`` (bool per cell, default all);
+    ties go to the earlier cell (the run's own comes first). None when no allowed cell has a finite LDS.
+
+    ``means``: ``(C,)`` floats (nan for a cell that could not be scored).
+    """
+    means = np.asarray(means, dtype=np.float64)
+    ok = np.isfinite(means) & (np.ones(len(means), bool) if allowed is None else np.asarray(allowed, bool))
+    if not ok.any():
+        return None
+    best = np.where(ok, means, -np.inf)
+    return int(np.flatnonzero(best == best.max())[0])
+
+
+def verdict(best_name, best_lds, ceiling_value, run_name, run_lds):
+    """The one line: ``scores on this model: LDS 0.41 (noise ceiling 0.55) with ekfac 1x; the run used krylov
+    0.1x: LDS 0.33`` (or ``... with krylov 0.1x, the run's own setting``)."""
+    ceil = "noise ceiling not measured: one seed" if ceiling_value is None else f"noise ceiling {ceiling_value:.2f}"
+    line = f"scores on this model: LDS {best_lds:.2f} ({ceil}) with {best_name}"
+    if run_name == best_name:
+        return line + ", the run's own setting"
+    return line + f"; the run used {run_name}: LDS {run_lds:.2f}"

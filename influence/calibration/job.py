@@ -1,0 +1,99 @@
+"""``calculate.py --calibrate``: the calibration step of the calculate job (:mod:`influence.engine`).
+
+Runs once the model is loaded and ``solver auto`` resolved, before the resume check: the test images
+are those the run scores (every item of its folders, ``limit`` applied, finished or not, so a resumed run
+measures the same set), the retrainings are cached under the curvature cache (``<cache>/calibration/``),
+and each solver of the grid is fitted into the same curvature cache, so the run loads the one it uses.
+
+Which (solver, damping) the run then uses: the best cell of the grid that agrees with every one of
+``solver`` and ``damping`` given explicitly. Neither given: the best cell; ``solver`` given: its best
+damping; ``damping`` given: the best solver at that damping; both given: the run's own, measured only.
+"""
+import dataclasses
+import logging
+import time
+
+import numpy as np
+
+from influence import distributed
+from influence.errors import SettingError
+
+log = logging.getLogger(__name__)
+
+
+def _split(text):
+    return [t.strip() for t in str(text).split(",") if t.strip()] if text else None
+
+
+def test_images(inputs, settings):
+    """uint8 ``(T, H, W, C)`` and int64 ``(T,)``: every test image the run scores (folder, label, number order)."""
+    from influence.engine import list_test_items
+
+    items, _ = list_test_items(inputs.test, inputs.folders, dataclasses.replace(settings, overwrite=True))
+    arrays = {f: inputs.test.read(f) for f in dict.fromkeys(it.folder for it in items)}
+    x = np.stack([arrays[it.folder][0][it.index] for it in items]) if items else None
+    y = np.array([arrays[it.folder][1][it.index] for it in items], np.int64).reshape(-1)
+    return x, y
+
+
+def allowed_cells(cells, given):
+    """bool per cell: it agrees with the explicit ``solver`` / ``damping`` (the run's own cell holds both)."""
+    run = next(c for c in cells if c.run)
+    return [(("solver" not in given) or c.solver == run.solver) and (("damping" not in given) or
+                                                                     c.damping == run.damping) for c in cells]
+
+
+def calibrate_run(settings, inputs, inf, given, rebuild):
+    """The step -> ``(settings, inf, record)``: ``settings`` with the solver and damping the run uses,
+    ``inf`` (rebuilt by ``rebuild(settings)`` when they changed), and run.json's ``calibration`` entry.
+
+    Writes ``calibration.csv`` and ``calibration.json`` in ``out`` and logs the table and the verdict.
+    """
+    from pathlib import Path
+
+    from influence.calibration import calibrate
+    from influence.calibration.grid import choose
+    from influence.curvature import REGISTRY
+
+    solvers = _split(settings.calibrate_solvers)
+    for name in solvers or ():
+        if name not in REGISTRY:
+            raise SettingError("calibrate_solvers", f"{name!r} is not a solver; one of {', '.join(REGISTRY)}")
+    x, y = test_images(inputs, settings)
+    if x is None:
+        raise SettingError("calibrate", "the run has no test images to measure the test loss on")
+    cache = Path(settings.cache) if settings.cache else Path(settings.out) / "curvature"
+    t0 = time.perf_counter()
+    runner = None
+    if distributed.enabled(settings):                 # --workers / --ray-address: the retrainings as Ray tasks
+        from influence.calibration.shards import RayRunner
+
+        runner = RayRunner(settings.workers, settings.ray_address)
+    result = calibrate(inf, x, y, subsets=settings.calibrate_subsets, seeds=settings.calibrate_seeds,
+                       epochs=settings.epochs, batch_size=settings.batch_size, solvers=solvers,
+                       dampings=_split(settings.calibrate_damping), cache=cache, runner=runner)
+    for line in result.table():
+        log.info("   %s", line)
+    log.info("%s", result.verdict())
+    pick = choose(result.means, allowed_cells(result.cells, given))
+    record = result.record()
+    run = result.cells[result.run]
+    use = run if pick is None else result.cells[pick]
+    if use != run:
+        settings = dataclasses.replace(settings, solver=use.solver, damping=use.damping)
+        inf = rebuild(settings)
+        inf.solver_choice = (f"calibrate: {use.name}, the best LDS of the grid ({result.means[pick]:.3f} against "
+                             f"{result.means[result.run]:.3f} for {run.name})")
+        log.info("calibrate: this run uses %s (LDS %.3f) instead of %s (LDS %.3f)%s", use.name, result.means[pick],
+                 run.name, result.means[result.run],
+                 f"; {' and '.join(sorted(given & {'solver', 'damping'}))} given: the best that agrees" if
+                 given & {"solver", "damping"} else "")
+    elif pick is not None and pick != result.best:
+        log.info("calibrate: this run keeps %s (%s given explicitly)", run.name,
+                 " and ".join(sorted(given & {"solver", "damping"})))
+    record["applied"] = {"solver": use.solver, "damping": str(use.damping), "changed": use != run}
+    csv_path, json_path = result.write(settings.out)
+    record["files"] = [str(csv_path), str(json_path)]
+    record["seconds"] = round(time.perf_counter() - t0, 2)
+    log.info("calibrate: wrote %s and %s (%.0f s)", csv_path, json_path.name, record["seconds"])
+    return settings, inf, record

@@ -1,0 +1,122 @@
+"""Scoring the (solver, λ) grid of ``--calibrate`` on the model's own training set.
+
+Each solver is fitted ONCE (or loaded from the curvature cache, which the run then loads too); a damping
+changes only the per-test formula of the fitted state: EK-FAC/K-FAC re-form ``Λ + ρ + λ``
+(:func:`influence.curvature.kfac_solve.damped_eigenvalues`, per layer for a relative damping), krylov keeps
+its basis and re-reads its rank for the new λ (``--rank auto``), exact keeps its dense matrix, cg/pcg/dpcg
+keep their fit and solve again. LiSSA's fitted scale depends on λ, so it is fitted per damping. The
+inverse-HVPs of all of a solver's dampings are scored together, in as few passes over the training set as
+the memory plan allows (:meth:`influence.Influence.plan`).
+"""
+import logging
+
+import numpy as np
+
+from influence.errors import UserError
+from influence.experiments.lds_metrics import predicted_changes
+
+log = logging.getLogger(__name__)
+
+#: solvers whose fitted state depends on λ: one fit per damping
+REFIT_PER_DAMPING = frozenset({"lissa"})
+
+
+def set_damping(solver, damping):
+    """Give a fitted ``solver`` another damping without refitting.
+
+    The damping setter (λ resolved again on use: K-FAC/EK-FAC re-form ``Λ + ρ + λ``, cg solves with it), and
+    what a method fixed at fit time from λ: a low-rank basis (krylov, dpcg's part) re-reads its rank for the
+    new λ, exact re-forms ``H + λI``, pcg's EK-FAC preconditioner takes the λ too. tests/test_calibrate.py
+    checks, for every method, that the result equals a solver built with that damping.
+    """
+    solver.damping = damping
+    for name in ("krylov", "ekfac"):                 # the fitted part of dpcg / pcg
+        part = getattr(solver, name, None)
+        if part is not None and part is not solver:
+            part.damping = damping
+    for part in (solver, getattr(solver, "krylov", None)):
+        if part is not None and hasattr(part, "_choose_rank") and getattr(part, "_theta", None) is not None:
+            part._choose_rank()
+    if getattr(solver, "_hessian", None) is not None and hasattr(solver, "_set_hessian"):
+        solver._set_hessian(solver._hessian)
+
+
+def _resolved(solver):
+    """The λ in use: a float (one λ), or ``{layer: λ}`` for a per-layer method."""
+    lam = solver.damping
+    if lam is None:
+        return dict(solver.info.get("damping_per_layer", {}))
+    return float(lam)
+
+
+def _concat(parts):
+    """Stack Vecs with leading axes (tuples of tensors) along axis 0."""
+    import tensorflow as tf
+
+    return tuple(tf.concat([p[i] for p in parts], axis=0) for i in range(len(parts[0])))
+
+
+def score_solver(sibling, cells, grads, masks, show=True):
+    """Predicted test-loss changes of each of ``cells`` (all of one solver): ``{cell: float64 (M, T)}`` and
+    ``{cell: λ resolved}``.
+
+    ``sibling``: an :class:`influence.Influence` with that solver (fitted here, or loaded from its cache);
+    ``grads``: the T test gradients (Vecs); ``masks`` bool ``(M, N)``. The (cell, test image) pairs are
+    scored in chunks of the memory plan's group size: per chunk each cell's inverse-HVPs, then ONE pass over
+    the training set for all of them.
+    """
+    sibling.fit()
+    solver = sibling.solver
+    t_count = len(grads)
+    pairs = [(c, t) for c in range(len(cells)) for t in range(t_count)]
+    plan = sibling.plan(len(pairs), solver=solver)
+    predicted = {cell: np.zeros((masks.shape[0], t_count)) for cell in cells}
+    lams = {}
+    for start in range(0, len(pairs), plan.vectors):
+        chunk = pairs[start:start + plan.vectors]
+        stacks, where = [], []
+        for c in dict.fromkeys(c for c, _ in chunk):
+            ts = [t for cc, t in chunk if cc == c]
+            set_damping(solver, cells[c].damping)
+            stacks.append(solver.solve_stacked([grads[t] for t in ts], ids=[("calibrate", t) for t in ts]))
+            lams[cells[c]] = _resolved(solver)
+            where.extend((c, t) for t in ts)
+        stacked = stacks[0] if len(stacks) == 1 else _concat(stacks)
+        del stacks
+        shares = sibling.score_stacked(stacked, score_batch=plan.score_batch,
+                                       desc=f"calibrate: scoring {len(where)} (λ, test image) pair(s) "
+                                            f"with {sibling.solver_name}")
+        scores = np.asarray(shares, np.float64).sum(axis=2)          # (pairs, N)
+        del stacked, shares
+        change = predicted_changes(scores, masks)                     # (M, pairs)
+        for j, (c, t) in enumerate(where):
+            predicted[cells[c]][:, t] = change[:, j]
+    return predicted, lams
+
+
+def score_cells(inf, cells, grads, masks, show=True):
+    """Every cell of the grid -> ``({cell: (M, T)}, {cell: λ}, {cell: reason it was skipped})``.
+
+    Cells are grouped by solver, each solver fitted once (:func:`score_solver`; LiSSA once per damping). A
+    solver other than the run's that cannot run on this model (a setting it refuses: e.g. ekfac on a
+    subclassed model) is skipped with its reason; the run's own solver's errors propagate.
+    """
+    predicted, lams, skipped = {}, {}, {}
+    by_solver = {}
+    for cell in cells:
+        by_solver.setdefault(cell.solver, []).append(cell)
+    for name, group in by_solver.items():
+        batches = [[c] for c in group] if name in REFIT_PER_DAMPING else [group]
+        for batch in batches:
+            try:
+                sibling = inf.with_solver(name, damping=batch[0].damping)
+                got, lam = score_solver(sibling, batch, grads, masks, show)
+            except UserError as exc:
+                if any(c.run for c in batch):
+                    raise
+                log.warning("calibrate: %s skipped: %s", name, exc)
+                skipped.update({c: str(exc) for c in batch})
+                continue
+            predicted.update(got)
+            lams.update(lam)
+    return predicted, lams, skipped

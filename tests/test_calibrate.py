@@ -1,0 +1,320 @@
+"""--calibrate (influence.calibration): LDS against retraining on half-subsets, its cache, its refusal, and
+calculate.py's step end to end. Tiny models and data: each test takes seconds."""
+import contextlib
+import io
+import json
+import subprocess
+
+import numpy as np
+import pytest
+
+keras = pytest.importorskip("keras")
+
+SIZE, K, N, T = 8, 4, 96, 5
+
+
+def _images(rng, n):
+    """uint8 (n, 8, 8, 3) whose colour depends on the class (learnable), int64 labels (n,)."""
+    y = rng.integers(0, K, n)
+    x = rng.normal(70, 45, (n, SIZE, SIZE, 3)) + 35.0 * y[:, None, None, None]
+    x[..., 1] += 60.0 * (y % 2)[:, None, None]
+    return np.clip(x, 0, 255).astype(np.uint8), y.astype(np.int64)
+
+
+def _build(seed=0):
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential([keras.Input((SIZE, SIZE, 3)), keras.layers.Conv2D(2, 3, activation="relu", name="conv"),
+                             keras.layers.Flatten(), keras.layers.Dense(K, activation="softmax", name="dense")])
+
+
+def _save_model(path, x, y, compiled=True, epochs=2):
+    model = _build()
+    if compiled:
+        model.compile(optimizer=keras.optimizers.Adam(1e-2), loss=keras.losses.SparseCategoricalCrossentropy())
+        model.fit(x / 255.0, y, epochs=epochs, batch_size=32, verbose=0)
+    model.save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cal")
+    rng = np.random.default_rng(0)
+    x, y = _images(rng, N)
+    xt, yt = _images(rng, T)
+    return root, _save_model(root / "model.keras", x, y), x, y, xt, yt
+
+
+def _influence(tiny, **kw):
+    import influence
+
+    _, model, x, y, _, _ = tiny
+    return influence.Influence(str(model), train=(x, y), preprocess="unit", progress=False,
+                               **{"solver": "exact", "damping": "1x", **kw})
+
+
+# --- pure-Python Spearman: the LDS by hand ------------------------------------------------------------------
+
+def _ranks(values):
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    ranks = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    return ranks
+
+
+def _spearman(a, b):
+    ra, rb = _ranks(list(a)), _ranks(list(b))
+    ma, mb = sum(ra) / len(ra), sum(rb) / len(rb)
+    cov = sum((p - ma) * (q - mb) for p, q in zip(ra, rb))
+    den = (sum((p - ma) ** 2 for p in ra) * sum((q - mb) ** 2 for q in rb)) ** 0.5
+    return cov / den if den else float("nan")
+
+
+def test_lds_equals_a_spearman_by_hand_on_the_same_numbers(tiny, tmp_path):
+    inf = _influence(tiny, cache=str(tmp_path))         # the grid's fits are cached: scores() below loads them
+    xt, yt = tiny[4], tiny[5]
+    result = inf.calibrate(xt, yt, subsets=6, seeds=2, epochs=1, solvers=["ekfac"], dampings=["0.1x", "1x"])
+    assert result.facts["cache"].startswith(str(tmp_path / "calibration" / "retrain-"))
+    names = [c.name for c in result.cells]
+    assert names == ["exact 1x", "exact 0.1x", "ekfac 0.1x", "ekfac 1x"] and result.cells[0].run
+    with np.load(result.facts["cache"]) as z:
+        masks, losses = z["masks"][:6], z["losses"][:2, :6]
+    assert masks.shape == (6, N) and (masks.sum(axis=1) == N // 2).all() and np.isfinite(losses).all()
+    actual = losses.mean(axis=0)                                  # (M, T): the seed mean
+    for i, cell in enumerate(result.cells):
+        # the scores by another path: the API's own scores() with that solver and damping
+        scores = inf.with_solver(cell.solver, damping=cell.damping).scores(xt, yt).astype(np.float64)   # (T, N)
+        for t in range(T):
+            predicted = [sum(float(scores[t, j]) for j in range(N) if not masks[m, j]) / N for m in range(6)]
+            want = _spearman(predicted, list(actual[:, t]))
+            assert result.lds[i, t] == pytest.approx(want, abs=1e-9), (cell.name, t)
+    ceiling = np.mean([_spearman(list(losses[0, :, t]), list(losses[1, :, t])) for t in range(T)])
+    assert result.ceiling == pytest.approx(ceiling, abs=1e-12)
+    means = [float(np.nanmean(row)) for row in result.lds]
+    assert result.best == int(np.nanargmax(means))
+    assert f"LDS {means[result.best]:.2f} (noise ceiling {ceiling:.2f}) with {names[result.best]}" in result.verdict()
+    # the dampings really differ: exact 1x and 0.1x give other scores (not one fit's λ reused)
+    assert not np.allclose(inf.with_solver("exact", damping="1x").scores(xt, yt),
+                           inf.with_solver("exact", damping="0.1x").scores(xt, yt))
+
+
+@pytest.mark.parametrize("solver", ["exact", "krylov", "kfac", "ekfac", "cg", "pcg", "dpcg"])
+def test_changing_the_damping_of_a_fitted_solver_equals_a_fresh_fit(tiny, solver):
+    """calibrate fits each solver once and varies λ (scoring.set_damping): the same as fitting at that λ."""
+    from influence.calibration.scoring import set_damping
+    from influence.settings import parse_damping
+
+    inf = _influence(tiny)
+    grads = inf.test_gradients(tiny[4][:2], tiny[5][:2])
+    first = inf.with_solver(solver, damping="0.1x")
+    first.fit()
+    first.solver.solve(grads)                     # used once at 0.1x
+    set_damping(first.solver, parse_damping("3x"))
+    got = [np.concatenate([np.ravel(p) for p in v]) for v in first.solver.solve(grads)]
+    fresh = inf.with_solver(solver, damping="3x")
+    fresh.fit()
+    want = [np.concatenate([np.ravel(p) for p in v]) for v in fresh.solver.solve(grads)]
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6 * np.abs(w).max())
+
+
+def test_a_second_call_reuses_the_retrainings_and_an_interrupted_one_resumes(tiny, tmp_path):
+    inf = _influence(tiny)
+    xt, yt = tiny[4], tiny[5]
+    calls, state = [], {"fail_after": None}
+
+    def train_fn(x, y):
+        if state["fail_after"] is not None and len(calls) >= state["fail_after"]:
+            raise RuntimeError("killed")
+        calls.append(len(y))
+        model = _build()
+        model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+        model.fit(x, y, epochs=1, batch_size=32, verbose=0)
+        return model
+
+    kw = dict(train_fn=train_fn, seeds=1, solvers=["exact"], dampings=["1x"], cache=tmp_path)
+    first = inf.calibrate(xt, yt, subsets=4, **kw)
+    assert calls == [N // 2] * 4 and first.facts["runs_trained"] == 4
+    assert first.ceiling is None and "noise ceiling not measured" in first.verdict()
+    again = inf.calibrate(xt, yt, subsets=4, **kw)
+    assert len(calls) == 4 and again.facts["runs_trained"] == 0 and again.facts["runs_reused"] == 4
+    np.testing.assert_array_equal(first.lds, again.lds)
+    state["fail_after"] = 5                     # more subsets: the 5th run finishes, the 6th is killed
+    with pytest.raises(RuntimeError, match="killed"):
+        inf.calibrate(xt, yt, subsets=6, **kw)
+    assert len(calls) == 5
+    state["fail_after"] = None
+    resumed = inf.calibrate(xt, yt, subsets=6, **kw)
+    assert len(calls) == 6 and resumed.facts["runs_trained"] == 1 and resumed.facts["runs_reused"] == 5
+    # other epochs are another key: nothing reused
+    other = inf.calibrate(xt, yt, subsets=2, **{**kw, "cache": tmp_path / "elsewhere"})
+    assert other.facts["runs_trained"] == 2 and len(calls) == 8
+
+
+def test_a_model_without_compile_config_is_refused_in_one_line(tiny, tmp_path):
+    import influence
+    from influence.errors import SettingError
+
+    _, _, x, y, xt, yt = tiny
+    path = _save_model(tmp_path / "bare.keras", x, y, compiled=False)
+    inf = influence.Influence(str(path), train=(x, y), preprocess="unit", solver="exact", progress=False)
+    with pytest.raises(SettingError, match=r"^calibrate: the model .* has no compile config .* train_fn"):
+        inf.calibrate(xt, yt, subsets=2)
+
+
+def test_the_explicit_flags_limit_what_calibrate_applies():
+    from influence.calibration.grid import grid_cells
+    from influence.calibration.job import allowed_cells
+
+    cells = grid_cells("krylov", "0.1x", ["ekfac"], ["1x"])
+    assert [c.name for c in cells] == ["krylov 0.1x", "krylov 1x", "ekfac 1x"]
+    assert allowed_cells(cells, frozenset()) == [True, True, True]
+    assert allowed_cells(cells, frozenset({"solver"})) == [True, True, False]
+    assert allowed_cells(cells, frozenset({"damping"})) == [True, False, False]
+    assert allowed_cells(cells, frozenset({"solver", "damping"})) == [True, False, False]
+
+
+# --- calculate.py --calibrate, in-process -------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, tiny):
+    from influence.data.prepare import prepare_data
+    from influence.prepare_cli import build_prepare_data_parser
+    from conftest import save_image
+
+    root = tmp_path_factory.mktemp("calproj")
+    rng = np.random.default_rng(1)
+    x, y = _images(rng, 48)
+    for i, (img, label) in enumerate(zip(x, y)):
+        save_image(str(root / "train" / str(label) / f"{i:03d}.png"), img)
+    xt, yt = _images(rng, 4)
+    for i, (img, label) in enumerate(zip(xt, yt)):
+        save_image(str(root / "orig" / str(label) / f"{i:03d}.png"), img)
+    prepare_data(build_prepare_data_parser().parse_args(
+        ["-tr", str(root / "train"), "-ts", str(root / "orig"), "-bs", "20", "--size", str(SIZE), "--out",
+         str(root / "data"), "--workers", "1"]))
+    from influence.data.archives import TrainArchive
+
+    with TrainArchive(root / "data" / "train.npz") as train:
+        xa, ya = train.take(np.arange(len(train)))
+    _save_model(root / "model.keras", xa, ya, epochs=3)
+    _save_model(root / "bare.keras", xa, ya, compiled=False)
+    return root
+
+
+def calc(root, *args):
+    from influence.calculate_cli import build_parser, job
+    from influence.cli import main
+
+    err = io.StringIO()
+    with contextlib.chdir(root), contextlib.redirect_stderr(err):
+        try:
+            code = main(build_parser, job, ["--data", "data", "--preprocess", "unit", "--no-figures", *map(str, args)])
+        except SystemExit as exc:
+            code = exc.code
+    return subprocess.CompletedProcess([], code, "", err.getvalue())
+
+
+CAL = ("--calibrate", "--calibrate-subsets", "4", "--calibrate-solvers", "kfac", "--calibrate-damping", "1x,10x")
+
+
+def test_calculate_calibrate_writes_its_files_and_run_json_and_a_rerun_reuses_them(project):
+    from influence.calibration.retrain import default_epochs
+
+    r = calc(project, "--model", "model.keras", *CAL, "--rank", "20", "--out", "out")
+    assert r.returncode == 0, r.stderr
+    out = project / "out"
+    run = json.loads((out / "run.json").read_text())
+    cal = run["calibration"]
+    names = [f"{row['solver']} {row['damping']}" for row in cal["rows"]]
+    assert names == ["krylov 0.1x", "krylov 1x", "krylov 10x", "kfac 1x", "kfac 10x"]
+    assert cal["rows"][0]["run"] and sum(row["best"] for row in cal["rows"]) == 1
+    assert cal["subsets"] == 4 and cal["seeds"] == [0, 1] and cal["runs_trained"] == 8
+    model = keras.models.load_model(project / "model.keras")
+    assert cal["epochs"] == default_epochs(int(model.optimizer.iterations), 32, 48) and cal["batch_size"] == 32
+    best = next(row for row in cal["rows"] if row["best"])
+    assert best["lds"] == max(row["lds"] for row in cal["rows"] if row["lds"] is not None)
+    assert cal["noise_ceiling"] is not None and "scores on this model: LDS" in cal["verdict"]
+    # neither solver nor damping given: the run uses the best cell, and run.json says so
+    assert cal["applied"] == {"solver": best["solver"], "damping": best["damping"],
+                              "changed": not cal["rows"][0]["best"]}
+    assert run["settings"]["solver"] == best["solver"] and str(run["settings"]["damping"]) == best["damping"]
+    assert "calibrate_s" in run["timings"] and cal["verdict"] in r.stderr
+    lines = (out / "calibration.csv").read_text().splitlines()
+    assert lines[0].startswith("solver,damping,lambda,lds") and len(lines) == 1 + len(names)
+    assert json.loads((out / "calibration.json").read_text())["rows"] == cal["rows"]
+    assert len(list((out / "curvature" / "calibration").glob("retrain-*.npz"))) == 1
+    # a rerun: the retrainings come from the cache, the same choice, and the run resumes
+    again = calc(project, "--model", "model.keras", *CAL, "--rank", "20", "--out", "out")
+    assert again.returncode == 0, again.stderr
+    cal2 = json.loads((out / "run.json").read_text())["calibration"]
+    assert cal2["runs_trained"] == 0 and cal2["runs_reused"] == 8 and cal2["rows"] == cal["rows"]
+
+
+def test_calculate_calibrate_keeps_an_explicit_solver_and_damping(project):
+    r = calc(project, "--model", "model.keras", *CAL, "--calibrate-seeds", "1", "--solver", "kfac", "--damping",
+             "10x", "--out", "kept")
+    assert r.returncode == 0, r.stderr
+    run = json.loads((project / "kept" / "run.json").read_text())
+    assert run["settings"]["solver"] == "kfac" and run["settings"]["damping"] == "10x"
+    assert run["calibration"]["applied"]["changed"] is False and run["calibration"]["noise_ceiling"] is None
+    assert "noise ceiling not measured" in run["calibration"]["verdict"]
+
+
+def test_calculate_calibrate_refuses_a_model_without_compile_config(project):
+    r = calc(project, "--model", "bare.keras", *CAL, "--out", "bare")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: --calibrate: the model bare.keras has no compile config"), last
+
+
+def test_calculate_calibrate_scores_with_the_cell_it_picks(project, monkeypatch):
+    """The best cell is not the run's own: the run is rebuilt with its solver and damping, and its scores are
+    that cell's (equal to a run that asked for it)."""
+    from influence.calibration import grid
+
+    names = ["krylov 0.1x", "krylov 1x", "krylov 10x", "kfac 1x", "kfac 10x"]
+    monkeypatch.setattr(grid, "choose", lambda means, allowed=None: names.index("kfac 10x"))
+    r = calc(project, "--model", "model.keras", *CAL, "--calibrate-seeds", "1", "--rank", "20", "--out", "picked")
+    assert r.returncode == 0, r.stderr
+    run = json.loads((project / "picked" / "run.json").read_text())
+    assert run["settings"]["solver"] == "kfac" and run["settings"]["damping"] == "10x"
+    assert run["calibration"]["applied"] == {"solver": "kfac", "damping": "10x", "changed": True}
+    assert run["solver_choice"].startswith("calibrate: kfac 10x") and run["solver_info"]["solver"] == "kfac"
+    assert "this run uses kfac 10x" in r.stderr
+    monkeypatch.undo()
+    asked = calc(project, "--model", "model.keras", "--solver", "kfac", "--damping", "10x", "--out", "asked")
+    assert asked.returncode == 0, asked.stderr
+    files = sorted((project / "picked" / "orig").rglob("*_scores.npy"))
+    assert len(files) == 4
+    for got in files:
+        np.testing.assert_array_equal(np.load(got), np.load(project / "asked" / got.relative_to(project / "picked")))
+
+
+def test_calculate_calibrate_shards_the_retraining_over_two_ray_workers(project):
+    """--workers 2: the retrainings run as Ray tasks and give the losses, the table and the choice of one
+    process."""
+    pytest.importorskip("ray", reason="Ray is optional: pip install -r requirements-distributed.txt")
+    import os
+
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    args = ("--model", "model.keras", *CAL, "--calibrate-seeds", "1", "--solver", "kfac")
+    local = calc(project, *args, "--out", "one")
+    assert local.returncode == 0, local.stderr
+    sharded = calc(project, *args, "--workers", "2", "--out", "ray")
+    assert sharded.returncode == 0, sharded.stderr
+    assert "calibrate: 4 retraining(s) as Ray tasks, 2 at once" in sharded.stderr
+    one, ray = (json.loads((project / out / "run.json").read_text())["calibration"] for out in ("one", "ray"))
+    assert ray["ray"] and not one["ray"] and ray["runs_trained"] == one["runs_trained"] == 4
+    with np.load(project / one["cache"]) as a, np.load(project / ray["cache"]) as b:
+        assert a["done"].all() and b["done"].all()
+        np.testing.assert_allclose(b["losses"], a["losses"], rtol=1e-5)
+    assert [r["lds"] for r in ray["rows"]] == pytest.approx([r["lds"] for r in one["rows"]], abs=1e-9)
+    assert ray["best"] == one["best"] and ray["applied"] == one["applied"]

@@ -392,6 +392,11 @@ class Influence:
         return np.concatenate([np.zeros((0, self.clf.num_classes))] +
                               [self.derivs.predict(x[s:s + batch]).numpy() for s in range(0, len(x), batch)])
 
+    def test_gradients(self, images, labels):
+        """``∇L(z_t)`` of each test image (a list of T Vecs), one image per call (``calibrate`` scores its
+        grid from them)."""
+        return self._gradients(*self._test_arrays(images, labels))
+
     def _gradients(self, x, y):
         return [self.derivs.gradient(x[t:t + 1], y[t:t + 1]) for t in range(len(y))]
 

@@ -77,6 +77,7 @@ def _spearman(a, b):
     return cov / den if den else float("nan")
 
 
+@pytest.mark.slow
 def test_lds_equals_a_spearman_by_hand_on_the_same_numbers(tiny, tmp_path):
     inf = _influence(tiny, cache=str(tmp_path))         # the grid's fits are cached: scores() below loads them
     xt, yt = tiny[4], tiny[5]
@@ -105,10 +106,10 @@ def test_lds_equals_a_spearman_by_hand_on_the_same_numbers(tiny, tmp_path):
                            inf.with_solver("exact", damping="0.1x").scores(xt, yt))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("solver", ["exact", "krylov", "kfac", "ekfac", "cg", "pcg", "dpcg"])
 def test_changing_the_damping_of_a_fitted_solver_equals_a_fresh_fit(tiny, solver):
-    """calibrate fits each solver once and varies λ (scoring.set_damping): the same as fitting at that λ."""
-    from influence.calibration.scoring import set_damping
+    """calibrate fits each solver once and varies λ (InverseHVP.set_damping): the same as fitting at that λ."""
     from influence.settings import parse_damping
 
     inf = _influence(tiny)
@@ -116,7 +117,7 @@ def test_changing_the_damping_of_a_fitted_solver_equals_a_fresh_fit(tiny, solver
     first = inf.with_solver(solver, damping="0.1x")
     first.fit()
     first.solver.solve(grads)                     # used once at 0.1x
-    set_damping(first.solver, parse_damping("3x"))
+    first.solver.set_damping(parse_damping("3x"))
     got = [np.concatenate([np.ravel(p) for p in v]) for v in first.solver.solve(grads)]
     fresh = inf.with_solver(solver, damping="3x")
     fresh.fit()
@@ -125,6 +126,7 @@ def test_changing_the_damping_of_a_fitted_solver_equals_a_fresh_fit(tiny, solver
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6 * np.abs(w).max())
 
 
+@pytest.mark.slow
 def test_a_second_call_reuses_the_retrainings_and_an_interrupted_one_resumes(tiny, tmp_path):
     inf = _influence(tiny)
     xt, yt = tiny[4], tiny[5]
@@ -225,6 +227,7 @@ def calc(root, *args):
 CAL = ("--calibrate", "--calibrate-subsets", "4", "--calibrate-solvers", "kfac", "--calibrate-damping", "1x,10x")
 
 
+@pytest.mark.slow
 def test_calculate_calibrate_writes_its_files_and_run_json_and_a_rerun_reuses_them(project):
     from influence.calibration.retrain import default_epochs
 
@@ -258,6 +261,7 @@ def test_calculate_calibrate_writes_its_files_and_run_json_and_a_rerun_reuses_th
     assert cal2["runs_trained"] == 0 and cal2["runs_reused"] == 8 and cal2["rows"] == cal["rows"]
 
 
+@pytest.mark.slow
 def test_calculate_calibrate_keeps_an_explicit_solver_and_damping(project):
     r = calc(project, "--model", "model.keras", *CAL, "--calibrate-seeds", "1", "--solver", "kfac", "--damping",
              "10x", "--out", "kept")
@@ -275,6 +279,7 @@ def test_calculate_calibrate_refuses_a_model_without_compile_config(project):
     assert last.startswith("error: --calibrate: the model bare.keras has no compile config"), last
 
 
+@pytest.mark.slow
 def test_calculate_calibrate_scores_with_the_cell_it_picks(project, monkeypatch):
     """The best cell is not the run's own: the run is rebuilt with its solver and damping, and its scores are
     that cell's (equal to a run that asked for it)."""
@@ -298,6 +303,7 @@ def test_calculate_calibrate_scores_with_the_cell_it_picks(project, monkeypatch)
         np.testing.assert_array_equal(np.load(got), np.load(project / "asked" / got.relative_to(project / "picked")))
 
 
+@pytest.mark.slow
 def test_calculate_calibrate_shards_the_retraining_over_two_ray_workers(project):
     """--workers 2: the retrainings run as Ray tasks and give the losses, the table and the choice of one
     process."""

@@ -1,7 +1,8 @@
 """Scoring the (solver, λ) grid of ``--calibrate`` on the model's own training set.
 
 Each solver is fitted ONCE (or loaded from the curvature cache, which the run then loads too); a damping
-changes only the per-test formula of the fitted state: EK-FAC/K-FAC re-form ``Λ + ρ + λ``
+changes only the per-test formula of the fitted state (each method's
+:meth:`~influence.curvature.base.InverseHVP.set_damping`): EK-FAC/K-FAC re-form ``Λ + ρ + λ``
 (:func:`influence.curvature.kfac_solve.damped_eigenvalues`, per layer for a relative damping), krylov keeps
 its basis and re-reads its rank for the new λ (``--rank auto``), exact keeps its dense matrix, cg/pcg/dpcg
 keep their fit and solve again. LiSSA's fitted scale depends on λ, so it is fitted per damping. The
@@ -19,26 +20,6 @@ log = logging.getLogger(__name__)
 
 #: solvers whose fitted state depends on λ: one fit per damping
 REFIT_PER_DAMPING = frozenset({"lissa"})
-
-
-def set_damping(solver, damping):
-    """Give a fitted ``solver`` another damping without refitting.
-
-    The damping setter (λ resolved again on use: K-FAC/EK-FAC re-form ``Λ + ρ + λ``, cg solves with it), and
-    what a method fixed at fit time from λ: a low-rank basis (krylov, dpcg's part) re-reads its rank for the
-    new λ, exact re-forms ``H + λI``, pcg's EK-FAC preconditioner takes the λ too. tests/test_calibrate.py
-    checks, for every method, that the result equals a solver built with that damping.
-    """
-    solver.damping = damping
-    for name in ("krylov", "ekfac"):                 # the fitted part of dpcg / pcg
-        part = getattr(solver, name, None)
-        if part is not None and part is not solver:
-            part.damping = damping
-    for part in (solver, getattr(solver, "krylov", None)):
-        if part is not None and hasattr(part, "_choose_rank") and getattr(part, "_theta", None) is not None:
-            part._choose_rank()
-    if getattr(solver, "_hessian", None) is not None and hasattr(solver, "_set_hessian"):
-        solver._set_hessian(solver._hessian)
 
 
 def _resolved(solver):
@@ -77,7 +58,7 @@ def score_solver(sibling, cells, grads, masks, show=True):
         stacks, where = [], []
         for c in dict.fromkeys(c for c, _ in chunk):
             ts = [t for cc, t in chunk if cc == c]
-            set_damping(solver, cells[c].damping)
+            solver.set_damping(cells[c].damping)
             stacks.append(solver.solve_stacked([grads[t] for t in ts], ids=[("calibrate", t) for t in ts]))
             lams[cells[c]] = _resolved(solver)
             where.extend((c, t) for t in ts)

@@ -93,6 +93,13 @@ class InverseHVP:
         self.damping_spec = self.check_damping(value)
         self._resolved = None
 
+    def set_damping(self, damping):
+        """Another damping for the fitted (or loaded) state, without fitting again: what the method fixed
+        from λ when it was fitted is formed anew (a krylov rank, exact's ``H + λI``). The result equals a
+        solver built with that damping and fitted (tests/test_calibrate.py checks every method);
+        ``--calibrate`` scores a grid of dampings on one fit this way."""
+        self.damping = damping
+
     def mean_eigenvalue(self):
         """``(trace(H)/P, its standard error, probes)`` of the matrix the method solves with, without
         damping: Hutchinson's estimate from :data:`TRACE_PROBES` products over the training set (a method

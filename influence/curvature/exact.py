@@ -67,6 +67,12 @@ class ExactSolver(InverseHVP):
             self.fit()
         return float(np.trace(self._hessian)) / len(self._hessian), 0.0, 0
 
+    def set_damping(self, damping):
+        """λ changed: ``H + λI`` formed again from the held Hessian (:meth:`InverseHVP.set_damping`)."""
+        self.damping = damping
+        if self._hessian is not None:
+            self._set_hessian(self._hessian)
+
     def _set_hessian(self, h):
         self._hessian = h
         a = h + self.damping * np.eye(len(h))

@@ -171,6 +171,12 @@ class KrylovSolver(InverseHVP):
                          residuals=self._residual.tolist(), num_params=self._params)
         self._choose_rank()
 
+    def set_damping(self, damping):
+        """λ changed on the fitted basis: the auto rank is chosen again for it (:meth:`InverseHVP.set_damping`)."""
+        self.damping = damping
+        if self._theta is not None:
+            self._choose_rank()
+
     def _choose_rank(self):
         """The rank used (``--rank`` or the auto rule over the converged pairs), σ, U and the floor φ."""
         kept = self._kept

@@ -153,6 +153,11 @@ class LockstepCG(CGSolver):
     def resident_bytes(self):
         return self.part.resident_bytes
 
+    def set_damping(self, damping):
+        """CG's λ and the preconditioning part's (its own fitted state re-damped)."""
+        self.damping = damping
+        self.part.set_damping(damping)
+
     @property
     def fit_bytes(self):
         """The part's fit's peak (None when its fit holds nothing large): the fit's chunk is planned by it."""

@@ -48,6 +48,8 @@ try:                                           # the figures laid out once (afte
         book.summary(rows_of(s), cat, layers).render(s, test, path, "png")
 except ImportError:                            # ... or drawn anew for every test image (before)
     from influence.outputs.report import summarize, top_indices
+# the score dict's writer: public now, private in the baseline commit
+save_score_dict = getattr(R, "save_score_dict", None) or R._save_score_dict
     def strip(kind, test, panels, path):
         R._save_figure(R._build_figure(kind, test, panels), path, "png")
     def summary(s, test, path):
@@ -77,7 +79,7 @@ for n in range(n_images + 1):
                            R._write_layerwise_csv(out / f"{n}_layerwise.csv", layers, shares, cat.keys, cat.files,
                                                   cat.labels, str)), count)
     def npys():
-        R.save_score_dict(out / f"{n}.npy", cat.keys, layers, shares, scores)
+        save_score_dict(out / f"{n}.npy", cat.keys, layers, shares, scores)
         np.save(out / f"{n}_scores.npy", scores.astype(np.float32))
     timed("score dicts (npy)", npys, count)
     test_image = R.TestImage(test["image"], 3, 5, 0.9, "0799.png")

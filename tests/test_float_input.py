@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import influence
-from engine_helpers import IMAGE, random_data, tiny_model, write_project
+from engine_helpers import IMAGE, tiny_model, write_project
 from influence.curvature import REGISTRY, solver_options
 from influence.data.archives import TestArchive, TrainArchive
 from influence.data.arrays import ArrayTrainSet, user_floats

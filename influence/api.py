@@ -46,7 +46,10 @@ class Influence:
       train: the training set: a ``train.npz`` written by ``prepare_data.py`` (path) or a ``TrainArchive``;
         ``(x, y)`` arrays in memory (:class:`influence.data.arrays.ArrayTrainSet`); or any object with
         ``len(train)`` batches and ``train[b] -> (x, y)`` (a ``keras.utils.PyDataset`` qualifies). Images
-        uint8, or float read as ``preprocess`` says (:func:`influence.data.arrays.user_pixels`).
+        uint8, or float: with ``preprocess="none"`` (or ``auto`` on a model file or object) float images are
+        the model's input as they are, any finite values (normalised, augmented), and the derivatives take
+        float input; with another ``preprocess`` float images must be pixel levels (``k / 255`` for ``unit``,
+        whole numbers otherwise), read as the uint8 image (:mod:`influence.data.arrays`).
       solver: ``"auto"`` (default: :mod:`influence.curvature.choice`: lissa when ``iter``, ``bsize``, ``scale``
         or ``repeats`` is passed, else krylov when ``memory_budget`` holds its basis over the model's
         parameters, else ekfac; :attr:`solver_name` and :attr:`solver_choice` say which and why) or a
@@ -56,7 +59,8 @@ class Influence:
         ``"auto"`` (0.1x), chosen by the LDS panel (README, "Is it right?").
       hessian: ``"ggn"`` (default: the Gauss-Newton matrix, positive semi-definite) or ``"full"`` (the
         Hessian, as Koh & Liang) for exact, cg, lissa, pcg; kfac/ekfac fit the Fisher either way.
-      preprocess: ``auto``, ``none``, ``caffe``, ``tf``, ``torch``, ``unit`` (x/255) -- what the model expects.
+      preprocess: ``auto``, ``none``, ``caffe``, ``tf``, ``torch``, ``unit`` (x/255) -- what the model expects
+        (``none``: the arrays are what the model eats).
       params: ``all``, ``last:N`` or layer names: the parameters the influence is taken over.
       weights: for a ``keras.applications`` name: ``imagenet``, a file, or ``none``.
       cache: a folder for the fitted curvature (reused while model, archive and settings agree).
@@ -113,8 +117,8 @@ class Influence:
                               else None)
         #: the Keras model object given (None for a file or name): :meth:`calibrate` retrains it from its compile config
         self._model_object = None if isinstance(model, (str, Path)) else model
-        train = train_data(train, preprocess)
         clf = _classifier(model, weights, preprocess, params)
+        train = train_data(train, preprocess, clf)
         if check is not None:
             check(clf)
         else:                           # calculate.py's check runs it with its own wording (engine)
@@ -201,7 +205,10 @@ class Influence:
         from influence.scoring import Scorer
 
         self.train, self.clf, self.model_name, self.preprocess = train, clf, model_name, preprocess
-        self.derivs = Derivatives(self.clf, self.train.image_shape)
+        #: the float dtype test images are cast to when the training set is float input (preprocess none),
+        #: else None: images are uint8 pixels (:func:`influence.data.arrays.user_images`)
+        self._float_dtype = getattr(train, "float_dtype", None)
+        self.derivs = Derivatives(self.clf, self.train.image_shape, float_input=self._float_dtype is not None)
         if chunk is None:                       # the memory plan's, before any solver is built
             chunk = self.plan().chunk
         self.objective = TrainingObjective(self.derivs, self.train, chunk=int(chunk), hessian=hessian)
@@ -321,8 +328,9 @@ class Influence:
         its test gradients, inverse-HVPs, then ONE pass over the training set.
 
         Args:
-          images: (T, H, W, C) uint8 or float images (:func:`influence.data.arrays.user_pixels`), or any
-            object with ``len`` whose slices ``images[a:b]`` are such arrays (read a group at a time);
+          images: (T, H, W, C) uint8 or float images (read as the training images are:
+            :mod:`influence.data.arrays`; arrays are checked before any fit), or any object with ``len`` whose
+            slices ``images[a:b]`` are such arrays (read a group at a time);
           labels: (T,) classes (the label the loss is taken with);
           ids: one hashable tuple/str/int per test image, naming it for the solvers that draw random
             numbers (LiSSA seeds each vector's stream by ``seed`` and its id): the same image with the
@@ -334,7 +342,10 @@ class Influence:
         """
         import time
 
-        y_all = self._labels(labels, len(images))
+        if isinstance(images, (np.ndarray, list, tuple)):   # arrays: checked and converted before any fit
+            images, y_all = self._test_arrays(images, labels)
+        else:
+            y_all = self._labels(labels, len(images))
         ids = [("api", t) for t in range(len(y_all))] if ids is None else list(ids)
         if len(ids) != len(y_all):
             raise UserError(f"ids: {len(ids)} for {len(y_all)} images")
@@ -362,10 +373,11 @@ class Influence:
         """Influence of every training image on each test image.
 
         Args:
-          images: (T, H, W, C) test images of the training set's size: uint8 pixels, or float with the
-            model's ``preprocess`` saying how to read them (``unit``: 0..1; otherwise 0..255; see
-            :func:`influence.data.arrays.user_pixels`); labels: (T,) their classes (the label the loss is
-            taken with: the true one, or the prediction to explain).
+          images: (T, H, W, C) test images of the training set's size: uint8 pixels, or float -- with float
+            training images and preprocess ``none``, the model's input as it is (any finite values, cast to
+            the model's dtype); otherwise pixel levels as ``preprocess`` says (``unit``: ``k / 255``; else
+            whole numbers 0..255; :mod:`influence.data.arrays`); labels: (T,) their classes (the label the
+            loss is taken with: the true one, or the prediction to explain).
           per_layer: also split each score by layer.
           ids: names of the test images for stochastic solvers (:meth:`score_groups`).
 
@@ -386,9 +398,7 @@ class Influence:
 
     def predict(self, images, batch=256):
         """Class probabilities (T, classes) of ``images`` (uint8 or float, as :meth:`scores`), ``batch`` at a time."""
-        from influence.data.arrays import user_pixels
-
-        x = user_pixels(images, self._unit, "images")
+        x = self._images(images)
         return np.concatenate([np.zeros((0, self.clf.num_classes))] +
                               [self.derivs.predict(x[s:s + batch]).numpy() for s in range(0, len(x), batch)])
 
@@ -498,9 +508,19 @@ class Influence:
             raise UserError(f"labels must be class indices 0..{k - 1}, got {int(y.min())}..{int(y.max())}")
         return y
 
-    def _test_arrays(self, images, labels):
-        from influence.data.arrays import user_pixels
+    def _images(self, images):
+        """Test images as the derivatives take them (:func:`influence.data.arrays.user_images`)."""
+        from influence.data.arrays import user_images
 
+        try:
+            return user_images(images, self._float_dtype, self._unit, "images")
+        except UserError as exc:
+            if self._float_dtype is not None or not self.clf.takes_float_input:
+                raise
+            raise UserError(f"{exc}; the training images are integer pixels, so test images are read as pixels "
+                            f"too: give float training images to score float input as the model's") from None
+
+    def _test_arrays(self, images, labels):
         x = np.asarray(images)
         if x.ndim == 3:
             x = x[None]
@@ -508,7 +528,7 @@ class Influence:
         if x.ndim != 4 or tuple(x.shape[1:]) != want:
             raise UserError(f"images must be (T, {', '.join(map(str, want))}) like the training images, "
                             f"got {x.shape}")
-        x = user_pixels(x, self._unit, "images")
+        x = self._images(x)
         return x, self._labels(labels, len(x))
 
 
@@ -540,11 +560,13 @@ def _local():
     return LocalBackend()
 
 
-def train_data(train, preprocess=DEFAULTS["preprocess"]):
-    """What :class:`Influence` reads the training set through: a ``TrainArchive`` as it is; a path:
+def train_data(train, preprocess=DEFAULTS["preprocess"], classifier=None):
+    """What :class:`Influence` reads the training set through: a ``TrainArchive`` as it is (uint8); a path:
     the archive there; ``(x, y)`` arrays: an :class:`influence.data.arrays.ArrayTrainSet`; any object of
     the batch protocol (``len(data)`` batches, ``data[b] -> (x, y)``, e.g. a ``keras.utils.PyDataset``)
-    adapted by :class:`influence.data.arrays.TrainSet` (float images read by ``preprocess``)."""
+    adapted by :class:`influence.data.arrays.TrainSet` (float images read by ``preprocess``: as the model's
+    input, in its dtype, when the loaded ``classifier`` takes float input -- preprocess ``none`` -- and the
+    first batch is float; else as pixel levels)."""
     from influence.data.archives import TrainArchive
     from influence.data.arrays import ArrayTrainSet, TrainSet, is_batched
 
@@ -555,7 +577,8 @@ def train_data(train, preprocess=DEFAULTS["preprocess"]):
     if isinstance(train, (tuple, list)) and len(train) == 2:
         train = ArrayTrainSet(*train)
     if is_batched(train):
-        return TrainSet(train, preprocess == "unit")
+        floats = classifier is not None and classifier.takes_float_input
+        return TrainSet(train, preprocess == "unit", float_dtype=classifier.dtype.as_numpy_dtype if floats else None)
     raise UserError(f"train: a train.npz path, (x, y) arrays or an object with len() batches and data[b] -> (x, y); "
                     f"got {type(train).__name__}")
 
@@ -572,6 +595,6 @@ def _classifier(model, weights, preprocess, params):
     model, note = models.strip_softmax(model)
     mode = "none" if preprocess == "auto" else preprocess
     clf = models.Classifier(model, models.make_preprocess(mode), models.select_params(model, params),
-                            description=f"{model.name} ({note})")
+                            description=f"{model.name} ({note})", mode=mode)
     models.check_classifier(clf)
     return clf

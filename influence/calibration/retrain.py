@@ -91,9 +91,9 @@ class Trainer:
       fit: ``fit(x, y) -> model``; ``x`` float32 ``(n, H, W, C)`` as the model takes them (after
         ``preprocess``), ``y`` int64 ``(n,)``; the returned Keras model outputs logits or probabilities
         (a final softmax is stripped as for scoring).
-      train: the training set (``take(indices) -> (uint8 images, labels)``: a TrainArchive or TrainSet).
-      x_test, y_test: uint8 ``(T, H, W, C)``, int ``(T,)``: the test images whose losses are measured.
-      preprocess: ``f(uint8 images) -> float tensor`` (the classifier's).
+      train: the training set (``take(indices) -> (images, labels)``: a TrainArchive or TrainSet).
+      x_test, y_test: ``(T, H, W, C)`` (uint8, or float on the float path), int ``(T,)``: the test images.
+      preprocess: ``f(images) -> float tensor`` (the classifier's).
     """
 
     def __init__(self, fit, train, x_test, y_test, preprocess):

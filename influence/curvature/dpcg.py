@@ -72,7 +72,7 @@ class DeflatedPCGSolver(LockstepCG):
         return self._vec_map(self.krylov.solve_numpy)(v), self._vec_map(self.krylov.precondition_numpy)
 
     def self_influence_batch(self, x, y):
-        """krylov's self-influence from the preconditioner's basis: uint8 (N, H, W, C), (N,) -> float64 (N,),
+        """krylov's self-influence from the preconditioner's basis: images (N, H, W, C), (N,) -> float64 (N,),
         ``Σ_j (u_jᵀgᵢ)²/(σ_j + λ) + (‖gᵢ‖² − Σ_j (u_jᵀgᵢ)²)/(φ + λ)`` (module docstring), the formula and
         numbers of ``--solver krylov`` with the same basis and damping; the low-rank approximation, not CG's
         exact answer."""

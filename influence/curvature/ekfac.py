@@ -306,7 +306,7 @@ class KFACSolver(InverseHVP):
         (:class:`SelfInfluenceGraph`, rebuilt when the fit or the damping changes).
 
         Args:
-          x: uint8 (N, H, W, C) images; y: int64 (N,) their labels.
+          x: (N, H, W, C) images (``x_spec``); y: int64 (N,) their labels.
 
         Returns:
           float64 (N,).

@@ -98,7 +98,7 @@ class ExactSolver(InverseHVP):
     self_influence_route = "dense inverse"
 
     def self_influence_batch(self, x, y):
-        """``gᵢᵀ (H + λI)⁻¹ gᵢ`` of each image with its own label: uint8 (N, H, W, C), (N,) -> float64 (N,).
+        """``gᵢᵀ (H + λI)⁻¹ gᵢ`` of each image with its own label: images (N, H, W, C), (N,) -> float64 (N,).
 
         One tape per image for the gradients; ``(H + λI)⁻¹`` is inverted (and symmetrised) once per matrix.
         """

@@ -58,7 +58,7 @@ class SelfInfluenceGraph:
         """``gᵢᵀ (F + R + λI)⁻¹ gᵢ`` of each image with its TRUE label, without forming the inverse-HVP.
 
         Args:
-          x: uint8 (N, H, W, C) images; y: int64 (N,) their labels.
+          x: (N, H, W, C) images (``x_spec``); y: int64 (N,) their labels.
 
         Returns:
           float64 (N,). The matrix is block-diagonal, so this is a sum over layers. Kronecker layer:

@@ -261,7 +261,7 @@ class KrylovSolver(InverseHVP):
         return [numpy_to_vec(s, like) for s in sol]
 
     def self_influence_batch(self, x, y):
-        """``gᵢᵀ (A + λI)⁻¹ gᵢ`` of each image with its own label: uint8 (N, H, W, C), (N,) -> float64 (N,),
+        """``gᵢᵀ (A + λI)⁻¹ gᵢ`` of each image with its own label: images (N, H, W, C), (N,) -> float64 (N,),
         from ``U gᵢ`` and ``‖gᵢ‖²`` (one tape per image for the gradients)."""
         self._ready()
         d = self.obj.d

@@ -51,16 +51,23 @@ def cross_entropy(logits, y):
 class Derivatives:
     """Compiled derivative routines of one classifier, over its selected variables.
 
-    Images enter as uint8 (N, H, W, C) and labels as int64 (N,); preprocessing happens inside.
+    Images enter as uint8 (N, H, W, C) pixels -- the archives' compact form -- or, with ``float_input``,
+    as floats in the model's dtype that are the model's input as they are (preprocess ``none``: any values,
+    normalised or augmented); labels as int64 (N,); preprocessing happens inside. :attr:`x_spec` is the
+    images' signature, which every compiled function of the solvers and the scorer takes.
     """
 
-    def __init__(self, classifier, image_shape):
+    def __init__(self, classifier, image_shape, float_input=False):
         self.clf = classifier
         self.image_shape = tuple(image_shape)
         self.variables = classifier.variables
         dtype = classifier.dtype
+        if float_input and not classifier.takes_float_input:
+            raise ValueError(f"float input needs preprocess 'none', not {classifier.preprocess_mode!r}")
+        #: the images' dtype: uint8 pixels, or the model's float dtype
+        self.input_dtype = dtype if float_input else tf.uint8
         # input signatures, shared with the solvers and the scorer so every function traces once
-        self.x_spec = x_spec = tf.TensorSpec((None,) + self.image_shape, tf.uint8)
+        self.x_spec = x_spec = tf.TensorSpec((None,) + self.image_shape, self.input_dtype)
         self.y_spec = y_spec = tf.TensorSpec((None,), tf.int64)
         self.vec_spec = vec_spec = tuple(tf.TensorSpec(v.shape, dtype) for v in self.variables)
         scalar = tf.TensorSpec((), dtype)
@@ -92,7 +99,7 @@ class Derivatives:
         return tf.cast(tf.add_n(terms), self.clf.dtype)
 
     def _predict(self, x):
-        """(N,H,W,C) uint8 -> softmax probabilities (N, K)."""
+        """(N,H,W,C) images (:attr:`x_spec`) -> softmax probabilities (N, K)."""
         return tf.nn.softmax(self._logits(x))
 
     def _losses(self, x, y):

@@ -2,7 +2,8 @@
 
 A :class:`Classifier` wraps a Keras 3 model with three things the influence math needs:
 
-* ``preprocess(x_uint8)`` -- the model's own input transform, run inside TensorFlow graphs;
+* ``preprocess(x)`` -- the model's own input transform of uint8 pixels (or, with ``none``, of float arrays
+  that are already the model's input), run inside TensorFlow graphs;
 * ``logits(x, tap)`` -- the forward pass with a final softmax stripped, optionally letting a *tap*
   take over the call of each selected layer (the per-layer score split uses this);
 * ``groups`` -- the selected parameters, grouped by the layer that owns them (``--params``).
@@ -40,7 +41,8 @@ class ParamGroup:
 def make_preprocess(mode, application_fn=None):
     """Return ``f(x) -> float tensor`` for uint8/float images (N, H, W, 3) in RGB order.
 
-    ``mode``: ``none`` (cast only), ``unit`` (x / 255), ``caffe`` (BGR, minus ImageNet mean),
+    ``mode``: ``none`` (integer pixels cast to float32; float input passed through as it is, in its own
+    dtype: the arrays are what the model eats), ``unit`` (x / 255), ``caffe`` (BGR, minus ImageNet mean),
     ``tf`` (x / 127.5 - 1), ``torch`` (x / 255, ImageNet mean/std), or ``auto`` (the
     ``keras.applications`` model's own ``preprocess_input``; ``none`` for a model file).
     """
@@ -57,12 +59,30 @@ def make_preprocess(mode, application_fn=None):
             else:
                 return lambda x: own(tf.cast(x, tf.float32))
     if mode == "none":
-        return lambda x: tf.cast(x, tf.float32)
+        return _cast_pixels
     if mode == "unit":
         return lambda x: tf.cast(x, tf.float32) / 255.0
     from keras.applications import imagenet_utils
 
     return lambda x: imagenet_utils.preprocess_input(tf.cast(x, tf.float32), mode=mode)
+
+
+def _cast_pixels(x):
+    """``none``: integer pixels -> float32 (the uint8 path, as ever); float input as it is (no rounding
+    through float32 on the way to a float64 model)."""
+    x = tf.convert_to_tensor(x)
+    return x if x.dtype.is_floating else tf.cast(x, tf.float32)
+
+
+def resolved_mode(mode, application_fn=None):
+    """The preprocess ``mode`` as :func:`make_preprocess` applies it: ``auto`` is ``none`` for a model file or
+    object (no ``keras.applications`` constructor, or one without ``preprocess_input``)."""
+    if mode != "auto":
+        return mode
+    if application_fn is None:
+        return "none"
+    module = __import__(application_fn.__module__, fromlist=["preprocess_input"])
+    return "auto" if getattr(module, "preprocess_input", None) is not None else "none"
 
 
 # ----------------------------------------------------------------------------- loading
@@ -274,9 +294,11 @@ class Classifier:
     (which must return what the layer returns); this needs a functional/sequential model.
     """
 
-    def __init__(self, model, preprocess, groups, description=""):
+    def __init__(self, model, preprocess, groups, description="", mode=None):
         self.model = model
         self.preprocess = preprocess
+        #: the preprocess mode as applied (:func:`resolved_mode`; ``auto``: an application's own); None unknown
+        self.preprocess_mode = mode
         self.groups = groups
         self.description = description
         self.variables = [v for g in groups for v in g.variables]
@@ -304,12 +326,19 @@ class Classifier:
         return vec_size(self.variables)
 
     @property
+    def takes_float_input(self):
+        """True when float arrays are the model's input as they are (preprocess ``none``): the derivatives
+        may then take float images (:class:`influence.model.derivatives.Derivatives`, ``float_input``)."""
+        return self.preprocess_mode == "none"
+
+    @property
     def supports_tap(self):
         return self.graph is not None
 
     # forward ---------------------------------------------------------------------------------
     def image_logits(self, x, tap=None):
-        """Logits of raw images: uint8 (N, H, W, C) -> (N, K), preprocessing included."""
+        """Logits of raw images: uint8 (N, H, W, C) (or float with preprocess ``none``) -> (N, K),
+        preprocessing included."""
         return self.logits(tf.cast(self.preprocess(x), self.dtype), tap=tap)
 
     def logits(self, x, tap=None):
@@ -471,6 +500,7 @@ def load_classifier(model="vgg16", weights="imagenet", preprocess="auto", params
     mode = preprocess
     if mode == "auto" and app_fn is None:
         mode = "none"
-    clf = Classifier(keras_model, make_preprocess(mode, app_fn), groups, description=f"{model} ({softmax_note})")
+    clf = Classifier(keras_model, make_preprocess(mode, app_fn), groups, description=f"{model} ({softmax_note})",
+                     mode=resolved_mode(mode, app_fn))
     check_classifier(clf)
     return clf

@@ -4,7 +4,8 @@ matches retraining without the image."""
 import numpy as np
 import pytest
 
-from influence.experiments import panels, problems, stats
+from influence.calibration import stats
+from influence.experiments import panels, problems
 
 
 def test_rankdata_and_spearman_with_ties():

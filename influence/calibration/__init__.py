@@ -12,6 +12,8 @@ cell unless its solver or damping was given (:mod:`~influence.calibration.job`).
   core      -- :func:`calibrate` and its result :class:`Calibration` (table, verdict, files)
   job       -- calculate.py's step: settings in, the run's solver and damping out, run.json and files
   shards    -- with calculate.py's workers / ray_address: each retraining a Ray task
+  lds_metrics, stats -- the pure LDS numbers (subsets, predicted changes, LDS, ceiling) and rank
+                statistics, which the LDS panel (influence.experiments.lds) imports too
 """
 from influence.calibration.core import Calibration, calibrate  # noqa: F401
 

@@ -1,12 +1,12 @@
 """The pure numbers of ``--calibrate``: the (solver, λ) grid, the LDS of each cell, the noise ceiling, the
 choice and the verdict. Arrays in, arrays out; shapes in each docstring. The LDS itself is the panel's
-(:mod:`influence.experiments.lds_metrics`: :func:`predicted_changes`, :func:`lds`, :func:`noise_ceiling`).
+(:mod:`influence.calibration.lds_metrics`: :func:`predicted_changes`, :func:`lds`, :func:`noise_ceiling`).
 """
 import dataclasses
 
 import numpy as np
 
-from influence.experiments.lds_metrics import lds, nanmean, noise_ceiling, predicted_changes  # noqa: F401
+from influence.calibration.lds_metrics import lds, nanmean, noise_ceiling, predicted_changes  # noqa: F401
 from influence.settings import Damping, parse_damping
 
 #: the default grid: the run's solver and EK-FAC (block-diagonal: the other family of curvature), each at

@@ -9,7 +9,7 @@ The cache (:func:`retrain`) is one ``.npz`` per content key (model weights and c
 set, test images, epochs, batch size, subset seed, trainer), named by the key's digest, written atomically
 (:func:`influence.io.atomic_write`) after every run: a rerun reuses every finished run, an interrupted one
 resumes, and asking for more subsets or seeds later trains only the new runs (the masks are prefix-stable,
-:func:`influence.experiments.lds_metrics.subset_masks`). After the idea of
+:func:`influence.calibration.lds_metrics.subset_masks`). After the idea of
 :mod:`influence.experiments.lds_retrain`.
 """
 import hashlib
@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from influence.errors import SettingError, UserError
-from influence.experiments.lds_metrics import subset_masks
+from influence.calibration.lds_metrics import subset_masks
 from influence.io import atomic_write
 from influence.progress import progress
 

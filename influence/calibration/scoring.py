@@ -14,7 +14,7 @@ import logging
 import numpy as np
 
 from influence.errors import UserError
-from influence.experiments.lds_metrics import predicted_changes
+from influence.calibration.lds_metrics import predicted_changes
 
 log = logging.getLogger(__name__)
 

@@ -32,7 +32,7 @@ and the per-run test losses, written atomically after every run (an interrupted 
 one is reused; asking for more subsets or seeds later trains only the new runs: the masks are
 prefix-stable). Re-scoring every solver then takes seconds to minutes.
 
-The parts: :mod:`~influence.experiments.lds_metrics` (the pure numbers),
+The parts: :mod:`~influence.calibration.lds_metrics` (the pure numbers),
 :mod:`~influence.experiments.lds_models` (archives, base models, recipes, one retraining),
 :mod:`~influence.experiments.lds_retrain` (the cache); this module scores the solvers and reports.
 """
@@ -67,7 +67,7 @@ SOLVERS = (
     ("lissa", ["--solver", "lissa", "-i", "300", "-b", "32"]),
 )
 GRAD_DOT, RANDOM = "gradient dot product", "random"
-from influence.experiments.lds_metrics import (TOP, lds, nanmean, noise_ceiling,  # noqa: F401  (the panel's API)
+from influence.calibration.lds_metrics import (TOP, lds, nanmean, noise_ceiling,  # noqa: F401  (the panel's API)
                                                predicted_changes, right_sign_rate, subset_masks)
 from influence.experiments.lds_models import (BASE_SEED, BN_RECIPE, MODELS, QUICK_RECIPE, RECIPE,  # noqa: F401
                                               DemoData, build_bn_model, prepare_demo, prepare_model, test_items,

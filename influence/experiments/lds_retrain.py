@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from influence.experiments.lds_metrics import subset_masks
+from influence.calibration.lds_metrics import subset_masks
 from influence.experiments.lds_models import train_and_evaluate
 
 log = logging.getLogger(__name__)

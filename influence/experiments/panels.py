@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 
-from influence.experiments.stats import pearson, spearman
+from influence.calibration.stats import pearson, spearman
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""The pure numbers of the LDS panel (:mod:`influence.experiments.lds`): subsets, predictions, scores, ceilings.
+"""The pure numbers of the LDS: subsets, predictions, scores, ceilings (``--calibrate`` and the LDS panel, :mod:`influence.experiments.lds`).
 
 Everything here takes arrays and returns arrays; shapes in each docstring.
 """
@@ -6,7 +6,7 @@ import itertools
 
 import numpy as np
 
-from influence.experiments.stats import spearman
+from influence.calibration.stats import spearman
 
 #: the length of the top lists whose right-sign rate is reported
 TOP = 5

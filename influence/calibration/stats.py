@@ -1,4 +1,4 @@
-"""Correlations of the experiments: Pearson, ranks with ties averaged, and Spearman (no scipy)."""
+"""Correlations: Pearson, ranks with ties averaged, and Spearman (no scipy), for the LDS and the experiments."""
 import math
 
 import numpy as np

@@ -99,7 +99,8 @@ def test_grid_rows_share_one_curvature_cache(tmp_path, monkeypatch):
         out.mkdir(parents=True, exist_ok=True)
         solver = options[options.index("--solver") + 1] if "--solver" in options else "krylov"
         loaded = solver in {o[o.index("--solver") + 1] if "--solver" in o else "krylov" for o in seen[:-1]}
-        (out / "run.json").write_text(json.dumps({"curvature": {"loaded": loaded}}))
+        info = {"damping": 0.0125, "rank": 135} if solver == "krylov" else {"damping": [0.1, 0.2]}
+        (out / "run.json").write_text(json.dumps({"curvature": {"loaded": loaded}, "solver_info": info}))
         scores = np.random.default_rng(len(seen)).normal(size=(len(keys), 6))
         return scores, 2.0, 1.0, list(options)
 
@@ -117,6 +118,8 @@ def test_grid_rows_share_one_curvature_cache(tmp_path, monkeypatch):
     loaded = [lds.SHARED_CACHE_NOTE in r.options for r in rows]
     # auto (fits krylov), krylov x5 (loaded), ekfac 0.1x (fits), ekfac 1x (loaded)
     assert loaded == [False, True, True, True, True, True, False, True]
+    # the λ and rank the job resolved, where run.json gives them as numbers (ekfac's are per block: not shown)
+    assert "(λ = 0.0125, rank 135)" in rows[1].options and "λ =" not in rows[-1].options
     seen.clear()
     rows = lds.score_rows(data, tmp_path, lds.GRID[:2], ["orig"], keys, masks, actual, np.array([False, True]))
     assert all("--cache" not in o for o in seen) and not any(lds.SHARED_CACHE_NOTE in r.options for r in rows)

@@ -201,6 +201,21 @@ def curvature_loaded(out):
     return bool((record.get("curvature") or {}).get("loaded"))
 
 
+def resolved(out):
+    """What the calculate job in ``out`` resolved (run.json ``solver_info``): ``"λ = 1.86e-04, rank 200"``, the
+    rank only for a low-rank solver; "" when run.json does not say."""
+    try:
+        info = json.loads((Path(out) / "run.json").read_text()).get("solver_info") or {}
+    except (OSError, ValueError):
+        return ""
+    parts = []
+    if isinstance(info.get("damping"), (int, float)):
+        parts.append(f"λ = {info['damping']:.3g}")
+    if isinstance(info.get("rank"), int):
+        parts.append(f"rank {info['rank']}")
+    return ", ".join(parts)
+
+
 def without_cache(options):
     """``options`` without a ``--cache DIR`` pair (the table shows the solver's options, not the folder)."""
     options = list(options)
@@ -388,8 +403,11 @@ def score_rows(data, folder, solvers, folders, keys, masks, actual, wrong, share
         scores, seconds, compute, options = score_raising_damping(
             data.root, job, list(options) + extra, list(folders), keys, model=data.model_path)
         options = without_cache(options)
-        if share and scores is not None and curvature_loaded(job):
-            options.append(SHARED_CACHE_NOTE)
+        if share and scores is not None:
+            if resolved(job):
+                options.append(f"({resolved(job)})")
+            if curvature_loaded(job):
+                options.append(SHARED_CACHE_NOTE)
         if scores is None:
             rows.append(LdsRow(name, " ".join(options), np.full(len(keys), np.nan), math.nan, math.nan, math.nan,
                                math.nan, seconds, compute))

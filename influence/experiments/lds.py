@@ -66,6 +66,19 @@ SOLVERS = (
     ("cg full Hessian", ["--solver", "cg", "--hessian", "full", "--damping", "0.01", "--cg-maxiter", "50"]),
     ("lissa", ["--solver", "lissa", "-i", "300", "-b", "32"]),
 )
+#: ``--lds-solvers grid`` (issue 30's table): the default, then krylov and ekfac over a damping grid (calculate.py's
+#: ``--damping`` in its relative form, ``f x`` = f × the curvature's mean eigenvalue: influence/curvature/damping.py)
+GRID_KRYLOV = ("0.1x", "1x", "3x", "10x", "30x")
+GRID_EKFAC = ("0.1x", "1x")
+GRID = ((("auto (default)", []),)
+        + tuple((f"krylov, λ {d}", ["--solver", "krylov", "--damping", d]) for d in GRID_KRYLOV)
+        + tuple((f"ekfac, λ {d}", ["--solver", "ekfac", "--damping", d]) for d in GRID_EKFAC))
+#: ``--lds-solvers``: the named sets of solver rows; ``panel`` (the default) is :data:`SOLVERS`
+SOLVER_SETS = {"panel": SOLVERS, "grid": GRID}
+#: the sets whose rows share one curvature cache (calculate.py's ``--cache``): the damping is applied after the
+#: cache, so each (solver, fit settings) is fitted once, by its first row, and every other damping loads it
+SHARED_CACHE_SETS = ("grid",)
+SHARED_CACHE_NOTE = "(curvature from the shared cache)"
 GRAD_DOT, RANDOM = "gradient dot product", "random"
 from influence.calibration.lds_metrics import (TOP, lds, nanmean, noise_ceiling,  # noqa: F401  (the panel's API)
                                                predicted_changes, right_sign_rate, subset_masks)
@@ -179,6 +192,39 @@ def gradient_dot_scores(data, idx, chunk=256):
     return np.concatenate(parts, axis=1).astype(np.float64), time.perf_counter() - start
 
 
+def curvature_loaded(out):
+    """Whether the calculate job in ``out`` loaded its curvature from the cache (run.json ``curvature.loaded``)."""
+    try:
+        record = json.loads((Path(out) / "run.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return bool((record.get("curvature") or {}).get("loaded"))
+
+
+def resolved(out):
+    """What the calculate job in ``out`` resolved (run.json ``solver_info``): ``"λ = 1.86e-04, rank 200"``, the
+    rank only for a low-rank solver; "" when run.json does not say."""
+    try:
+        info = json.loads((Path(out) / "run.json").read_text()).get("solver_info") or {}
+    except (OSError, ValueError):
+        return ""
+    parts = []
+    if isinstance(info.get("damping"), (int, float)):
+        parts.append(f"λ = {info['damping']:.3g}")
+    if isinstance(info.get("rank"), int):
+        parts.append(f"rank {info['rank']}")
+    return ", ".join(parts)
+
+
+def without_cache(options):
+    """``options`` without a ``--cache DIR`` pair (the table shows the solver's options, not the folder)."""
+    options = list(options)
+    if "--cache" in options:
+        at = options.index("--cache")
+        del options[at:at + 2]
+    return options
+
+
 #: dampings of the dense Gauss-Newton reference rows
 DENSE_DAMPINGS = (1e-4, 1e-3, 1e-2)
 DENSE = "dense GGN (reference)"
@@ -238,6 +284,7 @@ class LdsResult:
     retrain_seconds: float
     trained: int
     model: str = "demo"
+    recipe: dict = None
     markdown: str = ""
     figures: list = dataclasses.field(default_factory=list)
     ok: bool = True
@@ -269,6 +316,16 @@ def markdown(result):
                  f"seeds ({', '.join(map(str, result.seeds))}); test images: {len(result.test_keys)} "
                  f"({result.wrong} misclassified by the base model); {result.trained} retraining runs done in this "
                  f"call ({result.retrain_seconds:.0f} s), the rest from the cache.")
+    if result.recipe:
+        from influence.experiments.lds_models import recipe_steps
+
+        r = result.recipe
+        lines.append(f"Recipe: {r.get('model', 'demo_cnn')}, {r['epochs']} epochs, batch {r['batch_size']}, "
+                     f"{r['optimizer']}: {recipe_steps(r)} optimizer steps on all {r['n_train']} images (the base "
+                     f"model), {recipe_steps(r, r['n_train'] // 2)} on each half-subset.")
+    if any(SHARED_CACHE_NOTE in r.options for r in result.rows):
+        lines.append(f"Rows marked {SHARED_CACHE_NOTE} loaded the curvature the first row of their solver fitted "
+                     f"(the damping is applied after the cache): their seconds leave out the fit.")
     return "\n".join(lines)
 
 
@@ -331,13 +388,53 @@ def plot(result, path):
     fig.savefig(path, dpi=130)
 
 
+def score_rows(data, folder, solvers, folders, keys, masks, actual, wrong, share=False):
+    """One :class:`LdsRow` per ``(name, calculate.py options)`` of ``solvers``, each job in
+    ``folder/scores/<name>``. ``share``: every job gets ``--cache folder/scores/_curvature`` (emptied first, so
+    the first row of each solver fits from scratch); a row that loaded its curvature from it says so
+    (:data:`SHARED_CACHE_NOTE`), and its seconds leave out the fit."""
+    rows = []
+    shared = Path(folder) / "scores" / "_curvature"
+    if share and shared.exists():
+        shutil.rmtree(shared)
+    for name, options in solvers:
+        job = Path(folder) / "scores" / name.replace(" ", "_")
+        extra = ["--cache", str(shared)] if share else []
+        scores, seconds, compute, options = score_raising_damping(
+            data.root, job, list(options) + extra, list(folders), keys, model=data.model_path)
+        options = without_cache(options)
+        if share and scores is not None:
+            if resolved(job):
+                options.append(f"({resolved(job)})")
+            if curvature_loaded(job):
+                options.append(SHARED_CACHE_NOTE)
+        if scores is None:
+            rows.append(LdsRow(name, " ".join(options), np.full(len(keys), np.nan), math.nan, math.nan, math.nan,
+                               math.nan, seconds, compute))
+            continue
+        rows.append(evaluate(name, " ".join(options), scores, masks, actual, wrong, seconds, compute))
+        log.info("lds: %s: LDS %.3f in %.1f s", name, rows[-1].lds_mean, seconds)
+    return rows
+
+
 def run(cache="lds_cache", out=".", subsets=64, seeds=2, folders=("orig",), quick=False, mask_seed=0,
         solvers=SOLVERS, model="demo", dense=True):
     """The whole panel (module docstring) for panel model ``model`` (:data:`MODELS`): retrain (cached),
     score every solver, write ``out/lds.md``, ``lds.png`` and ``lds.json`` (``lds_<model>.*`` for a model
-    other than the demo CNN). Returns :class:`LdsResult`."""
+    other than the demo CNN). Returns :class:`LdsResult`.
+
+    ``solvers``: ``(name, calculate.py options)`` rows, or the name of a set in :data:`SOLVER_SETS`; the rows of
+    a set in :data:`SHARED_CACHE_SETS` share one curvature cache (``--cache``, emptied first, so each solver's
+    first row fits from scratch and the others load its fit).
+    """
     from influence.errors import SettingError, UserError
 
+    share = False
+    if isinstance(solvers, str):
+        if solvers not in SOLVER_SETS:
+            raise SettingError("lds_solvers", f"must be one of {', '.join(SOLVER_SETS)}, got {solvers!r}")
+        share = solvers in SHARED_CACHE_SETS
+        solvers = SOLVER_SETS[solvers]
     if subsets < 3:
         raise SettingError("lds_subsets", f"must be >= 3, got {subsets}")
     if seeds < 2:
@@ -360,16 +457,7 @@ def run(cache="lds_cache", out=".", subsets=64, seeds=2, folders=("orig",), quic
     by_seed = retrained["losses"][:, :, idx]
     actual = by_seed.mean(axis=0)
     wrong = base_preds[idx] != data.y_test[idx]
-    rows = []
-    for name, options in solvers:
-        scores, seconds, compute, options = score_raising_damping(
-            data.root, folder / "scores" / name.replace(" ", "_"), options, list(folders), keys, model=data.model_path)
-        if scores is None:
-            rows.append(LdsRow(name, " ".join(options), np.full(len(idx), np.nan), math.nan, math.nan, math.nan,
-                               math.nan, seconds, compute))
-            continue
-        rows.append(evaluate(name, " ".join(options), scores, masks, actual, wrong, seconds, compute))
-        log.info("lds: %s: LDS %.3f in %.1f s", name, rows[-1].lds_mean, seconds)
+    rows = score_rows(data, folder, solvers, list(folders), keys, masks, actual, wrong, share)
     if dense:
         rows.extend(dense_rows(data, idx, masks, actual, wrong))
     scores, seconds = gradient_dot_scores(data, idx)
@@ -380,7 +468,7 @@ def run(cache="lds_cache", out=".", subsets=64, seeds=2, folders=("orig",), quic
     ceiling = noise_ceiling(by_seed)
     result = LdsResult("lds", rows, nanmean(ceiling), nanmean(ceiling[wrong]) if wrong.any() else math.nan,
                        subsets, list(range(seeds)), len(data.y_train), keys.tolist(), int(wrong.sum()),
-                       retrained["seconds"], retrained["trained"], model=model)
+                       retrained["seconds"], retrained["trained"], model=model, recipe=recipe)
     result.markdown = markdown(result)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -405,6 +493,6 @@ def run_from_args(args):
     folders = [f.strip() for f in args.lds_folders.split(",") if f.strip()]
     result = run(cache=cache, out=Path(args.out).parent, subsets=subsets, seeds=args.lds_seeds, folders=folders,
                  quick=quick, mask_seed=args.seed, model=getattr(args, "lds_model", "demo"),
-                 dense=not getattr(args, "no_lds_dense", False))
+                 dense=not getattr(args, "no_lds_dense", False), solvers=getattr(args, "lds_solvers", "panel"))
     print(result.markdown)
     return result

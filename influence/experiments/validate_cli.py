@@ -63,6 +63,7 @@ import time
 
 import numpy as np
 
+from influence.experiments import lds, lds_models
 from influence.experiments.mislabel import CHECKED, MislabelResult, plot_mislabel, run_mislabel_panel
 from influence.experiments.panels import PanelResult, ekfac_panel, plot, run_panel
 from influence.experiments.problems import CNNProblem, ConvexProblem
@@ -105,10 +106,16 @@ def build_parser():
     p.add_argument("--lds-folders", default="orig", help="lds: demo test folders scored (default orig)")
     p.add_argument("--no-lds-dense", action="store_true",
                    help="lds: skip the dense float64 Gauss-Newton reference rows (a few minutes on the demo CNN)")
-    p.add_argument("--lds-model", default="demo", choices=("demo", "bn", "mlp"),
+    p.add_argument("--lds-model", default="demo", choices=tuple(lds_models.MODELS),
                    help="lds: the model retrained: demo (the demo CNN, confident), bn (BatchNorm CNN with a final "
-                        "softmax, 8 epochs, less confident) or mlp (a ReLU MLP with L2, 7 562 parameters); each has "
-                        "its own cache under --lds-cache")
+                        "softmax, 8 epochs, less confident), mlp (a ReLU MLP with L2, 7 562 parameters), and the "
+                        "briefly trained mlp-brief (39 k parameters, 329 steps), bn-brief (7 k, 480 steps) and wide "
+                        "(659 k, 329 steps); each has its own cache under --lds-cache (influence/experiments/"
+                        "lds_models.py MODELS)")
+    p.add_argument("--lds-solvers", default="panel", choices=tuple(lds.SOLVER_SETS),
+                   help="lds: the solver rows: panel (the default: the solvers and ranks of the README's tables) or "
+                        "grid (the default, krylov at damping 0.1x/1x/3x/10x/30x and ekfac at 0.1x/1x, sharing one "
+                        "curvature cache, so each fit is paid once)")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -188,8 +195,6 @@ def validate(args):
         results.append(run_mislabel_panel(n_train=n_train, epochs=epochs, damping=args.mislabel_damping,
                                           seed=args.seed))
     if "lds" in panels:     # influence/experiments/lds.py: LDS of every solver against retrained subsets
-        from influence.experiments import lds
-
         results.append(lds.run_from_args(args))
     return results
 

@@ -58,10 +58,6 @@ class DeflatedPCGSolver(LockstepCG):
     def part(self):
         return self.krylov
 
-    @property
-    def fit_bytes(self):
-        return self.krylov.fit_bytes
-
     # --- per test vector -------------------------------------------------------------------------------
     def _vec_map(self, fn):
         like = self.obj.d.variables

@@ -266,10 +266,10 @@ def test_losses(model, x, y):
     out = model(x.astype(np.float32) / 255.0, training=False)
     if model.layers and type(model.layers[-1]).__name__ == "Softmax":      # probabilities: back to logits
         out = np.log(np.maximum(np.asarray(out, dtype=np.float64), np.finfo(np.float64).tiny))
+    from influence.calibration.retrain import cross_entropy
+
     logits = np.asarray(out, dtype=np.float64)
-    shift = logits.max(axis=1, keepdims=True)
-    lse = shift[:, 0] + np.log(np.exp(logits - shift).sum(axis=1))
-    return lse - logits[np.arange(len(y)), y], np.argmax(logits, axis=1)
+    return cross_entropy(logits, y), np.argmax(logits, axis=1)
 
 
 def train_and_evaluate(x, y, x_test, y_test, recipe, seed):

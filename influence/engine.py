@@ -291,17 +291,23 @@ def load_model(settings, inputs, given=()):
 
     inf = build(settings)
     settings = dataclasses.replace(settings, solver=inf.solver_name)
-    calibration, t_load = None, timer() - t0
+    calibration, used, t_load = None, None, timer() - t0
     if settings.calibrate:               # --calibrate: may change the solver and damping the run uses
         from influence.calibration.job import calibrate_run
 
         settings, inf, calibration = calibrate_run(settings, inputs, inf, frozenset(given), build)
+    else:                                # a calibration kept from an earlier --calibrate on this model
+        from influence.calibration.job import use_saved
+
+        settings, inf, used = use_saved(settings, inf, frozenset(given), build)
     check_run(settings, inputs)
     job = Job(settings, RunRecord(settings.out, settings), None, t0)
     job.record.add_time("load_model_s", t_load)
     if calibration is not None:
         job.record.data["calibration"] = calibration
         job.record.add_time("calibrate_s", calibration["seconds"])
+    if used is not None:
+        job.record.data["calibration_used"] = used
     log.info("model %s: %d parameters over %d layers (params %s); %d training images in %s",
              settings.model, inf.clf.num_params, len(inf.clf.groups), settings.params, len(inputs.train),
              inputs.train.path)

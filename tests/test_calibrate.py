@@ -324,3 +324,82 @@ def test_calculate_calibrate_shards_the_retraining_over_two_ray_workers(project)
         np.testing.assert_allclose(b["losses"], a["losses"], rtol=1e-5)
     assert [r["lds"] for r in ray["rows"]] == pytest.approx([r["lds"] for r in one["rows"]], abs=1e-9)
     assert ray["best"] == one["best"] and ray["applied"] == one["applied"]
+
+
+# --- a calibration kept for later runs (influence.calibration.saved_choice) -------------------------------------
+
+def _rows(*cells):
+    return [{"solver": s, "damping": d, "lds": v, "skipped": ""} for s, d, v in cells]
+
+
+def test_a_kept_calibration_picks_the_best_cell_that_agrees_with_the_explicit_settings():
+    from influence.calibration.saved_choice import pick
+
+    record = {"rows": _rows(("krylov", "0.1x", 0.26), ("krylov", "10x", 0.43), ("ekfac", "0.1x", 0.30),
+                            ("ekfac", "1x", 0.45), ("ekfac", "10x", None))}
+    best, own = pick(record, set(), "krylov", "auto")                # auto is 0.1x: measured, and not the best
+    assert (best["solver"], best["damping"]) == ("ekfac", "1x") and own["lds"] == 0.26
+    best, _ = pick(record, {"solver"}, "krylov", "auto")             # the solver given: its best damping
+    assert (best["solver"], best["damping"]) == ("krylov", "10x")
+    best, _ = pick(record, {"damping"}, "krylov", "0.1x")            # the damping given: the best solver at it
+    assert (best["solver"], best["damping"]) == ("ekfac", "0.1x")
+    assert pick(record, {"solver", "damping"}, "krylov", "0.1x") is None
+    assert pick(record, {"iter", "bsize"}, "lissa", "auto") is None    # the original tool's LiSSA, as asked
+    assert pick(record, {"solver"}, "cg", "auto") is None              # nothing measured for cg
+    _, own = pick(record, set(), "cg", "auto")
+    assert own is None
+
+
+@pytest.mark.slow
+def test_a_later_run_uses_the_kept_calibration_of_its_model_and_says_so(project):
+    """--calibrate keeps its table in the curvature cache; a later run on the same model and training archive
+    without --calibrate takes the best cell that agrees with its explicit settings, records why in run.json,
+    and scores as a run that asked for that cell; another model's run finds nothing."""
+    import shutil
+
+    from influence.calibration import saved_choice
+
+    r = calc(project, "--model", "model.keras", *CAL, "--calibrate-seeds", "1", "--rank", "20", "--cache", "kc",
+             "--out", "kc_first")
+    assert r.returncode == 0, r.stderr
+    (path,) = (project / "kc" / "calibration").glob("choice-*.json")
+    first = json.loads((project / "kc_first" / "run.json").read_text())["calibration"]
+    assert str(path) in first["files"][-1] or first["files"][-1].endswith(path.name)
+    data = json.loads(path.read_text())
+    assert data["calibration"]["rows"] == first["rows"]
+    # make the choice visible: kfac 10x the best cell, krylov 1x the best krylov
+    lds = {"krylov 0.1x": 0.1, "krylov 1x": 0.3, "krylov 10x": 0.2, "kfac 1x": 0.4, "kfac 10x": 0.5}
+    for row in data["calibration"]["rows"]:
+        row["lds"] = lds[f"{row['solver']} {row['damping']}"]
+    path.write_text(json.dumps(data))
+
+    def run(out, *args):
+        res = calc(project, "--model", "model.keras", "--rank", "20", "--cache", "kc", "--out", out, *args)
+        assert res.returncode == 0, res.stderr
+        return json.loads((project / out / "run.json").read_text()), res.stderr
+
+    later, err = run("kc_later")
+    assert later["settings"]["solver"] == "kfac" and later["settings"]["damping"] == "10x"
+    used = later["calibration_used"]
+    assert used["changed"] and (used["solver"], used["damping"], used["lds"]) == ("kfac", "10x", 0.5)
+    assert used["own"] == {"solver": "krylov", "damping": "0.1x", "lds": 0.1}
+    assert later["solver_choice"].startswith("calibration kept: kfac 10x") and "calibration kept: kfac 10x" in err
+    asked, _ = run("kc_asked", "--solver", "kfac", "--damping", "10x")
+    assert "calibration_used" not in asked
+    for got in sorted((project / "kc_later" / "orig").rglob("*_scores.npy")):
+        np.testing.assert_array_equal(np.load(got), np.load(project / "kc_asked" / got.relative_to(project / "kc_later")))
+    krylov, _ = run("kc_krylov", "--solver", "krylov")
+    assert krylov["settings"]["damping"] == "1x" and krylov["calibration_used"]["solver"] == "krylov"
+    lissa, _ = run("kc_lissa", "-i", "2", "-b", "4")
+    assert lissa["settings"]["solver"] == "lissa" and "calibration_used" not in lissa
+    # the key holds the weights: another model's run finds no kept calibration
+    shutil.copy(project / "model.keras", project / "other.keras")
+    import keras
+
+    other = keras.models.load_model(project / "other.keras")
+    other.layers[-1].kernel.assign(other.layers[-1].kernel * 1.01)
+    other.save(project / "other.keras")
+    res = calc(project, "--model", "other.keras", "--rank", "20", "--cache", "kc", "--out", "kc_other")
+    assert res.returncode == 0, res.stderr
+    assert "calibration_used" not in json.loads((project / "kc_other" / "run.json").read_text())
+    assert saved_choice.load(project / "kc", {"another": "key"}) is None

@@ -15,8 +15,12 @@ import time
 
 import numpy as np
 
+from pathlib import Path
+
 from influence import distributed
+from influence.calibration import saved_choice
 from influence.errors import SettingError
+from influence.settings import parse_damping
 
 log = logging.getLogger(__name__)
 
@@ -43,14 +47,55 @@ def allowed_cells(cells, given):
                                                                      c.damping == run.damping) for c in cells]
 
 
+def cache_folder(settings):
+    """Where the retrainings and the kept choice live: the curvature cache (``cache``, default ``out/curvature``)."""
+    return Path(settings.cache) if settings.cache else Path(settings.out) / "curvature"
+
+
+def model_key(inf):
+    """:func:`influence.calibration.saved_choice.model_key` of the :class:`influence.Influence` ``inf``."""
+    return saved_choice.model_key(inf.clf, inf.train, model=inf.model_name, preprocess=inf.preprocess,
+                                  hessian=inf.objective.hessian)
+
+
+def use_saved(settings, inf, given, rebuild):
+    """A run without ``--calibrate``: the (solver, damping) a kept calibration of this model measured best
+    (:mod:`influence.calibration.saved_choice`) -> ``(settings, inf, entry)``; ``entry`` (run.json's
+    ``calibration_used``) is None when there is none or the run keeps its own (both given explicitly)."""
+    record = saved_choice.load(cache_folder(settings), model_key(inf))
+    if record is None:
+        return settings, inf, None
+    chosen = saved_choice.pick(record, given, settings.solver, settings.damping)
+    if chosen is None:
+        return settings, inf, None
+    (best, own), path = chosen, saved_choice.path_for(cache_folder(settings), model_key(inf))
+    measured = (f"{record.get('subsets')} subsets x "
+                f"{len(record.get('seeds') or ())} seed(s) on {record.get('test_images')} test image(s)")
+    own_text = (f"{own['solver']} {own['damping']} {own['lds']:.3f}" if own is not None
+                else f"{settings.solver} {settings.damping}: not measured")
+    entry = {"solver": best["solver"], "damping": best["damping"], "lds": best["lds"],
+             "own": None if own is None else {k: own[k] for k in ("solver", "damping", "lds")},
+             "noise_ceiling": record.get("noise_ceiling"), "measured": measured, "file": str(path)}
+    if best["solver"] == settings.solver and parse_damping(best["damping"]) == parse_damping(settings.damping):
+        log.info("calibration kept in %s: %s is the best it measured (LDS %.3f; %s)", path.name,
+                 f"{best['solver']} {best['damping']}", best["lds"], measured)
+        inf.solver_choice = f"{inf.solver_choice}; the kept calibration agrees (LDS {best['lds']:.3f})"
+        return settings, inf, {**entry, "changed": False}
+    settings = dataclasses.replace(settings, solver=best["solver"], damping=best["damping"])
+    inf = rebuild(settings)
+    inf.solver_choice = (f"calibration kept: {best['solver']} {best['damping']}, the best LDS it measured "
+                         f"({best['lds']:.3f} against {own_text}; {measured})")
+    log.info("%s; --calibrate again after retraining the model, or give --solver and --damping to choose",
+             inf.solver_choice)
+    return settings, inf, {**entry, "changed": True}
+
+
 def calibrate_run(settings, inputs, inf, given, rebuild):
     """The step -> ``(settings, inf, record)``: ``settings`` with the solver and damping the run uses,
     ``inf`` (rebuilt by ``rebuild(settings)`` when they changed), and run.json's ``calibration`` entry.
 
     Writes ``calibration.csv`` and ``calibration.json`` in ``out`` and logs the table and the verdict.
     """
-    from pathlib import Path
-
     from influence.calibration import calibrate
     from influence.calibration.grid import choose
     from influence.curvature import REGISTRY
@@ -62,7 +107,7 @@ def calibrate_run(settings, inputs, inf, given, rebuild):
     x, y = test_images(inputs, settings)
     if x is None:
         raise SettingError("calibrate", "the run has no test images to measure the test loss on")
-    cache = Path(settings.cache) if settings.cache else Path(settings.out) / "curvature"
+    cache = cache_folder(settings)
     t0 = time.perf_counter()
     runner = None
     if distributed.enabled(settings):                 # --workers / --ray-address: the retrainings as Ray tasks
@@ -77,6 +122,7 @@ def calibrate_run(settings, inputs, inf, given, rebuild):
     log.info("%s", result.verdict())
     pick = choose(result.means, allowed_cells(result.cells, given))
     record = result.record()
+    kept = saved_choice.save(cache, model_key(inf), record)       # later runs on this model use it
     run = result.cells[result.run]
     use = run if pick is None else result.cells[pick]
     if use != run:
@@ -93,7 +139,7 @@ def calibrate_run(settings, inputs, inf, given, rebuild):
                  " and ".join(sorted(given & {"solver", "damping"})))
     record["applied"] = {"solver": use.solver, "damping": str(use.damping), "changed": use != run}
     csv_path, json_path = result.write(settings.out)
-    record["files"] = [str(csv_path), str(json_path)]
+    record["files"] = [str(csv_path), str(json_path), str(kept)]
     record["seconds"] = round(time.perf_counter() - t0, 2)
     log.info("calibrate: wrote %s and %s (%.0f s)", csv_path, json_path.name, record["seconds"])
     return settings, inf, record

@@ -1,0 +1,85 @@
+"""A calibration kept for later runs: once ``--calibrate`` has measured which (solver, damping) is truest on a
+model, every later run on the same model and training archive that leaves the solver or the damping to ``auto``
+uses that measurement, without retraining (issue 30: "the calibrate step's LDS when it has run").
+
+The file is ``<cache>/calibration/choice-<digest>.json`` (the curvature cache's folder, as the retrainings),
+keyed by what the grid's scores depend on and NOT by the test images (:func:`model_key`): the model's weights,
+the parameters the influence is taken over, the preprocessing, the training archive and the Hessian. It
+holds every cell's LDS, so a run that fixes one of solver / damping takes the best cell that agrees with it
+(:func:`pick`), as ``--calibrate`` itself does (:func:`influence.calibration.job.allowed_cells`).
+"""
+import json
+import logging
+from pathlib import Path
+
+from influence.calibration.core import CACHE_FOLDER
+from influence.calibration.retrain import key_digest
+from influence.io import atomic_write
+from influence.settings import LISSA_SETTINGS, parse_damping
+
+log = logging.getLogger(__name__)
+
+PREFIX = "choice-"
+#: bump when the file's meaning changes
+FORMAT = 1
+
+
+def model_key(clf, train, *, model, preprocess, hessian):
+    """What a calibration's cell scores depend on, as a dict of plain values (no solver, no test images)."""
+    from influence.curvature.cache import model_fingerprint
+
+    return {"format": FORMAT, "model": str(model), "weights": model_fingerprint(clf.model),
+            "params": [v.path for v in clf.variables], "dtype": str(clf.dtype.name),
+            "preprocess": str(preprocess), "train": train.fingerprint(), "train_images": len(train),
+            "hessian": str(hessian)}
+
+
+def path_for(cache, key):
+    """``cache/calibration/choice-<digest>.json`` of ``key``."""
+    return Path(cache) / CACHE_FOLDER / f"{PREFIX}{key_digest(key)}.json"
+
+
+def save(cache, key, record):
+    """Keep ``record`` (:meth:`influence.calibration.Calibration.record`: rows, best, ceiling, facts) for
+    ``key`` under ``cache``, atomically -> the path."""
+    path = path_for(cache, key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(path) as tmp:
+        Path(tmp).write_text(json.dumps({"key": key, "calibration": record}, indent=1, default=str))
+    return path
+
+
+def load(cache, key):
+    """The kept record for ``key`` under ``cache`` -> dict, or None (no file, another key, unreadable)."""
+    path = path_for(cache, key)
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        log.warning("calibration: ignoring %s (%s)", path, exc)
+        return None
+    if data.get("key") != json.loads(json.dumps(key, default=str)):
+        return None
+    return data.get("calibration")
+
+
+def pick(record, given, run_solver, run_damping):
+    """The cell of ``record`` a run takes -> ``(row, run_row)`` or None when it keeps its own setting.
+
+    ``given``: the settings given explicitly. The best measured cell that agrees with the explicit ``solver``
+    and ``damping`` (neither: the best of the grid; both, or any of the original tool's LiSSA settings: None);
+    ``run_row``: the row of the run's own (solver, damping) when the grid measured it, else None.
+    """
+    given = set(given)
+    if {"solver", "damping"} <= given or given & set(LISSA_SETTINGS):
+        return None
+    run_damping = parse_damping(run_damping)
+    rows = [r for r in record.get("rows", ()) if r.get("lds") is not None and not r.get("skipped")]
+    allowed = [r for r in rows if ("solver" not in given or r["solver"] == run_solver)
+               and ("damping" not in given or parse_damping(r["damping"]) == run_damping)]
+    if not allowed:
+        return None
+    best = max(allowed, key=lambda r: r["lds"])
+    own = next((r for r in rows if r["solver"] == run_solver and parse_damping(r["damping"]) == run_damping), None)
+    return best, own

@@ -11,6 +11,7 @@ cell unless its solver or damping was given (:mod:`~influence.calibration.job`).
   scoring   -- each solver fitted once, its dampings scored in shared passes over the training set
   core      -- :func:`calibrate` and its result :class:`Calibration` (table, verdict, files)
   job       -- calculate.py's step: settings in, the run's solver and damping out, run.json and files
+  saved_choice -- the table kept in the curvature cache: later runs on the same model take its best cell
   shards    -- with calculate.py's workers / ray_address: each retraining a Ray task
   lds_metrics, stats -- the pure LDS numbers (subsets, predicted changes, LDS, ceiling) and rank
                 statistics, which the LDS panel (influence.experiments.lds) imports too

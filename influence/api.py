@@ -591,10 +591,12 @@ def _classifier(model, weights, preprocess, params):
         return models.load_classifier(str(model), weights, preprocess, params)
     if isinstance(model, models.Classifier):
         return model
+    source = model
     model, _ = models.at_least_float32(model)
     model, note = models.strip_softmax(model)
     mode = "none" if preprocess == "auto" else preprocess
     clf = models.Classifier(model, models.make_preprocess(mode), models.select_params(model, params),
                             description=f"{model.name} ({note})", mode=mode)
+    clf.source = source
     models.check_classifier(clf)
     return clf

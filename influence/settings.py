@@ -41,8 +41,13 @@ class Damping:
 
     value: float
     relative: bool = False
+    #: ``optimizer``: per parameter, ``value ×`` the training run's response damping
+    #: (:mod:`influence.model.training_state`); a method that takes it solves in the scaled coordinates
+    optimizer: bool = False
 
     def __str__(self):
+        if self.optimizer:
+            return "optimizer" if self.value == 1 else f"optimizer:{self.value:g}"
         return f"{self.value:g}x" if self.relative else f"{self.value:g}"
 
     def for_block(self, mean_eigenvalue):
@@ -55,7 +60,8 @@ class Damping:
 
 
 def parse_damping(spec):
-    """``0.01`` / ``"0.01"`` / ``"auto"`` / ``"0.3x"`` (or a :class:`Damping`, returned as is) -> :class:`Damping`.
+    """``0.01`` / ``"0.01"`` / ``"auto"`` / ``"0.3x"`` / ``"optimizer"`` / ``"optimizer:0.3"`` (or a
+    :class:`Damping`, returned as is) -> :class:`Damping`.
 
     The one parser of ``damping``. Raises UserError (naming the setting ``damping``) for anything else
     or a negative value.
@@ -63,6 +69,15 @@ def parse_damping(spec):
     if isinstance(spec, Damping):
         return spec
     text = str(spec).strip().lower()
+    if text.startswith("optimizer"):
+        factor = text[len("optimizer"):]
+        try:
+            value = float(factor[1:]) if factor.startswith(":") else 1.0 if not factor else None
+        except ValueError:
+            value = None
+        if value is None or not value > 0:
+            raise UserError(f"damping optimizer takes a factor > 0 as optimizer:0.3, got {spec!r}")
+        return Damping(value, optimizer=True)
     relative = text == "auto" or text.endswith("x")
     try:
         value = AUTO_FACTOR if text == "auto" else float(text[:-1] if relative else text)
@@ -201,7 +216,10 @@ class Settings:
     damping: Damping = _setting("auto", _IHVP, "solve (H + LAMBDA I) x = v; or relative to the curvature's scale: "
                                               "'auto' = 0.1x, or a factor like 0.3x: x each layer's mean Fisher "
                                               "eigenvalue (kfac/ekfac), x the mean eigenvalue trace(H)/P (exact; "
-                                              "cg/lissa/pcg estimate it with 10 products over the training set)",
+                                              "cg/lissa/pcg estimate it with 10 products over the training set); "
+                                              "'optimizer' (krylov, exact): per parameter, from how the model was "
+                                              "trained (its saved Adam/RMSprop/SGD state: steps, learning rate, second "
+                                              "moments), optimizer:F scales it",
                                 math=True, parse=parse_damping)
     scale: str = _setting("auto", _IHVP, "LiSSA scale; auto = 1.1 x lambda_max(H + LAMBDA I) by power iteration, "
                                          "the largest of the whole-sample and minibatch estimates",

@@ -57,12 +57,21 @@ class InverseHVP:
                 cls.cache_name = name
             REGISTRY[name] = cls
 
+    #: takes ``damping optimizer``: a per-parameter damping ``c·D`` (:mod:`influence.model.training_state`),
+    #: solved as ``D^{-1/2} (D^{-1/2} H D^{-1/2} + cI)⁻¹ D^{-1/2}`` (:meth:`response_scale`)
+    takes_diagonal = False
+
     @classmethod
     def check_damping(cls, damping):
         """``damping`` as a :class:`Damping` (parsed by :func:`parse_damping`, the setting's one parser, when
         it is text or a number; a Damping, what calculate.py and the API give, as it is); SettingError when
         this method cannot take it."""
         spec = parse_damping(damping)
+        if spec.optimizer and not cls.takes_diagonal:
+            able = ", ".join(n for n, c in REGISTRY.items() if c.takes_diagonal)
+            raise SettingError("damping", f"{damping} is a per-parameter damping from the training run, which only "
+                                          f"{able} take; give solver {cls.name} a number (e.g. 0.01) or a factor "
+                                          f"(e.g. 0.1x)")
         if spec.relative and not cls.relative_damping:
             able = ", ".join(n for n, c in REGISTRY.items() if c.relative_damping)
             raise SettingError("damping", f"{damping} is relative to the curvature's scale, which only {able} "
@@ -92,6 +101,31 @@ class InverseHVP:
     def damping(self, value):
         self.damping_spec = self.check_damping(value)
         self._resolved = None
+
+    def response_scale(self):
+        """``D^{-1/2}`` float64 ``(P,)`` of ``damping optimizer`` (read once from the model's training state,
+        :func:`influence.model.training_state.response_diagonal`), or None for any other damping. With it the
+        method solves ``(H + c·D)⁻¹ = S (S H S + cI)⁻¹ S``, ``S = diag(D^{-1/2})``, ``c`` = :attr:`damping`."""
+        if not self.damping_spec.optimizer:
+            return None
+        if getattr(self, "_response", None) is None:
+            from influence.model.training_state import response_diagonal
+
+            self._response = response_diagonal(self.obj.d.clf)
+            facts = self._response.facts
+            self.info.update(damping_rule=str(self.damping_spec), response=facts)
+            log.info("%s: damping %s -> per parameter %g x D, D = (sqrt(v) + eps) / sum of the learning rates "
+                     "(%s, %d steps, sum of the learning rates %.3g): mean %.3g, median %.3g", self.name,
+                     self.damping_spec, self.damping_spec.value, facts["optimizer"], facts["steps"],
+                     facts["lr_sum"], facts["mean"], facts["median"])
+        return 1.0 / np.sqrt(self._response.diagonal)
+
+    def response_key(self):
+        """The cache key's entry of ``damping optimizer`` (the diagonal's fingerprint), else {}."""
+        if not self.damping_spec.optimizer:
+            return {}
+        self.response_scale()
+        return {"response": self._response.fingerprint()}
 
     def set_damping(self, damping):
         """Another damping for the fitted (or loaded) state, without fitting again: what the method fixed

@@ -66,6 +66,7 @@ class KrylovSolver(InverseHVP):
                "(sees across layers; no product per test image)")
     approximates = "lowrank"     # tests/test_curvature_contract.py: the same formula from the dense eigenpairs
     relative_damping = "trace"   # λ = factor × trace(A)/P (influence.curvature.damping)
+    takes_diagonal = True        # damping optimizer: the basis of S A S, S = D^{-1/2} (base.response_scale)
     self_influence_route = "low-rank"
 
     def __init__(self, objective, damping, rank="auto", seed=0, memory_budget=2.0, progress=True):
@@ -124,7 +125,7 @@ class KrylovSolver(InverseHVP):
 
     # --- the fit (cached) --------------------------------------------------------------------------
     def cache_key(self):
-        return {**self.matrix_key(), "rank": self.fitted_rank(), "seed": self.seed}
+        return {**self.matrix_key(), "rank": self.fitted_rank(), "seed": self.seed, **self.response_key()}
 
     def fit(self, product=None):
         """Lanczos on ``product`` (Vec -> Vec, ``A v`` over the whole training set; default the objective's
@@ -132,6 +133,9 @@ class KrylovSolver(InverseHVP):
         self.check_memory()
         product = product or self.obj.hvp_full
         like = self.obj.d.variables
+        scale = self.response_scale()          # damping optimizer: Lanczos on S A S
+        if scale is not None:
+            scale = scale.astype(np.dtype(self.obj.d.dtype.as_numpy_dtype))
         p = self._params
         want = self.fitted_rank()
         steps = min(p, max(STEPS_PER_PAIR * want, want + 10))
@@ -140,7 +144,9 @@ class KrylovSolver(InverseHVP):
                           disable=not self.progress) as bar:
             def apply(q):
                 bar.update(1)
-                return vec_to_numpy(product(numpy_to_vec(q, like)))
+                if scale is None:
+                    return vec_to_numpy(product(numpy_to_vec(q, like)))
+                return scale * vec_to_numpy(product(numpy_to_vec(scale * q, like)))
 
             def done(alpha, beta):
                 if len(alpha) < want:
@@ -172,7 +178,12 @@ class KrylovSolver(InverseHVP):
         self._choose_rank()
 
     def set_damping(self, damping):
-        """λ changed on the fitted basis: the auto rank is chosen again for it (:meth:`InverseHVP.set_damping`)."""
+        """λ changed on the fitted basis: the auto rank is chosen again for it (:meth:`InverseHVP.set_damping`).
+        A basis fitted for ``damping optimizer`` (of ``S A S``) takes only another ``optimizer:F``, and the other
+        way round (ValueError: fit another solver)."""
+        new = self.check_damping(damping)
+        if self._theta is not None and new.optimizer != self.damping_spec.optimizer:
+            raise ValueError(f"krylov: the basis was fitted for damping {self.damping_spec}; {new} needs another fit")
         self.damping = damping
         if self._theta is not None:
             self._choose_rank()
@@ -243,13 +254,18 @@ class KrylovSolver(InverseHVP):
             self.fit()
 
     def solve_numpy(self, v):
-        """(T, P) -> (T, P) float64, the low-rank ``(A + λI)⁻¹ v``."""
+        """(T, P) -> (T, P) float64, the low-rank ``(A + λI)⁻¹ v`` (``damping optimizer``: ``S (S A S + cI)⁻¹ S v``)."""
         self._ready()
-        return lowrank.lowrank_inverse(self._u, self._sigma, self._floor, self.damping, v)
+        scale = self.response_scale()
+        if scale is None:
+            return lowrank.lowrank_inverse(self._u, self._sigma, self._floor, self.damping, v)
+        return scale * lowrank.lowrank_inverse(self._u, self._sigma, self._floor, self.damping, scale * np.asarray(v))
 
     def precondition_numpy(self, v):
         """(T, P) -> (T, P): the Nyström preconditioner of the same basis (``(φ + λ) ×`` :meth:`solve_numpy`)."""
         self._ready()
+        if self.response_scale() is not None:
+            raise ValueError("krylov: a basis of damping optimizer is not a preconditioner of A + λI")
         return lowrank.nystrom_precondition(self._u, self._sigma, self._floor, self.damping, v)
 
     def solve(self, vectors, ids=None):
@@ -269,6 +285,9 @@ class KrylovSolver(InverseHVP):
         if not len(y):
             return np.zeros(0)
         grads = np.stack([vec_to_numpy(d.gradient(x[i:i + 1], y[i:i + 1])) for i in range(len(y))])
+        scale = self.response_scale()
+        if scale is not None:                  # damping optimizer: the quadratic form of S g
+            grads = grads * scale
         proj = grads @ self._u.T.astype(np.float64)
         return lowrank.self_quadratic(proj, np.einsum("np,np->n", grads, grads), self._sigma, self._floor,
                                       self.damping)

@@ -102,3 +102,11 @@ def run_through_graph(graph, inputs, operation_fn):
     if not takes_fn:
         raise gone("keras.src.ops.function.Function._run_through_graph(operation_fn=...)")
     return run(inputs, operation_fn=operation_fn)
+
+
+def optimizer_slot(optimizer, variable, slots):
+    """The value of ``optimizer.<slots>[i]`` (e.g. ``"_velocities"``: Adam's second moments) for the trained
+    ``variable``, ``i`` from ``optimizer._get_variable_index`` (Keras 3.15's optimizers keep their slots in
+    lists indexed by the variable)."""
+    index = _attribute(optimizer, "_get_variable_index", "keras.optimizers.Optimizer")(variable)
+    return _attribute(optimizer, slots, type(optimizer).__name__)[index].numpy()

@@ -301,6 +301,8 @@ class Classifier:
         self.preprocess_mode = mode
         self.groups = groups
         self.description = description
+        #: where the model came from (a file path or name, or the user's Keras object); None unknown
+        self.source = None
         self.variables = [v for g in groups for v in g.variables]
         self.graph = _graph_of(model)
         self._selected = {id(g.layer): g for g in groups}
@@ -502,5 +504,6 @@ def load_classifier(model="vgg16", weights="imagenet", preprocess="auto", params
         mode = "none"
     clf = Classifier(keras_model, make_preprocess(mode, app_fn), groups, description=f"{model} ({softmax_note})",
                      mode=resolved_mode(mode, app_fn))
+    clf.source = model          # where it came from: damping optimizer reads its training state there
     check_classifier(clf)
     return clf

@@ -1,0 +1,122 @@
+"""``--damping optimizer``: the per-parameter damping read from the model's training run
+(influence.model.training_state), against float64 dense references on a tiny Adam-trained model."""
+import numpy as np
+import pytest
+
+keras = pytest.importorskip("keras")
+
+from test_calibrate import _images, _save_model  # noqa: E402  (the tiny Adam-trained model of --calibrate)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("optdamp")
+    rng = np.random.default_rng(3)
+    x, y = _images(rng, 64)
+    xt, yt = _images(rng, 3)
+    model = _save_model(root / "model.keras", x, y, epochs=3)
+    bare = _save_model(root / "bare.keras", x, y, compiled=False)
+    return model, bare, x, y, xt, yt
+
+
+def _inf(trained, **kw):
+    import influence
+
+    model, _, x, y, _, _ = trained
+    return influence.Influence(str(model), train=(x, y), preprocess="unit", progress=False, hessian="ggn", **kw)
+
+
+def test_the_diagonal_is_adams_step_size_over_the_summed_learning_rate(trained):
+    from influence.model.training_state import response_diagonal
+
+    inf = _inf(trained, solver="exact", damping="optimizer")
+    got = response_diagonal(inf.clf)
+    m = keras.models.load_model(trained[0])
+    opt = m.optimizer
+    steps = int(opt.iterations.numpy())
+    assert steps == 3 * 2 and got.facts["steps"] == steps and got.facts["optimizer"] == "Adam"
+    by_path = {v.path: v for v in opt.variables}
+    expected = []
+    for v in inf.clf.variables:        # Keras names Adam's slots <layer>_<variable>_velocity
+        velocity = by_path[f"adam/{v.path.replace('/', '_')}_velocity"].numpy().ravel().astype(np.float64)
+        expected.append((np.sqrt(velocity / (1 - 0.999 ** steps)) + 1e-7) / (1e-2 * steps))
+    np.testing.assert_allclose(got.diagonal, np.concatenate(expected), rtol=1e-6)
+    assert got.diagonal.shape == (inf.clf.num_params,)
+
+
+def test_exact_and_full_rank_krylov_solve_h_plus_the_diagonal(trained):
+    """exact: ``(G + c·D)⁻¹ v`` with the dense float64 G; krylov at full rank: the same from the basis of
+    ``S G S``; self-influence too."""
+    from influence.model.training_state import response_diagonal
+    from influence.model.vectors import numpy_to_vec, vec_to_numpy
+
+    base = _inf(trained, solver="exact", damping=0.0)
+    g = base.solver.matrix()                                      # G, no damping
+    d = response_diagonal(base.clf).diagonal
+    rng = np.random.default_rng(0)
+    v = rng.standard_normal((2, len(d)))
+    like = base.clf.variables
+    for factor, text in ((1.0, "optimizer"), (0.3, "optimizer:0.3")):
+        want = np.linalg.solve(g + factor * np.diag(d), v.T).T
+        exact = _inf(trained, solver="exact", damping=text)
+        got = np.stack([vec_to_numpy(s) for s in exact.solver.solve([numpy_to_vec(r, like) for r in v])])
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-9 * np.abs(want).max())
+        krylov = _inf(trained, solver="krylov", damping=text, rank=len(d))
+        krylov.fit()
+        got = krylov.solver.solve_numpy(v)
+        np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4 * np.abs(want).max())
+    _, _, x, y, _, _ = trained
+    si_exact = _inf(trained, solver="exact", damping="optimizer").self_influence()
+    si_krylov = _inf(trained, solver="krylov", damping="optimizer", rank=len(d)).self_influence()
+    np.testing.assert_array_equal(si_krylov.indices, si_exact.indices)
+    np.testing.assert_allclose(si_krylov.values, si_exact.values, rtol=1e-3)
+
+
+def test_scores_with_damping_optimizer_differ_from_any_scalar_damping_only_through_d(trained):
+    """A scalar λ equal to D's mean gives other scores (D is not constant), and scaling D by F equals
+    optimizer:F."""
+    _, _, _, _, xt, yt = trained
+    one = _inf(trained, solver="exact", damping="optimizer:2").scores(xt, yt)
+    from influence.model.training_state import response_diagonal
+
+    inf = _inf(trained, solver="exact", damping=0.0)
+    d = response_diagonal(inf.clf).diagonal
+    scalar = _inf(trained, solver="exact", damping=float(2 * d.mean())).scores(xt, yt)
+    assert d.std() > 0.1 * d.mean() and not np.allclose(one, scalar, rtol=1e-3)
+
+
+def test_damping_optimizer_refusals_are_one_line(trained):
+    from influence.errors import SettingError, UserError
+    from influence.settings import parse_damping
+
+    assert str(parse_damping("optimizer")) == "optimizer" and str(parse_damping("optimizer:0.3")) == "optimizer:0.3"
+    assert parse_damping("Optimizer:0.3").optimizer and parse_damping("optimizer").value == 1.0
+    for bad in ("optimizer:0", "optimizer:x", "optimizerx"):
+        with pytest.raises(UserError, match="^damping optimizer takes a factor"):
+            parse_damping(bad)
+    with pytest.raises(SettingError, match=r"^damping: optimizer is a per-parameter damping .* only krylov, exact take; give solver ekfac"):
+        _inf(trained, solver="ekfac", damping="optimizer").solver
+    import influence
+
+    _, bare, x, y, xt, yt = trained
+    inf = influence.Influence(str(bare), train=(x, y), preprocess="unit", progress=False, solver="exact",
+                              damping="optimizer")
+    with pytest.raises(SettingError, match=r"^damping: optimizer reads the training run .* has none"):
+        inf.scores(xt, yt)
+    krylov = _inf(trained, solver="krylov", damping="optimizer", rank=8)
+    krylov.fit()
+    with pytest.raises(ValueError, match="needs another fit"):
+        krylov.solver.set_damping("0.1x")
+    krylov.solver.set_damping("optimizer:3")                      # the same basis, another factor
+    assert krylov.solver.damping == 3.0
+
+
+def test_a_keras_model_object_from_python_gives_the_same_diagonal(trained):
+    import influence
+    from influence.model.training_state import response_diagonal
+
+    model, _, x, y, _, _ = trained
+    from_file = response_diagonal(_inf(trained, solver="exact").clf).diagonal
+    obj = keras.models.load_model(model)
+    inf = influence.Influence(obj, train=(x, y), preprocess="unit", progress=False, solver="exact")
+    np.testing.assert_array_equal(response_diagonal(inf.clf).diagonal, from_file)

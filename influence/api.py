@@ -223,15 +223,23 @@ class Influence:
         """The method: ``requested``, or for ``auto`` the choice on the loaded model
         (:func:`influence.curvature.choice.choose_solver`, one log line) -> :attr:`solver_name`,
         :attr:`solver_choice` (why)."""
-        from influence.curvature.choice import AUTO, choose_solver
+        from influence.curvature.choice import AUTO, choose_damping, choose_solver
 
         budget = options.get("memory_budget", DEFAULTS["memory_budget"])
         name, reason = choose_solver(requested, given, self.clf.num_params, self.clf.dtype.size, budget)
-        if requested == AUTO:
+        damping, why = choose_damping(name, damping, self.clf)
+        reason = f"{reason}; {why}" if why else reason
+        if requested == AUTO or why:
             log.info("%s", reason)
         self.solver_name, self.solver_choice, self.progress = name, reason, progress
         self._solver = None
         self._solver_args = (name, damping, dict(options))
+
+    @property
+    def damping(self):
+        """The damping the solver takes (a :class:`influence.settings.Damping`; ``auto`` resolved on the model,
+        :func:`influence.curvature.choice.choose_damping`)."""
+        return self._solver_args[1]
 
     @property
     def solver(self):

@@ -290,7 +290,7 @@ def load_model(settings, inputs, given=()):
                                                                           inputs.folders))
 
     inf = build(settings)
-    settings = dataclasses.replace(settings, solver=inf.solver_name)
+    settings = dataclasses.replace(settings, solver=inf.solver_name, damping=inf.damping)
     calibration, used, t_load = None, None, timer() - t0
     if settings.calibrate:               # --calibrate: may change the solver and damping the run uses
         from influence.calibration.job import calibrate_run

@@ -44,6 +44,9 @@ class Damping:
     #: ``optimizer``: per parameter, ``value ×`` the training run's response damping
     #: (:mod:`influence.model.training_state`); a method that takes it solves in the scaled coordinates
     optimizer: bool = False
+    #: given as ``auto``: a solver that takes ``optimizer`` resolves it so when the model holds its training
+    #: state (:func:`influence.curvature.choice.choose_damping`); compares equal to the factor it stands for
+    auto: bool = dataclasses.field(default=False, compare=False)
 
     def __str__(self):
         if self.optimizer:
@@ -79,6 +82,8 @@ def parse_damping(spec):
             raise UserError(f"damping optimizer takes a factor > 0 as optimizer:0.3, got {spec!r}")
         return Damping(value, optimizer=True)
     relative = text == "auto" or text.endswith("x")
+    if text == "auto":
+        return Damping(AUTO_FACTOR, True, auto=True)
     try:
         value = AUTO_FACTOR if text == "auto" else float(text[:-1] if relative else text)
     except ValueError:

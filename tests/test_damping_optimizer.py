@@ -35,10 +35,10 @@ def test_the_diagonal_is_adams_step_size_over_the_summed_learning_rate(trained):
     opt = m.optimizer
     steps = int(opt.iterations.numpy())
     assert steps == 3 * 2 and got.facts["steps"] == steps and got.facts["optimizer"] == "Adam"
-    by_path = {v.path: v for v in opt.variables}
     expected = []
-    for v in inf.clf.variables:        # Keras names Adam's slots <layer>_<variable>_velocity
-        velocity = by_path[f"adam/{v.path.replace('/', '_')}_velocity"].numpy().ravel().astype(np.float64)
+    for v in inf.clf.variables:        # Keras names Adam's slots <optimizer>/<layer>_<variable>_velocity
+        (slot,) = [s for s in opt.variables if s.path.endswith(f"/{v.path.replace('/', '_')}_velocity")]
+        velocity = slot.numpy().ravel().astype(np.float64)
         expected.append((np.sqrt(velocity / (1 - 0.999 ** steps)) + 1e-7) / (1e-2 * steps))
     np.testing.assert_allclose(got.diagonal, np.concatenate(expected), rtol=1e-6)
     assert got.diagonal.shape == (inf.clf.num_params,)
@@ -103,12 +103,40 @@ def test_damping_optimizer_refusals_are_one_line(trained):
                               damping="optimizer")
     with pytest.raises(SettingError, match=r"^damping: optimizer reads the training run .* has none"):
         inf.scores(xt, yt)
-    krylov = _inf(trained, solver="krylov", damping="optimizer", rank=8)
+
+
+def test_krylov_switches_between_scalar_and_optimizer_damping_on_one_basis(trained):
+    """The basis is of A alone: set_damping to optimizer:F and back equals a solver built with it (rank 8: the
+    floor and the Woodbury core in play)."""
+    rng = np.random.default_rng(1)
+    krylov = _inf(trained, solver="krylov", damping="0.1x", rank=8)
     krylov.fit()
-    with pytest.raises(ValueError, match="needs another fit"):
-        krylov.solver.set_damping("0.1x")
-    krylov.solver.set_damping("optimizer:3")                      # the same basis, another factor
+    v = rng.standard_normal((2, krylov.clf.num_params))
+    for damping in ("optimizer:3", "0.1x", "optimizer"):
+        krylov.solver.set_damping(damping)
+        fresh = _inf(trained, solver="krylov", damping=damping, rank=8)
+        fresh.fit()
+        np.testing.assert_allclose(krylov.solver.solve_numpy(v), fresh.solver.solve_numpy(v), rtol=1e-10)
+    krylov.solver.set_damping("optimizer:3")
     assert krylov.solver.damping == 3.0
+
+
+def test_the_woodbury_pieces_equal_the_dense_inverse_of_the_low_rank_model():
+    """lowrank.diagonal_inverse / diagonal_quadratic: ``(Uᵀ(Σ − φ)U + φI + D)⁻¹`` against numpy, a pair at
+    the floor included."""
+    from influence.curvature import lowrank
+
+    rng = np.random.default_rng(2)
+    p, k = 30, 4
+    u = np.linalg.qr(rng.standard_normal((p, k)))[0].T
+    sigma, floor = np.array([5.0, 2.0, 0.7, 0.3]), 0.3
+    d = rng.uniform(0.01, 1.0, p)
+    a = u.T @ np.diag(sigma - floor) @ u + floor * np.eye(p) + np.diag(d)
+    v = rng.standard_normal((3, p))
+    pieces = lowrank.diagonal_woodbury(u, sigma, floor, d)
+    np.testing.assert_allclose(lowrank.diagonal_inverse(u, pieces, v), np.linalg.solve(a, v.T).T, rtol=1e-10)
+    np.testing.assert_allclose(lowrank.diagonal_quadratic(u, pieces, v),
+                               np.einsum("tp,tp->t", v, np.linalg.solve(a, v.T).T), rtol=1e-10)
 
 
 def test_a_keras_model_object_from_python_gives_the_same_diagonal(trained):
@@ -120,3 +148,20 @@ def test_a_keras_model_object_from_python_gives_the_same_diagonal(trained):
     obj = keras.models.load_model(model)
     inf = influence.Influence(obj, train=(x, y), preprocess="unit", progress=False, solver="exact")
     np.testing.assert_array_equal(response_diagonal(inf.clf).diagonal, from_file)
+
+
+def test_damping_auto_reads_the_training_run_where_the_solver_takes_it(trained):
+    """auto -> optimizer for krylov / exact on a model with its optimizer state (said in solver_choice);
+    0.1x for other solvers, for a model without state (said why), and an explicit 0.1x stays."""
+    import influence
+
+    model, bare, x, y, _, _ = trained
+    auto = _inf(trained, solver="exact")
+    assert str(auto.damping) == "optimizer" and "damping auto: optimizer (per parameter, from the Adam state of 6" \
+        in auto.solver_choice
+    assert str(_inf(trained, solver="exact", damping="0.1x").damping) == "0.1x"
+    assert str(_inf(trained, solver="ekfac").damping) == "0.1x"
+    plain = influence.Influence(str(bare), train=(x, y), preprocess="unit", progress=False, solver="exact")
+    assert str(plain.damping) == "0.1x" and plain.solver_choice.endswith("; damping auto: 0.1x (the model holds no trained optimizer state)")
+    picked = _inf(trained)                                           # solver auto: krylov here
+    assert picked.solver_name == "krylov" and str(picked.damping) == "optimizer"

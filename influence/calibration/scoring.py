@@ -84,9 +84,9 @@ def score_cells(inf, cells, grads, masks, show=True):
     """
     predicted, lams, skipped = {}, {}, {}
     by_solver = {}
-    for cell in cells:      # damping optimizer fits another basis (of S A S): its own group
-        by_solver.setdefault((cell.solver, cell.damping.optimizer), []).append(cell)
-    for (name, _), group in by_solver.items():
+    for cell in cells:
+        by_solver.setdefault(cell.solver, []).append(cell)
+    for name, group in by_solver.items():
         batches = [[c] for c in group] if name in REFIT_PER_DAMPING else [group]
         for batch in batches:
             try:

@@ -120,13 +120,6 @@ class InverseHVP:
                      facts["lr_sum"], facts["mean"], facts["median"])
         return 1.0 / np.sqrt(self._response.diagonal)
 
-    def response_key(self):
-        """The cache key's entry of ``damping optimizer`` (the diagonal's fingerprint), else {}."""
-        if not self.damping_spec.optimizer:
-            return {}
-        self.response_scale()
-        return {"response": self._response.fingerprint()}
-
     def set_damping(self, damping):
         """Another damping for the fitted (or loaded) state, without fitting again: what the method fixed
         from λ when it was fitted is formed anew (a krylov rank, exact's ``H + λI``). The result equals a

@@ -16,7 +16,7 @@ everything after sees the method chosen, never ``auto``.
 from influence.curvature.base import REGISTRY
 from influence.curvature.krylov import AUTO_MAX_RANK, AUTO_MIN_RANK, BASIS_SHARE, STEPS_PER_PAIR, affordable_rank
 from influence.errors import SettingError
-from influence.settings import LISSA_SETTINGS  # the original tool's LiSSA settings (the fields' lissa flag)
+from influence.settings import LISSA_SETTINGS, parse_damping  # LiSSA: the original tool's settings (lissa flag)
 
 AUTO = "auto"
 #: the methods ``auto`` may choose
@@ -58,3 +58,29 @@ def choose_solver(requested, given, num_params, itemsize, memory_budget):
     return "ekfac", (f"auto: ekfac (a krylov basis of {AUTO_MIN_RANK} pairs over {num_params:,} parameters needs "
                      f"{need:.3g} GB, above {BASIS_SHARE:.0%} of memory_budget {memory_budget:g} GB; choose fewer "
                      f"parameters with params (e.g. last:1) for krylov)")
+
+
+#: ``damping auto`` for a solver that takes a per-parameter damping (krylov, exact): ``optimizer`` when the
+#: model holds its training state (README, "Damping from the training run": the LDS panel's measurements)
+AUTO_OPTIMIZER = True
+
+
+def choose_damping(solver, damping, clf):
+    """The damping of a run and why -> ``(Damping, reason or None)``.
+
+    ``damping``: the parsed setting. Given as ``auto`` (:attr:`Damping.auto`) to a method that takes a
+    per-parameter damping (``takes_diagonal``: krylov, exact) on a model whose saved optimizer state can be
+    read (:func:`influence.model.training_state.response_diagonal`): ``optimizer``; else as it is (``auto``
+    is then ``0.1x``), the reason saying why when ``auto`` stayed a factor.
+    """
+    from influence.model.training_state import NoTrainingState, response_diagonal
+
+    if not (damping.auto and AUTO_OPTIMIZER and getattr(REGISTRY.get(solver), "takes_diagonal", False)):
+        return damping, None
+    try:
+        facts = response_diagonal(clf).facts
+    except NoTrainingState as exc:
+        return damping, f"damping auto: {damping} ({exc.short})"
+    return (parse_damping("optimizer"),
+            f"damping auto: optimizer (per parameter, from the {facts['optimizer']} state of {facts['steps']} "
+            f"training steps)")

@@ -66,7 +66,7 @@ class KrylovSolver(InverseHVP):
                "(sees across layers; no product per test image)")
     approximates = "lowrank"     # tests/test_curvature_contract.py: the same formula from the dense eigenpairs
     relative_damping = "trace"   # λ = factor × trace(A)/P (influence.curvature.damping)
-    takes_diagonal = True        # damping optimizer: the basis of S A S, S = D^{-1/2} (base.response_scale)
+    takes_diagonal = True        # damping optimizer: (A + c·D)⁻¹ from the same basis (lowrank.diagonal_woodbury)
     self_influence_route = "low-rank"
 
     def __init__(self, objective, damping, rank="auto", seed=0, memory_budget=2.0, progress=True):
@@ -75,6 +75,7 @@ class KrylovSolver(InverseHVP):
         self.seed = int(seed)
         self.memory_budget = memory_budget
         self._u = self._sigma = self._floor = None
+        self._woodbury = None
         self._theta = self._residual = None
         self._trace = None
         self.info.update(rank_asked=self.rank)
@@ -125,7 +126,7 @@ class KrylovSolver(InverseHVP):
 
     # --- the fit (cached) --------------------------------------------------------------------------
     def cache_key(self):
-        return {**self.matrix_key(), "rank": self.fitted_rank(), "seed": self.seed, **self.response_key()}
+        return {**self.matrix_key(), "rank": self.fitted_rank(), "seed": self.seed}
 
     def fit(self, product=None):
         """Lanczos on ``product`` (Vec -> Vec, ``A v`` over the whole training set; default the objective's
@@ -133,9 +134,6 @@ class KrylovSolver(InverseHVP):
         self.check_memory()
         product = product or self.obj.hvp_full
         like = self.obj.d.variables
-        scale = self.response_scale()          # damping optimizer: Lanczos on S A S
-        if scale is not None:
-            scale = scale.astype(np.dtype(self.obj.d.dtype.as_numpy_dtype))
         p = self._params
         want = self.fitted_rank()
         steps = min(p, max(STEPS_PER_PAIR * want, want + 10))
@@ -144,9 +142,7 @@ class KrylovSolver(InverseHVP):
                           disable=not self.progress) as bar:
             def apply(q):
                 bar.update(1)
-                if scale is None:
-                    return vec_to_numpy(product(numpy_to_vec(q, like)))
-                return scale * vec_to_numpy(product(numpy_to_vec(scale * q, like)))
+                return vec_to_numpy(product(numpy_to_vec(q, like)))
 
             def done(alpha, beta):
                 if len(alpha) < want:
@@ -178,12 +174,7 @@ class KrylovSolver(InverseHVP):
         self._choose_rank()
 
     def set_damping(self, damping):
-        """λ changed on the fitted basis: the auto rank is chosen again for it (:meth:`InverseHVP.set_damping`).
-        A basis fitted for ``damping optimizer`` (of ``S A S``) takes only another ``optimizer:F``, and the other
-        way round (ValueError: fit another solver)."""
-        new = self.check_damping(damping)
-        if self._theta is not None and new.optimizer != self.damping_spec.optimizer:
-            raise ValueError(f"krylov: the basis was fitted for damping {self.damping_spec}; {new} needs another fit")
+        """λ changed on the fitted basis: the auto rank is chosen again for it (:meth:`InverseHVP.set_damping`)."""
         self.damping = damping
         if self._theta is not None:
             self._choose_rank()
@@ -192,9 +183,11 @@ class KrylovSolver(InverseHVP):
         """The rank used (``--rank`` or the auto rule over the converged pairs), σ, U and the floor φ."""
         kept = self._kept
         theta = self._theta
+        self._woodbury = None
         if self.rank == "auto":
             bottom = max(float(theta[-1]), 0.0)
-            limit = AUTO_RATIO * (bottom + self.damping)
+            # damping optimizer: every converged pair (the floor φ adds to c·D_j outside the basis: keep it low)
+            limit = AUTO_RATIO * (bottom + (0.0 if self.response_scale() is not None else self.damping))
             k = int(np.sum(theta[:kept] >= limit))
             self.info.update(auto_rule=f"sigma >= {AUTO_RATIO:g} x (smallest Ritz value {bottom:.3g} + damping)")
         else:
@@ -203,7 +196,7 @@ class KrylovSolver(InverseHVP):
         self._sigma = theta[:k]
         floor = float(theta[k]) if k < len(theta) else float(theta[-1])
         self._floor = max(floor, 0.0)
-        lam = self.damping
+        lam = self._scalar_damping()
         if k and self._sigma[-1] + lam <= 0 or self._floor + lam <= 0:
             raise UserError(f"krylov: A + λI is not positive definite along its eigenvectors (eigenvalue "
                             f"{min(self._sigma.min() if k else floor, floor):.3g}, damping {lam:.3g}): raise "
@@ -253,19 +246,32 @@ class KrylovSolver(InverseHVP):
         if self._u is None:
             self.fit()
 
-    def solve_numpy(self, v):
-        """(T, P) -> (T, P) float64, the low-rank ``(A + λI)⁻¹ v`` (``damping optimizer``: ``S (S A S + cI)⁻¹ S v``)."""
-        self._ready()
+    def _scalar_damping(self):
+        """λ, or with ``damping optimizer`` the mean of ``c·D`` (what the auto rank and the checks compare with)."""
         scale = self.response_scale()
-        if scale is None:
+        return self.damping if scale is None else self.damping * float(np.mean(1.0 / scale ** 2))
+
+    def _diagonal_pieces(self):
+        """:func:`lowrank.diagonal_woodbury` of the basis in use with ``D' = c·D`` (``damping optimizer``), kept."""
+        if self._woodbury is None:
+            scale = self.response_scale()
+            self._woodbury = lowrank.diagonal_woodbury(self._u, self._sigma, self._floor,
+                                                       self.damping / scale ** 2)
+        return self._woodbury
+
+    def solve_numpy(self, v):
+        """(T, P) -> (T, P) float64, the low-rank ``(A + λI)⁻¹ v``; with ``damping optimizer``
+        ``(A + c·D)⁻¹ v`` for the same low-rank ``A`` (Woodbury: :func:`lowrank.diagonal_inverse`)."""
+        self._ready()
+        if self.response_scale() is None:
             return lowrank.lowrank_inverse(self._u, self._sigma, self._floor, self.damping, v)
-        return scale * lowrank.lowrank_inverse(self._u, self._sigma, self._floor, self.damping, scale * np.asarray(v))
+        return lowrank.diagonal_inverse(self._u, self._diagonal_pieces(), v)
 
     def precondition_numpy(self, v):
         """(T, P) -> (T, P): the Nyström preconditioner of the same basis (``(φ + λ) ×`` :meth:`solve_numpy`)."""
         self._ready()
         if self.response_scale() is not None:
-            raise ValueError("krylov: a basis of damping optimizer is not a preconditioner of A + λI")
+            raise ValueError("krylov: damping optimizer gives no Nyström preconditioner of A + λI")
         return lowrank.nystrom_precondition(self._u, self._sigma, self._floor, self.damping, v)
 
     def solve(self, vectors, ids=None):
@@ -285,9 +291,8 @@ class KrylovSolver(InverseHVP):
         if not len(y):
             return np.zeros(0)
         grads = np.stack([vec_to_numpy(d.gradient(x[i:i + 1], y[i:i + 1])) for i in range(len(y))])
-        scale = self.response_scale()
-        if scale is not None:                  # damping optimizer: the quadratic form of S g
-            grads = grads * scale
+        if self.response_scale() is not None:          # damping optimizer: Woodbury's quadratic form
+            return lowrank.diagonal_quadratic(self._u, self._diagonal_pieces(), grads)
         proj = grads @ self._u.T.astype(np.float64)
         return lowrank.self_quadratic(proj, np.einsum("np,np->n", grads, grads), self._sigma, self._floor,
                                       self.damping)

@@ -136,3 +136,37 @@ def self_quadratic(projections, norms2, sigma, floor, lam):
     inside = c2 @ (1.0 / (np.asarray(sigma, np.float64) + lam))
     rest = np.maximum(np.asarray(norms2, np.float64) - c2.sum(axis=1), 0.0)
     return inside + rest / (floor + lam)
+
+
+def diagonal_woodbury(u, sigma, floor, diagonal):
+    """The pieces of ``(A + D)⁻¹`` with ``A ≈ Uᵀ Σ U + φ (I − UᵀU) = Uᵀ (Σ − φ) U + φ I`` and a positive
+    diagonal ``D``: ``E = D + φ`` and the k × k core ``C = (K⁻¹ + U E⁻¹ Uᵀ)⁻¹`` with ``K = Σ − φ``, written
+    ``K^{1/2} (I + K^{1/2} U E⁻¹ Uᵀ K^{1/2})⁻¹ K^{1/2}`` (no ``K⁻¹``: a pair at the floor adds nothing).
+
+    Shapes: ``u`` (k, P) orthonormal rows, ``sigma`` (k,) with ``σ_j ≥ φ``, ``floor`` φ ≥ 0, ``diagonal``
+    (P,) > 0 -> ``(1/E (P,), C (k, k))``, both float64 (:func:`diagonal_inverse`, :func:`diagonal_quadratic`).
+    """
+    u = np.asarray(u, np.float64)
+    inv_e = 1.0 / (np.asarray(diagonal, np.float64) + float(floor))
+    root = np.sqrt(np.maximum(np.asarray(sigma, np.float64) - float(floor), 0.0))
+    m = (u * inv_e) @ u.T                                           # U E⁻¹ Uᵀ (k, k)
+    inner = np.eye(len(root)) + root[:, None] * m * root[None, :]
+    core = root[:, None] * np.linalg.solve(inner, np.diag(root))
+    return inv_e, 0.5 * (core + core.T)
+
+
+def diagonal_inverse(u, pieces, v):
+    """``(A + D)⁻¹ v = E⁻¹ v − E⁻¹ Uᵀ C U E⁻¹ v`` (Woodbury) from :func:`diagonal_woodbury`'s ``pieces``:
+    ``u`` (k, P), ``v`` (T, P) -> (T, P) float64."""
+    inv_e, core = pieces
+    w = np.asarray(v, np.float64) * inv_e                           # E⁻¹ v (T, P)
+    c = w @ np.asarray(u, np.float64).T                             # U E⁻¹ v (T, k)
+    return w - ((c @ core) @ np.asarray(u, np.float64)) * inv_e
+
+
+def diagonal_quadratic(u, pieces, g):
+    """``gᵀ (A + D)⁻¹ g`` of each row of ``g`` (N, P) -> (N,) float64, from the same pieces."""
+    inv_e, core = pieces
+    g = np.asarray(g, np.float64)
+    c = (g * inv_e) @ np.asarray(u, np.float64).T                   # U E⁻¹ g (N, k)
+    return np.einsum("np,np->n", g * inv_e, g) - np.einsum("nk,kl,nl->n", c, core, c)

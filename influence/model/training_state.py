@@ -29,6 +29,14 @@ SECOND_MOMENT = {"Adam": True, "AdamW": True, "RMSprop": False}
 PLAIN = ("SGD",)
 
 
+class NoTrainingState(SettingError):
+    """SettingError naming ``damping``, with ``short``: why, in a few words (``damping auto``'s log line)."""
+
+    def __init__(self, short, message):
+        super().__init__("damping", message)
+        self.short = short
+
+
 @dataclasses.dataclass(frozen=True)
 class ResponseDiagonal:
     """``diagonal`` float64 ``(P,)`` over the selected parameters (``classifier.variables`` order) and the facts
@@ -87,20 +95,23 @@ def response_diagonal(clf, factor=1.0):
     opt, model = _trained_optimizer(source) if source is not None else (None, None)
     steps = 0 if opt is None else int(np.asarray(opt.iterations))
     if opt is None or steps == 0:
-        raise SettingError("damping", f"optimizer reads the training run from the model's saved optimizer state, and "
-                                      f"{clf.description or 'this model'} has none (saved before training or "
-                                      f"without compile): give a damping (e.g. 0.1x)")
+        raise NoTrainingState("the model holds no trained optimizer state",
+                              f"optimizer reads the training run from the model's saved optimizer state, and "
+                              f"{clf.description or 'this model'} has none (saved before training or without "
+                              f"compile): give a damping (e.g. 0.1x)")
     kind = type(opt).__name__
     if kind not in SECOND_MOMENT and kind not in PLAIN:
-        raise SettingError("damping", f"optimizer models Adam, AdamW, RMSprop and SGD; the model was trained with "
-                                      f"{kind}: give a damping (e.g. 0.1x)")
+        raise NoTrainingState(f"trained with {kind}, which the rule does not model",
+                              f"optimizer models Adam, AdamW, RMSprop and SGD; the model was trained with {kind}: "
+                              f"give a damping (e.g. 0.1x)")
     lr_sum = _lr_sum(opt, steps)
     variables = {v.path: v for v in model.trainable_variables}
     parts = []
     for v in clf.variables:
         trained = variables.get(v.path)
         if trained is None or tuple(trained.shape) != tuple(v.shape):
-            raise SettingError("damping", f"optimizer: the saved optimizer has no state for {v.path}: give a damping")
+            raise NoTrainingState(f"the saved optimizer has no state for {v.path}",
+                                  f"optimizer: the saved optimizer has no state for {v.path}: give a damping")
         if kind in PLAIN:
             momentum = float(getattr(opt, "momentum", 0.0) or 0.0)
             parts.append(np.full(int(np.prod(v.shape)), 1.0 - momentum))

@@ -115,7 +115,7 @@ def bench_scoring(args):
 def bench_fit(args):
     from influence.data.archives import TrainArchive
     from influence.curvature import make_solver
-    from influence.curvature.lissa import estimate_lambda_max
+    from influence.curvature.iterative.lissa import estimate_lambda_max
     from influence.model.derivatives import Derivatives
     from influence.model.objective import TrainingObjective
     from influence.model.models import load_classifier

@@ -114,7 +114,7 @@ def min_time(fn, repeats=5):
 
 def per_image_costs(data):
     """ms per training image of F, the two EK-FAC passes, scoring (T = 1, 30) and reading."""
-    from influence.data.archives import TrainArchive
+    from influence.data.archive_reader import TrainArchive
     from influence.curvature import make_solver
     from influence.backends import score_archive
     from influence.model.derivatives import Derivatives

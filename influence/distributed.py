@@ -333,7 +333,7 @@ def _context(spec):
         return _CONTEXT
     _CONTEXT.clear()
     import_tensorflow()
-    from influence.data.archives import TrainArchive
+    from influence.data.archive_reader import TrainArchive
     from influence.model.derivatives import Derivatives
     from influence.model.objective import TrainingObjective
     from influence.model.models import load_classifier

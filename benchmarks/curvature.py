@@ -113,9 +113,9 @@ def bench_scoring(args):
 # ----------------------------------------------------------------------------- fit
 
 def bench_fit(args):
-    from influence.data.archives import TrainArchive
+    from influence.data.archive_reader import TrainArchive
     from influence.curvature import make_solver
-    from influence.curvature.lissa import estimate_lambda_max
+    from influence.curvature.iterative.lissa import estimate_lambda_max
     from influence.model.derivatives import Derivatives
     from influence.model.objective import TrainingObjective
     from influence.model.models import load_classifier
@@ -206,7 +206,7 @@ def bench_demo(args):
 
 
 def bench_vgg16(args):
-    from influence.data.archives import ArchiveWriter
+    from influence.data.archive_writer import ArchiveWriter
 
     keep = args.workdir is not None
     tmp = Path(args.workdir) if keep else Path(tempfile.mkdtemp(prefix="bench_vgg_"))

@@ -114,7 +114,7 @@ def min_time(fn, repeats=5):
 
 def per_image_costs(data):
     """ms per training image of F, the two EK-FAC passes, scoring (T = 1, 30) and reading."""
-    from influence.data.archives import TrainArchive
+    from influence.data.archive_reader import TrainArchive
     from influence.curvature import make_solver
     from influence.backends import score_archive
     from influence.model.derivatives import Derivatives
@@ -249,7 +249,7 @@ VGG16_MEASURED = {"G_over_F": 2.91, "score1_over_F": 2.6, "extra_over_F": 1.26}
 def vgg16_fit_terms(max_block):
     """Per image: float64 FLOP of the factor sums (pass 1) and of the rotations + G̃ (pass 2); bytes
     of one shard's pass-1 sums and pass-2 sums (Λ); Σ b³ over the factor blocks (eigh)."""
-    from influence.curvature.ekfac import split_blocks
+    from influence.curvature.kfac.plan import split_blocks
 
     flop1 = flop2 = bytes1 = bytes2 = cube = 0
     for _, p, k, c in VGG16:

@@ -84,7 +84,7 @@ def lissa_curve(objective, damping, v, batch, checkpoints, seed):
 def bench_damping(obj, vs, lam, args, ekfac_state):
     """cg, pcg (and LiSSA) at one damping; returns a dict (``negative_curvature`` when cg meets it)."""
     from influence.curvature import make_solver
-    from influence.curvature.pcg import lockstep_pcg
+    from influence.curvature.iterative.lockstep import lockstep_pcg
     from influence.errors import UserError
 
     tol = args.tol

@@ -188,7 +188,7 @@ def engine_bench(section, clf, x, y, lissa_x, lissa_y, repeats, t_many=8, orig_i
 
     from influence.model.vectors import vec_stack
     from influence.scoring import Scorer
-    from influence.curvature.lissa import LissaSolver
+    from influence.curvature.iterative.lissa import LissaSolver
 
     derivs = Derivatives(clf, x.shape[1:])
     n = len(y)

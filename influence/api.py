@@ -173,7 +173,7 @@ class Influence:
         a one-line :class:`UserError`."""
         import tempfile
 
-        from influence.data.archives import TrainArchive
+        from influence.data.archive_reader import TrainArchive
         from influence.distributed import PARTS, WorkerSpec
 
         if not isinstance(self.train, TrainArchive):
@@ -575,7 +575,7 @@ def train_data(train, preprocess=DEFAULTS["preprocess"], classifier=None):
     adapted by :class:`influence.data.arrays.TrainSet` (float images read by ``preprocess``: as the model's
     input, in its dtype, when the loaded ``classifier`` takes float input -- preprocess ``none`` -- and the
     first batch is float; else as pixel levels)."""
-    from influence.data.archives import TrainArchive
+    from influence.data.archive_reader import TrainArchive
     from influence.data.arrays import ArrayTrainSet, TrainSet, is_batched
 
     if isinstance(train, (TrainArchive, TrainSet)):

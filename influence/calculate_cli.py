@@ -40,7 +40,7 @@ def fisher_arg(text):
     """``--fisher``: auto, sampled, true, empirical or top:K (checked here, so a typo fails before the model loads)."""
     import argparse
 
-    from influence.curvature.kfac_signals import check_fisher
+    from influence.curvature.kfac.signals import check_fisher
     from influence.errors import SettingError
 
     try:

@@ -45,7 +45,7 @@ class TrainCatalogue:
 
     @classmethod
     def of(cls, train, namer=str):
-        """The catalogue of a :class:`influence.data.archives.TrainArchive`."""
+        """The catalogue of a :class:`influence.data.archive_reader.TrainArchive`."""
         return cls([k for b in train.batches for k in train.keys(b)], train.files(), train.labels(), namer)
 
     def __len__(self):

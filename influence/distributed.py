@@ -333,7 +333,7 @@ def _context(spec):
         return _CONTEXT
     _CONTEXT.clear()
     import_tensorflow()
-    from influence.data.archives import TrainArchive
+    from influence.data.archive_reader import TrainArchive
     from influence.model.derivatives import Derivatives
     from influence.model.objective import TrainingObjective
     from influence.model.models import load_classifier
@@ -362,7 +362,7 @@ def _context(spec):
 
 def _kfac_of(solver):
     """The K-FAC/EK-FAC object whose fit is sharded (pcg's preconditioner), or None."""
-    from influence.curvature.ekfac import KFACSolver
+    from influence.curvature.kfac.solver import KFACSolver
 
     target = getattr(solver, "ekfac", solver)
     return target if isinstance(target, KFACSolver) else None
@@ -462,7 +462,7 @@ def _run(cluster, task, jobs, on_result, window=None, held=lambda: 0):
 
 def _krylov_of(solver):
     """The krylov object whose Lanczos products are sharded (dpcg's preconditioner), or None."""
-    from influence.curvature.krylov import KrylovSolver
+    from influence.curvature.lowrank.krylov import KrylovSolver
 
     target = getattr(solver, "krylov", solver)
     return target if isinstance(target, KrylovSolver) else None

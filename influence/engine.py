@@ -36,7 +36,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from influence import distributed
 from influence.backends import Work
 from influence.catalogue import TrainCatalogue, class_namer
-from influence.data.archives import TestArchive, TrainArchive, check_same_classes
+from influence.data.archive_reader import TestArchive, TrainArchive, check_same_classes
 from influence.data.classes import ClassMap
 from influence.errors import SettingError, UserError
 from influence.outputs.report import TestImage, outputs_complete, write_predictions_csv, write_test_outputs

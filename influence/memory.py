@@ -116,7 +116,7 @@ def fit_image_bytes(shapes, itemsize, rows=1):
       shapes: :func:`layer_shapes` of the selected layers, ``(P, K, C, activation floats)`` each.
       itemsize: bytes of one number in the model's dtype.
       rows: backward signals per image (``R``): 1 for an HVP or a one-label Fisher, the classes taken
-        for K-FAC/EK-FAC's ``fisher true`` / ``top:K`` (:func:`influence.curvature.kfac_signals.signal_rows`).
+        for K-FAC/EK-FAC's ``fisher true`` / ``top:K`` (:func:`influence.curvature.kfac.signals.signal_rows`).
 
     Returns:
       ``itemsize × ((8 + ROW_FLOATS·(R − 1))·act + patches)``: the forward activations the tape keeps,

@@ -7,7 +7,8 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from influence.data.archives import ArchiveWriter, TrainArchive  # noqa: E402
+from influence.data.archive_reader import TrainArchive  # noqa: E402
+from influence.data.archive_writer import ArchiveWriter  # noqa: E402
 from influence.model.derivatives import Derivatives  # noqa: E402
 from influence.model.objective import TrainingObjective
 from influence.model.vectors import numpy_to_vec, vec_to_numpy

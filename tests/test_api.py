@@ -7,7 +7,7 @@ import pytest
 
 import influence
 from engine_helpers import calc_settings, dense_hessian, per_example_gradients, write_project
-from influence.data.archives import TestArchive, TrainArchive
+from influence.data.archive_reader import TestArchive, TrainArchive
 from influence.engine import calculate
 from influence.errors import UserError
 

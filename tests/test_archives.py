@@ -6,7 +6,8 @@ import zipfile
 import numpy as np
 import pytest
 
-from influence.data.archives import ArchiveWriter, TestArchive, TrainArchive, check_same_classes
+from influence.data.archive_reader import TestArchive, TrainArchive, check_same_classes
+from influence.data.archive_writer import ArchiveWriter
 from influence.data.classes import ClassMap, imagenet_classes, order_conflicts, test_subfolder_index
 from influence.errors import UserError
 

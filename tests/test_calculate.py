@@ -101,7 +101,7 @@ def test_end_to_end_outputs_and_numbers(project):
     assert {"tensorflow", "keras", "numpy"} <= set(run["versions"]) and run["timings"]["total_s"] > 0
 
     # the numbers: score = grad L_test . (H + λI)^-1 grad L_train, recomputed here with a dense Hessian
-    from influence.data.archives import TestArchive, TrainArchive
+    from influence.data.archive_reader import TestArchive, TrainArchive
     from influence.model.derivatives import Derivatives
     from influence.model.models import load_classifier
 
@@ -257,7 +257,7 @@ def test_errors_are_one_line_with_exit_code_2(project, tmp_path, monkeypatch, ca
 
 
 def test_missing_imagenet_weights_name_the_fix(monkeypatch):
-    from influence.model import models
+    from influence.model import keras_models
     from influence.errors import UserError
 
     def offline(weights=None):
@@ -265,9 +265,9 @@ def test_missing_imagenet_weights_name_the_fix(monkeypatch):
 
     monkeypatch.setattr(keras.applications, "VGG16", offline)
     with pytest.raises(UserError, match=r"^weights: could not get .*give weights a file path.*model"):
-        models.load_keras_model("vgg16", "imagenet")
+        keras_models.load_keras_model("vgg16", "imagenet")
     with pytest.raises(UserError, match="not found"):
-        models.load_keras_model("vgg16", "/no/such/weights.h5")
+        keras_models.load_keras_model("vgg16", "/no/such/weights.h5")
 
 
 @pytest.mark.slow

@@ -202,7 +202,7 @@ def project(tmp_path_factory, tiny):
     prepare_data(build_prepare_data_parser().parse_args(
         ["-tr", str(root / "train"), "-ts", str(root / "orig"), "-bs", "20", "--size", str(SIZE), "--out",
          str(root / "data"), "--workers", "1"]))
-    from influence.data.archives import TrainArchive
+    from influence.data.archive_reader import TrainArchive
 
     with TrainArchive(root / "data" / "train.npz") as train:
         xa, ya = train.take(np.arange(len(train)))

@@ -124,7 +124,7 @@ def test_krylov_switches_between_scalar_and_optimizer_damping_on_one_basis(train
 def test_the_woodbury_pieces_equal_the_dense_inverse_of_the_low_rank_model():
     """lowrank.diagonal_inverse / diagonal_quadratic: ``(Uᵀ(Σ − φ)U + φI + D)⁻¹`` against numpy, a pair at
     the floor included."""
-    from influence.curvature import lowrank
+    from influence.curvature.lowrank import linalg as lowrank
 
     rng = np.random.default_rng(2)
     p, k = 30, 4

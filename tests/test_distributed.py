@@ -78,7 +78,7 @@ def assert_same_outputs(out, ref):
 # ----------------------------------------------------------------------------- no Ray needed
 
 def test_shards_cover_the_archive_in_whole_batches(data):
-    from influence.data.archives import TrainArchive
+    from influence.data.archive_reader import TrainArchive
 
     train = TrainArchive(data / "train.npz")
     shards = distributed.plan_shards(train)
@@ -188,7 +188,7 @@ def _kron_state(path):
 def test_sharded_ekfac_fit_equals_a_single_process_fit(ray_runtime, data, tmp_path, caplog):
     """calculate --workers 2 fits EK-FAC over 12 shards (one 4-image chunk each); its cached state is
     solver.fit()'s in one process with the same chunks bit for bit, and with other chunks to rounding."""
-    from influence.data.archives import TrainArchive
+    from influence.data.archive_reader import TrainArchive
     from influence.curvature import make_solver
     from influence.model.derivatives import Derivatives
     from influence.model.objective import TrainingObjective
@@ -276,7 +276,7 @@ def test_the_api_scores_on_the_ray_backend(ray_runtime, data, reference, tmp_pat
     """influence.Influence with the settings of a --workers run scores through distributed.RayBackend:
     the same bits as the single-process job, and the shard files of a call are removed after it."""
     import influence
-    from influence.data.archives import TestArchive
+    from influence.data.archive_reader import TestArchive
 
     inf = influence.Influence.from_settings(settings(data, tmp_path / "out", workers=2, cache=reference["cache"]))
     assert isinstance(inf.backend, distributed.RayBackend)
@@ -411,7 +411,7 @@ def test_a_killed_driver_resumes_and_skips_finished_shards(ray_runtime, data, re
 
 def test_a_worker_refuses_another_archive_or_model(data, tmp_path):
     """What a worker checks on a cluster node before any work (run here in-process, without Ray)."""
-    from influence.data.archives import TrainArchive
+    from influence.data.archive_reader import TrainArchive
     from influence.curvature.cache import model_fingerprint
     from influence.model.models import load_classifier
 
@@ -468,7 +468,7 @@ def test_ray_refuses_a_training_set_in_memory(data, tmp_path):
     in one line, before any Ray runtime starts."""
     import influence
     from influence.backends import LocalBackend, backend_for
-    from influence.data.archives import TrainArchive
+    from influence.data.archive_reader import TrainArchive
 
     train = TrainArchive(data / "train.npz")
     x, y = train.take(np.arange(len(train)))

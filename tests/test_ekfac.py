@@ -11,7 +11,8 @@ import tensorflow as tf
 
 from engine_helpers import CLASSES, IMAGE, random_data, to_vec, write_train_archive
 from influence.curvature import make_solver
-from influence.curvature.ekfac import kron_factor_bytes, sample_labels, split_blocks
+from influence.curvature.kfac.plan import kron_factor_bytes, split_blocks
+from influence.curvature.kfac.signals import sample_labels
 from influence.errors import SettingError, UserError
 from influence.model.derivatives import Derivatives
 from influence.model.objective import TrainingObjective
@@ -358,9 +359,9 @@ def test_state_round_trip_gives_identical_solves(tiny):
 def test_fitted_state_is_one_value_that_round_trips_through_its_arrays(tiny, method):
     """KroneckerFit -> to_arrays -> from_arrays: the same solve and self-influence, bit for bit, through
     the parts themselves (damped_eigenvalues, KroneckerSolve, SelfInfluenceGraph), and the same arrays."""
-    from influence.curvature.kfac_self_influence import SelfInfluenceGraph
-    from influence.curvature.kfac_solve import KroneckerSolve, damped_eigenvalues
-    from influence.curvature.kfac_state import KroneckerFit
+    from influence.curvature.kfac.self_influence import SelfInfluenceGraph
+    from influence.curvature.kfac.solve import KroneckerSolve, damped_eigenvalues
+    from influence.curvature.kfac.state import KroneckerFit
 
     d, solver = tiny["d"], tiny["fitted"][method]
     fit = solver.fitted
@@ -537,7 +538,7 @@ def test_compact_keeps_the_solves_and_solve_stacked_writes_in_place(tiny):
 
 
 def test_rank_one_is_found_and_refused_on_rank_two():
-    from influence.curvature.ekfac import rank_one
+    from influence.curvature.kfac.solve import rank_one
 
     rng = np.random.default_rng(0)
     a, d = rng.standard_normal(300), rng.standard_normal(40)
@@ -549,7 +550,7 @@ def test_rank_one_is_found_and_refused_on_rank_two():
 
 def test_rank_one_test_vectors_take_the_cheap_rotation_with_the_same_answer(tiny, monkeypatch):
     """A one-image gradient of a Dense layer is a δᵀ: rotated as (Q_Aᵀa)(Q_Sᵀδ)ᵀ it gives the same solve."""
-    from influence.curvature import kfac_solve
+    from influence.curvature.kfac import solve as kfac_solve
 
     d, solver = tiny["d"], tiny["fitted"]["ekfac"]
     grads = [d.gradient(tiny["x"][i:i + 1], tiny["y"][i:i + 1].astype(np.int64)) for i in range(2)]
@@ -567,7 +568,7 @@ def test_rank_one_test_vectors_take_the_cheap_rotation_with_the_same_answer(tiny
 @pytest.mark.slow
 def test_fisher_auto_is_the_expectation_over_the_classes_that_carry_the_mass(tiny):
     """``--fisher auto`` (the default): ``true`` up to AUTO_TRUE_CLASSES classes, else ``top:10``."""
-    from influence.curvature.kfac_signals import AUTO_TRUE_CLASSES, resolve_fisher
+    from influence.curvature.kfac.signals import AUTO_TRUE_CLASSES, resolve_fisher
 
     assert resolve_fisher("auto", AUTO_TRUE_CLASSES) == "true"
     assert resolve_fisher("auto", 1000) == f"top:{AUTO_TRUE_CLASSES}"

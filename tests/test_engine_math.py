@@ -10,9 +10,9 @@ from influence.errors import UserError
 from influence.model.derivatives import Derivatives
 from influence.model.vectors import vec_to_numpy
 from influence.scoring import Scorer
-from influence.curvature.cg import CGSolver
+from influence.curvature.iterative.cg import CGSolver
 from influence.curvature.exact import ExactSolver
-from influence.curvature.lissa import LissaSolver, estimate_lambda_max, power_iteration
+from influence.curvature.iterative.lissa import LissaSolver, estimate_lambda_max, power_iteration
 
 DAMPING = 0.05
 

@@ -11,7 +11,7 @@ import pytest
 import influence
 from engine_helpers import IMAGE, tiny_model, write_project
 from influence.curvature import REGISTRY, solver_options
-from influence.data.archives import TestArchive, TrainArchive
+from influence.data.archive_reader import TestArchive, TrainArchive
 from influence.data.arrays import ArrayTrainSet, user_floats
 from influence.errors import UserError
 

@@ -17,7 +17,7 @@ def data(tmp_path_factory):
 
 @pytest.mark.slow
 def test_cg_on_the_gauss_newton_matrix_runs_where_the_hessian_has_negative_curvature(data, tmp_path):
-    from influence.data.archives import TestArchive, TrainArchive
+    from influence.data.archive_reader import TestArchive, TrainArchive
     from influence.model.derivatives import Derivatives
     from influence.model.models import load_classifier
 

@@ -1,4 +1,4 @@
-"""Tests of influence/outputs/html_report.py: the offline HTML report of a run, built incrementally and from disk."""
+"""Tests of influence/outputs/html_report.py (html_scan.py, html_render.py): the offline HTML report of a run, built incrementally and from disk."""
 import csv
 import html.parser
 import pathlib
@@ -16,9 +16,10 @@ from influence.catalogue import TrainCatalogue
 from influence.outputs import report as outputs
 from influence.outputs.figure_style import format_score
 from influence.outputs.report import TestImage
-from influence.data.archives import ArchiveWriter, TestArchive
-from influence.outputs.html_report import (GLOBAL_MIN_TESTS, INDEX, SELF_INFLUENCE_COLUMNS, RunReport,
-                                           global_threshold)
+from influence.data.archive_reader import TestArchive
+from influence.data.archive_writer import ArchiveWriter
+from influence.outputs.html_report import RunReport
+from influence.outputs.html_scan import GLOBAL_MIN_TESTS, INDEX, SELF_INFLUENCE_COLUMNS, global_threshold
 
 NAMES = ["zero", "one <b>", "two & co", "three"]
 ODD = 'odd #1 & <x> "q"'                        # a test folder name that needs quoting and escaping
@@ -341,7 +342,7 @@ def test_scan_leaves_out_what_it_cannot_read(run, tmp_path, caplog):
     (out / folder / str(label) / f"harmful_{n}.csv").write_text("rank,key\n1,0_0\n")      # no score column
     (out / ODD / f"{ODD}_preds.csv").write_text("file\nx.png\n")                          # no labels
     (out / "orig" / "report_notes.html").write_text("mine")                               # not a report page
-    with caplog.at_level("WARNING", logger="influence.outputs.html_report"):
+    with caplog.at_level("WARNING", logger="influence.outputs.html_scan"):
         report = RunReport.scan(out, run.train, class_name, SETTINGS, "png", test_archive=run.test, page_size=100)
     report.write()
     assert sorted(t for t, _ in _articles(out)) == sorted(

@@ -1,5 +1,5 @@
 """The low-rank curvature (``--solver krylov``) and CG deflated by it (``--solver dpcg``) against dense float64
-eigendecompositions: the pure numpy core (influence.curvature.lowrank), then the solvers on the tiny model's
+eigendecompositions: the pure numpy core (influence.curvature.lowrank.linalg), then the solvers on the tiny model's
 Gauss–Newton matrix and full Hessian. (Full-rank exactness is in tests/test_curvature_contract.py.)"""
 import logging
 
@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 from engine_helpers import dense_hessian, per_example_gradients, to_vec
-from influence.curvature import krylov as krylov_module
-from influence.curvature import lowrank, make_solver
+from influence.curvature.lowrank import krylov as krylov_module
+from influence.curvature import make_solver
+from influence.curvature.lowrank import linalg as lowrank
 from influence.errors import SettingError, UserError
 from influence.model.objective import TrainingObjective
 from influence.model.vectors import vec_dot, vec_to_numpy
@@ -209,7 +210,7 @@ def test_krylov_on_the_full_hessian_floors_negative_curvature_and_refuses_it_whe
     assert w[0] < -1e-3
     lam = 0.5 - w[0]
     p = len(h)
-    with caplog.at_level(logging.WARNING, logger="influence.curvature.krylov"):
+    with caplog.at_level(logging.WARNING, logger="influence.curvature.lowrank.krylov"):
         s = make_solver("krylov", tiny["obj"], 1e-3, rank=p, progress=False)
         with pytest.raises(UserError, match="not positive definite"):
             s.fit()                                       # all of H kept, its negative part below -λ
@@ -219,7 +220,7 @@ def test_krylov_on_the_full_hessian_floors_negative_curvature_and_refuses_it_whe
     np.testing.assert_allclose(got, np.linalg.solve(h + lam * np.eye(p), tiny["V"][0]), rtol=1e-7)
     # rank 10 of an indefinite H: the negative directions fall into the complement, damped by max(φ, 0) + λ
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="influence.curvature.krylov"):
+    with caplog.at_level(logging.WARNING, logger="influence.curvature.lowrank.krylov"):
         s = make_solver("krylov", tiny["obj"], 1e-3, rank=10, progress=False)
         s.fit()
     assert s.info["floor"] >= 0 and s.info["smallest_ritz_value"] < 0

@@ -1,4 +1,4 @@
-"""LiSSA restarts a diverging recursion with a larger scale (influence/curvature/lissa.py, "Restarts").
+"""LiSSA restarts a diverging recursion with a larger scale (influence/curvature/iterative/lissa.py, "Restarts").
 
 The problem: the last layer of the tiny model (196 parameters, float64, convex: softmax cross-entropy
 plus L2) with λ = 0.5, so ``H + λI`` is positive definite with condition number ~2 and the dense
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from engine_helpers import dense_hessian, setup, to_vec
-from influence.curvature import lissa
-from influence.curvature.lissa import MAX_RESTARTS, LissaSolver
+from influence.curvature.iterative import lissa
+from influence.curvature.iterative.lissa import MAX_RESTARTS, LissaSolver
 from influence.errors import UserError
 from influence.model.vectors import vec_to_numpy
 
@@ -43,7 +43,7 @@ def _err(got, want):
 
 @pytest.mark.slow
 def test_a_too_small_scale_restarts_and_converges_to_the_dense_solve(convex, caplog):
-    caplog.set_level(logging.WARNING, logger="influence.curvature.lissa")
+    caplog.set_level(logging.WARNING, logger="influence.curvature.iterative.lissa")
     small = 0.05 * convex["top"]
     solver = _solver(convex, small)
     d, ident = convex["d"], ("orig", 3, 1)

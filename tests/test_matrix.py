@@ -29,7 +29,7 @@ from influence.calculate_cli import build_parser, job
 from influence.cli import main
 from influence.curvature import REGISTRY, make_solver
 from influence.curvature.cache import CurvatureCache, curvature_key
-from influence.data.archives import TrainArchive
+from influence.data.archive_reader import TrainArchive
 from influence.model.derivatives import Derivatives
 from influence.model.objective import TrainingObjective
 from influence.model.vectors import vec_to_numpy

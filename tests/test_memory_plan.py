@@ -14,8 +14,8 @@ import tensorflow as tf
 
 from engine_helpers import random_data, setup
 from influence.curvature import make_solver
-from influence.curvature.kfac_plan import KronBlock
-from influence.curvature.kfac_signals import kron_inputs, signal_rows
+from influence.curvature.kfac.plan import KronBlock
+from influence.curvature.kfac.signals import kron_inputs, signal_rows
 from influence.errors import SettingError
 from influence.memory import Budget, fit_image_bytes, layer_shapes, plan_memory
 

@@ -204,7 +204,7 @@ def test_gradient_of_an_unconnected_variable_is_zero_not_none():
 @pytest.mark.slow
 def test_random_weights_are_seeded_so_reruns_and_workers_agree():
     """--weights none builds the same weights every time (the curvature cache and Ray workers rely on it)."""
-    from influence.model.models import load_keras_model
+    from influence.model.keras_models import load_keras_model
 
     first, _ = load_keras_model("mobilenetv2", "none")
     np.random.default_rng().random()                         # other random state in between changes nothing

@@ -10,7 +10,7 @@ import pytest
 import influence
 from engine_helpers import calc_settings, write_project
 from influence.curvature import REGISTRY
-from influence.data.archives import TestArchive, TrainArchive
+from influence.data.archive_reader import TestArchive, TrainArchive
 from influence.data.arrays import ArrayTrainSet, user_pixels
 from influence.engine import calculate
 from influence.errors import UserError

@@ -6,8 +6,8 @@ import tensorflow as tf
 
 from engine_helpers import dense_hessian, to_vec
 from influence.curvature import make_solver
-from influence.curvature.cg import conjugate_gradient
-from influence.curvature.pcg import hvp_full_many, lockstep_pcg
+from influence.curvature.iterative.cg import conjugate_gradient
+from influence.curvature.iterative.lockstep import hvp_full_many, lockstep_pcg
 from influence.errors import UserError
 from influence.model.vectors import vec_to_numpy
 from test_ekfac import tiny_setup

@@ -14,7 +14,8 @@ import pytest
 from PIL import Image
 
 import influence.data.images
-from influence.data.archives import ArchiveWriter, TestArchive, TrainArchive, check_same_classes
+from influence.data.archive_reader import TestArchive, TrainArchive, check_same_classes
+from influence.data.archive_writer import ArchiveWriter
 from influence.data.classes import ClassMap
 from influence.cli import run_main
 from influence.errors import UserError

@@ -3,7 +3,7 @@
 Each solver is fitted ONCE (or loaded from the curvature cache, which the run then loads too); a damping
 changes only the per-test formula of the fitted state (each method's
 :meth:`~influence.curvature.base.InverseHVP.set_damping`): EK-FAC/K-FAC re-form ``Λ + ρ + λ``
-(:func:`influence.curvature.kfac_solve.damped_eigenvalues`, per layer for a relative damping), krylov keeps
+(:func:`influence.curvature.kfac.solve.damped_eigenvalues`, per layer for a relative damping), krylov keeps
 its basis and re-reads its rank for the new λ (``--rank auto``), exact keeps its dense matrix, cg/pcg/dpcg
 keep their fit and solve again. LiSSA's fitted scale depends on λ, so it is fitted per damping. The
 inverse-HVPs of all of a solver's dampings are scored together, in as few passes over the training set as

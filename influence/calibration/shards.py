@@ -39,7 +39,7 @@ def retrain_task(spec, indices, seed):
     import keras
 
     from influence.calibration.retrain import Trainer, compile_config, compiled_fit
-    from influence.data.archives import TrainArchive
+    from influence.data.archive_reader import TrainArchive
     from influence.model.models import make_preprocess
 
     t0 = time.perf_counter()
@@ -53,7 +53,7 @@ def retrain_task(spec, indices, seed):
 def spec_for(inf, recipe, x_test, y_test):
     """The :class:`RetrainSpec` of an :class:`influence.Influence` over a model file and a ``train.npz``
     archive (the compile-config recipe); a one-line UserError otherwise."""
-    from influence.data.archives import TrainArchive
+    from influence.data.archive_reader import TrainArchive
 
     source = getattr(inf, "_model_source", None)
     if source is None or not Path(source[0]).is_file() or not isinstance(inf.train, TrainArchive):

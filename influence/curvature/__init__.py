@@ -1,6 +1,7 @@
 """Inverse-Hessian-vector products behind one interface: ``solve(V) -> [(H + λI)⁻¹ v for v in V]``.
 
-Every method is one module; defining its class registers it (:mod:`influence.curvature.base`).
+Every method is one module, in a sub-package by family (``kfac/``, ``lowrank/``, ``iterative/``; ``exact``
+and what all share at the top); defining its class registers it (:mod:`influence.curvature.base`).
 ``--solver``'s choices and help come from :data:`REGISTRY`:
 
 * ``exact``  -- dense ``H``, float64 (small models; the reference);
@@ -15,7 +16,14 @@ Training-set work (a fitted state) is cached by :mod:`influence.curvature.cache`
 """
 import inspect
 
-from influence.curvature import cg, dpcg, ekfac, exact, krylov, lissa, pcg  # noqa: F401  (registers the methods)
+# the methods register themselves on import, in this order: the registry's, and --solver's choices and help
+from influence.curvature.iterative import cg  # noqa: F401,I001
+from influence.curvature.lowrank import krylov  # noqa: F401
+from influence.curvature.kfac import solver  # noqa: F401  (kfac, ekfac)
+from influence.curvature.iterative import pcg  # noqa: F401
+from influence.curvature.lowrank import dpcg  # noqa: F401
+from influence.curvature import exact  # noqa: F401
+from influence.curvature.iterative import lissa  # noqa: F401
 from influence.curvature.base import REGISTRY, InverseHVP, stable_seed  # noqa: F401
 from influence.errors import SettingError, UserError
 

@@ -207,6 +207,27 @@ class InverseHVP:
         """(H + λI) v over the whole training set."""
         return vec_axpy(self.damping, v, self.obj.hvp_full(v))
 
+    # --- for methods that hold their matrix as numpy arrays ----------------------------------------------
+    def solve_rows(self, solve_numpy, vectors):
+        """``vectors`` (Vecs) solved by a numpy function: stacked as the rows of a float64 (T, P) array,
+        ``solve_numpy`` ((T, P) -> (T, P)) applied once, each row returned as a Vec shaped like the model's
+        variables. ``[]`` for no vectors (``solve_numpy`` is not called)."""
+        vectors = list(vectors)
+        if not vectors:
+            return []
+        like = self.obj.d.variables
+        rows = solve_numpy(np.stack([vec_to_numpy(v) for v in vectors]))
+        return [numpy_to_vec(row, like) for row in rows]
+
+    def image_gradients(self, x, y):
+        """Each image's training-loss gradient with its own label, one tape per image: images (N, H, W, C),
+        labels (N,) -> float64 (N, P); (0, P) for no image."""
+        d = self.obj.d
+        y = np.asarray(y, np.int64)
+        if not len(y):
+            return np.zeros((0, vec_size(d.variables)))
+        return np.stack([vec_to_numpy(d.gradient(x[i:i + 1], y[i:i + 1])) for i in range(len(y))])
+
 
 def stable_seed(seed, ident):
     """A list of ints for ``numpy.random.default_rng`` from the run seed and a vector's id.

@@ -6,7 +6,7 @@ The rule (:func:`choose_solver`), in order:
    ``bsize`` (``-b``), ``scale`` or ``repeats`` (calculate.py's flags, or the Python API's options), so
    ``calculate.py -i 20 -b 10 -sf pdf`` keeps its original meaning;
 2. ``krylov`` when the memory budget holds its fit with at least :data:`AUTO_MIN_RANK` eigenpairs over
-   the selected parameters (:func:`influence.curvature.krylov.affordable_rank`: the Lanczos basis may
+   the selected parameters (:func:`influence.curvature.lowrank.krylov.affordable_rank`: the Lanczos basis may
    take half of ``memory_budget``);
 3. ``ekfac`` otherwise (its Kronecker factors do not grow with parameters × rank).
 
@@ -14,7 +14,8 @@ It is resolved once the model is loaded (the parameter count is known) and befor
 everything after sees the method chosen, never ``auto``.
 """
 from influence.curvature.base import REGISTRY
-from influence.curvature.krylov import AUTO_MAX_RANK, AUTO_MIN_RANK, BASIS_SHARE, STEPS_PER_PAIR, affordable_rank
+from influence.curvature.lowrank.krylov import (AUTO_MAX_RANK, AUTO_MIN_RANK, BASIS_SHARE, STEPS_PER_PAIR,
+                                                affordable_rank)
 from influence.errors import SettingError
 from influence.settings import LISSA_SETTINGS, parse_damping  # LiSSA: the original tool's settings (lissa flag)
 

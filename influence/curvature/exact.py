@@ -108,19 +108,8 @@ class ExactSolver(InverseHVP):
         if self._inverse is None or self._inverse[0] is not a:
             inv = np.linalg.inv(a)
             self._inverse = (a, 0.5 * (inv + inv.T))
-        d = self.obj.d
-        y = np.asarray(y, np.int64)
-        if not len(y):
-            return np.zeros(0)
-        grads = np.stack([vec_to_numpy(d.gradient(x[i:i + 1], y[i:i + 1])) for i in range(len(y))])
+        grads = self.image_gradients(x, y)
         return np.einsum("bp,bp->b", grads @ self._inverse[1], grads)
 
     def solve(self, vectors, ids=None):
-        vectors = list(vectors)
-        if not vectors:
-            return []
-        a = self.matrix()
-        like = self.obj.d.variables
-        rhs = np.stack([vec_to_numpy(v) for v in vectors], axis=1)
-        sol = np.linalg.solve(a, rhs)
-        return [numpy_to_vec(sol[:, i], like) for i in range(sol.shape[1])]
+        return self.solve_rows(lambda rows: np.linalg.solve(self.matrix(), rows.T).T, vectors)

@@ -36,12 +36,13 @@ input, and preprocess ``none`` says so.
 batch ``b`` as ``(x, y)`` (images as above, integer labels ``(n,)`` or ``(n, 1)``); every call must
 give the same batch. :class:`ArrayTrainSet` is that protocol over in-memory arrays; a training
 archive (``train.npz``) is read directly. :class:`TrainSet` adapts the protocol to what fitting and
-scoring call (the reading interface of :class:`influence.data.archives.TrainArchive`).
+scoring call (the reading interface of :class:`influence.data.archive_reader.TrainArchive`).
 """
 import hashlib
 
 import numpy as np
 
+from influence.data.archive_reader import TrainBatches
 from influence.errors import UserError
 
 #: how far a float pixel may lie from its level (in levels) and still be that level
@@ -155,7 +156,7 @@ def is_batched(data):
             and not isinstance(data, (np.ndarray, str, bytes, tuple, list)))
 
 
-class TrainSet:
+class TrainSet(TrainBatches):
     """A training set of the batch protocol, read as fitting and scoring read a ``TrainArchive``
     (``batches``, ``batch_len``, ``read_batch``, ``take``, ``labels``, ``files``, ``keys``,
     ``image_shape``, ``fingerprint``, ``len`` in images).
@@ -221,15 +222,6 @@ class TrainSet:
         self._last = (b, x, y)
         return x, y
 
-    def __len__(self):
-        return int(self._starts[-1])
-
-    def batch_len(self, b):
-        return self._lengths[int(b)]
-
-    def keys(self, b):
-        return [f"{int(b)}_{i}" for i in range(self.batch_len(b))]
-
     def read_batch(self, b):
         b = int(b)
         last = getattr(self, "_last", None)
@@ -243,22 +235,18 @@ class TrainSet:
         return np.full(len(self), "", dtype="<U1")
 
     def take(self, indices):
-        """Images and labels at global ``indices``, in the order given."""
-        indices = np.asarray(indices, dtype=np.int64).reshape(-1)
-        n = len(self)
-        if indices.size and (indices.min() < -n or indices.max() >= n):
-            raise IndexError(f"index out of range for {n} images")
-        indices = np.where(indices < 0, indices + n, indices)
+        """Images and labels at global ``indices``, in the order given: the source's own ``rows(indices)``
+        when it has one, else the batches they are in (:meth:`TrainBatches.take`)."""
         rows = getattr(self.data, "rows", None)
-        if rows is not None:
-            x, _ = rows(indices)
-            return self._images(x), self._labels[indices]
-        x = np.empty((indices.size, *self.image_shape), self.input_dtype)
-        pos = np.searchsorted(self._starts, indices, side="right") - 1
-        for p in np.unique(pos):
-            sel = np.nonzero(pos == p)[0]
-            x[sel] = self.read_batch(int(p))[0][indices[sel] - self._starts[p]]
-        return x, self._labels[indices]
+        if rows is None:
+            return super().take(indices)
+        indices = self.global_indices(indices)
+        x, _ = rows(indices)
+        return self._images(x), self._labels[indices]
+
+    def _rows(self, b, local):
+        """Images of rows ``local`` of batch ``b``, as read (:meth:`TrainBatches.take`)."""
+        return self.read_batch(b)[0][local]
 
     def fingerprint(self, prefix=""):
         """A digest of the images as read (pixels, or floats in the model's dtype) and labels (what the

@@ -155,7 +155,7 @@ class ClassMap:
         Kind ``folders``: a SHA-256 of the ordered ``index, name`` list. Kind ``imagenet``: labels
         are the canonical ImageNet indices whatever classes the train folder holds, so the digest
         is that of the whole 1000-class table (adding an ImageNet class changes no label's meaning).
-        Archives record it as ``meta_classes``; see :func:`influence.data.archives.check_same_classes`.
+        Archives record it as ``meta_classes``; see :func:`influence.data.archive_reader.check_same_classes`.
         """
         if self.kind == "imagenet":
             rows = [(i, w) for i, (w, _) in enumerate(imagenet_classes())]

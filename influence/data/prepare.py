@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from influence.data.archives import ArchiveWriter, TestArchive, TrainArchive, is_plain_name
+from influence.data.archive_reader import TestArchive, TrainArchive, is_plain_name
+from influence.data.archive_writer import ArchiveWriter
 from influence.data.classes import ClassMap, order_conflicts, test_subfolder_index
 from influence.errors import SettingError, UserError
 from influence.data.images import Decoder, default_workers, list_files, list_subfolders, require_folder

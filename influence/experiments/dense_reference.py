@@ -12,7 +12,7 @@ regulariser's exact Hessian added once), over the same parameters in the same or
 accumulated as ``Σ_i R_iᵀ R_i`` with the factor rows ``R_i[k] = √p_k (J_i[k] − p_iᵀ J_i)`` (K, P), since
 ``R_iᵀ R_i = J_iᵀ (diag p_i − p_i p_iᵀ) J_i`` when ``Σ_k p_k = 1``; it is positive semi-definite by
 construction. ``∇²Ω`` is the diagonal ``2c`` of each Keras ``L2(c)`` regulariser on a selected variable
-(:func:`influence.curvature.kfac_plan.l2_hessian`; biases only where they carry one, as Keras and the
+(:func:`influence.curvature.kfac.plan.l2_hessian`; biases only where they carry one, as Keras and the
 tool's ``exact`` solver do).
 
 Scores follow the tool's convention (docs/DESIGN.md, "What is computed"), positive = useful::
@@ -48,7 +48,7 @@ def check_size(clf, max_params=MAX_PARAMS):
 def regulariser_hessian(clf):
     """float64 ``(P,)``: the diagonal of ``∇²Ω`` over ``clf.variables`` (``2c`` per entry of a variable with a
     Keras ``L2(c)`` regulariser, 0 without one). Any other regulariser is a UserError naming its layer."""
-    from influence.curvature.kfac_plan import l2_hessian
+    from influence.curvature.kfac.plan import l2_hessian
 
     parts = []
     for group in clf.groups:

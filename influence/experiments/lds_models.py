@@ -95,7 +95,7 @@ def prepare_demo(root, recipe):
     Each step is skipped when its output exists. Returns :class:`DemoData`.
     """
     from influence.experiments import demo
-    from influence.data.archives import TestArchive, TrainArchive
+    from influence.data.archive_reader import TestArchive, TrainArchive
     from influence.data.prepare import prepare_data
     from influence.prepare_cli import build_prepare_data_parser
 

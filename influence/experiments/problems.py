@@ -249,7 +249,7 @@ class CNNProblem(Problem):
     def __init__(self, n_train=500, epochs=30, steps=30, tests=3, seed=0):
         from influence.experiments import demo
         from influence.model.models import Classifier, make_preprocess, select_params
-        from influence.curvature.lissa import estimate_lambda_max
+        from influence.curvature.iterative.lissa import estimate_lambda_max
 
         self.x_train, self.y_train, self.x_held, self.y_held = digit_arrays(demo.SIZE, 3, n_train, seed,
                                                                             resample="bilinear")

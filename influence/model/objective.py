@@ -11,7 +11,7 @@ from influence.settings import HESSIANS
 class TrainingObjective:
     """HVPs of ``R(θ) = mean_i L(z_i) + Ω`` over a training archive, whole or by minibatch.
 
-    ``archive`` is a :class:`influence.data.archives.TrainArchive`; ``chunk`` bounds the images per call.
+    ``archive`` is a :class:`influence.data.archive_reader.TrainArchive`; ``chunk`` bounds the images per call.
     ``hessian``: which matrix every product takes (:data:`HESSIANS`): ``"full"`` ∇²R, or ``"ggn"``
     the Gauss–Newton matrix ``mean_i J_iᵀ H_i J_i + ∇²Ω`` (:meth:`influence.model.derivatives.Derivatives.ggn_vp`).
     """

@@ -4,6 +4,7 @@ Owns what a run leaves on disk: per-test-image CSV files, score dicts and figure
 atomically (:mod:`.report`); which training images they show (:mod:`.ranking`); the figures, laid
 out once and reused (:mod:`.strips`, :mod:`.summary`, :mod:`.figure_book`, their shared look in
 :mod:`.figure_style`); writing them in background processes (:mod:`.writer`, whose children import
-this package without TensorFlow: keep it light); the offline ``index.html`` (:mod:`.html_report`);
+this package without TensorFlow: keep it light); the offline ``index.html`` (:mod:`.html_report`: what it holds,
+:mod:`.html_scan`, and its pages, :mod:`.html_render`);
 the self-influence CSV and figure (:mod:`.self_influence`).
 """

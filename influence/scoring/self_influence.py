@@ -13,12 +13,12 @@ Routes, by solver (a method offers a whole-set route by its ``self_influence_rou
 ``self_influence_batch``; :func:`fast_solvers` lists them):
 
 * ``ekfac`` / ``kfac``: per-image gradients in the Kronecker eigenbasis, squared and divided by
-  the damped eigenvalues (:meth:`influence.curvature.ekfac.KFACSolver.self_influence_batch`): one
+  the damped eigenvalues (:meth:`influence.curvature.kfac.solver.KFACSolver.self_influence_batch`): one
   forward and backward pass per training batch, no inverse-HVP at all;
 * ``exact``: per-image gradients ``G`` (one tape per image) against ``(H + λI)⁻¹`` (inverted once,
   :meth:`influence.curvature.exact.ExactSolver.self_influence_batch`): ``Σ_k (G M)_ik G_ik`` per batch;
 * ``krylov`` / ``dpcg``: per-image gradients projected on the low-rank basis, with the floor for the rest
-  (:meth:`influence.curvature.krylov.KrylovSolver.self_influence_batch`; dpcg takes its preconditioner's
+  (:meth:`influence.curvature.lowrank.krylov.KrylovSolver.self_influence_batch`; dpcg takes its preconditioner's
   basis, so its self-influence is krylov's low-rank number, not CG's exact one);
 * anything else (``lissa``, ``cg``, ``pcg``): one inverse-HVP per image, allowed only for the
   ``limit`` highest-loss training images (``--self-influence-limit N``).

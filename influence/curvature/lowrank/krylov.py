@@ -1,7 +1,7 @@
 """``--solver krylov``: the top eigenpairs of the curvature, fitted once, with a floor for the rest.
 
 The matrix is the one the Hessian solvers take (``--hessian``: by default the Gauss–Newton matrix plus the
-regulariser's Hessian). Lanczos with full reorthogonalisation (:func:`influence.curvature.lowrank.lanczos`)
+regulariser's Hessian). Lanczos with full reorthogonalisation (:func:`influence.curvature.lowrank.linalg.lanczos`)
 takes one product per step, each a pass over the training archive, until the top ``--rank`` Ritz pairs
 have converged or after ``2 × rank`` products. The solution of every test vector is then::
 
@@ -27,7 +27,7 @@ import math
 
 import numpy as np
 
-from influence.curvature import lowrank
+from influence.curvature.lowrank import linalg as lowrank
 from influence.curvature.base import InverseHVP
 from influence.errors import SettingError, UserError
 from influence.settings import parse_rank
@@ -275,22 +275,13 @@ class KrylovSolver(InverseHVP):
         return lowrank.nystrom_precondition(self._u, self._sigma, self._floor, self.damping, v)
 
     def solve(self, vectors, ids=None):
-        vectors = list(vectors)
-        if not vectors:
-            return []
-        like = self.obj.d.variables
-        sol = self.solve_numpy(np.stack([vec_to_numpy(v) for v in vectors]))
-        return [numpy_to_vec(s, like) for s in sol]
+        return self.solve_rows(self.solve_numpy, vectors)
 
     def self_influence_batch(self, x, y):
         """``gᵢᵀ (A + λI)⁻¹ gᵢ`` of each image with its own label: images (N, H, W, C), (N,) -> float64 (N,),
         from ``U gᵢ`` and ``‖gᵢ‖²`` (one tape per image for the gradients)."""
         self._ready()
-        d = self.obj.d
-        y = np.asarray(y, np.int64)
-        if not len(y):
-            return np.zeros(0)
-        grads = np.stack([vec_to_numpy(d.gradient(x[i:i + 1], y[i:i + 1])) for i in range(len(y))])
+        grads = self.image_gradients(x, y)
         if self.response_scale() is not None:          # damping optimizer: Woodbury's quadratic form
             return lowrank.diagonal_quadratic(self._u, self._diagonal_pieces(), grads)
         proj = grads @ self._u.T.astype(np.float64)

@@ -1,6 +1,6 @@
 """One chunk of training images through the tapped model: each layer's inputs and backward signals,
-the raw material of both fitting passes (:mod:`influence.curvature.kfac_passes`) and of the
-self-influence graph (:mod:`influence.curvature.kfac_self_influence`).
+the raw material of both fitting passes (:mod:`influence.curvature.kfac.passes`) and of the
+self-influence graph (:mod:`influence.curvature.kfac.self_influence`).
 
 For image ``n`` a Kronecker layer sees input patches ``a_{n,p} = [patch_p, 1]`` (``P`` output
 positions; ``P = 1`` for Dense on flat input) and backward signals ``δ_{n,p} = ∂L_n/∂z_p``

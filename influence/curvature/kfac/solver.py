@@ -31,26 +31,25 @@ The solver classes here compose parts with explicit inputs and outputs, one modu
     plan ──> passes (float64 sums) ──> KroneckerFit ──> solve / self-influence (+ damping)
                                             └──> to_arrays() / from_arrays(): the curvature cache
 
-* :mod:`influence.curvature.kfac_plan` -- the plan, a value (:func:`make_plan`): which layers get a
+* :mod:`influence.curvature.kfac.plan` -- the plan, a value (:func:`make_plan`): which layers get a
   Kronecker or a diagonal block, splitting of large factors (``ekfac_max_block``), the regularisers,
   and the memory estimates refused above ``memory_budget``;
-* :mod:`influence.curvature.kfac_signals` -- :class:`LayerSignals`: one chunk through the tapped model,
+* :mod:`influence.curvature.kfac.signals` -- :class:`LayerSignals`: one chunk through the tapped model,
   each layer's inputs and backward signals, and the labels of the Fisher (``fisher``: sampled, true,
   empirical, top:K);
-* :mod:`influence.curvature.kfac_passes` -- :class:`FittingPasses`: the two TensorFlow passes (factors;
+* :mod:`influence.curvature.kfac.passes` -- :class:`FittingPasses`: the two TensorFlow passes (factors;
   EK-FAC's eigenvalues in a given eigenbasis) as float64 sums over any range of images (sharded by
   :mod:`influence.distributed`);
-* :mod:`influence.curvature.kfac_state` -- :class:`KroneckerFit`, the fitted state as one value: the
+* :mod:`influence.curvature.kfac.state` -- :class:`KroneckerFit`, the fitted state as one value: the
   eigendecompositions of the summed factors (:func:`fit_factors`), ``Λ``, ``ρ``, the diagonal blocks,
   its array form for the cache and its compaction;
-* :mod:`influence.curvature.kfac_solve` -- :func:`damped_eigenvalues` (``Λ + ρ + λ`` of a fit for a
+* :mod:`influence.curvature.kfac.solve` -- :func:`damped_eigenvalues` (``Λ + ρ + λ`` of a fit for a
   damping) and :class:`KroneckerSolve`, the numpy solve per test vector given the eigenvectors and those;
-* :mod:`influence.curvature.kfac_self_influence` -- :class:`SelfInfluenceGraph`: ``gᵢᵀ (F + R + λI)⁻¹ gᵢ``
+* :mod:`influence.curvature.kfac.self_influence` -- :class:`SelfInfluenceGraph`: ``gᵢᵀ (F + R + λI)⁻¹ gᵢ``
   for a fit and a damping, in one graph per chunk.
 
 :class:`KFACSolver` holds the parts and the current :class:`KroneckerFit` (``fitted``), and implements
-the :class:`~influence.curvature.base.InverseHVP` interface by calling them. The names those modules
-define that other code imports from here stay importable from here.
+the :class:`~influence.curvature.base.InverseHVP` interface by calling them.
 """
 import gc
 import logging
@@ -58,21 +57,14 @@ import logging
 import numpy as np
 
 from influence.curvature.base import InverseHVP
-from influence.curvature.kfac_passes import MICRO_BYTES, FittingPasses
-from influence.curvature.kfac_plan import (MAX_BLOCK, block_entries, check_budget, describe_block, fit_bytes,
-                                           format_gb, kron_factor_bytes, l2_hessian, make_plan, split_blocks)
-from influence.curvature.kfac_self_influence import SelfInfluenceGraph
-from influence.curvature.kfac_signals import (FISHER_KINDS, MAX_TRUE_CLASSES, LayerSignals, check_fisher,
-                                              resolve_fisher, sample_labels, signal_rows)
-from influence.curvature.kfac_solve import (RANK_ONE_MIN, SINGULAR, KroneckerSolve, damped_eigenvalues, kron_rotate,
-                                            rank_one)
-from influence.curvature.kfac_state import KroneckerFit, fit_factors, resident_bytes
+from influence.curvature.kfac.passes import FittingPasses
+from influence.curvature.kfac.plan import MAX_BLOCK, check_budget, describe_block, fit_bytes, format_gb, make_plan
+from influence.curvature.kfac.self_influence import SelfInfluenceGraph
+from influence.curvature.kfac.signals import LayerSignals, check_fisher, resolve_fisher, signal_rows
+from influence.curvature.kfac.solve import KroneckerSolve, damped_eigenvalues
+from influence.curvature.kfac.state import KroneckerFit, fit_factors, resident_bytes
 from influence.errors import SettingError, UserError
 from influence.model.taps import linear_kind
-
-__all__ = ["KFACSolver", "EKFACSolver", "KroneckerFit", "FISHER_KINDS", "MAX_TRUE_CLASSES", "MAX_BLOCK",
-           "MICRO_BYTES", "SINGULAR", "RANK_ONE_MIN", "split_blocks", "sample_labels", "kron_rotate", "rank_one",
-           "block_entries", "kron_factor_bytes", "l2_hessian"]
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ large factors are split, and the memory the fit will need (refused before any wo
 Kronecker blocks. Every Dense/Conv layer whose input patches can be unfolded
 (:func:`influence.model.taps.patch_support`) gets a block ``A ⊗ S`` in the ``(K1, C_out)`` orientation
 of its kernel ``kernel.reshape(K, C_out)``, the bias as one more row (``K1 = K + 1``; ``K1 = K`` without
-a bias): :class:`KronBlock` (conventions in :mod:`influence.curvature.ekfac`).
+a bias): :class:`KronBlock` (conventions in :mod:`influence.curvature.kfac.solver`).
 
 Large factors: a factor larger than ``ekfac_max_block`` is split into near-equal diagonal blocks
 of at most that size (``A`` becomes block-diagonal, i.e. the correlation between input features of
@@ -15,7 +15,7 @@ Regularisers. A Keras ``L2(c)`` on a weight adds ``2c`` to the Hessian on that w
 :func:`l2_hessian`). On a Kronecker layer this is ``R_l = diag(r) ⊗ I`` with ``r_k`` = 2c of the
 kernel on the kernel rows and 2c of the bias on the bias row (``KronBlock.reg_rows``). Its diagonal in
 the Kronecker eigenbasis, ``ρ_i = Σ_k Q_A[k,i]² r_k``, is added to every ``Λ_ij`` -- the diagonal of
-``F + R`` in that basis, as EK-FAC does for ``F`` (formed once fitted, :mod:`influence.curvature.kfac_state`).
+``F + R`` in that basis, as EK-FAC does for ``F`` (formed once fitted, :mod:`influence.curvature.kfac.state`).
 It is exact (``R_l = 2c·I``) when kernel and bias carry the same L2 strength or the layer has no bias;
 with the kernel regularised and the bias not (the Keras default), it spreads the kernel's ``2c`` over
 the bias row's share of each eigenvector. Any other regulariser (L1, custom) is a :class:`UserError`

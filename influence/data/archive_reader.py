@@ -1,4 +1,4 @@
-"""The ``.npz`` archive format: a streaming writer and the train / test readers.
+"""The ``.npz`` archive format and its readers: :class:`TrainArchive`, :class:`TestArchive`.
 
 Archives are ordinary numpy ``.npz`` files (uncompressed zip, zip64 allowed), readable with
 ``np.load(path, allow_pickle=False)``.
@@ -28,13 +28,13 @@ Archives written by the original tool are read too: no ``_files`` keys (files be
 every value is in 0..255. Such images are converted to uint8 when read, and the range is checked
 on what is read (a batch, the rows of :meth:`TrainArchive.take`, a test folder): checking it at
 open would mean reading the whole archive. uint8 archives are memory-mapped with no conversion.
+
+The writer is :class:`influence.data.archive_writer.ArchiveWriter`. :class:`TrainBatches` is what a
+training set read batch by batch shares, the archive and :class:`influence.data.arrays.TrainSet` alike.
 """
-import io
 import os
 import re
-import shutil
 import struct
-import tempfile
 import zipfile
 
 import numpy as np
@@ -43,164 +43,6 @@ from influence.errors import UserError
 
 _TRAIN_KEY = re.compile(r"^train_(x|y|files)_(\d+)$")
 _TEST_KEY = re.compile(r"^test_(.+)_(x|y|files)$")
-_COPY_CHUNK = 8 << 20
-
-
-# --------------------------------------------------------------------------------------------
-# writing
-
-
-class _Stream:
-    """Rows appended to a temporary raw file; on close they become one ``.npy`` zip member."""
-
-    def __init__(self, writer, key, dtype, row_shape):
-        self._writer = writer
-        self.key = key
-        self.dtype = np.dtype(dtype)
-        self.row_shape = tuple(int(s) for s in row_shape)
-        self.count = 0
-        fd, self._raw_path = tempfile.mkstemp(prefix=f".{key}.", suffix=".raw.partial",
-                                              dir=writer.folder)
-        self._raw = os.fdopen(fd, "wb")
-        self.closed = False
-
-    def append(self, rows):
-        """Append ``rows`` of shape ``(n, *row_shape)`` (a single row of ``row_shape`` works too)."""
-        rows = np.asarray(rows, dtype=self.dtype)
-        if rows.shape == self.row_shape:
-            rows = rows[None]
-        if rows.shape[1:] != self.row_shape:
-            raise ValueError(f"{self.key}: rows of shape {rows.shape[1:]}, expected {self.row_shape}")
-        self._raw.write(np.ascontiguousarray(rows).tobytes())
-        self.count += rows.shape[0]
-
-    def close(self):
-        """Write the ``.npy`` header with the final count, then the rows, into the archive."""
-        if self.closed:
-            return
-        self.closed = True
-        try:
-            self._raw.close()
-            header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False,
-                      "shape": (self.count, *self.row_shape)}
-            with self._writer._zip.open(self.key + ".npy", "w", force_zip64=True) as member:
-                if _needs_v2(header):
-                    np.lib.format.write_array_header_2_0(member, header)
-                else:
-                    np.lib.format.write_array_header_1_0(member, header)
-                with open(self._raw_path, "rb") as raw:
-                    shutil.copyfileobj(raw, member, _COPY_CHUNK)
-        finally:
-            self._discard()
-            self._writer._streams.discard(self)
-
-    def _discard(self):
-        if not self._raw.closed:
-            self._raw.close()
-        if os.path.exists(self._raw_path):
-            os.unlink(self._raw_path)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
-            self.close()
-        else:
-            self.closed = True
-            self._discard()
-            self._writer._streams.discard(self)
-        return False
-
-
-def _needs_v2(header):
-    buf = io.BytesIO()
-    try:
-        np.lib.format.write_array_header_1_0(buf, header)
-        return False
-    except ValueError:
-        return True
-
-
-class ArchiveWriter:
-    """Write an ``.npz`` archive member by member, atomically.
-
-    The archive is built under a temporary name in the same folder (``.<name>.<pid>.<random>.partial``) and
-    renamed to ``path`` only when the ``with`` block ends without an exception; on any exception
-    (Ctrl-C included) the temporary file is deleted. Memory does not grow with the data: each
-    :meth:`add` writes one array, each :meth:`stream` spools rows through a temporary file.
-
-    >>> with ArchiveWriter("test.npz") as w:
-    ...     with w.stream("test_orig_x", np.uint8, (224, 224, 3)) as s:
-    ...         s.append(batch)            # (n, 224, 224, 3), any number of times
-    ...     w.add("test_orig_y", labels)
-    """
-
-    def __init__(self, path):
-        self.path = os.path.abspath(os.fspath(path))
-        self.folder = os.path.dirname(self.path)
-        # unique per writer (pid + random), so two runs never write into one temporary file
-        self.tmp_path = os.path.join(
-            self.folder, f".{os.path.basename(self.path)}.{os.getpid()}.{os.urandom(4).hex()}.partial")
-        self._zip = None
-        self._streams = set()
-        self._keys = set()
-
-    def __enter__(self):
-        os.makedirs(self.folder, exist_ok=True)
-        self._zip = zipfile.ZipFile(self.tmp_path, "w", zipfile.ZIP_STORED, allowZip64=True)
-        return self
-
-    def _check_key(self, key):
-        if key in self._keys:
-            raise ValueError(f"duplicate archive key {key!r}")
-        self._keys.add(key)
-
-    def add(self, key, array):
-        """Write a whole array as member ``key`` (no pickles: object arrays are refused)."""
-        self._check_key(key)
-        array = np.asanyarray(array)
-        with self._zip.open(key + ".npy", "w", force_zip64=True) as member:
-            np.lib.format.write_array(member, array, allow_pickle=False)
-
-    def stream(self, key, dtype, row_shape):
-        """Open a member written row block by row block; returns an object with ``append(rows)``
-        and ``close()`` (also a context manager). The member is finalised when closed."""
-        self._check_key(key)
-        stream = _Stream(self, key, dtype, row_shape)
-        self._streams.add(stream)
-        return stream
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
-            try:
-                for stream in list(self._streams):
-                    stream.close()
-                self._zip.close()
-                os.replace(self.tmp_path, self.path)
-            except BaseException:
-                self._abort()
-                raise
-        else:
-            self._abort()
-        return False
-
-    def _abort(self):
-        for stream in list(self._streams):
-            stream.closed = True
-            stream._discard()
-        self._streams.clear()
-        try:
-            if self._zip is not None:
-                self._zip.close()
-        except Exception:
-            pass
-        if os.path.exists(self.tmp_path):
-            os.unlink(self.tmp_path)
-
-
-# --------------------------------------------------------------------------------------------
-# reading
 
 
 def _open_npz(path, what, hint):
@@ -296,6 +138,51 @@ def _as_labels(y):
     return y.reshape(-1).astype(np.int64)
 
 
+class TrainBatches:
+    """What a training set read batch by batch shares: its size, batch sizes, image keys and random access.
+
+    A subclass sets ``batches`` (batch ids, in order), ``_lengths`` ``{batch id: images}``, ``_starts``
+    (int64 (len(batches) + 1,): the first global index of each batch, then the total), ``image_shape``
+    and :attr:`input_dtype`, and implements ``labels()`` and ``_rows(b, local)`` (the images of rows
+    ``local`` of batch ``b``, as read).
+    """
+
+    #: the dtype of the images as read
+    input_dtype = np.dtype(np.uint8)
+
+    def __len__(self):
+        return int(self._starts[-1])
+
+    def batch_len(self, b):
+        """Number of images in batch ``b``."""
+        return self._lengths[int(b)]
+
+    def keys(self, b):
+        """Image keys ``"{b}_{i}"`` of batch ``b``, in order."""
+        b = int(b)
+        return [f"{b}_{i}" for i in range(self.batch_len(b))]
+
+    def global_indices(self, indices):
+        """``indices`` (any int array; negative ones count from the end) as int64 (k,) in ``[0, len)``;
+        IndexError when one is out of range."""
+        indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+        n = len(self)
+        if indices.size and (indices.min() < -n or indices.max() >= n):
+            raise IndexError(f"index out of range for {n} images")
+        return np.where(indices < 0, indices + n, indices)
+
+    def take(self, indices):
+        """Images and labels at global ``indices`` (archive order), in the order given:
+        ``(x (k, H, W, C) of input_dtype, y int64 (k,))``. Reads only the batches (rows) they are in."""
+        indices = self.global_indices(indices)
+        x = np.empty((indices.size, *self.image_shape), self.input_dtype)
+        pos = np.searchsorted(self._starts, indices, side="right") - 1
+        for p in np.unique(pos):
+            sel = np.nonzero(pos == p)[0]
+            x[sel] = self._rows(self.batches[int(p)], indices[sel] - self._starts[p])
+        return x, self.labels()[indices]
+
+
 class _NpzArchive:
     """Opening, validating and closing one ``.npz`` archive; subclasses index its members."""
 
@@ -350,7 +237,7 @@ class _NpzArchive:
         return False
 
 
-class TrainArchive(_NpzArchive):
+class TrainArchive(_NpzArchive, TrainBatches):
     """Read-only view of ``train.npz``.
 
     ``batches``      sorted list of batch ids (ints)
@@ -406,19 +293,6 @@ class TrainArchive(_NpzArchive):
         self._lengths = {b: n for b, n in zip(batches, lengths)}
         self._starts = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
         self._pos = {b: i for i, b in enumerate(batches)}
-
-    # -- sizes and keys
-    def __len__(self):
-        return int(self._starts[-1])
-
-    def batch_len(self, b):
-        """Number of images in batch ``b``."""
-        return self._lengths[int(b)]
-
-    def keys(self, b):
-        """Image keys ``"{b}_{i}"`` of batch ``b``, in order."""
-        b = int(b)
-        return [f"{b}_{i}" for i in range(self.batch_len(b))]
 
     # -- whole batches
     def read_batch(self, b):
@@ -477,22 +351,9 @@ class TrainArchive(_NpzArchive):
             self._cache = (b, self._npz[f"train_x_{b}"])
         return self._cache[1]
 
-    def take(self, indices):
-        """Images and labels at global ``indices`` (archive order): ``(x uint8 (k, H, W, 3),
-        y int64 (k,))``, in the order given. Reads only those rows (memory-mapped)."""
-        indices = np.asarray(indices, dtype=np.int64).reshape(-1)
-        n = len(self)
-        if indices.size and (indices.min() < -n or indices.max() >= n):
-            raise IndexError(f"index out of range for {n} images")
-        indices = np.where(indices < 0, indices + n, indices)
-        x = np.empty((indices.size, *self.image_shape), np.uint8)
-        pos = np.searchsorted(self._starts, indices, side="right") - 1
-        for p in np.unique(pos):
-            sel = np.nonzero(pos == p)[0]
-            b = self.batches[int(p)]
-            local = indices[sel] - self._starts[p]
-            x[sel] = as_pixels(self._batch_x(b)[local], f"{self.path}: train_x_{b}")
-        return x, self.labels()[indices]
+    def _rows(self, b, local):
+        """uint8 images of rows ``local`` of batch ``b`` (:meth:`TrainBatches.take`; memory-mapped)."""
+        return as_pixels(self._batch_x(b)[local], f"{self.path}: train_x_{b}")
 
     def lookup(self, key):
         """``(image uint8 (H, W, 3), label int, file str)`` for a key ``"{batch}_{index}"``."""
@@ -588,10 +449,6 @@ class TestArchive(_NpzArchive):
         return f"TestArchive({self.path!r}: folders {self.folders}, {self.image_shape})"
 
 
-# --------------------------------------------------------------------------------------------
-# consistency
-
-
 def check_same_classes(train, test, classmap=None):
     """Raise :class:`UserError` when the archives' labels refer to different class maps.
 
@@ -619,5 +476,4 @@ def check_same_classes(train, test, classmap=None):
                         f"{' '.join(test.folders)}> --out {out}")
 
 
-__all__ = ["ArchiveWriter", "TrainArchive", "TestArchive", "as_pixels", "check_same_classes",
-           "is_plain_name"]
+__all__ = ["TrainArchive", "TestArchive", "TrainBatches", "as_pixels", "check_same_classes", "is_plain_name"]

@@ -1,8 +1,8 @@
 """Solving with a fitted K-FAC / EK-FAC in numpy: ``(F + R + λI)⁻¹ v`` one test vector at a time.
 
-The matrix is block-diagonal, one block per layer of the plan (:mod:`influence.curvature.kfac_plan`).
+The matrix is block-diagonal, one block per layer of the plan (:mod:`influence.curvature.kfac.plan`).
 With a Kronecker layer's eigenbases ``Q_A`` (``(K1, K1)``, block-diagonal when split) and ``Q_S``
-(``(C, C)``) and its undamped eigenvalues ``Λ + ρ`` (``(K1, C)``, :mod:`influence.curvature.kfac_state`),
+(``(C, C)``) and its undamped eigenvalues ``Λ + ρ`` (``(K1, C)``, :mod:`influence.curvature.kfac.state`),
 the test vector's part ``V`` of that layer (``(K1, C)``: ``kernel.reshape(K, C)`` with the bias row) is
 solved as::
 
@@ -10,7 +10,7 @@ solved as::
 
 and a diagonal layer's part as ``v ⊘ (E[g²] + 2c + λ)``. ``λ`` is the damping, or per layer a factor
 of the mean of its ``Λ + ρ`` when the damping is relative (influence.curvature.damping). The
-damped eigenvalues ``Λ + ρ + λ`` are formed from a :class:`~influence.curvature.kfac_state.KroneckerFit`
+damped eigenvalues ``Λ + ρ + λ`` are formed from a :class:`~influence.curvature.kfac.state.KroneckerFit`
 and a damping by :func:`damped_eigenvalues` (once per damping, by the caller), in the model's dtype,
 and every product runs in it; :class:`KroneckerSolve` takes the eigenvectors and those damped
 eigenvalues as arguments of every call.
@@ -20,7 +20,7 @@ A rank-one ``V`` (one image through a Dense layer on a flat input: ``a δᵀ``) 
 import numpy as np
 import tensorflow as tf
 
-from influence.curvature.kfac_plan import DiagBlock, KronBlock
+from influence.curvature.kfac.plan import DiagBlock, KronBlock
 from influence.errors import SettingError
 from influence.model.vectors import vec_to_numpy
 
@@ -86,7 +86,7 @@ def block_damping(spec, undamped):
 
 
 def damped_eigenvalues(fit, spec, dtype, name):
-    """``Λ + ρ + λ`` of every block of a :class:`~influence.curvature.kfac_state.KroneckerFit`.
+    """``Λ + ρ + λ`` of every block of a :class:`~influence.curvature.kfac.state.KroneckerFit`.
 
     Args:
       fit: the fitted state; spec: the damping (influence.curvature.damping); dtype: the numpy dtype of
@@ -113,12 +113,12 @@ class KroneckerSolve:
     """``(F + R + λI)⁻¹ v`` for the blocks of ``plan``, written into arrays shaped like ``variables``.
 
     Args:
-      plan: the blocks (:func:`influence.curvature.kfac_plan.make_plan`).
+      plan: the blocks (:func:`influence.curvature.kfac.plan.make_plan`).
       variables: the flat variable list (shapes of the results).
       dtype: the model's numpy dtype (every product runs in it).
 
     Every call takes the fitted part explicitly: ``basis`` ``{layer: {"QA": [(b, b)], "QS": [(b, b)]}}``
-    (:attr:`KroneckerFit.eig <influence.curvature.kfac_state.KroneckerFit>`) and ``dens`` ``{layer:
+    (:attr:`KroneckerFit.eig <influence.curvature.kfac.state.KroneckerFit>`) and ``dens`` ``{layer:
     Λ + ρ + λ}`` (:func:`damped_eigenvalues`).
     """
 

@@ -9,25 +9,25 @@ with ``ã = Q_Aᵀa``, ``δ̃ = Q_Sᵀδ`` (no per-image matrix); conv layers fo
 float64 whatever the model's dtype (influence.scoring.self_influence drives it).
 
 :class:`SelfInfluenceGraph` is built from its inputs -- the layer signals, a
-:class:`~influence.curvature.kfac_state.KroneckerFit` (float64, not compacted) and a damping -- and is
+:class:`~influence.curvature.kfac.state.KroneckerFit` (float64, not compacted) and a damping -- and is
 valid for that pair only; the solver builds a new one when either changes.
 """
 import numpy as np
 import tensorflow as tf
 
-from influence.curvature.kfac_passes import MICRO_BYTES
-from influence.curvature.kfac_plan import DiagBlock, KronBlock
-from influence.curvature.kfac_signals import kron_inputs, rotate_last
-from influence.curvature.kfac_solve import block_damping
+from influence.curvature.kfac.passes import MICRO_BYTES
+from influence.curvature.kfac.plan import DiagBlock, KronBlock
+from influence.curvature.kfac.signals import kron_inputs, rotate_last
+from influence.curvature.kfac.solve import block_damping
 
 
 class SelfInfluenceGraph:
     """``gᵢᵀ (F + R + λI)⁻¹ gᵢ`` of training images for one fitted state and one damping.
 
     Args:
-      signals: a :class:`~influence.curvature.kfac_signals.LayerSignals` (the tapped model; the labels
+      signals: a :class:`~influence.curvature.kfac.signals.LayerSignals` (the tapped model; the labels
         here are the images' own).
-      fit: a :class:`~influence.curvature.kfac_state.KroneckerFit` with its float64 eigenvectors and
+      fit: a :class:`~influence.curvature.kfac.state.KroneckerFit` with its float64 eigenvectors and
         eigenvalues (RuntimeError when compacted).
       spec: the damping (influence.curvature.damping): ``λ`` per block from the fit's ``Λ + ρ``.
       x_spec, y_spec: the TensorSpecs of a batch of images and of their labels.

@@ -1,6 +1,6 @@
 """``--solver dpcg``: conjugate gradient on ``(A + λI) x = v`` deflated by the krylov basis.
 
-The preconditioner is the Nyström one of the cached eigenpairs (:mod:`influence.curvature.krylov`, the same
+The preconditioner is the Nyström one of the cached eigenpairs (:mod:`influence.curvature.lowrank.krylov`, the same
 fit and cache entry)::
 
     P⁻¹ = (φ + λ) U (Σ + λ)⁻¹ Uᵀ + (I − U Uᵀ)
@@ -8,19 +8,16 @@ fit and cache entry)::
 so CG sees a condition number of about ``(φ + λ) / λ`` instead of ``(σ_1 + λ) / λ`` (φ the floor: the first
 eigenvalue left out). The start is the krylov solution; the test vectors of a group iterate in lockstep,
 each iteration one pass over the training archive for all of them
-(:func:`influence.curvature.pcg.solve_in_lockstep`). The answer is cg's, to ``--cg-tol``.
+(:func:`influence.curvature.iterative.lockstep.solve_in_lockstep`). The answer is cg's, to ``--cg-tol``.
 
 Self-influence comes from the same basis, without CG: it is krylov's, the low-rank
 ``gᵢᵀ (U (Σ + λ)⁻¹ Uᵀ + (I − U Uᵀ) / (φ + λ)) gᵢ`` of each training image's gradient
-(:meth:`influence.curvature.krylov.KrylovSolver.self_influence_batch`, the same pairs, floor and λ), not
+(:meth:`influence.curvature.lowrank.krylov.KrylovSolver.self_influence_batch`, the same pairs, floor and λ), not
 the exact ``gᵢᵀ (A + λI)⁻¹ gᵢ`` that CG would give per image.
 """
-import numpy as np
-
 from influence.curvature.base import InverseHVP
-from influence.curvature.krylov import KrylovSolver
-from influence.curvature.pcg import LockstepCG, solve_in_lockstep
-from influence.model.vectors import numpy_to_vec, vec_to_numpy
+from influence.curvature.iterative.lockstep import LockstepCG, solve_in_lockstep
+from influence.curvature.lowrank.krylov import KrylovSolver
 
 
 class DeflatedPCGSolver(LockstepCG):
@@ -60,8 +57,8 @@ class DeflatedPCGSolver(LockstepCG):
 
     # --- per test vector -------------------------------------------------------------------------------
     def _vec_map(self, fn):
-        like = self.obj.d.variables
-        return lambda v: numpy_to_vec(fn(vec_to_numpy(v)[None])[0], like)
+        """A numpy function of (T, P) rows as a function of one Vec."""
+        return lambda v: self.solve_rows(fn, [v])[0]
 
     def _start(self, v):
         """Start and preconditioner of the single-vector path (CGSolver._solve_one)."""
@@ -78,7 +75,5 @@ class DeflatedPCGSolver(LockstepCG):
         vectors = list(vectors)
         if not vectors:
             return []
-        like = self.obj.d.variables
-        starts = self.krylov.solve_numpy(np.stack([vec_to_numpy(v) for v in vectors]))
-        x0s = [numpy_to_vec(s, like) for s in starts]
+        x0s = self.solve_rows(self.krylov.solve_numpy, vectors)
         return solve_in_lockstep(self, vectors, x0s, self._vec_map(self.krylov.precondition_numpy))

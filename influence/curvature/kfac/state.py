@@ -3,7 +3,7 @@ eigendecompositions, EK-FAC's corrected eigenvalues, the diagonal blocks and the
 diagonal in the eigenbasis -- everything the fit learnt, nothing that depends on the damping -- and
 its array form, the one thing the curvature cache saves and loads.
 
-From pass 1's sums (:mod:`influence.curvature.kfac_passes`) each factor block is eigendecomposed in
+From pass 1's sums (:mod:`influence.curvature.kfac.passes`) each factor block is eigendecomposed in
 float64, ``A = Q_A diag(e_A) Q_Aᵀ`` and ``S = Q_S diag(e_S) Q_Sᵀ`` (:func:`fit_factors`); pass 2's
 sums divided by ``n`` are EK-FAC's ``Λ`` (:meth:`KroneckerFit.with_lambda`). The undamped
 eigenvalues of a Kronecker layer's ``F + R`` (:meth:`KroneckerFit.undamped`, ``(K1, C)``)::
@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from influence.curvature.kfac_plan import DiagBlock, KronBlock, block_entries
+from influence.curvature.kfac.plan import DiagBlock, KronBlock, block_entries
 
 
 @dataclass

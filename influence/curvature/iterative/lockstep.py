@@ -1,24 +1,18 @@
-"""``--solver pcg``: conjugate gradient on ``(H + λI) x = v`` preconditioned by EK-FAC.
-
-The preconditioner is ``M⁻¹ = (F_ekfac + Ω'' + λI)⁻¹`` from the EK-FAC fit
-(:mod:`influence.curvature.ekfac`); its state is the EK-FAC state, cached under the same entry
-(``cache_name = "ekfac"``), so ``--solver ekfac`` and ``--solver pcg`` share one fit. The answer is
-the exact ``(H + λI)⁻¹ v`` up to ``--cg-tol`` (same stopping rule as ``cg``: ``‖v − (H + λI)x‖ ≤
-tol·‖v‖``); EK-FAC only decides how many HVP passes that takes.
+"""Conjugate gradient for several test vectors at once, preconditioned by a fitted method: what pcg and
+dpcg share.
 
 Lockstep: the test vectors of one ``solve`` call iterate together. Every iteration is ONE pass over
 the training archive whose chunks serve the HVPs of all vectors still running
-(:func:`hvp_full_many`); a vector that has converged drops out. The start is the EK-FAC solution
-``x_0 = M⁻¹ v`` (one extra HVP pass for its residual); ``info["iterations"]`` lists the CG
-iterations per vector and ``info["hvps"]`` the HVPs (iterations + 1).
+(:func:`hvp_full_many`); a vector that has converged drops out. The start is the preconditioning
+method's solution ``x_0 = M⁻¹ v`` (one extra HVP pass for its residual); ``info["iterations"]`` lists
+the CG iterations per vector and ``info["hvps"]`` the HVPs (iterations + 1).
 """
 import logging
 import math
 
 import numpy as np
 
-from influence.curvature.cg import NEGATIVE_CURVATURE, CGSolver
-from influence.curvature.ekfac import MAX_BLOCK, EKFACSolver
+from influence.curvature.iterative.cg import NEGATIVE_CURVATURE, CGSolver
 from influence.errors import UserError
 from influence.model.vectors import vec_axpy, vec_dot, vec_scale
 from influence.progress import progress as progress_bar
@@ -109,12 +103,6 @@ def lockstep_pcg(apply_many, vs, *, tol, maxiter, precondition=None, x0s=None, b
     return [(xs[t], its[t], math.sqrt(rr[t]) / norms[t]) for t in range(count)]
 
 
-class _Preconditioner(EKFACSolver):
-    """EK-FAC as a preconditioner: a regulariser it cannot represent is left out (logged), not refused."""
-
-    strict_regularisers = False
-
-
 class LockstepCG(CGSolver):
     """CG preconditioned by a fitted method (``part``) whose fit, cache entry and resident state it shares;
     the test vectors of a group iterate in lockstep (:func:`solve_in_lockstep`). Not registered: pcg and
@@ -173,37 +161,6 @@ class LockstepCG(CGSolver):
         """``[(H + λI) v for v in vecs]`` in one pass over the training set."""
         return [vec_axpy(self.damping, v, hv) for v, hv in zip(vecs, hvp_full_many(self.obj, vecs))]
 
-
-class PCGSolver(LockstepCG):
-    """CG preconditioned by EK-FAC, started from the EK-FAC solution; test vectors in lockstep."""
-
-    name = "pcg"
-    summary = ("conjugate gradient preconditioned by EK-FAC (exact answer like cg, a few HVP passes per test "
-               "image; shares the ekfac fit)")
-    cache_name = "ekfac"         # (its EK-FAC preconditioner takes λ per layer, CG one from trace(H)/P)
-
-    def __init__(self, objective, damping, fisher="auto", seed=0, ekfac_max_block=MAX_BLOCK, memory_budget=2.0,
-                 cg_tol=1e-6, cg_maxiter=200, progress=True):
-        super().__init__(objective, damping, cg_tol=cg_tol, cg_maxiter=cg_maxiter, progress=progress)
-        self.ekfac = _Preconditioner(objective, damping, fisher=fisher, seed=seed, ekfac_max_block=ekfac_max_block,
-                                     memory_budget=memory_budget, progress=progress)
-        self.info.update(preconditioner=self.ekfac.info, hvps=[])
-
-    @property
-    def part(self):
-        return self.ekfac
-
-    @property
-    def workspace_bytes(self):
-        return self.ekfac.workspace_bytes
-
-    def _start(self, v):
-        """Start and preconditioner of the single-vector path (CGSolver._solve_one)."""
-        return self.ekfac.precondition(v), self.ekfac.precondition
-
-    def solve(self, vectors, ids=None):
-        vectors = list(vectors)
-        return solve_in_lockstep(self, vectors, self.ekfac.solve(vectors), self.ekfac.precondition) if vectors else []
 
 
 def solve_in_lockstep(solver, vectors, x0s, precondition):

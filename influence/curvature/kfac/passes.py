@@ -2,23 +2,23 @@
 any range of images (so :mod:`influence.distributed` can shard them and add the shards up).
 
 :class:`FittingPasses` takes its inputs explicitly -- the chunk's layer signals
-(:class:`~influence.curvature.kfac_signals.LayerSignals`), the plan, the training objective (archive,
+(:class:`~influence.curvature.kfac.signals.LayerSignals`), the plan, the training objective (archive,
 ``n``, ``chunk``), the Fisher's seed -- and returns its sums; it keeps nothing of the fit.
 
 Pass 1 (:meth:`FittingPasses.factor_sums`), with the patches ``a_{n,p}`` and signals ``δ_{n,p}`` of
-:mod:`influence.curvature.kfac_signals`, sums per Kronecker layer (divided by ``n`` once all are in)::
+:mod:`influence.curvature.kfac.signals`, sums per Kronecker layer (divided by ``n`` once all are in)::
 
     A = (1/n) Σ_n (1/P) Σ_p a_{n,p} a_{n,p}ᵀ          (K+1, K+1)
     S = (1/n) Σ_n       Σ_p δ_{n,p} δ_{n,p}ᵀ          (C_out, C_out)
 
-block by block when split (:mod:`influence.curvature.kfac_plan`), and ``Σ_n g_n²`` per parameter of a
+block by block when split (:mod:`influence.curvature.kfac.plan`), and ``Σ_n g_n²`` per parameter of a
 diagonal layer. Pass 2 (EK-FAC only, :meth:`FittingPasses.eigen_sums`) sums, in the eigenbases of
 ``A`` and ``S``, ``Λ_ij = (1/n) Σ_n [(Q_Aᵀ G_n Q_S)_ij]²`` with ``G_n = Σ_p a_{n,p} δ_{n,p}ᵀ`` the
 per-image weight gradient ``(K+1, C_out)``.
 
 Fitting streams the training archive in chunks of ``objective.chunk`` images: one pass for the
 factors (float64 numpy sums of each chunk's products), float64 eigendecompositions one block at a
-time (:mod:`influence.curvature.kfac_state`), and (EK-FAC) one more pass for ``Λ``. The products of a
+time (:mod:`influence.curvature.kfac.state`), and (EK-FAC) one more pass for ``Λ``. The products of a
 chunk run in the model's dtype; the sums are numpy float64 arrays, not TensorFlow variables
 (TensorFlow's CPU allocator keeps freed memory, so nothing large is summed inside TensorFlow).
 """
@@ -27,8 +27,8 @@ import gc
 import numpy as np
 import tensorflow as tf
 
-from influence.curvature.kfac_plan import KronBlock
-from influence.curvature.kfac_signals import image_of_rows, kron_inputs, rotate_last
+from influence.curvature.kfac.plan import KronBlock
+from influence.curvature.kfac.signals import image_of_rows, kron_inputs, rotate_last
 from influence.progress import progress as progress_bar
 
 #: bytes of the per-image rotated gradients held at once in the eigenvalue pass of a conv layer
@@ -39,8 +39,8 @@ class FittingPasses:
     """Pass 1 and pass 2 over ranges of training images, as float64 sums.
 
     Args:
-      signals: a :class:`~influence.curvature.kfac_signals.LayerSignals` (the tapped model and its Fisher).
-      plan: the blocks (:func:`influence.curvature.kfac_plan.make_plan`).
+      signals: a :class:`~influence.curvature.kfac.signals.LayerSignals` (the tapped model and its Fisher).
+      plan: the blocks (:func:`influence.curvature.kfac.plan.make_plan`).
       objective: the training objective: ``archive``, ``n``, ``chunk`` and ``d`` (the model's dtype
         and input specs).
       seed: seed of the sampled Fisher labels (read when ``signals.fisher`` is ``"sampled"``).
@@ -216,7 +216,7 @@ class FittingPasses:
         """Pass 2 (EK-FAC) over images ``[start, stop)``: ``{"L.Lambda": Σ_n (Q_Aᵀ G_n Q_S)²}`` per
         Kronecker layer, ``(K1, C)`` float64, not yet divided by n. ``basis``: the eigenbasis of pass 1,
         ``{layer: {"QA": [(b, b), ...], "QS": [...]}}``
-        (:meth:`influence.curvature.kfac_state.KroneckerFit.eigenbasis`); ``keep`` as in
+        (:meth:`influence.curvature.kfac.state.KroneckerFit.eigenbasis`); ``keep`` as in
         :meth:`factor_sums` (the eigenvector variables are kept too).
 
         TensorFlow holds the eigenvectors in the model's dtype (the pass's products run in it anyway)

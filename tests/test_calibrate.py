@@ -237,7 +237,7 @@ def test_calculate_calibrate_writes_its_files_and_run_json_and_a_rerun_reuses_th
     run = json.loads((out / "run.json").read_text())
     cal = run["calibration"]
     names = [f"{row['solver']} {row['damping']}" for row in cal["rows"]]
-    assert names == ["krylov 0.1x", "krylov 1x", "krylov 10x", "kfac 1x", "kfac 10x"]
+    assert names == ["krylov optimizer", "krylov 1x", "krylov 10x", "kfac 1x", "kfac 10x"]
     assert cal["rows"][0]["run"] and sum(row["best"] for row in cal["rows"]) == 1
     assert cal["subsets"] == 4 and cal["seeds"] == [0, 1] and cal["runs_trained"] == 8
     model = keras.models.load_model(project / "model.keras")
@@ -285,7 +285,7 @@ def test_calculate_calibrate_scores_with_the_cell_it_picks(project, monkeypatch)
     that cell's (equal to a run that asked for it)."""
     from influence.calibration import grid
 
-    names = ["krylov 0.1x", "krylov 1x", "krylov 10x", "kfac 1x", "kfac 10x"]
+    names = ["krylov optimizer", "krylov 1x", "krylov 10x", "kfac 1x", "kfac 10x"]
     monkeypatch.setattr(grid, "choose", lambda means, allowed=None: names.index("kfac 10x"))
     r = calc(project, "--model", "model.keras", *CAL, "--calibrate-seeds", "1", "--rank", "20", "--out", "picked")
     assert r.returncode == 0, r.stderr
@@ -368,7 +368,7 @@ def test_a_later_run_uses_the_kept_calibration_of_its_model_and_says_so(project)
     data = json.loads(path.read_text())
     assert data["calibration"]["rows"] == first["rows"]
     # make the choice visible: kfac 10x the best cell, krylov 1x the best krylov
-    lds = {"krylov 0.1x": 0.1, "krylov 1x": 0.3, "krylov 10x": 0.2, "kfac 1x": 0.4, "kfac 10x": 0.5}
+    lds = {"krylov optimizer": 0.1, "krylov 1x": 0.3, "krylov 10x": 0.2, "kfac 1x": 0.4, "kfac 10x": 0.5}
     for row in data["calibration"]["rows"]:
         row["lds"] = lds[f"{row['solver']} {row['damping']}"]
     path.write_text(json.dumps(data))
@@ -382,7 +382,7 @@ def test_a_later_run_uses_the_kept_calibration_of_its_model_and_says_so(project)
     assert later["settings"]["solver"] == "kfac" and later["settings"]["damping"] == "10x"
     used = later["calibration_used"]
     assert used["changed"] and (used["solver"], used["damping"], used["lds"]) == ("kfac", "10x", 0.5)
-    assert used["own"] == {"solver": "krylov", "damping": "0.1x", "lds": 0.1}
+    assert used["own"] == {"solver": "krylov", "damping": "optimizer", "lds": 0.1}
     assert later["solver_choice"].startswith("calibration kept: kfac 10x") and "calibration kept: kfac 10x" in err
     asked, _ = run("kc_asked", "--solver", "kfac", "--damping", "10x")
     assert "calibration_used" not in asked

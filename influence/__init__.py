@@ -16,7 +16,8 @@ The Python API: :class:`influence.Influence` (:mod:`influence.api`) -- scores as
 
 Top-level modules:
   engine     -- calculate.py job: ties the above together
-  distributed -- the same job scaled out over Ray
+  backends   -- where the training-set passes run: this process (local) or Ray (ray_runtime, ray_driver,
+                ray_worker)
   cli, calculate_cli -- shared argparse pieces, the script entry wrapper, calculate.py's flags
   errors     -- UserError: the one-line, exit-code-2 kind of failure
   progress, locking -- progress bars / plain log lines; one writer per output folder

@@ -113,10 +113,10 @@ class Influence:
         budget = options["memory_budget"]
         name = model if isinstance(model, (str, Path)) else getattr(model, "name", "model")
         #: how a Ray worker loads the model (:meth:`worker_spec`): None for a model object
-        self._model_source = ((str(model), weights, preprocess, params) if isinstance(model, (str, Path))
+        self.model_source = ((str(model), weights, preprocess, params) if isinstance(model, (str, Path))
                               else None)
         #: the Keras model object given (None for a file or name): :meth:`calibrate` retrains it from its compile config
-        self._model_object = None if isinstance(model, (str, Path)) else model
+        self.model_object = None if isinstance(model, (str, Path)) else model
         clf = _classifier(model, weights, preprocess, params)
         train = train_data(train, preprocess, clf)
         if check is not None:
@@ -140,7 +140,7 @@ class Influence:
                         else backend if backend is not None else _local())
 
     @classmethod
-    def from_settings(cls, settings, train=None, *, check=None, given=()):
+    def from_settings(cls, settings, train=None, *, check=None, given=(), runtime=None):
         """An Influence with the settings of a calculate run (:class:`influence.settings.Settings`).
 
         The model is ``settings.model`` (``weights``, ``preprocess``, ``params``); ``train`` (default:
@@ -149,10 +149,11 @@ class Influence:
         is ``settings.cache`` or ``<out>/curvature``; the backend is Ray with ``workers`` /
         ``ray_address``, else this process. ``check(classifier)`` runs on the loaded model before anything
         is built on it. ``given``: names of the settings given explicitly (calculate.py's flags,
-        :func:`influence.settings.given_settings`), which ``solver auto`` reads. The object is built by
-        ``__init__`` like any other: the same checks, the same memory plan.
+        :func:`influence.settings.given_settings`), which ``solver auto`` reads. ``runtime``: a Ray runtime
+        to lend the backend (calculate.py's job's, :func:`influence.backends.base.job_runtime`). The object
+        is built by ``__init__`` like any other: the same checks, the same memory plan.
         """
-        from influence.backends import backend_for
+        from influence.backends.base import backend_for
 
         return cls(settings.model, train if train is not None else Path(settings.data) / "train.npz",
                    solver=settings.solver, damping=settings.damping, hessian=settings.hessian,
@@ -161,11 +162,11 @@ class Influence:
                    memory_budget=settings.memory_budget, progress=True, given=given, check=check,
                    all_options=settings.solver_options(),
                    backend=lambda inf: backend_for(inf, workers=settings.workers, address=settings.ray_address,
-                                                   out=settings.out))
+                                                   out=settings.out, runtime=runtime))
 
     def worker_spec(self, parts=None):
         """What a Ray worker rebuilds this object's model, derivatives, objective and solver from
-        (:class:`influence.distributed.WorkerSpec`): the model file or name, weights, preprocess, params,
+        (:class:`influence.backends.ray_worker.WorkerSpec`): the model file or name, weights, preprocess, params,
         hessian, the solver with its parsed damping and options (this object's own), the training
         archive's path, the fingerprints a worker checks, and ``parts``: the folder of the shard scores
         (default ``<cache>/parts``, or a folder under the system's temporary folder without a cache).
@@ -174,20 +175,21 @@ class Influence:
         import tempfile
 
         from influence.data.archives import TrainArchive
-        from influence.distributed import PARTS, WorkerSpec
+        from influence.backends.ray_driver import PARTS
+        from influence.backends.ray_worker import WorkerSpec
 
         if not isinstance(self.train, TrainArchive):
             raise UserError(f"train: Ray needs a train.npz archive (its workers read it from disk), not a training "
                             f"set in memory ({type(self.train).__name__}): write one with prepare_data.py, or run "
                             f"without workers")
-        if self._model_source is None:
+        if self.model_source is None:
             raise UserError(f"model: Ray needs a model file or keras.applications name (its workers load it), not a "
                             f"model object ({self.model_name}): save it as .keras, or run without workers")
 
         def absolute(value):
             return str(Path(value).resolve()) if value and Path(value).exists() else value
 
-        model, weights, preprocess, params = self._model_source
+        model, weights, preprocess, params = self.model_source
         name, damping, options = self._solver_args
         if parts is None:
             parts = (self.cache / PARTS if self.cache is not None
@@ -483,6 +485,16 @@ class Influence:
                          epochs=epochs, batch_size=batch_size, solvers=solvers, dampings=dampings,
                          cache=self.cache if cache is None else cache)
 
+    def close(self):
+        """Shut down what the backend started (a Ray runtime it owns); also ``with Influence(...) as inf:``."""
+        self.backend.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
     def catalogue(self):
         """The training images' keys, files and labels (:class:`influence.catalogue.TrainCatalogue`)."""
         if self._catalogue is None:
@@ -555,7 +567,7 @@ def _check_options(names, options, shown):
 
 
 def _local():
-    from influence.backends import LocalBackend
+    from influence.backends.local import LocalBackend
 
     return LocalBackend()
 

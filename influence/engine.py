@@ -33,8 +33,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from influence import distributed
-from influence.backends import Work
+from influence.backends.base import Work, job_runtime
 from influence.catalogue import TrainCatalogue, class_namer
 from influence.data.archives import TestArchive, TrainArchive, check_same_classes
 from influence.data.classes import ClassMap
@@ -163,8 +162,8 @@ def calculate(settings, given=()):
     with logging_redirect_tqdm():
         try:
             Path(settings.out).mkdir(parents=True, exist_ok=True)
-            with folder_lock(settings.out, what="calculate.py"), distributed.runtime(settings):
-                return _calculate(settings, frozenset(given))
+            with folder_lock(settings.out, what="calculate.py"), job_runtime(settings) as runtime:
+                return _calculate(settings, frozenset(given), runtime)
         except OSError as exc:
             if exc.errno not in _WRITE_ERRORS:
                 raise
@@ -173,11 +172,11 @@ def calculate(settings, given=()):
                             f"(finished test images are kept: a rerun resumes)") from None
 
 
-def _calculate(settings, given):
+def _calculate(settings, given, runtime=None):
     """The pipeline: load -> predict -> fit curvature -> self-influence -> per group of test images:
-    test gradients -> inverse-HVPs -> score -> write."""
+    test gradients -> inverse-HVPs -> score -> write. ``runtime``: the job's Ray runtime (None: this process)."""
     inputs = load_inputs(settings)
-    job, inf = load_model(settings, inputs, given)
+    job, inf = load_model(settings, inputs, given, runtime)
     settings = job.settings               # solver auto resolved
     tests = list_tests(inputs.test, inputs.folders, settings)
     plan = inf.plan(len(tests.todo))       # before the fit: what self-influence holds at once
@@ -276,16 +275,17 @@ def check_run(settings, inputs):
     check_resume(settings.out, settings, inputs.fingerprints)
 
 
-def load_model(settings, inputs, given=()):
+def load_model(settings, inputs, given=(), runtime=None):
     """The model checked against the archives, as an :class:`influence.Influence` (``solver auto``
-    resolved on it, ``given`` the settings given explicitly), and the run checked (:func:`check_run`)
-    -> (:class:`Job` with the resolved settings, it)."""
+    resolved on it, ``given`` the settings given explicitly, its backend on the job's Ray ``runtime``
+    when there is one), and the run checked (:func:`check_run`) -> (:class:`Job` with the resolved
+    settings, it)."""
     from influence.api import Influence
 
     t0 = timer()
 
     def build(s):
-        return Influence.from_settings(s, inputs.train, given=given,
+        return Influence.from_settings(s, inputs.train, given=given, runtime=runtime,
                                        check=lambda clf: check_compatible(clf, inputs.train, inputs.test,
                                                                           inputs.folders))
 
@@ -295,7 +295,7 @@ def load_model(settings, inputs, given=()):
     if settings.calibrate:               # --calibrate: may change the solver and damping the run uses
         from influence.calibration.job import calibrate_run
 
-        settings, inf, calibration = calibrate_run(settings, inputs, inf, frozenset(given), build)
+        settings, inf, calibration = calibrate_run(settings, inputs, inf, frozenset(given), build, runtime)
     check_run(settings, inputs)
     job = Job(settings, RunRecord(settings.out, settings), None, t0)
     job.record.add_time("load_model_s", t_load)

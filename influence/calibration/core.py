@@ -166,10 +166,10 @@ def trainer_for(inf, train_fn, epochs, batch_size):
 def _keras_model(inf):
     """The model as given, with its compile config: the object, or the file loaded with compile=True; None
     for a ``keras.applications`` name (its constructor compiles nothing)."""
-    if getattr(inf, "_model_object", None) is not None:
-        obj = inf._model_object
+    if inf.model_object is not None:
+        obj = inf.model_object
         return getattr(obj, "model", obj)          # a Classifier holds the Keras model
-    source = getattr(inf, "_model_source", None)
+    source = inf.model_source
     if source is None or not Path(source[0]).is_file():
         return None
     import keras

@@ -15,7 +15,6 @@ import time
 
 import numpy as np
 
-from influence import distributed
 from influence.errors import SettingError
 
 log = logging.getLogger(__name__)
@@ -43,9 +42,10 @@ def allowed_cells(cells, given):
                                                                      c.damping == run.damping) for c in cells]
 
 
-def calibrate_run(settings, inputs, inf, given, rebuild):
+def calibrate_run(settings, inputs, inf, given, rebuild, runtime=None):
     """The step -> ``(settings, inf, record)``: ``settings`` with the solver and damping the run uses,
     ``inf`` (rebuilt by ``rebuild(settings)`` when they changed), and run.json's ``calibration`` entry.
+    ``runtime``: the job's Ray runtime (``workers`` / ``ray_address``: the retrainings run as its tasks).
 
     Writes ``calibration.csv`` and ``calibration.json`` in ``out`` and logs the table and the verdict.
     """
@@ -65,10 +65,10 @@ def calibrate_run(settings, inputs, inf, given, rebuild):
     cache = Path(settings.cache) if settings.cache else Path(settings.out) / "curvature"
     t0 = time.perf_counter()
     runner = None
-    if distributed.enabled(settings):                 # --workers / --ray-address: the retrainings as Ray tasks
+    if runtime is not None:                           # --workers / --ray-address: the retrainings as Ray tasks
         from influence.calibration.shards import RayRunner
 
-        runner = RayRunner(settings.workers, settings.ray_address)
+        runner = RayRunner(runtime)
     result = calibrate(inf, x, y, subsets=settings.calibrate_subsets, seeds=settings.calibrate_seeds,
                        epochs=settings.epochs, batch_size=settings.batch_size, solvers=solvers,
                        dampings=_split(settings.calibrate_damping), cache=cache, runner=runner)

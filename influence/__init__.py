@@ -16,6 +16,7 @@ The Python API: :class:`influence.Influence` (:mod:`influence.api`) -- scores as
 
 Top-level modules:
   engine     -- calculate.py job: ties the above together
+  build      -- the one builder of model, training set, derivatives and objective (driver and Ray worker)
   backends   -- where the training-set passes run: this process (local) or Ray (ray_runtime, ray_driver,
                 ray_worker)
   cli, calculate_cli -- shared argparse pieces, the script entry wrapper, calculate.py's flags

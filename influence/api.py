@@ -12,14 +12,20 @@ docs/DESIGN.md, "What is computed"):
 it (or :meth:`Influence.fit`), and kept in ``cache`` (a folder, the same cache calculate.py uses) when
 one is given. Errors are :class:`influence.errors.UserError` with one line naming the setting.
 """
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from influence.build import build, classifier, train_data
 from influence.errors import SettingError, UserError
-from influence.settings import DEFAULTS, check_setting, parse_setting
+from influence.settings import API_SETTINGS, NAMES, SOLVER_OPTIONS, Settings, check_setting, group_of
+
+#: the settings an Influence takes as its own: the model's, the resources' and the inverse-HVP settings that
+#: are not a solver's option (a solver option given is checked against the solver: :func:`_check_options`)
+_OWN = tuple(n for n in API_SETTINGS if not (n in SOLVER_OPTIONS and group_of(n) == group_of("solver")))
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +56,9 @@ class Influence:
         the model's input as they are, any finite values (normalised, augmented), and the derivatives take
         float input; with another ``preprocess`` float images must be pixel levels (``k / 255`` for ``unit``,
         whole numbers otherwise), read as the uint8 image (:mod:`influence.data.arrays`).
+      settings: a :class:`influence.settings.Settings` (default ``Settings()``: calculate.py's defaults).
+        Each setting an Influence takes (:data:`influence.settings.API_SETTINGS`) can be given as a keyword
+        instead, over ``settings``; they are:
       solver: ``"auto"`` (default: :mod:`influence.curvature.choice`: lissa when ``iter``, ``bsize``, ``scale``
         or ``repeats`` is passed, else krylov when ``memory_budget`` holds its basis over the model's
         parameters, else ekfac; :attr:`solver_name` and :attr:`solver_choice` say which and why) or a
@@ -73,10 +82,11 @@ class Influence:
         a backend object, or ``backend(inf)`` -> one, built once the solver is: Ray is
         ``lambda inf: influence.backends.backend_for(inf, workers=2)`` (its workers rebuild the model and
         solver from :meth:`worker_spec`: it needs a model file or name and a ``train.npz`` archive).
-      **options: the solver's own settings (``iter``, ``bsize``, ``cg_tol``, ``fisher``, ``seed``, ``rank``,
-        ...); an option the solver does not take is refused, named.
-      given, check, all_options: for :meth:`from_settings` (the settings given explicitly, a check of the
-        loaded model in place of the training set's, every solver option of a ``Settings``).
+      the solver's options: ``iter``, ``bsize``, ``cg_tol``, ``fisher``, ``seed``, ``rank``, ...; one given
+        that the solver does not take is refused, named (the solver takes every solver option of the
+        settings, :meth:`influence.settings.Settings.solver_options`).
+      given, check: for :meth:`from_settings` (the settings given explicitly, which ``solver auto`` reads;
+        a check of the loaded model in place of the training set's).
 
     The training images must be the model's input size and their labels its class indices
     (:func:`influence.model.models.check_training_set`, the check calculate.py runs): a one-line
@@ -84,41 +94,42 @@ class Influence:
 
     :meth:`from_settings` builds one from a calculate run's :class:`influence.settings.Settings` (the
     calculate job is a client of this class: it scores with :meth:`score_groups`, the loop of
-    :meth:`scores`, and adds only the output folder, the lock, resuming and the files). The defaults of
-    the settings calculate.py has too are its (:data:`influence.settings.DEFAULTS`); a solver option not
-    given takes the solver's own default, which is calculate.py's as well (tests/test_settings.py).
+    :meth:`scores`, and adds only the output folder, the lock, resuming and the files). The defaults are
+    calculate.py's: both come from :class:`influence.settings.Settings`.
     """
 
-    def __init__(self, model, train, *, solver=DEFAULTS["solver"], damping=DEFAULTS["damping"],
-                 hessian=DEFAULTS["hessian"], preprocess=DEFAULTS["preprocess"], params=DEFAULTS["params"],
-                 weights=DEFAULTS["weights"], cache=DEFAULTS["cache"], score_batch=DEFAULTS["score_batch"], chunk=None,
-                 memory_budget=DEFAULTS["memory_budget"], progress=True, backend=None, given=None, check=None,
-                 all_options=None, **options):
+    def __init__(self, model, train, settings=None, *, chunk=None, progress=True, backend=None, given=None,
+                 check=None, **overrides):
         from influence.curvature.choice import AUTO, CANDIDATES, solver_choices
 
+        base = Settings() if settings is None else settings
+        solver = overrides.get("solver", base.solver)
         if solver not in solver_choices():
             raise SettingError("solver", f"must be one of {', '.join(solver_choices())}, got {solver!r}")
-        check_setting("hessian", hessian)
-        damping = parse_setting("damping", damping)        # once: the solver takes the parsed value
+        options = {k: v for k, v in overrides.items() if k not in _OWN}        # the solver's, given here
         if solver == AUTO:                                   # before the model loads: a typo fails at once
             _check_options(CANDIDATES, options, f"'auto' ({', '.join(CANDIDATES)})")
         else:
             _check_options([solver], options, repr(solver))
-        if int(score_batch) < 1 or (chunk is not None and int(chunk) < 1):
-            raise UserError(f"score_batch and chunk must be at least 1, got {score_batch} and {chunk}")
+        fields = {k: v for k, v in overrides.items() if k in NAMES}
+        if isinstance(model, (str, Path)):
+            fields["model"] = str(model)
+        s = dataclasses.replace(base, **fields)             # damping parsed here, once (its field's parser)
+        for name in fields:
+            check_setting(name, getattr(s, name))
+        if chunk is not None and int(chunk) < 1:
+            raise UserError(f"chunk must be at least 1, got {chunk}")
+        #: the settings this object runs on (``solver``: the method chosen; ``model``: as given when a file
+        #: or name); the solver takes every solver option of them (:meth:`Settings.solver_options`), and the
+        #: options no setting names as given here
+        self.settings = s
+        self._extra = {k: v for k, v in options.items() if k not in NAMES}
         given, explicit = (options if given is None else given), dict(options)
-        # all_options: a Settings' (each method takes its own); memory_budget: the plan's, and the solver's
-        # when it takes it (krylov's rank, the K-FAC fit)
-        options = {**(all_options or {}), **options, "memory_budget": check_setting("memory_budget", memory_budget)}
-        budget = options["memory_budget"]
-        name = model if isinstance(model, (str, Path)) else getattr(model, "name", "model")
-        #: how a Ray worker loads the model (:meth:`worker_spec`): None for a model object
-        self.model_source = ((str(model), weights, preprocess, params) if isinstance(model, (str, Path))
-                              else None)
         #: the Keras model object given (None for a file or name): :meth:`calibrate` retrains it from its compile config
         self.model_object = None if isinstance(model, (str, Path)) else model
-        clf = _classifier(model, weights, preprocess, params)
-        train = train_data(train, preprocess, clf)
+        name = model if isinstance(model, (str, Path)) else getattr(model, "name", "model")
+        clf = classifier(model, s.weights, s.preprocess, s.params)
+        train = train_data(train, s.preprocess, clf)
         if check is not None:
             check(clf)
         else:                           # calculate.py's check runs it with its own wording (engine)
@@ -127,13 +138,13 @@ class Influence:
             check_training_set(clf, train, "train")
         #: GB: everything the scoring holds at once (:meth:`plan`); score_batch: training images per
         #: scoring step, at most (the plan may take fewer)
-        self.memory_budget, self.score_batch = float(budget), int(score_batch)
+        self.memory_budget, self.score_batch = float(s.memory_budget), int(s.score_batch)
         self._chunk_given = chunk is not None
-        self._setup(clf, train, name, preprocess, hessian, chunk)
-        self._set_solver(solver, damping, options, progress, given=given)
+        self._setup(clf, train, name, chunk)
+        self._set_solver(solver, progress, given=given)
         if solver == AUTO:
             _check_options([self.solver_name], explicit, f"{self.solver_name!r} ({self.solver_choice})")
-        self.cache = None if cache is None else Path(cache)
+        self.cache = None if s.cache is None else Path(s.cache)
         self.solver                       # built now: a setting the solver refuses is an error here
         # after the solver: a Ray backend's worker spec (worker_spec) names the driver's solver
         self.backend = (backend(self) if callable(backend) and not hasattr(backend, "score")
@@ -143,26 +154,35 @@ class Influence:
     def from_settings(cls, settings, train=None, *, check=None, given=(), runtime=None):
         """An Influence with the settings of a calculate run (:class:`influence.settings.Settings`).
 
-        The model is ``settings.model`` (``weights``, ``preprocess``, ``params``); ``train`` (default:
-        ``<data>/train.npz``); the solver (``auto`` resolved on the loaded model, :attr:`solver_name`)
-        gets every option of the settings it takes, and is built on first use (:attr:`solver`); the cache
-        is ``settings.cache`` or ``<out>/curvature``; the backend is Ray with ``workers`` /
-        ``ray_address``, else this process. ``check(classifier)`` runs on the loaded model before anything
-        is built on it. ``given``: names of the settings given explicitly (calculate.py's flags,
+        The model is ``settings.model``; ``train`` (default: ``<data>/train.npz``); the cache is
+        ``settings.cache`` or ``<out>/curvature``; the backend is Ray with ``workers`` / ``ray_address``,
+        else this process. ``check(classifier)`` runs on the loaded model before anything is built on it.
+        ``given``: names of the settings given explicitly (calculate.py's flags,
         :func:`influence.settings.given_settings`), which ``solver auto`` reads. ``runtime``: a Ray runtime
         to lend the backend (calculate.py's job's, :func:`influence.backends.base.job_runtime`). The object
         is built by ``__init__`` like any other: the same checks, the same memory plan.
         """
         from influence.backends.base import backend_for
 
-        return cls(settings.model, train if train is not None else Path(settings.data) / "train.npz",
-                   solver=settings.solver, damping=settings.damping, hessian=settings.hessian,
-                   preprocess=settings.preprocess, params=settings.params, weights=settings.weights,
-                   cache=settings.cache or Path(settings.out) / "curvature", score_batch=settings.score_batch,
-                   memory_budget=settings.memory_budget, progress=True, given=given, check=check,
-                   all_options=settings.solver_options(),
+        return cls(settings.model, train if train is not None else Path(settings.data) / "train.npz", settings,
+                   cache=settings.cache or str(Path(settings.out) / "curvature"), given=given, check=check,
                    backend=lambda inf: backend_for(inf, workers=settings.workers, address=settings.ray_address,
                                                    out=settings.out, runtime=runtime))
+
+    @property
+    def model_source(self):
+        """``(model, weights, preprocess, params)``: how a worker loads the model (:meth:`worker_spec`), or
+        None for a model object."""
+        s = self.settings
+        return None if self.model_object is not None else (s.model, s.weights, s.preprocess, s.params)
+
+    @property
+    def preprocess(self):
+        return self.settings.preprocess
+
+    def solver_options(self):
+        """``{option: value}`` the solver is built with: the settings' solver options and those no setting names."""
+        return {**self.settings.solver_options(), **self._extra}
 
     def worker_spec(self, parts=None):
         """What a Ray worker rebuilds this object's model, derivatives, objective and solver from
@@ -174,9 +194,9 @@ class Influence:
         a one-line :class:`UserError`."""
         import tempfile
 
-        from influence.data.archives import TrainArchive
         from influence.backends.ray_driver import PARTS
         from influence.backends.ray_worker import WorkerSpec
+        from influence.data.archives import TrainArchive
 
         if not isinstance(self.train, TrainArchive):
             raise UserError(f"train: Ray needs a train.npz archive (its workers read it from disk), not a training "
@@ -189,31 +209,28 @@ class Influence:
         def absolute(value):
             return str(Path(value).resolve()) if value and Path(value).exists() else value
 
-        model, weights, preprocess, params = self.model_source
-        name, damping, options = self._solver_args
+        s = self.settings
         if parts is None:
             parts = (self.cache / PARTS if self.cache is not None
                      else Path(tempfile.gettempdir()) / f"influence-{PARTS}")
-        return WorkerSpec(model=absolute(model), weights=absolute(weights), preprocess=preprocess, params=params,
-                          hessian=self.objective.hessian, solver=name, damping=damping,
-                          options=tuple(sorted(options.items())), train=str(Path(self.train.path).resolve()),
-                          train_fingerprint=self.train.fingerprint(),
+        return WorkerSpec(model=absolute(s.model), weights=absolute(s.weights), preprocess=s.preprocess,
+                          params=s.params, hessian=s.hessian, solver=self.solver_name, damping=s.damping,
+                          options=tuple(sorted(self.solver_options().items())),
+                          train=str(Path(self.train.path).resolve()), train_fingerprint=self.train.fingerprint(),
                           weights_fingerprint=self.curvature_key["weights"], parts=str(Path(parts).resolve()),
                           chunk=int(self.objective.chunk))
 
-    def _setup(self, clf, train, model_name, preprocess, hessian, chunk):
-        from influence.model.derivatives import Derivatives
-        from influence.model.objective import TrainingObjective
+    def _setup(self, clf, train, model_name, chunk):
         from influence.scoring import Scorer
 
-        self.train, self.clf, self.model_name, self.preprocess = train, clf, model_name, preprocess
+        self.train, self.clf, self.model_name = train, clf, model_name
         #: the float dtype test images are cast to when the training set is float input (preprocess none),
         #: else None: images are uint8 pixels (:func:`influence.data.arrays.user_images`)
         self._float_dtype = getattr(train, "float_dtype", None)
-        self.derivs = Derivatives(self.clf, self.train.image_shape, float_input=self._float_dtype is not None)
         if chunk is None:                       # the memory plan's, before any solver is built
             chunk = self.plan().chunk
-        self.objective = TrainingObjective(self.derivs, self.train, chunk=int(chunk), hessian=hessian)
+        built = build(clf, train, hessian=self.settings.hessian, chunk=chunk)
+        self.derivs, self.objective = built.derivs, built.objective
         self.scorer = Scorer(self.derivs)
         self._fitted = False
         self._catalogue = None
@@ -221,19 +238,18 @@ class Influence:
         #: after :meth:`fit`: True when the curvature came from the cache
         self.loaded = False
 
-    def _set_solver(self, requested, damping, options, progress, given):
+    def _set_solver(self, requested, progress, given):
         """The method: ``requested``, or for ``auto`` the choice on the loaded model
         (:func:`influence.curvature.choice.choose_solver`, one log line) -> :attr:`solver_name`,
         :attr:`solver_choice` (why)."""
         from influence.curvature.choice import AUTO, choose_solver
 
-        budget = options.get("memory_budget", DEFAULTS["memory_budget"])
-        name, reason = choose_solver(requested, given, self.clf.num_params, self.clf.dtype.size, budget)
+        name, reason = choose_solver(requested, given, self.clf.num_params, self.clf.dtype.size, self.memory_budget)
         if requested == AUTO:
             log.info("%s", reason)
         self.solver_name, self.solver_choice, self.progress = name, reason, progress
+        self.settings = dataclasses.replace(self.settings, solver=name)
         self._solver = None
-        self._solver_args = (name, damping, dict(options))
 
     @property
     def solver(self):
@@ -241,8 +257,8 @@ class Influence:
         if self._solver is None:
             from influence.curvature import make_solver
 
-            name, damping, options = self._solver_args
-            self._solver = make_solver(name, self.objective, damping, progress=self.progress, **options)
+            self._solver = make_solver(self.solver_name, self.objective, self.settings.damping,
+                                       progress=self.progress, **self.solver_options())
         return self._solver
 
     @property
@@ -462,10 +478,12 @@ class Influence:
         if solver not in REGISTRY:
             raise SettingError("solver", f"must be one of {', '.join(REGISTRY)}, got {solver!r}")
         _check_options([solver], options, repr(solver))
-        _, own_damping, own_options = self._solver_args
         other = copy.copy(self)
-        other._set_solver(solver, parse_setting("damping", own_damping if damping is None else damping),
-                          {**own_options, **options}, self.progress, given=())
+        fields = {k: v for k, v in options.items() if k in NAMES}
+        other.settings = dataclasses.replace(self.settings, damping=self.settings.damping if damping is None
+                                             else damping, **fields)
+        other._extra = {**self._extra, **{k: v for k, v in options.items() if k not in NAMES}}
+        other._set_solver(solver, self.progress, given=())
         other._fitted, other.loaded, other._key = False, False, None
         other.backend = _local()
         return other
@@ -570,43 +588,3 @@ def _local():
     from influence.backends.local import LocalBackend
 
     return LocalBackend()
-
-
-def train_data(train, preprocess=DEFAULTS["preprocess"], classifier=None):
-    """What :class:`Influence` reads the training set through: a ``TrainArchive`` as it is (uint8); a path:
-    the archive there; ``(x, y)`` arrays: an :class:`influence.data.arrays.ArrayTrainSet`; any object of
-    the batch protocol (``len(data)`` batches, ``data[b] -> (x, y)``, e.g. a ``keras.utils.PyDataset``)
-    adapted by :class:`influence.data.arrays.TrainSet` (float images read by ``preprocess``: as the model's
-    input, in its dtype, when the loaded ``classifier`` takes float input -- preprocess ``none`` -- and the
-    first batch is float; else as pixel levels)."""
-    from influence.data.archives import TrainArchive
-    from influence.data.arrays import ArrayTrainSet, TrainSet, is_batched
-
-    if isinstance(train, (TrainArchive, TrainSet)):
-        return train
-    if isinstance(train, (str, Path)):
-        return TrainArchive(Path(train))
-    if isinstance(train, (tuple, list)) and len(train) == 2:
-        train = ArrayTrainSet(*train)
-    if is_batched(train):
-        floats = classifier is not None and classifier.takes_float_input
-        return TrainSet(train, preprocess == "unit", float_dtype=classifier.dtype.as_numpy_dtype if floats else None)
-    raise UserError(f"train: a train.npz path, (x, y) arrays or an object with len() batches and data[b] -> (x, y); "
-                    f"got {type(train).__name__}")
-
-
-def _classifier(model, weights, preprocess, params):
-    """A :class:`influence.model.models.Classifier` from a path/name or a Keras model object."""
-    from influence.model import models
-
-    if isinstance(model, (str, Path)):
-        return models.load_classifier(str(model), weights, preprocess, params)
-    if isinstance(model, models.Classifier):
-        return model
-    model, _ = models.at_least_float32(model)
-    model, note = models.strip_softmax(model)
-    mode = "none" if preprocess == "auto" else preprocess
-    clf = models.Classifier(model, models.make_preprocess(mode), models.select_params(model, params),
-                            description=f"{model.name} ({note})", mode=mode)
-    models.check_classifier(clf)
-    return clf

@@ -18,6 +18,11 @@ from influence.errors import UserError
 from influence.settings import MATH_SETTINGS
 
 
+def _loaded():
+    """A field of the spec that a worker loads once per process (model, archive, derivatives, objective)."""
+    return dataclasses.field(metadata={"loaded": True})
+
+
 @dataclasses.dataclass(frozen=True)
 class WorkerSpec:
     """Everything a Ray worker rebuilds its model, derivatives, objective and solver from (made by
@@ -28,22 +33,27 @@ class WorkerSpec:
     :func:`influence.model.models.load_classifier` takes them); ``hessian``: the objective's matrix;
     ``solver``, ``damping`` (parsed), ``options`` (sorted ``(name, value)`` pairs): exactly what the
     driver built its solver with; ``train``: the ``train.npz`` path; ``parts``: the folder of the shard
-    scores; ``chunk``: training images per fitting/product call (set per fit by the backend).
+    scores; ``chunk``: training images per fitting/product call (set per fit by the backend). The fields
+    marked ``loaded`` are what a worker process loads once and keeps (:func:`context`).
     """
 
-    model: str
-    weights: str
-    preprocess: str
-    params: str
-    hessian: str
+    model: str = _loaded()
+    weights: str = _loaded()
+    preprocess: str = _loaded()
+    params: str = _loaded()
+    hessian: str = _loaded()
     solver: str
     damping: object
     options: tuple
-    train: str
-    train_fingerprint: str
-    weights_fingerprint: str
+    train: str = _loaded()
+    train_fingerprint: str = _loaded()
+    weights_fingerprint: str = _loaded()
     parts: str
     chunk: int = 0
+
+    def loaded(self):
+        """The values of the ``loaded`` fields: the key of a worker process's cache."""
+        return tuple(getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata.get("loaded"))
 
     @property
     def solver_options(self):
@@ -86,16 +96,13 @@ def forget():
 def context(spec):
     """This worker process's model, archive and derivative functions for ``spec`` (a :class:`WorkerSpec`;
     loaded once per model and archive; a task with another spec replaces them)."""
-    key = (spec.model, spec.weights, spec.preprocess, spec.params, spec.hessian, spec.train,
-           spec.train_fingerprint, spec.weights_fingerprint)
+    key = spec.loaded()
     if _CONTEXT.get("key") == key:
         return _CONTEXT
     _CONTEXT.clear()
     import_tensorflow()
+    from influence.build import build, classifier
     from influence.data.archives import TrainArchive
-    from influence.model.derivatives import Derivatives
-    from influence.model.objective import TrainingObjective
-    from influence.model.models import load_classifier
 
     path = Path(spec.train)
     if not path.is_file():
@@ -106,16 +113,14 @@ def context(spec):
         raise UserError(f"{path} on {os.uname().nodename} is not the driver's training archive (fingerprint "
                         f"{train.fingerprint()}, driver {spec.train_fingerprint}): copy the same train.npz to "
                         f"every node, or use a shared filesystem")
-    clf = load_classifier(spec.model, spec.weights, spec.preprocess, spec.params)
+    clf = classifier(spec.model, spec.weights, spec.preprocess, spec.params)
     from influence.curvature.cache import model_fingerprint
 
     if model_fingerprint(clf.model) != spec.weights_fingerprint:
         raise UserError(f"the model {spec.model} (weights {spec.weights}) on {os.uname().nodename} has other "
                         f"weights than the driver's: give every node the same model file")
-    derivs = Derivatives(clf, train.image_shape)
-    _CONTEXT.update(key=key, train=train, clf=clf, derivs=derivs,
-                    objective=TrainingObjective(derivs, train, chunk=max(1, spec.chunk), hessian=spec.hessian),
-                    solvers={})
+    built = build(clf, train, hessian=spec.hessian, chunk=spec.chunk)
+    _CONTEXT.update(key=key, train=train, clf=clf, derivs=built.derivs, objective=built.objective, solvers={})
     return _CONTEXT
 
 

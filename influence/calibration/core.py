@@ -221,7 +221,7 @@ def calibrate(inf, test_images, test_labels, *, train_fn=None, subsets=16, seeds
     runs = retrain.retrain(trainer, len(inf.train), len(y_test), subsets=subsets, seeds=range(seeds), key=key,
                            path=path, mask_seed=mask_seed, show=show and inf.progress, runner=runner)
     t1 = time.perf_counter()
-    run_damping = inf._solver_args[1]
+    run_damping = inf.settings.damping
     cells = grid.grid_cells(inf.solver_name, run_damping, solvers, dampings)
     log.info("calibrate: scoring %d (solver, damping) cell(s) on %d test image(s): %s", len(cells), len(y_test),
              ", ".join(c.name for c in cells))

@@ -15,7 +15,7 @@ Sub-packages in the order the data flows through them; :mod:`influence.engine` d
 The Python API: :class:`influence.Influence` (:mod:`influence.api`) -- scores as arrays.
 
 Top-level modules:
-  engine     -- calculate.py job: ties the above together
+  engine     -- calculate.py job: ties the above together; worklist -- what a run scores, what is left to do
   build      -- the one builder of model, training set, derivatives and objective (driver and Ray worker)
   backends   -- where the training-set passes run: this process (local) or Ray (ray_runtime, ray_driver,
                 ray_worker)

@@ -35,6 +35,22 @@ def build(clf, train, *, hessian, chunk):
     return Built(clf, train, derivs, TrainingObjective(derivs, train, chunk=max(1, int(chunk)), hessian=hessian))
 
 
+def load(model, train, settings, check=None):
+    """The classifier of ``model`` and the training set as the derivatives read it (``weights``,
+    ``preprocess``, ``params`` of ``settings``), checked -> ``(clf, train)``: ``check(clf)`` when given
+    (calculate.py's check of the model against its archives, in its own words: ``engine.check_compatible``),
+    else the training set against the model (:func:`influence.model.models.check_training_set`)."""
+    clf = classifier(model, settings.weights, settings.preprocess, settings.params)
+    train = train_data(train, settings.preprocess, clf)
+    if check is not None:
+        check(clf)
+    else:
+        from influence.model.models import check_training_set
+
+        check_training_set(clf, train, "train")
+    return clf, train
+
+
 def classifier(model, weights=DEFAULTS["weights"], preprocess=DEFAULTS["preprocess"], params=DEFAULTS["params"]):
     """A :class:`influence.model.models.Classifier` from a path/name or a Keras model object."""
     from influence.model import models

@@ -18,7 +18,8 @@ from conftest import REPO
 from engine_helpers import calc_settings, tiny_model, write_project
 from influence.backends import ray_driver, ray_worker
 from influence.backends import ray_runtime as runtime
-from influence.engine import TestItem, calculate
+from influence.engine import calculate
+from influence.worklist import TestItem
 from influence.errors import UserError
 
 os.environ["RAY_USAGE_STATS_ENABLED"] = "0"

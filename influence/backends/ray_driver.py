@@ -274,6 +274,39 @@ def remove_parts(parts):
 
 # ----------------------------------------------------------------------------- the backend
 
+def spec_of(inf, parts=None):
+    """The :class:`WorkerSpec` of :class:`influence.Influence` ``inf``: its model file or name, weights,
+    preprocess, params, hessian, solver with its parsed damping and options (its own), the training
+    archive's path, the fingerprints a worker checks, and ``parts``: the folder of the shard scores
+    (default ``<cache>/parts``, or a folder under the system's temporary folder without a cache). Paths
+    are absolute. A training set in memory, or a model object, has no path a worker could read: a
+    one-line :class:`UserError`."""
+    import tempfile
+
+    from influence.data.archives import TrainArchive
+
+    if not isinstance(inf.train, TrainArchive):
+        raise UserError(f"train: Ray needs a train.npz archive (its workers read it from disk), not a training "
+                        f"set in memory ({type(inf.train).__name__}): write one with prepare_data.py, or run "
+                        f"without workers")
+    if inf.model_source is None:
+        raise UserError(f"model: Ray needs a model file or keras.applications name (its workers load it), not a "
+                        f"model object ({inf.model_name}): save it as .keras, or run without workers")
+
+    def absolute(value):
+        return str(Path(value).resolve()) if value and Path(value).exists() else value
+
+    s = inf.settings
+    if parts is None:
+        parts = inf.cache / PARTS if inf.cache is not None else Path(tempfile.gettempdir()) / f"influence-{PARTS}"
+    return WorkerSpec(model=absolute(s.model), weights=absolute(s.weights), preprocess=s.preprocess,
+                      params=s.params, hessian=s.hessian, solver=inf.solver_name, damping=s.damping,
+                      options=tuple(sorted(inf.solver_options().items())),
+                      train=str(Path(inf.train.path).resolve()), train_fingerprint=inf.train.fingerprint(),
+                      weights_fingerprint=inf.curvature_key["weights"], parts=str(Path(parts).resolve()),
+                      chunk=int(inf.objective.chunk))
+
+
 class RayBackend:
     """The :mod:`influence.backends` interface over Ray: the fit's sums sharded (:class:`RaySums`), scoring
     sharded (:func:`score_sharded`) with each :class:`influence.backends.base.Work`'s shard scores kept

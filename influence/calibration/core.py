@@ -204,13 +204,13 @@ def calibrate(inf, test_images, test_labels, *, train_fn=None, subsets=16, seeds
     seeds = int(seeds)
     if seeds < 1:
         raise SettingError("calibrate_seeds", f"must be at least 1, got {seeds}")
-    x_test, y_test = inf._test_arrays(test_images, test_labels)
+    x_test, y_test = inf.reader.arrays(test_images, test_labels)
     if not len(y_test):
         raise UserError("calibrate: no test images to measure the test loss on")
     fit, recipe = trainer_for(inf, train_fn, epochs, int(batch_size))
     key = {"weights": inf.curvature_key["weights"], "model": str(inf.model_name), "train": inf.train.fingerprint(),
            "train_images": len(inf.train), "test": retrain.test_fingerprint(x_test, y_test),
-           "preprocess": str(inf.preprocess), "mask_seed": int(mask_seed), **recipe}
+           "preprocess": str(inf.settings.preprocess), "mask_seed": int(mask_seed), **recipe}
     path = None if cache is None else retrain.cache_path(Path(cache) / CACHE_FOLDER, key)
     t0 = time.perf_counter()
     trainer = retrain.Trainer(fit, inf.train, x_test, y_test, inf.clf.preprocess)

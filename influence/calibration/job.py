@@ -26,7 +26,7 @@ def _split(text):
 
 def test_images(inputs, settings):
     """uint8 ``(T, H, W, C)`` and int64 ``(T,)``: every test image the run scores (folder, label, number order)."""
-    from influence.engine import list_test_items
+    from influence.worklist import list_test_items
 
     items, _ = list_test_items(inputs.test, inputs.folders, dataclasses.replace(settings, overwrite=True))
     arrays = {f: inputs.test.read(f) for f in dict.fromkeys(it.folder for it in items)}

@@ -61,7 +61,7 @@ def spec_for(inf, recipe, x_test, y_test):
                         "(its workers load both); run without workers")
     if "epochs" not in recipe:
         raise UserError("calibrate: Ray shards the retraining with the model's compile config, not a train_fn")
-    mode = "none" if inf.preprocess == "auto" else inf.preprocess
+    mode = "none" if inf.settings.preprocess == "auto" else inf.settings.preprocess
     return RetrainSpec(str(Path(source[0]).resolve()), mode, str(Path(inf.train.path).resolve()),
                        int(recipe["epochs"]), int(recipe["batch_size"]), np.asarray(x_test, np.uint8),
                        np.asarray(y_test, np.int64))

@@ -116,7 +116,7 @@ def per_image_costs(data):
     """ms per training image of F, the two EK-FAC passes, scoring (T = 1, 30) and reading."""
     from influence.data.archive_reader import TrainArchive
     from influence.curvature import make_solver
-    from influence.backends import score_archive
+    from influence.backends.local import score_archive
     from influence.model.derivatives import Derivatives
     from influence.model.objective import TrainingObjective
     from influence.model.vectors import vec_stack
@@ -192,13 +192,13 @@ def dict_write_ms(n=100_000, layers=16):
 
 def ray_overhead(vector_bytes):
     """Local runtime start (s), a no-op task's round trip (ms), putting 30 inverse-HVPs (ms)."""
-    from influence import distributed
+    from influence.backends import ray_runtime, ray_worker
 
     t0 = time.perf_counter()
-    ray = distributed.init_ray(workers=2, gpus=0)
+    ray = ray_runtime.init_ray(workers=2, gpus=0)
     start = time.perf_counter() - t0
     try:
-        noop = ray.remote(num_cpus=1)(distributed.import_tensorflow)
+        noop = ray.remote(num_cpus=1)(ray_worker.import_tensorflow)
         ray.get([noop.remote() for _ in range(2)])
         t0 = time.perf_counter()
         ray.get([noop.remote() for _ in range(100)])

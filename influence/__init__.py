@@ -47,6 +47,7 @@ influence/                        the package: influence.Influence, the Python A
       dpcg.py                     dpcg: CG deflated by the krylov basis
   scoring/                        4. scores
     scorer.py                     batched scores with the per-layer split, two routes chosen by cost
+    groups.py                     the scoring loop: test images in groups that fit the memory budget
     self_influence.py             --self-influence: each training image scored against itself
   outputs/                        5. files on disk
     report.py                     a test image's files: CSVs, score dicts, figures (atomic writes)
@@ -84,8 +85,14 @@ influence/                        the package: influence.Influence, the Python A
   api.py                          the Python API: influence.Influence
   settings.py                     a run's settings, each with its help text and check
   engine.py                       the calculate.py job, a client of the API
-  backends.py                     where the training-set passes run: this process or Ray
-  distributed.py                  RayBackend: fitting and scoring sharded over Ray
+  build.py                        the one builder: model, training set, derivatives, objective (driver and Ray worker)
+  worklist.py                     what a run scores and what is left to do
+  backends/                       where the training-set passes run
+    base.py                       the interface, Work, backend_for, the job's Ray runtime
+    local.py                      LocalBackend: this process
+    ray_runtime.py                RayRuntime: starting or joining the cluster, owned by one object
+    ray_driver.py                 RayBackend: shard plans, sharded sums and scoring, the parts files
+    ray_worker.py                 WorkerSpec and the tasks a worker runs
   memory.py                       the --memory-budget plan
   catalogue.py                    training keys, files, labels and class names
   run_record.py                   run.json and the resume check

@@ -33,37 +33,21 @@ from pathlib import Path
 import numpy as np
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from influence import distributed
-from influence.backends import Work
+from influence.backends.base import Work, job_runtime
 from influence.catalogue import TrainCatalogue, class_namer
 from influence.data.archive_reader import TestArchive, TrainArchive, check_same_classes
 from influence.data.classes import ClassMap
 from influence.errors import SettingError, UserError
-from influence.outputs.report import TestImage, outputs_complete, write_predictions_csv, write_test_outputs
+from influence.outputs.report import write_predictions_csv, write_test_outputs
 from influence.run_record import RunRecord, check_resume, data_fingerprints, previous_run
 from influence.settings import Settings
+from influence.worklist import TestFolder, list_tests
 
 log = logging.getLogger(__name__)
 timer = time.perf_counter
 
 
 # ----------------------------------------------------------------------------- value objects
-
-@dataclasses.dataclass
-class TestItem:
-    """One test image to score: ``n`` counts from 1 within its (folder, label), as the original did."""
-
-    __test__ = False
-
-    folder: str
-    label: int
-    n: int
-    index: int           # position in the folder's arrays
-
-    @property
-    def ident(self):
-        return (self.folder, self.label, self.n)
-
 
 @dataclasses.dataclass
 class Inputs:
@@ -76,63 +60,6 @@ class Inputs:
     folders: list
     fingerprints: dict
     old_run: dict = None
-
-
-@dataclasses.dataclass
-class TestFolder:
-    """One test folder: labels, predicted classes, confidences, files; its images only while some
-    of them are still to do (else None)."""
-
-    __test__ = False
-
-    labels: np.ndarray
-    preds: np.ndarray
-    confs: np.ndarray
-    files: np.ndarray
-    images: np.ndarray = None
-
-
-@dataclasses.dataclass
-class TestSet:
-    """Every test image of the run (``items``), those still to do (``todo``), and per folder its
-    :class:`TestFolder` (after :func:`predict`)."""
-
-    __test__ = False
-
-    items: list
-    todo: list
-    folders: dict = dataclasses.field(default_factory=dict)
-
-    def test_image(self, it):
-        """Test image ``it`` with its label, prediction, confidence and file (a :class:`TestImage`)."""
-        f, i = self.folders[it.folder], it.index
-        return TestImage(f.images[i], int(f.labels[i]), int(f.preds[i]), float(f.confs[i]), str(f.files[i]))
-
-    def arrays(self, group):
-        """uint8 images (T, H, W, C) and int64 labels (T,) of the test images ``group``."""
-        return self.view(group)[:len(group)], self.labels(group)
-
-    def labels(self, group):
-        """int64 labels (T,) of the test images ``group``."""
-        return np.array([self.folders[it.folder].labels[it.index] for it in group], np.int64)
-
-    def view(self, group):
-        """The images of ``group`` as :meth:`influence.Influence.score_groups` reads them: ``len`` and
-        slices stacked on demand (a group's images at a time, not the whole run's)."""
-        return _Images(self, list(group))
-
-
-class _Images:
-    """``len`` and ``[a:b]`` -> uint8 (b - a, H, W, C): the test images of a list of items, stacked per slice."""
-
-    def __init__(self, tests, items):
-        self.tests, self.items = tests, items
-
-    def __len__(self):
-        return len(self.items)
-
-    def __getitem__(self, sl):
-        return np.stack([self.tests.folders[it.folder].images[it.index] for it in self.items[sl]])
 
 
 @dataclasses.dataclass
@@ -163,8 +90,8 @@ def calculate(settings, given=()):
     with logging_redirect_tqdm():
         try:
             Path(settings.out).mkdir(parents=True, exist_ok=True)
-            with folder_lock(settings.out, what="calculate.py"), distributed.runtime(settings):
-                return _calculate(settings, frozenset(given))
+            with folder_lock(settings.out, what="calculate.py"), job_runtime(settings) as runtime:
+                return _calculate(settings, frozenset(given), runtime)
         except OSError as exc:
             if exc.errno not in _WRITE_ERRORS:
                 raise
@@ -173,11 +100,11 @@ def calculate(settings, given=()):
                             f"(finished test images are kept: a rerun resumes)") from None
 
 
-def _calculate(settings, given):
+def _calculate(settings, given, runtime=None):
     """The pipeline: load -> predict -> fit curvature -> self-influence -> per group of test images:
-    test gradients -> inverse-HVPs -> score -> write."""
+    test gradients -> inverse-HVPs -> score -> write. ``runtime``: the job's Ray runtime (None: this process)."""
     inputs = load_inputs(settings)
-    job, inf = load_model(settings, inputs, given)
+    job, inf = load_model(settings, inputs, given, runtime)
     settings = job.settings               # solver auto resolved
     tests = list_tests(inputs.test, inputs.folders, settings)
     plan = inf.plan(len(tests.todo))       # before the fit: what self-influence holds at once
@@ -276,26 +203,27 @@ def check_run(settings, inputs):
     check_resume(settings.out, settings, inputs.fingerprints)
 
 
-def load_model(settings, inputs, given=()):
+def load_model(settings, inputs, given=(), runtime=None):
     """The model checked against the archives, as an :class:`influence.Influence` (``solver auto``
-    resolved on it, ``given`` the settings given explicitly), and the run checked (:func:`check_run`)
-    -> (:class:`Job` with the resolved settings, it)."""
+    resolved on it, ``given`` the settings given explicitly, its backend on the job's Ray ``runtime``
+    when there is one), and the run checked (:func:`check_run`) -> (:class:`Job` with the resolved
+    settings, it)."""
     from influence.api import Influence
 
     t0 = timer()
 
     def build(s):
-        return Influence.from_settings(s, inputs.train, given=given,
+        return Influence.from_settings(s, inputs.train, given=given, runtime=runtime,
                                        check=lambda clf: check_compatible(clf, inputs.train, inputs.test,
                                                                           inputs.folders))
 
     inf = build(settings)
-    settings = dataclasses.replace(settings, solver=inf.solver_name, damping=inf.damping)
+    settings = dataclasses.replace(settings, solver=inf.solver_name, damping=inf.settings.damping)
     calibration, used, t_load = None, None, timer() - t0
     if settings.calibrate:               # --calibrate: may change the solver and damping the run uses
         from influence.calibration.job import calibrate_run
 
-        settings, inf, calibration = calibrate_run(settings, inputs, inf, frozenset(given), build)
+        settings, inf, calibration = calibrate_run(settings, inputs, inf, frozenset(given), build, runtime)
     else:                                # a calibration kept from an earlier --calibrate on this model
         from influence.calibration.job import use_saved
 
@@ -339,29 +267,6 @@ def check_compatible(clf, train, test, folders):
     check_training_set(clf, train)
     for f in folders:
         check_labels(f"test folder {f}", test.labels(f), clf.num_classes)
-
-
-def list_test_items(test, folders, settings):
-    """Every test image of the run in folder, label, number order, and those still to do."""
-    items, todo = [], []
-    for folder in folders:
-        y = test.labels(folder)
-        for label in np.unique(y):
-            members = np.nonzero(y == label)[0]
-            if settings.limit:
-                members = members[:settings.limit]
-            label_dir = Path(settings.out) / folder / str(int(label))
-            for n, i in enumerate(members, start=1):
-                item = TestItem(folder, int(label), n, int(i))
-                items.append(item)
-                if settings.overwrite or not outputs_complete(label_dir, n, settings.save_format, settings.figures):
-                    todo.append(item)
-    return items, todo
-
-
-def list_tests(test, folders, settings):
-    """The :class:`TestSet` of the run (its folders filled in by :func:`predict`)."""
-    return TestSet(*list_test_items(test, folders, settings))
 
 
 # ----------------------------------------------------------------------------- phase: predict

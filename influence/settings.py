@@ -384,6 +384,9 @@ MATH_SETTINGS = names(math=True)
 SOLVER_OPTIONS = names(solver=True)
 #: the original tool's LiSSA settings (``lissa=True``): any of them given picks lissa for ``solver auto``
 LISSA_SETTINGS = names(lissa=True)
+#: the settings :class:`influence.Influence` takes (the model's, the inverse-HVP method's and the resources';
+#: ``model`` is its first argument; the rest are calculate.py's: data and outputs, self-influence, Ray, calibration)
+API_SETTINGS = tuple(n for g in (_MODEL, _IHVP, _RES) for n in names(group=g) if n != "model")
 #: every setting's default, as declared (text where the setting has a parser: ``damping`` ``auto``): the
 #: defaults of calculate.py and of :class:`influence.Influence`
 DEFAULTS = {f.name: f.default for f in _fields()}

@@ -92,6 +92,26 @@ def test_mistakes_are_one_line_errors_naming_the_setting(data):
         inf.scores(x, y + 10)
 
 
+@pytest.mark.slow
+def test_the_api_takes_the_settings_with_keyword_overrides(data):
+    """Influence(model, train, settings, **overrides): the settings' values, each keyword over them (parsed
+    and checked by its field), the same bits as the keywords alone; a field of calculate.py's alone is refused."""
+    from influence.settings import Damping, Settings
+
+    train, model = data / "train.npz", str(data / "model.keras")
+    x, y, _ = TestArchive(data / "test.npz").read("a")
+    settings = Settings(solver="cg", damping="0.3", preprocess="unit", cg_tol=1e-3, top=7)
+    inf = influence.Influence(model, train, settings, solver="exact", damping=DAMPING, progress=False)
+    assert inf.solver_name == "exact" and inf.settings.damping == Damping(DAMPING)
+    assert inf.settings.cg_tol == 1e-3 and inf.settings.model == model and settings.solver == "cg"
+    alone = influence.Influence(model, train, solver="exact", damping=DAMPING, preprocess="unit", progress=False)
+    assert np.array_equal(inf.scores(x, y), alone.scores(x, y))
+    with pytest.raises(UserError, match="^memory_budget: must be > 0"):
+        influence.Influence(model, train, settings, memory_budget=0)
+    with pytest.raises(UserError, match="takes no option top"):
+        influence.Influence(model, train, settings, top=3)
+
+
 def test_the_api_runs_calculates_training_set_checks_naming_the_argument(data):
     """A training label the model has no output for, or training images of another size or channel count,
     are refused before any work, as calculate.py refuses them (models.check_training_set), in one line

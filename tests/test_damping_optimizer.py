@@ -157,11 +157,11 @@ def test_damping_auto_reads_the_training_run_where_the_solver_takes_it(trained):
 
     model, bare, x, y, _, _ = trained
     auto = _inf(trained, solver="exact")
-    assert str(auto.damping) == "optimizer" and "damping auto: optimizer (per parameter, from the Adam state of 6" \
+    assert str(auto.settings.damping) == "optimizer" and "damping auto: optimizer (per parameter, from the Adam state of 6" \
         in auto.solver_choice
-    assert str(_inf(trained, solver="exact", damping="0.1x").damping) == "0.1x"
-    assert str(_inf(trained, solver="ekfac").damping) == "0.1x"
+    assert str(_inf(trained, solver="exact", damping="0.1x").settings.damping) == "0.1x"
+    assert str(_inf(trained, solver="ekfac").settings.damping) == "0.1x"
     plain = influence.Influence(str(bare), train=(x, y), preprocess="unit", progress=False, solver="exact")
-    assert str(plain.damping) == "0.1x" and plain.solver_choice.endswith("; damping auto: 0.1x (the model holds no trained optimizer state)")
+    assert str(plain.settings.damping) == "0.1x" and plain.solver_choice.endswith("; damping auto: 0.1x (the model holds no trained optimizer state)")
     picked = _inf(trained)                                           # solver auto: krylov here
-    assert picked.solver_name == "krylov" and str(picked.damping) == "optimizer"
+    assert picked.solver_name == "krylov" and str(picked.settings.damping) == "optimizer"

@@ -1,4 +1,4 @@
-"""Scale-out over Ray (influence.distributed) on a local 2-worker runtime: sharded EK-FAC fit, sharded
+"""Scale-out over Ray (influence.backends) on a local 2-worker runtime: sharded EK-FAC fit, sharded
 scoring, the same bits with any number of workers, a worker killed mid-shard, a driver killed mid-run,
 and no Ray without the flags."""
 import logging
@@ -16,8 +16,10 @@ import pytest
 
 from conftest import REPO
 from engine_helpers import calc_settings, tiny_model, write_project
-from influence import distributed
-from influence.engine import TestItem, calculate
+from influence.backends import ray_driver, ray_worker
+from influence.backends import ray_runtime as runtime
+from influence.engine import calculate
+from influence.worklist import TestItem
 from influence.errors import UserError
 
 os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
@@ -31,8 +33,8 @@ WARMING = []
 def ray_runtime():
     """One local Ray runtime (2 CPUs, no dashboard) for the module, shut down at its end."""
     pytest.importorskip("ray", reason="Ray is optional: pip install -r requirements-distributed.txt")
-    ray = distributed.init_ray(workers=2, gpus=0)
-    warm = ray.remote(num_cpus=1)(distributed.import_tensorflow)
+    ray = runtime.init_ray(workers=2, gpus=0)
+    warm = ray.remote(num_cpus=1)(ray_worker.import_tensorflow)
     WARMING[:] = [warm.remote() for _ in range(2)]     # both workers import TensorFlow while the tests set up
     yield ray
     WARMING.clear()
@@ -72,7 +74,7 @@ def assert_same_outputs(out, ref):
     for name, value in arrays.items():
         np.testing.assert_array_equal(value, ref["arrays"][name], err_msg=name)
     assert texts == ref["texts"]
-    assert not (out / distributed.PARTS).exists()
+    assert not (out / ray_driver.PARTS).exists()
 
 
 # ----------------------------------------------------------------------------- no Ray needed
@@ -81,31 +83,31 @@ def test_shards_cover_the_archive_in_whole_batches(data):
     from influence.data.archive_reader import TrainArchive
 
     train = TrainArchive(data / "train.npz")
-    shards = distributed.plan_shards(train)
+    shards = ray_driver.plan_shards(train)
     assert len(shards) == TRAIN // BATCH and shards[0].start == 0 and shards[-1].stop == TRAIN
     assert all(a.stop == b.start for a, b in zip(shards, shards[1:]))
-    few = distributed.plan_shards(train, max_shards=5)
+    few = ray_driver.plan_shards(train, max_shards=5)
     assert [len(s) for s in few] == [12] * 4 and few[1].batches == (3, 4, 5) and few[1].name == "3-5"
 
 
 def test_fit_shards_are_runs_of_whole_fitting_chunks():
     """The fit's shards start at multiples of the chunk (one process's chunks), whatever the batches."""
-    assert distributed.plan_fit_shards(48, 256) == [(0, 48)]
-    assert distributed.plan_fit_shards(48, 4) == [(s, s + 4) for s in range(0, 48, 4)]
-    assert distributed.plan_fit_shards(48, 4, max_shards=5) == [(0, 12), (12, 24), (24, 36), (36, 48)]
-    assert distributed.plan_fit_shards(50, 8, max_shards=3) == [(0, 24), (24, 48), (48, 50)]
-    assert len(distributed.plan_fit_shards(10**6, 256)) <= distributed.MAX_SHARDS
+    assert ray_driver.plan_fit_shards(48, 256) == [(0, 48)]
+    assert ray_driver.plan_fit_shards(48, 4) == [(s, s + 4) for s in range(0, 48, 4)]
+    assert ray_driver.plan_fit_shards(48, 4, max_shards=5) == [(0, 12), (12, 24), (24, 36), (36, 48)]
+    assert ray_driver.plan_fit_shards(50, 8, max_shards=3) == [(0, 24), (24, 48), (48, 50)]
+    assert len(ray_driver.plan_fit_shards(10**6, 256)) <= ray_driver.MAX_SHARDS
 
 
 def worker_spec(data, tmp_path, **kw):
-    """A :class:`distributed.WorkerSpec` written out (what ``Influence.worker_spec()`` makes), without a model load."""
+    """A :class:`ray_worker.WorkerSpec` written out (what ``Influence.worker_spec()`` makes), without a model load."""
     from influence.settings import parse_damping
 
     values = dict(model=str(data / "model.keras"), weights="imagenet", preprocess="unit", params="all", hessian="ggn",
                   solver="exact", damping=parse_damping(0.5), options=(("memory_budget", 2.0), ("seed", 0)),
                   train=str(data / "train.npz"), train_fingerprint="t", weights_fingerprint="w",
-                  parts=str(tmp_path.resolve() / distributed.PARTS), chunk=8)
-    return distributed.WorkerSpec(**{**values, **kw})
+                  parts=str(tmp_path.resolve() / ray_driver.PARTS), chunk=8)
+    return ray_worker.WorkerSpec(**{**values, **kw})
 
 
 def test_parts_key_changes_with_settings_and_test_images(data, tmp_path):
@@ -114,22 +116,22 @@ def test_parts_key_changes_with_settings_and_test_images(data, tmp_path):
     fp = {"train": "t", "test": {"a": "A", "b": "B"}}
     group = [TestItem("a", 0, 1, 2), TestItem("a", 1, 1, 0)]
     spec = worker_spec(data, tmp_path)
-    base = distributed.group_parts(spec, {"weights": "w"}, fp, group, 256)
-    assert base.parent == tmp_path.resolve() / distributed.PARTS
+    base = ray_driver.group_parts(spec, {"weights": "w"}, fp, group, 256)
+    assert base.parent == tmp_path.resolve() / ray_driver.PARTS
     # not numbers: the fitting chunk, the memory budget
-    assert base == distributed.group_parts(worker_spec(data, tmp_path, chunk=4, options=(("memory_budget", 9.0),
+    assert base == ray_driver.group_parts(worker_spec(data, tmp_path, chunk=4, options=(("memory_budget", 9.0),
                                                                                           ("seed", 0))),
                                            {"weights": "w"}, fp, group, 256)
     others = [
-        distributed.group_parts(worker_spec(data, tmp_path, damping=parse_damping(0.1)), {"weights": "w"}, fp,
+        ray_driver.group_parts(worker_spec(data, tmp_path, damping=parse_damping(0.1)), {"weights": "w"}, fp,
                                 group, 256),
-        distributed.group_parts(worker_spec(data, tmp_path, options=(("seed", 1),)), {"weights": "w"}, fp, group,
+        ray_driver.group_parts(worker_spec(data, tmp_path, options=(("seed", 1),)), {"weights": "w"}, fp, group,
                                 256),
-        distributed.group_parts(spec, {"weights": "v"}, fp, group, 256),
-        distributed.group_parts(spec, {"weights": "w"}, {**fp, "test": {"a": "X"}}, group, 256),
-        distributed.group_parts(spec, {"weights": "w"}, fp, group[:1], 256),
-        distributed.group_parts(spec, {"weights": "w"}, fp, group[::-1], 256),
-        distributed.group_parts(spec, {"weights": "w"}, fp, group, 128),
+        ray_driver.group_parts(spec, {"weights": "v"}, fp, group, 256),
+        ray_driver.group_parts(spec, {"weights": "w"}, {**fp, "test": {"a": "X"}}, group, 256),
+        ray_driver.group_parts(spec, {"weights": "w"}, fp, group[:1], 256),
+        ray_driver.group_parts(spec, {"weights": "w"}, fp, group[::-1], 256),
+        ray_driver.group_parts(spec, {"weights": "w"}, fp, group, 128),
     ]
     assert len({base, *others}) == 1 + len(others)
 
@@ -137,11 +139,11 @@ def test_parts_key_changes_with_settings_and_test_images(data, tmp_path):
 def test_missing_ray_and_bad_workers_are_one_line_errors(data, tmp_path, monkeypatch):
     with pytest.raises(UserError, match="^workers: must be >= 0"):
         calculate(settings(data, tmp_path / "neg", workers=-1))
-    if distributed.importlib.util.find_spec("ray") is not None:
+    if runtime.importlib.util.find_spec("ray") is not None:
         with pytest.raises(UserError, match=r"^ray_address: 127.0.0.1:1: nothing answers there"):
             calculate(settings(data, tmp_path / "nobody", ray_address="127.0.0.1:1"))
         assert not (tmp_path / "nobody" / "b").exists()             # refused before any work
-    monkeypatch.setattr(distributed.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(runtime.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(UserError, match=r"^workers: needs Ray: pip install -r requirements-distributed.txt$"):
         calculate(settings(data, tmp_path / "none", workers=2))
     with pytest.raises(UserError, match=r"^ray_address: needs Ray"):
@@ -151,7 +153,7 @@ def test_missing_ray_and_bad_workers_are_one_line_errors(data, tmp_path, monkeyp
 @pytest.mark.slow
 def test_without_the_flags_ray_is_not_imported(data, reference, tmp_path):
     code = ("import runpy, sys\n"
-            "import influence, influence.engine, influence.distributed, influence.calculate_cli\n"
+            "import influence, influence.engine, influence.backends.ray_driver, influence.calculate_cli\n"
             f"sys.argv = ['calculate.py', '--data', {str(data)!r}, '--model', {str(data / 'model.keras')!r},"
             f" '--preprocess', 'unit', '--solver', 'exact', '--damping', '0.5', '--cache', {reference['cache']!r},"
             f" '--folders', 'b', '--limit', '1', '-sf', 'png', '--out', {str(tmp_path / 'out')!r}]\n"
@@ -164,7 +166,7 @@ def test_without_the_flags_ray_is_not_imported(data, reference, tmp_path):
                        env={**os.environ, "PYTHONPATH": REPO})
     assert "exit 0" in r.stdout, r.stderr[-3000:]
     assert "ray imported: False" in r.stdout
-    assert (tmp_path / "out" / "b").is_dir() and not (tmp_path / "out" / distributed.PARTS).exists()
+    assert (tmp_path / "out" / "b").is_dir() and not (tmp_path / "out" / ray_driver.PARTS).exists()
 
 
 # ----------------------------------------------------------------------------- on the local runtime
@@ -199,7 +201,7 @@ def test_sharded_ekfac_fit_equals_a_single_process_fit(ray_runtime, data, tmp_pa
     calculate(settings(data, tmp_path / "two", workers=2, folders=["b"], limit=1, score_batch=4, **kw))
     assert f"in {TRAIN // 4} shards of 4 images over Ray" in caplog.text          # chunk = --score-batch 4
     assert (tmp_path / "two" / "b" / "3" / "1_scores.npy").is_file()
-    assert not (tmp_path / "two" / distributed.PARTS).exists()
+    assert not (tmp_path / "two" / ray_driver.PARTS).exists()
     with np.load(tmp_path / "two" / "curvature" / "ekfac.npz") as npz:
         sharded_state = {k: npz[k] for k in npz.files if not k.startswith("__")}
 
@@ -273,20 +275,20 @@ def test_two_workers_score_exactly_like_one_process(ray_runtime, data, reference
 
 @pytest.mark.slow
 def test_the_api_scores_on_the_ray_backend(ray_runtime, data, reference, tmp_path):
-    """influence.Influence with the settings of a --workers run scores through distributed.RayBackend:
+    """influence.Influence with the settings of a --workers run scores through ray_driver.RayBackend:
     the same bits as the single-process job, and the shard files of a call are removed after it."""
     import influence
     from influence.data.archive_reader import TestArchive
 
     inf = influence.Influence.from_settings(settings(data, tmp_path / "out", workers=2, cache=reference["cache"]))
-    assert isinstance(inf.backend, distributed.RayBackend)
+    assert isinstance(inf.backend, ray_driver.RayBackend)
     x, y, _ = TestArchive(data / "test.npz").read("a")
     scores = inf.scores(x, y)
     assert inf.loaded
     for t in range(len(y)):
         n = int(np.sum(y[:t + 1] == y[t]))
         np.testing.assert_array_equal(scores[t], reference["arrays"][f"a/{int(y[t])}/{n}_scores.npy"])
-    assert not list((tmp_path / "out" / distributed.PARTS).glob("*"))
+    assert not list((tmp_path / "out" / ray_driver.PARTS).glob("*"))
 
 
 def _descendants(root):
@@ -318,7 +320,7 @@ def _title(pid):
 @pytest.mark.slow
 def test_a_worker_killed_mid_shard_is_retried(ray_runtime, data, reference, tmp_path, caplog):
     """SIGKILL the first worker seen running a scoring task; Ray retries the shard elsewhere."""
-    caplog.set_level(logging.DEBUG, logger="influence.distributed")
+    caplog.set_level(logging.DEBUG, logger="influence.backends.ray_driver")
     copy = tmp_path / "data"        # another data path: the workers load the model again (a slow first shard)
     copy.mkdir()
     for name in ("train.npz", "test.npz"):
@@ -379,7 +381,7 @@ def test_a_killed_driver_resumes_and_skips_finished_shards(ray_runtime, data, re
     t0 = time.monotonic()
     try:
         while time.monotonic() < t0 + FIRST_PART_S and proc.poll() is None:
-            if any((out / distributed.PARTS).glob("*/[0-9]*.npy")):
+            if any((out / ray_driver.PARTS).glob("*/[0-9]*.npy")):
                 break
             time.sleep(0.02)
         waited = time.monotonic() - t0
@@ -396,7 +398,7 @@ def test_a_killed_driver_resumes_and_skips_finished_shards(ray_runtime, data, re
     while orphans and time.monotonic() < deadline:
         time.sleep(0.1)
         orphans &= _ray_processes()
-    present = sorted(p.name for p in (out / distributed.PARTS).glob("*/[0-9]*.npy"))
+    present = sorted(p.name for p in (out / ray_driver.PARTS).glob("*/[0-9]*.npy"))
     assert present, (f"the driver scored no shard in {waited:.0f} s (limit {FIRST_PART_S} s)",
                      log_path.read_text()[-3000:])
     assert len(present) < TRAIN // BATCH
@@ -421,15 +423,15 @@ def test_a_worker_refuses_another_archive_or_model(data, tmp_path):
     weights = model_fingerprint(load_classifier(str(data / "model.keras"), "imagenet", "unit", "all").model)
     spec = worker_spec(data, tmp_path, train_fingerprint=train.fingerprint(), weights_fingerprint=weights)
     try:
-        assert distributed._context(spec)["train"].fingerprint() == train.fingerprint()
+        assert ray_worker.context(spec)["train"].fingerprint() == train.fingerprint()
         with pytest.raises(UserError, match="is not the driver's training archive"):
-            distributed._context(replace(spec, train_fingerprint="0" * 16))
+            ray_worker.context(replace(spec, train_fingerprint="0" * 16))
         with pytest.raises(UserError, match="has other weights than the driver's"):
-            distributed._context(replace(spec, weights_fingerprint="0" * 32))
+            ray_worker.context(replace(spec, weights_fingerprint="0" * 32))
         with pytest.raises(UserError, match="no such training archive"):
-            distributed._context(replace(spec, train=str(tmp_path / "elsewhere" / "train.npz")))
+            ray_worker.context(replace(spec, train=str(tmp_path / "elsewhere" / "train.npz")))
     finally:
-        distributed._CONTEXT.clear()
+        ray_worker.forget()
 
 
 def test_workers_rebuild_the_driver_solver_from_the_spec_alone(data, tmp_path):
@@ -443,14 +445,14 @@ def test_workers_rebuild_the_driver_solver_from_the_spec_alone(data, tmp_path):
     inf = influence.Influence.from_settings(settings(data, tmp_path / "out", workers=2, solver="ekfac",
                                                      ekfac_max_block=16, damping="0.3x", fisher="sampled", seed=3))
     spec = inf.backend.spec
-    assert isinstance(inf.backend, distributed.RayBackend) and spec == inf.worker_spec(spec.parts)
-    assert spec.parts == str((tmp_path / "out").resolve() / distributed.PARTS)
+    assert isinstance(inf.backend, ray_driver.RayBackend) and spec == inf.worker_spec(spec.parts)
+    assert spec.parts == str((tmp_path / "out").resolve() / ray_driver.PARTS)
     assert spec.train == str((data / "train.npz").resolve()) and spec.train_fingerprint == inf.train.fingerprint()
     assert spec.weights_fingerprint == inf.curvature_key["weights"] and spec.seed == 3
     sent = pickle.loads(pickle.dumps(spec))
     assert sent == spec and hash(sent) == hash(spec)
     try:
-        worker = distributed.worker_solver(sent)
+        worker = ray_worker.worker_solver(sent)
         driver = inf.solver
         assert type(worker) is type(driver) and worker is not driver
         assert worker.damping_spec == driver.damping_spec and str(worker.damping_spec) == "0.3x"
@@ -458,9 +460,9 @@ def test_workers_rebuild_the_driver_solver_from_the_spec_alone(data, tmp_path):
         assert (worker.seed, worker.max_block, worker.fisher, worker.memory_budget) == (3, 16, "sampled",
                                                                                          driver.memory_budget)
         assert worker.obj.hessian == driver.obj.hessian and worker.obj.chunk == spec.chunk
-        assert distributed._worker_kfac(sent) is worker                 # kept for the next task of the spec
+        assert ray_worker.worker_solver(sent, type(driver)) is worker                 # kept for the next task of the spec
     finally:
-        distributed._CONTEXT.clear()
+        ray_worker.forget()
 
 
 def test_ray_refuses_a_training_set_in_memory(data, tmp_path):

@@ -5,7 +5,7 @@ import tensorflow as tf
 
 from engine_helpers import (IMAGE, classifier, dense_hessian, per_example_gradients, random_data, setup,
                             tiny_model, to_vec, write_train_archive)
-from influence.backends import score_archive
+from influence.backends.local import score_archive
 from influence.errors import UserError
 from influence.model.derivatives import Derivatives
 from influence.model.vectors import vec_to_numpy

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from influence.errors import SettingError
-from influence.settings import (DEFAULTS, GROUPS, LISSA_SETTINGS, MATH_SETTINGS, NAMES, SOLVER_OPTIONS, Damping,
+from influence.settings import (API_SETTINGS, GROUPS, LISSA_SETTINGS, MATH_SETTINGS, NAMES, SOLVER_OPTIONS, Damping,
                                 Settings, _setting, names, parse_damping, same_setting)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,13 +22,12 @@ def test_the_api_defaults_are_calculates():
 
     calc = Settings.from_args(build_parser().parse_args([]))        # calculate.py with no flags
     assert calc == Settings()
-    shared = {name: p.default for name, p in inspect.signature(Influence.__init__).parameters.items()
-              if name in NAMES and p.default is not p.empty}                  # model: required
-    assert {"solver", "damping", "hessian", "preprocess", "params", "weights", "cache", "score_batch"} <= set(shared)
-    for name, default in shared.items():
-        assert default == DEFAULTS[name], name                             # the declared default, as is
-        assert parse_damping(default) == calc.damping if name == "damping" else default == getattr(calc, name)
-    # a solver option the API is not given takes the solver's own default: calculate.py's, as the solver takes it
+    # the API takes a Settings (default Settings()) and its fields as keywords: no default of its own
+    params = inspect.signature(Influence.__init__).parameters
+    assert params["settings"].default is None and not set(params) & set(NAMES) - {"model"}
+    assert {"solver", "damping", "hessian", "preprocess", "params", "weights", "cache", "score_batch",
+            "memory_budget"} <= set(API_SETTINGS) and "model" not in API_SETTINGS
+    # the solver takes every solver option of the settings: each method's own default is calculate.py's
     options = calc.solver_options()
     for method, cls in REGISTRY.items():
         params = inspect.signature(cls.__init__).parameters
@@ -60,7 +59,8 @@ def test_the_name_lists_are_derived_from_the_fields():
 
 
 #: modules that once kept lists of setting names by hand
-DERIVED = ("influence/api.py", "influence/distributed.py", "influence/run_record.py", "influence/calculate_cli.py",
+DERIVED = ("influence/api.py", "influence/backends/ray_worker.py", "influence/backends/ray_driver.py",
+           "influence/run_record.py", "influence/calculate_cli.py",
            "influence/curvature/choice.py", "influence/curvature/base.py", "influence/settings.py",
            "tests/test_curvature_contract.py")
 

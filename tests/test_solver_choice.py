@@ -95,7 +95,10 @@ def test_the_parser_tells_given_from_default(data, capsys):
 # ----------------------------------------------------------------------------- the API
 
 def test_the_api_defaults_to_auto(data, caplog):
-    assert inspect.signature(influence.Influence).parameters["solver"].default == "auto"
+    from influence.settings import Settings
+
+    assert inspect.signature(influence.Influence).parameters["settings"].default is None    # Settings()
+    assert Settings().solver == "auto"
     kw = dict(train=data / "train.npz", preprocess="unit", progress=False)
     model = str(data / "model.keras")
     with caplog.at_level("INFO", logger="influence.api"):

@@ -166,10 +166,10 @@ def trainer_for(inf, train_fn, epochs, batch_size):
 def _keras_model(inf):
     """The model as given, with its compile config: the object, or the file loaded with compile=True; None
     for a ``keras.applications`` name (its constructor compiles nothing)."""
-    if getattr(inf, "_model_object", None) is not None:
-        obj = inf._model_object
+    if inf.model_object is not None:
+        obj = inf.model_object
         return getattr(obj, "model", obj)          # a Classifier holds the Keras model
-    source = getattr(inf, "_model_source", None)
+    source = inf.model_source
     if source is None or not Path(source[0]).is_file():
         return None
     import keras
@@ -204,13 +204,13 @@ def calibrate(inf, test_images, test_labels, *, train_fn=None, subsets=16, seeds
     seeds = int(seeds)
     if seeds < 1:
         raise SettingError("calibrate_seeds", f"must be at least 1, got {seeds}")
-    x_test, y_test = inf._test_arrays(test_images, test_labels)
+    x_test, y_test = inf.reader.arrays(test_images, test_labels)
     if not len(y_test):
         raise UserError("calibrate: no test images to measure the test loss on")
     fit, recipe = trainer_for(inf, train_fn, epochs, int(batch_size))
     key = {"weights": inf.curvature_key["weights"], "model": str(inf.model_name), "train": inf.train.fingerprint(),
            "train_images": len(inf.train), "test": retrain.test_fingerprint(x_test, y_test),
-           "preprocess": str(inf.preprocess), "mask_seed": int(mask_seed), **recipe}
+           "preprocess": str(inf.settings.preprocess), "mask_seed": int(mask_seed), **recipe}
     path = None if cache is None else retrain.cache_path(Path(cache) / CACHE_FOLDER, key)
     t0 = time.perf_counter()
     trainer = retrain.Trainer(fit, inf.train, x_test, y_test, inf.clf.preprocess)
@@ -221,7 +221,7 @@ def calibrate(inf, test_images, test_labels, *, train_fn=None, subsets=16, seeds
     runs = retrain.retrain(trainer, len(inf.train), len(y_test), subsets=subsets, seeds=range(seeds), key=key,
                            path=path, mask_seed=mask_seed, show=show and inf.progress, runner=runner)
     t1 = time.perf_counter()
-    run_damping = inf._solver_args[1]
+    run_damping = inf.settings.damping
     cells = grid.grid_cells(inf.solver_name, run_damping, solvers, dampings)
     log.info("calibrate: scoring %d (solver, damping) cell(s) on %d test image(s): %s", len(cells), len(y_test),
              ", ".join(c.name for c in cells))

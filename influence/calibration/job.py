@@ -17,7 +17,6 @@ import numpy as np
 
 from pathlib import Path
 
-from influence import distributed
 from influence.calibration import saved_choice
 from influence.errors import SettingError
 from influence.settings import parse_damping
@@ -31,7 +30,7 @@ def _split(text):
 
 def test_images(inputs, settings):
     """uint8 ``(T, H, W, C)`` and int64 ``(T,)``: every test image the run scores (folder, label, number order)."""
-    from influence.engine import list_test_items
+    from influence.worklist import list_test_items
 
     items, _ = list_test_items(inputs.test, inputs.folders, dataclasses.replace(settings, overwrite=True))
     arrays = {f: inputs.test.read(f) for f in dict.fromkeys(it.folder for it in items)}
@@ -54,7 +53,7 @@ def cache_folder(settings):
 
 def model_key(inf):
     """:func:`influence.calibration.saved_choice.model_key` of the :class:`influence.Influence` ``inf``."""
-    return saved_choice.model_key(inf.clf, inf.train, model=inf.model_name, preprocess=inf.preprocess,
+    return saved_choice.model_key(inf.clf, inf.train, model=inf.model_name, preprocess=inf.settings.preprocess,
                                   hessian=inf.objective.hessian)
 
 
@@ -90,9 +89,10 @@ def use_saved(settings, inf, given, rebuild):
     return settings, inf, {**entry, "changed": True}
 
 
-def calibrate_run(settings, inputs, inf, given, rebuild):
+def calibrate_run(settings, inputs, inf, given, rebuild, runtime=None):
     """The step -> ``(settings, inf, record)``: ``settings`` with the solver and damping the run uses,
     ``inf`` (rebuilt by ``rebuild(settings)`` when they changed), and run.json's ``calibration`` entry.
+    ``runtime``: the job's Ray runtime (``workers`` / ``ray_address``: the retrainings run as its tasks).
 
     Writes ``calibration.csv`` and ``calibration.json`` in ``out`` and logs the table and the verdict.
     """
@@ -110,10 +110,10 @@ def calibrate_run(settings, inputs, inf, given, rebuild):
     cache = cache_folder(settings)
     t0 = time.perf_counter()
     runner = None
-    if distributed.enabled(settings):                 # --workers / --ray-address: the retrainings as Ray tasks
+    if runtime is not None:                           # --workers / --ray-address: the retrainings as Ray tasks
         from influence.calibration.shards import RayRunner
 
-        runner = RayRunner(settings.workers, settings.ray_address)
+        runner = RayRunner(runtime)
     result = calibrate(inf, x, y, subsets=settings.calibrate_subsets, seeds=settings.calibrate_seeds,
                        epochs=settings.epochs, batch_size=settings.batch_size, solvers=solvers,
                        dampings=_split(settings.calibrate_damping), cache=cache, runner=runner)

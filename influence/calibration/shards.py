@@ -1,5 +1,5 @@
 """``--calibrate`` with ``--workers`` / ``--ray-address``: the retrainings as Ray tasks, one (subset, seed)
-run each, at most the cluster's slots at once (one CPU, or one GPU, per task: :mod:`influence.distributed`).
+run each, at most the cluster's slots at once (one CPU, or one GPU, per task: :mod:`influence.backends.ray_runtime`).
 
 A worker rebuilds the run from a :class:`RetrainSpec` (the model file, its preprocess, the training
 archive's path, epochs, batch size and the test images): it loads the model with its compile config and
@@ -55,13 +55,13 @@ def spec_for(inf, recipe, x_test, y_test):
     archive (the compile-config recipe); a one-line UserError otherwise."""
     from influence.data.archive_reader import TrainArchive
 
-    source = getattr(inf, "_model_source", None)
+    source = inf.model_source
     if source is None or not Path(source[0]).is_file() or not isinstance(inf.train, TrainArchive):
         raise UserError("calibrate: Ray shards the retraining of a model file over a train.npz archive only "
                         "(its workers load both); run without workers")
     if "epochs" not in recipe:
         raise UserError("calibrate: Ray shards the retraining with the model's compile config, not a train_fn")
-    mode = "none" if inf.preprocess == "auto" else inf.preprocess
+    mode = "none" if inf.settings.preprocess == "auto" else inf.settings.preprocess
     return RetrainSpec(str(Path(source[0]).resolve()), mode, str(Path(inf.train.path).resolve()),
                        int(recipe["epochs"]), int(recipe["batch_size"]), np.asarray(x_test, np.uint8),
                        np.asarray(y_test, np.int64))
@@ -69,17 +69,16 @@ def spec_for(inf, recipe, x_test, y_test):
 
 class RayRunner:
     """``runner(jobs, on_result)`` for :func:`influence.calibration.retrain.retrain`: each job ``(index,
-    (indices, seed))`` a Ray task; ``on_result(index, (losses, seconds))`` as each finishes."""
+    (indices, seed))`` a Ray task on ``runtime`` (:class:`influence.backends.ray_runtime.RayRuntime`, the
+    job's); ``on_result(index, (losses, seconds))`` as each finishes."""
 
-    def __init__(self, workers=0, address=None):
-        self.workers, self.address = workers, address
+    def __init__(self, runtime):
+        self.runtime = runtime
         self.spec = None          # set by calibrate() once the recipe is known
 
     def __call__(self, jobs, on_result):
-        from influence import distributed
-
-        cluster = distributed._connect(self.workers, self.address)
-        task = distributed._remote(cluster, retrain_task)
+        cluster = self.runtime.cluster()
+        task = cluster.remote(retrain_task)
         ref = cluster.ray.put(self.spec)
         log.info("calibrate: %d retraining(s) as Ray tasks, %d at once", len(jobs), cluster.slots)
-        distributed._run(cluster, task, [(i, (ref, idx, seed)) for i, (idx, seed) in jobs], on_result)
+        cluster.run(task, [(i, (ref, idx, seed)) for i, (idx, seed) in jobs], on_result)

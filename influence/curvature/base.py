@@ -28,6 +28,27 @@ log = logging.getLogger(__name__)
 REGISTRY = {}
 
 
+class TrainingSums:
+    """The sums over the training set that a fit takes, computed in this process; a solver's
+    ``fit(sums=...)`` takes another object with these methods to have them computed elsewhere (Ray
+    shards: :class:`influence.backends.ray_driver.RaySums`), the same numbers added in the same order.
+
+    * ``product(obj)`` -> ``v -> A v`` over the whole training set of the objective ``obj`` (its matrix;
+      krylov's Lanczos, dpcg's basis);
+    * ``factor_sums(kfac)`` / ``eigen_sums(kfac)``: a K-FAC-family method's pass 1 and pass 2 float64
+      sums over the whole training set (pass 2 in its :meth:`eigenbasis`).
+    """
+
+    def product(self, obj):
+        return obj.hvp_full
+
+    def factor_sums(self, kfac):
+        return kfac.factor_sums()
+
+    def eigen_sums(self, kfac):
+        return kfac.eigen_sums()
+
+
 class InverseHVP:
     """Base class: ``solve(vectors, ids) -> list`` of Vecs, ``(H + λI)⁻¹ v`` for each ``v``.
 
@@ -162,8 +183,9 @@ class InverseHVP:
         kind = getattr(self.obj, "hessian", "full")
         return {} if kind == "full" else {"hessian": kind}
 
-    def fit(self):
-        """Learn what the method needs from the training set (nothing by default)."""
+    def fit(self, sums=None):
+        """Learn what the method needs from the training set (nothing by default). ``sums``: where the
+        sums over the training set a fit takes come from (:class:`TrainingSums`; None: this process)."""
 
     def state(self):
         """The fitted state as ``{name: numpy array}`` (plus JSON-able ``info``), or None: nothing to cache."""

@@ -85,3 +85,12 @@ def choose_damping(solver, damping, clf):
     return (parse_damping("optimizer"),
             f"damping auto: optimizer (per parameter, from the {facts['optimizer']} state of {facts['steps']} "
             f"training steps)")
+
+
+def choose_method(requested, given, clf, memory_budget, damping):
+    """:func:`choose_solver` then :func:`choose_damping` on the loaded classifier ``clf`` -> ``(solver name,
+    Damping, reason, whether to log it)``: the reason is one line (the solver's, then the damping's when
+    ``auto`` was resolved), logged when either was ``auto``."""
+    name, reason = choose_solver(requested, given, clf.num_params, clf.dtype.size, memory_budget)
+    damping, why = choose_damping(name, damping, clf)
+    return name, damping, f"{reason}; {why}" if why else reason, requested == AUTO or bool(why)

@@ -43,7 +43,7 @@ class ExactSolver(InverseHVP):
             )
         return p
 
-    def fit(self):
+    def fit(self, sums=None):
         p = self._check_size()
         like = self.obj.d.variables
         h = np.zeros((p, p))

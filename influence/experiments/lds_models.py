@@ -82,7 +82,7 @@ class DemoData:
 
 def test_items(test, folders):
     """The engine's test items of ``folders`` (folder, label, number order) -> list of TestItem."""
-    from influence.engine import list_test_items
+    from influence.worklist import list_test_items
     from influence.settings import Settings
 
     items, _ = list_test_items(test, folders, Settings(out=str(Path("/nonexistent-lds"))))

@@ -35,12 +35,28 @@ class TrainingObjective:
 
     def hvp_full(self, v, indices=None):
         """(H + 0)·v with H = ∇²R over all training images (or over ``indices`` as the data term)."""
-        idx = np.arange(self.n) if indices is None else np.asarray(indices)
+        if indices is None:
+            return self.hvp_share(v)
+        idx = np.asarray(indices)
         total = None
         weight = self.scalar(1.0 / len(idx))
         for start in range(0, len(idx), self.chunk):
             x, y = self.archive.take(idx[start:start + self.chunk])
             part = self.vp(x, y.astype(np.int64), v, weight, self.scalar(1.0 if start == 0 else 0.0))
+            total = part if total is None else tuple(a + b for a, b in zip(total, part))
+        return total
+
+    def hvp_share(self, v, start=0, stop=None):
+        """Images ``[start, stop)``'s share of the whole-set product :meth:`hvp_full`: the sum over their
+        chunks (``chunk`` images each, counted from ``start``) of ``∇²(Σ L / n) v``, Ω's term on the chunk
+        at image 0; in the model's dtype. Shares of runs of whole chunks, added in order, are
+        ``hvp_full(v)`` bit for bit (a Ray fit's shards: :mod:`influence.backends.ray_driver`)."""
+        stop = self.n if stop is None else int(stop)
+        weight = self.scalar(1.0 / self.n)
+        total = None
+        for at in range(int(start), stop, self.chunk):
+            x, y = self.archive.take(np.arange(at, min(at + self.chunk, stop)))
+            part = self.vp(x, y.astype(np.int64), v, weight, self.scalar(1.0 if at == 0 else 0.0))
             total = part if total is None else tuple(a + b for a, b in zip(total, part))
         return total
 

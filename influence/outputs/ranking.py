@@ -1,6 +1,34 @@
 """Which training images a test image's outputs show: the top harmful and useful ones, and each layer's
 leader. Pure numpy, no matplotlib (the API ranks scores without drawing anything)."""
+from dataclasses import dataclass
+
 import numpy as np
+
+
+@dataclass
+class Ranked:
+    """One training image in a top list: archive ``index``, ``key`` (``"<batch>_<i>"``), ``file``,
+    ``label`` and its ``score``."""
+
+    index: int
+    key: str
+    file: str
+    label: int
+    score: float
+
+
+def ranked(scores, catalogue, k=5):
+    """The ``k`` most harmful (most negative) and most useful (most positive) training images of each row
+    of ``scores`` (T, N), named by ``catalogue`` (:class:`influence.catalogue.TrainCatalogue`) -> list of
+    ``{"harmful": [Ranked], "useful": [Ranked]}``."""
+    scores = np.atleast_2d(np.asarray(scores))
+    out = []
+    for row in scores:
+        harmful, useful = top_indices(row, int(k))
+        out.append({name: [Ranked(int(i), catalogue.keys[i], str(catalogue.files[i]), int(catalogue.labels[i]),
+                                  float(row[i])) for i in idx]
+                    for name, idx in (("harmful", harmful), ("useful", useful))})
+    return out
 
 
 def top_indices(scores, k):

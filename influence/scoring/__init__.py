@@ -1,8 +1,8 @@
 """Step 4 of the flow (data -> model -> curvature -> scoring -> outputs; ``engine.py`` drives them).
 
 Owns the scores: training-image gradients against the curvature's inverse-HVPs, split per layer
-(:class:`Scorer`, in :mod:`.scorer`), and each training image scored against itself
-(:mod:`.self_influence`).
+(:class:`Scorer`, in :mod:`.scorer`), the loop of both faces that scores test images group by group
+(:mod:`.groups`), and each training image scored against itself (:mod:`.self_influence`).
 
 ``from influence.scoring import Scorer`` works. It is imported on first use: :mod:`.scorer` needs
 TensorFlow, and importing :mod:`.self_influence` (numpy only) should not load it.

@@ -188,7 +188,7 @@ def score_batches(scorer, train, stacked, score_batch, batches=None, bar=None):
         axis T (or a list of T Vecs); score_batch: images per scoring call; bar: a progress bar (update(n)).
 
     Batch by batch, ``score_batch`` images per call: the one loop of a single-process run and of every
-    Ray shard (influence.distributed), so each call sees the same images whoever runs it and the numbers
+    Ray shard (influence.backends.ray_worker), so each call sees the same images whoever runs it and the numbers
     do not depend on the sharding.
     """
     if isinstance(stacked, list):

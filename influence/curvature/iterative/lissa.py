@@ -170,7 +170,7 @@ class LissaSolver(InverseHVP):
         return {"damping": damping, "bsize": self.batch, "seed": self.seed, "lambda_sample": self.lambda_sample,
                 "scale_probe": {"depth": self.depth, "max_restarts": MAX_RESTARTS}, **self.matrix_key()}
 
-    def fit(self):
+    def fit(self, sums=None):
         if self.scale is not None:
             return
         lam, it = estimate_lambda_max(self.obj, self.damping, sample=self.lambda_sample, iters=LAMBDA_ITERS,

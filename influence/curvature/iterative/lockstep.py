@@ -122,8 +122,8 @@ class LockstepCG(CGSolver):
     def cache_key(self):
         return self.part.cache_key()
 
-    def fit(self):
-        self.part.fit()
+    def fit(self, sums=None):
+        self.part.fit(sums)
 
     def state(self):
         return self.part.state()

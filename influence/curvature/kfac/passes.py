@@ -1,5 +1,5 @@
 """The two TensorFlow passes over the training archive that fit K-FAC / EK-FAC, as float64 sums over
-any range of images (so :mod:`influence.distributed` can shard them and add the shards up).
+any range of images (so :mod:`influence.backends.ray_driver` can shard them and add the shards up).
 
 :class:`FittingPasses` takes its inputs explicitly -- the chunk's layer signals
 (:class:`~influence.curvature.kfac.signals.LayerSignals`), the plan, the training objective (archive,
@@ -170,7 +170,7 @@ class FittingPasses:
             del compiled
             gc.collect()
 
-    # --- the two passes as sums over a range of training images (sharded by influence.distributed) -----
+    # --- the two passes as sums over a range of training images (sharded by influence.backends.ray_driver) -----
     def factor_sums(self, start=0, stop=None, keep=False):
         """Pass 1 over images ``[start, stop)``: the float64 sums of the factors, not yet divided by n.
 

@@ -39,7 +39,7 @@ The solver classes here compose parts with explicit inputs and outputs, one modu
   empirical, top:K);
 * :mod:`influence.curvature.kfac.passes` -- :class:`FittingPasses`: the two TensorFlow passes (factors;
   EK-FAC's eigenvalues in a given eigenbasis) as float64 sums over any range of images (sharded by
-  :mod:`influence.distributed`);
+  :mod:`influence.backends.ray_driver`);
 * :mod:`influence.curvature.kfac.state` -- :class:`KroneckerFit`, the fitted state as one value: the
   eigendecompositions of the summed factors (:func:`fit_factors`), ``Λ``, ``ρ``, the diagonal blocks,
   its array form for the cache and its compaction;
@@ -56,7 +56,7 @@ import logging
 
 import numpy as np
 
-from influence.curvature.base import InverseHVP
+from influence.curvature.base import InverseHVP, TrainingSums
 from influence.curvature.kfac.passes import FittingPasses
 from influence.curvature.kfac.plan import MAX_BLOCK, check_budget, describe_block, fit_bytes, format_gb, make_plan
 from influence.curvature.kfac.self_influence import SelfInfluenceGraph
@@ -139,14 +139,16 @@ class KFACSolver(InverseHVP):
         return key
 
     # --- fitting -----------------------------------------------------------------------------------------
-    def fit(self):
-        """Pass 1, the eigendecompositions and (EK-FAC) pass 2 in this process (:meth:`fit_from`)."""
+    def fit(self, sums=None):
+        """Pass 1, the eigendecompositions and (EK-FAC) pass 2 (:meth:`fit_from`), the passes' sums from
+        ``sums`` (:class:`influence.curvature.base.TrainingSums`; default: this process)."""
         n = self.obj.n
         if n < 1:
             raise UserError("the training archive is empty")
         log.info("%s: fitting on %d training images (%s Fisher), factors %s", self.name, n, self.fisher,
                  format_gb(self.factor_bytes))
-        self.fit_from(self.factor_sums, self.eigen_sums)
+        sums = TrainingSums() if sums is None else sums
+        self.fit_from(lambda: sums.factor_sums(self), lambda: sums.eigen_sums(self))
 
     def factor_sums(self, start=0, stop=None, keep=False):
         """Pass 1's float64 sums over images ``[start, stop)`` (:meth:`FittingPasses.factor_sums`)."""

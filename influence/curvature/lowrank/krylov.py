@@ -28,7 +28,7 @@ import math
 import numpy as np
 
 from influence.curvature.lowrank import linalg as lowrank
-from influence.curvature.base import InverseHVP
+from influence.curvature.base import InverseHVP, TrainingSums
 from influence.errors import SettingError, UserError
 from influence.settings import parse_rank
 from influence.model.vectors import numpy_to_vec, vec_size, vec_to_numpy
@@ -128,11 +128,11 @@ class KrylovSolver(InverseHVP):
     def cache_key(self):
         return {**self.matrix_key(), "rank": self.fitted_rank(), "seed": self.seed}
 
-    def fit(self, product=None):
-        """Lanczos on ``product`` (Vec -> Vec, ``A v`` over the whole training set; default the objective's
-        ``hvp_full``; influence.distributed passes one sharded over Ray workers)."""
+    def fit(self, sums=None):
+        """Lanczos on the whole-set product ``A v`` of ``sums`` (:class:`influence.curvature.base.TrainingSums`;
+        default: the objective's ``hvp_full`` in this process; a Ray backend's is sharded over workers)."""
         self.check_memory()
-        product = product or self.obj.hvp_full
+        product = (TrainingSums() if sums is None else sums).product(self.obj)
         like = self.obj.d.variables
         p = self._params
         want = self.fitted_rank()

@@ -295,6 +295,8 @@ class Influence:
                 before_fit(solver)
             self.backend.fit(solver, self.train, chunk=self.objective.chunk, key=self.curvature_key)
 
+        if hasattr(solver, "attach"):          # the gradient store lives next to the cache, named by its key
+            solver.attach(self.cache, self.curvature_key)
         if self.cache is not None:
             from influence.curvature.cache import CurvatureCache
 
@@ -359,6 +361,15 @@ class Influence:
             grads = self._gradients(x, y)
             t1 = clock()
             note("test_gradients_s", t1 - t0)
+            if hasattr(self.solver, "store_shares"):      # the gradient store: one product, no training pass
+                if work is not None:
+                    work(start, stop)                     # named as every group is (the caller releases it)
+                t2 = t1
+                shares = self.solver.store_shares(grads)
+                del grads
+                note("scoring_s", clock() - t2)
+                yield Scored(start, stop, shares)
+                continue
             stacked = self.solver.solve_stacked(grads, ids=ids[start:stop])
             del grads
             t2 = clock()

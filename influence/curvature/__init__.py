@@ -9,7 +9,9 @@ Every method is one module; defining its class registers it (:mod:`influence.cur
 * ``kfac`` / ``ekfac`` -- Kronecker-factored (eigenvalue-corrected) Fisher, fitted once;
 * ``pcg``    -- conjugate gradient preconditioned by EK-FAC (exact answer, few HVPs);
 * ``krylov`` -- the top eigenpairs of the matrix (Lanczos, fitted once) with a floor for the rest;
-* ``dpcg``   -- conjugate gradient preconditioned (deflated) by the krylov basis (exact answer).
+* ``dpcg``   -- conjugate gradient preconditioned (deflated) by the krylov basis (exact answer);
+* ``store``  -- projected training gradients stored once on disk, a dense projected Gauss–Newton matrix
+  (:mod:`influence.store`).
 
 Training-set work (a fitted state) is cached by :mod:`influence.curvature.cache`.
 """
@@ -18,6 +20,7 @@ import inspect
 from influence.curvature import cg, dpcg, ekfac, exact, krylov, lissa, pcg  # noqa: F401  (registers the methods)
 from influence.curvature.base import REGISTRY, InverseHVP, stable_seed  # noqa: F401
 from influence.errors import SettingError, UserError
+from influence.store import solver as _store  # noqa: F401,E402  (registers store; it builds on base and the K-FAC taps)
 
 
 def method_help():

@@ -124,3 +124,18 @@ def test_store_dim_is_checked(data):
         make(data, None, store_dim=200, memory_budget=0.0001)
     with pytest.raises(SettingError, match=r"^fisher: solver store takes auto, true, top:K or empirical"):
         make(data, None, fisher="sampled")
+
+
+def test_the_dimensions_are_shared_equally_and_a_small_side_is_kept_whole():
+    from influence.store.projection import equal_shares, kron_sides
+
+    # mlp-brief's three Dense layers (193 x 120, 121 x 120, 121 x 10) at D = 1024
+    assert equal_shares([23160, 14520, 1210], 1024) == [342, 341, 341]
+    assert kron_sides(121, 10, 341) == (34, 10)                   # the 10 outputs whole
+    assert kron_sides(193, 120, 342) == (19, 18)                  # 18 of the 120 outputs, 19 of the 193 inputs
+    # a layer smaller than its share is whole, and leaves the rest to the others
+    assert equal_shares([16, 216, 5770], 1024) == [16, 216, 792]
+    # D >= P: every layer whole, both sides
+    sizes = [27 * 8, 16, 577 * 10]
+    assert equal_shares(sizes, sum(sizes)) == sizes
+    assert kron_sides(577, 10, 5770) == (577, 10) and kron_sides(3, 7, 21) == (3, 7)

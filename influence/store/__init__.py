@@ -5,3 +5,4 @@
 * :mod:`influence.store.solver` -- ``--solver store``: the one training pass, the projected Gauss–Newton
   matrix, and each test image's scores as one product with the store.
 """
+import influence.curvature  # noqa: F401,E402  (the registry first: it registers this package's solver)

@@ -13,9 +13,13 @@ full size (d_in = K1, d_out = C) it is orthogonal, so ``Rᵀ (R M Rᵀ + λI)⁻
 Any other layer with weights (a :class:`~influence.curvature.kfac_plan.DiagBlock`: BatchNorm, ...) has
 one such matrix ``R`` (d, p) on its flattened per-image gradient.
 
-Dimensions (:func:`layer_dims`): for a target ``D`` of ``P`` parameters, ``r = D / P``; a Kronecker layer
-keeps ``round(K1 √r)`` inputs and ``round(C √r)`` outputs, a diagonal layer ``round(p r)``, each between 1
-and its full size; the store's ``D`` is their sum (r ≥ 1: every layer whole).
+Dimensions (:func:`layer_dims`): the target ``D`` is shared equally by the layers, a layer taking at most
+its own size (the smallest layers first, what they leave going to the others), so a small last layer stays
+whole; a Kronecker layer's share ``D_l`` keeps its smaller side whole when that side is at most ``√D_l``
+(else ``round(√D_l)`` of it) and ``D_l`` divided by that of the larger side. At ``D ≥ P`` every layer is
+whole. Measured on the LDS panel's ``mlp-brief`` at D = 1024 (README, "The gradient store"): 0.353 at its
+best damping, against 0.319 for shares proportional to the layers' sizes and 0.313 for those with both
+sides cut by ``√(D/P)``, the first rule tried.
 
 Vectors: a projected gradient is (D,) float64, the layers' blocks in the order of the plan (the
 classifier's groups), each flattened row-major ((d_in, d_out) for a Kronecker layer).
@@ -27,18 +31,38 @@ import numpy as np
 from influence.curvature.kfac_plan import KronBlock
 
 
+def layer_sizes(plan):
+    """Parameters of each layer of the plan: ``K1 · C`` of a Kronecker layer, ``p`` of a diagonal one."""
+    return [b.k1 * b.c_out if isinstance(b, KronBlock) else b.size for b in plan]
+
+
+def equal_shares(sizes, dim):
+    """``dim`` shared equally by layers of ``sizes``, each at most its size (smallest first): list of ints."""
+    shares, left = [0] * len(sizes), int(dim)
+    order = sorted(range(len(sizes)), key=lambda i: sizes[i])
+    for j, i in enumerate(order):
+        shares[i] = int(min(sizes[i], left // (len(sizes) - j)))
+        left -= shares[i]
+    return shares
+
+
+def kron_sides(k1, c_out, share):
+    """``(d_in, d_out)`` of a Kronecker layer's share: the smaller side whole when it is at most ``√share``,
+    the larger side taking what is left (each at least 1)."""
+    small, large = sorted((k1, c_out))
+    d_small = min(small, max(1, round(math.sqrt(share))))
+    d_large = min(large, max(1, share // d_small))
+    if d_large == large:
+        d_small = min(small, max(1, share // large))
+    return (d_small, d_large) if k1 <= c_out else (d_large, d_small)
+
+
 def layer_dims(plan, dim):
     """Per layer: ``(d_in, d_out)`` of a KronBlock, ``(d,)`` of a DiagBlock, for a target of ``dim`` dimensions
     over the plan's parameters (see the module's rule)."""
-    total = sum(b.k1 * b.c_out if isinstance(b, KronBlock) else b.size for b in plan)
-    ratio = float(dim) / max(total, 1)
-    side = math.sqrt(ratio)
-
-    def clip(value, full):
-        return int(min(full, max(1, round(value))))
-
-    return [(clip(b.k1 * side, b.k1), clip(b.c_out * side, b.c_out)) if isinstance(b, KronBlock)
-            else (clip(b.size * ratio, b.size),) for b in plan]
+    shares = equal_shares(layer_sizes(plan), dim)
+    return [kron_sides(b.k1, b.c_out, d) if isinstance(b, KronBlock) else (max(1, d),)
+            for b, d in zip(plan, shares)]
 
 
 def orthonormal_rows(rows, cols, rng):

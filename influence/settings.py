@@ -213,7 +213,8 @@ class Settings:
     # 0.1 x the curvature's mean eigenvalue (per layer for kfac/ekfac): the LDS panel's choice
     damping: Damping = _setting("auto", _IHVP, "solve (H + LAMBDA I) x = v; or relative to the curvature's scale: "
                                               "'auto' = 0.1x, or a factor like 0.3x: x each layer's mean Fisher "
-                                              "eigenvalue (kfac/ekfac), x the mean eigenvalue trace(H)/P (exact; "
+                                              "eigenvalue (kfac/ekfac; store: of its projected matrix), x the "
+                                              "mean eigenvalue trace(H)/P (exact; "
                                               "cg/lissa/pcg estimate it with 10 products over the training set)",
                                 math=True, parse=parse_damping)
     scale: str = _setting("auto", _IHVP, "LiSSA scale; auto = 1.1 x lambda_max(H + LAMBDA I) by power iteration, "

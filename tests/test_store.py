@@ -139,3 +139,29 @@ def test_the_dimensions_are_shared_equally_and_a_small_side_is_kept_whole():
     sizes = [27 * 8, 16, 577 * 10]
     assert equal_shares(sizes, sum(sizes)) == sizes
     assert kron_sides(577, 10, 5770) == (577, 10) and kron_sides(3, 7, 21) == (3, 7)
+
+
+def test_a_relative_damping_is_per_layer(data, tmp_path):
+    """``1x``: each layer damped by its own mean Gauss–Newton eigenvalue, as EK-FAC is; at D = P the scores
+    are ``g_tᵀ (G + Λ)⁻¹ g_i`` with ``Λ = trace(G_ll)/P_l`` on layer ``l``."""
+    from engine_helpers import per_example_gradients
+
+    x, y, _ = TestArchive(data / "test.npz").read("a")
+    store = make(data, tmp_path / "cache", store_dim=100_000, fisher="true")
+    exact = make(data, None, "exact")
+    exact.fit()
+    g = exact.solver.state()["hessian"]                          # the dense Gauss–Newton matrix (hessian ggn)
+    store.solver.damping = "1x"
+    got = store.scores(x, y)
+    sizes = [int(sum(np.prod(v.shape) for v in grp.variables)) for grp in store.clf.groups]
+    edges = np.concatenate([[0], np.cumsum(sizes)])
+    lam = np.concatenate([np.full(e - s, np.trace(g[s:e, s:e]) / (e - s)) for s, e in zip(edges, edges[1:])])
+    assert len(set(np.round(lam, 12))) == 3                      # three layers, three dampings
+    train = TrainArchive(data / "train.npz")
+    xt, yt = train.take(np.arange(len(train)))
+    d = store.derivs
+    g_train = per_example_gradients(d, xt, yt.astype(np.int64))
+    g_test = per_example_gradients(d, x, y.astype(np.int64))
+    want = g_test @ np.linalg.solve(g + np.diag(lam), g_train.T)
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 2e-3
+    np.testing.assert_allclose(store.solver.info["damping_per_layer"], lam[edges[:-1]], rtol=1e-7)

@@ -45,6 +45,10 @@ influence/                        the package: influence.Influence, the Python A
       krylov.py                   krylov: Lanczos fit, rank rule, memory, self-influence
       linalg.py                   its pure numpy: Lanczos, Ritz pairs, the inverse, the Nystrom preconditioner
       dpcg.py                     dpcg: CG deflated by the krylov basis
+  store/                          the gradient store: projected training gradients logged once, queried many
+    projection.py                 each layer's gradient projected on both sides (seeded Gaussian, orthonormal rows)
+    shards.py                     the float16 shards on disk: content-keyed, atomic, resumable, memory-mapped
+    solver.py                     --solver store: the projected Gauss-Newton matrix, inverted densely; one product a test
   scoring/                        4. scores
     scorer.py                     batched scores with the per-layer split, two routes chosen by cost
     groups.py                     the scoring loop: test images in groups that fit the memory budget

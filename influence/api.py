@@ -203,8 +203,7 @@ class Influence:
         return plan_memory(self.clf, Budget(self.memory_budget, self.score_batch), n_test, solver, fitting=fitting)
 
     def fit(self, before_fit=None):
-        """Fit the solver's curvature on the backend (or load it from ``cache``; ``before_fit(solver)`` runs
-        before a fit) in chunks of what the fit's state (``fit_bytes``) leaves of ``memory_budget``; -> self."""
+        """Fit (or load from ``cache``) on the backend, in chunks of what ``fit_bytes`` leaves of the budget -> self."""
         if self._fitted:
             return self
         solver = self.solver
@@ -218,6 +217,7 @@ class Influence:
                 before_fit(solver)
             self.backend.fit(solver, self.train, chunk=self.objective.chunk, key=self.curvature_key)
 
+        solver.attach(self.cache, self.curvature_key)     # (the gradient store lives next to the cache)
         if self.cache is not None:
             from influence.curvature.cache import CurvatureCache
 
@@ -235,9 +235,8 @@ class Influence:
         plan = self.plan(n_test, solver=self.solver)
         if not self._chunk_given:
             self.objective.chunk = plan.chunk
-        log.info("scoring %d test image(s) in %d group(s) of at most %d (memory budget %g GB); %d training images "
-                 "per scoring step", n_test, -(-n_test // plan.vectors), plan.vectors, self.memory_budget,
-                 plan.score_batch)
+        log.info("scoring %d test image(s) in %d group(s) of at most %d (memory budget %g GB); %d training images per "
+                 "scoring step", n_test, -(-n_test // plan.vectors), plan.vectors, self.memory_budget, plan.score_batch)
         return plan
 
     def score_groups(self, images, labels, ids=None, *, plan=None, work=None, timings=None):
@@ -250,7 +249,8 @@ class Influence:
             images, labels, ids, reader=self.reader, derivs=self.derivs, plan=self.prepare if plan is None else plan,
             solve=lambda grads, ids: self.solver.solve_stacked(grads, ids=ids), work=work, timings=timings,
             score=lambda stacked, work, desc, batch: self.score_stacked(stacked, work=work, desc=desc,
-                                                                        score_batch=batch))
+                                                                        score_batch=batch),
+            direct=getattr(self.solver, "store_shares", None))
 
     def scores(self, images, labels, per_layer=False, ids=None):
         """Influence of every training image on each of ``images`` (T, H, W, C) with ``labels`` (T,) (the

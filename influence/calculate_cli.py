@@ -99,6 +99,7 @@ def build_parser():
     add("--max-exact-params", type=int, metavar="P")
     add("--fisher", type=fisher_arg, metavar="{sampled,true,top:K,empirical}")
     add("--ekfac-max-block", type=int, metavar="D")
+    add("--store-dim", type=setting_arg("store_dim"), metavar="auto|D")
     add("--cache", metavar="DIR")
     add("--seed", type=int, metavar="N")
 

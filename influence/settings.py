@@ -118,6 +118,19 @@ def _at_least(low, note=""):
     return lambda v: None if v >= low else f"must be >= {low}{note}, got {v}"
 
 
+def parse_store_dim(value):
+    """``store_dim``'s one parser: ``"auto"`` or a positive int; SettingError naming ``store_dim`` otherwise."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    try:
+        dim = int(value)
+    except (TypeError, ValueError):
+        dim = 0
+    if dim < 1 or dim != float(value):
+        raise SettingError("store_dim", f"must be a positive integer or auto, got {value!r}")
+    return dim
+
+
 def parse_rank(rank):
     """``rank``'s one parser: ``"auto"`` or a positive int (from a string too; an int is returned as is);
     SettingError naming ``rank`` otherwise."""
@@ -217,14 +230,14 @@ class Settings:
     bsize: int = _setting(10, _IHVP, "LiSSA minibatch, drawn uniformly from the whole training archive",
                           _at_least(1), math=True, solver=True, lissa=True)
     repeats: int = _setting(1, _IHVP, "LiSSA runs averaged", _at_least(1), math=True, solver=True, lissa=True)
-    # 0.1 x the curvature's mean eigenvalue (per layer for kfac/ekfac): the LDS panel's choice
+    # auto: optimizer for krylov/exact on a model holding its optimizer state, else 0.1x (README: the LDS measurements)
     damping: Damping = _setting("auto", _IHVP, "solve (H + LAMBDA I) x = v; or relative to the curvature's scale: "
-                                              "'auto' = 0.1x, or a factor like 0.3x: x each layer's mean Fisher "
-                                              "eigenvalue (kfac/ekfac), x the mean eigenvalue trace(H)/P (exact; "
-                                              "cg/lissa/pcg estimate it with 10 products over the training set); "
-                                              "'optimizer' (krylov, exact): per parameter, from how the model was "
-                                              "trained (its saved Adam/RMSprop/SGD state: steps, learning rate, second "
-                                              "moments), optimizer:F scales it",
+                                              "'auto' (see below, else 0.1x), or a factor like 0.3x: x each layer's mean Fisher "
+                                              "eigenvalue (kfac/ekfac; store: of its projected matrix), x the "
+                                              "mean eigenvalue trace(H)/P (exact; cg/lissa/pcg estimate it with 10 "
+                                              "products over the training set); 'optimizer' (krylov, exact): per "
+                                              "parameter, from how the model was trained (its saved Adam/RMSprop/SGD "
+                                              "state: steps, learning rate, second moments), optimizer:F scales it",
                                 math=True, parse=parse_damping)
     scale: str = _setting("auto", _IHVP, "LiSSA scale; auto = 1.1 x lambda_max(H + LAMBDA I) by power iteration, "
                                          "the largest of the whole-sample and minibatch estimates",
@@ -248,6 +261,11 @@ class Settings:
     ekfac_max_block: int = _setting(4096, _IHVP, "kfac/ekfac/pcg: split Kronecker factors larger than D x D into "
                                                  "diagonal blocks, bounding memory and eigendecomposition time (VGG16's "
                                                  "fc1 has 25 088 inputs)", _at_least(2), math=True, solver=True)
+    store_dim: int | str = _setting("auto", _IHVP, "store: dimensions D of each training image's projected gradient "
+                                                 "(per layer, both sides; the store on disk is N x D x 2 bytes); auto "
+                                                 "= the largest whose dense D x D curvature takes half of memory_budget, "
+                                                 "at most 8192 and the parameter count",
+                                 math=True, solver=True, parse=parse_store_dim)
     cache: str = _setting(None, _IHVP, "curvature cache: training-set work (EK-FAC factors, LiSSA scale, exact "
                                        "Hessian) saved once and reused while the model, params and train.npz are "
                                        "unchanged (default: OUT/curvature)")

@@ -2,7 +2,7 @@
 
 Each method class says what it approximates (``approximates``): ``"hessian"`` -> ``(H + λI)⁻¹ v``
 (``H`` by nested tapes), ``"lowrank"`` -> the same from ``H``'s top eigenpairs and a floor (exact at full
-rank), ``"kfac"`` / ``"ekfac"`` -> the dense Kronecker-factored Fisher built here from explicit per-image
+rank), ``"ggn"`` -> ``(G + λI)⁻¹ v`` with the Gauss–Newton matrix ``G`` (the store at ``D = P``), ``"kfac"`` / ``"ekfac"`` -> the dense Kronecker-factored Fisher built here from explicit per-image
 patches, backward signals and gradients (tests/test_ekfac.py). A new method
 runs through the same ``make_solver -> fit -> solve`` path; one with an unknown ``approximates``
 fails until its reference is added here.
@@ -28,7 +28,8 @@ OPTIONS = {**Settings().solver_options(),
            **dict(cg_tol=1e-10, cg_maxiter=500, fisher="sampled", memory_budget=1.0)}
 assert set(OPTIONS) == set(SOLVER_OPTIONS)
 #: per-method options and relative error allowed (default 1e-7)
-EXTRA = {"lissa": dict(iter=400, bsize=512), "krylov": dict(rank=100_000), "dpcg": dict(rank=8)}
+EXTRA = {"lissa": dict(iter=400, bsize=512), "krylov": dict(rank=100_000), "dpcg": dict(rank=8),
+         "store": dict(store_dim=100_000, fisher="true")}
 TOLERANCE = {"lissa": 0.05}
 
 
@@ -71,6 +72,8 @@ def reference(name, cls, problem):
     lam, p = problem["lam"], problem["clf"].num_params
     if kind == "hessian":
         matrix = problem["H"]
+    elif kind == "ggn":         # the Gauss–Newton matrix whatever the objective's --hessian (store: at D = P)
+        matrix = problem["GGN"]
     elif kind == "lowrank":
         # the top-k eigenpairs with the floor σ_{k+1} for the rest; k = P (the whole spectrum) is exact
         w, q = np.linalg.eigh(problem["H"])

@@ -59,10 +59,12 @@ def test_float_arrays_score_as_the_uint8_archive(data, solver):
     assert unit.derivs.x_spec.dtype.name == "float64"              # the model's dtype
     norm = influence.Influence(normalised_model(model), train=(normalise(xt), yt), preprocess="none", **kw)
     scale = float(np.abs(want).max())
+    # the store keeps its training rows in float16 (3 digits): the last bit of a row may round either way
+    tol = 2e-3 if solver == "store" else 1e-5
     for inf, images in ((unit, x / 255.0), (norm, normalise(x))):
         got = inf.scores(images, y)
         print(f"{solver}: max |float - uint8| = {np.abs(got - want).max():.3g} (scores up to {scale:.3g})")
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * scale)
+        np.testing.assert_allclose(got, want, rtol=tol, atol=tol / 10 * scale)
     if solver in ("exact", "krylov", "ekfac"):
         si = ref.self_influence().values
         np.testing.assert_allclose(norm.self_influence().values, si, rtol=1e-5, atol=1e-6 * float(np.abs(si).max()))

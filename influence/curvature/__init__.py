@@ -10,7 +10,9 @@ and what all share at the top); defining its class registers it (:mod:`influence
 * ``kfac`` / ``ekfac`` -- Kronecker-factored (eigenvalue-corrected) Fisher, fitted once;
 * ``pcg``    -- conjugate gradient preconditioned by EK-FAC (exact answer, few HVPs);
 * ``krylov`` -- the top eigenpairs of the matrix (Lanczos, fitted once) with a floor for the rest;
-* ``dpcg``   -- conjugate gradient preconditioned (deflated) by the krylov basis (exact answer).
+* ``dpcg``   -- conjugate gradient preconditioned (deflated) by the krylov basis (exact answer);
+* ``store``  -- projected training gradients stored once on disk, a dense projected Gauss–Newton matrix
+  (:mod:`influence.store`).
 
 Training-set work (a fitted state) is cached by :mod:`influence.curvature.cache`.
 """
@@ -26,6 +28,7 @@ from influence.curvature import exact  # noqa: F401
 from influence.curvature.iterative import lissa  # noqa: F401
 from influence.curvature.base import REGISTRY, InverseHVP, stable_seed  # noqa: F401
 from influence.errors import SettingError, UserError
+from influence.store import solver as _store  # noqa: F401,E402  (registers store; it builds on base and the K-FAC taps)
 
 
 def method_help():

@@ -141,6 +141,10 @@ class InverseHVP:
                      facts["lr_sum"], facts["mean"], facts["median"])
         return 1.0 / np.sqrt(self._response.diagonal)
 
+    def attach(self, cache, key):
+        """Where the run keeps its curvature cache (a folder or None) and the fitted state's key, given before the
+        fit: a method that keeps more on disk than its state (the gradient store) names its files by them."""
+
     def set_damping(self, damping):
         """Another damping for the fitted (or loaded) state, without fitting again: what the method fixed
         from λ when it was fitted is formed anew (a krylov rank, exact's ``H + λI``). The result equals a

@@ -73,11 +73,16 @@ GRID_EKFAC = ("0.1x", "1x")
 GRID = ((("auto (default)", []),)
         + tuple((f"krylov, λ {d}", ["--solver", "krylov", "--damping", d]) for d in GRID_KRYLOV)
         + tuple((f"ekfac, λ {d}", ["--solver", "ekfac", "--damping", d]) for d in GRID_EKFAC))
+#: ``--lds-solvers store`` (issue 31): the gradient store at two dimensions over a damping grid
+STORE_DIMS = (1024, 4096)
+STORE_DAMPING = ("0.1x", "1x", "10x")
+STORE = tuple((f"store, D {dim}, λ {d}", ["--solver", "store", "--store-dim", str(dim), "--damping", d])
+              for dim in STORE_DIMS for d in STORE_DAMPING)
 #: ``--lds-solvers``: the named sets of solver rows; ``panel`` (the default) is :data:`SOLVERS`
-SOLVER_SETS = {"panel": SOLVERS, "grid": GRID}
+SOLVER_SETS = {"panel": SOLVERS, "grid": GRID, "store": STORE}
 #: the sets whose rows share one curvature cache (calculate.py's ``--cache``): the damping is applied after the
 #: cache, so each (solver, fit settings) is fitted once, by its first row, and every other damping loads it
-SHARED_CACHE_SETS = ("grid",)
+SHARED_CACHE_SETS = ("grid", "store")
 SHARED_CACHE_NOTE = "(curvature from the shared cache)"
 GRAD_DOT, RANDOM = "gradient dot product", "random"
 from influence.calibration.lds_metrics import (TOP, lds, nanmean, noise_ceiling,  # noqa: F401  (the panel's API)

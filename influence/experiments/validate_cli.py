@@ -115,7 +115,8 @@ def build_parser():
     p.add_argument("--lds-solvers", default="panel", choices=tuple(lds.SOLVER_SETS),
                    help="lds: the solver rows: panel (the default: the solvers and ranks of the README's tables) or "
                         "grid (the default, krylov at damping 0.1x/1x/3x/10x/30x and ekfac at 0.1x/1x, sharing one "
-                        "curvature cache, so each fit is paid once)")
+                        "curvature cache, so each fit is paid once), or store (the gradient store at D 1024 and 4096, "
+                        "damping 0.1x/1x/10x, sharing one cache)")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 

@@ -78,7 +78,8 @@ def gradients(derivs, x, y):
     return [derivs.gradient(x[t:t + 1], y[t:t + 1]) for t in range(len(y))]
 
 
-def score_groups(images, labels, ids=None, *, reader, derivs, solve, score, plan, work=None, timings=None):
+def score_groups(images, labels, ids=None, *, reader, derivs, solve, score, plan, work=None, timings=None,
+                 direct=None):
     """Score test images group by group: yields a :class:`Scored` (``start``, ``stop``: the rows of
     ``images``; ``shares``: float32 (stop - start, N, L)) per group of at most ``plan.vectors`` images.
 
@@ -94,7 +95,9 @@ def score_groups(images, labels, ids=None, *, reader, derivs, solve, score, plan
       plan: the :class:`influence.memory.MemoryPlan` (``vectors``, ``score_batch``), or ``plan(T)`` -> it
         (called once the images are checked);
       work: ``work(start, stop)`` -> what a resuming backend keys a group's partial results by;
-      timings: ``timings(phase, seconds)`` (``test_gradients_s``, ``inverse_hvp_s``, ``scoring_s``).
+      timings: ``timings(phase, seconds)`` (``test_gradients_s``, ``inverse_hvp_s``, ``scoring_s``);
+      direct: ``direct(grads)`` -> shares, for a solver that scores without a pass over the training set (the
+        gradient store, :mod:`influence.store`): used in place of ``solve`` and ``score``.
     """
     if isinstance(images, (np.ndarray, list, tuple)):   # arrays: checked and converted before any fit
         images, y_all = reader.arrays(images, labels)
@@ -113,6 +116,14 @@ def score_groups(images, labels, ids=None, *, reader, derivs, solve, score, plan
         grads = gradients(derivs, x, y)
         t1 = clock()
         note("test_gradients_s", t1 - t0)
+        if direct is not None:                       # the gradient store: one product, no training pass
+            if work is not None:
+                work(start, stop)                    # named as every group is (the caller releases it)
+            shares = direct(grads)
+            del grads
+            note("scoring_s", clock() - t1)
+            yield Scored(start, stop, shares)
+            continue
         stacked = solve(grads, ids[start:stop])
         del grads
         t2 = clock()

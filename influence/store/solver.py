@@ -1,0 +1,329 @@
+"""``--solver store``: log once, query many (issue 31).
+
+One pass over the training archive writes every training image's gradient, projected per layer on both
+sides (:mod:`influence.store.projection`), to an on-disk store (:mod:`influence.store.shards`), and sums
+the Gauss–Newton matrix in the projected space from the same pass::
+
+    C = (1/n) Σ_i Σ_{c ∈ classes(i)} p_ic (R g_ic)(R g_ic)ᵀ + R ∇²Ω Rᵀ                 (D, D)
+
+``g_ic`` the gradient of image ``i``'s loss with label ``c``, ``classes(i)`` as the ``fisher`` setting says
+(``auto``: every class up to 10, else the 10 most probable: ``top:K``; ``empirical``: the true label),
+across all layers (the cross-layer blocks are kept). ``C`` is eigendecomposed once (float64), so a
+damping changes only the per-test formula (a relative one: one inverse of ``C + Λ``). A test image's scores
+are one product::
+
+    score(i, t) = (R g_i)ᵀ (C + λI)⁻¹ (R g_t)
+
+with the store's rows ``R g_i``; its per-layer shares are the products of each layer's block. With
+``D = P`` the projection is orthogonal and the scores are the exact Gauss–Newton solver's. A relative
+damping (``auto`` = 0.1x) is per layer, as EK-FAC's: ``Λ = f × trace(C_ll)/D_l`` on layer ``l``'s
+coordinates (on the LDS panel's ``bn-brief`` at D = 1024: 0.211 at 1x against 0.119 with one λ from the
+mean eigenvalue of the whole C; ``mlp-brief`` 0.344 against 0.353).
+
+The store lives next to the curvature cache (``<cache>/store-<digest>``, :meth:`StoreSolver.attach`);
+without a cache, in a temporary folder removed with the solver. ``C`` (with its eigenvectors) is the
+state the curvature cache keeps; a run that loads it scores new test images with no training pass.
+"""
+import logging
+import math
+import tempfile
+import time
+
+import numpy as np
+import tensorflow as tf
+
+from influence.curvature.base import InverseHVP
+from influence.curvature.kfac.plan import KronBlock, make_plan
+from influence.curvature.kfac.signals import (LayerSignals, check_fisher, image_of_rows, kron_inputs,
+                                              resolve_fisher)
+from influence.errors import SettingError, UserError
+from influence.model.taps import linear_kind
+from influence.model.vectors import numpy_to_vec, vec_size
+from influence.progress import progress as progress_bar
+from influence.settings import parse_store_dim
+from influence.store.projection import Projection, layer_dims
+from influence.store.shards import GradientStore, key_digest
+
+log = logging.getLogger(__name__)
+
+#: share of ``memory_budget`` the projected curvature may take at ``store_dim auto``: ``C``, its
+#: eigenvectors and the decomposition's workspace, 3 D² float64
+CURVATURE_SHARE = 0.5
+#: ``store_dim auto`` never exceeds this (a dense float64 eigendecomposition of D³ flops)
+AUTO_MAX_DIM = 8192
+
+
+def auto_dim(num_params, memory_budget):
+    """D of ``store_dim auto``: the largest with ``3 · 8 D²`` bytes within :data:`CURVATURE_SHARE` of
+    ``memory_budget`` GB, at most :data:`AUTO_MAX_DIM` and the parameter count."""
+    cap = AUTO_MAX_DIM
+    if memory_budget is not None:
+        cap = min(cap, int(math.sqrt(CURVATURE_SHARE * memory_budget * 2**30 / 24)))
+    return int(max(1, min(cap, num_params)))
+
+
+class StoreSolver(InverseHVP):
+    """The gradient store and the dense projected Gauss–Newton matrix (module docstring)."""
+
+    name = "store"
+    summary = ("training gradients projected per layer (D dims) and stored once on disk; the projected "
+               "Gauss-Newton matrix inverted densely; each test image is one product with the store")
+    approximates = "ggn"            # tests/test_curvature_contract.py: (G + λI)⁻¹ at D = P
+    #: a relative damping is per layer, as EK-FAC's: λ_l = factor × the mean eigenvalue of layer l's diagonal
+    #: block of C (its trace / D_l); a number is one λ for every direction
+    relative_damping = "blocks"
+    self_influence_route = "projected gradients"
+
+    def __init__(self, objective, damping, store_dim="auto", fisher="auto", seed=0, memory_budget=2.0,
+                 progress=True):
+        super().__init__(objective, damping, progress)
+        d = objective.d
+        clf = d.clf
+        if not clf.supports_tap:
+            raise UserError(f"solver store needs a functional Keras model whose layers can be tapped; "
+                            f"{clf.model.name} is not one: use solver ekfac or krylov")
+        check_fisher(fisher, clf.num_classes)
+        self.fisher = resolve_fisher(fisher, clf.num_classes)
+        if self.fisher == "sampled":
+            raise SettingError("fisher", "solver store takes auto, true, top:K or empirical (its curvature sums "
+                                         "the Gauss-Newton terms of the most probable classes), not sampled")
+        self.seed = int(seed)
+        self.memory_budget = memory_budget
+        kinds = {id(g.layer): linear_kind(g.layer) for g in clf.groups}
+        self.plan = make_plan(clf.groups, kinds, 1 << 30, True, self.name)
+        p = vec_size(d.variables)
+        asked = parse_store_dim(store_dim)
+        self.dim_setting = asked
+        target = auto_dim(p, memory_budget) if asked == "auto" else min(asked, p)
+        if asked != "auto" and memory_budget is not None and 24 * target ** 2 > memory_budget * 2**30:
+            raise SettingError("store_dim", f"{asked} needs {24 * target ** 2 / 2**30:.3g} GB for its dense "
+                                            f"{target}x{target} curvature, above memory_budget {memory_budget:g} GB: "
+                                            f"choose a smaller store_dim or a larger memory_budget")
+        self.projection = Projection(self.plan, layer_dims(self.plan, target), self.seed)
+        self.signals = LayerSignals(d, kinds, d.variables, self.fisher)
+        self._compiled = None
+        self._root = None            # the folder the store lives in (attach), else a temporary one
+        self._tmp = None
+        self._digest = None
+        self._evals = None           # eigenvalues and eigenvectors of C (undamped)
+        self._evecs = None
+        self._trace = None
+        self._inverse_held, self._inverse_of = None, None
+        self.info.update(fisher=self.fisher, store_dim=self.projection.dim, num_params=p,
+                         layer_dims=[list(x) for x in self.projection.dims])
+
+    # --- where the store lives ---------------------------------------------------------------------
+    def cache_key(self):
+        return {"store_dim": self.projection.dim, "layer_dims": [list(x) for x in self.projection.dims],
+                "fisher": self.fisher, "seed": self.seed, "projection": "orthonormal rows, per layer both sides"}
+
+    def attach(self, folder, key):
+        """Keep the store under ``folder`` (the curvature cache), named by the curvature ``key``."""
+        self._root = None if folder is None else folder
+        self._digest = key_digest(key)
+
+    def store(self):
+        """The :class:`GradientStore` of this solver (under the attached folder, else a temporary one)."""
+        if self._root is None:
+            if self._tmp is None:
+                self._tmp = tempfile.TemporaryDirectory(prefix="influence-store-")
+            self._root = self._tmp.name
+        if self._digest is None:         # not attached: keyed by what the rows depend on
+            from influence.curvature.cache import model_fingerprint
+
+            self._digest = key_digest({"solver": self.cache_name, "n": self.obj.n, **self.cache_key(),
+                                       "train": self.obj.archive.fingerprint(),
+                                       "weights": model_fingerprint(self.obj.d.clf.model)})
+        return GradientStore(self._root, self._digest, self.obj.n, self.projection.dim)
+
+    # --- the one training pass -----------------------------------------------------------------------
+    def _chunk_fn(self):
+        """Compiled ``(x, y) -> (fisher rows (R·N, D), gradients (N, D))``, float64."""
+        if self._compiled is None:
+            d = self.obj.d
+            self._compiled = tf.function(self._project_chunk, input_signature=[d.x_spec, d.y_spec])
+        return self._compiled
+
+    def _project_records(self, grouped, rows):
+        parts = []
+        for index, (b, mats) in enumerate(zip(self.plan, self.projection.mats)):
+            recs = grouped.get(id(b.layer))
+            if not recs:
+                parts.append(tf.zeros([rows, self.projection.sizes[index]], tf.float64))
+                continue
+            if isinstance(b, KronBlock):
+                a, dl, _ = kron_inputs(b, recs, tf.float64)                       # (N, P, K1), (R·N, P, C)
+                a = tf.einsum("npk,dk->npd", a, tf.constant(mats[0]))
+                dl = tf.einsum("rpc,ec->rpe", dl, tf.constant(mats[1]))
+                a = tf.gather(a, image_of_rows(tf.shape(dl)[0], tf.shape(a)[0]))
+                g = tf.einsum("rpd,rpe->rde", a, dl)
+                parts.append(tf.reshape(g, [tf.shape(g)[0], -1]))
+            else:
+                grads = self.signals.per_image_grads(b, recs)
+                flat = tf.concat([tf.reshape(g, [tf.shape(g)[0], -1]) for g in grads], axis=1)
+                parts.append(tf.matmul(flat, tf.constant(mats[0]), transpose_b=True))
+        return tf.concat(parts, axis=1)
+
+    def _project_chunk(self, x, y):
+        n = tf.shape(y)[0]
+        true = self.signals.signals(x, y, None, true_labels=True)
+        grads = self._project_records(true, n)
+        if self.fisher == "empirical":
+            return grads, grads
+        grouped = self.signals.signals(x, y, None)
+        rows = n * (self.obj.d.clf.num_classes if self.fisher == "true"
+                    else min(int(self.fisher[4:]), self.obj.d.clf.num_classes))
+        return self._project_records(grouped, rows), grads
+
+    def fit(self, sums=None):
+        """One pass: each shard's projected gradients written, ``C`` summed (resuming a partial write). ``sums``
+        (a Ray backend's sharded sums) is not used: the store's pass runs in this process."""
+        store = self.store()
+        store.open_for_writing()
+        total, first = store.checkpoint()
+        if total is None:
+            total, first = np.zeros((store.dim, store.dim)), 0
+        elif first:
+            log.info("store: resuming %s: %d of %d shard(s) already written", store.folder, first, store.shards)
+        fn = self._chunk_fn()
+        compute = self.obj.d.dtype.as_numpy_dtype
+        archive, chunk = self.obj.archive, max(1, int(self.obj.chunk))
+        t0 = time.perf_counter()
+        done = store.bounds(first)[0] if first < store.shards else store.n
+        with progress_bar(total=store.n - done, desc="store: projected gradients", unit="img",
+                          disable=not self.progress) as bar:
+            for k in range(first, store.shards):
+                start, stop = store.bounds(k)
+                rows = np.empty((stop - start, store.dim))
+                for s in range(start, stop, chunk):
+                    idx = np.arange(s, min(s + chunk, stop))
+                    x, y = archive.take(idx)
+                    fisher_rows, grads = fn(x, np.asarray(y, np.int64).reshape(-1))
+                    # the chunk's product in the model's dtype (float32: twice as fast), summed in float64
+                    fisher_rows = fisher_rows.numpy().astype(compute, copy=False)
+                    total += fisher_rows.T @ fisher_rows
+                    rows[s - start:s - start + len(idx)] = grads.numpy()
+                    bar.update(len(idx))
+                store.write_shard(k, rows)
+                if k + 1 < store.shards:
+                    store.save_checkpoint(total, k + 1)
+        store.finish()
+        curvature = total / max(store.n, 1) + self.projection.regulariser()
+        self._set_curvature(0.5 * (curvature + curvature.T))
+        self.info.update(store=str(store.folder), store_bytes=store.nbytes(), store_seconds=time.perf_counter() - t0)
+        log.info("store: %d training gradients of %d dims in %s (%.1f MB), curvature %dx%d", store.n, store.dim,
+                 store.folder, store.nbytes() / 2**20, store.dim, store.dim)
+
+    def _set_curvature(self, c, decomposed=None):
+        w, v = np.linalg.eigh(c) if decomposed is None else decomposed
+        self._curvature = c
+        self._evals, self._evecs = w, v
+        self._inverse_held, self._inverse_of = None, None
+        self._trace = float(np.trace(c))
+
+    def state(self):
+        """``C`` (undamped) and its eigendecomposition (a rerun at another damping decomposes nothing)."""
+        return {"curvature": self._curvature, "eigenvalues": self._evals, "eigenvectors": self._evecs}
+
+    def load_state(self, arrays):
+        c = np.asarray(arrays["curvature"], np.float64)
+        if c.shape != (self.projection.dim, self.projection.dim):
+            raise ValueError(f"cached store curvature is {c.shape}, expected {(self.projection.dim,) * 2}")
+        store = self.store()
+        if not store.complete():
+            raise ValueError(f"the gradient store {store.folder} is missing or incomplete")
+        w, v = (np.asarray(arrays["eigenvalues"], np.float64), np.asarray(arrays["eigenvectors"], np.float64))
+        if v.shape != c.shape or w.shape != c.shape[:1]:
+            raise ValueError("cached store eigendecomposition does not match its curvature")
+        self._set_curvature(c, (w, v))
+        self.info.update(store=str(store.folder), store_bytes=store.nbytes())
+
+    def mean_eigenvalue(self):
+        """The projected matrix's exact ``trace(C)/D`` (fits on first use)."""
+        if self._trace is None:
+            self.fit()
+        return self._trace / self.projection.dim, 0.0, 0
+
+    @property
+    def resident_bytes(self):
+        """``C``, its eigenvectors and (a per-layer damping) ``(C + Λ)⁻¹``, float64."""
+        return 3 * 8 * self.projection.dim ** 2
+
+    # --- per test image -------------------------------------------------------------------------------
+    def _ready(self):
+        if self._evals is None:
+            self.fit()
+
+    def layer_damping(self):
+        """(D,) λ of each projected coordinate: a number everywhere, or for a relative damping ``f × trace(C_ll)/D_l``
+        on layer ``l``'s coordinates (recorded in ``info``: ``damping_per_layer``)."""
+        self._ready()
+        spec = self.damping_spec
+        if not spec.relative:
+            return np.full(self.projection.dim, float(spec.value))
+        diag, off = np.diag(self._curvature), self.projection.offsets
+        per_layer = [spec.value * float(diag[off[l]:off[l + 1]].mean()) for l in range(len(off) - 1)]
+        self.info.update(damping_per_layer=per_layer, damping_rule=str(spec))
+        return np.repeat(per_layer, np.diff(off))
+
+    def _inverse(self):
+        """``(C + Λ)⁻¹`` (symmetrised) for a per-layer damping, kept per damping; None for one λ (the
+        eigendecomposition serves every λ)."""
+        if not self.damping_spec.relative:
+            return None
+        key = str(self.damping_spec)
+        if self._inverse_of != key:
+            inv = np.linalg.inv(self._curvature + np.diag(self.layer_damping()))
+            self._inverse_held, self._inverse_of = 0.5 * (inv + inv.T), key
+        return self._inverse_held
+
+    def preconditioned(self, projected):
+        """(T, D) -> (T, D): ``(C + Λ)⁻¹ z`` of each projected row (``Λ``: :meth:`layer_damping`)."""
+        self._ready()
+        z = np.asarray(projected, np.float64)
+        inv = self._inverse()
+        if inv is not None:
+            return z @ inv
+        v = self._evecs
+        return ((z @ v) / (self._evals + self.damping)) @ v.T
+
+    def project(self, vectors):
+        """(T, D) float64 projected gradients of full-space Vecs."""
+        return np.stack([self.projection.project(vec) for vec in vectors]) if len(vectors) else \
+            np.zeros((0, self.projection.dim))
+
+    def solve(self, vectors, ids=None):
+        """``Rᵀ (C + λI)⁻¹ R v`` as full-space Vecs (``(G + λI)⁻¹ v`` at D = P)."""
+        vectors = list(vectors)
+        if not vectors:
+            return []
+        like = self.obj.d.variables
+        sol = self.preconditioned(self.project(vectors))
+        return [tuple(tf.constant(a, dtype=v.dtype) for a, v in zip(self.projection.back_project(z, like), like))
+                for z in sol]
+
+    def store_shares(self, vectors, block_rows=4096):
+        """float32 (T, N, L) per-layer scores of every stored training image against the test gradients
+        ``vectors`` (full-space Vecs): one product with the store, no pass over the training archive."""
+        self._ready()
+        pre = self.preconditioned(self.project(list(vectors))).astype(np.float32)
+        store = self.store()
+        offsets = self.projection.offsets
+        layers = len(self.plan)
+        out = np.empty((len(pre), store.n, layers), np.float32)
+        for start, rows in store.blocks(block_rows):
+            for index in range(layers):
+                s, e = offsets[index], offsets[index + 1]
+                out[:, start:start + len(rows), index] = pre[:, s:e] @ rows[:, s:e].T
+        return out
+
+    def self_influence_batch(self, x, y):
+        """``(R g_i)ᵀ (C + λI)⁻¹ (R g_i)`` of each image with its own label: (N, H, W, C), (N,) -> float64 (N,)."""
+        self._ready()
+        y = np.asarray(y, np.int64).reshape(-1)
+        if not len(y):
+            return np.zeros(0)
+        _, grads = self._chunk_fn()(x, y)
+        z = grads.numpy()
+        return np.einsum("nd,nd->n", self.preconditioned(z), z)
+

@@ -1,0 +1,167 @@
+"""The gradient store (``--solver store``, influence/store/): its scores against the exact Gauss–Newton
+solver's at D = P, its size on disk, resuming an interrupted write, and a new test set scored from the store
+with no pass over the training archive."""
+import numpy as np
+import pytest
+
+import influence
+from engine_helpers import write_project
+from influence.data.archive_reader import TestArchive, TrainArchive
+from influence.errors import SettingError
+from influence.store import shards
+from influence.store.shards import GradientStore
+from influence.store.solver import StoreSolver
+
+DAMPING = 0.05
+N_TRAIN = 160
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_project(tmp_path_factory.mktemp("store"), N_TRAIN, 40, {"a": 4, "b": 3}, batchnorm=True)
+
+
+def make(data, cache, solver="store", **options):
+    return influence.Influence(str(data / "model.keras"), train=data / "train.npz", solver=solver, damping=DAMPING,
+                               hessian="ggn", preprocess="unit", progress=False, cache=cache, **options)
+
+
+def test_at_full_dimension_the_scores_are_the_exact_gauss_newton_solvers(data, tmp_path):
+    x, y, _ = TestArchive(data / "test.npz").read("a")
+    exact = make(data, None, "exact")
+    want, layers = exact.scores(x, y, per_layer=True)
+    store = make(data, tmp_path / "cache", store_dim=100_000, fisher="true")
+    got, got_layers = store.scores(x, y, per_layer=True)
+    assert got_layers == layers == ["conv", "bn", "dense"] and got.shape == want.shape
+    p = store.clf.num_params
+    assert store.solver.projection.dim == p                    # D = P: an orthogonal projection
+    # the rows are float16 (each scaled by its largest value): about 3 significant digits
+    err = np.linalg.norm(got - want) / np.linalg.norm(want)
+    assert err < 2e-3, err
+    for layer in range(len(layers)):
+        e = np.linalg.norm(got[..., layer] - want[..., layer]) / np.linalg.norm(want[..., layer])
+        assert e < 5e-3, (layers[layer], e)
+    # positive = useful, as every solver (the sign of docs/DESIGN.md): the largest scores agree
+    assert np.array_equal(np.argmax(got.sum(-1), axis=1), np.argmax(want.sum(-1), axis=1))
+    # self-influence from the projected gradients (float64): the exact solver's
+    mine, theirs = store.self_influence(), exact.self_influence()
+    np.testing.assert_allclose(mine.values, theirs.values, rtol=1e-6, atol=1e-9 * np.abs(theirs.values).max())
+    # on disk: N x D x 2 bytes + 1 % (the rows' float32 scales and meta.json)
+    folder = store.solver.info["store"]
+    size = sum(f.stat().st_size for f in __import__("pathlib").Path(folder).iterdir())
+    assert N_TRAIN * p * 2 < size <= 1.01 * N_TRAIN * p * 2, size
+
+
+def test_a_new_test_set_is_scored_from_the_store_without_a_training_pass(data, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    xa, ya, _ = TestArchive(data / "test.npz").read("a")
+    xb, yb, _ = TestArchive(data / "test.npz").read("b")
+    first = make(data, cache, store_dim=40)
+    first.scores(xa, ya)
+    want = first.scores(xb, yb, per_layer=True)[0]
+    assert not first.loaded
+
+    def no_pass(*args, **kwargs):
+        raise AssertionError("the training archive was read")
+
+    monkeypatch.setattr(TrainArchive, "take", no_pass)
+    monkeypatch.setattr(TrainArchive, "read_batch", no_pass)
+    monkeypatch.setattr(StoreSolver, "fit", no_pass)
+    second = make(data, cache, store_dim=40)                    # a new run: model and archive opened anew
+    got = second.scores(xb, yb, per_layer=True)[0]
+    assert second.loaded
+    np.testing.assert_array_equal(got, want)
+
+
+def test_an_interrupted_write_resumes_from_its_last_shard(data, tmp_path, monkeypatch):
+    monkeypatch.setattr(shards, "shard_rows", lambda n, dim: 48)   # 4 shards of 48, 48, 48, 16 images
+    whole = make(data, tmp_path / "whole", store_dim=10)
+    whole.fit()
+    store = whole.solver.store()
+    assert store.shards == 4 and store.rows == 48
+
+    real_write = GradientStore.write_shard
+
+    def write_then_fail(self, k, rows):
+        if k == 2:
+            raise KeyboardInterrupt
+        real_write(self, k, rows)
+
+    monkeypatch.setattr(GradientStore, "write_shard", write_then_fail)
+    broken = make(data, tmp_path / "broken", store_dim=10)
+    with pytest.raises(KeyboardInterrupt):
+        broken.fit()
+    folder = broken.solver.store().folder
+    assert sorted(p.name for p in folder.glob("rows-*")) == ["rows-00000.f16", "rows-00001.f16"]
+    assert (folder / "partial.npz").is_file()
+    assert not list(folder.glob(".*tmp*"))                      # nothing half-written under any name
+
+    monkeypatch.setattr(GradientStore, "write_shard", real_write)
+    read = []
+    real_take = TrainArchive.take
+
+    def counting_take(self, indices):
+        read.extend(int(i) for i in indices)
+        return real_take(self, indices)
+
+    monkeypatch.setattr(TrainArchive, "take", counting_take)
+    resumed = make(data, tmp_path / "broken", store_dim=10)
+    resumed.fit()
+    assert sorted(read) == list(range(96, N_TRAIN))             # only the shards not written
+    assert not (folder / "partial.npz").exists()
+    np.testing.assert_allclose(resumed.solver.state()["curvature"], whole.solver.state()["curvature"],
+                               rtol=1e-12, atol=1e-15)
+    for k in range(4):
+        for a, b in zip(resumed.solver.store().shard(k), store.shard(k)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_store_dim_is_checked(data):
+    with pytest.raises(SettingError, match=r"^store_dim: must be a positive integer or auto, got 0$"):
+        make(data, None, store_dim=0)
+    with pytest.raises(SettingError, match=r"^store_dim: 200 needs 0.000894 GB for its dense 200x200 curvature, "
+                                           r"above memory_budget 0.0001 GB"):
+        make(data, None, store_dim=200, memory_budget=0.0001)
+    with pytest.raises(SettingError, match=r"^fisher: solver store takes auto, true, top:K or empirical"):
+        make(data, None, fisher="sampled")
+
+
+def test_the_dimensions_are_shared_equally_and_a_small_side_is_kept_whole():
+    from influence.store.projection import equal_shares, kron_sides
+
+    # mlp-brief's three Dense layers (193 x 120, 121 x 120, 121 x 10) at D = 1024
+    assert equal_shares([23160, 14520, 1210], 1024) == [342, 341, 341]
+    assert kron_sides(121, 10, 341) == (34, 10)                   # the 10 outputs whole
+    assert kron_sides(193, 120, 342) == (19, 18)                  # 18 of the 120 outputs, 19 of the 193 inputs
+    # a layer smaller than its share is whole, and leaves the rest to the others
+    assert equal_shares([16, 216, 5770], 1024) == [16, 216, 792]
+    # D >= P: every layer whole, both sides
+    sizes = [27 * 8, 16, 577 * 10]
+    assert equal_shares(sizes, sum(sizes)) == sizes
+    assert kron_sides(577, 10, 5770) == (577, 10) and kron_sides(3, 7, 21) == (3, 7)
+
+
+def test_a_relative_damping_is_per_layer(data, tmp_path):
+    """``1x``: each layer damped by its own mean Gauss–Newton eigenvalue, as EK-FAC is; at D = P the scores
+    are ``g_tᵀ (G + Λ)⁻¹ g_i`` with ``Λ = trace(G_ll)/P_l`` on layer ``l``."""
+    from engine_helpers import per_example_gradients
+
+    x, y, _ = TestArchive(data / "test.npz").read("a")
+    store = make(data, tmp_path / "cache", store_dim=100_000, fisher="true")
+    exact = make(data, None, "exact")
+    exact.fit()
+    g = exact.solver.state()["hessian"]                          # the dense Gauss–Newton matrix (hessian ggn)
+    store.solver.damping = "1x"
+    got = store.scores(x, y)
+    sizes = [int(sum(np.prod(v.shape) for v in grp.variables)) for grp in store.clf.groups]
+    edges = np.concatenate([[0], np.cumsum(sizes)])
+    lam = np.concatenate([np.full(e - s, np.trace(g[s:e, s:e]) / (e - s)) for s, e in zip(edges, edges[1:])])
+    assert len(set(np.round(lam, 12))) == 3                      # three layers, three dampings
+    train = TrainArchive(data / "train.npz")
+    xt, yt = train.take(np.arange(len(train)))
+    d = store.derivs
+    g_train = per_example_gradients(d, xt, yt.astype(np.int64))
+    g_test = per_example_gradients(d, x, y.astype(np.int64))
+    want = g_test @ np.linalg.solve(g + np.diag(lam), g_train.T)
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 2e-3
+    np.testing.assert_allclose(store.solver.info["damping_per_layer"], lam[edges[:-1]], rtol=1e-7)

@@ -32,7 +32,10 @@ import json, sys, tempfile, time, pathlib
 sys.path.insert(0, sys.argv[1])
 import numpy as np
 from influence.catalogue import TrainCatalogue
-from influence.data.archive_reader import TrainArchive
+try:                                           # the archive reader: its own module now, archives.py before
+    from influence.data.archive_reader import TrainArchive
+except ImportError:
+    from influence.data.archives import TrainArchive
 from influence.outputs import report as R
 from influence.outputs.html_report import RunReport
 train = TrainArchive(sys.argv[2]); n_images = int(sys.argv[3])

@@ -59,7 +59,7 @@ class Damping:
 
     def recorded(self):
         """As run.json (and calculate.py's flag) spells it: λ a number, a relative damping its text (``0.1x``)."""
-        return str(self) if self.relative else self.value
+        return str(self) if self.relative or self.optimizer else self.value
 
 
 def parse_damping(spec):

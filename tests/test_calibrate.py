@@ -403,3 +403,15 @@ def test_a_later_run_uses_the_kept_calibration_of_its_model_and_says_so(project)
     assert res.returncode == 0, res.stderr
     assert "calibration_used" not in json.loads((project / "kc_other" / "run.json").read_text())
     assert saved_choice.load(project / "kc", {"another": "key"}) is None
+
+
+def test_calculate_records_damping_optimizer_and_a_rerun_resumes(project):
+    """damping auto on the Adam-trained model: run.json's settings say optimizer (not its factor), and a rerun
+    into the same folder agrees with them and resumes."""
+    first = calc(project, "--model", "model.keras", "--rank", "20", "--out", "opt")
+    assert first.returncode == 0, first.stderr
+    run = json.loads((project / "opt" / "run.json").read_text())
+    assert run["settings"]["damping"] == "optimizer" and run["solver_info"]["response"]["optimizer"] == "Adam"
+    again = calc(project, "--model", "model.keras", "--rank", "20", "--out", "opt")
+    assert again.returncode == 0, again.stderr
+    assert "0 to score" in again.stderr

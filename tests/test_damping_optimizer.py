@@ -91,6 +91,8 @@ def test_damping_optimizer_refusals_are_one_line(trained):
 
     assert str(parse_damping("optimizer")) == "optimizer" and str(parse_damping("optimizer:0.3")) == "optimizer:0.3"
     assert parse_damping("Optimizer:0.3").optimizer and parse_damping("optimizer").value == 1.0
+    for text in ("optimizer", "optimizer:0.3"):            # run.json keeps the text: a resume parses it back
+        assert parse_damping(text).recorded() == text and parse_damping(parse_damping(text).recorded()).optimizer
     for bad in ("optimizer:0", "optimizer:x", "optimizerx"):
         with pytest.raises(UserError, match="^damping optimizer takes a factor"):
             parse_damping(bad)

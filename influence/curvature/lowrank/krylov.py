@@ -209,8 +209,9 @@ class KrylovSolver(InverseHVP):
         self.info.update(rank=k, floor=self._floor, sigma_max=float(theta[0]) if len(theta) else 0.0,
                          residual_max=float(self._residual[:k].max()) if k else 0.0,
                          smallest_ritz_value=negative)
-        log.info("krylov: rank %d (%d pairs converged of %d fitted), σ from %.3g to %.3g, floor %.3g, λ %.3g",
-                 k, kept, len(self._all_u), theta[0], self._sigma[-1] if k else math.nan, self._floor, lam)
+        log.info("krylov: rank %d (%d pairs converged of %d fitted), σ from %.3g to %.3g, floor %.3g, %s %.3g",
+                 k, kept, len(self._all_u), theta[0], self._sigma[-1] if k else math.nan, self._floor,
+                 "λ" if self.response_scale() is None else "per-parameter λ, mean", lam)
 
     def mean_eigenvalue(self):
         """Hutchinson's ``trace(A)/P`` (base class), estimated once and cached with the basis, so that a

@@ -243,6 +243,8 @@ class Classifier:
         self.description = description
         #: where the model came from (a file path or name, or the user's Keras object); None unknown
         self.source = None
+        #: the training run's response diagonal, once read (:func:`influence.model.training_state.response_diagonal`)
+        self.training_response = None
         self.variables = [v for g in groups for v in g.variables]
         self.graph = _graph_of(model)
         self._selected = {id(g.layer): g for g in groups}

@@ -91,6 +91,10 @@ def response_diagonal(clf, factor=1.0):
     """
     from influence.model import keras_private
 
+    kept = getattr(clf, "training_response", None)          # read once per loaded model (the file loads again)
+    if kept is not None:
+        return kept if factor == 1.0 else ResponseDiagonal(float(factor) * kept.diagonal,
+                                                           {**kept.facts, "factor": float(factor)})
     source = getattr(clf, "source", None)
     opt, model = _trained_optimizer(source) if source is not None else (None, None)
     steps = 0 if opt is None else int(np.asarray(opt.iterations))
@@ -120,7 +124,8 @@ def response_diagonal(clf, factor=1.0):
         if SECOND_MOMENT[kind]:
             v_hat = v_hat / (1.0 - float(opt.beta_2) ** steps)
         parts.append(np.sqrt(np.maximum(v_hat, 0.0)) + float(opt.epsilon))
-    diagonal = float(factor) * np.concatenate(parts) / lr_sum
-    facts = {"optimizer": kind, "steps": steps, "lr_sum": lr_sum, "factor": float(factor),
+    diagonal = np.concatenate(parts) / lr_sum
+    facts = {"optimizer": kind, "steps": steps, "lr_sum": lr_sum, "factor": 1.0,
              "mean": float(diagonal.mean()), "median": float(np.median(diagonal))}
-    return ResponseDiagonal(diagonal, facts)
+    clf.training_response = ResponseDiagonal(diagonal, facts)
+    return response_diagonal(clf, factor)

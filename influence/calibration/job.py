@@ -52,22 +52,24 @@ def cache_folder(settings):
 
 
 def model_key(inf):
-    """:func:`influence.calibration.saved_choice.model_key` of the :class:`influence.Influence` ``inf``."""
-    return saved_choice.model_key(inf.clf, inf.train, model=inf.model_name, preprocess=inf.settings.preprocess,
-                                  hessian=inf.objective.hessian)
+    """:func:`influence.calibration.saved_choice.model_key` of the :class:`influence.Influence` ``inf`` (the
+    weights' fingerprint from its curvature key, which the run computes anyway: the weights are hashed once)."""
+    return saved_choice.model_key(inf.clf, inf.train, model=inf.model_name, weights=inf.curvature_key["weights"],
+                                  preprocess=inf.settings.preprocess, hessian=inf.objective.hessian)
 
 
 def use_saved(settings, inf, given, rebuild):
     """A run without ``--calibrate``: the (solver, damping) a kept calibration of this model measured best
     (:mod:`influence.calibration.saved_choice`) -> ``(settings, inf, entry)``; ``entry`` (run.json's
     ``calibration_used``) is None when there is none or the run keeps its own (both given explicitly)."""
-    record = saved_choice.load(cache_folder(settings), model_key(inf))
+    key = model_key(inf)
+    record = saved_choice.load(cache_folder(settings), key)
     if record is None:
         return settings, inf, None
     chosen = saved_choice.pick(record, given, settings.solver, settings.damping)
     if chosen is None:
         return settings, inf, None
-    (best, own), path = chosen, saved_choice.path_for(cache_folder(settings), model_key(inf))
+    (best, own), path = chosen, saved_choice.path_for(cache_folder(settings), key)
     measured = (f"{record.get('subsets')} subsets x "
                 f"{len(record.get('seeds') or ())} seed(s) on {record.get('test_images')} test image(s)")
     own_text = (f"{own['solver']} {own['damping']} {own['lds']:.3f}" if own is not None

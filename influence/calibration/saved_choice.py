@@ -24,11 +24,10 @@ PREFIX = "choice-"
 FORMAT = 1
 
 
-def model_key(clf, train, *, model, preprocess, hessian):
-    """What a calibration's cell scores depend on, as a dict of plain values (no solver, no test images)."""
-    from influence.curvature.cache import model_fingerprint
-
-    return {"format": FORMAT, "model": str(model), "weights": model_fingerprint(clf.model),
+def model_key(clf, train, *, model, weights, preprocess, hessian):
+    """What a calibration's cell scores depend on, as a dict of plain values (no solver, no test images);
+    ``weights``: the model's fingerprint (:func:`influence.curvature.cache.model_fingerprint`)."""
+    return {"format": FORMAT, "model": str(model), "weights": str(weights),
             "params": [v.path for v in clf.variables], "dtype": str(clf.dtype.name),
             "preprocess": str(preprocess), "train": train.fingerprint(), "train_images": len(train),
             "hessian": str(hessian)}

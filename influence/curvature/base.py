@@ -79,7 +79,7 @@ class InverseHVP:
             REGISTRY[name] = cls
 
     #: takes ``damping optimizer``: a per-parameter damping ``c·D`` (:mod:`influence.model.training_state`),
-    #: solved as ``D^{-1/2} (D^{-1/2} H D^{-1/2} + cI)⁻¹ D^{-1/2}`` (:meth:`response_scale`)
+    #: solved as ``(H + c·D)⁻¹`` with ``D`` of :meth:`response_diagonal`
     takes_diagonal = False
 
     @classmethod
@@ -123,10 +123,10 @@ class InverseHVP:
         self.damping_spec = self.check_damping(value)
         self._resolved = None
 
-    def response_scale(self):
-        """``D^{-1/2}`` float64 ``(P,)`` of ``damping optimizer`` (read once from the model's training state,
+    def response_diagonal(self):
+        """``D`` float64 ``(P,)`` of ``damping optimizer`` (read once from the model's training state,
         :func:`influence.model.training_state.response_diagonal`), or None for any other damping. With it the
-        method solves ``(H + c·D)⁻¹ = S (S H S + cI)⁻¹ S``, ``S = diag(D^{-1/2})``, ``c`` = :attr:`damping`."""
+        method solves ``(H + c·D)⁻¹``, ``c`` = :attr:`damping`."""
         if not self.damping_spec.optimizer:
             return None
         if getattr(self, "_response", None) is None:
@@ -139,7 +139,7 @@ class InverseHVP:
                      "(%s, %d steps, sum of the learning rates %.3g): mean %.3g, median %.3g", self.name,
                      self.damping_spec, self.damping_spec.value, facts["optimizer"], facts["steps"],
                      facts["lr_sum"], facts["mean"], facts["median"])
-        return 1.0 / np.sqrt(self._response.diagonal)
+        return self._response.diagonal
 
     def attach(self, cache, key):
         """Where the run keeps its curvature cache (a folder or None) and the fitted state's key, given before the

@@ -21,7 +21,7 @@ class ExactSolver(InverseHVP):
     summary = "dense Hessian solved in float64 (small models, the reference)"
     approximates = "hessian"   # what the contract test (tests/test_curvature_contract.py) compares with
     relative_damping = "trace"   # λ = factor × trace(H)/P (influence.curvature.damping)
-    takes_diagonal = True        # damping optimizer: H + c·D, the diagonal exactly (base.response_scale)
+    takes_diagonal = True        # damping optimizer: H + c·D, the diagonal exactly (base.response_diagonal)
 
     def __init__(self, objective, damping, max_exact_params=10_000, progress=True):
         super().__init__(objective, damping, progress)
@@ -76,8 +76,8 @@ class ExactSolver(InverseHVP):
 
     def _set_hessian(self, h):
         self._hessian = h
-        scale = self.response_scale()
-        a = h + self.damping * (np.eye(len(h)) if scale is None else np.diag(1.0 / scale ** 2))
+        diagonal = self.response_diagonal()
+        a = h + self.damping * (np.eye(len(h)) if diagonal is None else np.diag(diagonal))
         w = np.linalg.eigvalsh(a)
         self.info.update(lambda_min=float(w[0]), lambda_max=float(w[-1]), num_params=len(h))
         if w[0] <= 0:

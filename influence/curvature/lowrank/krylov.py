@@ -187,7 +187,7 @@ class KrylovSolver(InverseHVP):
         if self.rank == "auto":
             bottom = max(float(theta[-1]), 0.0)
             # damping optimizer: every converged pair (the floor φ adds to c·D_j outside the basis: keep it low)
-            limit = AUTO_RATIO * (bottom + (0.0 if self.response_scale() is not None else self.damping))
+            limit = AUTO_RATIO * (bottom + (0.0 if self.response_diagonal() is not None else self.damping))
             k = int(np.sum(theta[:kept] >= limit))
             self.info.update(auto_rule=f"sigma >= {AUTO_RATIO:g} x (smallest Ritz value {bottom:.3g} + damping)")
         else:
@@ -211,7 +211,7 @@ class KrylovSolver(InverseHVP):
                          smallest_ritz_value=negative)
         log.info("krylov: rank %d (%d pairs converged of %d fitted), σ from %.3g to %.3g, floor %.3g, %s %.3g",
                  k, kept, len(self._all_u), theta[0], self._sigma[-1] if k else math.nan, self._floor,
-                 "λ" if self.response_scale() is None else "per-parameter λ, mean", lam)
+                 "λ" if self.response_diagonal() is None else "per-parameter λ, mean", lam)
 
     def mean_eigenvalue(self):
         """Hutchinson's ``trace(A)/P`` (base class), estimated once and cached with the basis, so that a
@@ -249,29 +249,28 @@ class KrylovSolver(InverseHVP):
 
     def _scalar_damping(self):
         """λ, or with ``damping optimizer`` the mean of ``c·D`` (what the auto rank and the checks compare with)."""
-        scale = self.response_scale()
-        return self.damping if scale is None else self.damping * float(np.mean(1.0 / scale ** 2))
+        diagonal = self.response_diagonal()
+        return self.damping if diagonal is None else self.damping * float(np.mean(diagonal))
 
     def _diagonal_pieces(self):
         """:func:`lowrank.diagonal_woodbury` of the basis in use with ``D' = c·D`` (``damping optimizer``), kept."""
         if self._woodbury is None:
-            scale = self.response_scale()
             self._woodbury = lowrank.diagonal_woodbury(self._u, self._sigma, self._floor,
-                                                       self.damping / scale ** 2)
+                                                       self.damping * self.response_diagonal())
         return self._woodbury
 
     def solve_numpy(self, v):
         """(T, P) -> (T, P) float64, the low-rank ``(A + λI)⁻¹ v``; with ``damping optimizer``
         ``(A + c·D)⁻¹ v`` for the same low-rank ``A`` (Woodbury: :func:`lowrank.diagonal_inverse`)."""
         self._ready()
-        if self.response_scale() is None:
+        if self.response_diagonal() is None:
             return lowrank.lowrank_inverse(self._u, self._sigma, self._floor, self.damping, v)
         return lowrank.diagonal_inverse(self._u, self._diagonal_pieces(), v)
 
     def precondition_numpy(self, v):
         """(T, P) -> (T, P): the Nyström preconditioner of the same basis (``(φ + λ) ×`` :meth:`solve_numpy`)."""
         self._ready()
-        if self.response_scale() is not None:
+        if self.response_diagonal() is not None:
             raise ValueError("krylov: damping optimizer gives no Nyström preconditioner of A + λI")
         return lowrank.nystrom_precondition(self._u, self._sigma, self._floor, self.damping, v)
 
@@ -283,7 +282,7 @@ class KrylovSolver(InverseHVP):
         from ``U gᵢ`` and ``‖gᵢ‖²`` (one tape per image for the gradients)."""
         self._ready()
         grads = self.image_gradients(x, y)
-        if self.response_scale() is not None:          # damping optimizer: Woodbury's quadratic form
+        if self.response_diagonal() is not None:          # damping optimizer: Woodbury's quadratic form
             return lowrank.diagonal_quadratic(self._u, self._diagonal_pieces(), grads)
         proj = grads @ self._u.T.astype(np.float64)
         return lowrank.self_quadratic(proj, np.einsum("np,np->n", grads, grads), self._sigma, self._floor,

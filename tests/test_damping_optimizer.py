@@ -96,8 +96,8 @@ def test_damping_optimizer_refusals_are_one_line(trained):
     for bad in ("optimizer:0", "optimizer:x", "optimizerx"):
         with pytest.raises(UserError, match="^damping optimizer takes a factor"):
             parse_damping(bad)
-    with pytest.raises(SettingError, match=r"^damping: optimizer is a per-parameter damping .* only krylov, exact take; give solver ekfac"):
-        _inf(trained, solver="ekfac", damping="optimizer").solver
+    with pytest.raises(SettingError, match=r"^damping: optimizer is a per-parameter damping .* only .*krylov.* take; give solver cg"):
+        _inf(trained, solver="cg", damping="optimizer").solver
     import influence
 
     _, bare, x, y, xt, yt = trained
@@ -167,3 +167,46 @@ def test_damping_auto_reads_the_training_run_where_the_solver_takes_it(trained):
     assert str(plain.settings.damping) == "0.1x" and plain.solver_choice.endswith("; damping auto: 0.1x (the model holds no trained optimizer state)")
     picked = _inf(trained)                                           # solver auto: krylov here
     assert picked.solver_name == "krylov" and str(picked.settings.damping) == "optimizer"
+
+
+def test_the_projected_diagonal_is_the_diagonal_of_d_in_the_kronecker_eigenbasis():
+    """``(Q_A∘Q_A)ᵀ D (Q_S∘Q_S)`` (block-diagonal Q_A split in two) equals ``diag(Qᵀ diag(D) Q)`` with the dense
+    ``Q = Q_A ⊗ Q_S`` (row-major (K1, C) flattening), float64."""
+    from types import SimpleNamespace
+
+    from influence.curvature.kfac.solve import projected_diagonal
+
+    rng = np.random.default_rng(5)
+    k_in, c = 4, 3
+    qa = [np.linalg.qr(rng.standard_normal((n, n)))[0] for n in (3, 2)]       # K1 = 5: 4 kernel rows + bias
+    qs = [np.linalg.qr(rng.standard_normal((c, c)))[0]]
+    block = SimpleNamespace(name="dense", k1=k_in + 1, c_out=c, k_in=k_in, kernel_pos=0, bias_pos=1,
+                            a_bounds=[(0, 3), (3, 5)], s_bounds=[(0, c)])
+    kernel, bias = rng.uniform(0.1, 2.0, (k_in, c)), rng.uniform(0.1, 2.0, c)
+    got = projected_diagonal(block, [kernel, bias], {"dense": {"QA": qa, "QS": qs}})
+    dense_qa = np.zeros((k_in + 1, k_in + 1))
+    dense_qa[:3, :3], dense_qa[3:, 3:] = qa
+    q = np.kron(dense_qa, qs[0])
+    want = np.diag(q.T @ np.diag(np.concatenate([kernel, bias[None]]).ravel()) @ q).reshape(k_in + 1, c)
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+    assert got.shape == (k_in + 1, c) and np.isclose(got.sum(), kernel.sum() + bias.sum())
+
+
+@pytest.mark.parametrize("solver", ["kfac", "ekfac"])
+def test_kfac_with_a_constant_d_is_the_scalar_damping_and_self_influence_follows(trained, solver, monkeypatch):
+    """Damping optimizer in the Kronecker eigenbasis: a constant ``D = d`` adds ``d`` to every eigenvalue, as
+    ``--damping d`` does (the basis is orthonormal), in the solve and in self-influence; the real ``D`` differs."""
+    from influence.curvature.base import InverseHVP
+    from influence.model.training_state import response_diagonal
+
+    _, _, x, y, xt, yt = trained
+    d = response_diagonal(_inf(trained, solver="exact", damping=0.0).clf).diagonal
+    real = _inf(trained, solver=solver, damping="optimizer:0.5").scores(xt, yt)
+    const = float(np.median(d))
+    monkeypatch.setattr(InverseHVP, "response_diagonal",
+                        lambda self: np.full(len(d), const) if self.damping_spec.optimizer else None)
+    opt = _inf(trained, solver=solver, damping="optimizer:0.5")
+    scalar = _inf(trained, solver=solver, damping=0.5 * const)
+    np.testing.assert_allclose(opt.scores(xt, yt), scalar.scores(xt, yt), rtol=1e-5)
+    np.testing.assert_allclose(opt.self_influence().values, scalar.self_influence().values, rtol=1e-5)
+    assert opt.solver.info["damping_per_layer"] and not np.allclose(real, scalar.scores(xt, yt), rtol=1e-3)

@@ -61,22 +61,23 @@ def choose_solver(requested, given, num_params, itemsize, memory_budget):
                      f"parameters with params (e.g. last:1) for krylov)")
 
 
-#: ``damping auto`` for a solver that takes a per-parameter damping (krylov, exact): ``optimizer`` when the
-#: model holds its training state (README, "Damping from the training run": the LDS panel's measurements)
-AUTO_OPTIMIZER = True
+#: the solvers whose ``damping auto`` is ``optimizer`` when the model holds its training state (README, "Damping
+#: from the training run": the LDS panel's measurements). kfac / ekfac take ``optimizer`` too, per eigen-direction,
+#: but keep ``0.1x`` under auto: on the panel it did not beat their relative damping
+AUTO_OPTIMIZER = ("krylov", "exact")
 
 
 def choose_damping(solver, damping, clf):
     """The damping of a run and why -> ``(Damping, reason or None)``.
 
     ``damping``: the parsed setting. Given as ``auto`` (:attr:`Damping.auto`) to a method that takes a
-    per-parameter damping (``takes_diagonal``: krylov, exact) on a model whose saved optimizer state can be
+    per-parameter damping and measured better with it (:data:`AUTO_OPTIMIZER`) on a model whose saved optimizer state can be
     read (:func:`influence.model.training_state.response_diagonal`): ``optimizer``; else as it is (``auto``
     is then ``0.1x``), the reason saying why when ``auto`` stayed a factor.
     """
     from influence.model.training_state import NoTrainingState, response_diagonal
 
-    if not (damping.auto and AUTO_OPTIMIZER and getattr(REGISTRY.get(solver), "takes_diagonal", False)):
+    if not (damping.auto and solver in AUTO_OPTIMIZER and getattr(REGISTRY.get(solver), "takes_diagonal", False)):
         return damping, None
     try:
         facts = response_diagonal(clf).facts

@@ -68,8 +68,8 @@ SOLVERS = (
 )
 #: ``--lds-solvers grid`` (issue 30's table): the default, then krylov and ekfac over a damping grid (calculate.py's
 #: ``--damping`` in its relative form, ``f x`` = f × the curvature's mean eigenvalue: influence/curvature/damping.py)
-GRID_KRYLOV = ("0.1x", "1x", "3x", "10x", "30x")
-GRID_EKFAC = ("0.1x", "1x")
+GRID_KRYLOV = ("0.1x", "1x", "3x", "10x", "30x", "optimizer")
+GRID_EKFAC = ("0.1x", "1x", "optimizer")
 GRID = ((("auto (default)", []),)
         + tuple((f"krylov, λ {d}", ["--solver", "krylov", "--damping", d]) for d in GRID_KRYLOV)
         + tuple((f"ekfac, λ {d}", ["--solver", "ekfac", "--damping", d]) for d in GRID_EKFAC))

@@ -18,7 +18,7 @@ import tensorflow as tf
 from influence.curvature.kfac.passes import MICRO_BYTES
 from influence.curvature.kfac.plan import DiagBlock, KronBlock
 from influence.curvature.kfac.signals import kron_inputs, rotate_last
-from influence.curvature.kfac.solve import block_damping
+from influence.curvature.kfac.solve import block_added
 
 
 class SelfInfluenceGraph:
@@ -30,12 +30,13 @@ class SelfInfluenceGraph:
       fit: a :class:`~influence.curvature.kfac.state.KroneckerFit` with its float64 eigenvectors and
         eigenvalues (RuntimeError when compacted).
       spec: the damping (influence.curvature.damping): ``λ`` per block from the fit's ``Λ + ρ``.
+      diagonal: with damping ``optimizer``, its ``D`` per variable (:func:`~influence.curvature.kfac.solve.block_added`).
       x_spec, y_spec: the TensorSpecs of a batch of images and of their labels.
 
     Holds ``1 / (Λ + ρ + λ)`` and the eigenvectors as float64 TensorFlow variables and one compiled graph.
     """
 
-    def __init__(self, signals, fit, spec, x_spec, y_spec, name="kfac"):
+    def __init__(self, signals, fit, spec, x_spec, y_spec, name="kfac", diagonal=None):
         if fit.compacted:
             raise RuntimeError(f"{name}: self-influence after compact(); run it before compacting")
         self.signals = signals
@@ -45,7 +46,7 @@ class SelfInfluenceGraph:
             # this graph works in float64 whatever the model's dtype: 1 / (Λ + ρ + λ) from the float64
             # eigenvalues, not from the solve's copy in the model's dtype
             den = fit.undamped(b)
-            den += block_damping(spec, den)
+            den += block_added(b, spec, den, diagonal, fit.eig)
             parts = {"inv": tf.Variable(1.0 / den, trainable=False)}
             if isinstance(b, KronBlock):
                 eig = fit.eig[b.name]

@@ -85,27 +85,64 @@ def block_damping(spec, undamped):
     return spec.for_block(float(np.mean(undamped)) if undamped.size else 0.0)
 
 
-def damped_eigenvalues(fit, spec, dtype, name):
+def projected_diagonal(b, diagonal, eig):
+    """A per-parameter damping ``D`` seen in block ``b``'s eigenbasis: the diagonal of ``Qᵀ diag(D) Q``.
+
+    For a Kronecker layer with ``Q = Q_A ⊗ Q_S`` that diagonal is ``(Q_A ∘ Q_A)ᵀ D_b (Q_S ∘ Q_S)``
+    (``∘`` elementwise, ``D_b`` the layer's ``D`` as its (K1, C) kernel-and-bias matrix): each eigen-direction
+    is damped by the mean of ``D`` over the weights it spans. It is the closest diagonal to ``diag(D)`` in that
+    basis, as EK-FAC's eigenvalues are the closest to the Fisher (damping ``optimizer``, per layer).
+
+    Args:
+      b: a plan block; diagonal: float64 arrays shaped like the variables (``D`` split per variable);
+      eig: the fit's float64 eigenvectors ``{layer: {"QA": [...], "QS": [...]}}`` (Kronecker blocks).
+
+    Returns:
+      float64, shaped like the block's ``Λ + ρ``: (K1, C) for a Kronecker block, (size,) for a diagonal one.
+    """
+    if isinstance(b, DiagBlock):
+        return np.concatenate([np.asarray(diagonal[i], np.float64).ravel() for i in b.positions])
+    mat = np.empty((b.k1, b.c_out), np.float64)
+    mat[:b.k_in] = np.asarray(diagonal[b.kernel_pos], np.float64).reshape(b.k_in, b.c_out)
+    if b.bias_pos is not None:
+        mat[b.k_in] = np.asarray(diagonal[b.bias_pos], np.float64)
+    squares = {k: [np.square(q) for q in eig[b.name][k]] for k in ("QA", "QS")}
+    return kron_rotate(mat, squares["QA"], b.a_bounds, squares["QS"], b.s_bounds)
+
+
+def block_added(b, spec, undamped, diagonal=None, eig=None):
+    """What the damping adds to block ``b``'s ``Λ + ρ`` (float64 ``undamped``): a scalar ``λ``
+    (:func:`block_damping`), or with ``diagonal`` (damping ``optimizer``) ``c ×`` :func:`projected_diagonal`."""
+    if diagonal is None:
+        return block_damping(spec, undamped)
+    return spec.value * projected_diagonal(b, diagonal, eig)
+
+
+def damped_eigenvalues(fit, spec, dtype, name, diagonal=None):
     """``Λ + ρ + λ`` of every block of a :class:`~influence.curvature.kfac.state.KroneckerFit`.
 
     Args:
       fit: the fitted state; spec: the damping (influence.curvature.damping); dtype: the numpy dtype of
-        the result (the model's); name: the solver's name for the error.
+        the result (the model's); name: the solver's name for the error; diagonal: with damping
+        ``optimizer``, its ``D`` split per variable (float64 arrays shaped like the variables), added per
+        eigen-direction as :func:`projected_diagonal` (``λ`` is then an array).
 
     Returns:
       ``(dens, lams)``: ``{layer: Λ + ρ + λ}`` in ``dtype`` (Kronecker: (K1, C); diagonal: (size,)) and
-      ``{layer: λ}`` (floats). SettingError when a block of ``F + R + λI`` is singular.
+      ``{layer: λ}`` (floats; the mean of the added term with ``diagonal``). SettingError when a block of
+      ``F + R + λI`` is singular.
     """
     dens, lams = {}, {}
     for b in fit.plan:
         den = fit.undamped(b)
-        lams[b.name] = lam = block_damping(spec, den)
+        lam = block_added(b, spec, den, diagonal, None if diagonal is None else fit.eig)
+        lams[b.name] = float(np.mean(lam))
         den += lam
         if den.min() <= SINGULAR * max(float(den.max()), 1e-300):
             raise SettingError("damping", f"F + λI of solver {name} is singular in layer {b.name} (a Fisher "
-                                          f"eigenvalue is {float(den.min()) - lam:.3g}); give a damping > 0")
+                                          f"eigenvalue is {float((den - lam).min()):.3g}); give a damping > 0")
         dens[b.name] = den.astype(dtype, copy=False)
-        del den
+        del den, lam
     return dens, lams
 
 

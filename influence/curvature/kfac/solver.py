@@ -90,6 +90,8 @@ class KFACSolver(InverseHVP):
     relative_damping = "blocks"  # λ per layer from its own eigenvalues (damping auto / 0.3x)
     self_influence_route = "Kronecker eigenbasis"     # self_influence_batch: no inverse-HVP per image
     corrected = False        # EK-FAC: eigenvalues corrected by a second pass
+    #: damping optimizer: ``D`` per eigen-direction of each layer (kfac.solve.projected_diagonal)
+    takes_diagonal = True
     strict_regularisers = True
     #: solve_stacked writes each solution into its slot of the stacked result: gradient + solution
     copies_per_vector = 2
@@ -251,6 +253,14 @@ class KFACSolver(InverseHVP):
         """``Λ + ρ`` of block ``b`` of the fitted state, float64 (fits first if needed)."""
         return self._fit().undamped(b)
 
+    def diagonal_parts(self):
+        """``D`` of damping ``optimizer`` (:meth:`response_diagonal`) split into float64 arrays shaped like
+        the variables, or None for any other damping."""
+        flat = self.response_diagonal()
+        if flat is None:
+            return None
+        sizes = np.cumsum([int(np.prod(v.shape)) for v in self.variables])[:-1]
+        return [part.reshape(tuple(v.shape)) for part, v in zip(np.split(flat, sizes), self.variables)]
 
     def damped(self):
         """{layer name: Λ + ρ + λ} in the model's dtype (Kronecker: (K1, C); diagonal: (size,)), formed
@@ -259,11 +269,12 @@ class KFACSolver(InverseHVP):
         key = str(self.damping_spec)
         if self._dens is not None and self._dens[0] == key:
             return self._dens[1]
-        dens, lams = damped_eigenvalues(fit, self.damping_spec, self.dtype, self.name)
-        if self.damping_spec.relative:
+        dens, lams = damped_eigenvalues(fit, self.damping_spec, self.dtype, self.name, self.diagonal_parts())
+        if self.damping_spec.relative or self.damping_spec.optimizer:
             self.info["damping_per_layer"] = {name: float(f"{lam:.6g}") for name, lam in lams.items()}
-            log.info("%s: damping %s -> per layer %s", self.name, self.damping_spec,
-                     ", ".join(f"{name} {lam:.3g}" for name, lam in lams.items()))
+            log.info("%s: damping %s -> per layer %s%s", self.name, self.damping_spec,
+                     ", ".join(f"{name} {lam:.3g}" for name, lam in lams.items()),
+                     " (the mean over each layer's eigen-directions)" if self.damping_spec.optimizer else "")
         self._dens = (key, dens)
         return dens
 
@@ -310,7 +321,7 @@ class KFACSolver(InverseHVP):
         if self._self is None or self._self[0] != key:
             d = self.obj.d
             self._self = (key, SelfInfluenceGraph(self.signals, self.fitted, self.damping_spec, d.x_spec,
-                                                  d.y_spec, self.name))
+                                                  d.y_spec, self.name, self.diagonal_parts()))
         return self._self[1](x, y)
 
 

@@ -96,8 +96,8 @@ def test_damping_optimizer_refusals_are_one_line(trained):
     for bad in ("optimizer:0", "optimizer:x", "optimizerx"):
         with pytest.raises(UserError, match="^damping optimizer takes a factor"):
             parse_damping(bad)
-    with pytest.raises(SettingError, match=r"^damping: optimizer is a per-parameter damping .* only .*krylov.* take; give solver cg"):
-        _inf(trained, solver="cg", damping="optimizer").solver
+    with pytest.raises(SettingError, match=r"^damping: optimizer is a per-parameter damping .* only .*krylov.* take; give solver lissa"):
+        _inf(trained, solver="lissa", damping="optimizer").solver
     import influence
 
     _, bare, x, y, xt, yt = trained
@@ -210,3 +210,13 @@ def test_kfac_with_a_constant_d_is_the_scalar_damping_and_self_influence_follows
     np.testing.assert_allclose(opt.scores(xt, yt), scalar.scores(xt, yt), rtol=1e-5)
     np.testing.assert_allclose(opt.self_influence().values, scalar.self_influence().values, rtol=1e-5)
     assert opt.solver.info["damping_per_layer"] and not np.allclose(real, scalar.scores(xt, yt), rtol=1e-3)
+
+
+@pytest.mark.parametrize("solver", ["cg", "pcg", "dpcg"])
+def test_the_conjugate_gradient_solvers_reach_the_dense_h_plus_d_answer(trained, solver):
+    """cg, pcg (EK-FAC preconditioned, itself damped per eigen-direction) and dpcg (the krylov basis's Woodbury
+    inverse as preconditioner) converge to exact's ``(G + c·D)⁻¹`` scores."""
+    _, _, _, _, xt, yt = trained
+    want = _inf(trained, solver="exact", damping="optimizer:0.5").scores(xt, yt)
+    got = _inf(trained, solver=solver, damping="optimizer:0.5", cg_tol=1e-8, cg_maxiter=400).scores(xt, yt)
+    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4 * np.abs(want).max())

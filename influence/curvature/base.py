@@ -230,8 +230,20 @@ class InverseHVP:
         return True
 
     def apply(self, v):
-        """(H + λI) v over the whole training set."""
-        return vec_axpy(self.damping, v, self.obj.hvp_full(v))
+        """(H + λI) v over the whole training set (``(H + c·D) v`` with damping ``optimizer``)."""
+        return self.damped_product(v, self.obj.hvp_full(v))
+
+    def damped_product(self, v, hv):
+        """``hv + λ v``, or ``hv + c·D ⊙ v`` with damping ``optimizer`` (:meth:`response_diagonal`): Vecs."""
+        if not self.damping_spec.optimizer:
+            return vec_axpy(self.damping, v, hv)
+        key = str(self.damping_spec)
+        if getattr(self, "_scaled_diagonal", (None,))[0] != key:
+            from influence.model.vectors import numpy_to_vec
+
+            scaled = numpy_to_vec(self.damping_spec.value * self.response_diagonal(), self.obj.d.variables)
+            self._scaled_diagonal = (key, scaled)
+        return tuple(h + d * x for h, d, x in zip(hv, self._scaled_diagonal[1], v))
 
     # --- for methods that hold their matrix as numpy arrays ----------------------------------------------
     def solve_rows(self, solve_numpy, vectors):

@@ -71,6 +71,7 @@ class CGSolver(InverseHVP):
     summary = "conjugate gradient on whole-training-set HVPs (exact answer, ~30 HVP passes per test image)"
     approximates = "hessian"   # what the contract test (tests/test_curvature_contract.py) compares with
     relative_damping = "trace"   # λ = factor × trace(H)/P (influence.curvature.damping)
+    takes_diagonal = True        # damping optimizer: every product is (H + c·D) v (InverseHVP.damped_product)
 
     def __init__(self, objective, damping, cg_tol=1e-6, cg_maxiter=200, progress=True):
         super().__init__(objective, damping, progress)

@@ -158,8 +158,8 @@ class LockstepCG(CGSolver):
 
     # --- per test vector -----------------------------------------------------------------------------------
     def apply_many(self, vecs):
-        """``[(H + λI) v for v in vecs]`` in one pass over the training set."""
-        return [vec_axpy(self.damping, v, hv) for v, hv in zip(vecs, hvp_full_many(self.obj, vecs))]
+        """``[(H + λI) v for v in vecs]`` in one pass over the training set (``H + c·D`` with damping optimizer)."""
+        return [self.damped_product(v, hv) for v, hv in zip(vecs, hvp_full_many(self.obj, vecs))]
 
 
 

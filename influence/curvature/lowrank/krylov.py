@@ -268,10 +268,11 @@ class KrylovSolver(InverseHVP):
         return lowrank.diagonal_inverse(self._u, self._diagonal_pieces(), v)
 
     def precondition_numpy(self, v):
-        """(T, P) -> (T, P): the Nyström preconditioner of the same basis (``(φ + λ) ×`` :meth:`solve_numpy`)."""
+        """(T, P) -> (T, P): the Nyström preconditioner of the same basis (``(φ + λ) ×`` :meth:`solve_numpy`);
+        with damping ``optimizer`` the Woodbury inverse ``(A + c·D)⁻¹`` itself (symmetric positive definite)."""
         self._ready()
         if self.response_diagonal() is not None:
-            raise ValueError("krylov: damping optimizer gives no Nyström preconditioner of A + λI")
+            return self.solve_numpy(v)
         return lowrank.nystrom_precondition(self._u, self._sigma, self._floor, self.damping, v)
 
     def solve(self, vectors, ids=None):

@@ -214,7 +214,9 @@ def resolved(out):
     except (OSError, ValueError):
         return ""
     parts = []
-    if isinstance(info.get("damping"), (int, float)):
+    if str(info.get("damping_rule", "")).startswith("optimizer"):      # a factor of D, not a λ
+        parts.append(f"λ = {info['damping_rule']} × D")
+    elif isinstance(info.get("damping"), (int, float)):
         parts.append(f"λ = {info['damping']:.3g}")
     if isinstance(info.get("rank"), int):
         parts.append(f"rank {info['rank']}")

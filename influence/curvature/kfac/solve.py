@@ -85,6 +85,15 @@ def block_damping(spec, undamped):
     return spec.for_block(float(np.mean(undamped)) if undamped.size else 0.0)
 
 
+def split_like(flat, variables):
+    """float64 ``(P,)`` (or None) -> float64 arrays shaped like ``variables`` (or None): ``D`` of damping
+    ``optimizer`` per variable."""
+    if flat is None:
+        return None
+    sizes = np.cumsum([int(np.prod(v.shape)) for v in variables])[:-1]
+    return [part.reshape(tuple(v.shape)) for part, v in zip(np.split(np.asarray(flat), sizes), variables)]
+
+
 def projected_diagonal(b, diagonal, eig):
     """A per-parameter damping ``D`` seen in block ``b``'s eigenbasis: the diagonal of ``Qᵀ diag(D) Q``.
 

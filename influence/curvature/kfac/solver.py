@@ -61,7 +61,7 @@ from influence.curvature.kfac.passes import FittingPasses
 from influence.curvature.kfac.plan import MAX_BLOCK, check_budget, describe_block, fit_bytes, format_gb, make_plan
 from influence.curvature.kfac.self_influence import SelfInfluenceGraph
 from influence.curvature.kfac.signals import LayerSignals, check_fisher, resolve_fisher, signal_rows
-from influence.curvature.kfac.solve import KroneckerSolve, damped_eigenvalues
+from influence.curvature.kfac.solve import KroneckerSolve, damped_eigenvalues, split_like
 from influence.curvature.kfac.state import KroneckerFit, fit_factors, resident_bytes
 from influence.errors import SettingError, UserError
 from influence.model.taps import linear_kind
@@ -253,14 +253,6 @@ class KFACSolver(InverseHVP):
         """``Λ + ρ`` of block ``b`` of the fitted state, float64 (fits first if needed)."""
         return self._fit().undamped(b)
 
-    def diagonal_parts(self):
-        """``D`` of damping ``optimizer`` (:meth:`response_diagonal`) split into float64 arrays shaped like
-        the variables, or None for any other damping."""
-        flat = self.response_diagonal()
-        if flat is None:
-            return None
-        sizes = np.cumsum([int(np.prod(v.shape)) for v in self.variables])[:-1]
-        return [part.reshape(tuple(v.shape)) for part, v in zip(np.split(flat, sizes), self.variables)]
 
     def damped(self):
         """{layer name: Λ + ρ + λ} in the model's dtype (Kronecker: (K1, C); diagonal: (size,)), formed
@@ -269,7 +261,8 @@ class KFACSolver(InverseHVP):
         key = str(self.damping_spec)
         if self._dens is not None and self._dens[0] == key:
             return self._dens[1]
-        dens, lams = damped_eigenvalues(fit, self.damping_spec, self.dtype, self.name, self.diagonal_parts())
+        diagonal = split_like(self.response_diagonal(), self.variables)        # damping optimizer's D, or None
+        dens, lams = damped_eigenvalues(fit, self.damping_spec, self.dtype, self.name, diagonal)
         if self.damping_spec.relative or self.damping_spec.optimizer:
             self.info["damping_per_layer"] = {name: float(f"{lam:.6g}") for name, lam in lams.items()}
             log.info("%s: damping %s -> per layer %s%s", self.name, self.damping_spec,
@@ -320,8 +313,9 @@ class KFACSolver(InverseHVP):
         key = str(self.damping_spec)
         if self._self is None or self._self[0] != key:
             d = self.obj.d
+            diagonal = split_like(self.response_diagonal(), self.variables)
             self._self = (key, SelfInfluenceGraph(self.signals, self.fitted, self.damping_spec, d.x_spec,
-                                                  d.y_spec, self.name, self.diagonal_parts()))
+                                                  d.y_spec, self.name, diagonal))
         return self._self[1](x, y)
 
 

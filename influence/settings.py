@@ -29,6 +29,22 @@ GROUPS = ("data and outputs", "model", "inverse Hessian-vector product",
           "scale-out (needs Ray: pip install -r requirements-distributed.txt)",
           "calibration: how far can the scores be trusted on this model? (retrains it)")
 
+#: ``memory_budget``'s default, GB: the :class:`Settings` field's and every solver constructor's
+MEMORY_BUDGET_GB = 2.0
+#: bytes in one GB of ``memory_budget`` (GiB: 2**30)
+_GB = 2**30
+
+
+def gb_to_bytes(gb):
+    """``gb`` GB of ``memory_budget`` (the unit every budget is given in) in bytes; the one conversion."""
+    return gb * _GB
+
+
+def bytes_to_gb(nbytes):
+    """``nbytes`` bytes in the GB of :func:`gb_to_bytes` (for messages and records)."""
+    return nbytes / _GB
+
+
 #: the factor of ``damping auto``: λ_b = AUTO_FACTOR × mean eigenvalue of block b
 #: (:mod:`influence.curvature.damping` says how each method takes it)
 AUTO_FACTOR = 0.1
@@ -287,8 +303,8 @@ class Settings:
                           _at_least(0, " (0 = all test images)"))
     overwrite: bool = _setting(False, _DATA, "redo test images whose outputs exist (default: skip them, so a rerun "
                                              "resumes)")
-    memory_budget: float = _setting(2.0, _RES, "bound for everything a run holds: inverse-HVPs scored together, one "
-                                               "scoring or HVP call, curvature factors (GB)",
+    memory_budget: float = _setting(MEMORY_BUDGET_GB, _RES, "bound for everything a run holds: inverse-HVPs scored "
+                                                            "together, one scoring or HVP call, curvature factors (GB)",
                                     lambda v: None if v > 0 else f"must be > 0 (GB), got {v}", solver=True)
     score_batch: int = _setting(256, _RES, "training images per scoring step, at most", _at_least(1))
     workers: int = _setting(0, _RAY, "start a local Ray runtime with N workers (one GPU each when there are GPUs) "

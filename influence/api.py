@@ -66,7 +66,7 @@ names of the test images for stochastic solvers (:func:`influence.scoring.groups
 
 The training images must be the model's input size and their labels its class indices
 (:func:`influence.model.models.check_training_set`, the check calculate.py runs): a one-line
-:class:`UserError` naming ``train`` otherwise.
+:class:`~influence.errors.SettingError` naming ``train`` otherwise (calculate.py's names ``data``).
 
 :meth:`Influence.from_settings` builds one from a calculate run's :class:`influence.settings.Settings` (the
 calculate job is a client of this class: it scores with :meth:`Influence.score_groups`, the loop of

@@ -134,31 +134,28 @@ def _at_least(low, note=""):
     return lambda v: None if v >= low else f"must be >= {low}{note}, got {v}"
 
 
-def parse_store_dim(value):
-    """``store_dim``'s one parser: ``"auto"`` or a positive int; SettingError naming ``store_dim`` otherwise."""
-    if isinstance(value, str) and value.strip().lower() == "auto":
-        return "auto"
-    try:
-        dim = int(value)
-    except (TypeError, ValueError):
-        dim = 0
-    if dim < 1 or dim != float(value):
-        raise SettingError("store_dim", f"must be a positive integer or auto, got {value!r}")
-    return dim
+def auto_or_count(setting):
+    """The one parser of a setting that is ``"auto"`` or a positive int (``store_dim``, ``rank``, ``epochs``):
+    ``parse(value)`` takes text or a number (an int is returned as is) and raises a SettingError naming
+    ``setting`` for anything else."""
+    def parse(value):
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return "auto"
+        try:
+            count = int(value)
+        except (TypeError, ValueError, OverflowError):
+            count = 0
+        if count < 1 or count != float(value):
+            raise SettingError(setting, f"must be a positive integer or auto, got {value!r}")
+        return count
+
+    parse.__name__ = parse.__qualname__ = f"parse_{setting}"     # pickled by name, as a module function
+    return parse
 
 
-def parse_rank(rank):
-    """``rank``'s one parser: ``"auto"`` or a positive int (from a string too; an int is returned as is);
-    SettingError naming ``rank`` otherwise."""
-    if isinstance(rank, str) and rank.strip().lower() == "auto":
-        return "auto"
-    try:
-        value = int(rank)
-    except (TypeError, ValueError):
-        raise SettingError("rank", f"must be a positive integer or auto, got {rank!r}") from None
-    if value < 1 or value != float(rank):
-        raise SettingError("rank", f"must be a positive integer or auto, got {rank!r}")
-    return value
+parse_store_dim = auto_or_count("store_dim")
+parse_rank = auto_or_count("rank")
+parse_epochs = auto_or_count("epochs")
 
 
 #: the curvature matrices a Hessian solver can take (:class:`influence.model.objective.TrainingObjective`):
@@ -175,19 +172,6 @@ def _hessian(value):
 def _scale_option(value):
     """``scale`` as LiSSA takes it: None for ``auto``, else the number (:func:`scale_value`)."""
     return scale_value(value)
-
-
-def parse_epochs(epochs):
-    """``epochs``' one parser: ``"auto"`` or a positive int (from a string too); SettingError otherwise."""
-    if isinstance(epochs, str) and epochs.strip().lower() == "auto":
-        return "auto"
-    try:
-        value = int(epochs)
-    except (TypeError, ValueError):
-        raise SettingError("epochs", f"must be a positive integer or auto, got {epochs!r}") from None
-    if value < 1 or value != float(epochs):
-        raise SettingError("epochs", f"must be a positive integer or auto, got {epochs!r}")
-    return value
 
 
 def _dampings(text):

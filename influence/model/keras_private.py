@@ -110,3 +110,9 @@ def optimizer_slot(optimizer, variable, slots):
     lists indexed by the variable)."""
     index = _attribute(optimizer, "_get_variable_index", "keras.optimizers.Optimizer")(variable)
     return _attribute(optimizer, slots, type(optimizer).__name__)[index].numpy()
+
+
+def learning_rate(optimizer):
+    """``optimizer._learning_rate``: the learning rate as given, a schedule kept as the schedule (the public
+    ``learning_rate`` is its value at the current step); the public one for an optimizer without it."""
+    return optimizer._learning_rate if hasattr(optimizer, "_learning_rate") else optimizer.learning_rate

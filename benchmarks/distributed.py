@@ -228,7 +228,6 @@ VGG16 = ([("block1_conv1", 224 * 224, 27, 64), ("block1_conv2", 224 * 224, 576, 
          + [(f"block5_conv{i}", 14 * 14, 4608, 512) for i in (1, 2, 3)]
          + [("fc1", 1, 25088, 4096), ("fc2", 1, 4096, 4096), ("predictions", 1, 4096, 1000)])
 VGG16_PARAMS = 138_357_544
-VGG16_FWD_FLOP = 2 * sum(p * k * c for _, p, k, c in VGG16)
 
 #: assumptions (on paper), one line each in the printed table
 ASSUME = {

@@ -56,21 +56,17 @@ class Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
     def add_argument(self, *args, **kwargs):
-        action = super().add_argument(*args, **kwargs)
-        self.options.append(action)
-        return action
+        return self._keep(super().add_argument(*args, **kwargs))
 
     def add_argument_group(self, *args, **kwargs):
         group = super().add_argument_group(*args, **kwargs)
         add = group.add_argument
-
-        def add_argument(*a, **k):
-            action = add(*a, **k)
-            self.options.append(action)
-            return action
-
-        group.add_argument = add_argument
+        group.add_argument = lambda *a, **k: self._keep(add(*a, **k))
         return group
+
+    def _keep(self, action):
+        self.options.append(action)
+        return action
 
     def error(self, message):
         self.exit(EXIT_USAGE, f"error: {message} (see {self.prog} --help)\n")

@@ -3,8 +3,9 @@
 Rewiring a loaded model (cutting a final softmax, running a functional graph with some layer calls
 taken over by :class:`influence.model.taps.Tap`) needs parts of Keras that are not public:
 ``keras.src`` classes, the node that made a symbolic tensor, ``Function._run_through_graph`` and
-a few underscore attributes of layers. Keras may change any of them in a minor release, so they are
-all reached through the small functions below, written against Keras 3.15 (``requirements.txt`` caps
+a few underscore attributes of layers (and of optimizers: their slots, a learning-rate schedule). Keras
+may change any of them in a minor release, so they are all reached through the small functions below
+(``tests/test_names.py`` finds any other), written against Keras 3.15 (``requirements.txt`` caps
 Keras at that minor; ``tests/test_keras_private.py`` runs each function on a real model). When one
 is gone, the function raises :class:`UserError` with one line naming the installed Keras version,
 instead of a traceback from deep inside the influence math.

@@ -37,7 +37,7 @@ sys.path.insert(0, str(HERE))
 
 import numpy as np  # noqa: E402
 
-from run import _demo_data, machine, run_measured, say, timeit  # noqa: E402
+from run import demo_data, machine, run_measured, say, timeit  # noqa: E402
 
 SECTIONS = ("scoring", "fit", "demo", "vgg16")
 ROWS = []
@@ -122,7 +122,7 @@ def bench_fit(args):
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_fit_"))
     try:
-        root = _demo_data(tmp)
+        root = demo_data(tmp)
         train = TrainArchive(root / "train.npz")
         clf = load_classifier(str(root / "model.keras"), preprocess="unit")
         d = Derivatives(clf, train.image_shape)
@@ -167,7 +167,7 @@ def _calc(root, out, *extra):
 def bench_demo(args):
     tmp = Path(tempfile.mkdtemp(prefix="bench_demo_"))
     try:
-        root = _demo_data(tmp)
+        root = demo_data(tmp)
         folders = ["--folders", "orig"] if args.quick else []
         say(f"[demo] calculate.py end to end on {root}")
         results = {}

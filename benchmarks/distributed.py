@@ -31,6 +31,9 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 REPO = Path(__file__).resolve().parent.parent
+#: the GB of this model's rates and sizes: decimal, as network and disk bandwidths are quoted (GB/s); not
+#: memory_budget's GB of 2**30 bytes (influence.settings.gb_to_bytes), a different unit on purpose
+GB = 1e9
 sys.path.insert(0, str(REPO))
 
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -156,12 +159,12 @@ def driver_rates():
     def add():
         a.__iadd__(b)
 
-    add_gbs = a.nbytes / median_time(add, 5) / 1e9
+    add_gbs = a.nbytes / median_time(add, 5) / GB
     tmp = Path(tempfile.mkdtemp(prefix="bench_parts_"))
     try:
         part = np.ones((30, 20000, 16), np.float32)
         np.save(tmp / "p.npy", part)
-        load_gbs = part.nbytes / median_time(lambda: np.load(tmp / "p.npy"), 5) / 1e9
+        load_gbs = part.nbytes / median_time(lambda: np.load(tmp / "p.npy"), 5) / GB
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     m = np.random.default_rng(0).standard_normal((1024, 1024))
@@ -225,7 +228,6 @@ VGG16 = ([("block1_conv1", 224 * 224, 27, 64), ("block1_conv2", 224 * 224, 576, 
          + [(f"block5_conv{i}", 14 * 14, 4608, 512) for i in (1, 2, 3)]
          + [("fc1", 1, 25088, 4096), ("fc2", 1, 4096, 4096), ("predictions", 1, 4096, 1000)])
 VGG16_PARAMS = 138_357_544
-VGG16_FWD_FLOP = 2 * sum(p * k * c for _, p, k, c in VGG16)
 
 #: assumptions (on paper), one line each in the printed table
 ASSUME = {
@@ -275,8 +277,8 @@ def cost_model(m, gpus, t=None, a=ASSUME):
     flop1, flop2, bytes1, bytes2, cube = vgg16_fit_terms(a["max_block"])
     g_over_f = VGG16_MEASURED["G_over_F"]       # forward + backward of each pass
     shards = min(64, -(-n // 200))              # MAX_SHARDS; 200 images per archive batch (-bs 200)
-    fs_bw = min(a["fs_gbs"], nodes * a["net_gbs"]) * 1e9
-    local_bw = nodes * a["local_gbs"] * 1e9
+    fs_bw = min(a["fs_gbs"], nodes * a["net_gbs"]) * GB
+    local_bw = nodes * a["local_gbs"] * GB
     fp64 = a["fp64_tflops"] * 1e12
     score_per_image = (VGG16_MEASURED["score1_over_F"] + (t - 1) * VGG16_MEASURED["extra_over_F"]) * f
     parts = t * n * a["layers"] * 4
@@ -287,15 +289,15 @@ def cost_model(m, gpus, t=None, a=ASSUME):
         "read a pass (copy per node)": n * IMAGE_BYTES / local_bw,
         "fit: compute, 2 passes": n * (2 * g_over_f * f + (flop1 + flop2) / fp64) / gpus,
         "fit: worker start per shard": 2 * shards * a["warmup_s"] / gpus,
-        "fit: driver adds shard sums": shards * (bytes1 + bytes2) / min(a["net_gbs"] * 1e9, m["add_gbs"] * 1e9),
-        "fit: driver eigh": cube / 1024 ** 3 * m["eigh_1024"],
+        "fit: driver adds shard sums": shards * (bytes1 + bytes2) / min(a["net_gbs"] * GB, m["add_gbs"] * GB),
+        "fit: driver eigh": cube / 1024 ** 3 * m["eigh_1024"],   # eigh time grows as n³: from 1024³ (not bytes)
         "score: compute": n * score_per_image / gpus,
         "score: worker start per shard": shards * a["warmup_s"] / gpus,
-        "score: broadcast inverse-HVPs": vectors * nodes / (a["net_gbs"] * 1e9),
-        "score: driver loads parts": parts / fs_bw + parts / (m["load_gbs"] * 1e9),
+        "score: broadcast inverse-HVPs": vectors * nodes / (a["net_gbs"] * GB),
+        "score: driver loads parts": parts / fs_bw + parts / (m["load_gbs"] * GB),
         "score: driver writes outputs": t * n * m["write_ms"] / 1e3,
         "score_per_image": score_per_image,
-        "sums_gb": (bytes1 + bytes2) / 1e9, "parts_gb": parts / 1e9, "vectors_gb": vectors / 1e9,
+        "sums_gb": (bytes1 + bytes2) / GB, "parts_gb": parts / GB, "vectors_gb": vectors / GB,
     }
 
 

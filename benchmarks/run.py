@@ -476,7 +476,7 @@ def build_demo_data(root, n_train=DEMO_TRAIN, epochs=DEMO_EPOCHS):
     data = demo.write_folders(root, n_train=n_train)
     model, _ = demo.train_model(*data["train"][:2], epochs=epochs)
     model.save(root / "model.keras")
-    argv, _, _ = demo._command(demo.COMMANDS[0], str(root))
+    argv, _, _ = demo.command(demo.COMMANDS[0], str(root))
     done = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     if done.returncode != 0:  # the caller's section reports it as a failure, with these lines
         raise RuntimeError(f"prepare_data.py exited with code {done.returncode} building {root}:\n"
@@ -484,7 +484,7 @@ def build_demo_data(root, n_train=DEMO_TRAIN, epochs=DEMO_EPOCHS):
     return root
 
 
-def _demo_data(tmp):
+def demo_data(tmp):
     """The demo folder (``demo/`` if complete, else one built under ``tmp`` as ``make demo`` builds it:
     a model trained to near a minimum, so that LiSSA at λ = 0.01 converges on it)."""
     root = REPO / "demo"
@@ -503,7 +503,7 @@ def bench_calculate(args):
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_calc_"))
     try:
-        root = _demo_data(tmp)
+        root = demo_data(tmp)
         out = tmp / "calc_output"
         iters = 100 if args.quick else 300
         argv = [sys.executable, str(REPO / "calculate.py"), "--data", str(root), "--model", str(root / "model.keras"),
@@ -536,7 +536,7 @@ def _krylov_model(tmp):
     panel = REPO / "lds_cache" / "demo"
     if (panel / "model.keras").exists() and (panel / "train.npz").exists():
         return panel / "model.keras", panel / "train.npz"
-    root = _demo_data(tmp)
+    root = demo_data(tmp)
     return root / "model.keras", root / "train.npz"
 
 
@@ -632,7 +632,7 @@ def bench_outputs(args):
     tmp = Path(tempfile.mkdtemp(prefix="bench_outputs_"))
     base = None
     try:
-        demo_root = _demo_data(tmp)
+        demo_root = demo_data(tmp)
         base = bo.baseline_tree(tmp, say)
         trees = ([("before", base)] if base else []) + [("after", REPO)]
         say(f"[outputs] per output kind, {bo.KIND_IMAGES} test images of the demo's training archive, png")

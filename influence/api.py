@@ -66,7 +66,7 @@ names of the test images for stochastic solvers (:func:`influence.scoring.groups
 
 The training images must be the model's input size and their labels its class indices
 (:func:`influence.model.models.check_training_set`, the check calculate.py runs): a one-line
-:class:`UserError` naming ``train`` otherwise.
+:class:`~influence.errors.SettingError` naming ``train`` otherwise (calculate.py's names ``data``).
 
 :meth:`Influence.from_settings` builds one from a calculate run's :class:`influence.settings.Settings` (the
 calculate job is a client of this class: it scores with :meth:`Influence.score_groups`, the loop of
@@ -81,7 +81,8 @@ import numpy as np
 
 from influence.build import build, load
 from influence.errors import SettingError, UserError
-from influence.settings import API_SETTINGS, NAMES, SOLVER_OPTIONS, Settings, check_setting, group_of
+from influence.settings import (API_SETTINGS, NAMES, SOLVER_OPTIONS, Settings, bytes_to_gb, check_setting,
+                                group_of)
 
 #: the settings an Influence takes as its own: the model's, the resources' and the inverse-HVP settings that
 #: are not a solver's option (a solver option given is checked against the solver: :func:`_check_options`)
@@ -212,7 +213,7 @@ class Influence:
             if getattr(solver, "fit_bytes", None) is not None and not self._chunk_given:
                 self.objective.chunk = self.plan(solver=solver, fitting=True).chunk
                 log.info("%s fit: %.2f GB of the %g GB memory budget held at its peak; %d training image(s) per "
-                         "chunk", solver.name, solver.fit_bytes / 2**30, self.memory_budget, self.objective.chunk)
+                         "chunk", solver.name, bytes_to_gb(solver.fit_bytes), self.memory_budget, self.objective.chunk)
             if before_fit is not None:
                 before_fit(solver)
             self.backend.fit(solver, self.train, chunk=self.objective.chunk, key=self.curvature_key)

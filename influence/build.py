@@ -38,8 +38,9 @@ def build(clf, train, *, hessian, chunk):
 def load(model, train, settings, check=None):
     """The classifier of ``model`` and the training set as the derivatives read it (``weights``,
     ``preprocess``, ``params`` of ``settings``), checked -> ``(clf, train)``: ``check(clf)`` when given
-    (calculate.py's check of the model against its archives, in its own words: ``engine.check_compatible``),
-    else the training set against the model (:func:`influence.model.models.check_training_set`)."""
+    (calculate.py's check of the model against its archives, ``engine.check_compatible``: the same check of
+    the training set naming ``data``, and the test folders), else the training set against the model
+    (:func:`influence.model.models.check_training_set`, naming ``train``)."""
     clf = classifier(model, settings.weights, settings.preprocess, settings.params)
     train = train_data(train, settings.preprocess, clf)
     if check is not None:

@@ -48,15 +48,34 @@ def run_main(job, args, flags=None):
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse, but a usage mistake is one line on stderr (exit code 2), like a UserError."""
+    """argparse, but a usage mistake is one line on stderr (exit code 2), like a UserError; ``options`` keeps
+    every argument as it is added, its argument groups' too (argparse lists them only privately)."""
+
+    def __init__(self, *args, **kwargs):
+        self.options = []               # before argparse adds --help
+        super().__init__(*args, **kwargs)
+
+    def add_argument(self, *args, **kwargs):
+        return self._keep(super().add_argument(*args, **kwargs))
+
+    def add_argument_group(self, *args, **kwargs):
+        group = super().add_argument_group(*args, **kwargs)
+        add = group.add_argument
+        group.add_argument = lambda *a, **k: self._keep(add(*a, **k))
+        return group
+
+    def _keep(self, action):
+        self.options.append(action)
+        return action
 
     def error(self, message):
         self.exit(EXIT_USAGE, f"error: {message} (see {self.prog} --help)\n")
 
 
 def flag_names(parser):
-    """setting (an option's ``dest``) -> its longest flag, e.g. ``{"damping": "--damping", "iter": "--iter"}``."""
-    return {a.dest: max(a.option_strings, key=len) for a in parser._actions if a.option_strings}
+    """setting (an option's ``dest``) -> its longest flag, e.g. ``{"damping": "--damping", "iter": "--iter"}``;
+    ``parser``: a :class:`Parser`."""
+    return {a.dest: max(a.option_strings, key=len) for a in parser.options if a.option_strings}
 
 
 def main(parser_factory, job, argv=None):

@@ -260,13 +260,16 @@ def open_archives(settings):
 
 
 def check_compatible(clf, train, test, folders):
-    """Image size = model input size; every label < number of outputs: the training set's checks, which the
-    Python API runs too (:func:`influence.model.models.check_training_set`), and the test folders' labels."""
-    from influence.model.models import check_labels, check_training_set
+    """Image size = model input size; every label < number of outputs: the training set's check, the one the
+    Python API runs (:func:`influence.model.models.check_training_set`, naming ``data`` here), and the test
+    folders' labels; a SettingError naming ``data``."""
+    from influence.model.models import check_training_set, label_problem
 
-    check_training_set(clf, train)
+    check_training_set(clf, train, "data")
     for f in folders:
-        check_labels(f"test folder {f}", test.labels(f), clf.num_classes)
+        message = label_problem("label", test.labels(f), clf.num_classes)
+        if message:
+            raise SettingError("data", f"test folder {f}: {message}")
 
 
 # ----------------------------------------------------------------------------- phase: predict

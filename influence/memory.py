@@ -7,6 +7,8 @@ import dataclasses
 
 import numpy as np
 
+from influence.settings import bytes_to_gb, gb_to_bytes
+
 
 def layer_shapes(clf):
     """Per selected layer ``(positions P, kernel inputs K, output channels C, activation floats)``.
@@ -90,7 +92,7 @@ def plan_memory(clf, settings, n_test, solver=None, fitting=False):
         held = int(getattr(solver, "fit_bytes", 0) or 0)
     else:
         held = int(solver.resident_bytes + solver.workspace_bytes)
-    budget = max(settings.memory_budget * 2**30 - held, 0.1 * settings.memory_budget * 2**30)
+    budget = max(gb_to_bytes(settings.memory_budget) - held, 0.1 * gb_to_bytes(settings.memory_budget))
     copies = 2 if solver is None else solver.copies_per_vector
     per_vector = copies * clf.num_params * itemsize
     vectors = int(max(1, min(max(n_test, 1), (budget / 2) // per_vector)))
@@ -103,7 +105,7 @@ def plan_memory(clf, settings, n_test, solver=None, fitting=False):
     per_image_hvp = fit_image_bytes(shapes, itemsize, rows)
     score_batch = int(max(1, min(settings.score_batch, (budget / 2) // per_image_score)))
     room = budget if fitting else budget / 2
-    if fitting and held and settings.memory_budget * 2**30 - held < per_image_hvp:
+    if fitting and held and gb_to_bytes(settings.memory_budget) - held < per_image_hvp:
         raise _no_room(solver, settings.memory_budget, held, per_image_hvp, rows)
     chunk = int(max(1, min(256, settings.score_batch, room // per_image_hvp)))
     return MemoryPlan(vectors, score_batch, chunk, per_vector, held)
@@ -136,13 +138,12 @@ def _no_room(solver, memory_budget, held, per_image, rows):
     """The SettingError of a fit whose state leaves no room for one training image."""
     from influence.errors import SettingError
 
-    gb = 2**30
     fisher = getattr(solver, "fisher", None)
     signals = (f" with fisher {fisher} ({rows} backward signals per image)" if rows > 1 else "")
     ways = ["raise memory_budget", "select fewer parameters with params (e.g. last:3)"]
     if rows > 1:
         ways.insert(1, "take fewer classes (fisher top:3, or sampled: 1 signal per image)")
-    return SettingError("memory_budget", f"the {solver.name} fit{signals} holds {held / gb:.2f} GB at its peak and "
-                                         f"one training image needs {per_image / gb:.2f} GB more: over memory_budget "
-                                         f"{memory_budget:g} GB (needs at least {(held + per_image) / gb:.1f}); "
+    return SettingError("memory_budget", f"the {solver.name} fit{signals} holds {bytes_to_gb(held):.2f} GB at its peak and "
+                                         f"one training image needs {bytes_to_gb(per_image):.2f} GB more: over memory_budget "
+                                         f"{memory_budget:g} GB (needs at least {bytes_to_gb(held + per_image):.1f}); "
                                          + ", ".join(ways[:-1]) + " or " + ways[-1])

@@ -91,9 +91,6 @@ class PlainProgress:
         items = dict(ordered_dict or {}, **kwargs)
         self.postfix = ", ".join(f"{k}={v}" for k, v in items.items())
 
-    def set_description(self, desc=None, refresh=True):
-        self.desc = desc or ""
-
     def close(self):
         if not self._closed:
             self._closed = True

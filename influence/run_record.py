@@ -16,7 +16,7 @@ import numpy as np
 from influence import __version__
 from influence.errors import SettingError
 from influence.io import atomic_write
-from influence.settings import MATH_SETTINGS, same_setting
+from influence.settings import MATH_SETTINGS, bytes_to_gb, same_setting
 
 RUN_FILE = "run.json"
 
@@ -115,7 +115,7 @@ class RunRecord:
         self.data["timings"][key] = round(self.data["timings"].get(key, 0.0) + seconds, 4)
         peak = peak_rss_bytes()
         if peak:
-            self.data.setdefault("peak_rss_gib", {})[key] = round(peak / 2**30, 3)
+            self.data.setdefault("peak_rss_gib", {})[key] = round(bytes_to_gb(peak), 3)
 
     def save(self, **extra):
         self.data.update(extra)

@@ -29,6 +29,22 @@ GROUPS = ("data and outputs", "model", "inverse Hessian-vector product",
           "scale-out (needs Ray: pip install -r requirements-distributed.txt)",
           "calibration: how far can the scores be trusted on this model? (retrains it)")
 
+#: ``memory_budget``'s default, GB: the :class:`Settings` field's and every solver constructor's
+MEMORY_BUDGET_GB = 2.0
+#: bytes in one GB of ``memory_budget`` (GiB: 2**30)
+_GB = 2**30
+
+
+def gb_to_bytes(gb):
+    """``gb`` GB of ``memory_budget`` (the unit every budget is given in) in bytes; the one conversion."""
+    return gb * _GB
+
+
+def bytes_to_gb(nbytes):
+    """``nbytes`` bytes in the GB of :func:`gb_to_bytes` (for messages and records)."""
+    return nbytes / _GB
+
+
 #: the factor of ``damping auto``: λ_b = AUTO_FACTOR × mean eigenvalue of block b
 #: (:mod:`influence.curvature.damping` says how each method takes it)
 AUTO_FACTOR = 0.1
@@ -118,31 +134,28 @@ def _at_least(low, note=""):
     return lambda v: None if v >= low else f"must be >= {low}{note}, got {v}"
 
 
-def parse_store_dim(value):
-    """``store_dim``'s one parser: ``"auto"`` or a positive int; SettingError naming ``store_dim`` otherwise."""
-    if isinstance(value, str) and value.strip().lower() == "auto":
-        return "auto"
-    try:
-        dim = int(value)
-    except (TypeError, ValueError):
-        dim = 0
-    if dim < 1 or dim != float(value):
-        raise SettingError("store_dim", f"must be a positive integer or auto, got {value!r}")
-    return dim
+def auto_or_count(setting):
+    """The one parser of a setting that is ``"auto"`` or a positive int (``store_dim``, ``rank``, ``epochs``):
+    ``parse(value)`` takes text or a number (an int is returned as is) and raises a SettingError naming
+    ``setting`` for anything else."""
+    def parse(value):
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return "auto"
+        try:
+            count = int(value)
+        except (TypeError, ValueError, OverflowError):
+            count = 0
+        if count < 1 or count != float(value):
+            raise SettingError(setting, f"must be a positive integer or auto, got {value!r}")
+        return count
+
+    parse.__name__ = parse.__qualname__ = f"parse_{setting}"     # pickled by name, as a module function
+    return parse
 
 
-def parse_rank(rank):
-    """``rank``'s one parser: ``"auto"`` or a positive int (from a string too; an int is returned as is);
-    SettingError naming ``rank`` otherwise."""
-    if isinstance(rank, str) and rank.strip().lower() == "auto":
-        return "auto"
-    try:
-        value = int(rank)
-    except (TypeError, ValueError):
-        raise SettingError("rank", f"must be a positive integer or auto, got {rank!r}") from None
-    if value < 1 or value != float(rank):
-        raise SettingError("rank", f"must be a positive integer or auto, got {rank!r}")
-    return value
+parse_store_dim = auto_or_count("store_dim")
+parse_rank = auto_or_count("rank")
+parse_epochs = auto_or_count("epochs")
 
 
 #: the curvature matrices a Hessian solver can take (:class:`influence.model.objective.TrainingObjective`):
@@ -159,19 +172,6 @@ def _hessian(value):
 def _scale_option(value):
     """``scale`` as LiSSA takes it: None for ``auto``, else the number (:func:`scale_value`)."""
     return scale_value(value)
-
-
-def parse_epochs(epochs):
-    """``epochs``' one parser: ``"auto"`` or a positive int (from a string too); SettingError otherwise."""
-    if isinstance(epochs, str) and epochs.strip().lower() == "auto":
-        return "auto"
-    try:
-        value = int(epochs)
-    except (TypeError, ValueError):
-        raise SettingError("epochs", f"must be a positive integer or auto, got {epochs!r}") from None
-    if value < 1 or value != float(epochs):
-        raise SettingError("epochs", f"must be a positive integer or auto, got {epochs!r}")
-    return value
 
 
 def _dampings(text):
@@ -288,8 +288,8 @@ class Settings:
                           _at_least(0, " (0 = all test images)"))
     overwrite: bool = _setting(False, _DATA, "redo test images whose outputs exist (default: skip them, so a rerun "
                                              "resumes)")
-    memory_budget: float = _setting(2.0, _RES, "bound for everything a run holds: inverse-HVPs scored together, one "
-                                               "scoring or HVP call, curvature factors (GB)",
+    memory_budget: float = _setting(MEMORY_BUDGET_GB, _RES, "bound for everything a run holds: inverse-HVPs scored "
+                                                            "together, one scoring or HVP call, curvature factors (GB)",
                                     lambda v: None if v > 0 else f"must be > 0 (GB), got {v}", solver=True)
     score_batch: int = _setting(256, _RES, "training images per scoring step, at most", _at_least(1))
     workers: int = _setting(0, _RAY, "start a local Ray runtime with N workers (one GPU each when there are GPUs) "

@@ -1,5 +1,6 @@
 """The Python API (influence.Influence): the numbers of calculate.py, as arrays."""
 import logging
+import re
 
 import keras
 import numpy as np
@@ -9,7 +10,7 @@ import influence
 from engine_helpers import calc_settings, dense_hessian, per_example_gradients, write_project
 from influence.data.archive_reader import TestArchive, TrainArchive
 from influence.engine import calculate
-from influence.errors import UserError
+from influence.errors import SettingError, UserError
 
 DAMPING = 0.05
 
@@ -112,21 +113,40 @@ def test_the_api_takes_the_settings_with_keyword_overrides(data):
         influence.Influence(model, train, settings, top=3)
 
 
-def test_the_api_runs_calculates_training_set_checks_naming_the_argument(data):
-    """A training label the model has no output for, or training images of another size or channel count,
-    are refused before any work, as calculate.py refuses them (models.check_training_set), in one line
-    that starts with the argument; the test images' shape and labels likewise name theirs."""
-    model = str(data / "model.keras")
+def test_both_faces_refuse_a_wrong_training_set_with_the_same_error(data, tmp_path):
+    """A training label the model has no output for, or training images of another size or channel count:
+    the API and calculate.py run the one check (models.check_training_set) before any work and raise the same
+    SettingError, one line naming the face's setting (train; calculate.py's data, shown as --data), the same
+    message but for how to resize; a negative label likewise. The API's test images and labels name theirs."""
     x, y = TrainArchive(data / "train.npz").take(np.arange(24))
     y = y.astype(np.int64)
-    cases = [((x, np.where(np.arange(24) == 5, 4, y)), r"^train: label 4 does not exist in a model with 4 outputs"),
-             ((x, np.where(np.arange(24) == 5, -1, y)), r"^train: label -1 is negative"),
-             ((x[:, :5, :5], y), r"^train: the images are 5x5x3 but the model takes 6x6x3: resize them to 6x6"),
-             ((x[..., :1], y), r"^train: the model takes 3-channel images but these are 1-channel")]
-    for train, message in cases:
-        with pytest.raises(UserError, match=message) as err:
-            influence.Influence(model, train=train, solver="exact", preprocess="unit", progress=False)
-        assert "\n" not in str(err.value)
+    top = int(y.max())
+
+    def model(name, shape, classes):
+        path = tmp_path / f"{name}.keras"
+        keras.Sequential([keras.Input(shape), keras.layers.Flatten(),
+                          keras.layers.Dense(classes, activation="softmax")]).save(path)
+        return path
+
+    cases = [(model("few", (6, 6, 3), top), rf"training label {top} does not exist in a model with {top} outputs "
+                                            rf"\(0..{top - 1}\)$", "", ""),
+             (model("small", (5, 5, 3), 4), r"the training images are 6x6x3 but the model takes 5x5x3: ",
+              "resize them to 5x5$", "run prepare_data.py again with --size 5 5$"),
+             (model("gray", (6, 6, 1), 4), r"the model takes 1-channel images but the training images are 3-channel: "
+                                           r"give a model with 3 input channels$", "", "")]
+    for path, message, api_hint, calculate_hint in cases:
+        with pytest.raises(SettingError) as api:
+            influence.Influence(str(path), train=(x, y), solver="exact", preprocess="unit", progress=False)
+        with pytest.raises(SettingError) as calc:
+            calculate(calc_settings(data, tmp_path / "out", model=str(path)))
+        assert api.value.setting == "train" and calc.value.setting == "data"
+        assert re.match("^train: " + message + api_hint, str(api.value)), str(api.value)
+        assert re.match("^--data: " + message + calculate_hint, calc.value.for_flags({"data": "--data"}))
+        assert "\n" not in str(api.value) + str(calc.value)
+    model = str(data / "model.keras")
+    with pytest.raises(SettingError, match=r"^train: training label -1 is negative; labels are class indices 0..3$"):
+        influence.Influence(model, train=(x, np.where(np.arange(24) == 5, -1, y)), solver="exact", preprocess="unit",
+                            progress=False)
     inf = influence.Influence(model, train=(x, y), solver="exact", preprocess="unit", progress=False)
     xt, yt, _ = TestArchive(data / "test.npz").read("a")
     for images, labels, message in ((xt[:, :5, :5], yt, r"^images must be \(T, 6, 6, 3\)"),

@@ -237,7 +237,7 @@ def test_errors_through_the_script_are_one_line_with_exit_code_2(project, tmp_pa
      ["diverged", "after 4 restart(s)", "larger damping", "larger scale"]),
     (("--model", "nosuchnet"), ["--model: unknown 'nosuchnet'"]),
     (("--model", "missing.keras"), ["model file not found"]),
-    (("--model", "m8.keras"), ["6x6x3 images", "--size 8 8"]),
+    (("--model", "m8.keras"), ["--data: the training images are 6x6x3", "--size 8 8"]),
     (("--model", "m2.keras"), ["label 3", "2 outputs"]),
 ])
 def test_errors_are_one_line_with_exit_code_2(project, tmp_path, monkeypatch, capsys, args, fragments):

@@ -64,7 +64,7 @@ def test_every_setting_has_its_flag_group_and_help_from_one_place():
     from influence.settings import GROUPS, Settings, group_of, help_of
 
     parser = build_parser()
-    by_dest = {a.dest: a for a in parser._actions if a.option_strings}
+    by_dest = {a.dest: a for a in parser.options if a.option_strings}
     groups = {a.dest: g.title for g in parser._action_groups for a in g._group_actions}
     for f in dataclasses.fields(Settings):
         assert f.name in by_dest, f"setting {f.name} has no flag"

@@ -128,7 +128,7 @@ def test_what_the_model_cannot_take_is_one_line(data):
         user_floats(np.full((1, 2, 2, 3), 1e300), np.float32)
     with pytest.raises(UserError, match=r"^train: images hold NaN or infinite values$"):
         influence.Influence(model, train=(np.full((24,) + IMAGE, np.inf), yt), preprocess="none", solver="exact")
-    with pytest.raises(UserError, match=r"^train: the images are 5x6x3 but the model takes 6x6x3"):
+    with pytest.raises(UserError, match=r"^train: the training images are 5x6x3 but the model takes 6x6x3"):
         influence.Influence(model, train=(normalise(xt)[:, :5], yt), preprocess="none", solver="exact")
     # uint8 training images keep the uint8 path: float test images must then be pixels, and the error says why
     pixels = influence.Influence(model, train=(xt, yt), preprocess="none", solver="exact", progress=False)

@@ -103,6 +103,12 @@ def test_build_shapes_are_the_shapes_a_subclassed_model_was_built_with():
     assert [tuple(s) for s in kp.build_shapes(model).values()] == [(2, 3, 2)]
 
 
+def test_learning_rate_keeps_a_schedule_as_the_schedule():
+    schedule = keras.optimizers.schedules.ExponentialDecay(0.1, decay_steps=10, decay_rate=0.5)
+    assert kp.learning_rate(keras.optimizers.SGD(schedule)) is schedule
+    assert float(kp.learning_rate(keras.optimizers.Adam(0.003))) == pytest.approx(0.003)
+
+
 @pytest.mark.parametrize("kind", ["functional", "sequential"])
 def test_run_through_graph_calls_operation_fn_at_every_node(kind):
     model = _functional() if kind == "functional" else _sequential()

@@ -62,7 +62,7 @@ def test_lds_model_and_solver_choices_come_from_the_registries():
     from influence.experiments import validate_cli
 
     parser = validate_cli.build_parser()
-    actions = {a.dest: a for a in parser._actions}
+    actions = {a.dest: a for a in parser.options}
     assert tuple(actions["lds_model"].choices) == tuple(lds_models.MODELS)
     assert set(NEW) <= set(actions["lds_model"].choices)
     assert tuple(actions["lds_solvers"].choices) == tuple(lds.SOLVER_SETS)

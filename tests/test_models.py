@@ -9,7 +9,7 @@ from engine_helpers import per_example_gradients, to_vec  # noqa: F401  (also se
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from influence.errors import UserError  # noqa: E402
+from influence.errors import SettingError, UserError  # noqa: E402
 from influence.model.derivatives import Derivatives  # noqa: E402
 from influence.model.vectors import vec_to_numpy
 from influence.model.models import (Classifier, check_classifier, load_classifier, make_preprocess,  # noqa: E402
@@ -215,25 +215,27 @@ def test_random_weights_are_seeded_so_reruns_and_workers_agree():
 
 
 def test_the_training_set_check_speaks_to_each_face():
-    """check_training_set: calculate.py's wording (the archives, prepare_data.py) and the API's (the argument)."""
+    """check_training_set: one SettingError naming the face's setting (calculate.py's data, the API's train),
+    the same words but for how to resize (prepare_data.py for the archives, the arrays for the API)."""
     from types import SimpleNamespace
 
     from influence.model.models import check_training_set
 
     clf = SimpleNamespace(input_shape=(8, 8, 3), num_classes=3)
     fine = SimpleNamespace(image_shape=(8, 8, 3), labels=lambda: np.array([0, 2, 1]))
+    check_training_set(clf, fine, "data")
     check_training_set(clf, fine)
-    check_training_set(clf, fine, "train")
     free = SimpleNamespace(input_shape=(None, None, 3), num_classes=3)       # any size: only the channels count
-    check_training_set(free, SimpleNamespace(image_shape=(5, 7, 3), labels=lambda: np.array([0])))
-    cases = [((6, 6, 3), [0], None, "^the archives hold 6x6x3 images but the model takes 8x8x3: run prepare_data.py "
-                                    "again with --size 8 8$"),
-             ((6, 6, 3), [0], "train", "^train: the images are 6x6x3 but the model takes 8x8x3: resize them to 8x8$"),
-             ((8, 8, 1), [0], None, r"^the model takes 3-channel images but the archives hold 1-channel \(RGB\) images"),
-             ((8, 8, 1), [0], "train", "^train: the model takes 3-channel images but these are 1-channel: give a model"),
-             ((8, 8, 3), [0, 3], None, r"^train: label 3 does not exist in a model with 3 outputs \(0..2\)$"),
-             ((8, 8, 3), [-2, 1], "train", "^train: label -2 is negative; labels are class indices 0..2$")]
-    for shape, labels, argument, message in cases:
+    check_training_set(free, SimpleNamespace(image_shape=(5, 7, 3), labels=lambda: np.array([0])), "data")
+    cases = [((6, 6, 3), [0], "data", "^data: the training images are 6x6x3 but the model takes 8x8x3: run "
+                                      "prepare_data.py again with --size 8 8$"),
+             ((6, 6, 3), [0], "train", "^train: the training images are 6x6x3 but the model takes 8x8x3: resize "
+                                       "them to 8x8$"),
+             ((8, 8, 1), [0], "data", "^data: the model takes 3-channel images but the training images are "
+                                      "1-channel: give a model with 1 input channels$"),
+             ((8, 8, 3), [0, 3], "data", r"^data: training label 3 does not exist in a model with 3 outputs \(0..2\)$"),
+             ((8, 8, 3), [-2, 1], "train", "^train: training label -2 is negative; labels are class indices 0..2$")]
+    for shape, labels, setting, message in cases:
         train = SimpleNamespace(image_shape=shape, labels=lambda labels=labels: np.array(labels))
-        with pytest.raises(UserError, match=message):
-            check_training_set(clf, train, argument)
+        with pytest.raises(SettingError, match=message):
+            check_training_set(clf, train, setting)

@@ -169,7 +169,7 @@ def test_grayscale_model_gets_a_channel_message(data, tmp_path):
         (gray / name).write_bytes((data / name).read_bytes())
     keras.Sequential([keras.Input((6, 6, 1)), keras.layers.Flatten(),
                       keras.layers.Dense(4, activation="softmax")]).save(gray / "model.keras")
-    with pytest.raises(UserError, match="1-channel images but the archives hold 3-channel") as err:
+    with pytest.raises(UserError, match="^data: the model takes 1-channel images but the training images are 3-channel") as err:
         calculate(settings(gray, tmp_path / "out"))
     assert "--size" not in str(err.value)
 

@@ -126,6 +126,23 @@ def test_hessian_has_one_check():
     assert exc.value.code == 2
 
 
+@pytest.mark.parametrize("setting", ["store_dim", "rank", "epochs"])
+def test_auto_or_a_count_is_one_parser_naming_its_setting(setting):
+    """store_dim, rank and epochs: one parser (settings.auto_or_count), each error naming its own setting."""
+    import pickle
+
+    from influence import settings
+
+    parse = Settings.__dataclass_fields__[setting].metadata["parse"]
+    assert parse is getattr(settings, f"parse_{setting}") and pickle.loads(pickle.dumps(parse)) is parse
+    assert parse.__code__ is settings.parse_rank.__code__                 # the same function body
+    assert parse(" Auto ") == "auto" and parse("12") == 12 and parse(3) == 3 and parse(2.0) == 2
+    assert Settings(**{setting: "7"}).values()[setting] == 7
+    for bad in ("many", 0, -2, 2.5, "2.5", None, float("inf")):
+        with pytest.raises(SettingError, match=f"^{setting}: must be a positive integer or auto, got "):
+            parse(bad)
+
+
 def test_settings_round_trip_through_their_values_and_give_the_solver_options():
     # (a Ray worker rebuilds its solver from the API's WorkerSpec: tests/test_distributed.py)
     settings = Settings(damping="0.3x", scale="2.5", fisher="sampled", iter=7)

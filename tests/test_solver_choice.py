@@ -81,7 +81,7 @@ def test_the_parser_tells_given_from_default(data, capsys):
     with pytest.raises(SystemExit) as stop:
         parser.parse_args(["--rank", "0"])
     assert stop.value.code == 2 and "positive integer or auto" in capsys.readouterr().err
-    assert "auto" in next(a for a in parser._actions if a.dest == "solver").choices
+    assert "auto" in next(a for a in parser.options if a.dest == "solver").choices
 
     # on the tiny model: no flag -> krylov; -i/-b -> lissa (resolved once the model is loaded)
     base = ["--data", str(data), "--model", str(data / "model.keras"), "--preprocess", "unit"]

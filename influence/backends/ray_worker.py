@@ -74,7 +74,11 @@ class WorkerSpec:
 
 # ----------------------------------------------------------------------------- this worker process's cache
 
-#: the last spec's model, archive, derivatives, objective and solvers (one worker process's own)
+#: the last spec's model, archive, derivatives, objective and solvers (one worker process's own). Module-level
+#: on purpose: the tasks are plain functions that Ray runs, one after another, in a long-lived worker process,
+#: and a task's arguments are pickled anew each time, so nothing a task is given can own what it loaded; the
+#: module is the one thing that lives as long as the process (an actor would own it, but would pin each task
+#: to one worker and lose the retry elsewhere when that worker dies)
 _CONTEXT = {}
 
 

@@ -56,16 +56,6 @@ def actual_losses(losses):
     return a.mean(axis=0)
 
 
-def cell_lds(scores, masks, losses):
-    """LDS of one cell per test image: ``(T,)``.
-
-    ``scores`` float ``(T, N)`` (``score ≈ N × change of the test loss when the image is removed``),
-    ``masks`` bool ``(M, N)`` (True = kept in subset m), ``losses`` ``(S, M, T)``: Spearman over the ``M``
-    subsets of the predicted change (:func:`predicted_changes`) against the seed-mean actual loss.
-    """
-    return lds(predicted_changes(scores, masks), actual_losses(losses))
-
-
 def ceiling(losses):
     """Seed-to-seed Spearman over the subsets, mean over the test images (float), or None with one seed.
 

@@ -17,7 +17,7 @@ from influence.curvature.base import REGISTRY
 from influence.curvature.lowrank.krylov import (AUTO_MAX_RANK, AUTO_MIN_RANK, BASIS_SHARE, STEPS_PER_PAIR,
                                                 affordable_rank)
 from influence.errors import SettingError
-from influence.settings import LISSA_SETTINGS, parse_damping  # LiSSA: the original tool's settings (lissa flag)
+from influence.settings import LISSA_SETTINGS, bytes_to_gb, parse_damping  # LiSSA: the original tool's settings (lissa flag)
 
 AUTO = "auto"
 #: the methods ``auto`` may choose
@@ -55,7 +55,7 @@ def choose_solver(requested, given, num_params, itemsize, memory_budget):
         pairs = min(AUTO_MAX_RANK, cap, num_params)
         return "krylov", (f"auto: krylov (its basis of up to {pairs} pairs over {num_params:,} parameters fits the "
                           f"{memory_budget:g} GB memory budget)")
-    need = (STEPS_PER_PAIR + 1) * AUTO_MIN_RANK * num_params * itemsize / 2**30
+    need = bytes_to_gb((STEPS_PER_PAIR + 1) * AUTO_MIN_RANK * num_params * itemsize)
     return "ekfac", (f"auto: ekfac (a krylov basis of {AUTO_MIN_RANK} pairs over {num_params:,} parameters needs "
                      f"{need:.3g} GB, above {BASIS_SHARE:.0%} of memory_budget {memory_budget:g} GB; choose fewer "
                      f"parameters with params (e.g. last:1) for krylov)")

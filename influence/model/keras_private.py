@@ -3,8 +3,9 @@
 Rewiring a loaded model (cutting a final softmax, running a functional graph with some layer calls
 taken over by :class:`influence.model.taps.Tap`) needs parts of Keras that are not public:
 ``keras.src`` classes, the node that made a symbolic tensor, ``Function._run_through_graph`` and
-a few underscore attributes of layers. Keras may change any of them in a minor release, so they are
-all reached through the small functions below, written against Keras 3.15 (``requirements.txt`` caps
+a few underscore attributes of layers (and of optimizers: their slots, a learning-rate schedule). Keras
+may change any of them in a minor release, so they are all reached through the small functions below
+(``tests/test_names.py`` finds any other), written against Keras 3.15 (``requirements.txt`` caps
 Keras at that minor; ``tests/test_keras_private.py`` runs each function on a real model). When one
 is gone, the function raises :class:`UserError` with one line naming the installed Keras version,
 instead of a traceback from deep inside the influence math.
@@ -110,3 +111,9 @@ def optimizer_slot(optimizer, variable, slots):
     lists indexed by the variable)."""
     index = _attribute(optimizer, "_get_variable_index", "keras.optimizers.Optimizer")(variable)
     return _attribute(optimizer, slots, type(optimizer).__name__)[index].numpy()
+
+
+def learning_rate(optimizer):
+    """``optimizer._learning_rate``: the learning rate as given, a schedule kept as the schedule (the public
+    ``learning_rate`` is its value at the current step); the public one for an optimizer without it."""
+    return optimizer._learning_rate if hasattr(optimizer, "_learning_rate") else optimizer.learning_rate

@@ -348,45 +348,51 @@ def check_classifier(clf, probe_size=224, seed=0):
                                      + (f" (selected layers that reach it: {', '.join(reach)})" if reach else ""))
 
 
-def check_training_set(clf, train, argument=None):
-    """Refuse, before any work, training images the model cannot take or labels it has no output for: one
-    check for calculate.py (``argument`` None: the messages speak of the archives and prepare_data.py) and the
-    Python API (``argument="train"``: the messages start with the argument's name). ``train``: anything
-    with ``image_shape`` (H, W, C) and ``labels()`` (N,)."""
-    check_image_shape(clf, train.image_shape, argument)
-    check_labels("train", train.labels(), clf.num_classes)
+#: how the user of each face gets training images of the model's size: calculate.py's ``data`` (archives
+#: made by prepare_data.py) and the Python API's ``train`` argument
+_RESIZE = {"data": "run prepare_data.py again with --size {h} {w}", "train": "resize them to {h}x{w}"}
 
 
-def check_image_shape(clf, shape, argument=None):
-    """UserError unless images of ``shape`` (H, W, C) are the model's input size (``argument``: as in
-    :func:`check_training_set`)."""
-    want, have = clf.input_shape, tuple(shape)
+def check_training_set(clf, train, setting="train"):
+    """Refuse, before any work, training images the model cannot take or labels it has no output for.
+
+    The one check of the training set for both faces: :class:`influence.Influence` (``setting="train"``,
+    its argument) and calculate.py (``"data"``, the folder of its archives: :func:`influence.engine.check_compatible`).
+    Either gets the same :class:`SettingError` naming its setting, the same message but for how to resize.
+    ``train``: anything with ``image_shape`` (H, W, C) and ``labels()`` (N,).
+    """
+    message = image_shape_problem(clf.input_shape, train.image_shape, _RESIZE.get(setting, _RESIZE["train"]))
+    message = message or label_problem("training label", train.labels(), clf.num_classes)
+    if message:
+        raise SettingError(setting, message)
+
+
+def image_shape_problem(want, shape, resize):
+    """What is wrong with training images of ``shape`` (H, W, C) for a model taking ``want`` (None: nothing);
+    ``resize``: the hint, formatted with the model's ``h`` and ``w``."""
+    have = tuple(shape)
     if len(want) == 3 and want[2] is not None and len(have) == 3 and want[2] != have[2]:
-        if argument is None:
-            raise UserError(f"the model takes {want[2]}-channel images but the archives hold {have[2]}-channel (RGB) "
-                            f"images: give a model with {have[2]} input channels")
-        raise UserError(f"{argument}: the model takes {want[2]}-channel images but these are {have[2]}-channel: "
-                        f"give a model with {have[2]} input channels")
+        return (f"the model takes {want[2]}-channel images but the training images are {have[2]}-channel: "
+                f"give a model with {have[2]} input channels")
     if len(want) != 3 or len(have) != 3 or any(w is not None and w != h for w, h in zip(want, have)):
         shown = "x".join("?" if w is None else str(w) for w in want)
-        if argument is None:
-            raise UserError(f"the archives hold {'x'.join(map(str, have))} images but the model takes {shown}: "
-                            f"run prepare_data.py again with --size {want[0]} {want[1]}")
-        raise UserError(f"{argument}: the images are {'x'.join(map(str, have))} but the model takes {shown}: "
-                        f"resize them to {want[0]}x{want[1]}")
+        return (f"the training images are {'x'.join(map(str, have))} but the model takes {shown}: "
+                + resize.format(h=want[0], w=want[1]))
+    return None
 
 
-def check_labels(what, y, k):
-    """Every label ``y`` in 0..k-1, before any work (a GPU would turn a bad one into silent NaN); ``what``
-    names them in the message."""
+def label_problem(what, y, k):
+    """What is wrong with labels ``y`` (``what`` names one in the message) for a model of ``k`` outputs:
+    each must be in 0..k-1, checked before any work (a GPU would turn a bad one into silent NaN); None: nothing."""
     y = np.asarray(y)
     if not len(y):
-        return
+        return None
     lo, hi = int(y.min()), int(y.max())
     if lo < 0:
-        raise UserError(f"{what}: label {lo} is negative; labels are class indices 0..{k - 1}")
+        return f"{what} {lo} is negative; labels are class indices 0..{k - 1}"
     if hi >= k:
-        raise UserError(f"{what}: label {hi} does not exist in a model with {k} outputs (0..{k - 1})")
+        return f"{what} {hi} does not exist in a model with {k} outputs (0..{k - 1})"
+    return None
 
 
 #: compute dtypes below float32: influence arithmetic never runs in them (gradients of a confident

@@ -77,7 +77,9 @@ def _lr_sum(opt, steps):
     """Σ_t η_t over the ``steps`` the optimizer took (a schedule evaluated at every step)."""
     import keras
 
-    lr = opt._learning_rate if hasattr(opt, "_learning_rate") else opt.learning_rate
+    from influence.model import keras_private
+
+    lr = keras_private.learning_rate(opt)
     if isinstance(lr, keras.optimizers.schedules.LearningRateSchedule):
         return float(np.sum(np.asarray(lr(np.arange(steps, dtype=np.int64)), np.float64)))
     return float(np.asarray(lr, np.float64)) * steps

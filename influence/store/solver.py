@@ -40,7 +40,7 @@ from influence.errors import SettingError, UserError
 from influence.model.taps import linear_kind
 from influence.model.vectors import numpy_to_vec, vec_size
 from influence.progress import progress as progress_bar
-from influence.settings import parse_store_dim
+from influence.settings import MEMORY_BUDGET_GB, bytes_to_gb, gb_to_bytes, parse_store_dim
 from influence.store.projection import Projection, layer_dims
 from influence.store.shards import GradientStore, key_digest
 
@@ -49,6 +49,9 @@ log = logging.getLogger(__name__)
 #: share of ``memory_budget`` the projected curvature may take at ``store_dim auto``: ``C``, its
 #: eigenvectors and the decomposition's workspace, 3 D² float64
 CURVATURE_SHARE = 0.5
+#: ``make_plan``'s ``max_block`` for the store, whose layer blocks are never split: a factor's side in rows
+#: (not bytes), above any layer's width
+UNSPLIT = 1 << 30
 #: ``store_dim auto`` never exceeds this (a dense float64 eigendecomposition of D³ flops)
 AUTO_MAX_DIM = 8192
 
@@ -58,7 +61,7 @@ def auto_dim(num_params, memory_budget):
     ``memory_budget`` GB, at most :data:`AUTO_MAX_DIM` and the parameter count."""
     cap = AUTO_MAX_DIM
     if memory_budget is not None:
-        cap = min(cap, int(math.sqrt(CURVATURE_SHARE * memory_budget * 2**30 / 24)))
+        cap = min(cap, int(math.sqrt(CURVATURE_SHARE * gb_to_bytes(memory_budget) / 24)))
     return int(max(1, min(cap, num_params)))
 
 
@@ -74,7 +77,7 @@ class StoreSolver(InverseHVP):
     relative_damping = "blocks"
     self_influence_route = "projected gradients"
 
-    def __init__(self, objective, damping, store_dim="auto", fisher="auto", seed=0, memory_budget=2.0,
+    def __init__(self, objective, damping, store_dim="auto", fisher="auto", seed=0, memory_budget=MEMORY_BUDGET_GB,
                  progress=True):
         super().__init__(objective, damping, progress)
         d = objective.d
@@ -90,13 +93,13 @@ class StoreSolver(InverseHVP):
         self.seed = int(seed)
         self.memory_budget = memory_budget
         kinds = {id(g.layer): linear_kind(g.layer) for g in clf.groups}
-        self.plan = make_plan(clf.groups, kinds, 1 << 30, True, self.name)
+        self.plan = make_plan(clf.groups, kinds, UNSPLIT, True, self.name)
         p = vec_size(d.variables)
         asked = parse_store_dim(store_dim)
         self.dim_setting = asked
         target = auto_dim(p, memory_budget) if asked == "auto" else min(asked, p)
-        if asked != "auto" and memory_budget is not None and 24 * target ** 2 > memory_budget * 2**30:
-            raise SettingError("store_dim", f"{asked} needs {24 * target ** 2 / 2**30:.3g} GB for its dense "
+        if asked != "auto" and memory_budget is not None and 24 * target ** 2 > gb_to_bytes(memory_budget):
+            raise SettingError("store_dim", f"{asked} needs {bytes_to_gb(24 * target ** 2):.3g} GB for its dense "
                                             f"{target}x{target} curvature, above memory_budget {memory_budget:g} GB: "
                                             f"choose a smaller store_dim or a larger memory_budget")
         self.projection = Projection(self.plan, layer_dims(self.plan, target), self.seed)

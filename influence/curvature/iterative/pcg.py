@@ -10,6 +10,7 @@ lockstep from the EK-FAC solution (:mod:`influence.curvature.iterative.lockstep`
 from influence.curvature.iterative.lockstep import LockstepCG, solve_in_lockstep
 from influence.curvature.kfac.plan import MAX_BLOCK
 from influence.curvature.kfac.solver import EKFACSolver
+from influence.settings import MEMORY_BUDGET_GB
 
 
 class _Preconditioner(EKFACSolver):
@@ -26,7 +27,7 @@ class PCGSolver(LockstepCG):
                "image; shares the ekfac fit)")
     cache_name = "ekfac"         # (its EK-FAC preconditioner takes λ per layer, CG one from trace(H)/P)
 
-    def __init__(self, objective, damping, fisher="auto", seed=0, ekfac_max_block=MAX_BLOCK, memory_budget=2.0,
+    def __init__(self, objective, damping, fisher="auto", seed=0, ekfac_max_block=MAX_BLOCK, memory_budget=MEMORY_BUDGET_GB,
                  cg_tol=1e-6, cg_maxiter=200, progress=True):
         super().__init__(objective, damping, cg_tol=cg_tol, cg_maxiter=cg_maxiter, progress=progress)
         self.ekfac = _Preconditioner(objective, damping, fisher=fisher, seed=seed, ekfac_max_block=ekfac_max_block,

@@ -39,6 +39,7 @@ import numpy as np
 
 from influence.errors import SettingError, UserError
 from influence.model.taps import patch_support
+from influence.settings import bytes_to_gb, gb_to_bytes
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +93,7 @@ def l2_hessian(variable, layer_name, strict=True):
 
 
 def format_gb(nbytes):
-    return f"{nbytes / 2**30:.3g} GB"
+    return f"{bytes_to_gb(nbytes):.3g} GB"
 
 
 # ----------------------------------------------------------------------------- the blocks
@@ -236,7 +237,7 @@ def check_budget(plan, solver_name, corrected, factor_bytes, fit_bytes, memory_b
     exceed ``memory_budget`` GB (None: no limit)."""
     if memory_budget is None:
         return
-    budget = memory_budget * 2**30
+    budget = gb_to_bytes(memory_budget)
     if max(factor_bytes, fit_bytes) <= budget:
         return
     worst = sorted(plan, key=lambda b: -b.bytes(corrected))[:3]

@@ -65,6 +65,7 @@ from influence.curvature.kfac.solve import KroneckerSolve, damped_eigenvalues, s
 from influence.curvature.kfac.state import KroneckerFit, fit_factors, resident_bytes
 from influence.errors import SettingError, UserError
 from influence.model.taps import linear_kind
+from influence.settings import MEMORY_BUDGET_GB
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +98,7 @@ class KFACSolver(InverseHVP):
     copies_per_vector = 2
 
     def __init__(self, objective, damping, fisher="auto", seed=0, ekfac_max_block=MAX_BLOCK,
-                 memory_budget=2.0, progress=True):
+                 memory_budget=MEMORY_BUDGET_GB, progress=True):
         super().__init__(objective, damping, progress)
         check_fisher(fisher, objective.d.clf.num_classes)
         self.fisher = resolve_fisher(fisher, objective.d.clf.num_classes)

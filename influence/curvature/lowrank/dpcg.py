@@ -18,6 +18,7 @@ the exact ``gᵢᵀ (A + λI)⁻¹ gᵢ`` that CG would give per image.
 from influence.curvature.base import InverseHVP
 from influence.curvature.iterative.lockstep import LockstepCG, solve_in_lockstep
 from influence.curvature.lowrank.krylov import KrylovSolver
+from influence.settings import MEMORY_BUDGET_GB
 
 
 class DeflatedPCGSolver(LockstepCG):
@@ -30,7 +31,7 @@ class DeflatedPCGSolver(LockstepCG):
     #: self-influence from the krylov basis (no CG per training image): krylov's low-rank numbers
     self_influence_route = "krylov's low-rank basis"
 
-    def __init__(self, objective, damping, rank="auto", seed=0, memory_budget=2.0, cg_tol=1e-6, cg_maxiter=200,
+    def __init__(self, objective, damping, rank="auto", seed=0, memory_budget=MEMORY_BUDGET_GB, cg_tol=1e-6, cg_maxiter=200,
                  progress=True):
         super().__init__(objective, damping, cg_tol=cg_tol, cg_maxiter=cg_maxiter, progress=progress)
         self.krylov = KrylovSolver(objective, damping, rank=rank, seed=seed, memory_budget=memory_budget,

@@ -30,7 +30,7 @@ import numpy as np
 from influence.curvature.lowrank import linalg as lowrank
 from influence.curvature.base import InverseHVP, TrainingSums
 from influence.errors import SettingError, UserError
-from influence.settings import parse_rank
+from influence.settings import MEMORY_BUDGET_GB, bytes_to_gb, gb_to_bytes, parse_rank
 from influence.model.vectors import numpy_to_vec, vec_size, vec_to_numpy
 from influence.progress import progress as progress_bar
 
@@ -54,7 +54,7 @@ def affordable_rank(num_params, itemsize, memory_budget):
     ``num_params × itemsize`` bytes) takes at most ``BASIS_SHARE`` of ``memory_budget`` GB; None: no budget."""
     if memory_budget is None:
         return None
-    rows = BASIS_SHARE * float(memory_budget) * 2**30 / (int(num_params) * int(itemsize))
+    rows = BASIS_SHARE * gb_to_bytes(float(memory_budget)) / (int(num_params) * int(itemsize))
     return int(rows // (STEPS_PER_PAIR + 1))
 
 
@@ -69,7 +69,7 @@ class KrylovSolver(InverseHVP):
     takes_diagonal = True        # damping optimizer: (A + c·D)⁻¹ from the same basis (lowrank.diagonal_woodbury)
     self_influence_route = "low-rank"
 
-    def __init__(self, objective, damping, rank="auto", seed=0, memory_budget=2.0, progress=True):
+    def __init__(self, objective, damping, rank="auto", seed=0, memory_budget=MEMORY_BUDGET_GB, progress=True):
         super().__init__(objective, damping, progress)
         self.rank = parse_rank(rank)
         self.seed = int(seed)
@@ -108,7 +108,7 @@ class KrylovSolver(InverseHVP):
             return
         k = self.fitted_rank()
         if cap < 1 or (self.rank != "auto" and k > cap):
-            need = (STEPS_PER_PAIR + 1) * k * self._params * self._itemsize / 2**30
+            need = bytes_to_gb((STEPS_PER_PAIR + 1) * k * self._params * self._itemsize)
             raise SettingError("rank", f"solver krylov with rank {k} over {self._params:,} parameters needs "
                                        f"{need:.1f} GB for its Lanczos basis, above {BASIS_SHARE:.0%} of "
                                        f"memory_budget {self.memory_budget:g} GB: lower rank (at most "

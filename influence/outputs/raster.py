@@ -53,11 +53,11 @@ def tile(image, height, width):
     return np.asarray(pil)
 
 
-def panel_box(ax):
-    """The pixel rows and columns (top, bottom, left, right; top = 0) an image panel covers, its aspect applied."""
+def panel_box(ax, height):
+    """The pixel rows and columns (top, bottom, left, right; top = 0) an image panel covers, its aspect applied,
+    on a canvas ``height`` pixels high."""
     ax.apply_aspect()
     box = ax.get_window_extent()
-    height = ax.figure.bbox.height
     return (int(round(height - box.y1)), int(round(height - box.y0)), int(round(box.x0)), int(round(box.x1)))
 
 
@@ -131,7 +131,7 @@ def draw_raster(fig, tiles=()):
             artist.set_visible(True)
     buffer = np.asarray(renderer.buffer_rgba())
     for ax, picture in tiles:
-        top, bottom, left, right = panel_box(ax)
+        top, bottom, left, right = panel_box(ax, buffer.shape[0])
         if bottom > top and right > left:
             buffer[top:bottom, left:right, :3] = tile(picture, bottom - top, right - left)
             buffer[top:bottom, left:right, 3] = 255

@@ -1,18 +1,19 @@
 """The ``outputs`` section of ``benchmarks/run.py``: what writing a test image's files costs, against
 scoring it, before and after the figure work, on the same machine in one run.
 
-* per output kind (harmful and useful strips, summary figure, CSVs, score dicts, the report's
+* per output kind (harmful and useful strips, summary figure, the numbers' files, the report's
   thumbnails), milliseconds per test image, written in one process one after another, on the demo's
-  training archive (:func:`kind_times`; the same script runs against a checkout of the baseline
-  commit, whose figures were drawn anew for every test image);
+  training archive (:func:`kind_times`; the same script runs against a checkout of the baseline commit);
 * whole runs of calculate.py: the demo's own command (``make demo``) and an MLP of about 37 000
   parameters on 1 000 training images with ``--solver ekfac`` and 40 test images: writing's share of
   the run (run.json ``writing_s`` / ``total_s``), writing against scoring per test image, peak RSS.
 
-The baseline is a ``git worktree`` of :data:`BASELINE` (the commit before the figure work); without
-git, or without that commit, only the current rows are measured.
+The baseline is ``git archive`` of :data:`BASELINE` (the commit before the raster figures) in a temporary
+folder; without git, or without that commit, only the current rows are measured. The per-kind script
+reads public names only (both trees have them).
 """
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -20,8 +21,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 
-#: the last commit whose figures were drawn anew per test image
-BASELINE = "1b60b6a"
+#: the commit before the raster figures (issue 32): figures laid out once and drawn by matplotlib. The one
+#: before that (figures drawn anew for every test image) was 1b60b6a; its rows stay in BENCHMARKS.md.
+BASELINE = "ed76547"
 
 #: test images of the per-kind timing (after one more to warm up)
 KIND_IMAGES = 10
@@ -32,31 +34,15 @@ import json, sys, tempfile, time, pathlib
 sys.path.insert(0, sys.argv[1])
 import numpy as np
 from influence.catalogue import TrainCatalogue
-try:                                           # the archive reader: its own module now, archives.py before
-    from influence.data.archive_reader import TrainArchive
-except ImportError:
-    from influence.data.archives import TrainArchive
-from influence.outputs import report as R
+from influence.data.archive_reader import TrainArchive
+from influence.outputs.figure_book import FigureBook
 from influence.outputs.html_report import RunReport
+from influence.outputs.ranking import top_indices
+from influence.outputs.report import TestImage, write_test_outputs
+from influence.outputs.summary import rows_of, summarize
 train = TrainArchive(sys.argv[2]); n_images = int(sys.argv[3])
 cat = TrainCatalogue.of(train); N = len(cat); layers = ["conv1", "conv2", "logits"]
-try:                                           # the figures laid out once (after the figure work) ...
-    from influence.outputs.figure_book import FigureBook
-    from influence.outputs.summary import rows_of, summarize
-    from influence.outputs.ranking import top_indices
-    book = FigureBook()
-    def strip(kind, test, panels, path):
-        book.strip(kind, len(panels)).render(test, panels, path, "png")
-    def summary(s, test, path):
-        book.summary(rows_of(s), cat, layers).render(s, test, path, "png")
-except ImportError:                            # ... or drawn anew for every test image (before)
-    from influence.outputs.report import summarize, top_indices
-# the score dict's writer: public now, private in the baseline commit
-save_score_dict = getattr(R, "save_score_dict", None) or R._save_score_dict
-    def strip(kind, test, panels, path):
-        R._save_figure(R._build_figure(kind, test, panels), path, "png")
-    def summary(s, test, path):
-        R._save_figure(R._build_summary_figure(s, test), path, "png")
+book = FigureBook()
 out = pathlib.Path(tempfile.mkdtemp()); rng = np.random.default_rng(0)
 page = RunReport(out, train, str, {}, "png")
 times = {}
@@ -74,18 +60,15 @@ for n in range(n_images + 1):
     for kind, idx in (("harmful", h), ("useful", u)):
         panels = [{"image": images[i], "rank": r, "score": float(scores[i]), "class": str(cat.labels[i]),
                    "file": str(cat.files[i])} for r, i in enumerate(idx.tolist(), 1)]
-        timed(f"{kind} strip", lambda: strip(kind, test, panels, out / f"{kind}_{n}.png"), count)
+        timed(f"{kind} strip", lambda: book.strip(kind, len(panels)).render(test, panels, out / f"{kind}_{n}.png",
+                                                                            "png"), count)
     s = summarize(scores, shares, cat.labels, layers, keep_classes=[3, 5])
-    timed("summary figure", lambda: summary(s, test, out / f"{n}_summary.png"), count)
-    timed("CSVs", lambda: ([R._write_top_csv(out / f"{k}_{n}.csv", idx, cat.keys, cat.files, cat.labels, scores, str)
-                           for k, idx in (("harmful", h), ("useful", u))],
-                           R._write_layerwise_csv(out / f"{n}_layerwise.csv", layers, shares, cat.keys, cat.files,
-                                                  cat.labels, str)), count)
-    def npys():
-        save_score_dict(out / f"{n}.npy", cat.keys, layers, shares, scores)
-        np.save(out / f"{n}_scores.npy", scores.astype(np.float32))
-    timed("score dicts (npy)", npys, count)
-    test_image = R.TestImage(test["image"], 3, 5, 0.9, "0799.png")
+    timed("summary figure", lambda: book.summary(rows_of(s), cat, layers).render(s, test, out / f"{n}_summary.png",
+                                                                                 "png"), count)
+    test_image = TestImage(test["image"], 3, 5, 0.9, "0799.png")
+    timed("numbers (CSVs, score dicts)", lambda: write_test_outputs(
+        out, n, scores=scores, shares=shares, layer_names=layers, catalogue=cat, test=test_image,
+        fetch_image=images.__getitem__, fmt="png", figures=False), count)
     rows = [(int(i), float(scores[i])) for i in h], [(int(i), float(scores[i])) for i in u]
     timed("report (thumbnails, index.html)", lambda: (page.add("orig", 3, n + 1, test_image, *rows), page.write()),
           count)
@@ -103,19 +86,22 @@ def kind_times(tree, train_archive, images=KIND_IMAGES):
 
 
 def baseline_tree(tmp, say):
-    """A ``git worktree`` of :data:`BASELINE` under ``tmp`` (removed by :func:`drop_tree`), or None."""
+    """The files of :data:`BASELINE` under ``tmp`` (``git archive``; removed by :func:`drop_tree`), or None."""
     where = Path(tmp) / "baseline"
-    done = subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(where), BASELINE],
-                          capture_output=True, text=True)
+    where.mkdir(parents=True)
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", "--format=tar", BASELINE], capture_output=True)
+    done = (subprocess.run(["tar", "-x", "-C", str(where)], input=archive.stdout, capture_output=True)
+            if archive.returncode == 0 else archive)
     if done.returncode != 0:
-        say(f"  no baseline rows: git worktree of {BASELINE} failed ({done.stderr.strip()[-200:]})")
+        say(f"  no baseline rows: git archive of {BASELINE} failed ({done.stderr.decode(errors='replace')[-200:]})")
+        shutil.rmtree(where, ignore_errors=True)
         return None
     return where
 
 
 def drop_tree(where):
     if where is not None:
-        subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(where)], capture_output=True)
+        shutil.rmtree(where, ignore_errors=True)
 
 
 def build_mlp_data(root, n_train=1000, per_class=4, epochs=20):

@@ -60,6 +60,7 @@ influence/                        the package: influence.Influence, the Python A
     summary.py                    the summary figure: influence by training class and by layer
     figure_book.py                the figures, laid out once per process and reused
     figure_style.py               the figures' shared look
+    raster.py                     png and jpg figures: pictures pasted in, text drawn by Pillow
     writer.py                     writing in background processes, as many as the measured times call for
     self_influence.py             the self-influence CSV and figure
     html_scan.py                  what the offline report holds, built as the run goes or scanned from disk

@@ -109,3 +109,69 @@ def test_warm_up_lays_out_the_first_figures():
     other = FigureBook()
     warm_up(book=other, catalogue=many, layer_names=["a"], top=50)
     assert len(other) == 2 and other.strip("harmful", 30) is other.strip("harmful", 30)    # top clipped to N
+
+
+def _solid_panels(n, size):
+    colours = [(200, 30, 30), (30, 160, 40), (20, 40, 210), (250, 250, 0), (90, 90, 90), (0, 200, 200), (255, 0, 255)]
+    return [{"image": np.full((size, size, 3), colours[r % len(colours)], np.uint8), "rank": r, "score": -0.5 * r,
+             "class": f"class {r}", "file": f"train/{r}/{r}.png"} for r in range(1, n + 1)]
+
+
+@pytest.mark.parametrize("size", [16, 300])
+def test_a_raster_strip_looks_like_matplotlibs_own_drawing(tmp_path, size):
+    """png pastes the pictures and draws the text with Pillow; it differs from matplotlib's savefig of the same
+    figure only in the glyphs' rasterisation (and a picture's edge pixels)."""
+    rng = np.random.default_rng(size)
+    test, panels = _test(rng, size, 3, 8), _solid_panels(5, size)
+    test["image"] = np.full((size, size, 3), (10, 20, 30), np.uint8)
+    strip = StripFigure("useful", 5)
+    strip.render(test, panels, tmp_path / "raster.png", "png")
+    buffer = io.BytesIO()
+    strip.update(test, panels).savefig(buffer, format="png", dpi=strip.fig.dpi)
+    raster, own = _pixels(tmp_path / "raster.png").astype(int), np.asarray(Image.open(buffer).convert("RGB")).astype(int)
+    assert raster.shape == own.shape
+    assert np.abs(raster - own).mean() < 2.0
+    for ax, panel in zip(strip.axes, panels):              # each picture where matplotlib draws it
+        box = ax.get_window_extent()
+        row, col = int(raster.shape[0] - (box.y0 + box.y1) / 2), int((box.x0 + box.x1) / 2)
+        assert tuple(raster[row, col]) == tuple(panel["image"][0, 0])
+    with Image.open(tmp_path / "raster.png") as img:
+        assert round(img.info["dpi"][0]) == round(strip.fig.dpi)
+
+
+@pytest.mark.filterwarnings("ignore:Glyph .* missing from font")
+def test_lines_pillow_cannot_draw_are_left_to_matplotlib(tmp_path):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from influence.outputs.raster import draw_raster, save_raster
+
+    fig = Figure(figsize=(4, 2), dpi=100)
+    FigureCanvasAgg(fig)
+    texts = [fig.text(0.1, 0.8, "plain text"), fig.text(0.1, 0.5, "$x^2$ math"), fig.text(0.1, 0.2, "\u4e2d tofu"),
+             fig.text(0.8, 0.2, "turned", rotation=90), fig.text(0.5, 0.8, "faint", alpha=0.5)]
+    pixels = 255 - np.asarray(draw_raster(fig).convert("L")).astype(int)
+    for text in texts:                                     # every line drawn, by Pillow or by matplotlib
+        box = text.get_window_extent()
+        assert pixels[int(200 - box.y1):int(200 - box.y0) + 1, int(box.x0):int(box.x1) + 1].max() > 60, text
+    save_raster(fig, tmp_path / "a.jpg", "jpg")
+    with Image.open(tmp_path / "a.jpg") as img:
+        assert img.format == "JPEG" and img.size == (400, 200)
+    with pytest.raises(ValueError, match="raster format"):
+        save_raster(fig, tmp_path / "a.pdf", "pdf")
+
+
+def test_png_bytes_round_trip():
+    from influence.outputs.raster import png_bytes
+
+    rgb = np.random.default_rng(0).integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    with Image.open(io.BytesIO(png_bytes(rgb, 110))) as img:
+        np.testing.assert_array_equal(np.asarray(img), rgb)
+        assert img.mode == "RGB" and round(img.info["dpi"][0]) == 110
+
+
+def test_pdf_figures_keep_their_text_as_text(tmp_path):
+    rng = np.random.default_rng(1)
+    StripFigure("harmful", 2).render(_test(rng, 16, 1, 2), _panels(rng, 2, 16), tmp_path / "a.pdf", "pdf")
+    data = (tmp_path / "a.pdf").read_bytes()
+    assert data.startswith(b"%PDF") and b"/Font" in data

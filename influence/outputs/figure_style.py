@@ -88,6 +88,13 @@ def show(ax, image, colour):
     frame(ax, colour)
 
 
+def fit_axes(ax, image):
+    """Set the limits of an image panel made by :func:`show` to the size of ``image`` (the axes follow)."""
+    h, w = np.shape(image)[:2]
+    ax.set_xlim(-0.5, w - 0.5)
+    ax.set_ylim(h - 0.5, -0.5)
+
+
 def put_image(artist, image):
     """Replace the picture of an ``AxesImage`` made by :func:`show` (any size; the axes follow)."""
     img, kwargs = image_style(image)
@@ -97,8 +104,7 @@ def put_image(artist, image):
     artist.set_clim(kwargs.get("vmin", 0), kwargs.get("vmax", 255))
     h, w = img.shape[:2]
     artist.set_extent((-0.5, w - 0.5, h - 0.5, -0.5))
-    artist.axes.set_xlim(-0.5, w - 0.5)
-    artist.axes.set_ylim(h - 0.5, -0.5)
+    fit_axes(artist.axes, img)
 
 
 def verdict(test, true_width, pred_width):

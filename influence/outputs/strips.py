@@ -12,8 +12,9 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from influence.outputs.figure_style import (COLOURS, TEXT_WIDTH, format_score, is_wrong, put_image,
-                                            save_figure, short_class, short_file, shorten, show, verdict)
+from influence.outputs.figure_style import (COLOURS, RASTER_DPI, TEXT_WIDTH, fit_axes, format_score, is_wrong,
+                                            put_image, save_figure, short_class, short_file, shorten, show, verdict)
+from influence.outputs.raster import RASTER_FORMATS, save_raster
 
 PANEL_W = 2.3             # inches per image panel
 PANEL_H = 2.85            # inches per panel row, titles included
@@ -59,7 +60,7 @@ class StripFigure:
         self.kind, self.n_panels = kind, int(n_panels)
         n_cols = min(max(self.n_panels, 1), MAX_COLS) + 1
         n_rows = max(1, -(-self.n_panels // MAX_COLS))
-        fig = Figure(figsize=(PANEL_W * n_cols, PANEL_H * n_rows + 0.6), layout="constrained")
+        fig = Figure(figsize=(PANEL_W * n_cols, PANEL_H * n_rows + 0.6), dpi=RASTER_DPI, layout="constrained")
         FigureCanvasAgg(fig)
         grid = fig.add_gridspec(n_rows, n_cols)
 
@@ -83,19 +84,29 @@ class StripFigure:
         fig.set_layout_engine(None)           # ... and kept for every test image
         self.fig = fig
 
-    def update(self, test, panels):
-        """Put one test image's pictures and texts into the figure; return the figure."""
+    def _texts(self, test, panels):
         if len(panels) != self.n_panels:
             raise ValueError(f"this figure has {self.n_panels} training images, got {len(panels)}")
-        put_image(self.test_ax.images[0], test["image"])
         self.test_ax.title.set_text(test_title(test))
         self.test_ax.title.set_color(COLOURS["wrong"] if is_wrong(test) else "black")
         for ax, panel in zip(self.axes, panels):
-            put_image(ax.images[0], panel["image"])
             ax.title.set_text(panel_title(panel))
         self.title.set_text(heading(self.kind, test))
+        return [(self.test_ax, test["image"])] + [(ax, panel["image"]) for ax, panel in zip(self.axes, panels)]
+
+    def update(self, test, panels):
+        """Put one test image's pictures and texts into the figure; return the figure."""
+        for ax, picture in self._texts(test, panels):
+            put_image(ax.images[0], picture)
         return self.fig
 
     def render(self, test, panels, path, fmt):
-        save_figure(self.update(test, panels), path, fmt)
-
+        """png and jpg: the pictures pasted in, resampled once (:mod:`influence.outputs.raster`); pdf and svg:
+        drawn by matplotlib."""
+        if fmt not in RASTER_FORMATS:
+            save_figure(self.update(test, panels), path, fmt)
+            return
+        tiles = self._texts(test, panels)
+        for ax, picture in tiles:
+            fit_axes(ax, picture)
+        save_raster(self.fig, path, fmt, tiles)

@@ -11,7 +11,9 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from influence.outputs.figure_style import COLOURS, format_score, save_figure, short_class, shorten, verdict
+from influence.outputs.figure_style import (COLOURS, RASTER_DPI, format_score, save_figure, short_class, shorten,
+                                            verdict)
+from influence.outputs.raster import RASTER_FORMATS, save_raster
 
 ROW_H = 0.27               # inches per bar row
 MAX_LAYERS = 30            # layer rows before the smallest are lumped together
@@ -131,6 +133,14 @@ def widest_layer_label(layer_names):
     return max(names + lumped + [""], key=len)
 
 
+def pin_label(axis):
+    """Keep ``axis``'s label where it is now: matplotlib would otherwise measure every tick label at each draw
+    to place it (a fifth of the summary's draw), though the tick labels' height does not change."""
+    label = axis.label
+    where = label.get_transform().transform(label.get_position())
+    axis.set_label_coords(*axis.axes.transAxes.inverted().transform(where))
+
+
 class _Bars:
     """One panel of horizontal bars laid out for ``n_rows`` rows: the positive sum to the right (green),
     the negative one to the left (red), a black diamond at their sum; the first row on top."""
@@ -193,7 +203,7 @@ class SummaryFigure:
     def __init__(self, class_rows, layer_rows, class_hint, layer_hint):
         self.class_rows, self.layer_rows = int(class_rows), int(layer_rows)
         rows = max(self.class_rows, self.layer_rows, 4)
-        fig = Figure(figsize=(13.0, ROW_H * rows + 1.9), layout="constrained")
+        fig = Figure(figsize=(13.0, ROW_H * rows + 1.9), dpi=RASTER_DPI, layout="constrained")
         FigureCanvasAgg(fig)
         ax_class, ax_layer = fig.subplots(1, 2)
         self.classes = _Bars(ax_class, self.class_rows, rows, class_hint)
@@ -207,6 +217,8 @@ class SummaryFigure:
         self.title = fig.suptitle(f"{'n' * 90}\n{'n' * 90}", fontsize=11, fontweight="bold")
         fig.draw_without_rendering()          # the constrained layout, once ...
         fig.set_layout_engine(None)           # ... and kept for every test image
+        for axis in (ax_class.xaxis, ax_class.yaxis, ax_layer.xaxis, ax_layer.yaxis):
+            pin_label(axis)
         self.fig = fig
 
     def update(self, summary, test):
@@ -229,7 +241,11 @@ class SummaryFigure:
         return self.fig
 
     def render(self, summary, test, path, fmt):
-        save_figure(self.update(summary, test), path, fmt)
+        """png and jpg: text drawn by Pillow (:mod:`influence.outputs.raster`); pdf and svg: by matplotlib."""
+        if fmt in RASTER_FORMATS:
+            save_raster(self.update(summary, test), path, fmt)
+        else:
+            save_figure(self.update(summary, test), path, fmt)
 
 
 def rows_of(summary):

@@ -121,7 +121,7 @@ def build_mlp_data(root, n_train=1000, per_class=4, epochs=20):
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     model.fit(x.astype("float32") / 255.0, y, epochs=epochs, batch_size=64, verbose=0)
     model.save(root / "model.keras")
-    argv, _, _ = demo._command(demo.COMMANDS[0], str(root))
+    argv, _, _ = demo.command(demo.COMMANDS[0], str(root))
     done = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"prepare_data.py failed building {root}:\n{done.stderr[-2000:]}")

@@ -21,11 +21,7 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 #: the module that exists to reach private Keras/TensorFlow API (each use behind one small function)
 KERAS_PRIVATE = "influence/model/keras_private.py"
 #: modules not checked yet, each with its reason; an entry no longer needed fails the test (drop it)
-EXCEPTIONS = {
-    # owned by another change in flight: it reads influence.experiments.demo._command (kept there as an alias
-    # of the public demo.command until outputs.py moves to it)
-    "benchmarks/outputs.py",
-}
+EXCEPTIONS = set()
 INTERNALS = ("keras.src", "tensorflow.python")
 
 

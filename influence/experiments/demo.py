@@ -146,10 +146,6 @@ def command(template, root):
     return [sys.executable, str(script)] + args, shown, script
 
 
-#: the old name, which benchmarks/outputs.py still reads (its owner moves it to :func:`command`; then drop this)
-_command = command
-
-
 def run_scripts(root):
     """Run the ``COMMANDS`` one after the other, printing each line first; return an exit code."""
     for template in COMMANDS:

@@ -78,10 +78,10 @@ def test_the_grid_rows():
     assert names[0] == "auto (default)" and lds.GRID[0][1] == []
     krylov = [opts[opts.index("--damping") + 1] for name, opts in lds.GRID if "krylov" in opts]
     ekfac = [opts[opts.index("--damping") + 1] for name, opts in lds.GRID if "ekfac" in opts]
-    assert krylov == ["0.1x", "1x", "3x", "10x", "30x"] and ekfac == ["0.1x", "1x"]
+    assert krylov == ["0.1x", "1x", "3x", "10x", "30x", "optimizer"] and ekfac == ["0.1x", "1x", "optimizer"]
     from influence.curvature.damping import parse_damping
 
-    assert all(parse_damping(d).relative for d in krylov + ekfac)
+    assert all(parse_damping(d).relative or parse_damping(d).optimizer for d in krylov + ekfac)
     assert lds.SOLVER_SETS["panel"] is lds.SOLVERS      # the default set is the old one
 
 
@@ -116,8 +116,8 @@ def test_grid_rows_share_one_curvature_cache(tmp_path, monkeypatch):
     assert [r.name for r in rows] == [name for name, _ in lds.GRID]
     assert all("--cache" not in r.options for r in rows)
     loaded = [lds.SHARED_CACHE_NOTE in r.options for r in rows]
-    # auto (fits krylov), krylov x5 (loaded), ekfac 0.1x (fits), ekfac 1x (loaded)
-    assert loaded == [False, True, True, True, True, True, False, True]
+    # auto (fits krylov), krylov x6 (loaded), ekfac 0.1x (fits), ekfac 1x and optimizer (loaded)
+    assert loaded == [False, True, True, True, True, True, True, False, True, True]
     # the λ and rank the job resolved, where run.json gives them as numbers (ekfac's are per block: not shown)
     assert "(λ = 0.0125, rank 135)" in rows[1].options and "λ =" not in rows[-1].options
     seen.clear()
@@ -141,3 +141,25 @@ def test_caption_names_the_recipe_and_the_shared_cache():
     assert "329 optimizer steps on all 1500 images" in table and "168 on each half-subset" in table
     assert "their seconds leave out the fit" in table
     assert lds.to_json(result)["recipe"]["lr"] == 1e-3
+
+
+def test_fixed_initialisation_recipes_start_every_run_from_one_init_and_order_the_data_by_seed():
+    """``init: fixed``: seeds 0 and 1 give the same initial weights (0 epochs) but other trained ones (the data
+    order differs); without it the seed changes the initial weights too."""
+    import keras
+
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, 8)
+
+    def weights(name, seed, epochs):
+        recipe = dict(lds_models.MODELS[name], epochs=epochs, batch_size=2)
+        out = [np.asarray(w) for w in lds_models.train_model(x, y, recipe, seed).get_weights()]
+        keras.backend.clear_session()
+        return out
+
+    assert lds_models.MODELS["mlp-brief-fixed"] == dict(lds_models.MODELS["mlp-brief"], init="fixed")
+    same = [np.array_equal(a, b) for a, b in zip(weights("mlp-brief-fixed", 0, 0), weights("mlp-brief-fixed", 1, 0))]
+    assert all(same)
+    assert not all(np.array_equal(a, b) for a, b in zip(weights("mlp-brief", 0, 0), weights("mlp-brief", 1, 0)))
+    assert not all(np.array_equal(a, b) for a, b in zip(weights("mlp-brief-fixed", 0, 1),
+                                                        weights("mlp-brief-fixed", 1, 1)))

@@ -30,6 +30,22 @@ def test_any_lissa_setting_given_picks_lissa(flag):
     assert choose_solver("auto", ["iter", "bsize"], 100, 4, 2)[1].startswith("auto: lissa (iter, bsize given")
 
 
+def test_a_batchnorm_model_takes_ekfac_unless_lissa_or_a_solver_is_asked():
+    import keras
+
+    from influence.curvature.choice import batch_norm_layers
+
+    inner = keras.Sequential([keras.Input((4,)), keras.layers.BatchNormalization(name="inner_bn")], name="inner")
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(4), keras.layers.BatchNormalization(name="bn1"),
+                              inner, keras.layers.Dense(2)])
+    assert batch_norm_layers(model) == ["bn1", "inner_bn"]
+    assert batch_norm_layers(keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])) == []
+    name, reason = choose_solver("auto", (), 7_186, 4, 2, ["bn1", "bn2"])
+    assert name == "ekfac" and reason.startswith("auto: ekfac (the model normalises by batch statistics (bn1, bn2)")
+    assert choose_solver("auto", ("iter",), 7_186, 4, 2, ["bn1"])[0] == "lissa"
+    assert choose_solver("krylov", (), 7_186, 4, 2, ["bn1"])[0] == "krylov"
+
+
 def test_krylov_when_its_basis_fits_the_budget_else_ekfac():
     name, reason = choose_solver("auto", (), VGG16_LAST, 4, 8)
     assert name == "krylov", reason

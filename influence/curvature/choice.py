@@ -5,10 +5,13 @@ The rule (:func:`choose_solver`), in order:
 1. ``lissa`` when any of the original tool's LiSSA settings is given explicitly: ``iter`` (``-i``),
    ``bsize`` (``-b``), ``scale`` or ``repeats`` (calculate.py's flags, or the Python API's options), so
    ``calculate.py -i 20 -b 10 -sf pdf`` keeps its original meaning;
-2. ``krylov`` when the memory budget holds its fit with at least :data:`AUTO_MIN_RANK` eigenpairs over
+2. ``ekfac`` for a model that normalises by batch statistics (a BatchNormalization layer; :data:`AUTO_BATCH_NORM`):
+   on every BatchNorm model of the LDS panel EK-FAC was truer than krylov with any damping (README, "What
+   the panel decided");
+3. ``krylov`` when the memory budget holds its fit with at least :data:`AUTO_MIN_RANK` eigenpairs over
    the selected parameters (:func:`influence.curvature.lowrank.krylov.affordable_rank`: the Lanczos basis may
    take half of ``memory_budget``);
-3. ``ekfac`` otherwise (its Kronecker factors do not grow with parameters × rank).
+4. ``ekfac`` otherwise (its Kronecker factors do not grow with parameters × rank).
 
 It is resolved once the model is loaded (the parameter count is known) and before the solver is built;
 everything after sees the method chosen, never ``auto``.
@@ -29,7 +32,22 @@ def solver_choices():
     return [AUTO, *REGISTRY]
 
 
-def choose_solver(requested, given, num_params, itemsize, memory_budget):
+#: ``--solver auto`` takes ekfac for a model with BatchNormalization layers (module docstring, rule 2)
+AUTO_BATCH_NORM = True
+
+
+def batch_norm_layers(model):
+    """Names of the BatchNormalization layers of a Keras model, nested models included (a list)."""
+    names = []
+    for layer in getattr(model, "layers", None) or []:
+        if "BatchNormalization" in type(layer).__name__:
+            names.append(layer.name)
+        elif getattr(layer, "layers", None):
+            names.extend(batch_norm_layers(layer))
+    return names
+
+
+def choose_solver(requested, given, num_params, itemsize, memory_budget, batch_norm=()):
     """The method of a run and why -> ``(name, reason)``, ``reason`` one sentence.
 
     Args:
@@ -38,6 +56,7 @@ def choose_solver(requested, given, num_params, itemsize, memory_budget):
       num_params: parameters the influence is taken over (the model's selected ones).
       itemsize: bytes of one of them (4 for float32).
       memory_budget: GB (None: no budget).
+      batch_norm: names of the model's BatchNormalization layers (:func:`batch_norm_layers`).
     """
     if requested != AUTO:
         if requested not in REGISTRY:
@@ -46,6 +65,10 @@ def choose_solver(requested, given, num_params, itemsize, memory_budget):
     lissa = [name for name in LISSA_SETTINGS if name in set(given)]
     if lissa:
         return "lissa", f"auto: lissa ({', '.join(lissa)} given: the original tool's LiSSA)"
+    if batch_norm and AUTO_BATCH_NORM:
+        shown = ", ".join(batch_norm[:3]) + (", ..." if len(batch_norm) > 3 else "")
+        return "ekfac", (f"auto: ekfac (the model normalises by batch statistics ({shown}): on the LDS panel's "
+                         f"BatchNorm models EK-FAC was truer than krylov; --calibrate measures both on yours)")
     cap = affordable_rank(num_params, itemsize, memory_budget)
     if cap is None:
         pairs = min(AUTO_MAX_RANK, num_params)
@@ -92,6 +115,7 @@ def choose_method(requested, given, clf, memory_budget, damping):
     """:func:`choose_solver` then :func:`choose_damping` on the loaded classifier ``clf`` -> ``(solver name,
     Damping, reason, whether to log it)``: the reason is one line (the solver's, then the damping's when
     ``auto`` was resolved), logged when either was ``auto``."""
-    name, reason = choose_solver(requested, given, clf.num_params, clf.dtype.size, memory_budget)
+    name, reason = choose_solver(requested, given, clf.num_params, clf.dtype.size, memory_budget,
+                                 batch_norm_layers(clf.model))
     damping, why = choose_damping(name, damping, clf)
     return name, damping, f"{reason}; {why}" if why else reason, requested == AUTO or bool(why)

@@ -40,7 +40,7 @@ sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
 
-SECTIONS = ("demo", "vgg16", "prepare", "calculate", "krylov", "truth", "outputs", "memory")
+SECTIONS = ("demo", "vgg16", "prepare", "calculate", "krylov", "truth", "outputs", "memory", "store")
 RESULTS = []  # dicts: section, name, value, unit, target (str), ok (bool/None), note, failed (bool)
 TAIL_LINES = 5  # lines of a failure's error shown under the table
 
@@ -687,6 +687,14 @@ def bench_memory(args):
     from benchmarks import memory
 
     memory.run(args, say, record, run_script, run_measured)
+
+
+def bench_store(args):
+    """The gradient store (issue 31): bytes on disk against N x D x 2, peak RSS writing N and 4 N images, each
+    further test image's query per training image in F, a rerun with a new test set (benchmarks/store.py)."""
+    from benchmarks import store
+
+    store.run(args, say, record, timeit)
 
 
 def table(rows):

@@ -165,3 +165,42 @@ def test_a_relative_damping_is_per_layer(data, tmp_path):
     want = g_test @ np.linalg.solve(g + np.diag(lam), g_train.T)
     assert np.linalg.norm(got - want) / np.linalg.norm(want) < 2e-3
     np.testing.assert_allclose(store.solver.info["damping_per_layer"], lam[edges[:-1]], rtol=1e-7)
+
+
+def test_a_new_store_removes_the_whole_stores_of_other_settings_but_not_a_partial_or_held_one(data, tmp_path, caplog):
+    import gc
+    import logging
+
+    cache = tmp_path / "cache"
+    first = make(data, cache, store_dim=10)
+    first.fit()
+    old = first.solver.store().folder
+    old_bytes = shards.folder_bytes(old)
+    del first
+    gc.collect()                                               # its in-use lock goes with it
+    partial = GradientStore(cache, "p" * 24, 100, 4, rows=50)  # an interrupted pass of other settings: resumable
+    partial.open_for_writing()
+    partial.write_shard(0, np.ones((50, 4)))
+    partial.save_checkpoint(np.zeros((4, 4)), 1)
+    held = GradientStore(cache, "h" * 24, 10, 4)               # whole, but a live process reads it
+    held.open_for_writing()
+    held.write_shard(0, np.ones((10, 4)))
+    lock = held.hold()
+    assert shards.whole_store(held.folder) and not shards.whole_store(partial.folder)
+
+    second = make(data, cache, store_dim=12)                   # new settings: a new key, a new store
+    with caplog.at_level(logging.INFO, logger="influence.store.shards"):
+        second.fit()
+    assert not old.exists()
+    assert partial.folder.is_dir() and held.folder.is_dir() and second.solver.store().complete()
+    lines = [r.getMessage() for r in caplog.records if r.name == "influence.store.shards"]
+    assert lines == [f"store: removed 1 old store folder(s) under {cache} ({old_bytes / 1e6:.1f} MB: {old.name}); "
+                     f"kept 1 partial one(s) of other settings ({shards.folder_bytes(partial.folder) / 1e6:.1f} MB), "
+                     f"resumable"], lines
+    # the new store is loaded again and scores with no pass; once released, the held store goes at the next prune
+    x, y, _ = TestArchive(data / "test.npz").read("a")
+    assert make(data, cache, store_dim=12).scores(x, y).shape == (len(y), N_TRAIN)
+    lock.close()
+    size = shards.folder_bytes(held.folder)
+    assert shards.prune_stores(cache, second.solver.store().digest) == ([held.folder.name], size)
+    assert partial.folder.is_dir() and second.solver.store().complete()

@@ -9,6 +9,7 @@ model weights, parameters, training archive, projection dimension, seed or Fishe
       scale-00000.f32           (rows,) float32: each row's largest |value| (1 for a zero row)
       ...
       partial.npz               while writing only: the curvature sum of the shards written so far
+      in-use.lock               empty: a process writing or reading the store holds a shared flock on it
 
 Shard ``k`` holds images ``[k·shard_rows, min((k+1)·shard_rows, n))``. Each row is stored divided by its own
 largest magnitude, so a confident image whose gradient is 1e-8 keeps float16's relative precision (2⁻¹¹)
@@ -16,9 +17,17 @@ instead of underflowing. Size: ``n (2D + 4)`` bytes and meta.json, i.e. at most 
 D ≥ 200. Every file is written under a temporary name and renamed (:func:`influence.io.atomic_write`): a
 shard exists whole or not at all, and an interrupted write resumes from ``partial.npz`` (the shards it
 covers are kept; later ones are written again).
+
+Old stores (:func:`prune_stores`): the curvature cache keeps one entry per solver (``store.npz``, one key), and
+a fit writes every shard anew, so a whole store of another key is never read again; when a store is finished,
+the other whole stores under the same folder are removed, except one a live process holds (its
+``in-use.lock``, :meth:`GradientStore.hold`). A partial store (``partial.npz``, or shards missing) is kept:
+its pass resumes when its key comes back.
 """
+import fcntl
 import hashlib
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -31,6 +40,10 @@ from influence.io import atomic_write
 #: once per shard, so a shard holds at least 4 D rows, 8 D² bytes of float16 itself)
 MIN_SHARD_ROWS = 1024
 DTYPE = np.float16
+#: the file a process holding the store has a shared ``flock`` on (:meth:`GradientStore.hold`)
+LOCK_NAME = "in-use.lock"
+
+log = logging.getLogger(__name__)
 
 
 def key_digest(key):
@@ -110,7 +123,14 @@ class GradientStore:
 
     def nbytes(self):
         """Bytes of every file in the store's folder."""
-        return sum(p.stat().st_size for p in self.folder.iterdir() if p.is_file())
+        return folder_bytes(self.folder)
+
+    def hold(self):
+        """An open file with a shared ``flock`` on the store's :data:`LOCK_NAME` (released when it is closed, or
+        when the process ends): while it is held, :func:`prune_stores` leaves the store alone."""
+        fh = open(self.folder / LOCK_NAME, "a")
+        fcntl.flock(fh, fcntl.LOCK_SH)
+        return fh
 
     # --- writing ---------------------------------------------------------------------------------
     def write_shard(self, k, rows):
@@ -165,3 +185,50 @@ class GradientStore:
             for s in range(0, len(values), block_rows):
                 part = np.asarray(values[s:s + block_rows], np.float32) * scale[s:s + block_rows, None]
                 yield start + s, part
+
+
+def folder_bytes(folder):
+    """Bytes of the files in ``folder``."""
+    return sum(p.stat().st_size for p in Path(folder).iterdir() if p.is_file())
+
+
+def whole_store(folder):
+    """True when ``folder`` holds a finished store: meta.json readable, every shard whole, no partial sum."""
+    try:
+        meta = json.loads((Path(folder) / "meta.json").read_text())
+        store = GradientStore(Path(folder).parent, meta["digest"], meta["n"], meta["dim"], meta["shard_rows"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return store.folder == Path(folder) and not (store.folder / "partial.npz").exists() and store.complete()
+
+
+def prune_stores(root, keep):
+    """Remove the whole stores under ``root`` but ``store-<keep>`` that no process holds (module docstring); log
+    one line of what went and what partial stores stay. Returns ``(removed folder names, bytes freed)``."""
+    removed, freed, partial = [], 0, []
+    for folder in sorted(Path(root).glob("store-*")):
+        if folder.name == f"store-{keep}" or not folder.is_dir():
+            continue
+        try:
+            fh = open(folder / LOCK_NAME, "a")
+        except OSError:
+            continue
+        with fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:             # a live process writes or reads it
+                continue
+            if not whole_store(folder):
+                partial.append(folder_bytes(folder))
+                continue
+            size = folder_bytes(folder)
+            shutil.rmtree(folder, ignore_errors=True)
+            if not folder.exists():
+                removed.append(folder.name)
+                freed += size
+    if removed or partial:
+        log.info("store: removed %d old store folder(s) under %s (%.1f MB%s)%s", len(removed), root, freed / 1e6,
+                 ": " + ", ".join(removed) if removed else "",
+                 f"; kept {len(partial)} partial one(s) of other settings ({sum(partial) / 1e6:.1f} MB), resumable"
+                 if partial else "")
+    return removed, freed

@@ -42,7 +42,7 @@ from influence.model.vectors import numpy_to_vec, vec_size
 from influence.progress import progress as progress_bar
 from influence.settings import MEMORY_BUDGET_GB, bytes_to_gb, gb_to_bytes, parse_store_dim
 from influence.store.projection import Projection, layer_dims
-from influence.store.shards import GradientStore, key_digest
+from influence.store.shards import LOCK_NAME, GradientStore, key_digest, prune_stores
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,51 @@ def auto_dim(num_params, memory_budget):
     if memory_budget is not None:
         cap = min(cap, int(math.sqrt(CURVATURE_SHARE * gb_to_bytes(memory_budget) / 24)))
     return int(max(1, min(cap, num_params)))
+
+
+def project_records(projection, signals, grouped, rows):
+    """(rows, D) float64: the projected per-image gradients of the tapped records ``grouped`` (by layer id), a
+    Kronecker layer's formed from its projected inputs and backward signals (:mod:`influence.store.projection`)."""
+    parts = []
+    for index, (b, mats) in enumerate(zip(projection.plan, projection.mats)):
+        recs = grouped.get(id(b.layer))
+        if not recs:
+            parts.append(tf.zeros([rows, projection.sizes[index]], tf.float64))
+            continue
+        if isinstance(b, KronBlock):
+            a, dl, _ = kron_inputs(b, recs, tf.float64)                       # (N, P, K1), (R·N, P, C)
+            a = tf.einsum("npk,dk->npd", a, tf.constant(mats[0]))
+            dl = tf.einsum("rpc,ec->rpe", dl, tf.constant(mats[1]))
+            a = tf.gather(a, image_of_rows(tf.shape(dl)[0], tf.shape(a)[0]))
+            g = tf.einsum("rpd,rpe->rde", a, dl)
+            parts.append(tf.reshape(g, [tf.shape(g)[0], -1]))
+        else:
+            grads = signals.per_image_grads(b, recs)
+            flat = tf.concat([tf.reshape(g, [tf.shape(g)[0], -1]) for g in grads], axis=1)
+            parts.append(tf.matmul(flat, tf.constant(mats[0]), transpose_b=True))
+    return tf.concat(parts, axis=1)
+
+
+def write_pass(store, first, total, step, archive, chunk, compute, progress):
+    """Write shards ``first``.. of ``store`` from ``step(x, y) -> (fisher rows, gradients)`` on ``archive``'s images,
+    ``chunk`` at a time, adding the fisher rows' Gram product to ``total`` ((D, D) float64, in place; in
+    ``compute``, the model's dtype: float32 is twice as fast) and checkpointing it after each shard but the last."""
+    done = store.bounds(first)[0] if first < store.shards else store.n
+    with progress_bar(total=store.n - done, desc="store: projected gradients", unit="img", disable=not progress) as bar:
+        for k in range(first, store.shards):
+            start, stop = store.bounds(k)
+            rows = np.empty((stop - start, store.dim))
+            for s in range(start, stop, chunk):
+                idx = np.arange(s, min(s + chunk, stop))
+                x, y = archive.take(idx)
+                fisher_rows, grads = step(x, np.asarray(y, np.int64).reshape(-1))
+                fisher_rows = fisher_rows.numpy().astype(compute, copy=False)
+                total += fisher_rows.T @ fisher_rows
+                rows[s - start:s - start + len(idx)] = grads.numpy()
+                bar.update(len(idx))
+            store.write_shard(k, rows)
+            if k + 1 < store.shards:
+                store.save_checkpoint(total, k + 1)
 
 
 class StoreSolver(InverseHVP):
@@ -108,6 +153,7 @@ class StoreSolver(InverseHVP):
         self._root = None            # the folder the store lives in (attach), else a temporary one
         self._tmp = None
         self._digest = None
+        self._held = None            # the store's in-use lock (GradientStore.hold) while this solver uses it
         self._evals = None           # eigenvalues and eigenvectors of C (undamped)
         self._evecs = None
         self._trace = None
@@ -139,6 +185,13 @@ class StoreSolver(InverseHVP):
                                        "weights": model_fingerprint(self.obj.d.clf.model)})
         return GradientStore(self._root, self._digest, self.obj.n, self.projection.dim)
 
+    def _hold(self, store):
+        """Hold ``store``'s in-use lock (one at a time) so that another process's :func:`prune_stores` keeps it."""
+        if self._held is None or self._held.name != str(store.folder / LOCK_NAME):
+            if self._held is not None:
+                self._held.close()
+            self._held = store.hold()
+
     # --- the one training pass -----------------------------------------------------------------------
     def _chunk_fn(self):
         """Compiled ``(x, y) -> (fisher rows (R·N, D), gradients (N, D))``, float64."""
@@ -147,70 +200,34 @@ class StoreSolver(InverseHVP):
             self._compiled = tf.function(self._project_chunk, input_signature=[d.x_spec, d.y_spec])
         return self._compiled
 
-    def _project_records(self, grouped, rows):
-        parts = []
-        for index, (b, mats) in enumerate(zip(self.plan, self.projection.mats)):
-            recs = grouped.get(id(b.layer))
-            if not recs:
-                parts.append(tf.zeros([rows, self.projection.sizes[index]], tf.float64))
-                continue
-            if isinstance(b, KronBlock):
-                a, dl, _ = kron_inputs(b, recs, tf.float64)                       # (N, P, K1), (R·N, P, C)
-                a = tf.einsum("npk,dk->npd", a, tf.constant(mats[0]))
-                dl = tf.einsum("rpc,ec->rpe", dl, tf.constant(mats[1]))
-                a = tf.gather(a, image_of_rows(tf.shape(dl)[0], tf.shape(a)[0]))
-                g = tf.einsum("rpd,rpe->rde", a, dl)
-                parts.append(tf.reshape(g, [tf.shape(g)[0], -1]))
-            else:
-                grads = self.signals.per_image_grads(b, recs)
-                flat = tf.concat([tf.reshape(g, [tf.shape(g)[0], -1]) for g in grads], axis=1)
-                parts.append(tf.matmul(flat, tf.constant(mats[0]), transpose_b=True))
-        return tf.concat(parts, axis=1)
-
     def _project_chunk(self, x, y):
         n = tf.shape(y)[0]
         true = self.signals.signals(x, y, None, true_labels=True)
-        grads = self._project_records(true, n)
+        grads = project_records(self.projection, self.signals, true, n)
         if self.fisher == "empirical":
             return grads, grads
         grouped = self.signals.signals(x, y, None)
         rows = n * (self.obj.d.clf.num_classes if self.fisher == "true"
                     else min(int(self.fisher[4:]), self.obj.d.clf.num_classes))
-        return self._project_records(grouped, rows), grads
+        return project_records(self.projection, self.signals, grouped, rows), grads
 
     def fit(self, sums=None):
         """One pass: each shard's projected gradients written, ``C`` summed (resuming a partial write). ``sums``
         (a Ray backend's sharded sums) is not used: the store's pass runs in this process."""
         store = self.store()
         store.open_for_writing()
+        self._hold(store)
         total, first = store.checkpoint()
         if total is None:
             total, first = np.zeros((store.dim, store.dim)), 0
         elif first:
             log.info("store: resuming %s: %d of %d shard(s) already written", store.folder, first, store.shards)
-        fn = self._chunk_fn()
-        compute = self.obj.d.dtype.as_numpy_dtype
-        archive, chunk = self.obj.archive, max(1, int(self.obj.chunk))
         t0 = time.perf_counter()
-        done = store.bounds(first)[0] if first < store.shards else store.n
-        with progress_bar(total=store.n - done, desc="store: projected gradients", unit="img",
-                          disable=not self.progress) as bar:
-            for k in range(first, store.shards):
-                start, stop = store.bounds(k)
-                rows = np.empty((stop - start, store.dim))
-                for s in range(start, stop, chunk):
-                    idx = np.arange(s, min(s + chunk, stop))
-                    x, y = archive.take(idx)
-                    fisher_rows, grads = fn(x, np.asarray(y, np.int64).reshape(-1))
-                    # the chunk's product in the model's dtype (float32: twice as fast), summed in float64
-                    fisher_rows = fisher_rows.numpy().astype(compute, copy=False)
-                    total += fisher_rows.T @ fisher_rows
-                    rows[s - start:s - start + len(idx)] = grads.numpy()
-                    bar.update(len(idx))
-                store.write_shard(k, rows)
-                if k + 1 < store.shards:
-                    store.save_checkpoint(total, k + 1)
+        write_pass(store, first, total, self._chunk_fn(), self.obj.archive, max(1, int(self.obj.chunk)),
+                   self.obj.d.dtype.as_numpy_dtype, self.progress)
         store.finish()
+        if self._tmp is None:            # under the cache: the whole stores of other settings are never read again
+            prune_stores(store.folder.parent, store.digest)
         curvature = total / max(store.n, 1) + self.projection.regulariser()
         self._set_curvature(0.5 * (curvature + curvature.T))
         self.info.update(store=str(store.folder), store_bytes=store.nbytes(), store_seconds=time.perf_counter() - t0)
@@ -233,6 +250,8 @@ class StoreSolver(InverseHVP):
         if c.shape != (self.projection.dim, self.projection.dim):
             raise ValueError(f"cached store curvature is {c.shape}, expected {(self.projection.dim,) * 2}")
         store = self.store()
+        if store.folder.is_dir():
+            self._hold(store)            # before the check: prune_stores removes only the stores no one holds
         if not store.complete():
             raise ValueError(f"the gradient store {store.folder} is missing or incomplete")
         w, v = (np.asarray(arrays["eigenvalues"], np.float64), np.asarray(arrays["eigenvectors"], np.float64))

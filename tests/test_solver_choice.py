@@ -46,6 +46,29 @@ def test_a_batchnorm_model_takes_ekfac_unless_lissa_or_a_solver_is_asked():
     assert choose_solver("krylov", (), 7_186, 4, 2, ["bn1"])[0] == "krylov"
 
 
+def test_a_batchnorm_model_under_auto_gets_ekfac_at_1x_and_an_explicit_damping_stays(tmp_path):
+    """Through the API: solver auto and damping auto on a BatchNorm CNN -> ekfac at 1x, both said in solver_choice;
+    an explicit 0.1x stays; krylov asked keeps its auto damping (no optimizer state here: 0.1x)."""
+    import keras
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 256, (16, 8, 8, 3), dtype=np.uint8), rng.integers(0, 3, 16)
+    model = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Conv2D(2, 3, use_bias=False),
+                              keras.layers.BatchNormalization(name="bn"), keras.layers.Flatten(),
+                              keras.layers.Dense(3)])
+    model.save(tmp_path / "m.keras")
+    inf = influence.Influence(str(tmp_path / "m.keras"), train=(x, y), preprocess="unit", progress=False)
+    assert inf.solver_name == "ekfac" and str(inf.settings.damping) == "1x"
+    assert "normalises by batch statistics (bn)" in inf.solver_choice and "damping auto: 1x" in inf.solver_choice
+    asked = influence.Influence(str(tmp_path / "m.keras"), train=(x, y), preprocess="unit", progress=False,
+                                damping="0.1x")
+    assert asked.solver_name == "ekfac" and str(asked.settings.damping) == "0.1x"
+    krylov = influence.Influence(str(tmp_path / "m.keras"), train=(x, y), preprocess="unit", progress=False,
+                                 solver="krylov")
+    assert str(krylov.settings.damping) == "0.1x"
+
+
 def test_krylov_when_its_basis_fits_the_budget_else_ekfac():
     name, reason = choose_solver("auto", (), VGG16_LAST, 4, 8)
     assert name == "krylov", reason

@@ -88,6 +88,9 @@ def choose_solver(requested, given, num_params, itemsize, memory_budget, batch_n
 #: from the training run": the LDS panel's measurements). kfac / ekfac take ``optimizer`` too, per eigen-direction,
 #: but keep ``0.1x`` under auto: on the panel it did not beat their relative damping
 AUTO_OPTIMIZER = ("krylov", "exact")
+#: ``damping auto`` of kfac / ekfac on a model with BatchNormalization layers: this factor of each layer's mean
+#: eigenvalue instead of 0.1 (on the panel's BatchNorm models EK-FAC's best; README, "What the panel decided")
+AUTO_BATCH_NORM_FACTOR = 1.0
 
 
 def choose_damping(solver, damping, clf):
@@ -95,11 +98,16 @@ def choose_damping(solver, damping, clf):
 
     ``damping``: the parsed setting. Given as ``auto`` (:attr:`Damping.auto`) to a method that takes a
     per-parameter damping and measured better with it (:data:`AUTO_OPTIMIZER`) on a model whose saved optimizer state can be
-    read (:func:`influence.model.training_state.response_diagonal`): ``optimizer``; else as it is (``auto``
-    is then ``0.1x``), the reason saying why when ``auto`` stayed a factor.
+    read (:func:`influence.model.training_state.response_diagonal`): ``optimizer``; to kfac / ekfac on a model with
+    BatchNormalization layers: :data:`AUTO_BATCH_NORM_FACTOR` (``1x``); else as it is (``auto`` is then ``0.1x``),
+    the reason saying why when ``auto`` stayed a factor.
     """
     from influence.model.training_state import NoTrainingState, response_diagonal
 
+    if damping.auto and solver in ("kfac", "ekfac") and batch_norm_layers(clf.model):
+        factor = AUTO_BATCH_NORM_FACTOR
+        return (parse_damping(f"{factor:g}x"),
+                f"damping auto: {factor:g}x (each layer's mean eigenvalue; a BatchNorm model: the panel's best for EK-FAC)")
     if not (damping.auto and solver in AUTO_OPTIMIZER and getattr(REGISTRY.get(solver), "takes_diagonal", False)):
         return damping, None
     try:

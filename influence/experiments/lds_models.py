@@ -56,6 +56,7 @@ FIXED = {"init": "fixed"}
 #: ``--lds-model``: the panel's models; the demo archives serve all, each model has its own cache folder
 MODELS = {"demo": RECIPE, "bn": BN_RECIPE, "mlp": MLP_RECIPE, "mlp-brief": MLP_BRIEF_RECIPE,
           "bn-brief": BN_BRIEF_RECIPE, "wide": WIDE_RECIPE, "bn-fixed": dict(BN_RECIPE, **FIXED),
+          "mlp-fixed": dict(MLP_RECIPE, **FIXED),
           "mlp-brief-fixed": dict(MLP_BRIEF_RECIPE, **FIXED), "bn-brief-fixed": dict(BN_BRIEF_RECIPE, **FIXED),
           "wide-fixed": dict(WIDE_RECIPE, **FIXED)}
 

@@ -321,13 +321,13 @@ class Influence:
         return other
 
     def calibrate(self, test_images, test_labels, train_fn=None, subsets=16, seeds=2, epochs="auto",
-                  batch_size=32, solvers=None, dampings=None, cache=None):
+                  batch_size=32, solvers=None, dampings=None, cache=None, init="fresh"):
         """How far the scores can be trusted on this model: the LDS of a (solver, damping) grid against the model
         retrained on random half-subsets (:func:`influence.calibration.calibrate`; default ``cache``: this one's)."""
         from influence.calibration import calibrate
 
         return calibrate(self, test_images, test_labels, train_fn=train_fn, subsets=subsets, seeds=seeds,
-                         epochs=epochs, batch_size=batch_size, solvers=solvers, dampings=dampings,
+                         init=init, epochs=epochs, batch_size=batch_size, solvers=solvers, dampings=dampings,
                          cache=self.cache if cache is None else cache)
 
     def catalogue(self):

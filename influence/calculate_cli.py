@@ -113,6 +113,7 @@ def build_parser():
     add("--calibrate", action="store_true")
     add("--calibrate-subsets", type=int, metavar="M")
     add("--calibrate-seeds", type=int, metavar="S")
+    add("--calibrate-init", choices=("fresh", "fixed"))
     add("--calibrate-solvers", metavar="NAME,...")
     add("--calibrate-damping", metavar="D,...")
     add("--epochs", type=setting_arg("epochs"), metavar="auto|E")

@@ -189,6 +189,15 @@ def _dampings(text):
     return None
 
 
+#: ``calibrate_init``: where each retraining of ``--calibrate`` starts (influence.calibration.retrain)
+CALIBRATE_INITS = ("fresh", "fixed")
+
+
+def calibrate_init_problem(value):
+    """``calibrate_init``'s check: one of :data:`CALIBRATE_INITS`."""
+    return None if value in CALIBRATE_INITS else f"must be one of {', '.join(CALIBRATE_INITS)}, got {value!r}"
+
+
 def _names(text):
     """``calibrate_solvers``' check: comma-separated names (checked against the registry when calibrating)."""
     if text is None:
@@ -311,6 +320,12 @@ class Settings:
     calibrate_seeds: int = _setting(2, _CAL, "calibrate: training seeds per subset; 2 measure the noise ceiling "
                                              "(seed-to-seed Spearman), 1 halves the retraining and leaves it "
                                              "unmeasured", _at_least(1))
+    calibrate_init: str = _setting("fresh", _CAL, "calibrate: where each retraining starts: fresh = the model's own "
+                                                   "initialisers under each seed (from scratch); fixed = one "
+                                                   "initialisation for every run, the seed ordering the data only, as "
+                                                   "fine-tuning runs of one pretrained model share their start (less "
+                                                   "seed noise: on the LDS panel's briefly trained models the noise "
+                                                   "ceiling doubles)", calibrate_init_problem)
     calibrate_solvers: str = _setting(None, _CAL, "calibrate: comma-separated solvers scored besides the run's "
                                                    "(default: ekfac)", _names)
     calibrate_damping: str = _setting(None, _CAL, "calibrate: comma-separated dampings of every solver of the grid, "

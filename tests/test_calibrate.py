@@ -415,3 +415,35 @@ def test_calculate_records_damping_optimizer_and_a_rerun_resumes(project):
     again = calc(project, "--model", "model.keras", "--rank", "20", "--out", "opt")
     assert again.returncode == 0, again.stderr
     assert "0 to score" in again.stderr
+
+
+def test_init_fixed_starts_every_retraining_from_one_initialisation(tiny):
+    """calibrate_init fixed: two seeds give the same untrained model (0 epochs) but other trained ones (the data
+    order); fresh draws the weights under each seed. A train_fn with fixed is refused in one line; calculate.py
+    takes --calibrate-init."""
+    import influence
+    from influence.calibration import retrain
+    from influence.data.arrays import TrainSet
+    from influence.errors import SettingError
+    from influence.model.models import make_preprocess
+
+    root, model_path, x, y, xt, yt = tiny
+    model = keras.models.load_model(model_path)
+    config = retrain.compile_config(model)
+    train = TrainSet([(x, y)], unit=True)
+
+    def losses(init, seed, epochs):
+        fit = retrain.compiled_fit(model, config, epochs, 8)
+        return retrain.Trainer(fit, train, xt, yt, make_preprocess("unit"), init=init)(np.arange(32), seed)
+
+    np.testing.assert_array_equal(losses("fixed", 0, 0), losses("fixed", 1, 0))
+    assert not np.allclose(losses("fresh", 0, 0), losses("fresh", 1, 0))
+    assert not np.allclose(losses("fixed", 0, 1), losses("fixed", 1, 1))
+    inf = influence.Influence(str(model_path), train=(x, y), preprocess="unit", progress=False, solver="exact")
+    with pytest.raises(SettingError, match="^calibrate_init: fixed starts the compiled recipe's runs"):
+        inf.calibrate(xt, yt, train_fn=lambda a, b: model, subsets=2, seeds=1, init="fixed")
+    with pytest.raises(SettingError, match="^calibrate_init: must be one of fresh, fixed"):
+        inf.calibrate(xt, yt, subsets=2, seeds=1, init="warm")
+    from influence.calculate_cli import build_parser
+
+    assert build_parser().parse_args(["--calibrate-init", "fixed"]).calibrate_init == "fixed"

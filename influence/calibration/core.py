@@ -17,6 +17,7 @@ import numpy as np
 from influence.calibration import grid, retrain, scoring
 from influence.errors import SettingError, UserError
 from influence.io import atomic_write
+from influence.settings import calibrate_init_problem
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +182,7 @@ def _keras_model(inf):
                         f"({str(exc).splitlines()[0][:200]}): from Python pass train_fn(x, y) -> model") from None
 
 
-def calibrate(inf, test_images, test_labels, *, train_fn=None, subsets=16, seeds=2, epochs="auto",
+def calibrate(inf, test_images, test_labels, *, train_fn=None, subsets=16, seeds=2, init="fresh", epochs="auto",
               batch_size=retrain.DEFAULT_BATCH_SIZE, solvers=None, dampings=None, cache=None, mask_seed=0,
               show=True, runner=None):
     """How far the scores of ``inf`` can be trusted on its model -> :class:`Calibration`.
@@ -198,7 +199,9 @@ def calibrate(inf, test_images, test_labels, *, train_fn=None, subsets=16, seeds
     ``test_labels`` (T,). ``train_fn(x, y) -> model`` (x float32 as the model takes them, y int64; called
     after ``keras.utils.set_random_seed(seed)``) replaces the model's own compile config; ``epochs`` (``auto``:
     the length of the saved training, :func:`influence.calibration.retrain.default_epochs`) and ``batch_size``
-    are the compiled recipe's. ``runner``: where the retrainings run (default this process; calculate.py's
+    are the compiled recipe's. ``init``: ``fresh`` (each run from the model's initialisers under its seed) or
+    ``fixed`` (every run from one initialisation, the seed ordering the data only; the compiled recipe only:
+    a ``train_fn`` chooses its own start). ``runner``: where the retrainings run (default this process; calculate.py's
     ``workers`` / ``ray_address``: :class:`influence.calibration.shards.RayRunner`).
     """
     seeds = int(seeds)
@@ -208,12 +211,20 @@ def calibrate(inf, test_images, test_labels, *, train_fn=None, subsets=16, seeds
     if not len(y_test):
         raise UserError("calibrate: no test images to measure the test loss on")
     fit, recipe = trainer_for(inf, train_fn, epochs, int(batch_size))
+    problem = calibrate_init_problem(init)
+    if problem:
+        raise SettingError("calibrate_init", problem)
+    if init == "fixed":
+        if train_fn is not None:
+            raise SettingError("calibrate_init", "fixed starts the compiled recipe's runs from one initialisation; a "
+                                                 "train_fn chooses its own start (start it from one in your train_fn)")
+        recipe["init"] = "fixed"          # in the cache key; a fresh recipe's key is as before
     key = {"weights": inf.curvature_key["weights"], "model": str(inf.model_name), "train": inf.train.fingerprint(),
            "train_images": len(inf.train), "test": retrain.test_fingerprint(x_test, y_test),
            "preprocess": str(inf.settings.preprocess), "mask_seed": int(mask_seed), **recipe}
     path = None if cache is None else retrain.cache_path(Path(cache) / CACHE_FOLDER, key)
     t0 = time.perf_counter()
-    trainer = retrain.Trainer(fit, inf.train, x_test, y_test, inf.clf.preprocess)
+    trainer = retrain.Trainer(fit, inf.train, x_test, y_test, inf.clf.preprocess, init=init)
     if runner is not None and hasattr(runner, "spec"):            # Ray: the workers rebuild the trainer
         from influence.calibration.shards import spec_for
 
@@ -236,7 +247,7 @@ def calibrate(inf, test_images, test_labels, *, train_fn=None, subsets=16, seeds
     ceiling_per_test = (grid.noise_ceiling(runs["losses"]) if seeds >= 2 else None)
     means = np.array([grid.nanmean(row) for row in lds])
     facts = {"subsets": int(subsets), "seeds": [int(s) for s in runs["seeds"]], "mask_seed": int(mask_seed),
-             "trainer": "train_fn" if train_fn is not None else "compile config",
+             "trainer": "train_fn" if train_fn is not None else "compile config", "init": init,
              "ray": runner is not None,
              "epochs": recipe.get("epochs"), "batch_size": recipe.get("batch_size"), "test_images": len(y_test),
              "runs_trained": runs["trained"], "runs_reused": runs["reused"],

@@ -117,7 +117,7 @@ def calibrate_run(settings, inputs, inf, given, rebuild, runtime=None):
 
         runner = RayRunner(runtime)
     result = calibrate(inf, x, y, subsets=settings.calibrate_subsets, seeds=settings.calibrate_seeds,
-                       epochs=settings.epochs, batch_size=settings.batch_size, solvers=solvers,
+                       init=settings.calibrate_init, epochs=settings.epochs, batch_size=settings.batch_size, solvers=solvers,
                        dampings=_split(settings.calibrate_damping), cache=cache, runner=runner)
     for line in result.table():
         log.info("   %s", line)

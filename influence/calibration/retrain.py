@@ -69,14 +69,21 @@ def optimizer_steps(model):
         return 0
 
 
+#: ``init fixed``: every run's weights are drawn under this seed, and its data order under this offset + its seed
+FIXED_INIT_SEED, FIXED_ORDER_OFFSET = 0, 1000
+
+
 def compiled_fit(model, config, epochs, batch_size):
-    """``fit(x, y) -> model``: a clone of ``model`` with fresh weights (its layers' own initialisers, under
-    the seed set by the caller), compiled from ``config`` (the file's optimizer, loss and metrics), trained
-    ``epochs`` epochs of ``batch_size`` (shuffled)."""
+    """``fit(x, y, order_seed=None) -> model``: a clone of ``model`` with fresh weights (its layers' own
+    initialisers, under the seed set by the caller), compiled from ``config`` (the file's optimizer, loss and
+    metrics), trained ``epochs`` epochs of ``batch_size`` (shuffled; under ``order_seed`` when given, set after the
+    weights are drawn)."""
     import keras
 
-    def fit(x, y):
+    def fit(x, y, order_seed=None):
         clone = keras.models.clone_model(model)
+        if order_seed is not None:
+            keras.utils.set_random_seed(int(order_seed))
         clone.compile_from_config(config)
         clone.fit(x, y, batch_size=int(batch_size), epochs=int(epochs), shuffle=True, verbose=0)
         return clone
@@ -94,10 +101,12 @@ class Trainer:
       train: the training set (``take(indices) -> (images, labels)``: a TrainArchive or TrainSet).
       x_test, y_test: ``(T, H, W, C)`` (uint8, or float on the float path), int ``(T,)``: the test images.
       preprocess: ``f(images) -> float tensor`` (the classifier's).
+      init: ``fresh`` (the weights drawn under each run's seed) or ``fixed`` (every run's weights drawn under
+        :data:`FIXED_INIT_SEED`, the data ordered under ``FIXED_ORDER_OFFSET + seed``: ``fit`` takes ``order_seed``).
     """
 
-    def __init__(self, fit, train, x_test, y_test, preprocess):
-        self.fit, self.train, self.preprocess = fit, train, preprocess
+    def __init__(self, fit, train, x_test, y_test, preprocess, init="fresh"):
+        self.fit, self.train, self.preprocess, self.init = fit, train, preprocess, init
         self.x_test = np.asarray(preprocess(np.asarray(x_test)), dtype=np.float32)
         self.y_test = np.asarray(y_test, dtype=np.int64).reshape(-1)
 
@@ -107,8 +116,13 @@ class Trainer:
         from influence.model.models import strip_softmax
 
         x, y = self.train.take(np.asarray(indices, dtype=np.int64))
-        keras.utils.set_random_seed(int(seed))
-        model = self.fit(np.asarray(self.preprocess(x), dtype=np.float32), np.asarray(y, dtype=np.int64))
+        x, y = np.asarray(self.preprocess(x), dtype=np.float32), np.asarray(y, dtype=np.int64)
+        if self.init == "fixed":
+            keras.utils.set_random_seed(FIXED_INIT_SEED)
+            model = self.fit(x, y, order_seed=FIXED_ORDER_OFFSET + int(seed))
+        else:
+            keras.utils.set_random_seed(int(seed))
+            model = self.fit(x, y)
         if model is None or not callable(model):
             raise UserError(f"train_fn must return the trained Keras model, got {type(model).__name__}")
         logits_model, _ = strip_softmax(model)

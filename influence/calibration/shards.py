@@ -32,6 +32,7 @@ class RetrainSpec:
     batch_size: int
     x_test: np.ndarray
     y_test: np.ndarray
+    init: str = "fresh"
 
 
 def retrain_task(spec, indices, seed):
@@ -46,7 +47,8 @@ def retrain_task(spec, indices, seed):
     model = keras.models.load_model(spec.model, compile=True)
     fit = compiled_fit(model, compile_config(model), spec.epochs, spec.batch_size)
     with TrainArchive(spec.train) as train:
-        losses = Trainer(fit, train, spec.x_test, spec.y_test, make_preprocess(spec.preprocess))(indices, seed)
+        losses = Trainer(fit, train, spec.x_test, spec.y_test, make_preprocess(spec.preprocess),
+                         init=spec.init)(indices, seed)
     return losses, time.perf_counter() - t0
 
 
@@ -64,7 +66,7 @@ def spec_for(inf, recipe, x_test, y_test):
     mode = "none" if inf.settings.preprocess == "auto" else inf.settings.preprocess
     return RetrainSpec(str(Path(source[0]).resolve()), mode, str(Path(inf.train.path).resolve()),
                        int(recipe["epochs"]), int(recipe["batch_size"]), np.asarray(x_test, np.uint8),
-                       np.asarray(y_test, np.int64))
+                       np.asarray(y_test, np.int64), recipe.get("init", "fresh"))
 
 
 class RayRunner:

@@ -220,3 +220,13 @@ def test_the_conjugate_gradient_solvers_reach_the_dense_h_plus_d_answer(trained,
     want = _inf(trained, solver="exact", damping="optimizer:0.5").scores(xt, yt)
     got = _inf(trained, solver=solver, damping="optimizer:0.5", cg_tol=1e-8, cg_maxiter=400).scores(xt, yt)
     np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4 * np.abs(want).max())
+
+
+def test_ekfac_takes_the_optimizer_damping_under_auto_where_krylov_would_be_too_thin(trained):
+    """A budget that holds fewer than 64 krylov pairs: solver auto -> ekfac, and its damping auto -> optimizer
+    (the model holds its Adam state); with a budget where krylov fits, ekfac asked keeps 0.1x."""
+    thin = _inf(trained, memory_budget=0.0003)
+    assert thin.solver_name == "ekfac" and str(thin.settings.damping) == "optimizer"
+    assert "damping auto: optimizer (per parameter, from the Adam state" in thin.solver_choice
+    assert str(_inf(trained, solver="ekfac", memory_budget=0.0003).settings.damping) == "optimizer"
+    assert str(_inf(trained, solver="ekfac").settings.damping) == "0.1x"

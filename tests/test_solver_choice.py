@@ -69,11 +69,16 @@ def test_a_batchnorm_model_under_auto_gets_ekfac_at_1x_and_an_explicit_damping_s
     assert str(krylov.settings.damping) == "0.1x"
 
 
-def test_krylov_when_its_basis_fits_the_budget_else_ekfac():
-    name, reason = choose_solver("auto", (), VGG16_LAST, 4, 8)
+def test_krylov_when_its_basis_fits_the_budget_and_is_not_too_thin_else_ekfac():
+    name, reason = choose_solver("auto", (), 38_890, 4, 2)
     assert name == "krylov", reason
-    assert reason == ("auto: krylov (its basis of up to 87 pairs over 4,097,000 parameters fits the 8 GB memory "
-                      "budget)")
+    assert reason == "auto: krylov (its basis of up to 200 pairs over 38,890 parameters fits the 2 GB memory budget)"
+    name, reason = choose_solver("auto", (), VGG16_LAST, 4, 8)          # 87 pairs fit, 47 092 parameters per pair
+    assert name == "ekfac" and reason.startswith("auto: ekfac (krylov's basis would hold 87 pairs for 4,097,000 "
+                                                 "parameters, 47,092 per pair, above 1000")
+    assert choose_solver("auto", (), 659_267, 4, 2)[0] == "ekfac"              # the panel's wide model: 135 pairs
+    assert choose_solver("auto", (), 200_000, 4, None)[0] == "krylov"          # no budget: 200 pairs, 1000 each
+    assert choose_solver("auto", (), 200_001, 4, None)[0] == "ekfac"
     name, reason = choose_solver("auto", (), VGG16, 4, 8)
     assert name == "ekfac"
     assert reason.startswith("auto: ekfac (a krylov basis of 64 pairs over 138,357,544 parameters needs 99 GB, "
@@ -82,7 +87,7 @@ def test_krylov_when_its_basis_fits_the_budget_else_ekfac():
     assert choose_solver("auto", (), VGG16_LAST, 8, 8)[0] == "ekfac"          # float64: half as many
     assert "up to 200 pairs over 7,162" in choose_solver("auto", (), 7162, 4, 2)[1]
     assert "up to 100 pairs" in choose_solver("auto", (), 100, 4, 2)[1]
-    assert choose_solver("auto", (), VGG16, 4, None)[0] == "krylov"           # no budget
+    assert choose_solver("auto", (), VGG16, 4, None)[0] == "ekfac"            # no budget, but 200 pairs are thin
 
 
 def test_a_named_solver_is_kept_and_an_unknown_one_refused():

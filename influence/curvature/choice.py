@@ -10,7 +10,8 @@ The rule (:func:`choose_solver`), in order:
    the panel decided");
 3. ``krylov`` when the memory budget holds its fit with at least :data:`AUTO_MIN_RANK` eigenpairs over
    the selected parameters (:func:`influence.curvature.lowrank.krylov.affordable_rank`: the Lanczos basis may
-   take half of ``memory_budget``);
+   take half of ``memory_budget``) and those pairs are not too few for the parameters (at most
+   :data:`AUTO_PARAMS_PER_PAIR` parameters per pair, :func:`thin_basis`);
 4. ``ekfac`` otherwise (its Kronecker factors do not grow with parameters × rank).
 
 It is resolved once the model is loaded (the parameter count is known) and before the solver is built;
@@ -34,6 +35,10 @@ def solver_choices():
 
 #: ``--solver auto`` takes ekfac for a model with BatchNormalization layers (module docstring, rule 2)
 AUTO_BATCH_NORM = True
+#: above this many parameters per eigenpair krylov's basis is too thin (module docstring, rule 3): the floor, the
+#: first eigenvalue left out, then damps nearly all of the spectrum (the panel's 659 k-parameter model: 135 pairs,
+#: 4 883 parameters per pair, floor 26 × the median optimizer damping; the demo CNN and the MLPs: 36–194)
+AUTO_PARAMS_PER_PAIR = 1000
 
 
 def batch_norm_layers(model):
@@ -69,38 +74,55 @@ def choose_solver(requested, given, num_params, itemsize, memory_budget, batch_n
         shown = ", ".join(batch_norm[:3]) + (", ..." if len(batch_norm) > 3 else "")
         return "ekfac", (f"auto: ekfac (the model normalises by batch statistics ({shown}): on the LDS panel's "
                          f"BatchNorm models EK-FAC was truer than krylov; --calibrate measures both on yours)")
-    cap = affordable_rank(num_params, itemsize, memory_budget)
-    if cap is None:
-        pairs = min(AUTO_MAX_RANK, num_params)
+    pairs = krylov_pairs(num_params, itemsize, memory_budget)
+    if pairs < AUTO_MIN_RANK:
+        need = bytes_to_gb((STEPS_PER_PAIR + 1) * AUTO_MIN_RANK * num_params * itemsize)
+        return "ekfac", (f"auto: ekfac (a krylov basis of {AUTO_MIN_RANK} pairs over {num_params:,} parameters needs "
+                         f"{need:.3g} GB, above {BASIS_SHARE:.0%} of memory_budget {memory_budget:g} GB; choose fewer "
+                         f"parameters with params (e.g. last:1) for krylov)")
+    if thin_basis(num_params, pairs):
+        return "ekfac", (f"auto: ekfac (krylov's basis would hold {pairs} pairs for {num_params:,} parameters, "
+                         f"{num_params / pairs:,.0f} per pair, above {AUTO_PARAMS_PER_PAIR}: its floor would damp "
+                         f"nearly all of the spectrum; on the LDS panel's 659 k-parameter model EK-FAC was truer)")
+    if memory_budget is None:
         return "krylov", (f"auto: krylov (no memory budget; its basis of up to {pairs} pairs over {num_params:,} "
                           f"parameters)")
-    if cap >= AUTO_MIN_RANK:
-        pairs = min(AUTO_MAX_RANK, cap, num_params)
-        return "krylov", (f"auto: krylov (its basis of up to {pairs} pairs over {num_params:,} parameters fits the "
-                          f"{memory_budget:g} GB memory budget)")
-    need = bytes_to_gb((STEPS_PER_PAIR + 1) * AUTO_MIN_RANK * num_params * itemsize)
-    return "ekfac", (f"auto: ekfac (a krylov basis of {AUTO_MIN_RANK} pairs over {num_params:,} parameters needs "
-                     f"{need:.3g} GB, above {BASIS_SHARE:.0%} of memory_budget {memory_budget:g} GB; choose fewer "
-                     f"parameters with params (e.g. last:1) for krylov)")
+    return "krylov", (f"auto: krylov (its basis of up to {pairs} pairs over {num_params:,} parameters fits the "
+                      f"{memory_budget:g} GB memory budget)")
+
+
+def krylov_pairs(num_params, itemsize, memory_budget):
+    """The eigenpairs ``auto``'s krylov would hold: at most :data:`AUTO_MAX_RANK`, the budget's
+    (:func:`affordable_rank`; no budget: no limit) and the parameters."""
+    cap = affordable_rank(num_params, itemsize, memory_budget)
+    return min(AUTO_MAX_RANK, num_params) if cap is None else min(AUTO_MAX_RANK, cap, num_params)
+
+
+def thin_basis(num_params, pairs):
+    """Whether ``pairs`` eigenpairs are too few for ``num_params`` parameters (:data:`AUTO_PARAMS_PER_PAIR`)."""
+    return pairs < AUTO_MIN_RANK or num_params / max(int(pairs), 1) > AUTO_PARAMS_PER_PAIR
 
 
 #: the solvers whose ``damping auto`` is ``optimizer`` when the model holds its training state (README, "Damping
 #: from the training run": the LDS panel's measurements). kfac / ekfac take ``optimizer`` too, per eigen-direction,
-#: but keep ``0.1x`` under auto: on the panel it did not beat their relative damping
+#: but only where krylov's basis is too thin for the model (the 659 k-parameter model: 0.207 / 0.152 against 0.158 /
+#: 0.134 at 1x); on the MLPs and BatchNorm CNNs it scored below their relative damping
 AUTO_OPTIMIZER = ("krylov", "exact")
 #: ``damping auto`` of kfac / ekfac on a model with BatchNormalization layers: this factor of each layer's mean
 #: eigenvalue instead of 0.1 (on the panel's BatchNorm models EK-FAC's best; README, "What the panel decided")
 AUTO_BATCH_NORM_FACTOR = 1.0
 
 
-def choose_damping(solver, damping, clf):
+def choose_damping(solver, damping, clf, thin=False):
     """The damping of a run and why -> ``(Damping, reason or None)``.
 
-    ``damping``: the parsed setting. Given as ``auto`` (:attr:`Damping.auto`) to a method that takes a
-    per-parameter damping and measured better with it (:data:`AUTO_OPTIMIZER`) on a model whose saved optimizer state can be
-    read (:func:`influence.model.training_state.response_diagonal`): ``optimizer``; to kfac / ekfac on a model with
-    BatchNormalization layers: :data:`AUTO_BATCH_NORM_FACTOR` (``1x``); else as it is (``auto`` is then ``0.1x``),
-    the reason saying why when ``auto`` stayed a factor.
+    ``damping``: the parsed setting. Given as ``auto`` (:attr:`Damping.auto`):
+
+    * kfac / ekfac on a model with BatchNormalization layers: :data:`AUTO_BATCH_NORM_FACTOR` (``1x``);
+    * krylov / exact (:data:`AUTO_OPTIMIZER`), or kfac / ekfac where krylov's basis is too thin (``thin``,
+      :func:`thin_basis`), on a model whose saved optimizer state can be read
+      (:func:`influence.model.training_state.response_diagonal`): ``optimizer``;
+    * else as it is (``0.1x``), the reason saying why when the optimizer state was missing.
     """
     from influence.model.training_state import NoTrainingState, response_diagonal
 
@@ -108,7 +130,8 @@ def choose_damping(solver, damping, clf):
         factor = AUTO_BATCH_NORM_FACTOR
         return (parse_damping(f"{factor:g}x"),
                 f"damping auto: {factor:g}x (each layer's mean eigenvalue; a BatchNorm model: the panel's best for EK-FAC)")
-    if not (damping.auto and solver in AUTO_OPTIMIZER and getattr(REGISTRY.get(solver), "takes_diagonal", False)):
+    wants = solver in AUTO_OPTIMIZER or (thin and solver in ("kfac", "ekfac"))
+    if not (damping.auto and wants and getattr(REGISTRY.get(solver), "takes_diagonal", False)):
         return damping, None
     try:
         facts = response_diagonal(clf).facts
@@ -125,5 +148,6 @@ def choose_method(requested, given, clf, memory_budget, damping):
     ``auto`` was resolved), logged when either was ``auto``."""
     name, reason = choose_solver(requested, given, clf.num_params, clf.dtype.size, memory_budget,
                                  batch_norm_layers(clf.model))
-    damping, why = choose_damping(name, damping, clf)
+    thin = thin_basis(clf.num_params, krylov_pairs(clf.num_params, clf.dtype.size, memory_budget))
+    damping, why = choose_damping(name, damping, clf, thin)
     return name, damping, f"{reason}; {why}" if why else reason, requested == AUTO or bool(why)

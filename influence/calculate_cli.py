@@ -8,8 +8,8 @@ the :class:`influence.settings.Damping` the run takes, parsed once.
 """
 from influence.cli import Parser, import_tensorflow_quietly
 from influence.outputs.figure_style import FIGURE_FORMATS
-from influence.settings import (DEFAULTS, GROUPS, HESSIANS, Settings, check_setting, given_settings, group_of,
-                                help_of, parse_setting)
+from influence.settings import (CALIBRATE_INITS, DEFAULTS, GROUPS, HESSIANS, Settings, check_setting,
+                                given_settings, group_of, help_of, parse_setting)
 
 
 
@@ -113,7 +113,7 @@ def build_parser():
     add("--calibrate", action="store_true")
     add("--calibrate-subsets", type=int, metavar="M")
     add("--calibrate-seeds", type=int, metavar="S")
-    add("--calibrate-init", choices=("fresh", "fixed"))
+    add("--calibrate-init", choices=CALIBRATE_INITS)
     add("--calibrate-solvers", metavar="NAME,...")
     add("--calibrate-damping", metavar="D,...")
     add("--epochs", type=setting_arg("epochs"), metavar="auto|E")

@@ -44,6 +44,7 @@ def test_the_diagonal_is_adams_step_size_over_the_summed_learning_rate(trained):
     assert got.diagonal.shape == (inf.clf.num_params,)
 
 
+@pytest.mark.slow
 def test_exact_and_full_rank_krylov_solve_h_plus_the_diagonal(trained):
     """exact: ``(G + c·D)⁻¹ v`` with the dense float64 G; krylov at full rank: the same from the basis of
     ``S G S``; self-influence too."""
@@ -72,6 +73,7 @@ def test_exact_and_full_rank_krylov_solve_h_plus_the_diagonal(trained):
     np.testing.assert_allclose(si_krylov.values, si_exact.values, rtol=1e-3)
 
 
+@pytest.mark.slow
 def test_scores_with_damping_optimizer_differ_from_any_scalar_damping_only_through_d(trained):
     """A scalar λ equal to D's mean gives other scores (D is not constant), and scaling D by F equals
     optimizer:F."""
@@ -192,6 +194,7 @@ def test_the_projected_diagonal_is_the_diagonal_of_d_in_the_kronecker_eigenbasis
     assert got.shape == (k_in + 1, c) and np.isclose(got.sum(), kernel.sum() + bias.sum())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("solver", ["kfac", "ekfac"])
 def test_kfac_with_a_constant_d_is_the_scalar_damping_and_self_influence_follows(trained, solver, monkeypatch):
     """Damping optimizer in the Kronecker eigenbasis: a constant ``D = d`` adds ``d`` to every eigenvalue, as
@@ -212,6 +215,7 @@ def test_kfac_with_a_constant_d_is_the_scalar_damping_and_self_influence_follows
     assert opt.solver.info["damping_per_layer"] and not np.allclose(real, scalar.scores(xt, yt), rtol=1e-3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("solver", ["cg", "pcg", "dpcg"])
 def test_the_conjugate_gradient_solvers_reach_the_dense_h_plus_d_answer(trained, solver):
     """cg, pcg (EK-FAC preconditioned, itself damped per eigen-direction) and dpcg (the krylov basis's Woodbury

@@ -143,6 +143,7 @@ def test_caption_names_the_recipe_and_the_shared_cache():
     assert lds.to_json(result)["recipe"]["lr"] == 1e-3
 
 
+@pytest.mark.slow
 def test_fixed_initialisation_recipes_start_every_run_from_one_init_and_order_the_data_by_seed():
     """``init: fixed``: seeds 0 and 1 give the same initial weights (0 epochs) but other trained ones (the data
     order differs); without it the seed changes the initial weights too."""

@@ -26,6 +26,7 @@ def make(data, cache, solver="store", **options):
                                hessian="ggn", preprocess="unit", progress=False, cache=cache, **options)
 
 
+@pytest.mark.slow
 def test_at_full_dimension_the_scores_are_the_exact_gauss_newton_solvers(data, tmp_path):
     x, y, _ = TestArchive(data / "test.npz").read("a")
     exact = make(data, None, "exact")
@@ -73,6 +74,7 @@ def test_a_new_test_set_is_scored_from_the_store_without_a_training_pass(data, t
     np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.slow
 def test_an_interrupted_write_resumes_from_its_last_shard(data, tmp_path, monkeypatch):
     monkeypatch.setattr(shards, "shard_rows", lambda n, dim: 48)   # 4 shards of 48, 48, 48, 16 images
     whole = make(data, tmp_path / "whole", store_dim=10)
@@ -141,6 +143,7 @@ def test_the_dimensions_are_shared_equally_and_a_small_side_is_kept_whole():
     assert kron_sides(577, 10, 5770) == (577, 10) and kron_sides(3, 7, 21) == (3, 7)
 
 
+@pytest.mark.slow
 def test_a_relative_damping_is_per_layer(data, tmp_path):
     """``1x``: each layer damped by its own mean Gauss–Newton eigenvalue, as EK-FAC is; at D = P the scores
     are ``g_tᵀ (G + Λ)⁻¹ g_i`` with ``Λ = trace(G_ll)/P_l`` on layer ``l``."""
@@ -167,6 +170,7 @@ def test_a_relative_damping_is_per_layer(data, tmp_path):
     np.testing.assert_allclose(store.solver.info["damping_per_layer"], lam[edges[:-1]], rtol=1e-7)
 
 
+@pytest.mark.slow
 def test_a_new_store_removes_the_whole_stores_of_other_settings_but_not_a_partial_or_held_one(data, tmp_path, caplog):
     import gc
     import logging

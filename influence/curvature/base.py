@@ -81,6 +81,8 @@ class InverseHVP:
     #: takes ``damping optimizer``: a per-parameter damping ``c·D`` (:mod:`influence.model.training_state`),
     #: solved as ``(H + c·D)⁻¹`` with ``D`` of :meth:`response_diagonal`
     takes_diagonal = False
+    #: a Kronecker-factored method (kfac, ekfac): ``damping auto`` follows its own rules (curvature/choice.py)
+    kronecker = False
 
     @classmethod
     def check_damping(cls, damping):

@@ -126,11 +126,12 @@ def choose_damping(solver, damping, clf, thin=False):
     """
     from influence.model.training_state import NoTrainingState, response_diagonal
 
-    if damping.auto and solver in ("kfac", "ekfac") and batch_norm_layers(clf.model):
+    kronecker = getattr(REGISTRY.get(solver), "kronecker", False)
+    if damping.auto and kronecker and batch_norm_layers(clf.model):
         factor = AUTO_BATCH_NORM_FACTOR
         return (parse_damping(f"{factor:g}x"),
                 f"damping auto: {factor:g}x (each layer's mean eigenvalue; a BatchNorm model: the panel's best for EK-FAC)")
-    wants = solver in AUTO_OPTIMIZER or (thin and solver in ("kfac", "ekfac"))
+    wants = solver in AUTO_OPTIMIZER or (thin and kronecker)
     if not (damping.auto and wants and getattr(REGISTRY.get(solver), "takes_diagonal", False)):
         return damping, None
     try:

@@ -93,6 +93,7 @@ class KFACSolver(InverseHVP):
     corrected = False        # EK-FAC: eigenvalues corrected by a second pass
     #: damping optimizer: ``D`` per eigen-direction of each layer (kfac.solve.projected_diagonal)
     takes_diagonal = True
+    kronecker = True
     strict_regularisers = True
     #: solve_stacked writes each solution into its slot of the stacked result: gradient + solution
     copies_per_vector = 2

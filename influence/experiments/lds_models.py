@@ -27,8 +27,6 @@ log = logging.getLogger(__name__)
 
 #: the seed of the base models (the demo's)
 BASE_SEED = 0
-#: a fixed-initialisation recipe's data-order seed is this plus the run's seed (the base model's: plus BASE_SEED)
-FIXED_ORDER_SEED = 1000
 #: the demo recipe (influence.demo.train_model), recorded with the runs
 RECIPE = {"epochs": 30, "batch_size": 32, "optimizer": "Adam(3e-3)", "n_train": 1500, "size": 32}
 QUICK_RECIPE = {"epochs": 8, "batch_size": 32, "optimizer": "Adam(3e-3)", "n_train": 500, "size": 32}
@@ -266,7 +264,9 @@ def train_model(x, y, recipe, seed):
     fixed = recipe.get("init") == "fixed"
     model = BUILDERS[recipe["model"]](BASE_SEED if fixed else seed)
     if fixed:                   # one initialisation for every run: the seed orders the data only
-        keras.utils.set_random_seed(FIXED_ORDER_SEED + int(seed))
+        from influence.calibration.retrain import FIXED_ORDER_OFFSET      # --calibrate-init fixed's offset
+
+        keras.utils.set_random_seed(FIXED_ORDER_OFFSET + int(seed))
     # the recipes without "lr" (bn, mlp) were trained at 3e-3 before the key existed: their caches stay valid
     lr = float(recipe.get("lr", 3e-3))
     model.compile(optimizer=keras.optimizers.Adam(lr), loss=keras.losses.SparseCategoricalCrossentropy())

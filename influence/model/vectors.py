@@ -34,15 +34,20 @@ def vec_to_numpy(v):
     return np.concatenate([np.asarray(t, dtype=np.float64).ravel() for t in v])
 
 
-def numpy_to_vec(flat, like):
-    """float array (P,) -> Vec shaped and typed like ``like`` (a list of variables or tensors)."""
+def split_flat(flat, like):
+    """float array (P,) -> numpy arrays (views) shaped like ``like`` (a list of variables or tensors), in order."""
     out, at = [], 0
     for ref in like:
         shape = tuple(ref.shape)
         size = int(np.prod(shape))
-        out.append(tf.constant(np.asarray(flat[at:at + size]).reshape(shape), dtype=ref.dtype))
+        out.append(np.asarray(flat[at:at + size]).reshape(shape))
         at += size
-    return tuple(out)
+    return out
+
+
+def numpy_to_vec(flat, like):
+    """float array (P,) -> Vec shaped and typed like ``like`` (a list of variables or tensors)."""
+    return tuple(tf.constant(part, dtype=ref.dtype) for part, ref in zip(split_flat(flat, like), like))
 
 
 def vec_stack(vecs):

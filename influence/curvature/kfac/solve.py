@@ -22,7 +22,7 @@ import tensorflow as tf
 
 from influence.curvature.kfac.plan import DiagBlock, KronBlock
 from influence.errors import SettingError
-from influence.model.vectors import vec_to_numpy
+from influence.model.vectors import split_flat, vec_to_numpy
 
 #: a layer's F + R + λI counts as singular below this fraction of its largest eigenvalue
 SINGULAR = 1e-12
@@ -87,11 +87,8 @@ def block_damping(spec, undamped):
 
 def split_like(flat, variables):
     """float64 ``(P,)`` (or None) -> float64 arrays shaped like ``variables`` (or None): ``D`` of damping
-    ``optimizer`` per variable."""
-    if flat is None:
-        return None
-    sizes = np.cumsum([int(np.prod(v.shape)) for v in variables])[:-1]
-    return [part.reshape(tuple(v.shape)) for part, v in zip(np.split(np.asarray(flat), sizes), variables)]
+    ``optimizer`` per variable (:func:`~influence.model.vectors.split_flat`)."""
+    return None if flat is None else split_flat(flat, variables)
 
 
 def projected_diagonal(b, diagonal, eig):

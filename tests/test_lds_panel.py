@@ -9,7 +9,8 @@ import pytest
 from influence.experiments import lds, lds_models
 
 #: name -> (trainable parameters, optimizer steps on all 1500 images, on a half-subset of 750)
-NEW = {"mlp-brief": (38_890, 329, 168), "bn-brief": (7_186, 480, 240), "wide": (659_267, 329, 168)}
+NEW = {"mlp-brief": (38_890, 329, 168), "bn-brief": (7_186, 480, 240), "wide": (659_267, 329, 168),
+       "mlp-large": (324_010, 329, 168)}
 
 
 @pytest.mark.parametrize("name", sorted(NEW))
@@ -21,7 +22,7 @@ def test_new_models_build_with_their_parameter_counts(name):
     trainable = sum(int(np.prod(w.shape)) for w in model.trainable_weights)
     assert trainable == NEW[name][0]
     assert model.output_shape == (None, 10) and model.input_shape == (None, 32, 32, 3)
-    assert recipe["lr"] == 1e-3 and recipe["l2"] == 1e-4 and recipe["optimizer"] == "Adam(1e-3)"
+    assert recipe["l2"] == 1e-4 and recipe["optimizer"] == f"Adam({recipe['lr']:.0e})".replace("e-0", "e-")
     # the L2 of the recipe is the model's: every kernel carries L2(1e-4)
     kernels = [layer for layer in model.layers if hasattr(layer, "kernel_regularizer") and layer.kernel_regularizer]
     assert kernels and all(float(k.kernel_regularizer.l2) == pytest.approx(1e-4) for k in kernels)

@@ -245,8 +245,8 @@ class Settings:
                                               "'auto' (optimizer where measured better, 1x for ekfac on a BatchNorm model, else 0.1x), or a factor like 0.3x: x each layer's mean Fisher "
                                               "eigenvalue (kfac/ekfac; store: of its projected matrix), x the "
                                               "mean eigenvalue trace(H)/P (exact; cg/lissa/pcg estimate it with 10 "
-                                              "products over the training set); 'optimizer' (all but lissa and "
-                                              "store; kfac/ekfac per eigen-direction): per "
+                                              "products over the training set); 'optimizer' (every solver; "
+                                              "kfac/ekfac per eigen-direction): per "
                                               "parameter, from how the model was trained (its saved Adam/RMSprop/SGD "
                                               "state: steps, learning rate, second moments), optimizer:F scales it",
                                 math=True, parse=parse_damping)

@@ -98,8 +98,9 @@ def test_damping_optimizer_refusals_are_one_line(trained):
     for bad in ("optimizer:0", "optimizer:x", "optimizerx"):
         with pytest.raises(UserError, match="^damping optimizer takes a factor"):
             parse_damping(bad)
-    with pytest.raises(SettingError, match=r"^damping: optimizer is a per-parameter damping .* only .*krylov.* take; give solver lissa"):
-        _inf(trained, solver="lissa", damping="optimizer").solver
+    from influence.curvature import REGISTRY
+
+    assert all(c.takes_diagonal for c in REGISTRY.values())  # every damped solver
     import influence
 
     _, bare, x, y, xt, yt = trained
@@ -224,6 +225,65 @@ def test_the_conjugate_gradient_solvers_reach_the_dense_h_plus_d_answer(trained,
     want = _inf(trained, solver="exact", damping="optimizer:0.5").scores(xt, yt)
     got = _inf(trained, solver=solver, damping="optimizer:0.5", cg_tol=1e-8, cg_maxiter=400).scores(xt, yt)
     np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4 * np.abs(want).max())
+
+
+@pytest.mark.slow
+def test_lissa_reaches_the_dense_h_plus_d_answer(trained):
+    """LiSSA damps each step by ``c·D ⊙ h`` (its scale from ``λ_max(H) + c·max D``): with minibatches as large as the
+    training set and a depth of several ``s / (c·min D)`` it lands on exact's ``(G + c·D)⁻¹`` scores, and not on
+    the scalar damping of the same mean."""
+    _, _, _, _, xt, yt = trained
+    want = _inf(trained, solver="exact", damping="optimizer:0.5").scores(xt, yt)
+    inf = _inf(trained, solver="lissa", damping="optimizer:0.5", iter=3000, bsize=512)
+    got = inf.scores(xt, yt)
+    info = inf.solver.info
+    assert info["response"]["steps"] > 0 and not info["restarts"]
+    err = np.linalg.norm(got - want) / np.linalg.norm(want)
+    assert err < 0.05, err
+    low, high = inf.solver.damping_bounds()
+    assert 0 < low < high and info["scale"] >= high
+    from influence.model.training_state import response_diagonal
+
+    mean = 0.5 * response_diagonal(inf.clf).diagonal.mean()
+    scalar = _inf(trained, solver="exact", damping=float(mean)).scores(xt, yt)
+    assert np.linalg.norm(scalar - want) / np.linalg.norm(want) > 2 * err
+
+
+@pytest.mark.slow
+def test_the_store_at_full_dimension_reaches_the_dense_h_plus_d_answer(trained, tmp_path):
+    """The store projects ``D`` as it projects the curvature, ``C + c·R diag(D) Rᵀ``: at ``D = P`` (an orthogonal
+    projection) its scores and self-influence are exact's ``(G + c·D)⁻¹`` ones."""
+    _, _, _, _, xt, yt = trained
+    exact = _inf(trained, solver="exact", damping="optimizer:0.5")
+    store = _inf(trained, solver="store", damping="optimizer:0.5", store_dim=100_000, fisher="true",
+                 cache=tmp_path / "cache")
+    want, got = exact.scores(xt, yt), store.scores(xt, yt)
+    assert store.solver.projection.dim == store.clf.num_params
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 2e-3      # float16 rows: 3 significant digits
+    mine, theirs = store.self_influence(), exact.self_influence()
+    np.testing.assert_allclose(mine.values, theirs.values, rtol=1e-6, atol=1e-9 * np.abs(theirs.values).max())
+
+
+def test_the_projected_diagonal_is_r_diag_d_r_transposed():
+    """:meth:`Projection.projected_diagonal` against the dense ``R diag(d) Rᵀ`` of the whole projection, the
+    projection's matrix built column by column from :meth:`Projection.project`."""
+    from influence.curvature.kfac.plan import DiagBlock, KronBlock
+    from influence.store.projection import Projection
+
+    rng = np.random.default_rng(0)
+    shapes = [(5, 3), (3,), (4,)]               # a dense layer's kernel and bias, then a diagonal variable
+    kron = KronBlock("dense", None, kernel_pos=0, bias_pos=1, k_in=5, c_out=3, kernel_shape=(5, 3), a_bounds=[],
+                     s_bounds=[], reg_rows=np.zeros(6))
+    diag = DiagBlock("scale", None, positions=[2], shapes=[(4,)], reg=np.zeros(4))
+    proj = Projection([kron, diag], [(4, 2), (3,)], seed=1)
+    sizes = [int(np.prod(s)) for s in shapes]
+
+    def unflat(flat):
+        return [part.reshape(s) for part, s in zip(np.split(flat, np.cumsum(sizes)[:-1]), shapes)]
+
+    r = np.stack([proj.project(unflat(e)) for e in np.eye(sum(sizes))], axis=1)       # (D, P)
+    d = rng.uniform(0.1, 2.0, sum(sizes))
+    np.testing.assert_allclose(proj.projected_diagonal(unflat(d)), (r * d) @ r.T, atol=1e-12)
 
 
 def test_ekfac_takes_the_optimizer_damping_under_auto_where_krylov_would_be_too_thin(trained):

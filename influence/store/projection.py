@@ -134,6 +134,24 @@ class Projection:
                     at += size
         return out
 
+    def projected_diagonal(self, diagonal):
+        """(D, D) float64 ``R diag(d) Rᵀ`` of a per-parameter diagonal ``d`` (a sequence of arrays shaped like the
+        variables, as :meth:`full_layer` reads them), block-diagonal by layer. A Kronecker layer's block
+        ``[(a, b), (c, e)] = Σ_ij R_in[a,i] R_in[c,i] d[i,j] R_out[b,j] R_out[e,j]`` (``d`` the layer's
+        (K1, C) matrix: not a Kronecker product unless ``d`` is one); a diagonal layer's ``R diag(d) Rᵀ``."""
+        out = np.zeros((self.dim, self.dim))
+        for index, (b, mats) in enumerate(zip(self.plan, self.mats)):
+            s, e = self.offsets[index], self.offsets[index + 1]
+            full = self.full_layer(b, diagonal)
+            if len(mats) == 2:
+                r_in, r_out = mats
+                inner = np.einsum("ai,ci,ij->acj", r_in, r_in, full, optimize=True)        # (d_in, d_in, C)
+                block = np.einsum("acj,bj,ej->abce", inner, r_out, r_out, optimize=True)   # (d_in, d_out, d_in, d_out)
+                out[s:e, s:e] = block.reshape(e - s, e - s)
+            else:
+                out[s:e, s:e] = (mats[0] * full[None, :]) @ mats[0].T
+        return out
+
     def regulariser(self):
         """(D, D) float64 ``R ∇²Ω Rᵀ``, block-diagonal by layer: ``(R_in diag(r) R_inᵀ) ⊗ I`` for a Kronecker
         layer (``r``: the L2 Hessian of each kernel row and of the bias row), ``R diag(reg) Rᵀ`` otherwise."""

@@ -18,7 +18,9 @@ with the store's rows ``R g_i``; its per-layer shares are the products of each l
 ``D = P`` the projection is orthogonal and the scores are the exact Gauss–Newton solver's. A relative
 damping (``auto`` = 0.1x) is per layer, as EK-FAC's: ``Λ = f × trace(C_ll)/D_l`` on layer ``l``'s
 coordinates (on the LDS panel's ``bn-brief`` at D = 1024: 0.211 at 1x against 0.119 with one λ from the
-mean eigenvalue of the whole C; ``mlp-brief`` 0.344 against 0.353).
+mean eigenvalue of the whole C; ``mlp-brief`` 0.344 against 0.353). Damping ``optimizer`` (per parameter,
+``c·D`` from the training run) is projected as the curvature is: ``(C + c·R diag(D) Rᵀ)⁻¹``
+(:meth:`~influence.store.projection.Projection.projected_diagonal`), exact at ``D = P``.
 
 The store lives next to the curvature cache (``<cache>/store-<digest>``, :meth:`StoreSolver.attach`);
 without a cache, in a temporary folder removed with the solver. ``C`` (with its eigenvectors) is the
@@ -121,6 +123,7 @@ class StoreSolver(InverseHVP):
     #: block of C (its trace / D_l); a number is one λ for every direction
     relative_damping = "blocks"
     self_influence_route = "projected gradients"
+    takes_diagonal = True        # damping optimizer: C + c·R diag(D) Rᵀ (module docstring)
 
     def __init__(self, objective, damping, store_dim="auto", fisher="auto", seed=0, memory_budget=MEMORY_BUDGET_GB,
                  progress=True):
@@ -158,6 +161,7 @@ class StoreSolver(InverseHVP):
         self._evecs = None
         self._trace = None
         self._inverse_held, self._inverse_of = None, None
+        self._response_projected = None      # R diag(D) Rᵀ of damping optimizer, (D, D) float64, once
         self.info.update(fisher=self.fisher, store_dim=self.projection.dim, num_params=p,
                          layer_dims=[list(x) for x in self.projection.dims])
 
@@ -268,8 +272,9 @@ class StoreSolver(InverseHVP):
 
     @property
     def resident_bytes(self):
-        """``C``, its eigenvectors and (a per-layer damping) ``(C + Λ)⁻¹``, float64."""
-        return 3 * 8 * self.projection.dim ** 2
+        """``C``, its eigenvectors and (a per-layer damping) ``(C + Λ)⁻¹``, float64; with damping ``optimizer``
+        also ``R diag(D) Rᵀ``."""
+        return (4 if self.damping_spec.optimizer else 3) * 8 * self.projection.dim ** 2
 
     # --- per test image -------------------------------------------------------------------------------
     def _ready(self):
@@ -288,14 +293,27 @@ class StoreSolver(InverseHVP):
         self.info.update(damping_per_layer=per_layer, damping_rule=str(spec))
         return np.repeat(per_layer, np.diff(off))
 
+    def projected_response(self):
+        """(D, D) float64 ``R diag(D) Rᵀ`` of damping ``optimizer``'s ``D`` (:meth:`response_diagonal`), kept."""
+        if self._response_projected is None:
+            from influence.model.vectors import split_flat
+
+            self._response_projected = self.projection.projected_diagonal(
+                split_flat(self.response_diagonal(), self.obj.d.variables))
+        return self._response_projected
+
     def _inverse(self):
-        """``(C + Λ)⁻¹`` (symmetrised) for a per-layer damping, kept per damping; None for one λ (the
-        eigendecomposition serves every λ)."""
-        if not self.damping_spec.relative:
+        """``(C + Λ)⁻¹`` (symmetrised) for a per-layer damping, or ``(C + c·R diag(D) Rᵀ)⁻¹`` for damping
+        ``optimizer``, kept per damping; None for one λ (the eigendecomposition serves every λ)."""
+        spec = self.damping_spec
+        if not (spec.relative or spec.optimizer):
             return None
-        key = str(self.damping_spec)
+        key = str(spec)
         if self._inverse_of != key:
-            inv = np.linalg.inv(self._curvature + np.diag(self.layer_damping()))
+            self._ready()
+            added = (spec.value * self.projected_response() if spec.optimizer
+                     else np.diag(self.layer_damping()))
+            inv = np.linalg.inv(self._curvature + added)
             self._inverse_held, self._inverse_of = 0.5 * (inv + inv.T), key
         return self._inverse_held
 

@@ -6,6 +6,11 @@
 archive, ``s`` the scale, ``T`` the depth, ``r`` the repeats. The fixed point is ``(H + λI)⁻¹ v``;
 it converges when ``s > λ_max(H + λI)`` and ``H + λI`` is positive definite.
 
+**Damping ``optimizer``** (per parameter, ``c·D`` read from the training run): ``λ h`` becomes
+``c·D ⊙ h``, the fixed point ``(H + c·D)⁻¹ v``. Where a scalar λ enters a bound it is replaced by the
+side of ``c·D`` that keeps the bound safe: ``λ_max(H + c·D) ≤ λ_max(H) + c·max D`` sets the auto scale,
+``λ_min(H + c·D) ≥ c·min D`` the divergence cap and the depth estimate (:meth:`LissaSolver.damping_bounds`).
+
 Each test vector draws its minibatches from its own random stream, seeded by ``--seed`` and the
 vector's id (test folder, label, index), so its result does not depend on which other images
 share the run. The auto scale (power iteration) is training-set work and is cached.
@@ -140,6 +145,7 @@ class LissaSolver(InverseHVP):
     summary = "stochastic recursion of Koh & Liang (-i depth, -b minibatch; any model size)"
     approximates = "hessian"   # what the contract test (tests/test_curvature_contract.py) compares with
     relative_damping = "trace"   # λ = factor × trace(H)/P (influence.curvature.damping)
+    takes_diagonal = True        # damping optimizer: every step damps by c·D ⊙ h (module docstring)
 
     def __init__(self, objective, damping, iter=1000, bsize=10, repeats=1, scale=None, seed=0,
                  lambda_sample=LAMBDA_SAMPLE, progress=True):
@@ -160,21 +166,42 @@ class LissaSolver(InverseHVP):
         d = objective.d
         scalar = tf.TensorSpec((), d.dtype)
         # the scale enters as arguments (1/s, 1 − λ/s): a restart changes it without a retrace
-        #: one compiled recursion step ``(x, y, v, h, 1/s, 1 − λ/s) -> (h_new, ‖h_new‖²)`` (:meth:`_step_fn`)
+        #: one compiled recursion step ``(x, y, v, h, 1/s, 1 − λ/s) -> (h_new, ‖h_new‖²)`` (:meth:`_step_fn`);
+        #: with damping ``optimizer`` its twin takes ``1 − c·D/s`` as a Vec
         self.step = tf.function(self._step_fn, input_signature=[d.x_spec, d.y_spec, d.vec_spec, d.vec_spec,
                                                                  scalar, scalar])
+        self.step_diagonal = tf.function(self._step_fn, input_signature=[d.x_spec, d.y_spec, d.vec_spec,
+                                                                          d.vec_spec, scalar, d.vec_spec])
+
+    def damping_bounds(self):
+        """``(smallest, largest)`` damping of any direction: ``(λ, λ)``, or ``(c·min D, c·max D)`` with damping
+        ``optimizer`` (module docstring)."""
+        diagonal = self.response_diagonal()
+        if diagonal is None:
+            return self.damping, self.damping
+        c = self.damping_spec.value
+        return c * float(diagonal.min()), c * float(diagonal.max())
+
+    def _keep(self, scale):
+        """The step's ``1 − λ/s`` (a scalar tensor), or ``1 − c·D/s`` (a Vec) with damping ``optimizer``."""
+        dtype = self.obj.d.dtype
+        diagonal = self.response_diagonal()
+        if diagonal is None:
+            return tf.constant(1.0 - self.damping / scale, dtype)
+        return numpy_to_vec(1.0 - self.damping_spec.value * diagonal / scale, self.obj.d.variables)
 
     # --- the auto scale: training-set work, cached -----------------------------------------------
     def cache_key(self):
-        damping = str(self.damping_spec) if self.damping_spec.relative else self.damping
+        spec = self.damping_spec
+        damping = str(spec) if spec.relative or spec.optimizer else self.damping
         return {"damping": damping, "bsize": self.batch, "seed": self.seed, "lambda_sample": self.lambda_sample,
                 "scale_probe": {"depth": self.depth, "max_restarts": MAX_RESTARTS}, **self.matrix_key()}
 
     def fit(self, sums=None):
         if self.scale is not None:
             return
-        lam, it = estimate_lambda_max(self.obj, self.damping, sample=self.lambda_sample, iters=LAMBDA_ITERS,
-                                      tol=LAMBDA_TOL, seed=self.seed)
+        lam, it = estimate_lambda_max(self.obj, self.damping_bounds()[1], sample=self.lambda_sample,
+                                      iters=LAMBDA_ITERS, tol=LAMBDA_TOL, seed=self.seed)
         lam_b = self._minibatch_lambda_max(self.seed)
         self._set_scale(lam, lam_b, it)
         self._probe()
@@ -201,9 +228,10 @@ class LissaSolver(InverseHVP):
         self.scale = scale
         self.info.update(scale=scale, probe_restarts=restarts)
         if restarts:
+            low = self.damping_bounds()[0]
             log.info("LiSSA scale: %.4g after the probe's %d restart(s) (auto %.4g); every test vector starts "
                      "from it; convergence to 1 %% needs about %.3g steps (4.6 s/λ; -i is %d)",
-                     scale, restarts, auto, 4.6 * scale / self.damping if self.damping else float("inf"), self.depth)
+                     scale, restarts, auto, 4.6 * scale / low if low else float("inf"), self.depth)
 
     def state(self):
         if "lambda_max" not in self.info:
@@ -233,29 +261,34 @@ class LissaSolver(InverseHVP):
         32), so a scale from the whole set alone lets the recursion blow up.
         """
         rng = np.random.default_rng(seed + 1)
-        worst = 0.0
+        worst, top = 0.0, self.damping_bounds()[1]
         for _ in range(batches):
             idx = np.sort(rng.integers(0, self.obj.n, self.batch))
             x, y = self.obj.archive.take(idx)
             y = y.astype(np.int64)
             mu, _ = power_iteration(lambda v: self.obj.hvp_minibatch(v, x, y), self.obj.d.variables,
                                     iters=30, tol=1e-3, seed=seed)
-            worst = max(worst, abs(mu) + self.damping)
+            worst = max(worst, abs(mu) + top)
         return worst
 
     # --- per test vector -------------------------------------------------------------------------
     def _step_fn(self, x, y, v, h, inv_s, keep):
-        """One recursion step at ``inv_s = 1/s``, ``keep = 1 − λ/s``; returns (h_new, ‖h_new‖²)."""
+        """One recursion step at ``inv_s = 1/s``, ``keep = 1 − λ/s`` (a scalar, or per parameter ``1 − c·D/s``
+        as a Vec); returns (h_new, ‖h_new‖²)."""
         d = self.obj.d
         dtype = d.dtype
         hv = self.obj.vp_graph(x, y, h, tf.cast(1.0 / tf.cast(tf.shape(y)[0], tf.float64), dtype),
                                tf.constant(1.0, dtype))
-        new = tuple(vi + keep * hi - inv_s * hvi for vi, hi, hvi in zip(v, h, hv))
+        keeps = keep if isinstance(keep, (tuple, list)) else (keep,) * len(h)
+        new = tuple(vi + ki * hi - inv_s * hvi for vi, ki, hi, hvi in zip(v, keeps, h, hv))
         # the norm only feeds the progress bar and the divergence check: no float64 copies
         sq = tf.cast(tf.add_n([2.0 * tf.nn.l2_loss(t) for t in new]), tf.float64)
         return new, sq
 
-    workspace_vectors = 3          # the running estimate, its HVP and the repeats' sum
+    @property
+    def workspace_vectors(self):
+        """The running estimate, its HVP, the repeats' sum, and with damping ``optimizer`` ``1 − c·D/s``."""
+        return 4 if self.damping_spec.optimizer else 3
 
     def solve(self, vectors, ids=None):
         vectors = list(vectors)
@@ -283,7 +316,7 @@ class LissaSolver(InverseHVP):
                 raise UserError(
                     f"LiSSA diverged at step {out.step} (‖h‖/‖v‖ = {out.ratio:.3g}) on {what} after "
                     f"{MAX_RESTARTS} restart(s) with larger scales (tried {scales}): H + λI has negative "
-                    f"curvature or the scale is still too small; use a larger damping (now {self.damping:g}) "
+                    f"curvature or the scale is still too small; use a larger damping (now {self.damping_spec}) "
                     f"or a larger scale (now {scale:.4g})")
             new = scale * restart_factor(out.growth)
             log.warning("LiSSA: %s diverged at step %d of %d (‖h‖/‖v‖ = %.3g): restarting it from h_0 = v with "
@@ -298,11 +331,12 @@ class LissaSolver(InverseHVP):
         # When H + λI is positive definite with eigenvalues below 2s, every ‖(I - A/s)^k‖ ≤ 1, so
         # ‖h_j‖ ≤ (j + 1)·‖v‖, and ‖h_j‖ ≤ ‖v‖·s/λ_min(A) ≤ ‖v‖·s/λ when H ⪰ 0. Minibatch noise
         # gets a margin of 5; growing past that means negative curvature below -λ or s too small.
-        damping = self.damping
+        low = self.damping_bounds()[0]
         norm_v = max(vec_norm(v), 1e-300)
-        cap = scale / damping if damping > 0 else float("inf")
+        cap = scale / low if low > 0 else float("inf")
         dtype = self.obj.d.dtype
-        inv_s, keep = tf.constant(1.0 / scale, dtype), tf.constant(1.0 - damping / scale, dtype)
+        inv_s, keep = tf.constant(1.0 / scale, dtype), self._keep(scale)
+        step = self.step_diagonal if isinstance(keep, tuple) else self.step
         rng = np.random.default_rng(stable_seed(self.seed, ident))
         n = self.obj.n
         total = vec_scale(0.0, v)
@@ -314,7 +348,7 @@ class LissaSolver(InverseHVP):
             with progress_bar(total=self.depth, desc=label, unit="it", disable=not self.progress) as bar:
                 for j in range(self.depth):
                     x, y = self.obj.archive.take(np.sort(rng.integers(0, n, self.batch)))
-                    h, sq = self.step(x, y.astype(np.int64), v, h, inv_s, keep)
+                    h, sq = step(x, y.astype(np.int64), v, h, inv_s, keep)
                     ratio = math.sqrt(float(sq)) / norm_v
                     growth = max(growth, (ratio - 1.0) / previous) if np.isfinite(ratio) else float("inf")
                     previous = max(ratio, 1e-300)

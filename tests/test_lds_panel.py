@@ -121,6 +121,9 @@ def test_grid_rows_share_one_curvature_cache(tmp_path, monkeypatch):
     assert loaded == [False, True, True, True, True, True, True, False, True, True]
     # the λ and rank the job resolved, where run.json gives them as numbers (ekfac's are per block: not shown)
     assert "(λ = 0.0125, rank 135)" in rows[1].options and "λ =" not in rows[-1].options
+    # a per-parameter damping is shown as its factor of D, not as a λ
+    (tmp_path / "run.json").write_text(json.dumps({"solver_info": {"damping_rule": "optimizer:0.3", "rank": 60}}))
+    assert lds.resolved(tmp_path) == "λ = 0.3 × D per parameter, rank 60"
     seen.clear()
     rows = lds.score_rows(data, tmp_path, lds.GRID[:2], ["orig"], keys, masks, actual, np.array([False, True]))
     assert all("--cache" not in o for o in seen) and not any(lds.SHARED_CACHE_NOTE in r.options for r in rows)

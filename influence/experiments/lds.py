@@ -215,7 +215,9 @@ def resolved(out):
         return ""
     parts = []
     if str(info.get("damping_rule", "")).startswith("optimizer"):      # a factor of D, not a λ
-        parts.append(f"λ = {info['damping_rule']} × D")
+        from influence.settings import parse_damping
+
+        parts.append(f"λ = {parse_damping(info['damping_rule']).value:g} × D per parameter")
     elif isinstance(info.get("damping"), (int, float)):
         parts.append(f"λ = {info['damping']:.3g}")
     if isinstance(info.get("rank"), int):

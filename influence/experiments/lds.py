@@ -75,7 +75,7 @@ GRID = ((("auto (default)", []),)
         + tuple((f"ekfac, λ {d}", ["--solver", "ekfac", "--damping", d]) for d in GRID_EKFAC))
 #: ``--lds-solvers store`` (issue 31): the gradient store at two dimensions over a damping grid
 STORE_DIMS = (1024, 4096)
-STORE_DAMPING = ("0.1x", "1x", "10x")
+STORE_DAMPING = ("0.1x", "1x", "10x", "optimizer")
 STORE = tuple((f"store, D {dim}, λ {d}", ["--solver", "store", "--store-dim", str(dim), "--damping", d])
               for dim in STORE_DIMS for d in STORE_DAMPING)
 #: ``--lds-solvers``: the named sets of solver rows; ``panel`` (the default) is :data:`SOLVERS`

@@ -113,10 +113,10 @@ def build_parser():
                         "(659 k, 329 steps); each has its own cache under --lds-cache (influence/experiments/"
                         "lds_models.py MODELS)")
     p.add_argument("--lds-solvers", default="panel", choices=tuple(lds.SOLVER_SETS),
-                   help="lds: the solver rows: panel (the default: the solvers and ranks of the README's tables) or "
-                        "grid (the default, krylov at damping 0.1x/1x/3x/10x/30x and ekfac at 0.1x/1x, sharing one "
-                        "curvature cache, so each fit is paid once), or store (the gradient store at D 1024 and 4096, "
-                        "damping 0.1x/1x/10x, sharing one cache)")
+                   help="lds: the solver rows: panel (the default: the solvers and ranks of the README's tables), "
+                        "grid (the default solver, krylov at damping 0.1x/1x/3x/10x/30x/optimizer and ekfac at "
+                        "0.1x/1x/optimizer, sharing one curvature cache, so each fit is paid once), or store (the "
+                        "gradient store at D 1024 and 4096, damping 0.1x/1x/10x/optimizer, sharing one cache)")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 

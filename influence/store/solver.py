@@ -40,9 +40,10 @@ from influence.curvature.kfac.signals import (LayerSignals, check_fisher, image_
                                               resolve_fisher)
 from influence.errors import SettingError, UserError
 from influence.model.taps import linear_kind
-from influence.model.vectors import numpy_to_vec, vec_size
+from influence.model.vectors import numpy_to_vec, split_flat, vec_size
 from influence.progress import progress as progress_bar
 from influence.settings import MEMORY_BUDGET_GB, bytes_to_gb, gb_to_bytes, parse_store_dim
+from influence.store.damping import damped_inverse, per_layer_damping
 from influence.store.projection import Projection, layer_dims
 from influence.store.shards import LOCK_NAME, GradientStore, key_digest, prune_stores
 
@@ -282,40 +283,28 @@ class StoreSolver(InverseHVP):
             self.fit()
 
     def layer_damping(self):
-        """(D,) λ of each projected coordinate: a number everywhere, or for a relative damping ``f × trace(C_ll)/D_l``
-        on layer ``l``'s coordinates (recorded in ``info``: ``damping_per_layer``)."""
+        """(D,) λ of each projected coordinate: a number everywhere, or for a relative damping
+        :func:`~influence.store.damping.per_layer_damping` (recorded in ``info``: ``damping_per_layer``)."""
         self._ready()
-        spec = self.damping_spec
+        spec, off = self.damping_spec, self.projection.offsets
         if not spec.relative:
             return np.full(self.projection.dim, float(spec.value))
-        diag, off = np.diag(self._curvature), self.projection.offsets
-        per_layer = [spec.value * float(diag[off[l]:off[l + 1]].mean()) for l in range(len(off) - 1)]
+        per_layer = per_layer_damping(self._curvature, off, spec.value)
         self.info.update(damping_per_layer=per_layer, damping_rule=str(spec))
         return np.repeat(per_layer, np.diff(off))
 
-    def projected_response(self):
-        """(D, D) float64 ``R diag(D) Rᵀ`` of damping ``optimizer``'s ``D`` (:meth:`response_diagonal`), kept."""
-        if self._response_projected is None:
-            from influence.model.vectors import split_flat
-
-            self._response_projected = self.projection.projected_diagonal(
-                split_flat(self.response_diagonal(), self.obj.d.variables))
-        return self._response_projected
-
     def _inverse(self):
-        """``(C + Λ)⁻¹`` (symmetrised) for a per-layer damping, or ``(C + c·R diag(D) Rᵀ)⁻¹`` for damping
-        ``optimizer``, kept per damping; None for one λ (the eigendecomposition serves every λ)."""
+        """``(C + Λ)⁻¹`` for a per-layer damping, ``(C + c·R diag(D) Rᵀ)⁻¹`` for damping ``optimizer`` (module
+        :mod:`influence.store.damping`), kept per damping; None for one λ (the eigendecomposition serves it)."""
         spec = self.damping_spec
-        if not (spec.relative or spec.optimizer):
-            return None
-        key = str(spec)
-        if self._inverse_of != key:
+        if (spec.relative or spec.optimizer) and self._inverse_of != str(spec):
             self._ready()
-            added = (spec.value * self.projected_response() if spec.optimizer
-                     else np.diag(self.layer_damping()))
-            inv = np.linalg.inv(self._curvature + added)
-            self._inverse_held, self._inverse_of = 0.5 * (inv + inv.T), key
-        return self._inverse_held
+            if spec.optimizer and self._response_projected is None:      # R diag(D) Rᵀ, once
+                self._response_projected = self.projection.projected_diagonal(
+                    split_flat(self.response_diagonal(), self.obj.d.variables))
+            added = spec.value * self._response_projected if spec.optimizer else np.diag(self.layer_damping())
+            self._inverse_held, self._inverse_of = damped_inverse(self._curvature, added), str(spec)
+        return self._inverse_held if spec.relative or spec.optimizer else None
 
     def preconditioned(self, projected):
         """(T, D) -> (T, D): ``(C + Λ)⁻¹ z`` of each projected row (``Λ``: :meth:`layer_damping`)."""

@@ -37,7 +37,8 @@ sys.path.insert(0, str(HERE))
 
 import numpy as np  # noqa: E402
 
-from run import demo_data, machine, run_measured, say, timeit  # noqa: E402
+from demo_data import demo_data  # noqa: E402
+from harness import machine, run_measured, say, timeit  # noqa: E402
 
 SECTIONS = ("scoring", "fit", "demo", "vgg16")
 ROWS = []

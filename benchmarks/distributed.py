@@ -40,7 +40,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 import numpy as np  # noqa: E402
 
-from run import build_demo_data  # noqa: E402
+from demo_data import build_demo_data  # noqa: E402
 
 BEGIN, END = "<!-- scale-out:begin -->", "<!-- scale-out:end -->"
 

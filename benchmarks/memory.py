@@ -75,3 +75,11 @@ def run(args, say, record, run_script, run_measured):
                target=1, op=">=", note=f"exit {code}, {wall:.0f} s: {lines[-1][:120] if lines else ''}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def bench_memory(args):
+    """VGG16 with every parameter at calculate.py's defaults, ``--memory-budget 8``: peak RSS per Fisher kind
+    against the budget plus the model's footprint (:func:`run`)."""
+    from harness import record, run_measured, run_script, say
+
+    run(args, say, record, run_script, run_measured)

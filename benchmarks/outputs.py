@@ -19,6 +19,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+from demo_data import demo_data
+from harness import record, run_measured, say
+
 REPO = Path(__file__).resolve().parent.parent
 
 #: the commit before the raster figures (issue 32): figures laid out once and drawn by matplotlib. The one
@@ -126,3 +129,58 @@ def build_mlp_data(root, n_train=1000, per_class=4, epochs=20):
     if done.returncode != 0:
         raise RuntimeError(f"prepare_data.py failed building {root}:\n{done.stderr[-2000:]}")
     return root
+
+
+def bench_outputs(args):
+    """Writing a test image's files against scoring it, before (:data:`BASELINE`) and now:
+    per output kind in one process, and whole calculate.py runs (the module docstring)."""
+    tmp = Path(tempfile.mkdtemp(prefix="bench_outputs_"))
+    base = None
+    try:
+        demo_root = demo_data(tmp)
+        base = baseline_tree(tmp, say)
+        trees = ([("before", base)] if base else []) + [("after", REPO)]
+        say(f"[outputs] per output kind, {KIND_IMAGES} test images of the demo's training archive, png")
+        kinds = {label: kind_times(tree, demo_root / "train.npz") for label, tree in trees}
+        for kind in kinds["after"]:
+            before = kinds.get("before", {}).get(kind)
+            record("outputs", f"{kind}: ms per test image", kinds["after"][kind] * 1e3, "ms",
+                   note="" if before is None else f"before {before * 1e3:.1f} ms "
+                                                 f"({before / kinds['after'][kind]:.1f}x)")
+        totals = {label: sum(k.values()) for label, k in kinds.items()}
+        mlp = build_mlp_data(tmp / "mlp")
+        cases = {"make demo": ["--data", str(demo_root), "--model", str(demo_root / "model.keras"), "--preprocess",
+                               "unit", "--self-influence", "-sf", "png"],
+                 "MLP, 1 000 images, ekfac, 40 test images": ["--data", str(mlp), "--model", str(mlp / "model.keras"),
+                                                              "--preprocess", "unit", "--solver", "ekfac", "-sf",
+                                                              "png", "--folders", "orig"]}
+        peaks = {}
+        for case, case_args in cases.items():
+            for label, tree in trees:
+                out = tmp / f"out_{label}_{len(peaks)}"
+                say(f"  calculate.py ({label}): {case}")
+                code, wall, peak, _, tail = run_measured([sys.executable, str(Path(tree) / "calculate.py"),
+                                                          *case_args, "--out", str(out)])
+                if code != 0:
+                    raise RuntimeError(f"calculate.py ({label}, {case}) exited {code}:\n{tail}")
+                run = json.loads((out / "run.json").read_text())
+                tm, done = run["timings"], run["counts"]["test_images_done"]
+                scoring = sum(tm.get(k, 0.0) for k in ("test_gradients_s", "inverse_hvp_s", "scoring_s"))
+                say("    run.json timings: " + ", ".join(f"{k} {v:.2f}" for k, v in tm.items()))
+                target = dict(target=25, op="<=") if label == "after" else {}
+                record("outputs", f"{case} ({label}): writing, % of the run", 100 * tm["writing_s"] / tm["total_s"],
+                       "%", note=f"writing {tm['writing_s']:.1f} s of {tm['total_s']:.1f} s, {done} test images",
+                       **target)
+                record("outputs", f"{case} ({label}): writing / scoring per test image",
+                       tm["writing_s"] / max(scoring, 1e-9), "x",
+                       note=f"scoring (gradients, inverse-HVPs, scores) {1e3 * scoring / done:.0f} ms per test image; "
+                            f"one process writes {1e3 * totals[label]:.0f} ms per test image (per-kind rows)",
+                       **(dict(target=4, op="<=") if label == "after" else {}))
+                peaks[(case, label)] = peak
+            if ("before" in kinds) and (case, "before") in peaks:
+                record("outputs", f"{case}: peak RSS after / before", peaks[(case, "after")] / peaks[(case, "before")],
+                       "x", target=1.05, op="<=",
+                       note=f"{peaks[(case, 'before')]:.0f} -> {peaks[(case, 'after')]:.0f} MiB (main process)")
+    finally:
+        drop_tree(base)
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -195,6 +195,14 @@ def run(args, say, record, timeit):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def bench_store(args):
+    """The gradient store (issue 31): bytes on disk against N x D x 2, peak RSS writing N and 4 N images, each
+    further test image's query per training image in F, a rerun with a new test set (:func:`run`)."""
+    from harness import record, say, timeit  # here, not at the top: the --write process below stays as it was
+
+    run(args, say, record, timeit)
+
+
 if __name__ == "__main__" and sys.argv[1:2] == ["--write"]:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     sys.path.insert(0, str(REPO))

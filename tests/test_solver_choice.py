@@ -75,10 +75,11 @@ def test_krylov_when_its_basis_fits_the_budget_and_is_not_too_thin_else_ekfac():
     assert reason == "auto: krylov (its basis of up to 200 pairs over 38,890 parameters fits the 2 GB memory budget)"
     name, reason = choose_solver("auto", (), VGG16_LAST, 4, 8)          # 87 pairs fit, 47 092 parameters per pair
     assert name == "ekfac" and reason.startswith("auto: ekfac (krylov's basis would hold 87 pairs for 4,097,000 "
-                                                 "parameters, 47,092 per pair, above 1000")
+                                                 "parameters, 47,092 per pair, above 2800")
     assert choose_solver("auto", (), 659_267, 4, 2)[0] == "ekfac"              # the panel's wide model: 135 pairs
-    assert choose_solver("auto", (), 200_000, 4, None)[0] == "krylov"          # no budget: 200 pairs, 1000 each
-    assert choose_solver("auto", (), 200_001, 4, None)[0] == "ekfac"
+    assert choose_solver("auto", (), 324_010, 4, 2)[0] == "krylov"             # mlp-large-fixed: 200 pairs, 1 620 each
+    assert choose_solver("auto", (), 560_000, 4, None)[0] == "krylov"          # no budget: 200 pairs, 2800 each
+    assert choose_solver("auto", (), 560_001, 4, None)[0] == "ekfac"
     name, reason = choose_solver("auto", (), VGG16, 4, 8)
     assert name == "ekfac"
     assert reason.startswith("auto: ekfac (a krylov basis of 64 pairs over 138,357,544 parameters needs 99 GB, "

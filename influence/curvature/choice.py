@@ -36,9 +36,12 @@ def solver_choices():
 #: ``--solver auto`` takes ekfac for a model with BatchNormalization layers (module docstring, rule 2)
 AUTO_BATCH_NORM = True
 #: above this many parameters per eigenpair krylov's basis is too thin (module docstring, rule 3): the floor, the
-#: first eigenvalue left out, then damps nearly all of the spectrum (the panel's 659 k-parameter model: 135 pairs,
-#: 4 883 parameters per pair, floor 26 × the median optimizer damping; the demo CNN and the MLPs: 36–194)
-AUTO_PARAMS_PER_PAIR = 1000
+#: first eigenvalue left out, then damps nearly all of the spectrum. Set between the two panel models that bound it
+#: (their geometric mean): ``wide-fixed``, 135 pairs for 659 267 parameters (4 883 per pair, floor 26 × the median
+#: optimizer damping), where EK-FAC won (0.207 against krylov's 0.130), and ``mlp-large-fixed``, 200 pairs for
+#: 324 010 (1 620 per pair), where krylov won (0.440 against EK-FAC's best 0.429); the demo CNN and the small MLPs
+#: have 36–194
+AUTO_PARAMS_PER_PAIR = 2800
 
 
 def batch_norm_layers(model):

@@ -8,8 +8,8 @@ the :class:`influence.settings.Damping` the run takes, parsed once.
 """
 from influence.cli import Parser, import_tensorflow_quietly
 from influence.outputs.figure_style import FIGURE_FORMATS
-from influence.settings import (CALIBRATE_INITS, DEFAULTS, GROUPS, HESSIANS, Settings, check_setting,
-                                given_settings, group_of, help_of, parse_setting)
+from influence.settings import (CALIBRATE_INITS, DEFAULTS, GROUPS, HESSIANS, STORE_PROJECTIONS, Settings,
+                                check_setting, given_settings, group_of, help_of, parse_setting)
 
 
 
@@ -100,6 +100,7 @@ def build_parser():
     add("--fisher", type=fisher_arg, metavar="{sampled,true,top:K,empirical}")
     add("--ekfac-max-block", type=int, metavar="D")
     add("--store-dim", type=setting_arg("store_dim"), metavar="auto|D")
+    add("--store-projection", choices=STORE_PROJECTIONS)
     add("--cache", metavar="DIR")
     add("--seed", type=int, metavar="N")
 

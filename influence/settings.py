@@ -189,6 +189,15 @@ def _dampings(text):
     return None
 
 
+#: ``store_projection``: what the gradient store projects each layer's gradient on (influence.store.projection)
+STORE_PROJECTIONS = ("kfac", "random")
+
+
+def store_projection_problem(value):
+    """``store_projection``'s check: one of :data:`STORE_PROJECTIONS`."""
+    return None if value in STORE_PROJECTIONS else f"must be one of {', '.join(STORE_PROJECTIONS)}, got {value!r}"
+
+
 #: ``calibrate_init``: where each retraining of ``--calibrate`` starts (influence.calibration.retrain)
 CALIBRATE_INITS = ("fresh", "fixed")
 
@@ -277,6 +286,11 @@ class Settings:
                                                  "= the largest whose dense D x D curvature takes half of memory_budget, "
                                                  "at most 8192 and the parameter count",
                                  math=True, solver=True, parse=parse_store_dim)
+    store_projection: str = _setting("kfac", _IHVP, "store: what each layer's gradient is projected on: kfac = the top "
+                                                    "eigenvectors of the layer's K-FAC factors (one more pass over "
+                                                    "the training set; the flattest directions are left out), random "
+                                                    "= seeded orthonormal rows", store_projection_problem,
+                                     math=True, solver=True)
     cache: str = _setting(None, _IHVP, "curvature cache: training-set work (EK-FAC factors, LiSSA scale, exact "
                                        "Hessian) saved once and reused while the model, params and train.npz are "
                                        "unchanged (default: OUT/curvature)")

@@ -75,9 +75,12 @@ def test_a_new_test_set_is_scored_from_the_store_without_a_training_pass(data, t
 
 
 @pytest.mark.slow
-def test_an_interrupted_write_resumes_from_its_last_shard(data, tmp_path, monkeypatch):
+@pytest.mark.parametrize("projection", ["kfac", "random"])
+def test_an_interrupted_write_resumes_from_its_last_shard(data, tmp_path, monkeypatch, projection):
+    """The resumed pass reads only the shards not written (the K-FAC projection first runs K-FAC's pass again:
+    the same sums give the same eigenvectors, so the same store folder)."""
     monkeypatch.setattr(shards, "shard_rows", lambda n, dim: 48)   # 4 shards of 48, 48, 48, 16 images
-    whole = make(data, tmp_path / "whole", store_dim=10)
+    whole = make(data, tmp_path / "whole", store_dim=10, store_projection=projection)
     whole.fit()
     store = whole.solver.store()
     assert store.shards == 4 and store.rows == 48
@@ -90,7 +93,7 @@ def test_an_interrupted_write_resumes_from_its_last_shard(data, tmp_path, monkey
         real_write(self, k, rows)
 
     monkeypatch.setattr(GradientStore, "write_shard", write_then_fail)
-    broken = make(data, tmp_path / "broken", store_dim=10)
+    broken = make(data, tmp_path / "broken", store_dim=10, store_projection=projection)
     with pytest.raises(KeyboardInterrupt):
         broken.fit()
     folder = broken.solver.store().folder
@@ -107,9 +110,11 @@ def test_an_interrupted_write_resumes_from_its_last_shard(data, tmp_path, monkey
         return real_take(self, indices)
 
     monkeypatch.setattr(TrainArchive, "take", counting_take)
-    resumed = make(data, tmp_path / "broken", store_dim=10)
+    resumed = make(data, tmp_path / "broken", store_dim=10, store_projection=projection)
     resumed.fit()
-    assert sorted(read) == list(range(96, N_TRAIN))             # only the shards not written
+    again = list(range(N_TRAIN)) if projection == "kfac" else []   # K-FAC's pass reads every image once
+    assert sorted(read) == sorted(again + list(range(96, N_TRAIN)))   # the store: only the shards not written
+    assert resumed.solver.store().folder == folder
     assert not (folder / "partial.npz").exists()
     np.testing.assert_allclose(resumed.solver.state()["curvature"], whole.solver.state()["curvature"],
                                rtol=1e-12, atol=1e-15)
@@ -208,3 +213,64 @@ def test_a_new_store_removes_the_whole_stores_of_other_settings_but_not_a_partia
     size = shards.folder_bytes(held.folder)
     assert shards.prune_stores(cache, second.solver.store().digest) == ([held.folder.name], size)
     assert partial.folder.is_dir() and second.solver.store().complete()
+
+
+def test_top_eigen_rows_are_a_block_diagonal_factors_leading_eigenvectors():
+    """:func:`projection.top_eigen_rows` against numpy's eigendecomposition of the dense block-diagonal factor:
+    orthonormal rows spanning its top eigenvectors, the projected factor diagonal with its largest eigenvalues."""
+    from influence.store.projection import top_eigen_rows
+
+    rng = np.random.default_rng(0)
+    blocks = []
+    for size in (4, 3):
+        m = rng.standard_normal((size, size))
+        blocks.append(m @ m.T + 0.1 * np.eye(size))
+    dense = np.zeros((7, 7))
+    dense[:4, :4], dense[4:, 4:] = blocks
+    values, vectors = zip(*(np.linalg.eigh(b) for b in blocks))
+    rows = top_eigen_rows(vectors, values, [(0, 4), (4, 7)], 3)
+    np.testing.assert_allclose(rows @ rows.T, np.eye(3), atol=1e-12)
+    want = np.sort(np.linalg.eigvalsh(dense))[::-1][:3]
+    np.testing.assert_allclose(np.diag(rows @ dense @ rows.T), want, rtol=1e-10)
+    np.testing.assert_allclose(rows @ dense @ rows.T, np.diag(want), atol=1e-10)
+    assert all((row[:4] == 0).all() or (row[4:] == 0).all() for row in rows)     # each inside its own block
+
+
+@pytest.mark.slow
+def test_the_kfac_projection_keeps_each_layers_top_eigen_directions_and_a_rerun_loads_it(data, tmp_path, monkeypatch):
+    """store_projection kfac (the default): a Kronecker layer's R_in / R_out are the top eigenvectors of its K-FAC
+    factors A / S (fitted here with solver kfac); the cached state brings them back without K-FAC's pass, and the
+    random projection is another store."""
+    from influence.curvature.kfac.plan import KronBlock
+    from influence.store import projection as projection_module
+
+    kfac = make(data, None, "kfac")
+    kfac.solver.fit()
+    factors = kfac.solver.kronecker_factors()
+    store = make(data, tmp_path / "cache", store_dim=40)
+    store.fit()
+    sol = store.solver
+    assert sol.info["projection"] == "kfac"
+    checked = 0
+    for b, mats in zip(sol.projection.plan, sol.projection.mats):
+        if not isinstance(b, KronBlock):
+            continue
+        for r, factor in zip(mats, factors[b.name]):
+            top = np.sort(np.linalg.eigvalsh(factor))[::-1][:r.shape[0]]
+            np.testing.assert_allclose(np.trace(r @ factor @ r.T), top.sum(), rtol=1e-8)
+            checked += 1
+    assert checked >= 2
+    x, y, _ = TestArchive(data / "test.npz").read("a")
+    want = store.scores(x, y)
+
+    def no_pass(*args, **kwargs):
+        raise AssertionError("K-FAC's pass ran again")
+
+    monkeypatch.setattr(projection_module, "kfac_projection", no_pass)
+    monkeypatch.setattr("influence.store.solver.kfac_projection", no_pass)
+    again = make(data, tmp_path / "cache", store_dim=40)
+    np.testing.assert_array_equal(again.scores(x, y), want)
+    assert again.solver.projection.fingerprint() == sol.projection.fingerprint()
+    random = make(data, tmp_path / "cache", store_dim=40, store_projection="random")
+    random.fit()
+    assert random.solver.store().folder != sol.store().folder

@@ -13,6 +13,13 @@ full size (d_in = K1, d_out = C) it is orthogonal, so ``Rᵀ (R M Rᵀ + λI)⁻
 Any other layer with weights (a :class:`~influence.curvature.kfac.plan.DiagBlock`: BatchNorm, ...) has
 one such matrix ``R`` (d, p) on its flattened per-image gradient.
 
+``store_projection kfac`` (the default) takes a Kronecker layer's ``R_in`` and ``R_out`` from its K-FAC
+factors instead: the ``d_in`` eigenvectors of ``A = E[a aᵀ]`` and the ``d_out`` of ``S = E[δ δᵀ]`` with the
+largest eigenvalues (:func:`eigen_mats`; a factor split into diagonal blocks, ``ekfac_max_block``, gives each
+eigenvector zeros outside its block), so the store keeps the directions where the layer's curvature is and
+drops its flattest ones, which a model trained for finite time has hardly moved along. It costs K-FAC's first
+pass over the training set, before the store's. Measured on the LDS panel (README, "The gradient store").
+
 Dimensions (:func:`layer_dims`): the target ``D`` is shared equally by the layers, a layer taking at most
 its own size (the smallest layers first, what they leave going to the others), so a small last layer stays
 whole; a Kronecker layer's share ``D_l`` keeps its smaller side whole when that side is at most ``√D_l``
@@ -24,6 +31,7 @@ sides cut by ``√(D/P)``, the first rule tried.
 Vectors: a projected gradient is (D,) float64, the layers' blocks in the order of the plan (the
 classifier's groups), each flattened row-major ((d_in, d_out) for a Kronecker layer).
 """
+import hashlib
 import math
 
 import numpy as np
@@ -81,14 +89,17 @@ class Projection:
     ``offsets``: where each layer's block starts in the projected vector; ``dim``: D.
     """
 
-    def __init__(self, plan, dims, seed):
+    def __init__(self, plan, dims, seed, mats=None):
         self.plan = list(plan)
         self.dims = [tuple(int(v) for v in d) for d in dims]
         self.seed = int(seed)
         self.mats = []
+        given = [None] * len(self.plan) if mats is None else list(mats)     # None: the seeded random rows
         for index, (b, d) in enumerate(zip(self.plan, self.dims)):
             rng = np.random.default_rng([self.seed, index])
-            if isinstance(b, KronBlock):
+            if given[index] is not None:
+                self.mats.append(tuple(np.ascontiguousarray(m, np.float64) for m in given[index]))
+            elif isinstance(b, KronBlock):
                 self.mats.append((orthonormal_rows(d[0], b.k1, rng), orthonormal_rows(d[1], b.c_out, rng)))
             else:
                 self.mats.append((orthonormal_rows(d[0], b.size, rng),))
@@ -96,6 +107,27 @@ class Projection:
         self.sizes = sizes
         self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         self.dim = int(self.offsets[-1])
+
+    def fingerprint(self):
+        """24 hex digits of the matrices' bytes: which projection wrote a store."""
+        h = hashlib.blake2b(digest_size=12)
+        for mats in self.mats:
+            for m in mats:
+                h.update(np.ascontiguousarray(m, np.float64).tobytes())
+        return h.hexdigest()
+
+    def arrays(self):
+        """The matrices as ``{"projection.<layer>.<side>": array}`` (a curvature cache's state)."""
+        return {f"projection.{i}.{k}": m for i, mats in enumerate(self.mats) for k, m in enumerate(mats)}
+
+    def with_arrays(self, arrays):
+        """The same plan and dims with the matrices of :meth:`arrays` -> a new Projection."""
+        mats = [tuple(np.asarray(arrays[f"projection.{i}.{k}"], np.float64) for k in range(len(m)))
+                for i, m in enumerate(self.mats)]
+        for new, old in zip(mats, self.mats):
+            if [a.shape for a in new] != [a.shape for a in old]:
+                raise ValueError("cached store projection does not match the layers' dimensions")
+        return Projection(self.plan, self.dims, self.seed, mats)
 
     def full_layer(self, b, vec):
         """A layer's part of a full-space vector (a sequence of arrays in the variable order): (K1, C) for a
@@ -164,3 +196,50 @@ class Projection:
                 block = (mats[0] * b.reg[None, :]) @ mats[0].T
             out[s:e, s:e] = block
         return out
+
+
+def top_eigen_rows(vectors, values, bounds, count):
+    """(count, size) float64 orthonormal rows: the ``count`` eigenvectors with the largest eigenvalues of a
+    block-diagonal symmetric factor, each zero outside its block.
+
+    ``vectors``: per block ``(b, b)`` eigenvectors as columns; ``values``: per block ``(b,)`` eigenvalues;
+    ``bounds``: per block ``(start, stop)`` of its rows in the factor (size = the last stop). Ties keep the
+    blocks' order (a stable sort).
+    """
+    flat = np.concatenate([np.asarray(v, np.float64) for v in values])
+    owner = np.concatenate([np.full(len(v), k) for k, v in enumerate(values)])
+    column = np.concatenate([np.arange(len(v)) for v in values])
+    rows = np.zeros((int(count), int(bounds[-1][1])))
+    for r, j in enumerate(np.argsort(-flat, kind="stable")[:int(count)]):
+        start, stop = bounds[owner[j]]
+        rows[r, start:stop] = np.asarray(vectors[owner[j]], np.float64)[:, column[j]]
+    return rows
+
+
+def eigen_mats(plan, dims, fit, fit_plan):
+    """Per layer of ``plan``: ``(R_in, R_out)`` of a Kronecker layer from the top eigenvectors of its K-FAC
+    factors in ``fit`` (:class:`~influence.curvature.kfac.state.KroneckerFit` over ``fit_plan``, whose
+    blocks carry the factors' ``a_bounds`` / ``s_bounds``), None for any other layer (random rows). ``dims``:
+    :func:`layer_dims`."""
+    blocks = {b.name: b for b in fit_plan}
+    mats = []
+    for b, d in zip(plan, dims):
+        if not isinstance(b, KronBlock):
+            mats.append(None)
+            continue
+        eig, kb = fit.eig[b.name], blocks[b.name]
+        mats.append((top_eigen_rows(eig["QA"], eig["eA"], kb.a_bounds, d[0]),
+                     top_eigen_rows(eig["QS"], eig["eS"], kb.s_bounds, d[1])))
+    return mats
+
+
+def kfac_projection(projection, objective, fisher, memory_budget, sums=None, progress=True):
+    """``projection``'s plan and dims with each Kronecker layer on its K-FAC factors' top eigenvectors
+    (:func:`eigen_mats`) -> a new :class:`Projection`. Runs K-FAC's first pass over the training set
+    (``sums``: where its sums come from, as any fit's; None: this process)."""
+    from influence.curvature.kfac.solver import KFACSolver
+
+    kfac = KFACSolver(objective, "1x", fisher=fisher, memory_budget=memory_budget, progress=progress)
+    kfac.fit(sums)
+    mats = eigen_mats(projection.plan, projection.dims, kfac.fitted, kfac.plan)
+    return Projection(projection.plan, projection.dims, projection.seed, mats)

@@ -42,9 +42,10 @@ from influence.errors import SettingError, UserError
 from influence.model.taps import linear_kind
 from influence.model.vectors import numpy_to_vec, split_flat, vec_size
 from influence.progress import progress as progress_bar
-from influence.settings import MEMORY_BUDGET_GB, bytes_to_gb, gb_to_bytes, parse_store_dim
+from influence.settings import (MEMORY_BUDGET_GB, bytes_to_gb, gb_to_bytes, parse_store_dim,
+                                store_projection_problem)
 from influence.store.damping import damped_inverse, per_layer_damping
-from influence.store.projection import Projection, layer_dims
+from influence.store.projection import Projection, kfac_projection, layer_dims
 from influence.store.shards import LOCK_NAME, GradientStore, key_digest, prune_stores
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,10 @@ CURVATURE_SHARE = 0.5
 #: ``make_plan``'s ``max_block`` for the store, whose layer blocks are never split: a factor's side in rows
 #: (not bytes), above any layer's width
 UNSPLIT = 1 << 30
+#: what the curvature key says of each ``store_projection`` (the random one's text predates the setting: its
+#: caches stay valid)
+PROJECTION_KEYS = {"random": "orthonormal rows, per layer both sides",
+                   "kfac": "top eigenvectors of each layer's K-FAC factors, per layer both sides"}
 #: ``store_dim auto`` never exceeds this (a dense float64 eigendecomposition of D³ flops)
 AUTO_MAX_DIM = 8192
 
@@ -66,6 +71,28 @@ def auto_dim(num_params, memory_budget):
     if memory_budget is not None:
         cap = min(cap, int(math.sqrt(CURVATURE_SHARE * gb_to_bytes(memory_budget) / 24)))
     return int(max(1, min(cap, num_params)))
+
+
+def store_dims(store_dim, num_params, memory_budget):
+    """``(the setting parsed, D)``: ``store_dim`` auto (:func:`auto_dim`) or as given, at most ``num_params``;
+    SettingError when its dense curvature (3 D² float64) exceeds ``memory_budget``."""
+    asked = parse_store_dim(store_dim)
+    target = auto_dim(num_params, memory_budget) if asked == "auto" else min(asked, num_params)
+    if asked != "auto" and memory_budget is not None and 24 * target ** 2 > gb_to_bytes(memory_budget):
+        raise SettingError("store_dim", f"{asked} needs {bytes_to_gb(24 * target ** 2):.3g} GB for its dense "
+                                        f"{target}x{target} curvature, above memory_budget {memory_budget:g} GB: "
+                                        f"choose a smaller store_dim or a larger memory_budget")
+    return asked, target
+
+
+def store_fisher(fisher, num_classes):
+    """The ``fisher`` setting resolved for the store (:func:`resolve_fisher`); SettingError for ``sampled``."""
+    check_fisher(fisher, num_classes)
+    resolved = resolve_fisher(fisher, num_classes)
+    if resolved == "sampled":
+        raise SettingError("fisher", "solver store takes auto, true, top:K or empirical (its curvature sums "
+                                     "the Gauss-Newton terms of the most probable classes), not sampled")
+    return resolved
 
 
 def project_records(projection, signals, grouped, rows):
@@ -127,31 +154,25 @@ class StoreSolver(InverseHVP):
     takes_diagonal = True        # damping optimizer: C + c·R diag(D) Rᵀ (module docstring)
 
     def __init__(self, objective, damping, store_dim="auto", fisher="auto", seed=0, memory_budget=MEMORY_BUDGET_GB,
-                 progress=True):
+                 store_projection="kfac", progress=True):
         super().__init__(objective, damping, progress)
         d = objective.d
         clf = d.clf
         if not clf.supports_tap:
             raise UserError(f"solver store needs a functional Keras model whose layers can be tapped; "
                             f"{clf.model.name} is not one: use solver ekfac or krylov")
-        check_fisher(fisher, clf.num_classes)
-        self.fisher = resolve_fisher(fisher, clf.num_classes)
-        if self.fisher == "sampled":
-            raise SettingError("fisher", "solver store takes auto, true, top:K or empirical (its curvature sums "
-                                         "the Gauss-Newton terms of the most probable classes), not sampled")
+        self.fisher = store_fisher(fisher, clf.num_classes)
         self.seed = int(seed)
         self.memory_budget = memory_budget
         kinds = {id(g.layer): linear_kind(g.layer) for g in clf.groups}
         self.plan = make_plan(clf.groups, kinds, UNSPLIT, True, self.name)
         p = vec_size(d.variables)
-        asked = parse_store_dim(store_dim)
-        self.dim_setting = asked
-        target = auto_dim(p, memory_budget) if asked == "auto" else min(asked, p)
-        if asked != "auto" and memory_budget is not None and 24 * target ** 2 > gb_to_bytes(memory_budget):
-            raise SettingError("store_dim", f"{asked} needs {bytes_to_gb(24 * target ** 2):.3g} GB for its dense "
-                                            f"{target}x{target} curvature, above memory_budget {memory_budget:g} GB: "
-                                            f"choose a smaller store_dim or a larger memory_budget")
+        self.dim_setting, target = store_dims(store_dim, p, memory_budget)
         self.projection = Projection(self.plan, layer_dims(self.plan, target), self.seed)
+        if store_projection_problem(store_projection):
+            raise SettingError("store_projection", store_projection_problem(store_projection))
+        self.projection_kind = store_projection
+        self._eigen = False          # kfac: the projection is on the factors' eigenvectors (fitted or loaded)
         self.signals = LayerSignals(d, kinds, d.variables, self.fisher)
         self._compiled = None
         self._root = None            # the folder the store lives in (attach), else a temporary one
@@ -163,13 +184,13 @@ class StoreSolver(InverseHVP):
         self._trace = None
         self._inverse_held, self._inverse_of = None, None
         self._response_projected = None      # R diag(D) Rᵀ of damping optimizer, (D, D) float64, once
-        self.info.update(fisher=self.fisher, store_dim=self.projection.dim, num_params=p,
+        self.info.update(fisher=self.fisher, store_dim=self.projection.dim, num_params=p, projection=store_projection,
                          layer_dims=[list(x) for x in self.projection.dims])
 
     # --- where the store lives ---------------------------------------------------------------------
     def cache_key(self):
         return {"store_dim": self.projection.dim, "layer_dims": [list(x) for x in self.projection.dims],
-                "fisher": self.fisher, "seed": self.seed, "projection": "orthonormal rows, per layer both sides"}
+                "fisher": self.fisher, "seed": self.seed, "projection": PROJECTION_KEYS[self.projection_kind]}
 
     def attach(self, folder, key):
         """Keep the store under ``folder`` (the curvature cache), named by the curvature ``key``."""
@@ -188,7 +209,8 @@ class StoreSolver(InverseHVP):
             self._digest = key_digest({"solver": self.cache_name, "n": self.obj.n, **self.cache_key(),
                                        "train": self.obj.archive.fingerprint(),
                                        "weights": model_fingerprint(self.obj.d.clf.model)})
-        return GradientStore(self._root, self._digest, self.obj.n, self.projection.dim)
+        digest = self._digest if not self._eigen else key_digest([self._digest, self.projection.fingerprint()])
+        return GradientStore(self._root, digest, self.obj.n, self.projection.dim)
 
     def _hold(self, store):
         """Hold ``store``'s in-use lock (one at a time) so that another process's :func:`prune_stores` keeps it."""
@@ -218,7 +240,11 @@ class StoreSolver(InverseHVP):
 
     def fit(self, sums=None):
         """One pass: each shard's projected gradients written, ``C`` summed (resuming a partial write). ``sums``
-        (a Ray backend's sharded sums) is not used: the store's pass runs in this process."""
+        (a Ray backend's sharded sums) serves the K-FAC pass of ``store_projection kfac``; the store's own pass runs
+        in this process."""
+        if self.projection_kind == "kfac" and not self._eigen:
+            self._set_projection(kfac_projection(self.projection, self.obj, self.fisher, self.memory_budget, sums,
+                                                 self.progress))
         store = self.store()
         store.open_for_writing()
         self._hold(store)
@@ -246,11 +272,19 @@ class StoreSolver(InverseHVP):
         self._inverse_held, self._inverse_of = None, None
         self._trace = float(np.trace(c))
 
+    def _set_projection(self, projection):
+        """Adopt the K-FAC eigenvector projection (the compiled pass is traced again with it)."""
+        self.projection, self._eigen, self._compiled = projection, True, None
+
     def state(self):
-        """``C`` (undamped) and its eigendecomposition (a rerun at another damping decomposes nothing)."""
-        return {"curvature": self._curvature, "eigenvalues": self._evals, "eigenvectors": self._evecs}
+        """``C`` (undamped), its eigendecomposition (a rerun at another damping decomposes nothing) and a fitted
+        projection's matrices (the rows on disk were made with them)."""
+        state = {"curvature": self._curvature, "eigenvalues": self._evals, "eigenvectors": self._evecs}
+        return {**state, **self.projection.arrays()} if self._eigen else state
 
     def load_state(self, arrays):
+        if self.projection_kind == "kfac":
+            self._set_projection(self.projection.with_arrays(arrays))
         c = np.asarray(arrays["curvature"], np.float64)
         if c.shape != (self.projection.dim, self.projection.dim):
             raise ValueError(f"cached store curvature is {c.shape}, expected {(self.projection.dim,) * 2}")

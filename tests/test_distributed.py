@@ -492,3 +492,13 @@ def test_sharded_krylov_fit_is_the_same_bits_as_one_process(ray_runtime, data32,
     scores, state = runs_with_any_workers_agree(data32, tmp_path, "krylov", rank=6, damping=1e-3, score_batch=8)
     assert f"in {TRAIN // 8} shards of 8 images over Ray" in caplog.text
     assert len(scores) == 2 and state["u"].shape[0] == 6
+
+
+@pytest.mark.slow
+def test_the_stores_kfac_pass_is_sharded_and_the_store_is_the_same_bits(ray_runtime, data32, tmp_path, caplog):
+    """--solver store (its default K-FAC projection): K-FAC's pass runs over Ray shards like ekfac's, the store's
+    own pass in the driver; one process, 1 worker and 2 workers write the same projection, curvature and scores."""
+    caplog.set_level(logging.INFO)
+    scores, state = runs_with_any_workers_agree(data32, tmp_path, "store", store_dim=40, damping=1e-3, score_batch=8)
+    assert f"kfac: pass 1 over {TRAIN} training images in {TRAIN // 8} shards of 8 images over Ray" in caplog.text
+    assert any(k.startswith("projection.") for k in state) and 30 < len(state["curvature"]) <= 40

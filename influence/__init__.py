@@ -47,7 +47,7 @@ influence/                        the package: influence.Influence, the Python A
       dpcg.py                     dpcg: CG deflated by the krylov basis
   store/                          the gradient store: projected training gradients logged once, queried many
     damping.py                    what is added to the projected curvature: λ, per layer, or the training run's D projected
-    projection.py                 each layer's gradient projected on both sides (seeded Gaussian, orthonormal rows)
+    projection.py                 each layer's gradient projected on both sides (K-FAC eigenvectors or seeded rows)
     shards.py                     the float16 shards on disk: content-keyed, atomic, resumable, memory-mapped
     solver.py                     --solver store: the projected Gauss-Newton matrix, inverted densely; one product a test
   scoring/                        4. scores

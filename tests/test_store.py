@@ -274,3 +274,13 @@ def test_the_kfac_projection_keeps_each_layers_top_eigen_directions_and_a_rerun_
     random = make(data, tmp_path / "cache", store_dim=40, store_projection="random")
     random.fit()
     assert random.solver.store().folder != sol.store().folder
+
+
+def test_a_kfac_projection_whose_factors_do_not_fit_the_budget_is_refused_naming_the_setting(data):
+    from influence.store.projection import kfac_projection
+
+    inf = make(data, None, store_dim=10, memory_budget=2e-5)
+    with pytest.raises(SettingError, match=r"^store_projection: kfac fits K-FAC's factors first, and solver kfac: "
+                                           r"the Kronecker factors need .* over memory_budget 2e-05 GB.*\(or give "
+                                           r"store_projection random\)$"):
+        kfac_projection(inf.solver.projection, inf.objective, "true", 2e-5)

@@ -238,8 +238,13 @@ def kfac_projection(projection, objective, fisher, memory_budget, sums=None, pro
     (:func:`eigen_mats`) -> a new :class:`Projection`. Runs K-FAC's first pass over the training set
     (``sums``: where its sums come from, as any fit's; None: this process)."""
     from influence.curvature.kfac.solver import KFACSolver
+    from influence.errors import SettingError, UserError
 
-    kfac = KFACSolver(objective, "1x", fisher=fisher, memory_budget=memory_budget, progress=progress)
+    try:
+        kfac = KFACSolver(objective, "1x", fisher=fisher, memory_budget=memory_budget, progress=progress)
+    except UserError as exc:         # the factors do not fit the budget: say so for the store
+        raise SettingError("store_projection", f"kfac fits K-FAC's factors first, and {exc} (or give "
+                                               f"store_projection random)") from None
     kfac.fit(sums)
     mats = eigen_mats(projection.plan, projection.dims, kfac.fitted, kfac.plan)
     return Projection(projection.plan, projection.dims, projection.seed, mats)

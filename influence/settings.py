@@ -163,10 +163,16 @@ parse_epochs = auto_or_count("epochs")
 HESSIANS = ("full", "ggn")
 
 
-def _hessian(value):
-    """``hessian``'s check: one of :data:`HESSIANS` (the one check of the setting: calculate.py's flag,
-    :meth:`Settings.check` and :class:`influence.Influence` use it)."""
-    return None if value in HESSIANS else f"must be one of {', '.join(HESSIANS)}, got {value!r}"
+def one_of(choices):
+    """The check of a setting that takes one of ``choices``: ``value -> None`` or the message."""
+    def problem(value):
+        return None if value in choices else f"must be one of {', '.join(choices)}, got {value!r}"
+    return problem
+
+
+#: ``hessian``'s check (the one check of the setting: calculate.py's flag, :meth:`Settings.check` and
+#: :class:`influence.Influence` use it)
+_hessian = one_of(HESSIANS)
 
 
 def _scale_option(value):
@@ -193,18 +199,16 @@ def _dampings(text):
 STORE_PROJECTIONS = ("kfac", "random")
 
 
-def store_projection_problem(value):
-    """``store_projection``'s check: one of :data:`STORE_PROJECTIONS`."""
-    return None if value in STORE_PROJECTIONS else f"must be one of {', '.join(STORE_PROJECTIONS)}, got {value!r}"
+#: ``store_projection``'s check
+store_projection_problem = one_of(STORE_PROJECTIONS)
 
 
 #: ``calibrate_init``: where each retraining of ``--calibrate`` starts (influence.calibration.retrain)
 CALIBRATE_INITS = ("fresh", "fixed")
 
 
-def calibrate_init_problem(value):
-    """``calibrate_init``'s check: one of :data:`CALIBRATE_INITS`."""
-    return None if value in CALIBRATE_INITS else f"must be one of {', '.join(CALIBRATE_INITS)}, got {value!r}"
+#: ``calibrate_init``'s check
+calibrate_init_problem = one_of(CALIBRATE_INITS)
 
 
 def _names(text):

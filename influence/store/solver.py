@@ -169,8 +169,9 @@ class StoreSolver(InverseHVP):
         p = vec_size(d.variables)
         self.dim_setting, target = store_dims(store_dim, p, memory_budget)
         self.projection = Projection(self.plan, layer_dims(self.plan, target), self.seed)
-        if store_projection_problem(store_projection):
-            raise SettingError("store_projection", store_projection_problem(store_projection))
+        problem = store_projection_problem(store_projection)
+        if problem:
+            raise SettingError("store_projection", problem)
         self.projection_kind = store_projection
         self._eigen = False          # kfac: the projection is on the factors' eigenvectors (fitted or loaded)
         self.signals = LayerSignals(d, kinds, d.variables, self.fisher)

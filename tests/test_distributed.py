@@ -495,11 +495,21 @@ def test_sharded_krylov_fit_is_the_same_bits_as_one_process(ray_runtime, data32,
 
 
 @pytest.mark.slow
-def test_the_stores_kfac_pass_is_sharded_and_the_store_is_the_same_bits(ray_runtime, data32, tmp_path, caplog):
-    """--solver store (its default K-FAC projection): K-FAC's pass runs over Ray shards like ekfac's, the store's
-    own pass in the driver; one process and 2 workers write the same projection, curvature and scores."""
+def test_the_store_is_written_by_ray_shards_with_the_same_bits(ray_runtime, data32, tmp_path, caplog, monkeypatch):
+    """--solver store (its default K-FAC projection): K-FAC's pass runs over Ray shards like ekfac's, and the
+    store's own pass too (3 store shards of 16 images, each written by a worker task, their Gram sums added in
+    shard order by the driver); one process and 2 workers write the same projection, curvature, store and
+    scores, bit for bit."""
+    from influence.store import shards
+
+    monkeypatch.setattr(shards, "shard_rows", lambda n, dim: 16)
     caplog.set_level(logging.INFO)
     scores, state = runs_with_any_workers_agree(data32, tmp_path, "store", workers_tried=(0, 2), store_dim=40,
                                                 damping=1e-3, score_batch=8)
     assert f"kfac: pass 1 over {TRAIN} training images in {TRAIN // 8} shards of 8 images over Ray" in caplog.text
+    assert "store: 3 shard(s) of up to 16 training images over Ray" in caplog.text
     assert any(k.startswith("projection.") for k in state) and 30 < len(state["curvature"]) <= 40
+    stores = [sorted((tmp_path / f"workers{w}" / "curvature").glob("store-*/rows-*.f16")) for w in (0, 2)]
+    assert len(stores[0]) == 3 and [p.name for p in stores[0]] == [p.name for p in stores[1]]
+    for one, two in zip(*stores):
+        assert one.read_bytes() == two.read_bytes(), one.name

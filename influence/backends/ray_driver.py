@@ -9,7 +9,8 @@ still finds its finished shards and gets the same bits): scoring into runs of wh
 * **Fitting**: the backend calls ``solver.fit(sums=RaySums(...))``; a solver whose fit is a sum over
   the training set takes it from that object (:class:`influence.curvature.base.TrainingSums`): the
   K-FAC family (kfac, ekfac, pcg's preconditioner) its two passes' float64 sums, krylov (and dpcg's
-  basis) every Lanczos product ``A v``. Each shard's task (:mod:`influence.backends.ray_worker`) returns
+  basis) every Lanczos product ``A v``, the store (``--solver store``) its shards' Gram sums (in the store's own
+  shards, each task writing its shard's files itself). Each shard's task (:mod:`influence.backends.ray_worker`) returns
   its share; the driver adds them up in shard order (:func:`sharded_sum`). Up to :data:`MAX_SHARDS`
   chunks a shard is one chunk, so the driver adds the very chunk sums one process adds, in the same
   order: the fit is bit for bit the one-process fit (on identical hardware), whatever the number of
@@ -44,7 +45,7 @@ from pathlib import Path
 import numpy as np
 
 from influence.backends.ray_runtime import RayRuntime
-from influence.backends.ray_worker import WorkerSpec, fit_shard, product_shard, score_shard
+from influence.backends.ray_worker import WorkerSpec, fit_shard, product_shard, score_shard, store_shard
 from influence.curvature.base import TrainingSums
 from influence.errors import UserError
 from influence.progress import progress
@@ -157,33 +158,71 @@ class RaySums(TrainingSums):
 
         return product
 
+    def store_pass(self, store_solver, store, first, add, bar):
+        """The gradient store's shards ``first``.. written by Ray tasks (:func:`influence.backends.ray_worker.
+        store_shard`; one task a shard, writing its files into ``store.folder``, which every node must see),
+        their Gram sums handed to ``add`` in shard order: the same bits as one process's pass."""
+        cluster = self.runtime.cluster()
+        todo = list(range(first, store.shards))
+        if not todo:
+            return
+        log.info("store: %d shard(s) of up to %d training images over Ray, written to %s", len(todo), store.rows,
+                 store.folder)
+        task = cluster.remote(store_shard)
+        arrays = store_solver.projection.arrays() if store_solver.projection_kind == "kfac" else None
+        projection = cluster.ray.put(arrays)                    # sent to the workers once
+        layout = (str(store.folder.parent), store.digest, store.n, store.dim, store.rows)
+
+        def consume(index, value):
+            k = todo[index]
+            log.debug("store: shard %d written by pid %d on %s in %.2f s", k, value["pid"], value["node"],
+                      value["seconds"])
+            add(k, value["sums"]["gram"])
+            start, stop = store.bounds(k)
+            bar.update(stop - start)
+
+        on_result, held = in_shard_order(consume)
+        cluster.run(task, [(i, (self.spec, projection, layout, k)) for i, k in enumerate(todo)], on_result,
+                    held=held)
+
+
+def in_shard_order(consume):
+    """``(on_result, held)`` for :meth:`Cluster.run`: results arrive in any order, and ``consume(index, value)``
+    sees them in index order (those that came early are buffered; ``held()`` counts them, so the run's window
+    keeps finished-but-waiting results in check)."""
+    buffered, nxt = {}, [0]
+
+    def on_result(index, value):
+        buffered[index] = value
+        while nxt[0] in buffered:
+            consume(nxt[0], buffered.pop(nxt[0]))
+            nxt[0] += 1
+
+    return on_result, lambda: len(buffered)
+
 
 def sharded_sum(cluster, task, shards, args, desc, dtype=np.float64):
     """Σ over the ``(start, stop)`` shards of the tasks' ``{key: array}`` (task arguments ``args(start,
     stop)``), added in ``dtype`` in shard order (so the sum does not depend on which shard finished first,
     nor on the number of workers): ``((s0 + s1) + s2) + ...``, the order of one process's running sum
     when each shard is one chunk. ``desc``: the progress bar's (None: no bar)."""
-    total, buffered, nxt = None, {}, [0]
+    total = None
 
     def add(index, value):
         nonlocal total
         log.debug("%s: images %d-%d summed by pid %d on %s in %.2f s", desc, *shards[index], value["pid"],
                   value["node"], value["seconds"])
-        buffered[index] = value["sums"]
-        while nxt[0] in buffered:
-            part = buffered.pop(nxt[0])
-            if total is None:
-                total = {k: np.array(v, dtype) for k, v in part.items()}
-            else:
-                for k, v in part.items():
-                    total[k] += v
-            del part
-            bar.update(shards[nxt[0]][1] - shards[nxt[0]][0])
-            nxt[0] += 1
+        part = value["sums"]
+        if total is None:
+            total = {k: np.array(v, dtype) for k, v in part.items()}
+        else:
+            for k, v in part.items():
+                total[k] += v
+        bar.update(shards[index][1] - shards[index][0])
 
+    on_result, held = in_shard_order(add)
     with progress(total=shards[-1][1], desc=desc or "", unit="img", disable=desc is None) as bar:
-        cluster.run(task, [(i, args(start, stop)) for i, (start, stop) in enumerate(shards)], add,
-                    held=lambda: len(buffered))
+        cluster.run(task, [(i, args(start, stop)) for i, (start, stop) in enumerate(shards)], on_result, held=held)
     return total
 
 

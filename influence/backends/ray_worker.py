@@ -1,5 +1,5 @@
 """What runs on a Ray worker: the :class:`WorkerSpec` it rebuilds the driver's model, derivatives, objective
-and solver from, and the three tasks (:func:`fit_shard`, :func:`product_shard`, :func:`score_shard`) the
+and solver from, and the four tasks (:func:`fit_shard`, :func:`product_shard`, :func:`store_shard`, :func:`score_shard`) the
 driver (:mod:`influence.backends.ray_driver`) submits.
 
 A worker process keeps the loaded model, archive and compiled functions of the last spec it saw
@@ -179,6 +179,19 @@ def product_shard(spec, start, stop, flat):
     obj = _objective(spec)
     part = obj.hvp_share(numpy_to_vec(flat, obj.d.variables), start, stop)
     return _done(t0, sums={"product": vec_to_numpy(part).astype(flat.dtype)})
+
+
+def store_shard(spec, projection, layout, k):
+    """Task: shard ``k`` of the gradient store written (``layout``: its root folder, digest, images, dims and rows
+    per shard, the driver's :class:`influence.store.shards.GradientStore`), by the store solver of ``spec`` with
+    the driver's projection (``projection``: its arrays, None for the seeded random one)
+    (``{"sums": {"gram": (D, D) float64}, "pid", "node", "seconds"}``)."""
+    from influence.store.shards import GradientStore
+
+    t0 = time.perf_counter()
+    solver = worker_solver(spec)
+    solver.adopt_projection(projection)
+    return _done(t0, sums={"gram": solver.write_shard(GradientStore(*layout), k)})
 
 
 def score_shard(spec, batches, stacked, part, score_batch):

@@ -36,7 +36,10 @@ class TrainingSums:
     * ``product(obj)`` -> ``v -> A v`` over the whole training set of the objective ``obj`` (its matrix;
       krylov's Lanczos, dpcg's basis);
     * ``factor_sums(kfac)`` / ``eigen_sums(kfac)``: a K-FAC-family method's pass 1 and pass 2 float64
-      sums over the whole training set (pass 2 in its :meth:`eigenbasis`).
+      sums over the whole training set (pass 2 in its :meth:`eigenbasis`);
+    * ``store_pass(store_solver, store, first, add, bar)``: the gradient store's shards ``first``.. written
+      (:meth:`influence.store.solver.StoreSolver.write_shard`), ``add(k, gram)`` called in shard order with each
+      shard's (D, D) Gram sum, ``bar`` updated by images written.
     """
 
     def product(self, obj):
@@ -47,6 +50,10 @@ class TrainingSums:
 
     def eigen_sums(self, kfac):
         return kfac.eigen_sums()
+
+    def store_pass(self, store_solver, store, first, add, bar):
+        for k in range(first, store.shards):
+            add(k, store_solver.write_shard(store, k, bar))
 
 
 class InverseHVP:

@@ -34,7 +34,7 @@ import time
 import numpy as np
 import tensorflow as tf
 
-from influence.curvature.base import InverseHVP
+from influence.curvature.base import InverseHVP, TrainingSums
 from influence.curvature.kfac.plan import KronBlock, make_plan
 from influence.curvature.kfac.signals import (LayerSignals, check_fisher, image_of_rows, kron_inputs,
                                               resolve_fisher)
@@ -118,26 +118,25 @@ def project_records(projection, signals, grouped, rows):
     return tf.concat(parts, axis=1)
 
 
-def write_pass(store, first, total, step, archive, chunk, compute, progress):
-    """Write shards ``first``.. of ``store`` from ``step(x, y) -> (fisher rows, gradients)`` on ``archive``'s images,
-    ``chunk`` at a time, adding the fisher rows' Gram product to ``total`` ((D, D) float64, in place; in
-    ``compute``, the model's dtype: float32 is twice as fast) and checkpointing it after each shard but the last."""
-    done = store.bounds(first)[0] if first < store.shards else store.n
-    with progress_bar(total=store.n - done, desc="store: projected gradients", unit="img", disable=not progress) as bar:
-        for k in range(first, store.shards):
-            start, stop = store.bounds(k)
-            rows = np.empty((stop - start, store.dim))
-            for s in range(start, stop, chunk):
-                idx = np.arange(s, min(s + chunk, stop))
-                x, y = archive.take(idx)
-                fisher_rows, grads = step(x, np.asarray(y, np.int64).reshape(-1))
-                fisher_rows = fisher_rows.numpy().astype(compute, copy=False)
-                total += fisher_rows.T @ fisher_rows
-                rows[s - start:s - start + len(idx)] = grads.numpy()
-                bar.update(len(idx))
-            store.write_shard(k, rows)
-            if k + 1 < store.shards:
-                store.save_checkpoint(total, k + 1)
+def write_shard(store, k, step, archive, chunk, compute, bar=None):
+    """Write shard ``k`` of ``store`` from ``step(x, y) -> (fisher rows, gradients)`` on ``archive``'s images,
+    ``chunk`` at a time from the shard's first image; returns the fisher rows' Gram sum over the shard ((D, D)
+    float64: each chunk's product in ``compute``, the model's dtype, where float32 is twice as fast, added from
+    zero in chunk order), the same in any process (a Ray worker's shard, :mod:`influence.backends.ray_driver`)."""
+    start, stop = store.bounds(k)
+    rows = np.empty((stop - start, store.dim))
+    total = np.zeros((store.dim, store.dim))
+    for s in range(start, stop, chunk):
+        idx = np.arange(s, min(s + chunk, stop))
+        x, y = archive.take(idx)
+        fisher_rows, grads = step(x, np.asarray(y, np.int64).reshape(-1))
+        fisher_rows = fisher_rows.numpy().astype(compute, copy=False)
+        total += fisher_rows.T @ fisher_rows
+        rows[s - start:s - start + len(idx)] = grads.numpy()
+        if bar is not None:
+            bar.update(len(idx))
+    store.write_shard(k, rows)
+    return total
 
 
 class StoreSolver(InverseHVP):
@@ -241,8 +240,10 @@ class StoreSolver(InverseHVP):
 
     def fit(self, sums=None):
         """One pass: each shard's projected gradients written, ``C`` summed (resuming a partial write). ``sums``
-        (a Ray backend's sharded sums) serves the K-FAC pass of ``store_projection kfac``; the store's own pass runs
-        in this process."""
+        (:class:`~influence.curvature.base.TrainingSums`; a Ray backend's shards them) serves the K-FAC pass of
+        ``store_projection kfac`` and writes the store's shards (:meth:`write_shard`), whose Gram sums are added
+        here in shard order: the same bits in one process and over any number of workers."""
+        sums = TrainingSums() if sums is None else sums
         if self.projection_kind == "kfac" and not self._eigen:
             self._set_projection(kfac_projection(self.projection, self.obj, self.fisher, self.memory_budget, sums,
                                                  self.progress))
@@ -255,8 +256,17 @@ class StoreSolver(InverseHVP):
         elif first:
             log.info("store: resuming %s: %d of %d shard(s) already written", store.folder, first, store.shards)
         t0 = time.perf_counter()
-        write_pass(store, first, total, self._chunk_fn(), self.obj.archive, max(1, int(self.obj.chunk)),
-                   self.obj.d.dtype.as_numpy_dtype, self.progress)
+
+        def add(k, gram):
+            """Shard ``k``'s Gram sum, in shard order; checkpointed after each shard but the last."""
+            total[...] += gram
+            if k + 1 < store.shards:
+                store.save_checkpoint(total, k + 1)
+
+        done = store.bounds(first)[0] if first < store.shards else store.n
+        with progress_bar(total=store.n - done, desc="store: projected gradients", unit="img",
+                          disable=not self.progress) as bar:
+            sums.store_pass(self, store, first, add, bar)
         store.finish()
         if self._tmp is None:            # under the cache: the whole stores of other settings are never read again
             prune_stores(store.folder.parent, store.digest)
@@ -265,6 +275,19 @@ class StoreSolver(InverseHVP):
         self.info.update(store=str(store.folder), store_bytes=store.nbytes(), store_seconds=time.perf_counter() - t0)
         log.info("store: %d training gradients of %d dims in %s (%.1f MB), curvature %dx%d", store.n, store.dim,
                  store.folder, store.nbytes() / 2**20, store.dim, store.dim)
+
+    def write_shard(self, store, k, bar=None):
+        """Write shard ``k`` of ``store`` (:func:`write_shard`) -> its (D, D) float64 Gram sum of fisher rows."""
+        return write_shard(store, k, self._chunk_fn(), self.obj.archive, max(1, int(self.obj.chunk)),
+                           self.obj.d.dtype.as_numpy_dtype, bar)
+
+    def adopt_projection(self, arrays):
+        """A Ray worker's solver takes the driver's fitted projection (``arrays``: :meth:`Projection.arrays`;
+        None for the seeded random one, which every process builds alike)."""
+        if arrays is not None:
+            projection = self.projection.with_arrays(arrays)
+            if not self._eigen or projection.fingerprint() != self.projection.fingerprint():
+                self._set_projection(projection)
 
     def _set_curvature(self, c, decomposed=None):
         w, v = np.linalg.eigh(c) if decomposed is None else decomposed

@@ -12,7 +12,9 @@ Sections (``--only NAME``, repeatable): ``demo`` (the demo CNN, batch 256), ``vg
 random weights, batch 4 at 224x224, ``--params last:3`` and ``all``), ``prepare``
 (``prepare_data.py`` vs bare PIL, peak RSS at 1 000 and 10 000 images) and ``calculate``
 (end to end on the demo data), ``memory`` (VGG16 with every parameter at the defaults, ``--memory-budget
-8``: peak RSS per Fisher kind against the budget). The table is printed and written to ``BENCHMARKS.md`` (the
+8``: peak RSS per Fisher kind against the budget), ``store`` (the gradient store on the demo CNN) and
+``store-vgg16`` (the store against EK-FAC on VGG16 with every parameter, 64 x 40 images: about 80 min on 2
+cores). The table is printed and written to ``BENCHMARKS.md`` (the
 "Findings" part of that file is kept; use ``--no-write`` to leave the file alone).
 
 A section that raises, or whose script exits non-zero, is a failure, not a missed target: it shows
@@ -41,6 +43,7 @@ import memory  # noqa: E402
 import outputs  # noqa: E402
 import prepare  # noqa: E402
 import store  # noqa: E402
+import store_vgg16  # noqa: E402
 import truth  # noqa: E402
 
 #: every section in the order it runs (``--only NAME`` picks some): the function that measures it, in its module
@@ -54,6 +57,7 @@ BENCHES = {
     "outputs": outputs.bench_outputs,        # writing a test image's files (benchmarks/outputs.py)
     "memory": memory.bench_memory,           # VGG16 all at --memory-budget 8 (benchmarks/memory.py)
     "store": store.bench_store,              # the gradient store (benchmarks/store.py)
+    "store-vgg16": store_vgg16.bench_store_vgg16,  # the store against EK-FAC on VGG16 (benchmarks/store_vgg16.py)
 }
 SECTIONS = tuple(BENCHES)
 
@@ -63,6 +67,8 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="fewer repeats, VGG16 last:3 only, shorter calculate run")
     p.add_argument("--only", action="append", choices=SECTIONS, help="run only this section (repeatable)")
     p.add_argument("-b", "--bsize", type=int, default=32, help="LiSSA minibatch of the demo (default: 32, as the demo)")
+    p.add_argument("--vgg16-images", metavar="TRAIN,TEST",
+                   help="store-vgg16: training images and images per test folder (default 64,40; --quick 8,2)")
     p.add_argument("--out", default=str(REPO / "BENCHMARKS.md"), help="markdown file to update")
     p.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
     args = p.parse_args(argv)

@@ -8,13 +8,13 @@ calls after a warm-up (the first call traces the ``tf.function``). Units:
   F  = one forward pass of the batch (``Derivatives.losses``, compiled)
   G  = one gradient step on the same batch (``Derivatives.gradient``: forward + backward)
 
-Sections (``--only NAME``, repeatable): ``demo`` (the demo CNN, batch 256), ``vgg16`` (VGG16,
-random weights, batch 4 at 224x224, ``--params last:3`` and ``all``), ``prepare``
-(``prepare_data.py`` vs bare PIL, peak RSS at 1 000 and 10 000 images) and ``calculate``
-(end to end on the demo data), ``memory`` (VGG16 with every parameter at the defaults, ``--memory-budget
-8``: peak RSS per Fisher kind against the budget), ``store`` (the gradient store on the demo CNN) and
-``store-vgg16`` (the store against EK-FAC on VGG16 with every parameter, 64 x 40 images: about 80 min on 2
-cores). The table is printed and written to ``BENCHMARKS.md`` (the
+Sections (``--only NAME``, repeatable), in the order they run: ``demo`` (the demo CNN, batch 256), ``vgg16``
+(VGG16, random weights, batch 4 at 224x224, ``--params last:3`` and ``all``), ``prepare`` (``prepare_data.py`` vs
+bare PIL, peak RSS at 1 000 and 10 000 images), ``calculate`` (end to end on the demo data), ``krylov`` (its fit,
+dpcg against cg), ``truth`` (LDS per compute from ``docs/lds*.json``), ``outputs`` (writing a test image's files),
+``memory`` (VGG16 with every parameter at the defaults, ``--memory-budget 8``: peak RSS per Fisher kind against
+the budget), ``store`` (the gradient store on the demo CNN) and ``store-vgg16`` (the store against EK-FAC on VGG16
+with every parameter, 64 x 40 images: about 80 min on 2 cores). The table is printed and written to ``BENCHMARKS.md`` (the
 "Findings" part of that file is kept; use ``--no-write`` to leave the file alone).
 
 A section that raises, or whose script exits non-zero, is a failure, not a missed target: it shows

@@ -234,12 +234,12 @@ def test_lissa_reaches_the_dense_h_plus_d_answer(trained):
     the scalar damping of the same mean."""
     _, _, _, _, xt, yt = trained
     want = _inf(trained, solver="exact", damping="optimizer:0.5").scores(xt, yt)
-    inf = _inf(trained, solver="lissa", damping="optimizer:0.5", iter=3000, bsize=512)
+    inf = _inf(trained, solver="lissa", damping="optimizer:0.5", iter=1500, bsize=512)
     got = inf.scores(xt, yt)
     info = inf.solver.info
     assert info["response"]["steps"] > 0 and not info["restarts"]
     err = np.linalg.norm(got - want) / np.linalg.norm(want)
-    assert err < 0.05, err
+    assert err < 0.03, err             # measured 0.009 at depth 1500 (0.007 at 3000, 0.024 at 1000)
     low, high = inf.solver.damping_bounds()
     assert 0 < low < high and info["scale"] >= high
     from influence.model.training_state import response_diagonal

@@ -22,8 +22,9 @@ def data(tmp_path_factory):
 
 
 def make(data, cache, solver="store", **options):
-    return influence.Influence(str(data / "model.keras"), train=data / "train.npz", solver=solver, damping=DAMPING,
-                               hessian="ggn", preprocess="unit", progress=False, cache=cache, **options)
+    options = {"damping": DAMPING, **options}
+    return influence.Influence(str(data / "model.keras"), train=data / "train.npz", solver=solver, hessian="ggn",
+                               preprocess="unit", progress=False, cache=cache, **options)
 
 
 @pytest.mark.slow
@@ -72,6 +73,38 @@ def test_a_new_test_set_is_scored_from_the_store_without_a_training_pass(data, t
     got = second.scores(xb, yb, per_layer=True)[0]
     assert second.loaded
     np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("damping", ["0.1x", DAMPING])
+def test_a_rerun_decomposes_nothing_at_the_damping_it_was_fitted_at(data, tmp_path, monkeypatch, damping):
+    """The fit forms what its damping needs and the cache keeps it: a relative damping the damped inverse (no
+    eigendecomposition of C at all), a number the eigendecomposition; a rerun with the same damping (a new test
+    folder) forms neither and gives the same scores, one with another damping forms only what that one needs."""
+    from influence.store import damping as store_damping
+
+    cache = tmp_path / "cache"
+    x, y, _ = TestArchive(data / "test.npz").read("a")
+    formed = []
+    inverse, decomposition = store_damping.damped_inverse, StoreSolver._decomposition
+
+    def counted(self):
+        if self._evals is None:
+            formed.append("eigh")
+        return decomposition(self)
+
+    monkeypatch.setattr(store_damping, "damped_inverse", lambda *a: formed.append("inverse") or inverse(*a))
+    monkeypatch.setattr(StoreSolver, "_decomposition", counted)
+    first = make(data, cache, store_dim=40, damping=damping)
+    want = first.scores(x, y)
+    relative = isinstance(damping, str)
+    assert formed == (["inverse"] if relative else ["eigh"])
+    formed.clear()
+    again = make(data, cache, store_dim=40, damping=damping)
+    np.testing.assert_array_equal(again.scores(x, y), want)
+    assert again.loaded and formed == []
+    other = make(data, cache, store_dim=40, damping=DAMPING if relative else "0.1x")
+    other.scores(x, y)
+    assert other.loaded and formed == (["eigh"] if relative else ["inverse"])
 
 
 @pytest.mark.slow

@@ -6,8 +6,13 @@ What is added to the projected curvature ``C`` (D, D) before it is inverted:
 * a relative damping ``f``: per layer, as EK-FAC's, ``f × trace(C_ll)/D_l`` on layer ``l``'s coordinates;
 * ``optimizer`` (per parameter, ``c·D`` from the training run): ``c·R diag(D) Rᵀ``, ``D`` projected as the
   curvature is (:meth:`~influence.store.projection.Projection.projected_diagonal`), exact at ``D = P``.
+
+:class:`DampedCurvature` is the store solver's part that owns this: what a damping needs of ``C`` (formed once,
+kept with ``C`` in the curvature cache) and the preconditioned test gradients.
 """
 import numpy as np
+
+from influence.model.vectors import split_flat
 
 
 def per_layer_damping(curvature, offsets, factor):
@@ -21,3 +26,101 @@ def damped_inverse(curvature, added):
     """``(C + added)⁻¹`` symmetrised: (D, D), (D, D) -> (D, D) float64."""
     inv = np.linalg.inv(np.asarray(curvature, np.float64) + added)
     return 0.5 * (inv + inv.T)
+
+
+class DampedCurvature:
+    """The damped projected curvature of :class:`influence.store.solver.StoreSolver` (mixed into it): ``C``
+    (``_curvature``), its eigendecomposition (``_evals``, ``_evecs``) or its damped inverse (``_inverse_held``,
+    formed at ``_inverse_of``), each formed on first need; the solver gives ``damping_spec``, ``projection``,
+    ``info``, ``_ready()`` and ``response_diagonal()``."""
+
+    def _set_curvature(self, c, decomposed=None):
+        """Adopt ``C``; its eigendecomposition (``decomposed``: ``(w, v)``) only when given: it serves a number
+        λ and is computed on first use (:meth:`_decomposition`), a relative or ``optimizer`` damping needs none."""
+        self._curvature = c
+        self._evals, self._evecs = (None, None) if decomposed is None else decomposed
+        self._inverse_held, self._inverse_of = None, None
+        self._trace = float(np.trace(c))
+
+    def curvature_state(self):
+        """``C`` (undamped) and what the damping it was fitted at needs, so that a rerun (a new test folder) forms
+        nothing: ``C``'s eigendecomposition for a number λ (it serves every λ), the damped inverse with what it
+        was damped by (:meth:`_inverse_tag`) for a relative or ``optimizer`` damping."""
+        state = {"curvature": self._curvature}
+        if self._evals is not None:
+            state.update(eigenvalues=self._evals, eigenvectors=self._evecs)
+        if self._inverse_held is not None:
+            state.update(inverse=self._inverse_held, inverse_of=np.frombuffer(self._inverse_of.encode(), np.uint8))
+        return state
+
+    def adopt_curvature_state(self, arrays, dim):
+        """The arrays of :meth:`curvature_state` (from the curvature cache), checked against ``dim``; ValueError
+        when they do not fit."""
+        c = np.asarray(arrays["curvature"], np.float64)
+        if c.shape != (dim, dim):
+            raise ValueError(f"cached store curvature is {c.shape}, expected {(dim, dim)}")
+        decomposed = None
+        if "eigenvalues" in arrays:
+            decomposed = (np.asarray(arrays["eigenvalues"], np.float64), np.asarray(arrays["eigenvectors"], np.float64))
+            if decomposed[1].shape != c.shape or decomposed[0].shape != c.shape[:1]:
+                raise ValueError("cached store eigendecomposition does not match its curvature")
+        self._set_curvature(c, decomposed)
+        if "inverse" in arrays:
+            inverse = np.asarray(arrays["inverse"], np.float64)
+            if inverse.shape != c.shape:
+                raise ValueError("cached store inverse does not match its curvature")
+            self._inverse_held, self._inverse_of = inverse, bytes(arrays["inverse_of"]).decode()
+
+    def _decomposition(self):
+        """``(w, v)``: the eigendecomposition of ``C`` (float64), computed once."""
+        if self._evals is None:
+            self._evals, self._evecs = np.linalg.eigh(self._curvature)
+        return self._evals, self._evecs
+
+    def layer_damping(self):
+        """(D,) λ of each projected coordinate: a number everywhere, or for a relative damping
+        :func:`per_layer_damping` (recorded in ``info``: ``damping_per_layer``)."""
+        self._ready()
+        spec, off = self.damping_spec, self.projection.offsets
+        if not spec.relative:
+            return np.full(self.projection.dim, float(spec.value))
+        per_layer = per_layer_damping(self._curvature, off, spec.value)
+        self.info.update(damping_per_layer=per_layer, damping_rule=str(spec))
+        return np.repeat(per_layer, np.diff(off))
+
+    def _inverse_tag(self):
+        """What the damped inverse depends on besides ``C``: the damping, and for ``optimizer`` the fingerprint of
+        the training run's diagonal ``D`` (a cached inverse is used only when its tag is this one)."""
+        spec = self.damping_spec
+        if not spec.optimizer:
+            return str(spec)
+        self.response_diagonal()                                        # read once
+        return f"{spec}@{self._response.fingerprint()}"
+
+    def _inverse(self):
+        """``(C + Λ)⁻¹`` for a per-layer damping, ``(C + c·R diag(D) Rᵀ)⁻¹`` for damping ``optimizer`` (module docstring), kept per damping (and cached with ``C``: :meth:`state`); None for one λ
+        (the eigendecomposition serves it)."""
+        spec = self.damping_spec
+        if not (spec.relative or spec.optimizer):
+            return None
+        self._ready()
+        tag = self._inverse_tag()
+        if self._inverse_of != tag:
+            if spec.optimizer and self._response_projected is None:      # R diag(D) Rᵀ, once
+                self._response_projected = self.projection.projected_diagonal(
+                    split_flat(self.response_diagonal(), self.obj.d.variables))
+            added = spec.value * self._response_projected if spec.optimizer else np.diag(self.layer_damping())
+            self._inverse_held, self._inverse_of = damped_inverse(self._curvature, added), tag
+        elif spec.relative and "damping_per_layer" not in self.info:
+            self.layer_damping()         # recorded in info, as when the inverse is formed
+        return self._inverse_held
+
+    def preconditioned(self, projected):
+        """(T, D) -> (T, D): ``(C + Λ)⁻¹ z`` of each projected row (``Λ``: :meth:`layer_damping`)."""
+        self._ready()
+        z = np.asarray(projected, np.float64)
+        inv = self._inverse()
+        if inv is not None:
+            return z @ inv
+        w, v = self._decomposition()
+        return ((z @ v) / (w + self.damping)) @ v.T

@@ -8,9 +8,11 @@ the Gauss–Newton matrix in the projected space from the same pass::
 
 ``g_ic`` the gradient of image ``i``'s loss with label ``c``, ``classes(i)`` as the ``fisher`` setting says
 (``auto``: every class up to 10, else the 10 most probable: ``top:K``; ``empirical``: the true label),
-across all layers (the cross-layer blocks are kept). ``C`` is eigendecomposed once (float64), so a
-damping changes only the per-test formula (a relative one: one inverse of ``C + Λ``). A test image's scores
-are one product::
+across all layers (the cross-layer blocks are kept). The fit forms, in float64, what its damping needs and
+the curvature cache keeps it with ``C``: a number λ the eigendecomposition of ``C`` (then every λ changes only
+the per-test formula), a relative or ``optimizer`` damping one inverse of ``C + Λ`` (at D = 4 096 seven times
+cheaper than the eigendecomposition, which it never needs); a rerun at the same damping forms nothing. A test
+image's scores are one product::
 
     score(i, t) = (R g_i)ᵀ (C + λI)⁻¹ (R g_t)
 
@@ -40,11 +42,11 @@ from influence.curvature.kfac.signals import (LayerSignals, check_fisher, image_
                                               resolve_fisher)
 from influence.errors import SettingError, UserError
 from influence.model.taps import linear_kind
-from influence.model.vectors import numpy_to_vec, split_flat, vec_size
+from influence.model.vectors import vec_size
 from influence.progress import progress as progress_bar
 from influence.settings import (MEMORY_BUDGET_GB, bytes_to_gb, gb_to_bytes, parse_store_dim,
                                 store_projection_problem)
-from influence.store.damping import damped_inverse, per_layer_damping
+from influence.store.damping import DampedCurvature
 from influence.store.projection import Projection, kfac_projection, layer_dims
 from influence.store.shards import LOCK_NAME, GradientStore, key_digest, prune_stores
 
@@ -139,7 +141,7 @@ def write_shard(store, k, step, archive, chunk, compute, bar=None):
     return total
 
 
-class StoreSolver(InverseHVP):
+class StoreSolver(DampedCurvature, InverseHVP):
     """The gradient store and the dense projected Gauss–Newton matrix (module docstring)."""
 
     name = "store"
@@ -272,6 +274,8 @@ class StoreSolver(InverseHVP):
             prune_stores(store.folder.parent, store.digest)
         curvature = total / max(store.n, 1) + self.projection.regulariser()
         self._set_curvature(0.5 * (curvature + curvature.T))
+        if self._inverse() is None:      # what this damping needs, formed now and cached with C (state())
+            self._decomposition()
         self.info.update(store=str(store.folder), store_bytes=store.nbytes(), store_seconds=time.perf_counter() - t0)
         log.info("store: %d training gradients of %d dims in %s (%.1f MB), curvature %dx%d", store.n, store.dim,
                  store.folder, store.nbytes() / 2**20, store.dim, store.dim)
@@ -289,38 +293,25 @@ class StoreSolver(InverseHVP):
             if not self._eigen or projection.fingerprint() != self.projection.fingerprint():
                 self._set_projection(projection)
 
-    def _set_curvature(self, c, decomposed=None):
-        w, v = np.linalg.eigh(c) if decomposed is None else decomposed
-        self._curvature = c
-        self._evals, self._evecs = w, v
-        self._inverse_held, self._inverse_of = None, None
-        self._trace = float(np.trace(c))
-
     def _set_projection(self, projection):
         """Adopt the K-FAC eigenvector projection (the compiled pass is traced again with it)."""
         self.projection, self._eigen, self._compiled = projection, True, None
 
     def state(self):
-        """``C`` (undamped), its eigendecomposition (a rerun at another damping decomposes nothing) and a fitted
-        projection's matrices (the rows on disk were made with them)."""
-        state = {"curvature": self._curvature, "eigenvalues": self._evals, "eigenvectors": self._evecs}
+        """``C`` and what its damping needs (:meth:`curvature_state`), and a fitted projection's matrices (the rows
+        on disk were made with them)."""
+        state = self.curvature_state()
         return {**state, **self.projection.arrays()} if self._eigen else state
 
     def load_state(self, arrays):
         if self.projection_kind == "kfac":
             self._set_projection(self.projection.with_arrays(arrays))
-        c = np.asarray(arrays["curvature"], np.float64)
-        if c.shape != (self.projection.dim, self.projection.dim):
-            raise ValueError(f"cached store curvature is {c.shape}, expected {(self.projection.dim,) * 2}")
         store = self.store()
         if store.folder.is_dir():
             self._hold(store)            # before the check: prune_stores removes only the stores no one holds
         if not store.complete():
             raise ValueError(f"the gradient store {store.folder} is missing or incomplete")
-        w, v = (np.asarray(arrays["eigenvalues"], np.float64), np.asarray(arrays["eigenvectors"], np.float64))
-        if v.shape != c.shape or w.shape != c.shape[:1]:
-            raise ValueError("cached store eigendecomposition does not match its curvature")
-        self._set_curvature(c, (w, v))
+        self.adopt_curvature_state(arrays, self.projection.dim)
         self.info.update(store=str(store.folder), store_bytes=store.nbytes())
 
     def mean_eigenvalue(self):
@@ -337,42 +328,8 @@ class StoreSolver(InverseHVP):
 
     # --- per test image -------------------------------------------------------------------------------
     def _ready(self):
-        if self._evals is None:
+        if self._curvature is None:
             self.fit()
-
-    def layer_damping(self):
-        """(D,) λ of each projected coordinate: a number everywhere, or for a relative damping
-        :func:`~influence.store.damping.per_layer_damping` (recorded in ``info``: ``damping_per_layer``)."""
-        self._ready()
-        spec, off = self.damping_spec, self.projection.offsets
-        if not spec.relative:
-            return np.full(self.projection.dim, float(spec.value))
-        per_layer = per_layer_damping(self._curvature, off, spec.value)
-        self.info.update(damping_per_layer=per_layer, damping_rule=str(spec))
-        return np.repeat(per_layer, np.diff(off))
-
-    def _inverse(self):
-        """``(C + Λ)⁻¹`` for a per-layer damping, ``(C + c·R diag(D) Rᵀ)⁻¹`` for damping ``optimizer`` (module
-        :mod:`influence.store.damping`), kept per damping; None for one λ (the eigendecomposition serves it)."""
-        spec = self.damping_spec
-        if (spec.relative or spec.optimizer) and self._inverse_of != str(spec):
-            self._ready()
-            if spec.optimizer and self._response_projected is None:      # R diag(D) Rᵀ, once
-                self._response_projected = self.projection.projected_diagonal(
-                    split_flat(self.response_diagonal(), self.obj.d.variables))
-            added = spec.value * self._response_projected if spec.optimizer else np.diag(self.layer_damping())
-            self._inverse_held, self._inverse_of = damped_inverse(self._curvature, added), str(spec)
-        return self._inverse_held if spec.relative or spec.optimizer else None
-
-    def preconditioned(self, projected):
-        """(T, D) -> (T, D): ``(C + Λ)⁻¹ z`` of each projected row (``Λ``: :meth:`layer_damping`)."""
-        self._ready()
-        z = np.asarray(projected, np.float64)
-        inv = self._inverse()
-        if inv is not None:
-            return z @ inv
-        v = self._evecs
-        return ((z @ v) / (self._evals + self.damping)) @ v.T
 
     def project(self, vectors):
         """(T, D) float64 projected gradients of full-space Vecs."""

@@ -38,7 +38,7 @@ sys.path.insert(0, str(HERE))
 import numpy as np  # noqa: E402
 
 from demo_data import demo_data  # noqa: E402
-from harness import machine, run_measured, say, timeit  # noqa: E402
+from harness import machine, random_vgg16_archives, run_measured, say, timeit  # noqa: E402
 
 SECTIONS = ("scoring", "fit", "demo", "vgg16")
 ROWS = []
@@ -207,29 +207,15 @@ def bench_demo(args):
 
 
 def bench_vgg16(args):
-    from influence.data.archive_writer import ArchiveWriter
-
     keep = args.workdir is not None
     tmp = Path(args.workdir) if keep else Path(tempfile.mkdtemp(prefix="bench_vgg_"))
     tmp.mkdir(parents=True, exist_ok=True)
     try:
-        rng = np.random.default_rng(0)
         n_train, n_test = (16, 8) if args.quick else (64, 40)
         if args.vgg16_images:
             n_train, n_test = (int(v) for v in args.vgg16_images.split(","))
         budget = 8.0
-        with ArchiveWriter(tmp / "train.npz") as w:
-            for b in range(0, n_train, 32):
-                m = min(32, n_train - b)
-                w.add(f"train_x_{b // 32}", rng.integers(0, 256, (m, 224, 224, 3), dtype=np.uint8))
-                w.add(f"train_y_{b // 32}", rng.integers(0, 1000, (m, 1)))
-                w.add(f"train_files_{b // 32}", np.array([f"t{b + i}.jpg" for i in range(m)]))
-            w.add("meta_size", np.array([224, 224]))
-        with ArchiveWriter(tmp / "test.npz") as w:
-            w.add("test_orig_x", rng.integers(0, 256, (n_test, 224, 224, 3), dtype=np.uint8))
-            w.add("test_orig_y", rng.integers(0, 1000, (n_test, 1)))
-            w.add("test_orig_files", np.array([f"q{i}.jpg" for i in range(n_test)]))
-            w.add("meta_size", np.array([224, 224]))
+        random_vgg16_archives(tmp, n_train, n_test)
         argv = [sys.executable, str(REPO / "calculate.py"), "--data", str(tmp), "--model", "vgg16", "--weights", "none",
                 "--params", "all", "--solver", "ekfac", "--memory-budget", f"{budget:g}", "-sf", "png",
                 "--out", str(tmp / "out")]

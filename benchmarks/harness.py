@@ -94,6 +94,29 @@ def run_script(section, name, argv, cwd=None):
     return code == 0, wall, peak, tree, tail
 
 
+def random_vgg16_archives(folder, n_train, n_test, folders=("orig",), seed=0):
+    """train.npz (``n_train`` random 224x224 uint8 images, labels in 0..999, archive batches of 32) and test.npz
+    (``n_test`` such images in each test folder of ``folders``) under ``folder``: what the VGG16 runs score (their
+    costs do not depend on the pixels)."""
+    from influence.data.archive_writer import ArchiveWriter
+
+    rng = np.random.default_rng(seed)
+    with ArchiveWriter(Path(folder) / "train.npz") as w:
+        for b in range(0, n_train, 32):
+            m = min(32, n_train - b)
+            w.add(f"train_x_{b // 32}", rng.integers(0, 256, (m, 224, 224, 3), dtype=np.uint8))
+            w.add(f"train_y_{b // 32}", rng.integers(0, 1000, (m, 1)))
+            w.add(f"train_files_{b // 32}", np.array([f"t{b + i}.jpg" for i in range(m)]))
+        w.add("meta_size", np.array([224, 224]))
+    with ArchiveWriter(Path(folder) / "test.npz") as w:
+        for name in folders:
+            w.add(f"test_{name}_x", rng.integers(0, 256, (n_test, 224, 224, 3), dtype=np.uint8))
+            w.add(f"test_{name}_y", rng.integers(0, 1000, (n_test, 1)))
+            w.add(f"test_{name}_files", np.array([(f"q{i}" if name == "orig" else f"{name}{i}") + ".jpg"
+                                                  for i in range(n_test)]))
+        w.add("meta_size", np.array([224, 224]))
+
+
 def _sync(out):
     """Make sure a result is computed (CPU tf.functions return when done; touch it anyway)."""
     import tensorflow as tf

@@ -26,34 +26,13 @@ from pathlib import Path
 
 import numpy as np
 
-from harness import REPO, record, run_script, say, timeit
+from harness import REPO, random_vgg16_archives, record, run_script, say, timeit
 
 #: training images and images per test folder (the issue's 64 x 40)
 N_TRAIN, N_TEST = 64, 40
 BUDGET_GB = 8
 #: VGG16's batch for its F
 F_BATCH = 4
-
-
-def write_archives(folder, n_train, n_test, seed=0):
-    """train.npz (``n_train`` random 224x224 images, archive batches of 32) and test.npz (folders ``orig`` and
-    ``new`` of ``n_test`` images each) under ``folder``."""
-    from influence.data.archive_writer import ArchiveWriter
-
-    rng = np.random.default_rng(seed)
-    with ArchiveWriter(folder / "train.npz") as w:
-        for b in range(0, n_train, 32):
-            m = min(32, n_train - b)
-            w.add(f"train_x_{b // 32}", rng.integers(0, 256, (m, 224, 224, 3), dtype=np.uint8))
-            w.add(f"train_y_{b // 32}", rng.integers(0, 1000, (m, 1)))
-            w.add(f"train_files_{b // 32}", np.array([f"t{b + i}.jpg" for i in range(m)]))
-        w.add("meta_size", np.array([224, 224]))
-    with ArchiveWriter(folder / "test.npz") as w:
-        for name in ("orig", "new"):
-            w.add(f"test_{name}_x", rng.integers(0, 256, (n_test, 224, 224, 3), dtype=np.uint8))
-            w.add(f"test_{name}_y", rng.integers(0, 1000, (n_test, 1)))
-            w.add(f"test_{name}_files", np.array([f"{name}{i}.jpg" for i in range(n_test)]))
-        w.add("meta_size", np.array([224, 224]))
 
 
 def calculate(data, out, solver, folder, cache=None):
@@ -93,7 +72,7 @@ def bench_store_vgg16(args):
         n_train, n_test = (int(v) for v in args.vgg16_images.split(","))
     tmp = Path(tempfile.mkdtemp(prefix="bench_store_vgg16_"))
     try:
-        write_archives(tmp, n_train, n_test)
+        random_vgg16_archives(tmp, n_train, n_test, folders=("orig", "new"))
         cache = tmp / "cache"
         ok1, store_wall, store_peak, first = calculate(tmp, tmp / "store", "store", "orig", cache)
         if not ok1:

@@ -6,11 +6,14 @@ PY     := $(VENV)/bin/python
 .PHONY: demo test test-fast bench validate lds clean
 # the optional scale-out dependency (Ray), installed into the same venv for the tests
 DIST   := $(VENV)/.distributed-installed
+# the test runner and pytest-xdist, which runs the suite in TEST_WORKERS processes (one test file each at a time)
+TESTDEPS := $(VENV)/.test-installed
+TEST_WORKERS ?= 2
 
 $(PY): requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements.txt pytest
+	$(PY) -m pip install --quiet -r requirements.txt
 	touch $(PY)
 
 demo: $(PY)
@@ -20,12 +23,16 @@ $(DIST): $(PY) requirements-distributed.txt
 	$(PY) -m pip install --quiet -r requirements-distributed.txt
 	touch $(DIST)
 
-test: $(PY) $(DIST)
-	RAY_USAGE_STATS_ENABLED=0 $(PY) -m pytest -q --durations=15 tests
+$(TESTDEPS): $(PY)
+	$(PY) -m pip install --quiet pytest pytest-xdist
+	touch $(TESTDEPS)
+
+test: $(PY) $(DIST) $(TESTDEPS)
+	RAY_USAGE_STATS_ENABLED=0 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 tests
 
 # the quick tier for the edit-test loop: every test not marked slow (pytest.ini), each module of influence/ exercised
-test-fast: $(PY) $(DIST)
-	RAY_USAGE_STATS_ENABLED=0 $(PY) -m pytest -q -m "not slow" --durations=5 tests
+test-fast: $(PY) $(DIST) $(TESTDEPS)
+	RAY_USAGE_STATS_ENABLED=0 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow" --durations=5 tests
 
 validate: $(PY)
 	$(PY) -m influence.validate

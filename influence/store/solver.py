@@ -97,9 +97,11 @@ def store_fisher(fisher, num_classes):
     return resolved
 
 
-def project_records(projection, signals, grouped, rows):
+def project_records(projection, signals, grouped, rows, dtype=tf.float64):
     """(rows, D) float64: the projected per-image gradients of the tapped records ``grouped`` (by layer id), a
-    Kronecker layer's formed from its projected inputs and backward signals (:mod:`influence.store.projection`)."""
+    Kronecker layer's formed from its projected inputs and backward signals (:mod:`influence.store.projection`)
+    in ``dtype`` (the model's: a conv layer's inputs and signals at every position are the pass's largest
+    tensors, on VGG16 several GB a chunk in float64), the projected (small) result in float64."""
     parts = []
     for index, (b, mats) in enumerate(zip(projection.plan, projection.mats)):
         recs = grouped.get(id(b.layer))
@@ -107,11 +109,11 @@ def project_records(projection, signals, grouped, rows):
             parts.append(tf.zeros([rows, projection.sizes[index]], tf.float64))
             continue
         if isinstance(b, KronBlock):
-            a, dl, _ = kron_inputs(b, recs, tf.float64)                       # (N, P, K1), (R·N, P, C)
-            a = tf.einsum("npk,dk->npd", a, tf.constant(mats[0]))
-            dl = tf.einsum("rpc,ec->rpe", dl, tf.constant(mats[1]))
+            a, dl, _ = kron_inputs(b, recs, dtype)                            # (N, P, K1), (R·N, P, C)
+            a = tf.einsum("npk,dk->npd", a, tf.constant(mats[0], dtype))
+            dl = tf.einsum("rpc,ec->rpe", dl, tf.constant(mats[1], dtype))
             a = tf.gather(a, image_of_rows(tf.shape(dl)[0], tf.shape(a)[0]))
-            g = tf.einsum("rpd,rpe->rde", a, dl)
+            g = tf.cast(tf.einsum("rpd,rpe->rde", a, dl), tf.float64)
             parts.append(tf.reshape(g, [tf.shape(g)[0], -1]))
         else:
             grads = signals.per_image_grads(b, recs)
@@ -230,15 +232,15 @@ class StoreSolver(DampedCurvature, InverseHVP):
         return self._compiled
 
     def _project_chunk(self, x, y):
-        n = tf.shape(y)[0]
+        n, dtype = tf.shape(y)[0], self.obj.d.dtype
         true = self.signals.signals(x, y, None, true_labels=True)
-        grads = project_records(self.projection, self.signals, true, n)
+        grads = project_records(self.projection, self.signals, true, n, dtype)
         if self.fisher == "empirical":
             return grads, grads
         grouped = self.signals.signals(x, y, None)
         rows = n * (self.obj.d.clf.num_classes if self.fisher == "true"
                     else min(int(self.fisher[4:]), self.obj.d.clf.num_classes))
-        return project_records(self.projection, self.signals, grouped, rows), grads
+        return project_records(self.projection, self.signals, grouped, rows, dtype), grads
 
     def fit(self, sums=None):
         """One pass: each shard's projected gradients written, ``C`` summed (resuming a partial write). ``sums``

@@ -317,3 +317,23 @@ def test_a_kfac_projection_whose_factors_do_not_fit_the_budget_is_refused_naming
                                            r"the Kronecker factors need .* over memory_budget 2e-05 GB.*\(or give "
                                            r"store_projection random\)$"):
         kfac_projection(inf.solver.projection, inf.objective, "true", 2e-5)
+
+
+def test_a_float32_vector_is_projected_as_its_float64_copy(data):
+    """:meth:`Projection.project` multiplies a Kronecker kernel by ``R_in`` in the kernel's own dtype before widening
+    it (VGG16's fc1 in float64 took most of a test image's projection): a float32 vector projects to within float32
+    rounding of its float64 copy, and a float64 vector exactly as the dense ``R_in V R_outᵀ``."""
+    from influence.curvature.kfac.plan import KronBlock
+
+    proj = make(data, None, store_dim=40).solver.projection
+    rng = np.random.default_rng(0)
+    vec64 = [rng.standard_normal(tuple(v.shape)) for v in make(data, None, "exact").clf.variables]
+    vec32 = [v.astype(np.float32) for v in vec64]
+    want = proj.project(vec64)
+    np.testing.assert_allclose(proj.project(vec32), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    at = 0
+    for b, mats, size in zip(proj.plan, proj.mats, proj.sizes):
+        if isinstance(b, KronBlock):
+            np.testing.assert_allclose(want[at:at + size], (mats[0] @ proj.full_layer(b, vec64) @ mats[1].T).ravel(),
+                                       rtol=1e-12, atol=1e-12)
+        at += size

@@ -140,11 +140,23 @@ class Projection:
         return np.concatenate([np.asarray(vec[i], np.float64).ravel() for i in b.positions])
 
     def project(self, vec):
-        """(D,) float64: ``R v`` of a full-space vector ``vec`` (a Vec or a list of arrays in variable order)."""
+        """(D,) float64: ``R v`` of a full-space vector ``vec`` (a Vec or a list of arrays in variable order).
+
+        A Kronecker layer's kernel is multiplied by ``R_in`` in its own dtype (at least float32) before anything
+        is widened: on VGG16 a float64 copy of fc1's 103 M weights took most of a test image's projection
+        (3 s); the (d_in, C) product, the bias row and ``R_out`` are float64."""
         parts = []
         for b, mats in zip(self.plan, self.mats):
-            full = self.full_layer(b, vec)
-            parts.append((mats[0] @ full @ mats[1].T).ravel() if len(mats) == 2 else mats[0] @ full)
+            if len(mats) != 2:
+                parts.append(mats[0] @ self.full_layer(b, vec))
+                continue
+            kernel = np.asarray(vec[b.kernel_pos])
+            dtype = np.result_type(kernel.dtype, np.float32)
+            left = (mats[0][:, :b.k_in].astype(dtype) @ kernel.reshape(b.k_in, b.c_out).astype(dtype, copy=False))
+            left = left.astype(np.float64)
+            if b.bias_pos is not None:
+                left += np.outer(mats[0][:, b.k_in], np.asarray(vec[b.bias_pos], np.float64))
+            parts.append((left @ mats[1].T).ravel())
         return np.concatenate(parts)
 
     def back_project(self, z, like):

@@ -1,6 +1,6 @@
 """What runs on a Ray worker: the :class:`WorkerSpec` it rebuilds the driver's model, derivatives, objective
-and solver from, and the four tasks (:func:`fit_shard`, :func:`product_shard`, :func:`store_shard`, :func:`score_shard`) the
-driver (:mod:`influence.backends.ray_driver`) submits.
+and solver from, and the four tasks (:func:`fit_shard`, :func:`product_shard`, :func:`store_shard`,
+:func:`score_shard`) the driver (:mod:`influence.backends.ray_driver`) submits.
 
 A worker process keeps the loaded model, archive and compiled functions of the last spec it saw
 (:func:`context`), so it pays the model load once; the tasks themselves are stateless (retried elsewhere

@@ -98,8 +98,9 @@ class DampedCurvature:
         return f"{spec}@{self._response.fingerprint()}"
 
     def _inverse(self):
-        """``(C + Λ)⁻¹`` for a per-layer damping, ``(C + c·R diag(D) Rᵀ)⁻¹`` for damping ``optimizer`` (module docstring), kept per damping (and cached with ``C``: :meth:`state`); None for one λ
-        (the eigendecomposition serves it)."""
+        """``(C + Λ)⁻¹`` for a per-layer damping, ``(C + c·R diag(D) Rᵀ)⁻¹`` for damping ``optimizer`` (module
+        docstring), kept per damping (and cached with ``C``: :meth:`curvature_state`); None for one λ (the
+        eigendecomposition serves it)."""
         spec = self.damping_spec
         if not (spec.relative or spec.optimizer):
             return None

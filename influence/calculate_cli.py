@@ -8,8 +8,8 @@ the :class:`influence.settings.Damping` the run takes, parsed once.
 """
 from influence.cli import Parser, import_tensorflow_quietly
 from influence.outputs.figure_style import FIGURE_FORMATS
-from influence.settings import (CALIBRATE_INITS, DEFAULTS, GROUPS, HESSIANS, STORE_PROJECTIONS, Settings,
-                                check_setting, given_settings, group_of, help_of, parse_setting)
+from influence.settings import (CALIBRATE_INITS, DEFAULTS, GROUPS, HESSIANS, STORE_CURVATURES, STORE_PROJECTIONS,
+                                Settings, check_setting, given_settings, group_of, help_of, parse_setting)
 
 
 
@@ -101,6 +101,7 @@ def build_parser():
     add("--ekfac-max-block", type=int, metavar="D")
     add("--store-dim", type=setting_arg("store_dim"), metavar="auto|D")
     add("--store-projection", choices=STORE_PROJECTIONS)
+    add("--store-curvature", choices=STORE_CURVATURES)
     add("--cache", metavar="DIR")
     add("--seed", type=int, metavar="N")
 

@@ -203,6 +203,14 @@ STORE_PROJECTIONS = ("kfac", "random")
 store_projection_problem = one_of(STORE_PROJECTIONS)
 
 
+#: ``store_curvature``: what the gradient store inverts of its projected curvature (influence.store.damping)
+STORE_CURVATURES = ("auto", "blocks", "dense")
+
+
+#: ``store_curvature``'s check
+store_curvature_problem = one_of(STORE_CURVATURES)
+
+
 #: ``calibrate_init``: where each retraining of ``--calibrate`` starts (influence.calibration.retrain)
 CALIBRATE_INITS = ("fresh", "fixed")
 
@@ -295,6 +303,12 @@ class Settings:
                                                     "the training set; the flattest directions are left out), random "
                                                     "= seeded orthonormal rows", store_projection_problem,
                                      math=True, solver=True)
+    store_curvature: str = _setting("auto", _IHVP, "store: what is inverted of the projected Gauss-Newton matrix: "
+                                                   "blocks = each layer's own block (the cross-layer blocks left out), "
+                                                   "dense = the whole matrix; auto = blocks where solver auto would "
+                                                   "take ekfac (BatchNorm layers, or krylov's basis too thin), else "
+                                                   "dense; applied after the cache, as the damping is",
+                                    store_curvature_problem, math=True, solver=True)
     cache: str = _setting(None, _IHVP, "curvature cache: training-set work (EK-FAC factors, LiSSA scale, exact "
                                        "Hessian) saved once and reused while the model, params and train.npz are "
                                        "unchanged (default: OUT/curvature)")

@@ -96,6 +96,19 @@ def per_example_gradients(d, x, y):
     return np.stack([vec_to_numpy(d.gradient(x[i:i + 1], y[i:i + 1])) for i in range(len(y))])
 
 
+def layer_blocks(matrix, clf):
+    """(P, P) float64 -> the same with every cross-layer block zeroed: the per-layer blocks of ``clf.groups``
+    (a layer's parameters are contiguous in the flat vector), what ``--solver store`` inverts at D = P."""
+    out = np.zeros_like(matrix)
+    start = 0
+    for g in clf.groups:
+        stop = start + sum(int(np.prod(v.shape)) for v in g.variables)
+        out[start:stop, start:stop] = matrix[start:stop, start:stop]
+        start = stop
+    assert start == len(matrix)
+    return out
+
+
 def to_vec(flat, d):
     return numpy_to_vec(flat, d.variables)
 

@@ -2,7 +2,8 @@
 
 Each method class says what it approximates (``approximates``): ``"hessian"`` -> ``(H + λI)⁻¹ v``
 (``H`` by nested tapes), ``"lowrank"`` -> the same from ``H``'s top eigenpairs and a floor (exact at full
-rank), ``"ggn"`` -> ``(G + λI)⁻¹ v`` with the Gauss–Newton matrix ``G`` (the store at ``D = P``), ``"kfac"`` / ``"ekfac"`` -> the dense Kronecker-factored Fisher built here from explicit per-image
+rank), ``"ggn"`` -> ``(G + λI)⁻¹ v`` with the Gauss–Newton matrix ``G``, ``"ggn-blocks"`` -> the same with
+``G``'s per-layer blocks only (the store at ``D = P``), ``"kfac"`` / ``"ekfac"`` -> the dense Kronecker-factored Fisher built here from explicit per-image
 patches, backward signals and gradients (tests/test_ekfac.py). A new method
 runs through the same ``make_solver -> fit -> solve`` path; one with an unknown ``approximates``
 fails until its reference is added here.
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from engine_helpers import dense_hessian, to_vec
+from engine_helpers import dense_hessian, layer_blocks, to_vec
 from influence.curvature import REGISTRY, make_solver
 from influence.model.objective import TrainingObjective
 from influence.model.vectors import vec_to_numpy
@@ -67,13 +68,15 @@ def problem(tmp_path_factory):
                 GGN=dense_ggn(d, x, y))
 
 
-def reference(name, cls, problem):
-    kind = getattr(cls, "approximates", None)
+def reference(name, solver, problem):
+    kind = getattr(solver, "approximates", None)      # the store's follows its structure (store_curvature)
     lam, p = problem["lam"], problem["clf"].num_params
     if kind == "hessian":
         matrix = problem["H"]
-    elif kind == "ggn":         # the Gauss–Newton matrix whatever the objective's --hessian (store: at D = P)
+    elif kind == "ggn":         # the Gauss–Newton matrix whatever the objective's --hessian
         matrix = problem["GGN"]
+    elif kind == "ggn-blocks":  # its per-layer blocks (the store at D = P)
+        matrix = layer_blocks(problem["GGN"], problem["clf"])
     elif kind == "lowrank":
         # the top-k eigenpairs with the floor σ_{k+1} for the rest; k = P (the whole spectrum) is exact
         w, q = np.linalg.eigh(problem["H"])
@@ -95,9 +98,8 @@ def reference(name, cls, problem):
 
 @pytest.mark.parametrize("name", sorted(REGISTRY))
 def test_solver_matches_its_dense_reference(name, problem):
-    cls = REGISTRY[name]
-    want = reference(name, cls, problem)
     solver = make_solver(name, problem["obj"], problem["lam"], progress=False, **{**OPTIONS, **EXTRA.get(name, {})})
+    want = reference(name, solver, problem)
     solver.fit()
     d = problem["d"]
     outs = solver.solve([to_vec(v, d) for v in problem["V"]])

@@ -252,11 +252,12 @@ def test_lissa_reaches_the_dense_h_plus_d_answer(trained):
 @pytest.mark.slow
 def test_the_store_at_full_dimension_reaches_the_dense_h_plus_d_answer(trained, tmp_path):
     """The store projects ``D`` as it projects the curvature, ``C + c·R diag(D) Rᵀ``: at ``D = P`` (an orthogonal
-    projection) its scores and self-influence are exact's ``(G + c·D)⁻¹`` ones."""
+    projection) its scores and self-influence are exact's ``(G + c·D)⁻¹`` ones (store_curvature dense: the whole
+    matrix; the blocks are checked without D in tests/test_store.py)."""
     _, _, _, _, xt, yt = trained
     exact = _inf(trained, solver="exact", damping="optimizer:0.5")
     store = _inf(trained, solver="store", damping="optimizer:0.5", store_dim=100_000, fisher="true",
-                 cache=tmp_path / "cache")
+                 store_curvature="dense", cache=tmp_path / "cache")
     want, got = exact.scores(xt, yt), store.scores(xt, yt)
     assert store.solver.projection.dim == store.clf.num_params
     assert np.linalg.norm(got - want) / np.linalg.norm(want) < 2e-3      # float16 rows: 3 significant digits

@@ -24,7 +24,7 @@ import keras
 import numpy as np
 import pytest
 
-from engine_helpers import per_example_gradients, to_vec, write_test_archive, write_train_archive
+from engine_helpers import layer_blocks, per_example_gradients, to_vec, write_test_archive, write_train_archive
 from influence.calculate_cli import build_parser, job
 from influence.cli import main
 from influence.curvature import REGISTRY, make_solver
@@ -141,7 +141,7 @@ def project(kind, root):
     g_train = per_example_gradients(d, x, y)                    # (N, P) float64
     g_test = per_example_gradients(d, xt, yt)                   # (T, P)
     inv = np.linalg.inv(h + damping * np.eye(len(h)))
-    _PROJECTS[kind] = dict(data=data, cache=cache, clf=clf, d=d, obj=obj, train=train, damping=damping,
+    _PROJECTS[kind] = dict(data=data, cache=cache, clf=clf, d=d, obj=obj, train=train, damping=damping, H=h,
                            g_train=g_train, g_test=g_test, keys=[f"{c}/img{i:03d}.png" for i, c in enumerate(y)],
                            hessian_scores=g_test @ inv @ g_train.T, hessian_self=np.einsum("np,pq,nq->n", g_train,
                                                                                             inv, g_train))
@@ -151,9 +151,15 @@ def project(kind, root):
 def solver_reference(name, p, options):
     """(T, N) scores and (N,) self-influence of the dense reference for solver ``name``."""
     kind = getattr(REGISTRY[name], "approximates", None)
+    if kind in ("ggn", "ggn-blocks"):        # the store's follows its structure (store_curvature auto: the model)
+        kind = make_solver(name, p["obj"], p["damping"], progress=False, **options).approximates
     if kind == "hessian" or (kind == "ggn" and Settings().hessian == "ggn"):
-        # "ggn": the Gauss-Newton matrix whatever --hessian (the store at D = P, calculate.py's store_dim auto)
+        # "ggn": the Gauss-Newton matrix whatever --hessian
         return p["hessian_scores"], p["hessian_self"]
+    if kind == "ggn-blocks" and Settings().hessian == "ggn":
+        # its per-layer blocks (the store at D = P, calculate.py's store_dim auto)
+        inv = np.linalg.inv(layer_blocks(p["H"], p["clf"]) + p["damping"] * np.eye(len(p["H"])))
+        return p["g_test"] @ inv @ p["g_train"].T, np.einsum("np,pq,nq->n", p["g_train"], inv, p["g_train"])
     if kind in ("kfac", "ekfac", "lowrank"):
         solver = make_solver(name, p["obj"], p["damping"], progress=False, **options)
         key = curvature_key(p["clf"], p["train"], model=str(p["data"] / "model.keras"), preprocess="unit",

@@ -47,7 +47,8 @@ def test_the_name_lists_are_derived_from_the_fields():
     # the math settings of every run so far (run.json's resume check), whatever their order
     assert set(MATH_SETTINGS) == {"model", "weights", "preprocess", "params", "solver", "hessian", "damping", "scale",
                                   "iter", "bsize", "repeats", "seed", "cg_tol", "cg_maxiter", "fisher",
-                                  "ekfac_max_block", "rank", "store_dim", "store_projection"}
+                                  "ekfac_max_block", "rank", "store_dim", "store_projection",
+                                  "store_curvature"}
     # every solver option is one some method takes, and every setting a method takes is a solver option
     taken = set().union(*(solver_options(c) for c in REGISTRY.values()))
     assert set(SOLVER_OPTIONS) <= taken and taken & set(NAMES) == set(SOLVER_OPTIONS)

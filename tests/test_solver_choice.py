@@ -91,6 +91,32 @@ def test_krylov_when_its_basis_fits_the_budget_and_is_not_too_thin_else_ekfac():
     assert choose_solver("auto", (), VGG16, 4, None)[0] == "ekfac"            # no budget, but 200 pairs are thin
 
 
+def test_the_store_inverts_per_layer_blocks_where_auto_would_take_ekfac_else_the_whole_matrix():
+    """store_curvature auto (influence.curvature.choice.per_layer_structure): blocks for a BatchNorm model and for one
+    whose krylov basis would be too thin, dense elsewhere; the reason names the evidence."""
+    import keras
+    from types import SimpleNamespace
+
+    import tensorflow as tf
+
+    from influence.curvature.choice import per_layer_structure
+
+    def clf(params, bn=False):
+        layers = [keras.Input((4,)), keras.layers.Dense(4)] + ([keras.layers.BatchNormalization(name="bn")] if bn else [])
+        return SimpleNamespace(num_params=params, dtype=tf.float32, model=keras.Sequential(layers))
+
+    structure, why = per_layer_structure(clf(7_186, bn=True), 2)
+    assert structure == "blocks" and why.startswith("store_curvature auto: blocks, each layer alone (the model "
+                                                    "normalises by batch statistics (bn)")
+    structure, why = per_layer_structure(clf(659_267), 2)                      # the panel's wide model
+    assert structure == "blocks" and "4,883 per pair, above 2800" in why
+    assert per_layer_structure(clf(VGG16), 8)[0] == "blocks"
+    structure, why = per_layer_structure(clf(324_010), 2)                      # mlp-large-fixed
+    assert structure == "dense" and why.startswith("store_curvature auto: dense, across layers (solver auto would "
+                                                   "take krylov: its basis of up to 200 pairs")
+    assert per_layer_structure(clf(7_162), 2)[0] == "dense"                    # the demo CNN
+
+
 def test_a_named_solver_is_kept_and_an_unknown_one_refused():
     assert choose_solver("exact", {"iter"}, VGG16, 4, 1) == ("exact", "exact, as asked")
     with pytest.raises(SettingError, match=r"^solver: must be one of auto, .*krylov.*got 'newton'"):

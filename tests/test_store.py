@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import influence
-from engine_helpers import write_project
+from engine_helpers import layer_blocks, per_example_gradients, write_project
 from influence.data.archive_reader import TestArchive, TrainArchive
 from influence.errors import SettingError
 from influence.store import shards
@@ -29,10 +29,11 @@ def make(data, cache, solver="store", **options):
 
 @pytest.mark.slow
 def test_at_full_dimension_the_scores_are_the_exact_gauss_newton_solvers(data, tmp_path):
+    """store_curvature dense: the whole projected matrix, at D = P the exact Gauss–Newton solver's."""
     x, y, _ = TestArchive(data / "test.npz").read("a")
     exact = make(data, None, "exact")
     want, layers = exact.scores(x, y, per_layer=True)
-    store = make(data, tmp_path / "cache", store_dim=100_000, fisher="true")
+    store = make(data, tmp_path / "cache", store_dim=100_000, fisher="true", store_curvature="dense")
     got, got_layers = store.scores(x, y, per_layer=True)
     assert got_layers == layers == ["conv", "bn", "dense"] and got.shape == want.shape
     p = store.clf.num_params
@@ -52,6 +53,29 @@ def test_at_full_dimension_the_scores_are_the_exact_gauss_newton_solvers(data, t
     folder = store.solver.info["store"]
     size = sum(f.stat().st_size for f in __import__("pathlib").Path(folder).iterdir())
     assert N_TRAIN * p * 2 < size <= 1.01 * N_TRAIN * p * 2, size
+
+
+@pytest.mark.slow
+def test_at_full_dimension_the_blocks_are_the_gauss_newton_matrixs_per_layer_blocks(data, tmp_path):
+    """store_curvature blocks (the default) at D = P: ``(G_blocks + λI)⁻¹`` with every cross-layer block of the
+    Gauss–Newton matrix left out, from the same cached C as dense (no second store pass), and not dense's answer."""
+    x, y, _ = TestArchive(data / "test.npz").read("a")
+    exact = make(data, None, "exact")
+    exact.fit()
+    clf, d = exact.clf, exact.derivs
+    inv = np.linalg.inv(layer_blocks(exact.solver.state()["hessian"], clf) + DAMPING * np.eye(clf.num_params))
+    g_test = per_example_gradients(d, x, y)
+    g_train = per_example_gradients(d, *TrainArchive(data / "train.npz").take(np.arange(N_TRAIN)))
+    want = g_test @ inv @ g_train.T
+    cache = tmp_path / "cache"
+    dense = make(data, cache, store_dim=100_000, fisher="true", store_curvature="dense").scores(x, y)
+    store = make(data, cache, store_dim=100_000, fisher="true")
+    assert store.solver.structure == "blocks"
+    got = store.scores(x, y)
+    assert store.loaded                                 # the structure is applied after the cache
+    err = np.linalg.norm(got - want) / np.linalg.norm(want)
+    assert err < 2e-3, err                              # the rows are float16
+    assert np.linalg.norm(dense - want) / np.linalg.norm(want) > 20 * err
 
 
 def test_a_new_test_set_is_scored_from_the_store_without_a_training_pass(data, tmp_path, monkeypatch):
@@ -184,9 +208,8 @@ def test_the_dimensions_are_shared_equally_and_a_small_side_is_kept_whole():
 @pytest.mark.slow
 def test_a_relative_damping_is_per_layer(data, tmp_path):
     """``1x``: each layer damped by its own mean Gauss–Newton eigenvalue, as EK-FAC is; at D = P the scores
-    are ``g_tᵀ (G + Λ)⁻¹ g_i`` with ``Λ = trace(G_ll)/P_l`` on layer ``l``."""
-    from engine_helpers import per_example_gradients
-
+    are ``g_tᵀ (G_blocks + Λ)⁻¹ g_i`` with ``Λ = trace(G_ll)/P_l`` on layer ``l`` (G's per-layer blocks: the
+    default store_curvature)."""
     x, y, _ = TestArchive(data / "test.npz").read("a")
     store = make(data, tmp_path / "cache", store_dim=100_000, fisher="true")
     exact = make(data, None, "exact")
@@ -203,7 +226,7 @@ def test_a_relative_damping_is_per_layer(data, tmp_path):
     d = store.derivs
     g_train = per_example_gradients(d, xt, yt.astype(np.int64))
     g_test = per_example_gradients(d, x, y.astype(np.int64))
-    want = g_test @ np.linalg.solve(g + np.diag(lam), g_train.T)
+    want = g_test @ np.linalg.solve(layer_blocks(g, store.clf) + np.diag(lam), g_train.T)
     assert np.linalg.norm(got - want) / np.linalg.norm(want) < 2e-3
     np.testing.assert_allclose(store.solver.info["damping_per_layer"], lam[edges[:-1]], rtol=1e-7)
 

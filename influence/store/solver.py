@@ -8,7 +8,9 @@ the Gauss–Newton matrix in the projected space from the same pass::
 
 ``g_ic`` the gradient of image ``i``'s loss with label ``c``, ``classes(i)`` as the ``fisher`` setting says
 (``auto``: every class up to 10, else the 10 most probable: ``top:K``; ``empirical``: the true label),
-across all layers (the cross-layer blocks are kept). The fit forms, in float64, what its damping needs and
+across all layers (the cross-layer blocks are summed too; ``store_curvature`` says whether they are inverted:
+``blocks`` inverts each layer's diagonal block ``C_ll`` alone, as LoGra and EK-FAC keep layers apart, ``dense``
+the whole ``C``, ``auto`` the first where ``solver auto`` would take EK-FAC; :mod:`influence.store.damping`). The fit forms, in float64, what its damping needs and
 the curvature cache keeps it with ``C``: a number λ the eigendecomposition of ``C`` (then every λ changes only
 the per-test formula), a relative or ``optimizer`` damping one inverse of ``C + Λ`` (at D = 4 096 seven times
 cheaper than the eigendecomposition, which it never needs); a rerun at the same damping forms nothing. A test
@@ -16,10 +18,11 @@ image's scores are one product::
 
     score(i, t) = (R g_i)ᵀ (C + λI)⁻¹ (R g_t)
 
-with the store's rows ``R g_i``; its per-layer shares are the products of each layer's block. With
-``D = P`` the projection is orthogonal and the scores are the exact Gauss–Newton solver's. A relative
-damping (``auto`` = 0.1x) is per layer, as EK-FAC's: ``Λ = f × trace(C_ll)/D_l`` on layer ``l``'s
-coordinates (on the LDS panel's ``bn-brief`` at D = 1024: 0.211 at 1x against 0.119 with one λ from the
+with the store's rows ``R g_i`` (``C`` as its structure says); its per-layer shares are the products of each
+layer's block. With ``D = P`` the projection is orthogonal and the scores are those of the Gauss–Newton matrix's
+per-layer blocks (``dense``: the exact Gauss–Newton solver's). A relative damping (``0.1x``; ``auto`` is
+``optimizer`` when the model holds its training state, :mod:`influence.curvature.choice`) is per layer, as
+EK-FAC's: ``Λ = f × trace(C_ll)/D_l`` on layer ``l``'s coordinates (on the LDS panel's ``bn-brief`` at D = 1024: 0.211 at 1x against 0.119 with one λ from the
 mean eigenvalue of the whole C; ``mlp-brief`` 0.344 against 0.353). Damping ``optimizer`` (per parameter,
 ``c·D`` from the training run) is projected as the curvature is: ``(C + c·R diag(D) Rᵀ)⁻¹``
 (:meth:`~influence.store.projection.Projection.projected_diagonal`), exact at ``D = P``.
@@ -45,7 +48,7 @@ from influence.model.taps import linear_kind
 from influence.model.vectors import vec_size
 from influence.progress import progress as progress_bar
 from influence.settings import (MEMORY_BUDGET_GB, bytes_to_gb, gb_to_bytes, parse_store_dim,
-                                store_projection_problem)
+                                store_curvature_problem, store_projection_problem)
 from influence.store.damping import DampedCurvature
 from influence.store.projection import Projection, kfac_projection, layer_dims
 from influence.store.shards import LOCK_NAME, GradientStore, key_digest, prune_stores
@@ -149,7 +152,9 @@ class StoreSolver(DampedCurvature, InverseHVP):
     name = "store"
     summary = ("training gradients projected per layer (D dims) and stored once on disk; the projected "
                "Gauss-Newton matrix inverted densely; each test image is one product with the store")
-    approximates = "ggn"            # tests/test_curvature_contract.py: (G + λI)⁻¹ at D = P
+    #: tests/test_curvature_contract.py: at D = P, ``(G + λI)⁻¹`` of the Gauss–Newton matrix's per-layer blocks
+    #: (``store_curvature blocks``); an instance says ``"ggn"`` (the whole matrix) when its structure is ``dense``
+    approximates = "ggn-blocks"
     #: a relative damping is per layer, as EK-FAC's: λ_l = factor × the mean eigenvalue of layer l's diagonal
     #: block of C (its trace / D_l); a number is one λ for every direction
     relative_damping = "blocks"
@@ -157,7 +162,7 @@ class StoreSolver(DampedCurvature, InverseHVP):
     takes_diagonal = True        # damping optimizer: C + c·R diag(D) Rᵀ (module docstring)
 
     def __init__(self, objective, damping, store_dim="auto", fisher="auto", seed=0, memory_budget=MEMORY_BUDGET_GB,
-                 store_projection="kfac", progress=True):
+                 store_projection="kfac", store_curvature="auto", progress=True):
         super().__init__(objective, damping, progress)
         d = objective.d
         clf = d.clf
@@ -176,6 +181,16 @@ class StoreSolver(DampedCurvature, InverseHVP):
         if problem:
             raise SettingError("store_projection", problem)
         self.projection_kind = store_projection
+        problem = store_curvature_problem(store_curvature)
+        if problem:
+            raise SettingError("store_curvature", problem)
+        self.structure, why = store_curvature, None        # what is inverted of C (influence.store.damping)
+        if store_curvature == "auto":
+            from influence.curvature.choice import per_layer_structure
+
+            self.structure, why = per_layer_structure(clf, memory_budget)
+            log.info("store: %s", why)
+        self.approximates = "ggn-blocks" if self.structure == "blocks" else "ggn"
         self._eigen = False          # kfac: the projection is on the factors' eigenvectors (fitted or loaded)
         self.signals = LayerSignals(d, kinds, d.variables, self.fisher)
         self._compiled = None
@@ -189,7 +204,7 @@ class StoreSolver(DampedCurvature, InverseHVP):
         self._inverse_held, self._inverse_of = None, None
         self._response_projected = None      # R diag(D) Rᵀ of damping optimizer, (D, D) float64, once
         self.info.update(fisher=self.fisher, store_dim=self.projection.dim, num_params=p, projection=store_projection,
-                         layer_dims=[list(x) for x in self.projection.dims])
+                         store_curvature=self.structure, store_curvature_why=why, layer_dims=[list(x) for x in self.projection.dims])
 
     # --- where the store lives ---------------------------------------------------------------------
     def cache_key(self):

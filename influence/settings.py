@@ -197,24 +197,14 @@ def _dampings(text):
 
 #: ``store_projection``: what the gradient store projects each layer's gradient on (influence.store.projection)
 STORE_PROJECTIONS = ("kfac", "random")
-
-
 #: ``store_projection``'s check
 store_projection_problem = one_of(STORE_PROJECTIONS)
-
-
 #: ``store_curvature``: what the gradient store inverts of its projected curvature (influence.store.damping)
 STORE_CURVATURES = ("auto", "blocks", "dense")
-
-
 #: ``store_curvature``'s check
 store_curvature_problem = one_of(STORE_CURVATURES)
-
-
 #: ``calibrate_init``: where each retraining of ``--calibrate`` starts (influence.calibration.retrain)
 CALIBRATE_INITS = ("fresh", "fixed")
-
-
 #: ``calibrate_init``'s check
 calibrate_init_problem = one_of(CALIBRATE_INITS)
 

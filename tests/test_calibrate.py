@@ -107,7 +107,7 @@ def test_lds_equals_a_spearman_by_hand_on_the_same_numbers(tiny, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("solver", ["exact", "krylov", "kfac", "ekfac", "cg", "pcg", "dpcg"])
+@pytest.mark.parametrize("solver", ["exact", "krylov", "kfac", "ekfac", "cg", "pcg", "dpcg", "store"])
 def test_changing_the_damping_of_a_fitted_solver_equals_a_fresh_fit(tiny, solver):
     """calibrate fits each solver once and varies λ (InverseHVP.set_damping): the same as fitting at that λ."""
     from influence.settings import parse_damping

@@ -1,12 +1,11 @@
 """Every registered ``--solver`` against the dense float64 matrix it claims to invert.
 
-Each method class says what it approximates (``approximates``): ``"hessian"`` -> ``(H + λI)⁻¹ v``
-(``H`` by nested tapes), ``"lowrank"`` -> the same from ``H``'s top eigenpairs and a floor (exact at full
-rank), ``"ggn"`` -> ``(G + λI)⁻¹ v`` with the Gauss–Newton matrix ``G``, ``"ggn-blocks"`` -> the same with
-``G``'s per-layer blocks only (the store at ``D = P``), ``"kfac"`` / ``"ekfac"`` -> the dense Kronecker-factored Fisher built here from explicit per-image
-patches, backward signals and gradients (tests/test_ekfac.py). A new method
-runs through the same ``make_solver -> fit -> solve`` path; one with an unknown ``approximates``
-fails until its reference is added here.
+Each method class says what it approximates (``approximates``): ``"hessian"`` -> ``(H + λI)⁻¹ v`` (``H`` by nested
+tapes), ``"lowrank"`` -> the same from ``H``'s top eigenpairs and a floor (exact at full rank), ``"ggn"`` -> ``(G +
+λI)⁻¹ v`` with the Gauss–Newton matrix ``G``, ``"ggn-blocks"`` -> the same with ``G``'s per-layer blocks only (the
+store at ``D = P``), ``"kfac"`` / ``"ekfac"`` -> the dense Kronecker-factored Fisher built here from explicit
+per-image patches, backward signals and gradients (tests/test_ekfac.py). A new method runs through the same
+``make_solver -> fit -> solve`` path; one with an unknown ``approximates`` fails until its reference is added here.
 """
 import numpy as np
 import pytest

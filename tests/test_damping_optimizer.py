@@ -288,10 +288,10 @@ def test_the_projected_diagonal_is_r_diag_d_r_transposed():
 
 
 def test_ekfac_takes_the_optimizer_damping_under_auto_where_krylov_would_be_too_thin(trained):
-    """A budget that holds fewer than 64 krylov pairs: solver auto -> ekfac, and its damping auto -> optimizer
-    (the model holds its Adam state); with a budget where krylov fits, ekfac asked keeps 0.1x."""
+    """A budget that holds fewer than 64 krylov pairs: solver auto -> store, and its damping auto -> optimizer
+    (the model holds its Adam state), as ekfac's there; with a budget where krylov fits, ekfac asked keeps 0.1x."""
     thin = _inf(trained, memory_budget=0.0003)
-    assert thin.solver_name == "ekfac" and str(thin.settings.damping) == "optimizer"
+    assert thin.solver_name == "store" and str(thin.settings.damping) == "optimizer"
     assert "damping auto: optimizer (per parameter, from the Adam state" in thin.solver_choice
     assert str(_inf(trained, solver="ekfac", memory_budget=0.0003).settings.damping) == "optimizer"
     assert str(_inf(trained, solver="ekfac").settings.damping) == "0.1x"

@@ -69,26 +69,31 @@ def test_a_batchnorm_model_under_auto_gets_ekfac_at_1x_and_an_explicit_damping_s
     assert str(krylov.settings.damping) == "0.1x"
 
 
-def test_krylov_when_its_basis_fits_the_budget_and_is_not_too_thin_else_ekfac():
+def test_krylov_when_its_basis_fits_the_budget_and_is_not_too_thin_else_the_store():
     name, reason = choose_solver("auto", (), 38_890, 4, 2)
     assert name == "krylov", reason
     assert reason == "auto: krylov (its basis of up to 200 pairs over 38,890 parameters fits the 2 GB memory budget)"
     name, reason = choose_solver("auto", (), VGG16_LAST, 4, 8)          # 87 pairs fit, 47 092 parameters per pair
-    assert name == "ekfac" and reason.startswith("auto: ekfac (krylov's basis would hold 87 pairs for 4,097,000 "
+    assert name == "store" and reason.startswith("auto: store (krylov's basis would hold 87 pairs for 4,097,000 "
                                                  "parameters, 47,092 per pair, above 2800")
-    assert choose_solver("auto", (), 659_267, 4, 2)[0] == "ekfac"              # the panel's wide model: 135 pairs
+    assert "gradient store was truer than EK-FAC on one" in reason
+    assert choose_solver("auto", (), 659_267, 4, 2)[0] == "store"              # the panel's wide model: 135 pairs
     assert choose_solver("auto", (), 324_010, 4, 2)[0] == "krylov"             # mlp-large-fixed: 200 pairs, 1 620 each
     assert choose_solver("auto", (), 560_000, 4, None)[0] == "krylov"          # no budget: 200 pairs, 2800 each
-    assert choose_solver("auto", (), 560_001, 4, None)[0] == "ekfac"
+    assert choose_solver("auto", (), 560_001, 4, None)[0] == "store"
     name, reason = choose_solver("auto", (), VGG16, 4, 8)
-    assert name == "ekfac"
-    assert reason.startswith("auto: ekfac (a krylov basis of 64 pairs over 138,357,544 parameters needs 99 GB, "
+    assert name == "store"
+    assert reason.startswith("auto: store (a krylov basis of 64 pairs over 138,357,544 parameters needs 99 GB, "
                              "above 50% of memory_budget 8 GB") and "params" in reason
-    assert choose_solver("auto", (), VGG16_LAST, 4, 2)[0] == "ekfac"          # 21 pairs fit in 2 GB
-    assert choose_solver("auto", (), VGG16_LAST, 8, 8)[0] == "ekfac"          # float64: half as many
+    assert choose_solver("auto", (), VGG16_LAST, 4, 2)[0] == "store"          # 21 pairs fit in 2 GB
+    assert choose_solver("auto", (), VGG16_LAST, 8, 8)[0] == "store"          # float64: half as many
     assert "up to 200 pairs over 7,162" in choose_solver("auto", (), 7162, 4, 2)[1]
     assert "up to 100 pairs" in choose_solver("auto", (), 100, 4, 2)[1]
-    assert choose_solver("auto", (), VGG16, 4, None)[0] == "ekfac"            # no budget, but 200 pairs are thin
+    assert choose_solver("auto", (), VGG16, 4, None)[0] == "store"            # no budget, but 200 pairs are thin
+    # a model whose layers cannot be tapped (subclassed) cannot have the store: ekfac, and the reason says why
+    name, reason = choose_solver("auto", (), VGG16, 4, 8, tappable=False)
+    assert name == "ekfac" and reason.endswith("; the store needs a functional Keras model, this one cannot be tapped)")
+    assert choose_solver("auto", (), 659_267, 4, 2, tappable=False)[0] == "ekfac"
 
 
 def test_the_store_inverts_per_layer_blocks_where_auto_would_take_ekfac_else_the_whole_matrix():
@@ -102,7 +107,8 @@ def test_the_store_inverts_per_layer_blocks_where_auto_would_take_ekfac_else_the
     from influence.curvature.choice import per_layer_structure
 
     def clf(params, bn=False):
-        layers = [keras.Input((4,)), keras.layers.Dense(4)] + ([keras.layers.BatchNormalization(name="bn")] if bn else [])
+        norm = [keras.layers.BatchNormalization(name="bn")] if bn else []
+        layers = [keras.Input((4,)), keras.layers.Dense(4)] + norm
         return SimpleNamespace(num_params=params, dtype=tf.float32, model=keras.Sequential(layers))
 
     structure, why = per_layer_structure(clf(7_186, bn=True), 2)
@@ -177,7 +183,7 @@ def test_the_api_defaults_to_auto(data, caplog):
     assert inf.solver_name == "krylov" and inf.solver.name == "krylov"
     assert [r.getMessage() for r in caplog.records if r.name == "influence.api"] == [inf.solver_choice]
     assert influence.Influence(model, **kw, iter=5, bsize=4).solver_name == "lissa"
-    assert influence.Influence(model, **kw, memory_budget=5e-4).solver_name == "ekfac"  # 39 pairs
+    assert influence.Influence(model, **kw, memory_budget=5e-4).solver_name == "store"  # 39 pairs
     assert influence.Influence(model, **kw, solver="ekfac").solver_choice == "ekfac, as asked"
     with pytest.raises(UserError, match=r"solver 'krylov' \(auto: krylov .*\) takes no option fisher"):
         influence.Influence(model, **kw, fisher="true")

@@ -12,7 +12,9 @@ The rule (:func:`choose_solver`), in order:
    the selected parameters (:func:`influence.curvature.lowrank.krylov.affordable_rank`: the Lanczos basis may
    take half of ``memory_budget``) and those pairs are not too few for the parameters (at most
    :data:`AUTO_PARAMS_PER_PAIR` parameters per pair, :func:`thin_basis`);
-4. ``ekfac`` otherwise (its Kronecker factors do not grow with parameters × rank).
+4. ``store`` otherwise (:data:`AUTO_LARGE`: the gradient store, each layer's gradient projected on its steepest
+   K-FAC directions and written once; nothing in it grows with parameters × rank, and a test image costs no pass
+   over the training set), or ``ekfac`` for a model whose layers cannot be tapped (a subclassed model).
 
 It is resolved once the model is loaded (the parameter count is known) and before the solver is built;
 everything after sees the method chosen, never ``auto``.
@@ -44,6 +46,14 @@ AUTO_BATCH_NORM = True
 AUTO_PARAMS_PER_PAIR = 2800
 
 
+#: what ``auto`` takes where krylov does not fit or its basis is too thin (module docstring, rule 4), for a model whose
+#: layers can be tapped (else ekfac)
+AUTO_LARGE = "store"
+#: the measurement behind :data:`AUTO_LARGE` (README, "The gradient store on the panel")
+LARGE_EVIDENCE = ("on the LDS panel's two 659 k-parameter models the gradient store was truer than EK-FAC on one "
+                  "(0.256 against 0.152) and 0.022 below it on the other")
+
+
 def batch_norm_layers(model):
     """Names of the BatchNormalization layers of a Keras model, nested models included (a list)."""
     names = []
@@ -55,7 +65,7 @@ def batch_norm_layers(model):
     return names
 
 
-def choose_solver(requested, given, num_params, itemsize, memory_budget, batch_norm=()):
+def choose_solver(requested, given, num_params, itemsize, memory_budget, batch_norm=(), tappable=True):
     """The method of a run and why -> ``(name, reason)``, ``reason`` one sentence.
 
     Args:
@@ -65,6 +75,8 @@ def choose_solver(requested, given, num_params, itemsize, memory_budget, batch_n
       itemsize: bytes of one of them (4 for float32).
       memory_budget: GB (None: no budget).
       batch_norm: names of the model's BatchNormalization layers (:func:`batch_norm_layers`).
+      tappable: whether the model's layers can be tapped (a functional or Sequential Keras model): the store needs
+        it, so a model where krylov does not fit or is too thin takes ekfac without it.
     """
     if requested != AUTO:
         if requested not in REGISTRY:
@@ -78,15 +90,17 @@ def choose_solver(requested, given, num_params, itemsize, memory_budget, batch_n
         return "ekfac", (f"auto: ekfac (the model normalises by batch statistics ({shown}): on the LDS panel's "
                          f"BatchNorm models EK-FAC was truer than krylov; --calibrate measures both on yours)")
     pairs = krylov_pairs(num_params, itemsize, memory_budget)
+    large = AUTO_LARGE if tappable else "ekfac"
+    instead = "" if tappable else "; the store needs a functional Keras model, this one cannot be tapped"
     if pairs < AUTO_MIN_RANK:
         need = bytes_to_gb((STEPS_PER_PAIR + 1) * AUTO_MIN_RANK * num_params * itemsize)
-        return "ekfac", (f"auto: ekfac (a krylov basis of {AUTO_MIN_RANK} pairs over {num_params:,} parameters needs "
-                         f"{need:.3g} GB, above {BASIS_SHARE:.0%} of memory_budget {memory_budget:g} GB; choose fewer "
-                         f"parameters with params (e.g. last:1) for krylov)")
+        return large, (f"auto: {large} (a krylov basis of {AUTO_MIN_RANK} pairs over {num_params:,} parameters needs "
+                       f"{need:.3g} GB, above {BASIS_SHARE:.0%} of memory_budget {memory_budget:g} GB; choose fewer "
+                       f"parameters with params (e.g. last:1) for krylov{instead})")
     if thin_basis(num_params, pairs):
-        return "ekfac", (f"auto: ekfac (krylov's basis would hold {pairs} pairs for {num_params:,} parameters, "
-                         f"{num_params / pairs:,.0f} per pair, above {AUTO_PARAMS_PER_PAIR}: its floor would damp "
-                         f"nearly all of the spectrum; on the LDS panel's 659 k-parameter model EK-FAC was truer)")
+        return large, (f"auto: {large} (krylov's basis would hold {pairs} pairs for {num_params:,} parameters, "
+                       f"{num_params / pairs:,.0f} per pair, above {AUTO_PARAMS_PER_PAIR}: its floor would damp "
+                       f"nearly all of the spectrum; {LARGE_EVIDENCE}{instead})")
     if memory_budget is None:
         return "krylov", (f"auto: krylov (no memory budget; its basis of up to {pairs} pairs over {num_params:,} "
                           f"parameters)")
@@ -96,8 +110,8 @@ def choose_solver(requested, given, num_params, itemsize, memory_budget, batch_n
 
 def per_layer_structure(clf, memory_budget):
     """``store_curvature auto``: ``(structure, reason)``, ``blocks`` (each layer's block of the projected matrix
-    alone) where ``solver auto`` takes ekfac for the model (BatchNormalization layers, or krylov's basis too thin:
-    :func:`choose_solver`), else ``dense`` (the whole matrix, across layers).
+    alone) where ``solver auto`` does not take krylov for the model (BatchNormalization layers, or krylov's basis
+    too thin or too large: :func:`choose_solver`), else ``dense`` (the whole matrix, across layers).
 
     Measured on the LDS panel (README, "The gradient store"): the blocks were truer on the five models where EK-FAC
     beats krylov (+0.016 to +0.052 at damping ``optimizer``), the whole matrix on the others where they differ by
@@ -105,7 +119,7 @@ def per_layer_structure(clf, memory_budget):
     cross-layer krylov on the same models."""
     name, reason = choose_solver(AUTO, (), clf.num_params, clf.dtype.size, memory_budget, batch_norm_layers(clf.model))
     why = reason[reason.index("(") + 1:-1] if "(" in reason else reason
-    if name == "ekfac":
+    if name != "krylov":
         return "blocks", f"store_curvature auto: blocks, each layer alone ({why})"
     return "dense", f"store_curvature auto: dense, across layers (solver auto would take {name}: {why})"
 
@@ -168,7 +182,7 @@ def choose_method(requested, given, clf, memory_budget, damping):
     Damping, reason, whether to log it)``: the reason is one line (the solver's, then the damping's when
     ``auto`` was resolved), logged when either was ``auto``."""
     name, reason = choose_solver(requested, given, clf.num_params, clf.dtype.size, memory_budget,
-                                 batch_norm_layers(clf.model))
+                                 batch_norm_layers(clf.model), clf.supports_tap)
     thin = thin_basis(clf.num_params, krylov_pairs(clf.num_params, clf.dtype.size, memory_budget))
     damping, why = choose_damping(name, damping, clf, thin)
     return name, damping, f"{reason}; {why}" if why else reason, requested == AUTO or bool(why)

@@ -80,8 +80,8 @@ STORE_DAMPING = ("0.1x", "1x", "10x", "optimizer")
 STORE_STRUCTURES = ("blocks", "dense")
 STORE = (tuple((f"store, D {dim}, λ {d}", ["--solver", "store", "--store-dim", str(dim), "--damping", d])
                for dim in STORE_DIMS for d in STORE_DAMPING)
-         + tuple((f"store, D {dim}, {structure}, λ optimizer", ["--solver", "store", "--store-dim", str(dim),
-                                                                 "--store-curvature", structure, "--damping", "optimizer"])
+         + tuple((f"store, D {dim}, {structure}, λ optimizer",
+                  ["--solver", "store", "--store-dim", str(dim), "--store-curvature", structure, "--damping", "optimizer"])
                  for dim in STORE_DIMS for structure in STORE_STRUCTURES))
 #: ``--lds-solvers``: the named sets of solver rows; ``panel`` (the default) is :data:`SOLVERS`
 SOLVER_SETS = {"panel": SOLVERS, "grid": GRID, "store": STORE}

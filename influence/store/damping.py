@@ -121,13 +121,15 @@ class DampedCurvature:
 
     def layer_damping(self):
         """(D,) λ of each projected coordinate: a number everywhere, or for a relative damping
-        :func:`per_layer_damping` (recorded in ``info``: ``damping_per_layer``)."""
+        :func:`per_layer_damping` (recorded in ``info`` as EK-FAC records its own: ``damping_per_layer``,
+        ``{layer: λ}``)."""
         self._ready()
         spec, off = self.damping_spec, self.projection.offsets
         if not spec.relative:
             return np.full(self.projection.dim, float(spec.value))
         per_layer = per_layer_damping(self._curvature, off, spec.value)
-        self.info.update(damping_per_layer=per_layer, damping_rule=str(spec))
+        self.info.update(damping_per_layer={b.name: float(f"{lam:.6g}") for b, lam in zip(self.plan, per_layer)},
+                         damping_rule=str(spec))
         return np.repeat(per_layer, np.diff(off))
 
     def _inverse_tag(self):

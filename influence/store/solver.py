@@ -7,14 +7,14 @@ the Gauss–Newton matrix in the projected space from the same pass::
     C = (1/n) Σ_i Σ_{c ∈ classes(i)} p_ic (R g_ic)(R g_ic)ᵀ + R ∇²Ω Rᵀ                 (D, D)
 
 ``g_ic`` the gradient of image ``i``'s loss with label ``c``, ``classes(i)`` as the ``fisher`` setting says
-(``auto``: every class up to 10, else the 10 most probable: ``top:K``; ``empirical``: the true label),
-across all layers (the cross-layer blocks are summed too; ``store_curvature`` says whether they are inverted:
-``blocks`` inverts each layer's diagonal block ``C_ll`` alone, as LoGra and EK-FAC keep layers apart, ``dense``
-the whole ``C``, ``auto`` the first where ``solver auto`` would take EK-FAC; :mod:`influence.store.damping`). The fit forms, in float64, what its damping needs and
-the curvature cache keeps it with ``C``: a number λ the eigendecomposition of ``C`` (then every λ changes only
-the per-test formula), a relative or ``optimizer`` damping one inverse of ``C + Λ`` (at D = 4 096 seven times
-cheaper than the eigendecomposition, which it never needs); a rerun at the same damping forms nothing. A test
-image's scores are one product::
+(``auto``: every class up to 10, else the 10 most probable: ``top:K``; ``empirical``: the true label), across all
+layers (the cross-layer blocks are summed too; ``store_curvature`` says whether they are inverted: ``blocks``
+inverts each layer's diagonal block ``C_ll`` alone, as LoGra and EK-FAC keep layers apart, ``dense`` the whole
+``C``, ``auto`` the first where ``solver auto`` would take EK-FAC; :mod:`influence.store.damping`). The fit forms,
+in float64, what its damping needs and the curvature cache keeps it with ``C``: a number λ the eigendecomposition
+of ``C`` (then every λ changes only the per-test formula), a relative or ``optimizer`` damping one inverse of ``C +
+Λ`` (at D = 4 096 seven times cheaper than the eigendecomposition, which it never needs); a rerun at the same
+damping forms nothing. A test image's scores are one product::
 
     score(i, t) = (R g_i)ᵀ (C + λI)⁻¹ (R g_t)
 
@@ -22,10 +22,10 @@ with the store's rows ``R g_i`` (``C`` as its structure says); its per-layer sha
 layer's block. With ``D = P`` the projection is orthogonal and the scores are those of the Gauss–Newton matrix's
 per-layer blocks (``dense``: the exact Gauss–Newton solver's). A relative damping (``0.1x``; ``auto`` is
 ``optimizer`` when the model holds its training state, :mod:`influence.curvature.choice`) is per layer, as
-EK-FAC's: ``Λ = f × trace(C_ll)/D_l`` on layer ``l``'s coordinates (on the LDS panel's ``bn-brief`` at D = 1024: 0.211 at 1x against 0.119 with one λ from the
-mean eigenvalue of the whole C; ``mlp-brief`` 0.344 against 0.353). Damping ``optimizer`` (per parameter,
-``c·D`` from the training run) is projected as the curvature is: ``(C + c·R diag(D) Rᵀ)⁻¹``
-(:meth:`~influence.store.projection.Projection.projected_diagonal`), exact at ``D = P``.
+EK-FAC's: ``Λ = f × trace(C_ll)/D_l`` on layer ``l``'s coordinates (on the LDS panel's ``bn-brief`` at D = 1024:
+0.211 at 1x against 0.119 with one λ from the mean eigenvalue of the whole C; ``mlp-brief`` 0.344 against 0.353).
+Damping ``optimizer`` (per parameter, ``c·D`` from the training run) is projected as the curvature is: ``(C + c·R
+diag(D) Rᵀ)⁻¹`` (:meth:`~influence.store.projection.Projection.projected_diagonal`), exact at ``D = P``.
 
 The store lives next to the curvature cache (``<cache>/store-<digest>``, :meth:`StoreSolver.attach`);
 without a cache, in a temporary folder removed with the solver. ``C`` (with its eigenvectors) is the
@@ -204,7 +204,8 @@ class StoreSolver(DampedCurvature, InverseHVP):
         self._inverse_held, self._inverse_of = None, None
         self._response_projected = None      # R diag(D) Rᵀ of damping optimizer, (D, D) float64, once
         self.info.update(fisher=self.fisher, store_dim=self.projection.dim, num_params=p, projection=store_projection,
-                         store_curvature=self.structure, store_curvature_why=why, layer_dims=[list(x) for x in self.projection.dims])
+                         store_curvature=self.structure, store_curvature_why=why,
+                         layer_dims=[list(x) for x in self.projection.dims])
 
     # --- where the store lives ---------------------------------------------------------------------
     def cache_key(self):

@@ -126,6 +126,32 @@ def test_changing_the_damping_of_a_fitted_solver_equals_a_fresh_fit(tiny, solver
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6 * np.abs(w).max())
 
 
+def test_the_store_scores_its_cells_from_its_rows_with_no_pass_over_the_training_set(tiny, tmp_path, monkeypatch):
+    """calibrate's store cells are products with the stored rows: the numbers the run gives at each damping, and no
+    training image is read once the store is written."""
+    from influence.calibration.grid import Cell
+    from influence.calibration.lds_metrics import predicted_changes, subset_masks
+    from influence.calibration.scoring import score_solver
+    from influence.data.arrays import TrainSet
+    from influence.settings import parse_damping
+
+    _, _, x, y, xt, yt = tiny
+    masks = subset_masks(N, 6)
+    runs = {d: _influence(tiny, solver="store", damping=d, cache=tmp_path / "cache") for d in ("0.1x", "10x")}
+    want = {d: predicted_changes(np.asarray(inf.scores(xt, yt), np.float64), masks) for d, inf in runs.items()}
+    sibling = _influence(tiny, solver="store", damping="0.1x", cache=tmp_path / "cache")
+    grads = sibling.test_gradients(xt, yt)
+    sibling.fit()
+    for name in ("take", "read_batch"):
+        monkeypatch.setattr(TrainSet, name, lambda *a, **k: pytest.fail("a training image was read"))
+    cells = [Cell("store", parse_damping(d)) for d in ("0.1x", "10x")]
+    got, lams = score_solver(sibling, cells, grads, masks)
+    for cell, d in zip(cells, ("0.1x", "10x")):
+        np.testing.assert_allclose(got[cell], want[d], rtol=1e-5, atol=1e-6 * np.abs(want[d]).max())
+        assert set(lams[cell]) == {"conv", "dense"}                   # {layer: λ}, as EK-FAC's
+    assert not np.allclose(got[cells[0]], got[cells[1]])
+
+
 @pytest.mark.slow
 def test_a_second_call_reuses_the_retrainings_and_an_interrupted_one_resumes(tiny, tmp_path):
     inf = _influence(tiny)

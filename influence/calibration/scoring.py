@@ -7,7 +7,8 @@ changes only the per-test formula of the fitted state (each method's
 its basis and re-reads its rank for the new λ (``--rank auto``), exact keeps its dense matrix, cg/pcg/dpcg
 keep their fit and solve again. LiSSA's fitted scale depends on λ, so it is fitted per damping. The
 inverse-HVPs of all of a solver's dampings are scored together, in as few passes over the training set as
-the memory plan allows (:meth:`influence.Influence.plan`).
+the memory plan allows (:meth:`influence.Influence.plan`). The gradient store scores from its own rows
+(:meth:`~influence.store.solver.StoreSolver.store_scores`): no pass, and the numbers its run would give.
 """
 import logging
 
@@ -48,6 +49,8 @@ def score_solver(sibling, cells, grads, masks, show=True):
     """
     sibling.fit()
     solver = sibling.solver
+    if hasattr(solver, "store_scores"):
+        return score_from_store(solver, cells, grads, masks)
     t_count = len(grads)
     pairs = [(c, t) for c in range(len(cells)) for t in range(t_count)]
     plan = sibling.plan(len(pairs), solver=solver)
@@ -72,6 +75,18 @@ def score_solver(sibling, cells, grads, masks, show=True):
         change = predicted_changes(scores, masks)                     # (M, pairs)
         for j, (c, t) in enumerate(where):
             predicted[cells[c]][:, t] = change[:, j]
+    return predicted, lams
+
+
+def score_from_store(solver, cells, grads, masks):
+    """:func:`score_solver` for the gradient store: each cell's scores are products with the stored rows
+    (``solver.store_scores``, float32 (T, N)), no pass over the training set -> the same two dicts."""
+    predicted, lams = {}, {}
+    for cell in cells:
+        solver.set_damping(cell.damping)
+        scores = np.asarray(solver.store_scores(grads), np.float64)              # (T, N)
+        predicted[cell] = predicted_changes(scores, masks)                        # (M, T)
+        lams[cell] = _resolved(solver)
     return predicted, lams
 
 

@@ -364,20 +364,24 @@ class StoreSolver(DampedCurvature, InverseHVP):
         return [tuple(tf.constant(a, dtype=v.dtype) for a, v in zip(self.projection.back_project(z, like), like))
                 for z in sol]
 
-    def store_shares(self, vectors, block_rows=4096):
+    def store_shares(self, vectors, block_rows=4096, per_layer=True):
         """float32 (T, N, L) per-layer scores of every stored training image against the test gradients
-        ``vectors`` (full-space Vecs): one product with the store, no pass over the training archive."""
+        ``vectors`` (full-space Vecs): one product with the store, no pass over the training archive; (T, N)
+        totals without ``per_layer`` (:meth:`store_scores`)."""
         self._ready()
         pre = self.preconditioned(self.project(list(vectors))).astype(np.float32)
         store = self.store()
-        offsets = self.projection.offsets
-        layers = len(self.plan)
-        out = np.empty((len(pre), store.n, layers), np.float32)
+        off = self.projection.offsets if per_layer else [0, self.projection.dim]
+        out = np.empty((len(pre), store.n, len(off) - 1), np.float32)
         for start, rows in store.blocks(block_rows):
-            for index in range(layers):
-                s, e = offsets[index], offsets[index + 1]
+            for index in range(len(off) - 1):
+                s, e = off[index], off[index + 1]
                 out[:, start:start + len(rows), index] = pre[:, s:e] @ rows[:, s:e].T
-        return out
+        return out if per_layer else out[..., 0]
+
+    def store_scores(self, vectors):
+        """float32 (T, N): the scores of :meth:`store_shares` summed over the layers (``--calibrate``'s cells)."""
+        return self.store_shares(vectors, per_layer=False)
 
     def self_influence_batch(self, x, y):
         """``(R g_i)ᵀ (C + λI)⁻¹ (R g_i)`` of each image with its own label: (N, H, W, C), (N,) -> float64 (N,)."""

@@ -296,8 +296,9 @@ class Settings:
     store_curvature: str = _setting("auto", _IHVP, "store: what is inverted of the projected Gauss-Newton matrix: "
                                                    "blocks = each layer's own block (the cross-layer blocks left out), "
                                                    "dense = the whole matrix; auto = blocks where solver auto would "
-                                                   "take ekfac (BatchNorm layers, or krylov's basis too thin), else "
-                                                   "dense; applied after the cache, as the damping is",
+                                                   "not take krylov (BatchNorm layers, or krylov's basis too thin or "
+                                                   "too large), else dense; applied after the cache, as the damping "
+                                                   "is",
                                     store_curvature_problem, math=True, solver=True)
     cache: str = _setting(None, _IHVP, "curvature cache: training-set work (EK-FAC factors, LiSSA scale, exact "
                                        "Hessian) saved once and reused while the model, params and train.npz are "

@@ -138,7 +138,7 @@ def thin_basis(num_params, pairs):
 
 #: the solvers whose ``damping auto`` is ``optimizer`` when the model holds its training state (README, "Damping
 #: from the training run": the LDS panel's measurements; the store's at its ``store_curvature auto``: above 0.1x
-#: on ten of eleven models, README "The gradient store"). kfac / ekfac take ``optimizer`` too, per eigen-direction,
+#: and 1x on 11 of the 12 panel models, README "The gradient store on the panel"). kfac / ekfac take ``optimizer`` too, per eigen-direction,
 #: but only where krylov's basis is too thin for the model (the 659 k-parameter model: 0.207 / 0.152 against 0.158 /
 #: 0.134 at 1x); on the MLPs and BatchNorm CNNs it scored below their relative damping
 AUTO_OPTIMIZER = ("krylov", "exact", "store")

@@ -10,7 +10,7 @@ the Gauss–Newton matrix in the projected space from the same pass::
 (``auto``: every class up to 10, else the 10 most probable: ``top:K``; ``empirical``: the true label), across all
 layers (the cross-layer blocks are summed too; ``store_curvature`` says whether they are inverted: ``blocks``
 inverts each layer's diagonal block ``C_ll`` alone, as LoGra and EK-FAC keep layers apart, ``dense`` the whole
-``C``, ``auto`` the first where ``solver auto`` would take EK-FAC; :mod:`influence.store.damping`). The fit forms,
+``C``, ``auto`` the first where ``solver auto`` would not take krylov; :mod:`influence.store.damping`). The fit forms,
 in float64, what its damping needs and the curvature cache keeps it with ``C``: a number λ the eigendecomposition
 of ``C`` (then every λ changes only the per-test formula), a relative or ``optimizer`` damping one inverse of ``C +
 Λ`` (at D = 4 096 seven times cheaper than the eigendecomposition, which it never needs); a rerun at the same
@@ -151,7 +151,8 @@ class StoreSolver(DampedCurvature, InverseHVP):
 
     name = "store"
     summary = ("training gradients projected per layer (D dims) and stored once on disk; the projected "
-               "Gauss-Newton matrix inverted densely; each test image is one product with the store")
+               "Gauss-Newton matrix inverted densely, whole or per layer; each test image is one product with the "
+               "store")
     #: tests/test_curvature_contract.py: at D = P, ``(G + λI)⁻¹`` of the Gauss–Newton matrix's per-layer blocks
     #: (``store_curvature blocks``); an instance says ``"ggn"`` (the whole matrix) when its structure is ``dense``
     approximates = "ggn-blocks"

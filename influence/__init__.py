@@ -46,7 +46,7 @@ influence/                        the package: influence.Influence, the Python A
       linalg.py                   its pure numpy: Lanczos, Ritz pairs, the inverse, the Nystrom preconditioner
       dpcg.py                     dpcg: CG deflated by the krylov basis
   store/                          the gradient store: projected training gradients logged once, queried many
-    damping.py                    what is added to the projected curvature: λ, per layer, or the training run's D projected
+    damping.py                    the projected curvature damped (λ, per layer, or the run's D) and inverted whole or per layer
     projection.py                 each layer's gradient projected on both sides (K-FAC eigenvectors or seeded rows)
     shards.py                     the float16 shards on disk: content-keyed, atomic, resumable, memory-mapped
     solver.py                     --solver store: the projected Gauss-Newton matrix, inverted densely; one product a test

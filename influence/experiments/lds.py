@@ -73,16 +73,18 @@ GRID_EKFAC = ("0.1x", "1x", "optimizer")
 GRID = ((("auto (default)", []),)
         + tuple((f"krylov, λ {d}", ["--solver", "krylov", "--damping", d]) for d in GRID_KRYLOV)
         + tuple((f"ekfac, λ {d}", ["--solver", "ekfac", "--damping", d]) for d in GRID_EKFAC))
-#: ``--lds-solvers store`` (issue 31): the gradient store at two dimensions over a damping grid (its structure
-#: ``auto``), then each structure (``--store-curvature``) at damping ``optimizer``
+#: ``--lds-solvers store`` (issue 31): the gradient store at two dimensions, each over a damping grid (its structure
+#: ``auto``) and each structure (``--store-curvature``) at damping ``optimizer``
 STORE_DIMS = (1024, 4096)
 STORE_DAMPING = ("0.1x", "1x", "10x", "optimizer")
 STORE_STRUCTURES = ("blocks", "dense")
-STORE = (tuple((f"store, D {dim}, λ {d}", ["--solver", "store", "--store-dim", str(dim), "--damping", d])
-               for dim in STORE_DIMS for d in STORE_DAMPING)
-         + tuple((f"store, D {dim}, {structure}, λ optimizer",
-                  ["--solver", "store", "--store-dim", str(dim), "--store-curvature", structure, "--damping", "optimizer"])
-                 for dim in STORE_DIMS for structure in STORE_STRUCTURES))
+STORE = tuple(row for dim in STORE_DIMS for row in          # each dimension's rows together: one fit each
+              [(f"store, D {dim}, λ {d}", ["--solver", "store", "--store-dim", str(dim), "--damping", d])
+               for d in STORE_DAMPING]
+              + [(f"store, D {dim}, {structure}, λ optimizer",
+                  ["--solver", "store", "--store-dim", str(dim), "--store-curvature", structure,
+                   "--damping", "optimizer"])
+                 for structure in STORE_STRUCTURES])
 #: ``--lds-solvers``: the named sets of solver rows; ``panel`` (the default) is :data:`SOLVERS`
 SOLVER_SETS = {"panel": SOLVERS, "grid": GRID, "store": STORE}
 #: the sets whose rows share one curvature cache (calculate.py's ``--cache``): the damping is applied after the

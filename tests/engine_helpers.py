@@ -96,16 +96,20 @@ def per_example_gradients(d, x, y):
     return np.stack([vec_to_numpy(d.gradient(x[i:i + 1], y[i:i + 1])) for i in range(len(y))])
 
 
+def layer_edges(clf):
+    """(L + 1,) where each layer of ``clf.groups`` starts in the flat parameter vector (a layer's parameters are
+    contiguous), and P last."""
+    return np.concatenate([[0], np.cumsum([sum(int(np.prod(v.shape)) for v in g.variables) for g in clf.groups])])
+
+
 def layer_blocks(matrix, clf):
-    """(P, P) float64 -> the same with every cross-layer block zeroed: the per-layer blocks of ``clf.groups``
-    (a layer's parameters are contiguous in the flat vector), what ``--solver store`` inverts at D = P."""
+    """(P, P) float64 -> the same with every cross-layer block zeroed: the per-layer blocks of ``clf.groups``,
+    what ``--solver store`` inverts at D = P."""
+    edges = layer_edges(clf)
+    assert edges[-1] == len(matrix)
     out = np.zeros_like(matrix)
-    start = 0
-    for g in clf.groups:
-        stop = start + sum(int(np.prod(v.shape)) for v in g.variables)
+    for start, stop in zip(edges, edges[1:]):
         out[start:stop, start:stop] = matrix[start:stop, start:stop]
-        start = stop
-    assert start == len(matrix)
     return out
 
 

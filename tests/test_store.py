@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import influence
-from engine_helpers import layer_blocks, per_example_gradients, write_project
+from engine_helpers import layer_blocks, layer_edges, per_example_gradients, write_project
 from influence.data.archive_reader import TestArchive, TrainArchive
 from influence.errors import SettingError
 from influence.store import shards
@@ -217,8 +217,7 @@ def test_a_relative_damping_is_per_layer(data, tmp_path):
     g = exact.solver.state()["hessian"]                          # the dense Gauss–Newton matrix (hessian ggn)
     store.solver.damping = "1x"
     got = store.scores(x, y)
-    sizes = [int(sum(np.prod(v.shape) for v in grp.variables)) for grp in store.clf.groups]
-    edges = np.concatenate([[0], np.cumsum(sizes)])
+    edges = layer_edges(store.clf)
     lam = np.concatenate([np.full(e - s, np.trace(g[s:e, s:e]) / (e - s)) for s, e in zip(edges, edges[1:])])
     assert len(set(np.round(lam, 12))) == 3                      # three layers, three dampings
     train = TrainArchive(data / "train.npz")

@@ -62,8 +62,7 @@ def block_eigh(curvature, bounds):
 
 class DampedCurvature:
     """The damped projected curvature of :class:`influence.store.solver.StoreSolver` (mixed into it): ``C``
-    (``_curvature``, whole), the eigendecomposition (``_evals``, ``_evecs``, of the structure ``_evals_of``) or
-    the damped inverse (``_inverse_held``, formed at ``_inverse_of``) of its structure (``structure``: ``blocks``
+    (``_curvature``, whole), the eigendecomposition (``_evals``, ``_evecs``) or the damped inverse (``_inverse_held``, formed at ``_inverse_of``) of its structure (``structure``: ``blocks``
     or ``dense``), each formed on first need; the solver gives ``structure``, ``damping_spec``,
     ``projection``, ``info``, ``_ready()`` and ``response_diagonal()``."""
 
@@ -76,7 +75,6 @@ class DampedCurvature:
         λ and is computed on first use (:meth:`_decomposition`), a relative or ``optimizer`` damping needs none."""
         self._curvature = c
         self._evals, self._evecs = (None, None) if decomposed is None else decomposed
-        self._evals_of = None if decomposed is None else self.structure
         self._inverse_held, self._inverse_of = None, None
         self._trace = float(np.trace(c))
 
@@ -87,7 +85,7 @@ class DampedCurvature:
         state = {"curvature": self._curvature}
         if self._evals is not None:
             state.update(eigenvalues=self._evals, eigenvectors=self._evecs,
-                         eigen_of=np.frombuffer(self._evals_of.encode(), np.uint8))
+                         eigen_of=np.frombuffer(self.structure.encode(), np.uint8))
         if self._inverse_held is not None:
             state.update(inverse=self._inverse_held, inverse_of=np.frombuffer(self._inverse_of.encode(), np.uint8))
         return state
@@ -114,9 +112,8 @@ class DampedCurvature:
 
     def _decomposition(self):
         """``(w, v)``: the eigendecomposition of ``C``'s structure (:func:`block_eigh`, float64), computed once."""
-        if self._evals is None or self._evals_of != self.structure:
+        if self._evals is None:          # a loaded one is of this structure (adopt_curvature_state)
             self._evals, self._evecs = block_eigh(self._curvature, self._bounds())
-            self._evals_of = self.structure
         return self._evals, self._evecs
 
     def layer_damping(self):

@@ -337,10 +337,41 @@ def test_a_kfac_projection_whose_factors_do_not_fit_the_budget_is_refused_naming
     from influence.store.projection import kfac_projection
 
     inf = make(data, None, store_dim=10, memory_budget=2e-5)
-    with pytest.raises(SettingError, match=r"^store_projection: kfac fits K-FAC's factors first, and solver kfac: "
-                                           r"the Kronecker factors need .* over memory_budget 2e-05 GB.*\(or give "
-                                           r"store_projection random\)$"):
+    with pytest.raises(SettingError, match=r"^store_projection: kfac fits K-FAC's factors first, and they need .* "
+                                           r"even in blocks of 256, over memory_budget 2e-05 GB \(largest layers: "
+                                           r".*\); give a larger memory_budget, fewer layers with params or "
+                                           r"store_projection random$"):
         kfac_projection(inf.solver.projection, inf.objective, "true", 2e-5)
+
+
+def test_the_kfac_projection_splits_its_factors_into_smaller_blocks_until_they_fit_the_budget():
+    """VGG16's largest Kronecker layers (fc1: A 25 089, S 4 096): in K-FAC's blocks of 4 096 the factors need about 3 GB,
+    more than the default 2 GB, so the store's projection halves the blocks until they fit (the store keeps only the
+    factors' top eigenvectors); with no budget, or room for them, the blocks stay 4 096; a budget no block fits gives
+    None."""
+    from influence.curvature.kfac.plan import MAX_BLOCK, KronBlock, fit_bytes, split_blocks
+    from influence.settings import gb_to_bytes
+    from influence.store.projection import MIN_PROJECTION_BLOCK, projection_block
+
+    def kron(name, k, c):
+        return KronBlock(name, None, kernel_pos=0, bias_pos=1, k_in=k, c_out=c, kernel_shape=(k, c),
+                         a_bounds=[(0, k + 1)], s_bounds=[(0, c)], reg_rows=np.zeros(k + 1))
+
+    plan = ([kron(f"conv{i}", 4608, 512) for i in range(5)] + [kron("fc1", 25088, 4096), kron("fc2", 4096, 4096),
+            kron("predictions", 4096, 1000)])
+
+    def need(block):
+        split = [KronBlock(b.name, None, 0, 1, b.k_in, b.c_out, b.kernel_shape, split_blocks(b.k1, block),
+                           split_blocks(b.c_out, block), b.reg_rows) for b in plan]
+        return max(sum(b.bytes(False) for b in split), fit_bytes(split, {}, False, 4))
+
+    assert need(MAX_BLOCK) > 1.4 * gb_to_bytes(2)
+    block, first, needed = projection_block(plan, {}, 4, 2)
+    assert block < MAX_BLOCK and first == need(MAX_BLOCK) and needed == need(block) <= gb_to_bytes(2)
+    assert need(2 * block) > gb_to_bytes(2)                      # the largest that fits
+    assert projection_block(plan, {}, 4, None)[0] == MAX_BLOCK
+    assert projection_block(plan, {}, 4, 8)[0] == MAX_BLOCK
+    assert projection_block(plan, {}, 4, 0.1) == (None, need(MAX_BLOCK), need(MIN_PROJECTION_BLOCK))
 
 
 def test_a_float32_vector_is_projected_as_its_float64_copy(data):

@@ -228,6 +228,15 @@ class Influence:
         self._fitted = True
         return self
 
+    def share_fit(self, other):
+        """Take the fit of ``other`` (an Influence of the same model and training set, fitted) where this one's solver
+        can share it (the store's other structure: ``solver.share_fit``) -> whether it did; else nothing changes."""
+        share = getattr(self.solver, "share_fit", None)
+        if self._fitted or share is None or not other._fitted or not share(other.solver):
+            return False
+        self._fitted = True
+        return True
+
     def prepare(self, n_test):
         """Fitted, the solver compacted, the HVPs' ``chunk`` from the plan -> the ``MemoryPlan`` of the scoring
         groups of ``n_test`` test images that :meth:`score_groups` follows."""

@@ -152,6 +152,35 @@ def test_the_store_scores_its_cells_from_its_rows_with_no_pass_over_the_training
     assert not np.allclose(got[cells[0]], got[cells[1]])
 
 
+def test_the_store_s_two_structures_are_scored_from_one_fit_as_runs_that_asked_for_each(tiny, monkeypatch):
+    """score_cells fits the store once (no cache: the second structure takes the first's fit, so K-FAC's and the
+    store's passes run once) and each structure's cell equals a run that asked for it."""
+    from influence.calibration.grid import grid_cells
+    from influence.calibration.lds_metrics import predicted_changes, subset_masks
+    from influence.calibration.scoring import score_cells
+    from influence.store.solver import StoreSolver
+
+    _, _, x, y, xt, yt = tiny
+    masks = subset_masks(N, 6)
+    want = {s: predicted_changes(np.asarray(_influence(tiny, solver="store", damping="1x", store_curvature=s)
+                                            .scores(xt, yt), np.float64), masks) for s in ("blocks", "dense")}
+    inf = _influence(tiny, solver="store", damping="1x")
+    fits = []
+    original = StoreSolver.fit
+    monkeypatch.setattr(StoreSolver, "fit",
+                        lambda self, *a, **k: (fits.append(self.structure), original(self, *a, **k)))
+    cells = grid_cells("store", "1x", ["store"], ["1x"], run_options=(("store_curvature", inf.solver.structure),))
+    assert [c.label for c in cells] == ["store " + inf.solver.structure, "store " +
+                                        ({"blocks", "dense"} - {inf.solver.structure}).pop()]
+    predicted, lams, skipped = score_cells(inf, cells, inf.test_gradients(xt, yt), masks)
+    assert len(fits) == 1 and not skipped
+    for cell in cells:
+        got = predicted[cell]
+        want_cell = want[dict(cell.options)["store_curvature"]]
+        np.testing.assert_allclose(got, want_cell, rtol=1e-5, atol=1e-6 * np.abs(want_cell).max())
+    assert not np.allclose(predicted[cells[0]], predicted[cells[1]])
+
+
 @pytest.mark.slow
 def test_a_second_call_reuses_the_retrainings_and_an_interrupted_one_resumes(tiny, tmp_path):
     inf = _influence(tiny)
@@ -207,6 +236,25 @@ def test_the_explicit_flags_limit_what_calibrate_applies():
     assert allowed_cells(cells, frozenset({"solver"})) == [True, True, False]
     assert allowed_cells(cells, frozenset({"damping"})) == [True, False, False]
     assert allowed_cells(cells, frozenset({"solver", "damping"})) == [True, False, False]
+
+
+def test_the_store_s_cells_come_in_both_structures_the_run_s_first():
+    """The store's two structures share one fit, so the grid has a row of each at every damping (the run's damping
+    included); an explicit store_curvature keeps its own structure's cells only."""
+    from influence.calibration.grid import grid_cells
+    from influence.calibration.job import allowed_cells
+
+    cells = grid_cells("store", "optimizer", None, ["1x"], run_options=(("store_curvature", "blocks"),))
+    assert [c.name for c in cells] == ["store blocks optimizer", "store blocks 1x", "store dense optimizer",
+                                       "store dense 1x", "ekfac 1x"]
+    assert cells[0].run and cells[0].label == "store blocks" and dict(cells[2].options) == {"store_curvature": "dense"}
+    assert allowed_cells(cells, frozenset()) == [True] * 5
+    assert allowed_cells(cells, frozenset({"store_curvature"})) == [True, True, False, False, True]
+    assert allowed_cells(cells, frozenset({"solver", "store_curvature"})) == [True, True, False, False, False]
+    dense_run = grid_cells("store", "1x", ["store"], ["1x", "10x"], run_options=(("store_curvature", "dense"),))
+    assert [c.name for c in dense_run] == ["store dense 1x", "store dense 10x", "store blocks 1x", "store blocks 10x"]
+    assert [c.name for c in grid_cells("krylov", "1x", ["store"], ["1x"])] == ["krylov 1x", "store blocks 1x",
+                                                                               "store dense 1x"]
 
 
 # --- calculate.py --calibrate, in-process -------------------------------------------------------------------
@@ -272,12 +320,12 @@ def test_calculate_calibrate_writes_its_files_and_run_json_and_a_rerun_reuses_th
     assert best["lds"] == max(row["lds"] for row in cal["rows"] if row["lds"] is not None)
     assert cal["noise_ceiling"] is not None and "scores on this model: LDS" in cal["verdict"]
     # neither solver nor damping given: the run uses the best cell, and run.json says so
-    assert cal["applied"] == {"solver": best["solver"], "damping": best["damping"],
+    assert cal["applied"] == {"solver": best["solver"], "options": {}, "damping": best["damping"],
                               "changed": not cal["rows"][0]["best"]}
     assert run["settings"]["solver"] == best["solver"] and str(run["settings"]["damping"]) == best["damping"]
     assert "calibrate_s" in run["timings"] and cal["verdict"] in r.stderr
     lines = (out / "calibration.csv").read_text().splitlines()
-    assert lines[0].startswith("solver,damping,lambda,lds") and len(lines) == 1 + len(names)
+    assert lines[0].startswith("solver,options,damping,lambda,lds") and len(lines) == 1 + len(names)
     assert json.loads((out / "calibration.json").read_text())["rows"] == cal["rows"]
     assert len(list((out / "curvature" / "calibration").glob("retrain-*.npz"))) == 1
     # a rerun: the retrainings come from the cache, the same choice, and the run resumes
@@ -317,7 +365,7 @@ def test_calculate_calibrate_scores_with_the_cell_it_picks(project, monkeypatch)
     assert r.returncode == 0, r.stderr
     run = json.loads((project / "picked" / "run.json").read_text())
     assert run["settings"]["solver"] == "kfac" and run["settings"]["damping"] == "10x"
-    assert run["calibration"]["applied"] == {"solver": "kfac", "damping": "10x", "changed": True}
+    assert run["calibration"]["applied"] == {"solver": "kfac", "options": {}, "damping": "10x", "changed": True}
     assert run["solver_choice"].startswith("calibrate: kfac 10x") and run["solver_info"]["solver"] == "kfac"
     assert "this run uses kfac 10x" in r.stderr
     monkeypatch.undo()
@@ -374,6 +422,16 @@ def test_a_kept_calibration_picks_the_best_cell_that_agrees_with_the_explicit_se
     assert pick(record, {"solver"}, "cg", "auto") is None              # nothing measured for cg
     _, own = pick(record, set(), "cg", "auto")
     assert own is None
+    # the store's structures: the best row's structure is taken unless store_curvature is given
+    store = {"rows": [{**r, "options": {"store_curvature": o}} for r, o in
+                      zip(_rows(("store", "optimizer", 0.30), ("store", "optimizer", 0.36), ("store", "1x", 0.33)),
+                          ("blocks", "dense", "blocks"))] + _rows(("ekfac", "1x", 0.20))}
+    best, own = pick(store, set(), "store", "optimizer", {"store_curvature": "blocks"})
+    assert (best["damping"], best["options"], own["lds"]) == ("optimizer", {"store_curvature": "dense"}, 0.30)
+    best, own = pick(store, {"store_curvature"}, "store", "optimizer", {"store_curvature": "blocks"})
+    assert (best["damping"], best["options"]) == ("1x", {"store_curvature": "blocks"})
+    _, own = pick(store, set(), "store", "optimizer", {"store_curvature": "dense"})
+    assert own["lds"] == 0.36
 
 
 @pytest.mark.slow
@@ -408,7 +466,7 @@ def test_a_later_run_uses_the_kept_calibration_of_its_model_and_says_so(project)
     assert later["settings"]["solver"] == "kfac" and later["settings"]["damping"] == "10x"
     used = later["calibration_used"]
     assert used["changed"] and (used["solver"], used["damping"], used["lds"]) == ("kfac", "10x", 0.5)
-    assert used["own"] == {"solver": "krylov", "damping": "optimizer", "lds": 0.1}
+    assert used["own"] == {"solver": "krylov", "options": {}, "damping": "optimizer", "lds": 0.1}
     assert later["solver_choice"].startswith("calibration kept: kfac 10x") and "calibration kept: kfac 10x" in err
     asked, _ = run("kc_asked", "--solver", "kfac", "--damping", "10x")
     assert "calibration_used" not in asked

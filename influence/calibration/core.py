@@ -58,12 +58,12 @@ class Calibration:
         return None if self.best is None else self.cells[self.best]
 
     def rows(self):
-        """One dict per cell: solver, damping, lambda, lds (mean), tests (finite per-test values), run, best,
-        skipped (the reason, or empty)."""
+        """One dict per cell: solver, options (its variant: ``{"store_curvature": "blocks"}``, else empty), damping,
+        lambda, lds (mean), tests (finite per-test values), run, best, skipped (the reason, or empty)."""
         out = []
         for i, cell in enumerate(self.cells):
             lam = self.lams.get(cell)
-            out.append({"solver": cell.solver, "damping": str(cell.damping),
+            out.append({"solver": cell.solver, "options": dict(cell.options), "damping": str(cell.damping),
                         "lambda": (None if lam is None else lam if isinstance(lam, float)
                                    else {k: float(f"{v:.6g}") for k, v in lam.items()}),
                         "lds": _float(self.means[i]), "tests": int(np.isfinite(self.lds[i]).sum()),
@@ -79,7 +79,8 @@ class Calibration:
 
     def table(self):
         """The grid as text lines: solver, damping, λ, LDS, marks for the run's and the best cell."""
-        lines = [f"{'solver':<8} {'damping':<8} {'lambda':>10} {'LDS':>6}"]
+        width = max([8] + [len(c.label) for c in self.cells])
+        lines = [f"{'solver':<{width}} {'damping':<8} {'lambda':>10} {'LDS':>6}"]
         for row in self.rows():
             lam = row["lambda"]
             shown = ("-" if lam is None else f"{lam:.3g}" if isinstance(lam, float)
@@ -87,7 +88,8 @@ class Calibration:
             lds = "-" if row["lds"] is None else f"{row['lds']:.3f}"
             marks = ", ".join(m for m, on in (("the run's", row["run"]), ("best", row["best"])) if on)
             note = f"  skipped: {row['skipped']}" if row["skipped"] else ""
-            lines.append(f"{row['solver']:<8} {row['damping']:<8} {shown:>10} {lds:>6}"
+            label = " ".join([row["solver"], *(str(v) for v in row["options"].values())])
+            lines.append(f"{label:<{width}} {row['damping']:<8} {shown:>10} {lds:>6}"
                          f"{'  <- ' + marks if marks else ''}{note}")
         if any(isinstance(self.lams.get(c), dict) for c in self.cells):
             lines.append("(* per-layer damping: the mean of the layers' λ)")
@@ -100,10 +102,10 @@ class Calibration:
         """The JSON of run.json's ``calibration`` entry and of ``calibration.json``."""
         best = self.best_cell
         return {"verdict": self.verdict(), "rows": self.rows(),
-                "best": None if best is None else {"solver": best.solver, "damping": str(best.damping),
-                                                   "lds": _float(self.means[self.best])},
-                "run": {"solver": self.cells[self.run].solver, "damping": str(self.cells[self.run].damping),
-                        "lds": _float(self.means[self.run])},
+                "best": None if best is None else {"solver": best.solver, "options": dict(best.options),
+                                                   "damping": str(best.damping), "lds": _float(self.means[self.best])},
+                "run": {"solver": self.cells[self.run].solver, "options": dict(self.cells[self.run].options),
+                        "damping": str(self.cells[self.run].damping), "lds": _float(self.means[self.run])},
                 "noise_ceiling": _float(self.ceiling), **self.facts}
 
     def write(self, folder):
@@ -115,10 +117,10 @@ class Calibration:
         with atomic_write(folder / CSV_FILE) as tmp:
             with open(tmp, "w", newline="") as fh:
                 w = csv.writer(fh)
-                w.writerow(["solver", "damping", "lambda", "lds", "tests", "run", "best", "skipped"])
+                w.writerow(["solver", "options", "damping", "lambda", "lds", "tests", "run", "best", "skipped"])
                 for r in rows:
                     lam = r["lambda"]
-                    w.writerow([r["solver"], r["damping"],
+                    w.writerow([r["solver"], " ".join(f"{k}={v}" for k, v in r["options"].items()), r["damping"],
                                 "" if lam is None else lam if isinstance(lam, float) else json.dumps(lam),
                                 "" if r["lds"] is None else f"{r['lds']:.6f}", r["tests"], int(r["run"]),
                                 int(r["best"]), r["skipped"]])
@@ -128,6 +130,16 @@ class Calibration:
         with atomic_write(folder / JSON_FILE) as tmp:
             Path(tmp).write_text(json.dumps(data, indent=2, default=str))
         return folder / CSV_FILE, folder / JSON_FILE
+
+
+def run_variant(inf):
+    """The run's own variant (:data:`influence.calibration.grid.VARIANTS`): ``(("store_curvature", "blocks"),)``
+    for the store (its ``auto`` as resolved), ``()`` for the other solvers."""
+    if inf.solver_name not in grid.VARIANTS:
+        return ()
+    setting, _ = grid.VARIANTS[inf.solver_name]
+    value = inf.solver.info.get(setting, getattr(inf.settings, setting, None))
+    return ((setting, value),) if value is not None else ()
 
 
 def _float(value):
@@ -233,7 +245,7 @@ def calibrate(inf, test_images, test_labels, *, train_fn=None, subsets=16, seeds
                            path=path, mask_seed=mask_seed, show=show and inf.progress, runner=runner)
     t1 = time.perf_counter()
     run_damping = inf.settings.damping
-    cells = grid.grid_cells(inf.solver_name, run_damping, solvers, dampings)
+    cells = grid.grid_cells(inf.solver_name, run_damping, solvers, dampings, run_options=run_variant(inf))
     log.info("calibrate: scoring %d (solver, damping) cell(s) on %d test image(s): %s", len(cells), len(y_test),
              ", ".join(c.name for c in cells))
     grads = inf.test_gradients(x_test, y_test)

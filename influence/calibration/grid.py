@@ -16,35 +16,65 @@ DEFAULT_SOLVERS = ("ekfac",)
 DEFAULT_DAMPINGS = ("0.1x", "1x", "10x")
 
 
+#: the variants a solver's cells come in, ``{solver: (setting, values)}``: the store's structures (the whole projected
+#: matrix or each layer's block) share one fit and one store, so the grid measures both at every damping
+VARIANTS = {"store": ("store_curvature", ("blocks", "dense"))}
+
+
 @dataclasses.dataclass(frozen=True)
 class Cell:
-    """One (solver, damping) of the grid; ``run``: the run's own setting."""
+    """One (solver, damping) of the grid; ``run``: the run's own setting; ``options``: ``((setting, value), ...)``
+    of a solver's variant (:data:`VARIANTS`: the store's ``store_curvature``), empty for the others."""
 
     solver: str
     damping: Damping
     run: bool = False
+    options: tuple = ()
+
+    @property
+    def label(self):
+        """The solver and its variant: ``store blocks``, ``ekfac``."""
+        return " ".join([self.solver, *(str(v) for _, v in self.options)])
 
     @property
     def name(self):
-        return f"{self.solver} {self.damping}"
+        return f"{self.label} {self.damping}"
+
+    def agrees(self, other):
+        """The same solver, variant and damping as ``other`` (a cell; ``run`` aside)."""
+        return (self.solver, self.options, self.damping) == (other.solver, other.options, other.damping)
 
 
-def grid_cells(run_solver, run_damping, solvers=None, dampings=None):
+def variants(name, run_solver, run_options):
+    """The ``options`` of ``name``'s cells: one empty tuple, or one per value of :data:`VARIANTS` (the run's own
+    first when ``name`` is the run's solver)."""
+    if name not in VARIANTS:
+        return [()]
+    setting, values = VARIANTS[name]
+    own = dict(run_options).get(setting) if name == run_solver else None
+    return [((setting, v),) for v in ([own] if own in values else []) + [v for v in values if v != own]]
+
+
+def grid_cells(run_solver, run_damping, solvers=None, dampings=None, run_options=()):
     """The cells to score, the run's own first: ``[Cell]``.
 
     ``solvers``: names (default: the run's and :data:`DEFAULT_SOLVERS`); ``dampings``: values or text
-    (``0.01``, ``1x``; default :data:`DEFAULT_DAMPINGS`); the run's damping joins the run's solver's row.
-    Duplicates are dropped (``auto`` and ``0.1x`` are one).
+    (``0.01``, ``1x``; default :data:`DEFAULT_DAMPINGS`); the run's damping joins the run's solver's rows (each of
+    its variants'). ``run_options``: the run's variant (``(("store_curvature", "blocks"),)``); a solver of
+    :data:`VARIANTS` gets a row per variant. Duplicates are dropped (``auto`` and ``0.1x`` are one).
     """
     run_damping = parse_damping(run_damping)
+    run_options = tuple(run_options)
     names = [run_solver] + [s for s in (solvers if solvers else DEFAULT_SOLVERS)]
     values = [parse_damping(d) for d in (dampings if dampings else DEFAULT_DAMPINGS)]
-    cells, seen = [Cell(run_solver, run_damping, run=True)], {(run_solver, run_damping)}
+    cells = [Cell(run_solver, run_damping, run=True, options=run_options)]
+    seen = {(run_solver, run_options, run_damping)}
     for name in dict.fromkeys(names):
-        for value in values:
-            if (name, value) not in seen:
-                seen.add((name, value))
-                cells.append(Cell(name, value))
+        for options in variants(name, run_solver, run_options):
+            for value in ([run_damping] if name == run_solver else []) + values:
+                if (name, options, value) not in seen:
+                    seen.add((name, options, value))
+                    cells.append(Cell(name, value, options=options))
     return cells
 
 

@@ -40,10 +40,13 @@ def test_images(inputs, settings):
 
 
 def allowed_cells(cells, given):
-    """bool per cell: it agrees with the explicit ``solver`` / ``damping`` (the run's own cell holds both)."""
+    """bool per cell: it agrees with the explicit ``solver`` / ``damping`` and a variant's setting
+    (``store_curvature``) given explicitly (the run's own cell holds them all)."""
     run = next(c for c in cells if c.run)
+    own = dict(run.options)
     return [(("solver" not in given) or c.solver == run.solver) and (("damping" not in given) or
-                                                                     c.damping == run.damping) for c in cells]
+                                                                     c.damping == run.damping)
+            and all(k not in given or own.get(k) == v for k, v in c.options) for c in cells]
 
 
 def cache_folder(settings):
@@ -58,6 +61,13 @@ def model_key(inf):
                                   preprocess=inf.settings.preprocess, hessian=inf.objective.hessian)
 
 
+def _run_options(settings, inf):
+    """``{setting: value}`` of the run's variant as its solver resolved it (the store's ``store_curvature``)."""
+    from influence.calibration.core import run_variant
+
+    return dict(run_variant(inf)) if inf.solver_name == settings.solver else {}
+
+
 def use_saved(settings, inf, given, rebuild):
     """A run without ``--calibrate``: the (solver, damping) a kept calibration of this model measured best
     (:mod:`influence.calibration.saved_choice`) -> ``(settings, inf, entry)``; ``entry`` (run.json's
@@ -66,25 +76,27 @@ def use_saved(settings, inf, given, rebuild):
     record = saved_choice.load(cache_folder(settings), key)
     if record is None:
         return settings, inf, None
-    chosen = saved_choice.pick(record, given, settings.solver, settings.damping)
+    chosen = saved_choice.pick(record, given, settings.solver, settings.damping, _run_options(settings, inf))
     if chosen is None:
         return settings, inf, None
     (best, own), path = chosen, saved_choice.path_for(cache_folder(settings), key)
     measured = (f"{record.get('subsets')} subsets x "
                 f"{len(record.get('seeds') or ())} seed(s) on {record.get('test_images')} test image(s)")
-    own_text = (f"{own['solver']} {own['damping']} {own['lds']:.3f}" if own is not None
+    own_text = (f"{saved_choice.row_name(own)} {own['lds']:.3f}" if own is not None
                 else f"{settings.solver} {settings.damping}: not measured")
-    entry = {"solver": best["solver"], "damping": best["damping"], "lds": best["lds"],
-             "own": None if own is None else {k: own[k] for k in ("solver", "damping", "lds")},
+    options = dict(best.get("options") or {})
+    entry = {"solver": best["solver"], "options": options, "damping": best["damping"], "lds": best["lds"],
+             "own": None if own is None else {k: own.get(k) for k in ("solver", "options", "damping", "lds")},
              "noise_ceiling": record.get("noise_ceiling"), "measured": measured, "file": str(path)}
-    if best["solver"] == settings.solver and parse_damping(best["damping"]) == parse_damping(settings.damping):
+    if (best["solver"] == settings.solver and parse_damping(best["damping"]) == parse_damping(settings.damping)
+            and all(_run_options(settings, inf).get(k) == v for k, v in options.items())):
         log.info("calibration kept in %s: %s is the best it measured (LDS %.3f; %s)", path.name,
-                 f"{best['solver']} {best['damping']}", best["lds"], measured)
+                 saved_choice.row_name(best), best["lds"], measured)
         inf.solver_choice = f"{inf.solver_choice}; the kept calibration agrees (LDS {best['lds']:.3f})"
         return settings, inf, {**entry, "changed": False}
-    settings = dataclasses.replace(settings, solver=best["solver"], damping=best["damping"])
+    settings = dataclasses.replace(settings, solver=best["solver"], damping=best["damping"], **options)
     inf = rebuild(settings)
-    inf.solver_choice = (f"calibration kept: {best['solver']} {best['damping']}, the best LDS it measured "
+    inf.solver_choice = (f"calibration kept: {saved_choice.row_name(best)}, the best LDS it measured "
                          f"({best['lds']:.3f} against {own_text}; {measured})")
     log.info("%s; --calibrate again after retraining the model, or give --solver and --damping to choose",
              inf.solver_choice)
@@ -128,7 +140,7 @@ def calibrate_run(settings, inputs, inf, given, rebuild, runtime=None):
     run = result.cells[result.run]
     use = run if pick is None else result.cells[pick]
     if use != run:
-        settings = dataclasses.replace(settings, solver=use.solver, damping=use.damping)
+        settings = dataclasses.replace(settings, solver=use.solver, damping=use.damping, **dict(use.options))
         inf = rebuild(settings)
         inf.solver_choice = (f"calibrate: {use.name}, the best LDS of the grid ({result.means[pick]:.3f} against "
                              f"{result.means[result.run]:.3f} for {run.name})")
@@ -139,7 +151,8 @@ def calibrate_run(settings, inputs, inf, given, rebuild, runtime=None):
     elif pick is not None and pick != result.best:
         log.info("calibrate: this run keeps %s (%s given explicitly)", run.name,
                  " and ".join(sorted(given & {"solver", "damping"})))
-    record["applied"] = {"solver": use.solver, "damping": str(use.damping), "changed": use != run}
+    record["applied"] = {"solver": use.solver, "options": dict(use.options), "damping": str(use.damping),
+                         "changed": use != run}
     csv_path, json_path = result.write(settings.out)
     record["files"] = [str(csv_path), str(json_path), str(kept)]
     record["seconds"] = round(time.perf_counter() - t0, 2)

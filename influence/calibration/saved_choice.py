@@ -63,22 +63,36 @@ def load(cache, key):
     return data.get("calibration")
 
 
-def pick(record, given, run_solver, run_damping):
+def row_name(row):
+    """``store blocks 0.1x``: a kept row's solver, variant (``options``) and damping."""
+    return " ".join([row["solver"], *(str(v) for v in (row.get("options") or {}).values()), str(row["damping"])])
+
+
+def pick(record, given, run_solver, run_damping, run_options=None):
     """The cell of ``record`` a run takes -> ``(row, run_row)`` or None when it keeps its own setting.
 
     ``given``: the settings given explicitly. The best measured cell that agrees with the explicit ``solver``
-    and ``damping`` (neither: the best of the grid; both, or any of the original tool's LiSSA settings: None);
-    ``run_row``: the row of the run's own (solver, damping) when the grid measured it, else None.
+    and ``damping`` and a variant's setting (``store_curvature``) given explicitly (neither solver nor damping: the
+    best of the grid; both, or any of the original tool's LiSSA settings: None); ``run_row``: the row of the run's
+    own (solver, variant, damping) when the grid measured it, else None. ``run_options``: the run's variant
+    (``{"store_curvature": "blocks"}``); rows kept before variants were recorded have none and agree with any.
     """
     given = set(given)
     if {"solver", "damping"} <= given or given & set(LISSA_SETTINGS):
         return None
     run_damping = parse_damping(run_damping)
+    run_options = dict(run_options or {})
+
+    def same_variant(row, keys):
+        return all(run_options.get(k) == v for k, v in (row.get("options") or {}).items() if k in keys)
+
     rows = [r for r in record.get("rows", ()) if r.get("lds") is not None and not r.get("skipped")]
     allowed = [r for r in rows if ("solver" not in given or r["solver"] == run_solver)
-               and ("damping" not in given or parse_damping(r["damping"]) == run_damping)]
+               and ("damping" not in given or parse_damping(r["damping"]) == run_damping)
+               and same_variant(r, given)]
     if not allowed:
         return None
     best = max(allowed, key=lambda r: r["lds"])
-    own = next((r for r in rows if r["solver"] == run_solver and parse_damping(r["damping"]) == run_damping), None)
+    own = next((r for r in rows if r["solver"] == run_solver and parse_damping(r["damping"]) == run_damping
+                and same_variant(r, run_options)), None)
     return best, own

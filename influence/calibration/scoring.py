@@ -93,24 +93,29 @@ def score_from_store(solver, cells, grads, masks):
 def score_cells(inf, cells, grads, masks, show=True):
     """Every cell of the grid -> ``({cell: (M, T)}, {cell: λ}, {cell: reason it was skipped})``.
 
-    Cells are grouped by solver, each solver fitted once (:func:`score_solver`; LiSSA once per damping). A
+    Cells are grouped by solver and variant, each fitted once (:func:`score_solver`; LiSSA once per damping; the
+    store's two structures share one fit, :meth:`influence.Influence.share_fit`, each inverting its own ``C``). A
     solver other than the run's that cannot run on this model (a setting it refuses: e.g. ekfac on a
     subclassed model) is skipped with its reason; the run's own solver's errors propagate.
     """
     predicted, lams, skipped = {}, {}, {}
     by_solver = {}
     for cell in cells:
-        by_solver.setdefault(cell.solver, []).append(cell)
-    for name, group in by_solver.items():
+        by_solver.setdefault((cell.solver, cell.options), []).append(cell)
+    fitted = {}              # solver name -> its first fitted sibling, whose fit a variant may share
+    for (name, options), group in by_solver.items():
         batches = [[c] for c in group] if name in REFIT_PER_DAMPING else [group]
         for batch in batches:
             try:
-                sibling = inf.with_solver(name, damping=batch[0].damping)
+                sibling = inf.with_solver(name, damping=batch[0].damping, **dict(options))
+                if name in fitted:
+                    sibling.share_fit(fitted[name])
+                fitted.setdefault(name, sibling)
                 got, lam = score_solver(sibling, batch, grads, masks, show)
             except UserError as exc:
                 if any(c.run for c in batch):
                     raise
-                log.warning("calibrate: %s skipped: %s", name, exc)
+                log.warning("calibrate: %s skipped: %s", batch[0].label, exc)
                 skipped.update({c: str(exc) for c in batch})
                 continue
             predicted.update(got)

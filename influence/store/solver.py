@@ -333,6 +333,21 @@ class StoreSolver(DampedCurvature, InverseHVP):
         self.adopt_curvature_state(arrays, self.projection.dim)
         self.info.update(store=str(store.folder), store_bytes=store.nbytes())
 
+    def share_fit(self, other):
+        """Take the fitted store of ``other`` (a fitted StoreSolver of the same :meth:`cache_key`, of either structure:
+        ``--calibrate`` scores both from one fit): its projection, its store on disk and ``C``, not its
+        decomposition or inverse (each structure forms its own) -> whether it was taken."""
+        if getattr(other, "_curvature", None) is None or other.cache_key() != self.cache_key():
+            return False
+        self.projection, self._eigen, self._compiled = other.projection, other._eigen, None
+        self._root, self._tmp, self._digest = other._root, other._tmp, other._digest
+        self._response_projected = other._response_projected
+        self._set_curvature(other._curvature)
+        store = self.store()
+        self._hold(store)
+        self.info.update(store=str(store.folder), store_bytes=store.nbytes())
+        return True
+
     def mean_eigenvalue(self):
         """The projected matrix's exact ``trace(C)/D`` (fits on first use)."""
         if self._trace is None:

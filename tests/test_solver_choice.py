@@ -84,7 +84,9 @@ def test_krylov_when_its_basis_fits_the_budget_and_is_not_too_thin_else_the_stor
     name, reason = choose_solver("auto", (), VGG16, 4, 8)
     assert name == "store"
     assert reason.startswith("auto: store (a krylov basis of 64 pairs over 138,357,544 parameters needs 99 GB, "
-                             "above 50% of memory_budget 8 GB") and "params" in reason
+                             "above 50% of memory_budget 8 GB") and "params (e.g. last:1) for krylov" in reason
+    given = choose_solver("auto", {"params"}, VGG16_LAST, 4, 2)[1]         # params given: no example to repeat
+    assert "choose fewer parameters with params for krylov" in given and "e.g." not in given
     assert choose_solver("auto", (), VGG16_LAST, 4, 2)[0] == "store"          # 21 pairs fit in 2 GB
     assert choose_solver("auto", (), VGG16_LAST, 8, 8)[0] == "store"          # float64: half as many
     assert "up to 200 pairs over 7,162" in choose_solver("auto", (), 7162, 4, 2)[1]

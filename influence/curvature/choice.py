@@ -90,13 +90,14 @@ def choose_solver(requested, given, num_params, itemsize, memory_budget, batch_n
         return "ekfac", (f"auto: ekfac (the model normalises by batch statistics ({shown}): on the LDS panel's "
                          f"BatchNorm models EK-FAC was truer than krylov; --calibrate measures both on yours)")
     pairs = krylov_pairs(num_params, itemsize, memory_budget)
+    example = "" if "params" in set(given) else " (e.g. last:1)"       # params given: the user chose them already
     large = AUTO_LARGE if tappable else "ekfac"
     instead = "" if tappable else "; the store needs a functional Keras model, this one cannot be tapped"
     if pairs < AUTO_MIN_RANK:
         need = bytes_to_gb((STEPS_PER_PAIR + 1) * AUTO_MIN_RANK * num_params * itemsize)
         return large, (f"auto: {large} (a krylov basis of {AUTO_MIN_RANK} pairs over {num_params:,} parameters needs "
                        f"{need:.3g} GB, above {BASIS_SHARE:.0%} of memory_budget {memory_budget:g} GB; choose fewer "
-                       f"parameters with params (e.g. last:1) for krylov{instead})")
+                       f"parameters with params{example} for krylov{instead})")
     if thin_basis(num_params, pairs):
         return large, (f"auto: {large} (krylov's basis would hold {pairs} pairs for {num_params:,} parameters, "
                        f"{num_params / pairs:,.0f} per pair, above {AUTO_PARAMS_PER_PAIR}: its floor would damp "

@@ -319,10 +319,15 @@ def test_calculate_calibrate_writes_its_files_and_run_json_and_a_rerun_reuses_th
     best = next(row for row in cal["rows"] if row["best"])
     assert best["lds"] == max(row["lds"] for row in cal["rows"] if row["lds"] is not None)
     assert cal["noise_ceiling"] is not None and "scores on this model: LDS" in cal["verdict"]
-    # neither solver nor damping given: the run uses the best cell, and run.json says so
-    assert cal["applied"] == {"solver": best["solver"], "options": {}, "damping": best["damping"],
-                              "changed": not cal["rows"][0]["best"]}
-    assert run["settings"]["solver"] == best["solver"] and str(run["settings"]["damping"]) == best["damping"]
+    # neither solver nor damping given: the run uses the best cell whose gain over its own is beyond the noise
+    # (grid.choose on the per-test LDS), and run.json says so
+    from influence.calibration.grid import choose, nanmean
+
+    per_test = np.array(json.loads((out / "calibration.json").read_text())["lds_per_test"], dtype=float)
+    use = cal["rows"][choose(np.array([nanmean(row) for row in per_test]), per_test=per_test, own=0)]
+    assert cal["applied"] == {"solver": use["solver"], "options": {}, "damping": use["damping"],
+                              "changed": not use["run"]}
+    assert run["settings"]["solver"] == use["solver"] and str(run["settings"]["damping"]) == use["damping"]
     assert "calibrate_s" in run["timings"] and cal["verdict"] in r.stderr
     lines = (out / "calibration.csv").read_text().splitlines()
     assert lines[0].startswith("solver,options,damping,lambda,lds") and len(lines) == 1 + len(names)
@@ -360,7 +365,7 @@ def test_calculate_calibrate_scores_with_the_cell_it_picks(project, monkeypatch)
     from influence.calibration import grid
 
     names = ["krylov optimizer", "krylov 1x", "krylov 10x", "kfac 1x", "kfac 10x"]
-    monkeypatch.setattr(grid, "choose", lambda means, allowed=None: names.index("kfac 10x"))
+    monkeypatch.setattr(grid, "choose", lambda means, allowed=None, per_test=None, own=None: names.index("kfac 10x"))
     r = calc(project, "--model", "model.keras", *CAL, "--calibrate-seeds", "1", "--rank", "20", "--out", "picked")
     assert r.returncode == 0, r.stderr
     run = json.loads((project / "picked" / "run.json").read_text())
@@ -411,27 +416,51 @@ def test_a_kept_calibration_picks_the_best_cell_that_agrees_with_the_explicit_se
 
     record = {"rows": _rows(("krylov", "0.1x", 0.26), ("krylov", "10x", 0.43), ("ekfac", "0.1x", 0.30),
                             ("ekfac", "1x", 0.45), ("ekfac", "10x", None))}
-    best, own = pick(record, set(), "krylov", "auto")                # auto is 0.1x: measured, and not the best
+    best, own, _ = pick(record, set(), "krylov", "auto")             # auto is 0.1x: measured, and not the best
     assert (best["solver"], best["damping"]) == ("ekfac", "1x") and own["lds"] == 0.26
-    best, _ = pick(record, {"solver"}, "krylov", "auto")             # the solver given: its best damping
+    best, _, _ = pick(record, {"solver"}, "krylov", "auto")          # the solver given: its best damping
     assert (best["solver"], best["damping"]) == ("krylov", "10x")
-    best, _ = pick(record, {"damping"}, "krylov", "0.1x")            # the damping given: the best solver at it
+    best, _, _ = pick(record, {"damping"}, "krylov", "0.1x")         # the damping given: the best solver at it
     assert (best["solver"], best["damping"]) == ("ekfac", "0.1x")
     assert pick(record, {"solver", "damping"}, "krylov", "0.1x") is None
     assert pick(record, {"iter", "bsize"}, "lissa", "auto") is None    # the original tool's LiSSA, as asked
     assert pick(record, {"solver"}, "cg", "auto") is None              # nothing measured for cg
-    _, own = pick(record, set(), "cg", "auto")
+    _, own, _ = pick(record, set(), "cg", "auto")
     assert own is None
     # the store's structures: the best row's structure is taken unless store_curvature is given
     store = {"rows": [{**r, "options": {"store_curvature": o}} for r, o in
                       zip(_rows(("store", "optimizer", 0.30), ("store", "optimizer", 0.36), ("store", "1x", 0.33)),
                           ("blocks", "dense", "blocks"))] + _rows(("ekfac", "1x", 0.20))}
-    best, own = pick(store, set(), "store", "optimizer", {"store_curvature": "blocks"})
+    best, own, _ = pick(store, set(), "store", "optimizer", {"store_curvature": "blocks"})
     assert (best["damping"], best["options"], own["lds"]) == ("optimizer", {"store_curvature": "dense"}, 0.30)
-    best, own = pick(store, {"store_curvature"}, "store", "optimizer", {"store_curvature": "blocks"})
+    best, own, _ = pick(store, {"store_curvature"}, "store", "optimizer", {"store_curvature": "blocks"})
     assert (best["damping"], best["options"]) == ("1x", {"store_curvature": "blocks"})
-    _, own = pick(store, set(), "store", "optimizer", {"store_curvature": "dense"})
+    _, own, _ = pick(store, set(), "store", "optimizer", {"store_curvature": "dense"})
     assert own["lds"] == 0.36
+    # with the per-test LDS kept, a best row within the noise of the run's own leaves the run its own
+    noisy = {**record, "lds_per_test": [[0.05, 0.6, 0.13], [0.5, 0.1, 0.7], [0.3, 0.3, 0.3], [0.46, 0.44, 0.45],
+                                        [None, None, None]]}
+    chosen, own, best = pick(noisy, set(), "krylov", "auto")
+    assert (best["solver"], best["damping"]) == ("ekfac", "1x") and chosen is own and own["damping"] == "0.1x"
+    chosen, own, best = pick(noisy, set(), "krylov", "10x")          # krylov 10x: a gain of 0.02 ± 0.19, kept
+    assert chosen is own and own["damping"] == "10x" and best["damping"] == "1x"
+
+
+def test_the_choice_replaces_the_run_s_cell_only_for_a_gain_beyond_the_noise():
+    """choose: the largest mean, unless its gain over the run's own, paired over the test images, is within
+    SWITCH_Z standard errors; a clear gain switches, a noisy one of the same mean does not."""
+    from influence.calibration.grid import SWITCH_Z, choose, paired_gain
+
+    own = np.array([0.30, 0.40, 0.35, 0.45, 0.38, 0.42])
+    clear = own + 0.03 + np.array([0.001, -0.001, 0.002, -0.002, 0.0, 0.0])
+    noisy = own + 0.04 + np.array([0.2, -0.2, 0.15, -0.15, 0.1, -0.1])
+    per_test = np.stack([own, clear, noisy])
+    means = per_test.mean(axis=1)
+    assert choose(means) == 2 and choose(means, per_test=per_test, own=0) == 1     # the clear gain, not the noisy one
+    assert paired_gain(noisy, own)[0] == pytest.approx(0.04) and paired_gain(noisy, own)[1] > 0.04 / SWITCH_Z
+    assert choose(means, allowed=[True, False, True]) == 2                     # no per-test values: the largest mean
+    assert choose(means, allowed=[True, False, True], per_test=per_test, own=0) == 0
+    assert choose(np.array([np.nan, 0.1, 0.2]), per_test=per_test, own=0) == 2   # the run's own not scored
 
 
 @pytest.mark.slow
@@ -455,6 +484,7 @@ def test_a_later_run_uses_the_kept_calibration_of_its_model_and_says_so(project)
     lds = {"krylov optimizer": 0.1, "krylov 1x": 0.3, "krylov 10x": 0.2, "kfac 1x": 0.4, "kfac 10x": 0.5}
     for row in data["calibration"]["rows"]:
         row["lds"] = lds[f"{row['solver']} {row['damping']}"]
+    data["calibration"]["lds_per_test"] = [[row["lds"]] * 4 for row in data["calibration"]["rows"]]   # noiseless
     path.write_text(json.dumps(data))
 
     def run(out, *args):

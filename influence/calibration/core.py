@@ -70,12 +70,28 @@ class Calibration:
                         "run": bool(cell.run), "best": i == self.best, "skipped": self.skipped.get(cell.name, "")})
         return out
 
+    def chosen(self, allowed=None):
+        """Index of the cell a run takes (:func:`influence.calibration.grid.choose`): the best of ``allowed`` (bool per
+        cell, default all) when its gain over the run's own is beyond the noise, else the run's own; None when
+        nothing scored."""
+        return grid.choose(self.means, allowed, self.lds, self.run)
+
+    def gain(self, index):
+        """``(mean, standard error)`` of cell ``index``'s LDS gain over the run's own, paired over the test images."""
+        return grid.paired_gain(self.lds[index], self.lds[self.run])
+
     def verdict(self):
-        """The one line (:func:`influence.calibration.grid.verdict`)."""
+        """The one line (:func:`influence.calibration.grid.verdict`), and when the best cell's gain over the run's
+        own is within the noise, that the run keeps its own."""
         if self.best is None:
             return "scores on this model: no cell of the grid gave a finite LDS (constant test losses?)"
-        return grid.verdict(self.cells[self.best].name, self.means[self.best], self.ceiling,
+        line = grid.verdict(self.cells[self.best].name, self.means[self.best], self.ceiling,
                             self.cells[self.run].name, self.means[self.run])
+        if self.best != self.run and self.chosen() == self.run:
+            gain, error = self.gain(self.best)
+            line += (f" (+{gain:.3f} ± {error:.3f} over the test images, within {grid.SWITCH_Z:g} standard errors: "
+                     f"the run keeps its own)")
+        return line
 
     def table(self):
         """The grid as text lines: solver, damping, λ, LDS, marks for the run's and the best cell."""

@@ -79,7 +79,7 @@ def use_saved(settings, inf, given, rebuild):
     chosen = saved_choice.pick(record, given, settings.solver, settings.damping, _run_options(settings, inf))
     if chosen is None:
         return settings, inf, None
-    (best, own), path = chosen, saved_choice.path_for(cache_folder(settings), key)
+    (best, own, top), path = chosen, saved_choice.path_for(cache_folder(settings), key)
     measured = (f"{record.get('subsets')} subsets x "
                 f"{len(record.get('seeds') or ())} seed(s) on {record.get('test_images')} test image(s)")
     own_text = (f"{saved_choice.row_name(own)} {own['lds']:.3f}" if own is not None
@@ -90,8 +90,13 @@ def use_saved(settings, inf, given, rebuild):
              "noise_ceiling": record.get("noise_ceiling"), "measured": measured, "file": str(path)}
     if (best["solver"] == settings.solver and parse_damping(best["damping"]) == parse_damping(settings.damping)
             and all(_run_options(settings, inf).get(k) == v for k, v in options.items())):
-        log.info("calibration kept in %s: %s is the best it measured (LDS %.3f; %s)", path.name,
-                 saved_choice.row_name(best), best["lds"], measured)
+        if top is best:
+            log.info("calibration kept in %s: %s is the best it measured (LDS %.3f; %s)", path.name,
+                     saved_choice.row_name(best), best["lds"], measured)
+        else:
+            log.info("calibration kept in %s: %s measured LDS %.3f against %.3f for %s, within the noise: the run "
+                     "keeps its own (%s)", path.name, saved_choice.row_name(top), top["lds"], best["lds"],
+                     saved_choice.row_name(best), measured)
         inf.solver_choice = f"{inf.solver_choice}; the kept calibration agrees (LDS {best['lds']:.3f})"
         return settings, inf, {**entry, "changed": False}
     settings = dataclasses.replace(settings, solver=best["solver"], damping=best["damping"], **options)
@@ -134,9 +139,12 @@ def calibrate_run(settings, inputs, inf, given, rebuild, runtime=None):
     for line in result.table():
         log.info("   %s", line)
     log.info("%s", result.verdict())
-    pick = choose(result.means, allowed_cells(result.cells, given))
+    allowed = allowed_cells(result.cells, given)
+    pick = result.chosen(allowed)
     record = result.record()
-    kept = saved_choice.save(cache, model_key(inf), record)       # later runs on this model use it
+    kept = saved_choice.save(cache, model_key(inf), {**record, "lds_per_test": [[None if not np.isfinite(v) else
+                                                                                 float(v) for v in row]
+                                                                                for row in result.lds]})
     run = result.cells[result.run]
     use = run if pick is None else result.cells[pick]
     if use != run:
@@ -148,9 +156,14 @@ def calibrate_run(settings, inputs, inf, given, rebuild, runtime=None):
                  run.name, result.means[result.run],
                  f"; {' and '.join(sorted(given & {'solver', 'damping'}))} given: the best that agrees" if
                  given & {"solver", "damping"} else "")
+    elif pick is not None and choose(result.means, allowed) != pick:
+        best = choose(result.means, allowed)
+        gain, error = result.gain(best)
+        log.info("calibrate: this run keeps %s: %s scored %+.3f ± %.3f over it, within the noise", run.name,
+                 result.cells[best].name, gain, error)
     elif pick is not None and pick != result.best:
         log.info("calibrate: this run keeps %s (%s given explicitly)", run.name,
-                 " and ".join(sorted(given & {"solver", "damping"})))
+                 " and ".join(sorted(given & {"solver", "damping", "store_curvature"})))
     record["applied"] = {"solver": use.solver, "options": dict(use.options), "damping": str(use.damping),
                          "changed": use != run}
     csv_path, json_path = result.write(settings.out)

@@ -12,6 +12,8 @@ import json
 import logging
 from pathlib import Path
 
+import numpy as np
+
 from influence.calibration.core import CACHE_FOLDER
 from influence.calibration.retrain import key_digest
 from influence.io import atomic_write
@@ -69,12 +71,14 @@ def row_name(row):
 
 
 def pick(record, given, run_solver, run_damping, run_options=None):
-    """The cell of ``record`` a run takes -> ``(row, run_row)`` or None when it keeps its own setting.
+    """The cell of ``record`` a run takes -> ``(row, run_row, best_row)`` or None when it keeps its own setting.
 
     ``given``: the settings given explicitly. The best measured cell that agrees with the explicit ``solver``
     and ``damping`` and a variant's setting (``store_curvature``) given explicitly (neither solver nor damping: the
     best of the grid; both, or any of the original tool's LiSSA settings: None); ``run_row``: the row of the run's
-    own (solver, variant, damping) when the grid measured it, else None. ``run_options``: the run's variant
+    own (solver, variant, damping) when the grid measured it, else None; ``row`` is the best of the rows whose gain
+    over ``run_row`` is beyond the noise (:func:`beyond_noise`), else ``run_row``; ``best_row`` the best allowed
+    either way. ``run_options``: the run's variant
     (``{"store_curvature": "blocks"}``); rows kept before variants were recorded have none and agree with any.
     """
     given = set(given)
@@ -95,4 +99,28 @@ def pick(record, given, run_solver, run_damping, run_options=None):
     best = max(allowed, key=lambda r: r["lds"])
     own = next((r for r in rows if r["solver"] == run_solver and parse_damping(r["damping"]) == run_damping
                 and same_variant(r, run_options)), None)
-    return best, own
+    if own is None:
+        return best, own, best
+    beyond = [r for r in allowed if r is own or beyond_noise(record, r, own)]
+    if own not in allowed and not [r for r in beyond if r is not own]:
+        return None                      # the run's own disagrees with the explicit settings and nothing beats it
+    chosen = max(beyond, key=lambda r: r["lds"]) if beyond else own
+    return chosen, own, best
+
+
+def beyond_noise(record, row, own):
+    """Whether ``row``'s LDS gain over ``own`` (both rows of ``record``), paired over the test images of the kept
+    ``lds_per_test``, exceeds :data:`~influence.calibration.grid.SWITCH_Z` standard errors, as ``--calibrate``
+    decides (:func:`influence.calibration.grid.choose`); True for a record kept without the per-test values."""
+    from influence.calibration.grid import SWITCH_Z, paired_gain
+
+    per_test, rows = record.get("lds_per_test"), record.get("rows", ())
+    if not per_test or len(per_test) != len(rows):
+        return True
+    index = {id(r): i for i, r in enumerate(rows)}
+
+    def values(r):
+        return np.array([np.nan if v is None else v for v in per_test[index[id(r)]]], np.float64)
+
+    gain, error = paired_gain(values(row), values(own))
+    return gain > SWITCH_Z * error

@@ -193,14 +193,15 @@ def load_inputs(settings):
     return Inputs(train, test, classmap, folders, fingerprints, old_run)
 
 
-def check_run(settings, inputs):
+def check_run(settings, inputs, solver=None):
     """The checks that need the solver (``settings.solver`` a method, not ``auto``): self-influence
-    with it, and the resume check against an earlier run in ``out``."""
+    with it, and the resume check against an earlier run in ``out`` (with what ``solver`` resolved from auto)."""
     if settings.self_influence:
         from influence.scoring.self_influence import check_solver
 
         check_solver(settings.solver, settings.self_influence_limit or None, len(inputs.train))
-    check_resume(settings.out, settings, inputs.fingerprints)
+    resolved = solver.resolved_facts() if hasattr(solver, "resolved_facts") else None
+    check_resume(settings.out, settings, inputs.fingerprints, resolved)
 
 
 def load_model(settings, inputs, given=(), runtime=None):
@@ -228,7 +229,7 @@ def load_model(settings, inputs, given=(), runtime=None):
         from influence.calibration.job import use_saved
 
         settings, inf, used = use_saved(settings, inf, frozenset(given), build)
-    check_run(settings, inputs)
+    check_run(settings, inputs, inf.solver)
     job = Job(settings, RunRecord(settings.out, settings), None, t0)
     job.record.add_time("load_model_s", t_load)
     if calibration is not None:

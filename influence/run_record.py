@@ -46,11 +46,14 @@ def previous_run(out):
 _ELSEWHERE = "use another out folder, or set overwrite to redo them"
 
 
-def check_resume(out, settings, fingerprints=None):
+def check_resume(out, settings, fingerprints=None, resolved=None):
     """Refuse to mix results of other math settings or other archives in one output folder.
 
     ``fingerprints``: :func:`data_fingerprints` of this run. The training archive must be the
     same; a test folder that already has results must be the same (new folders are fine).
+    ``resolved``: ``{fact: (value, what a run that did not record it used)}``, what this run's solver resolved from
+    its ``auto`` settings and that changes the numbers (the store's dimension and structure:
+    ``solver.resolved_facts()``), compared with the earlier run's ``solver_info``.
     Errors are :class:`SettingError` of the ``out`` setting.
     """
     old_run = previous_run(out)
@@ -62,6 +65,13 @@ def check_resume(out, settings, fingerprints=None):
     if diff:
         changes = ", ".join(f"{k} {old[k]} -> {mine[k]}" for k in diff)
         raise SettingError("out", f"{out} holds results computed with other settings ({changes}): {_ELSEWHERE}")
+    info = old_run.get("solver_info")
+    if resolved and info and info.get("solver", mine.get("solver")) == mine.get("solver"):
+        facts = {k: (info.get(k, before), value) for k, (value, before) in resolved.items()}
+        changed = [f"{k} {was} -> {now}" for k, (was, now) in facts.items() if was is not None and was != now]
+        if changed:
+            raise SettingError("out", f"{out} holds results computed with other settings ({', '.join(changed)}, "
+                                      f"resolved from auto): {_ELSEWHERE}")
     old_fp = old_run.get("fingerprints")
     if not fingerprints or not old_fp:
         return

@@ -209,3 +209,24 @@ def test_self_influence_through_the_job(data, tmp_path, caplog, monkeypatch):
     with pytest.raises(UserError, match="^self_influence: with solver lissa.*solver ekfac"):
         calculate(settings(data, tmp_path / "lissa", self_influence=True, solver="lissa"))
     assert not (tmp_path / "lissa" / "a").exists()
+
+
+@pytest.mark.slow
+def test_resume_refuses_a_store_whose_auto_resolved_otherwise(data, tmp_path):
+    """The store's dimension and structure come from auto (the budget, the model): a rerun into the same out that
+    resolves them otherwise is refused, and a run.json from before store_curvature was recorded reads as the whole
+    matrix (what the store inverted then)."""
+    out = tmp_path / "out"
+    calculate(settings(data, out, folders=["b"], solver="store"))
+    path = out / "run.json"
+    run = json.loads(path.read_text())
+    info = run["solver_info"]
+    assert info["store_curvature"] == "dense"            # no BatchNorm, krylov's basis fits: the whole matrix
+    for fact, value, shown in (("store_curvature", "blocks", "store_curvature blocks -> dense"),
+                               ("store_dim", info["store_dim"] + 1, f"store_dim {info['store_dim'] + 1} -> ")):
+        path.write_text(json.dumps({**run, "solver_info": {**info, fact: value}}))
+        with pytest.raises(UserError, match=f"holds results computed with other settings \\({shown}.*resolved from "
+                                            f"auto"):
+            calculate(settings(data, out, folders=["b"], solver="store"))
+    path.write_text(json.dumps({**run, "solver_info": {k: v for k, v in info.items() if k != "store_curvature"}}))
+    calculate(settings(data, out, folders=["b"], solver="store"))      # an old run: dense, as this one

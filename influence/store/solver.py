@@ -333,6 +333,12 @@ class StoreSolver(DampedCurvature, InverseHVP):
         self.adopt_curvature_state(arrays, self.projection.dim)
         self.info.update(store=str(store.folder), store_bytes=store.nbytes())
 
+    def resolved_facts(self):
+        """What this run resolved from ``auto`` that changes its numbers, for the resume check: ``{fact: (value, what
+        a run that did not record it used)}`` (a store run from before ``store_curvature`` inverted the whole
+        matrix)."""
+        return {"store_dim": (self.projection.dim, None), "store_curvature": (self.structure, "dense")}
+
     def share_fit(self, other):
         """Take the fitted store of ``other`` (a fitted StoreSolver of the same :meth:`cache_key`, of either structure:
         ``--calibrate`` scores both from one fit): its projection, its store on disk and ``C``, not its

@@ -73,6 +73,7 @@ calculate job is a client of this class: it scores with :meth:`Influence.score_g
 :meth:`Influence.scores`, and adds only the output folder, the lock, resuming and the files). The defaults are
 calculate.py's: both come from :class:`influence.settings.Settings`.
 """
+import copy
 import dataclasses
 import logging
 from pathlib import Path
@@ -228,15 +229,6 @@ class Influence:
         self._fitted = True
         return self
 
-    def share_fit(self, other):
-        """Take the fit of ``other`` (an Influence of the same model and training set, fitted) where this one's solver
-        can share it (the store's other structure: ``solver.share_fit``) -> whether it did; else nothing changes."""
-        share = getattr(self.solver, "share_fit", None)
-        if self._fitted or share is None or not other._fitted or not share(other.solver):
-            return False
-        self._fitted = True
-        return True
-
     def prepare(self, n_test):
         """Fitted, the solver compacted, the HVPs' ``chunk`` from the plan -> the ``MemoryPlan`` of the scoring
         groups of ``n_test`` test images that :meth:`score_groups` follows."""
@@ -311,11 +303,9 @@ class Influence:
         return self_influence(self.solver, self.derivs, self.train, batch=batch or self.score_batch, limit=limit,
                               vectors=vectors, progress=self.progress)
 
-    def with_solver(self, solver, damping=None, **options):
-        """This Influence with another registered ``solver``, ``damping`` (default: this one's) and options updated
-        by ``options``: nothing reloaded; its fit its own (the cache's when there), in this process."""
-        import copy
-
+    def with_solver(self, solver, damping=None, share=None, **options):
+        """This Influence with another registered ``solver``, ``damping`` (default: this one's) and ``options``, in
+        this process, nothing reloaded; its own fit (the cache's), or fitted ``share``'s where the solver takes it."""
         from influence.curvature import REGISTRY
 
         if solver not in REGISTRY:
@@ -327,6 +317,8 @@ class Influence:
         other._extra = {**self._extra, **{k: v for k, v in options.items() if k not in NAMES}}
         other._set_solver(solver, self.progress, given=())
         other.backend = _local()
+        if share is not None and share._fitted and hasattr(other.solver, "share_fit"):
+            other._fitted = other.solver.share_fit(share.solver)
         return other
 
     def calibrate(self, test_images, test_labels, train_fn=None, subsets=16, seeds=2, epochs="auto",

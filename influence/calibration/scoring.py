@@ -94,7 +94,7 @@ def score_cells(inf, cells, grads, masks, show=True):
     """Every cell of the grid -> ``({cell: (M, T)}, {cell: λ}, {cell: reason it was skipped})``.
 
     Cells are grouped by solver and variant, each fitted once (:func:`score_solver`; LiSSA once per damping; the
-    store's two structures share one fit, :meth:`influence.Influence.share_fit`, each inverting its own ``C``). A
+    store's two structures share one fit, ``with_solver(share=...)``, each inverting its own ``C``). A
     solver other than the run's that cannot run on this model (a setting it refuses: e.g. ekfac on a
     subclassed model) is skipped with its reason; the run's own solver's errors propagate.
     """
@@ -107,9 +107,7 @@ def score_cells(inf, cells, grads, masks, show=True):
         batches = [[c] for c in group] if name in REFIT_PER_DAMPING else [group]
         for batch in batches:
             try:
-                sibling = inf.with_solver(name, damping=batch[0].damping, **dict(options))
-                if name in fitted:
-                    sibling.share_fit(fitted[name])
+                sibling = inf.with_solver(name, damping=batch[0].damping, share=fitted.get(name), **dict(options))
                 fitted.setdefault(name, sibling)
                 got, lam = score_solver(sibling, batch, grads, masks, show)
             except UserError as exc:

@@ -78,6 +78,14 @@ class DampedCurvature:
         self._inverse_held, self._inverse_of = None, None
         self._trace = float(np.trace(c))
 
+    def share_curvature(self, other):
+        """Take ``other``'s fitted ``C`` (the same store, maybe another structure), not its decomposition or damped
+        inverse, which are of its structure -> whether it had one."""
+        if getattr(other, "_curvature", None) is None:
+            return False
+        self._set_curvature(other._curvature)
+        return True
+
     def curvature_state(self):
         """``C`` (undamped) and what the damping it was fitted at needs, so that a rerun (a new test folder) forms
         nothing: the eigendecomposition of ``C``'s structure for a number λ (it serves every λ), the damped inverse

@@ -146,6 +146,32 @@ def write_shard(store, k, step, archive, chunk, compute, bar=None):
     return total
 
 
+def store_structure(store_curvature, clf, memory_budget):
+    """``(structure, why)`` of the ``store_curvature`` setting: as given (why None), or ``auto``'s
+    (:func:`influence.curvature.choice.per_layer_structure`, its reason logged); SettingError for another value."""
+    problem = store_curvature_problem(store_curvature)
+    if problem:
+        raise SettingError("store_curvature", problem)
+    if store_curvature != "auto":
+        return store_curvature, None
+    from influence.curvature.choice import per_layer_structure
+
+    structure, why = per_layer_structure(clf, memory_budget)
+    log.info("store: %s", why)
+    return structure, why
+
+
+def store_products(pre, store, offsets, block_rows=4096):
+    """float32 (T, N, L): each part ``[offsets[l], offsets[l+1])`` of the preconditioned test vectors ``pre`` (T, D)
+    against the same part of every stored row of ``store``, a block of ``block_rows`` rows read at a time."""
+    out = np.empty((len(pre), store.n, len(offsets) - 1), np.float32)
+    for start, rows in store.blocks(block_rows):
+        for index in range(len(offsets) - 1):
+            s, e = offsets[index], offsets[index + 1]
+            out[:, start:start + len(rows), index] = pre[:, s:e] @ rows[:, s:e].T
+    return out
+
+
 class StoreSolver(DampedCurvature, InverseHVP):
     """The gradient store and the dense projected Gauss–Newton matrix (module docstring)."""
 
@@ -182,15 +208,7 @@ class StoreSolver(DampedCurvature, InverseHVP):
         if problem:
             raise SettingError("store_projection", problem)
         self.projection_kind = store_projection
-        problem = store_curvature_problem(store_curvature)
-        if problem:
-            raise SettingError("store_curvature", problem)
-        self.structure, why = store_curvature, None        # what is inverted of C (influence.store.damping)
-        if store_curvature == "auto":
-            from influence.curvature.choice import per_layer_structure
-
-            self.structure, why = per_layer_structure(clf, memory_budget)
-            log.info("store: %s", why)
+        self.structure, why = store_structure(store_curvature, clf, memory_budget)    # what is inverted of C
         self.approximates = "ggn-blocks" if self.structure == "blocks" else "ggn"
         self._eigen = False          # kfac: the projection is on the factors' eigenvectors (fitted or loaded)
         self.signals = LayerSignals(d, kinds, d.variables, self.fisher)
@@ -199,9 +217,7 @@ class StoreSolver(DampedCurvature, InverseHVP):
         self._tmp = None
         self._digest = None
         self._held = None            # the store's in-use lock (GradientStore.hold) while this solver uses it
-        self._evals = None           # eigenvalues and eigenvectors of C (undamped)
-        self._evecs = None
-        self._trace = None
+        self._evals = self._evecs = self._trace = None       # eigenvalues and eigenvectors of C (undamped), its trace
         self._inverse_held, self._inverse_of = None, None
         self._response_projected = None      # R diag(D) Rᵀ of damping optimizer, (D, D) float64, once
         self.info.update(fisher=self.fisher, store_dim=self.projection.dim, num_params=p, projection=store_projection,
@@ -334,24 +350,19 @@ class StoreSolver(DampedCurvature, InverseHVP):
         self.info.update(store=str(store.folder), store_bytes=store.nbytes())
 
     def resolved_facts(self):
-        """What this run resolved from ``auto`` that changes its numbers, for the resume check: ``{fact: (value, what
-        a run that did not record it used)}`` (a store run from before ``store_curvature`` inverted the whole
-        matrix)."""
+        """For the resume check: ``{fact resolved from auto: (value, what a run that did not record it used)}``."""
         return {"store_dim": (self.projection.dim, None), "store_curvature": (self.structure, "dense")}
 
     def share_fit(self, other):
-        """Take the fitted store of ``other`` (a fitted StoreSolver of the same :meth:`cache_key`, of either structure:
-        ``--calibrate`` scores both from one fit): its projection, its store on disk and ``C``, not its
-        decomposition or inverse (each structure forms its own) -> whether it was taken."""
-        if getattr(other, "_curvature", None) is None or other.cache_key() != self.cache_key():
+        """Take the fitted store and ``C`` of ``other`` (a StoreSolver of the same :meth:`cache_key`, either structure:
+        :meth:`share_curvature`) -> whether it was taken."""
+        if other.cache_key() != self.cache_key() or not self.share_curvature(other):
             return False
         self.projection, self._eigen, self._compiled = other.projection, other._eigen, None
         self._root, self._tmp, self._digest = other._root, other._tmp, other._digest
         self._response_projected = other._response_projected
-        self._set_curvature(other._curvature)
-        store = self.store()
-        self._hold(store)
-        self.info.update(store=str(store.folder), store_bytes=store.nbytes())
+        self._hold(self.store())
+        self.info.update(store=str(self.store().folder), store_bytes=self.store().nbytes())
         return True
 
     def mean_eigenvalue(self):
@@ -392,13 +403,8 @@ class StoreSolver(DampedCurvature, InverseHVP):
         totals without ``per_layer`` (:meth:`store_scores`)."""
         self._ready()
         pre = self.preconditioned(self.project(list(vectors))).astype(np.float32)
-        store = self.store()
-        off = self.projection.offsets if per_layer else [0, self.projection.dim]
-        out = np.empty((len(pre), store.n, len(off) - 1), np.float32)
-        for start, rows in store.blocks(block_rows):
-            for index in range(len(off) - 1):
-                s, e = off[index], off[index + 1]
-                out[:, start:start + len(rows), index] = pre[:, s:e] @ rows[:, s:e].T
+        out = store_products(pre, self.store(), self.projection.offsets if per_layer else [0, self.projection.dim],
+                             block_rows)
         return out if per_layer else out[..., 0]
 
     def store_scores(self, vectors):

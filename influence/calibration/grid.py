@@ -14,6 +14,10 @@ from influence.settings import Damping, parse_damping
 #: four models between 0.1x and 10x), plus the run's own (solver, damping)
 DEFAULT_SOLVERS = ("ekfac",)
 DEFAULT_DAMPINGS = ("0.1x", "1x", "10x")
+#: with the run's damping ``optimizer`` (and no dampings given), its solver's rows also take these factors of the
+#: training run's ``D``: on the LDS panel krylov's best factor ran from 0.1 (the demo CNN, trained long) to 3 or more
+#: (the four models trained a few hundred steps), README "Damping from the training run"
+OPTIMIZER_FACTORS = ("optimizer:0.3", "optimizer:3")
 #: the run's own cell is replaced only by a cell whose LDS gain over it, paired over the test images, exceeds this
 #: many standard errors (:func:`choose`). Measured on the four windows of 16 of the 64 subsets of 11 LDS panel
 #: models, each with its default as the run's cell (README, "--calibrate"): 40 of 44 windows picked within 0.01 of
@@ -65,18 +69,21 @@ def grid_cells(run_solver, run_damping, solvers=None, dampings=None, run_options
 
     ``solvers``: names (default: the run's and :data:`DEFAULT_SOLVERS`); ``dampings``: values or text
     (``0.01``, ``1x``; default :data:`DEFAULT_DAMPINGS`); the run's damping joins the run's solver's rows (each of
-    its variants'). ``run_options``: the run's variant (``(("store_curvature", "blocks"),)``); a solver of
+    its variants'), with :data:`OPTIMIZER_FACTORS` when it is ``optimizer`` and ``dampings`` are the default.
+    ``run_options``: the run's variant (``(("store_curvature", "blocks"),)``); a solver of
     :data:`VARIANTS` gets a row per variant. Duplicates are dropped (``auto`` and ``0.1x`` are one).
     """
     run_damping = parse_damping(run_damping)
     run_options = tuple(run_options)
     names = [run_solver] + [s for s in (solvers if solvers else DEFAULT_SOLVERS)]
     values = [parse_damping(d) for d in (dampings if dampings else DEFAULT_DAMPINGS)]
+    own = [run_damping] + ([parse_damping(d) for d in OPTIMIZER_FACTORS] if run_damping.optimizer and not dampings
+                           else [])
     cells = [Cell(run_solver, run_damping, run=True, options=run_options)]
     seen = {(run_solver, run_options, run_damping)}
     for name in dict.fromkeys(names):
         for options in variants(name, run_solver, run_options):
-            for value in ([run_damping] if name == run_solver else []) + values:
+            for value in (own if name == run_solver else []) + values:
                 if (name, options, value) not in seen:
                     seen.add((name, options, value))
                     cells.append(Cell(name, value, options=options))

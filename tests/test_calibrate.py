@@ -521,6 +521,14 @@ def test_a_later_run_uses_the_kept_calibration_of_its_model_and_says_so(project)
     assert krylov["settings"]["damping"] == "1x" and krylov["calibration_used"]["solver"] == "krylov"
     lissa, _ = run("kc_lissa", "-i", "2", "-b", "4")
     assert lissa["settings"]["solver"] == "lissa" and "calibration_used" not in lissa
+    # the same means, but each cell's gain over the run's own within the noise of its per-test values: kept
+    rows = data["calibration"]["rows"]
+    swing = np.array([1.0, -1.0, 1.0, -1.0])             # the run's own up where every other cell is down
+    data["calibration"]["lds_per_test"] = [list(row["lds"] + (swing if row["run"] else -swing)) for row in rows]
+    path.write_text(json.dumps(data))
+    noisy, _ = run("kc_noisy")
+    assert (noisy["settings"]["solver"], noisy["settings"]["damping"]) == ("krylov", "optimizer")
+    assert noisy["calibration_used"]["changed"] is False and "within the noise" in noisy["solver_choice"]
     # the key holds the weights: another model's run finds no kept calibration
     shutil.copy(project / "model.keras", project / "other.keras")
     import keras

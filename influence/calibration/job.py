@@ -97,7 +97,9 @@ def use_saved(settings, inf, given, rebuild):
             log.info("calibration kept in %s: %s measured LDS %.3f against %.3f for %s, within the noise: the run "
                      "keeps its own (%s)", path.name, saved_choice.row_name(top), top["lds"], best["lds"],
                      saved_choice.row_name(best), measured)
-        inf.solver_choice = f"{inf.solver_choice}; the kept calibration agrees (LDS {best['lds']:.3f})"
+        inf.solver_choice = (f"{inf.solver_choice}; the kept calibration agrees (LDS {best['lds']:.3f})" if top is best
+                             else f"{inf.solver_choice}; the kept calibration's best, {saved_choice.row_name(top)} "
+                                  f"(LDS {top['lds']:.3f}), is within the noise of it ({best['lds']:.3f})")
         return settings, inf, {**entry, "changed": False}
     settings = dataclasses.replace(settings, solver=best["solver"], damping=best["damping"], **options)
     inf = rebuild(settings)

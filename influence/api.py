@@ -82,6 +82,7 @@ import numpy as np
 
 from influence.build import build, load
 from influence.errors import SettingError, UserError
+from influence.model.training_state import mean_training_loss
 from influence.settings import (API_SETTINGS, NAMES, SOLVER_OPTIONS, Settings, bytes_to_gb, check_setting,
                                 group_of)
 
@@ -158,7 +159,8 @@ class Influence:
         """The solver (``auto`` chosen) and damping (``auto`` resolved) on the model: :func:`~.choice.choose_method`."""
         from influence.curvature.choice import choose_method
 
-        name, damping, reason, say = choose_method(requested, given, self.clf, self.memory_budget, self.settings.damping)
+        name, damping, reason, say = choose_method(requested, given, self.clf, self.memory_budget, self.settings.damping,
+                                                   loss=lambda: mean_training_loss(self.derivs, self.train))
         if say:
             log.info("%s", reason)
         self.solver_name, self.solver_choice, self.progress = name, reason, progress
@@ -284,8 +286,7 @@ class Influence:
                                   key=self.curvature_key, work=work, desc=desc)
 
     def top(self, scores, k=5):
-        """The ``k`` most harmful and most useful training images of each row of ``scores`` (T, N)
-        (:func:`influence.outputs.ranking.ranked`)."""
+        """The ``k`` most harmful and most useful training images of each row of ``scores`` (T, N) (``ranked``)."""
         from influence.outputs.ranking import ranked
 
         return ranked(scores, self.catalogue(), k)

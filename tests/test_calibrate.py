@@ -239,14 +239,15 @@ def test_the_explicit_flags_limit_what_calibrate_applies():
 
 
 def test_a_run_at_damping_optimizer_also_measures_other_factors_of_it():
-    """The training run's D is one factor away from the truest on several panel models (0.1 on the demo CNN, 3 on the
-    briefly trained ones): with the default grid the run's solver also gets optimizer:0.3 and optimizer:3; a grid
-    of dampings given keeps to them."""
+    """With the default grid a run at damping optimizer (any factor) also measures its solver at factors 0.1, 1 and 3
+    of D (the range auto's factor is read in, and the theory's); a grid of dampings given keeps to them."""
     from influence.calibration.grid import grid_cells
 
-    names = [c.name for c in grid_cells("krylov", "optimizer")]
-    assert names == ["krylov optimizer", "krylov optimizer:0.3", "krylov optimizer:3", "krylov 0.1x", "krylov 1x",
-                     "krylov 10x", "ekfac 0.1x", "ekfac 1x", "ekfac 10x"]
+    names = [c.name for c in grid_cells("krylov", "optimizer:0.14")]
+    assert names == ["krylov optimizer:0.14", "krylov optimizer:0.1", "krylov optimizer", "krylov optimizer:3",
+                     "krylov 0.1x", "krylov 1x", "krylov 10x", "ekfac 0.1x", "ekfac 1x", "ekfac 10x"]
+    assert [c.name for c in grid_cells("krylov", "optimizer:3")][:4] == ["krylov optimizer:3", "krylov optimizer:0.1",
+                                                                         "krylov optimizer", "krylov 0.1x"]
     assert [c.name for c in grid_cells("krylov", "optimizer", None, ["1x"])] == ["krylov optimizer", "krylov 1x",
                                                                                  "ekfac 1x"]
     assert [c.name for c in grid_cells("krylov", "0.1x")][:4] == ["krylov 0.1x", "krylov 1x", "krylov 10x",
@@ -326,7 +327,8 @@ def test_calculate_calibrate_writes_its_files_and_run_json_and_a_rerun_reuses_th
     run = json.loads((out / "run.json").read_text())
     cal = run["calibration"]
     names = [f"{row['solver']} {row['damping']}" for row in cal["rows"]]
-    assert names == ["krylov optimizer", "krylov 1x", "krylov 10x", "kfac 1x", "kfac 10x"]
+    own = run["calibration"]["run"]["damping"]                      # auto: optimizer:c, c from the training loss
+    assert own.startswith("optimizer") and names == [f"krylov {own}", "krylov 1x", "krylov 10x", "kfac 1x", "kfac 10x"]
     assert cal["rows"][0]["run"] and sum(row["best"] for row in cal["rows"]) == 1
     assert cal["subsets"] == 4 and cal["seeds"] == [0, 1] and cal["runs_trained"] == 8
     model = keras.models.load_model(project / "model.keras")
@@ -496,7 +498,8 @@ def test_a_later_run_uses_the_kept_calibration_of_its_model_and_says_so(project)
     data = json.loads(path.read_text())
     assert data["calibration"]["rows"] == first["rows"]
     # make the choice visible: kfac 10x the best cell, krylov 1x the best krylov
-    lds = {"krylov optimizer": 0.1, "krylov 1x": 0.3, "krylov 10x": 0.2, "kfac 1x": 0.4, "kfac 10x": 0.5}
+    own = first["run"]["damping"]
+    lds = {f"krylov {own}": 0.1, "krylov 1x": 0.3, "krylov 10x": 0.2, "kfac 1x": 0.4, "kfac 10x": 0.5}
     for row in data["calibration"]["rows"]:
         row["lds"] = lds[f"{row['solver']} {row['damping']}"]
     data["calibration"]["lds_per_test"] = [[row["lds"]] * 4 for row in data["calibration"]["rows"]]   # noiseless
@@ -511,7 +514,7 @@ def test_a_later_run_uses_the_kept_calibration_of_its_model_and_says_so(project)
     assert later["settings"]["solver"] == "kfac" and later["settings"]["damping"] == "10x"
     used = later["calibration_used"]
     assert used["changed"] and (used["solver"], used["damping"], used["lds"]) == ("kfac", "10x", 0.5)
-    assert used["own"] == {"solver": "krylov", "options": {}, "damping": "optimizer", "lds": 0.1}
+    assert used["own"] == {"solver": "krylov", "options": {}, "damping": own, "lds": 0.1}
     assert later["solver_choice"].startswith("calibration kept: kfac 10x") and "calibration kept: kfac 10x" in err
     asked, _ = run("kc_asked", "--solver", "kfac", "--damping", "10x")
     assert "calibration_used" not in asked
@@ -527,7 +530,7 @@ def test_a_later_run_uses_the_kept_calibration_of_its_model_and_says_so(project)
     data["calibration"]["lds_per_test"] = [list(row["lds"] + (swing if row["run"] else -swing)) for row in rows]
     path.write_text(json.dumps(data))
     noisy, _ = run("kc_noisy")
-    assert (noisy["settings"]["solver"], noisy["settings"]["damping"]) == ("krylov", "optimizer")
+    assert (noisy["settings"]["solver"], noisy["settings"]["damping"]) == ("krylov", own)
     assert noisy["calibration_used"]["changed"] is False and "within the noise" in noisy["solver_choice"]
     # the key holds the weights: another model's run finds no kept calibration
     shutil.copy(project / "model.keras", project / "other.keras")
@@ -543,12 +546,12 @@ def test_a_later_run_uses_the_kept_calibration_of_its_model_and_says_so(project)
 
 
 def test_calculate_records_damping_optimizer_and_a_rerun_resumes(project):
-    """damping auto on the Adam-trained model: run.json's settings say optimizer (not its factor), and a rerun
-    into the same folder agrees with them and resumes."""
+    """damping auto on the Adam-trained model: run.json's settings say optimizer:c (c read from the training loss,
+    not the relative factor), and a rerun into the same folder agrees with them and resumes."""
     first = calc(project, "--model", "model.keras", "--rank", "20", "--out", "opt")
     assert first.returncode == 0, first.stderr
     run = json.loads((project / "opt" / "run.json").read_text())
-    assert run["settings"]["damping"] == "optimizer" and run["solver_info"]["response"]["optimizer"] == "Adam"
+    assert run["settings"]["damping"].startswith("optimizer") and run["solver_info"]["response"]["optimizer"] == "Adam"
     again = calc(project, "--model", "model.keras", "--rank", "20", "--out", "opt")
     assert again.returncode == 0, again.stderr
     assert "0 to score" in again.stderr

@@ -14,10 +14,10 @@ from influence.settings import Damping, parse_damping
 #: four models between 0.1x and 10x), plus the run's own (solver, damping)
 DEFAULT_SOLVERS = ("ekfac",)
 DEFAULT_DAMPINGS = ("0.1x", "1x", "10x")
-#: with the run's damping ``optimizer`` (and no dampings given), its solver's rows also take these factors of the
-#: training run's ``D``: on the LDS panel krylov's best factor ran from 0.1 (the demo CNN, trained long) to 3 or more
-#: (the four models trained a few hundred steps), README "Damping from the training run"
-OPTIMIZER_FACTORS = ("optimizer:0.3", "optimizer:3")
+#: with the run's damping ``optimizer`` (any factor; and no dampings given), its solver's rows also take these
+#: factors of the training run's ``D``: the range ``damping auto``'s factor is read in
+#: (:func:`influence.model.training_state.response_factor`) and the factor of the theory
+OPTIMIZER_FACTORS = ("optimizer:0.1", "optimizer:1", "optimizer:3")
 #: the run's own cell is replaced only by a cell whose LDS gain over it, paired over the test images, exceeds this
 #: many standard errors (:func:`choose`). Measured on the four windows of 16 of the 64 subsets of 11 LDS panel
 #: models, each with its default as the run's cell (README, "--calibrate"): 40 of 44 windows picked within 0.01 of

@@ -148,18 +148,20 @@ AUTO_OPTIMIZER = ("krylov", "exact", "store")
 AUTO_BATCH_NORM_FACTOR = 1.0
 
 
-def choose_damping(solver, damping, clf, thin=False):
+def choose_damping(solver, damping, clf, thin=False, loss=None):
     """The damping of a run and why -> ``(Damping, reason or None)``.
 
     ``damping``: the parsed setting. Given as ``auto`` (:attr:`Damping.auto`):
 
     * kfac / ekfac on a model with BatchNormalization layers: :data:`AUTO_BATCH_NORM_FACTOR` (``1x``);
-    * krylov / exact / store (:data:`AUTO_OPTIMIZER`), or kfac / ekfac where krylov's basis is too thin (``thin``,
-      :func:`thin_basis`), on a model whose saved optimizer state can be read
-      (:func:`influence.model.training_state.response_diagonal`): ``optimizer``;
+    * krylov / exact / store (:data:`AUTO_OPTIMIZER`) on a model whose saved optimizer state can be read
+      (:func:`influence.model.training_state.response_diagonal`): ``optimizer:c``, ``c`` from the mean training
+      loss (``loss()``, called only then: :func:`influence.model.training_state.response_factor`; without
+      ``loss``, 1);
+    * kfac / ekfac where krylov's basis is too thin (``thin``, :func:`thin_basis`), with that state: ``optimizer``;
     * else as it is (``0.1x``), the reason saying why when the optimizer state was missing.
     """
-    from influence.model.training_state import NoTrainingState, response_diagonal
+    from influence.model.training_state import NoTrainingState, response_diagonal, response_factor
 
     kronecker = getattr(REGISTRY.get(solver), "kronecker", False)
     if damping.auto and kronecker and batch_norm_layers(clf.model):
@@ -173,17 +175,24 @@ def choose_damping(solver, damping, clf, thin=False):
         facts = response_diagonal(clf).facts
     except NoTrainingState as exc:
         return damping, f"damping auto: {damping} ({exc.short})"
-    return (parse_damping("optimizer"),
-            f"damping auto: optimizer (per parameter, from the {facts['optimizer']} state of {facts['steps']} "
-            f"training steps)")
+    where = f"per parameter, from the {facts['optimizer']} state of {facts['steps']} training steps"
+    if solver not in AUTO_OPTIMIZER or loss is None:
+        return parse_damping("optimizer"), f"damping auto: optimizer ({where})"
+    mean = float(loss())
+    c = response_factor(mean)
+    return (parse_damping(f"optimizer:{c:g}"),
+            f"damping auto: optimizer:{c:g} ({where}; {c:g} = sqrt(mean training loss {mean:.2g} / 0.01) within "
+            f"0.1-3: a model trained far past fitting its data responds less than its steps say, a briefly "
+            f"trained one more)")
 
 
-def choose_method(requested, given, clf, memory_budget, damping):
+def choose_method(requested, given, clf, memory_budget, damping, loss=None):
     """:func:`choose_solver` then :func:`choose_damping` on the loaded classifier ``clf`` -> ``(solver name,
     Damping, reason, whether to log it)``: the reason is one line (the solver's, then the damping's when
-    ``auto`` was resolved), logged when either was ``auto``."""
+    ``auto`` was resolved), logged when either was ``auto``. ``loss``: () -> the mean training loss, for
+    ``damping auto``'s factor."""
     name, reason = choose_solver(requested, given, clf.num_params, clf.dtype.size, memory_budget,
                                  batch_norm_layers(clf.model), clf.supports_tap)
     thin = thin_basis(clf.num_params, krylov_pairs(clf.num_params, clf.dtype.size, memory_budget))
-    damping, why = choose_damping(name, damping, clf, thin)
+    damping, why = choose_damping(name, damping, clf, thin, loss)
     return name, damping, f"{reason}; {why}" if why else reason, requested == AUTO or bool(why)

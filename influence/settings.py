@@ -250,10 +250,11 @@ class Settings:
     bsize: int = _setting(10, _IHVP, "LiSSA minibatch, drawn uniformly from the whole training archive",
                           _at_least(1), math=True, solver=True, lissa=True)
     repeats: int = _setting(1, _IHVP, "LiSSA runs averaged", _at_least(1), math=True, solver=True, lissa=True)
-    # auto (curvature/choice.py: choose_damping): optimizer for krylov/exact, and for ekfac where krylov's basis is
-    # too thin, on a model holding its optimizer state; 1x for ekfac on a BatchNorm model; else 0.1x (README: the LDS)
+    # auto (curvature/choice.py: choose_damping): optimizer:c for krylov/exact/store (c from the mean training loss),
+    # optimizer for ekfac where krylov's basis is too thin, on a model holding its optimizer state; 1x for ekfac on a
+    # BatchNorm model; else 0.1x (README: the LDS)
     damping: Damping = _setting("auto", _IHVP, "solve (H + LAMBDA I) x = v; or relative to the curvature's scale: "
-                                              "'auto' (optimizer where measured better, 1x for ekfac on a BatchNorm model, else 0.1x), or a factor like 0.3x: x each layer's mean Fisher "
+                                              "'auto' (optimizer:c where measured better, c from the mean training loss; 1x for ekfac on a BatchNorm model; else 0.1x), or a factor like 0.3x: x each layer's mean Fisher "
                                               "eigenvalue (kfac/ekfac; store: of its projected matrix), x the "
                                               "mean eigenvalue trace(H)/P (exact; cg/lissa/pcg estimate it with 10 "
                                               "products over the training set); 'optimizer' (every solver; "

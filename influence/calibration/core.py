@@ -97,15 +97,14 @@ class Calibration:
         """The grid as text lines: solver, damping, λ, LDS, marks for the run's and the best cell."""
         width = max([8] + [len(c.label) for c in self.cells])
         lines = [f"{'solver':<{width}} {'damping':<8} {'lambda':>10} {'LDS':>6}"]
-        for row in self.rows():
+        for cell, row in zip(self.cells, self.rows()):
             lam = row["lambda"]
             shown = ("-" if lam is None else f"{lam:.3g}" if isinstance(lam, float)
                      else f"{float(np.mean(list(lam.values()))):.3g}*")
             lds = "-" if row["lds"] is None else f"{row['lds']:.3f}"
             marks = ", ".join(m for m, on in (("the run's", row["run"]), ("best", row["best"])) if on)
             note = f"  skipped: {row['skipped']}" if row["skipped"] else ""
-            label = " ".join([row["solver"], *(str(v) for v in row["options"].values())])
-            lines.append(f"{label:<{width}} {row['damping']:<8} {shown:>10} {lds:>6}"
+            lines.append(f"{cell.label:<{width}} {row['damping']:<8} {shown:>10} {lds:>6}"
                          f"{'  <- ' + marks if marks else ''}{note}")
         if any(isinstance(self.lams.get(c), dict) for c in self.cells):
             lines.append("(* per-layer damping: the mean of the layers' λ)")

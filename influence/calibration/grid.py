@@ -50,10 +50,6 @@ class Cell:
     def name(self):
         return f"{self.label} {self.damping}"
 
-    def agrees(self, other):
-        """The same solver, variant and damping as ``other`` (a cell; ``run`` aside)."""
-        return (self.solver, self.options, self.damping) == (other.solver, other.options, other.damping)
-
 
 def variants(name, run_solver, run_options):
     """The ``options`` of ``name``'s cells: one empty tuple, or one per value of :data:`VARIANTS` (the run's own

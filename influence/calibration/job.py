@@ -76,7 +76,8 @@ def use_saved(settings, inf, given, rebuild):
     record = saved_choice.load(cache_folder(settings), key)
     if record is None:
         return settings, inf, None
-    chosen = saved_choice.pick(record, given, settings.solver, settings.damping, _run_options(settings, inf))
+    run_options = _run_options(settings, inf)
+    chosen = saved_choice.pick(record, given, settings.solver, settings.damping, run_options)
     if chosen is None:
         return settings, inf, None
     (best, own, top), path = chosen, saved_choice.path_for(cache_folder(settings), key)
@@ -89,7 +90,7 @@ def use_saved(settings, inf, given, rebuild):
              "own": None if own is None else {k: own.get(k) for k in ("solver", "options", "damping", "lds")},
              "noise_ceiling": record.get("noise_ceiling"), "measured": measured, "file": str(path)}
     if (best["solver"] == settings.solver and parse_damping(best["damping"]) == parse_damping(settings.damping)
-            and all(_run_options(settings, inf).get(k) == v for k, v in options.items())):
+            and all(run_options.get(k) == v for k, v in options.items())):
         if top is best:
             log.info("calibration kept in %s: %s is the best it measured (LDS %.3f; %s)", path.name,
                      saved_choice.row_name(best), best["lds"], measured)
@@ -158,8 +159,7 @@ def calibrate_run(settings, inputs, inf, given, rebuild, runtime=None):
                  run.name, result.means[result.run],
                  f"; {' and '.join(sorted(given & {'solver', 'damping'}))} given: the best that agrees" if
                  given & {"solver", "damping"} else "")
-    elif pick is not None and choose(result.means, allowed) != pick:
-        best = choose(result.means, allowed)
+    elif pick is not None and (best := choose(result.means, allowed)) != pick:
         gain, error = result.gain(best)
         log.info("calibrate: this run keeps %s: %s scored %+.3f ± %.3f over it, within the noise", run.name,
                  result.cells[best].name, gain, error)

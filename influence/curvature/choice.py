@@ -161,7 +161,8 @@ def choose_damping(solver, damping, clf, thin=False, loss=None):
     * kfac / ekfac where krylov's basis is too thin (``thin``, :func:`thin_basis`), with that state: ``optimizer``;
     * else as it is (``0.1x``), the reason saying why when the optimizer state was missing.
     """
-    from influence.model.training_state import NoTrainingState, response_diagonal, response_factor
+    from influence.model.training_state import (RESPONSE_BOUNDS, RESPONSE_LOSS, NoTrainingState, response_diagonal,
+                                                response_factor)
 
     kronecker = getattr(REGISTRY.get(solver), "kronecker", False)
     if damping.auto and kronecker and batch_norm_layers(clf.model):
@@ -181,9 +182,9 @@ def choose_damping(solver, damping, clf, thin=False, loss=None):
     mean = float(loss())
     c = response_factor(mean)
     return (parse_damping(f"optimizer:{c:g}"),
-            f"damping auto: optimizer:{c:g} ({where}; {c:g} = sqrt(mean training loss {mean:.2g} / 0.01) within "
-            f"0.1-3: a model trained far past fitting its data responds less than its steps say, a briefly "
-            f"trained one more)")
+            f"damping auto: optimizer:{c:g} ({where}; {c:g} = sqrt(mean training loss {mean:.2g} / {RESPONSE_LOSS:g}) "
+            f"within {RESPONSE_BOUNDS[0]:g}-{RESPONSE_BOUNDS[1]:g}: a model trained far past fitting its data responds "
+            f"less than its steps say, a briefly trained one more)")
 
 
 def choose_method(requested, given, clf, memory_budget, damping, loss=None):

@@ -361,8 +361,9 @@ class StoreSolver(DampedCurvature, InverseHVP):
         self.projection, self._eigen, self._compiled = other.projection, other._eigen, None
         self._root, self._tmp, self._digest = other._root, other._tmp, other._digest
         self._response_projected = other._response_projected
-        self._hold(self.store())
-        self.info.update(store=str(self.store().folder), store_bytes=self.store().nbytes())
+        store = self.store()
+        self._hold(store)
+        self.info.update(store=str(store.folder), store_bytes=store.nbytes())
         return True
 
     def mean_eigenvalue(self):
